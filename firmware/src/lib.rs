@@ -1,0 +1,2 @@
+//! Firmware library (being written).
+#![no_std]

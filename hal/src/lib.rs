@@ -1,0 +1,2 @@
+//! Hardware abstraction (being written).
+#![cfg_attr(not(test), no_std)]

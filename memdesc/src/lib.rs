@@ -1,0 +1,14 @@
+//! The memory manager, arch-neutral and host-testable.
+//!
+//! Nothing here touches hardware: table memory, TLB maintenance and devices
+//! reach this crate through small traits that the `hal` crate implements on
+//! target and tests implement with recording fakes.
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod addr;
+pub mod frames;
+pub mod stage1;
+
+pub use addr::{Pfn, PhysAddr, VirtAddr, PAGE_SHIFT, PAGE_SIZE};

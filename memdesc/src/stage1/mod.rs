@@ -1,0 +1,1 @@
+//! Stage-1 translation table engine (issue 4; being written).
