@@ -1,0 +1,8 @@
+//! `cargo qemu bench memdesc` (being written).
+
+use super::Record;
+
+/// Runs the benchmark and returns its records.
+pub fn run() -> Vec<Record> {
+    Vec::new()
+}
