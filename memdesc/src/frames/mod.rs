@@ -1,1 +1,120 @@
-//! Page array, descriptors, refcounts and the frame allocator (issue 3; being written).
+//! Physical frames: the memdesc page array, its descriptors and refcounts,
+//! and the buddy frame allocator (issue 3; DESIGN.md "memdesc word").
+//!
+//! - [`PageArray`] ([`page_array`](self::page_array)): one 8-byte [`Word`] per
+//!   frame of a set of RAM ranges; storage handed in by the caller
+//!   ([`bytes_needed`]).
+//! - [`FrameAllocator`]: a buddy allocator whose free lists live in the words
+//!   ([`buddy`](self::buddy)), orders `0..=`[`MAX_ORDER`] (1 GiB); refcounted
+//!   folios ([`FolioRef`], one [`FolioDesc`] per allocation) and frozen
+//!   allocations ([`FrozenKind`]: page tables with a [`PageTableDesc`], slab,
+//!   offline, guard).
+//! - Descriptors come from type-stable caches fed by a [`DescMemory`]
+//!   ([`desc_cache`](self::desc_cache)); the speculative
+//!   [`PageArray::get_folio`] relies on that.
+//! - [`FrameAllocator::poison`] and the Offline API for the balloon.
+//!
+//! Everything that races (words, descriptor fields) is generic over
+//! [`Atomics`] so the loom test checks the shipping code.
+//!
+//! ```
+//! use memdesc::frames::*;
+//! use memdesc::{Pfn, PhysAddr};
+//! # use core::sync::atomic::AtomicU64;
+//! # use core::ptr::NonNull;
+//! # struct Leak;
+//! # // SAFETY: every chunk is a fresh leaked, page-aligned box.
+//! # unsafe impl DescMemory for Leak {
+//! #     fn chunk(&mut self) -> Option<NonNull<u8>> {
+//! #         Some(NonNull::from(Box::leak(Box::new(DescChunk::ZERO))).cast())
+//! #     }
+//! # }
+//! let ram = [PfnRange::from_phys(PhysAddr(0x4000_0000), 8 << 20)];
+//! let words = words_needed(&ram).unwrap() as usize;
+//! // On target: carved out of RAM at boot and typed Reserved(PageArray).
+//! let storage: &'static mut [AtomicU64] =
+//!     Box::leak((0..words).map(|_| AtomicU64::new(0)).collect());
+//! let pa: &'static PageArray = Box::leak(Box::new(PageArray::new(storage, &ram).unwrap()));
+//! let image = ReservedRange {
+//!     range: PfnRange::covering_phys(PhysAddr(0x4008_0000), 0x2_1000),
+//!     kind: ReservedKind::Image,
+//! };
+//! let mut fa = FrameAllocator::new(pa, Leak, &[image]).unwrap();
+//! let table = fa.alloc_page_table().unwrap();
+//! table.inc_valid().unwrap();
+//! let folio = fa.alloc_folio(2, Owner::Buddy).unwrap();
+//! let again = pa.get_folio(Pfn(folio.pfn().0 + 3), |_| ()).unwrap();
+//! assert_eq!(again.refcount(), 2);
+//! assert!(fa.put(again).unwrap().is_none());
+//! assert!(matches!(fa.put(folio), Ok(Some(Released::Freed { order: 2, .. }))));
+//! table.dec_valid().unwrap();
+//! fa.free_page_table(table).unwrap();
+//! ```
+
+pub mod allocator;
+pub mod atomics;
+pub mod buddy;
+pub mod desc;
+pub mod desc_cache;
+pub mod error;
+pub mod hwpoison;
+pub mod offline;
+pub mod owner;
+pub mod page_array;
+pub mod refcount;
+pub mod word;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+mod tests;
+
+pub use allocator::{
+    ConsistencyError, FrameAllocator, FrameStats, FrozenKind, Released, ReservedRange,
+};
+pub use atomics::{AtomicCell, Atomics, CoreAtomics};
+pub use buddy::{MAX_ORDER, ORDERS};
+pub use desc::{
+    FolioDesc, HwPoisonDesc, PageTableDesc, RefcountZero, SlabDesc, FOLIO_FLAG_USER_SHIFT,
+    FOLIO_HWPOISON, TABLE_ENTRIES,
+};
+pub use desc_cache::{ChunkPool, DescChunk, DescMemory, LinearMap, CHUNK_SIZE};
+pub use error::{FrameError, LayoutError};
+pub use hwpoison::Poisoned;
+pub use owner::Owner;
+pub use page_array::{bytes_needed, words_needed, PageArray, PfnRange, MAX_RANGES};
+pub use refcount::{FolioRef, FreezeError, FrozenFolio, LastRef, PageTableFrame};
+pub use word::{FrameType, ReservedKind, Word, MAX_FRAMES, NO_LINK};
+
+pub use crate::addr::Pfn;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+pub(crate) mod testutil {
+    use super::desc_cache::tests::LeakMemory;
+    use super::*;
+    use core::sync::atomic::AtomicU64;
+
+    /// A leaked page array over `(start, end)` PFN ranges.
+    pub fn setup(ranges: &[(u64, u64)]) -> (&'static PageArray<'static>, usize) {
+        let r: Vec<PfnRange> = ranges
+            .iter()
+            .map(|&(s, e)| PfnRange::new(Pfn(s), Pfn(e)))
+            .collect();
+        let n = words_needed(&r).unwrap() as usize;
+        let s: &'static mut [AtomicU64] = Box::leak(
+            (0..n)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        (Box::leak(Box::new(PageArray::new(s, &r).unwrap())), n)
+    }
+
+    /// An allocator over `pa` with leaked-box descriptor memory.
+    pub fn alloc(
+        pa: &'static PageArray<'static>,
+        reserved: &[ReservedRange],
+    ) -> FrameAllocator<'static, LeakMemory> {
+        FrameAllocator::new(pa, LeakMemory, reserved).unwrap()
+    }
+}

@@ -1,0 +1,146 @@
+//! Hardware poisoning: taking a frame out of service for good.
+//!
+//! A poisoned frame's word becomes `HwPoison` pointing at a
+//! [`HwPoisonDesc`](super::HwPoisonDesc) that keeps the word it had, so its
+//! history stays inspectable ([`PageArray::poisoned_original`](super::PageArray::poisoned_original)).
+//! A free frame is cut out of its buddy block (the rest goes back as smaller
+//! blocks). A frame in use keeps belonging to its allocation, but speculative
+//! lookups on it fail and, when the allocation is freed, it stays HwPoison
+//! instead of returning to the allocator (a poisoned folio is flagged
+//! [`FOLIO_HWPOISON`](super::FOLIO_HWPOISON) so its free takes the slow path).
+
+use super::allocator::FrameAllocator;
+use super::atomics::Atomics;
+use super::desc::{FolioDesc, FOLIO_HWPOISON};
+use super::desc_cache::{desc_addr, desc_at, DescMemory};
+use super::error::FrameError;
+use super::word::{FrameType, Word};
+use crate::addr::Pfn;
+
+/// What a frame was when it got poisoned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Poisoned {
+    /// It was free: it left the buddy allocator.
+    WasFree,
+    /// It was in use as this type: it stays with its allocation until freed.
+    InUse(FrameType),
+}
+
+impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
+    /// Marks frame `pfn` as hardware-poisoned.
+    pub fn poison(&mut self, pfn: Pfn) -> Result<Poisoned, FrameError> {
+        let pa = self.pa;
+        let sec = *pa.section_of(pfn.0).ok_or(FrameError::NotManaged { pfn })?;
+        let idx = sec.index(pfn.0);
+        match pa.load_relaxed(idx).frame_type() {
+            Some(FrameType::HwPoison) => return Err(FrameError::AlreadyPoisoned { pfn }),
+            None => return Err(FrameError::Corrupt { pfn }),
+            Some(_) => {}
+        }
+        // Descriptor first: growing the cache may take a (free) frame.
+        let d = self.get_poison_desc()?;
+        let w = pa.load_relaxed(idx);
+        let Some(ty) = w.frame_type() else {
+            self.poison.free(d);
+            return Err(FrameError::Corrupt { pfn });
+        };
+        if ty == FrameType::Free {
+            let block = match self.lists.find_block(pa, &sec, idx, pfn.0) {
+                Some(b) => b,
+                None => {
+                    self.poison.free(d);
+                    return Err(FrameError::Corrupt { pfn });
+                }
+            };
+            self.lists.take_frame(pa, block, pfn.0);
+        } else if ty == FrameType::Folio {
+            // SAFETY: Folio-tagged words hold folio descriptor addresses.
+            let f = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
+            f.set_flags(FOLIO_HWPOISON);
+        }
+        d.init(w);
+        pa.store_release(idx, Word::with_desc(FrameType::HwPoison, desc_addr(d)));
+        self.by_type[ty.index()] -= 1;
+        self.by_type[FrameType::HwPoison.index()] += 1;
+        Ok(if ty == FrameType::Free {
+            Poisoned::WasFree
+        } else {
+            Poisoned::InUse(ty)
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+mod tests {
+    use crate::frames::testutil::*;
+    use crate::frames::*;
+
+    #[test]
+    fn poison_free_frame_splits_block() {
+        let (pa, _) = setup(&[(0x1000, 0x1040)]);
+        let mut fa = alloc(pa, &[]);
+        assert_eq!(fa.poison(Pfn(0x1011)), Ok(Poisoned::WasFree));
+        assert_eq!(fa.count(FrameType::Free), 63);
+        assert_eq!(fa.count(FrameType::HwPoison), 1);
+        assert!(pa.poisoned_original(Pfn(0x1011)).unwrap().is_free_tail());
+        assert_eq!(
+            pa.get_folio(Pfn(0x1011), |_| ()).err(),
+            Some(FrameError::HwPoisoned { pfn: Pfn(0x1011) })
+        );
+        assert_eq!(
+            fa.poison(Pfn(0x1011)),
+            Err(FrameError::AlreadyPoisoned { pfn: Pfn(0x1011) })
+        );
+        fa.check_consistency().unwrap();
+        // The poisoned frame is never handed out.
+        let mut got = Vec::new();
+        while let Ok(p) = fa.alloc_frozen(0, FrozenKind::Guard) {
+            assert_ne!(p, Pfn(0x1011));
+            got.push(p);
+        }
+        assert_eq!(got.len(), 63);
+    }
+
+    #[test]
+    fn poisoned_folio_frame_never_returns() {
+        let (pa, _) = setup(&[(0x2000, 0x2010)]);
+        let mut fa = alloc(pa, &[]);
+        let f = fa.alloc_folio(2, Owner::Buddy).unwrap();
+        let head = f.pfn();
+        let victim = Pfn(head.0 + 2);
+        let orig = pa.word(victim).unwrap();
+        assert_eq!(fa.poison(victim), Ok(Poisoned::InUse(FrameType::Folio)));
+        assert_eq!(pa.poisoned_original(victim), Ok(orig));
+        assert_ne!(f.desc().flags() & FOLIO_HWPOISON, 0);
+        // Other frames of the folio still resolve.
+        let g = pa.get_folio(Pfn(head.0 + 1), |_| ()).unwrap();
+        assert_eq!(g.refcount(), 2);
+        assert!(fa.put(g).unwrap().is_none());
+        assert!(matches!(fa.put(f), Ok(Some(Released::Freed { .. }))));
+        assert_eq!(fa.count(FrameType::Free), 15);
+        assert_eq!(fa.count(FrameType::Folio), 0);
+        assert_eq!(fa.count(FrameType::HwPoison), 1);
+        fa.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn poisoned_page_table_and_offline() {
+        let (pa, _) = setup(&[(0x3000, 0x3010)]);
+        let mut fa = alloc(pa, &[]);
+        let t = fa.alloc_page_table().unwrap();
+        assert_eq!(
+            fa.poison(t.pfn()),
+            Ok(Poisoned::InUse(FrameType::PageTable))
+        );
+        fa.free_page_table(t).unwrap();
+        assert_eq!(fa.count(FrameType::PageTable), 0);
+        assert_eq!(fa.count(FrameType::HwPoison), 1);
+        let o = fa.alloc_frozen(1, FrozenKind::Offline).unwrap();
+        fa.poison(Pfn(o.0 + 1)).unwrap();
+        fa.free_frozen(o, 1).unwrap();
+        assert_eq!(fa.count(FrameType::HwPoison), 2);
+        assert_eq!(fa.count(FrameType::Free), 14);
+        fa.check_consistency().unwrap();
+    }
+}

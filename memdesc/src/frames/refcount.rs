@@ -1,0 +1,296 @@
+//! Folio references: `try_get`/`put`/`freeze`/`unfreeze` as typed handles, and
+//! the speculative `pfn -> folio` lookup (DESIGN.md, "memdesc word").
+//!
+//! The lookup is lock-free and races with frees and reuse by design:
+//! load word -> `try_get` (increment unless zero) -> reload word -> if it
+//! changed, `put` and retry. Descriptor memory is type-stable, so the
+//! dereference in between is always of a live-or-free *folio* descriptor.
+//!
+//! Handles carry no lifetime: descriptors are `'static`. A [`FolioRef`] is one
+//! counted reference; dropping it without [`FolioRef::put`] leaks the folio
+//! (never memory-unsafe), hence `#[must_use]`. The last `put` yields a
+//! [`LastRef`] which must go to
+//! [`FrameAllocator::release`](super::FrameAllocator::release), the only
+//! place that needs the allocator's lock.
+
+use super::atomics::{Atomics, CoreAtomics};
+use super::desc::{FolioDesc, HwPoisonDesc, PageTableDesc, SlabDesc};
+use super::desc_cache::desc_at;
+use super::error::FrameError;
+use super::owner::Owner;
+use super::page_array::PageArray;
+use super::word::{FrameType, Word};
+use crate::addr::Pfn;
+use core::num::NonZeroU32;
+
+/// One counted reference to a folio.
+#[must_use = "a FolioRef must be put, or the folio leaks"]
+pub struct FolioRef<A: Atomics = CoreAtomics> {
+    desc: &'static FolioDesc<A>,
+}
+
+/// The reference whose `put` brought the count to zero: hand it to
+/// [`FrameAllocator::release`](super::FrameAllocator::release).
+#[must_use = "the last reference must be released to the allocator"]
+pub struct LastRef<A: Atomics = CoreAtomics> {
+    pub(crate) desc: &'static FolioDesc<A>,
+}
+
+/// A folio whose refcount is frozen at zero, owned by the holder of this token.
+#[must_use = "a frozen folio must be unfrozen, freed or offlined"]
+pub struct FrozenFolio<A: Atomics = CoreAtomics> {
+    pub(crate) desc: &'static FolioDesc<A>,
+}
+
+/// [`FolioRef::freeze`] failed: the count was not the expected value. The
+/// reference is handed back unchanged.
+#[must_use]
+pub struct FreezeError<A: Atomics = CoreAtomics> {
+    /// The reference, still counted.
+    pub folio: FolioRef<A>,
+    /// The count found.
+    pub actual: u32,
+}
+
+macro_rules! folio_accessors {
+    () => {
+        /// The folio descriptor.
+        #[inline]
+        pub fn desc(&self) -> &'static FolioDesc<A> {
+            self.desc
+        }
+        /// First frame of the folio.
+        #[inline]
+        pub fn pfn(&self) -> Pfn {
+            self.desc.head()
+        }
+        /// Order of the folio.
+        #[inline]
+        pub fn order(&self) -> u8 {
+            self.desc.order()
+        }
+        /// Owner of the folio.
+        #[inline]
+        pub fn owner(&self) -> Owner {
+            self.desc.owner()
+        }
+    };
+}
+
+impl<A: Atomics> FolioRef<A> {
+    folio_accessors!();
+
+    /// Current count (a snapshot).
+    #[inline]
+    pub fn refcount(&self) -> u32 {
+        self.desc.refcount()
+    }
+
+    /// Another reference to the same folio; fails with
+    /// [`FrameError::Frozen`] if someone froze the count meanwhile.
+    #[inline]
+    pub fn try_clone(&self) -> Result<Self, FrameError> {
+        match self.desc.try_get() {
+            Ok(_) => Ok(Self { desc: self.desc }),
+            Err(_) => Err(FrameError::Frozen { pfn: self.pfn() }),
+        }
+    }
+
+    /// Drops this reference; `Some` when it was the last one.
+    #[inline]
+    pub fn put(self) -> Option<LastRef<A>> {
+        self.desc.put().then_some(LastRef { desc: self.desc })
+    }
+
+    /// Freezes the count: compare-exchange `expected -> 0`, where `expected`
+    /// includes this reference. On success the caller owns the folio
+    /// exclusively (no `try_get` can succeed until it is unfrozen).
+    pub fn freeze(self, expected: u32) -> Result<FrozenFolio<A>, FreezeError<A>> {
+        match self.desc.freeze(expected) {
+            Ok(()) => Ok(FrozenFolio { desc: self.desc }),
+            Err(actual) => Err(FreezeError {
+                folio: self,
+                actual,
+            }),
+        }
+    }
+
+    /// Gives up the handle without changing the count (for references kept
+    /// elsewhere, e.g. one per mapping PTE); see [`FolioRef::from_raw`].
+    #[inline]
+    pub fn into_raw(self) -> &'static FolioDesc<A> {
+        self.desc
+    }
+
+    /// Re-wraps a reference given up with [`FolioRef::into_raw`] (or counted
+    /// by [`FrozenFolio::unfreeze`]). Wrapping a reference that was never
+    /// counted corrupts the count (a logic error, not memory-unsafe:
+    /// descriptors and words stay valid).
+    #[inline]
+    pub fn from_raw(desc: &'static FolioDesc<A>) -> Self {
+        Self { desc }
+    }
+}
+
+impl<A: Atomics> LastRef<A> {
+    folio_accessors!();
+}
+
+impl<A: Atomics> FrozenFolio<A> {
+    folio_accessors!();
+
+    /// Unfreezes with `n` references (release store). One is returned; the
+    /// other `n - 1` belong to whoever the caller accounted them to and are
+    /// re-wrapped with [`FolioRef::from_raw`].
+    #[inline]
+    pub fn unfreeze(self, n: NonZeroU32) -> FolioRef<A> {
+        self.desc.unfreeze(n.get());
+        FolioRef { desc: self.desc }
+    }
+}
+
+/// A frame allocated as a translation table, with its descriptor.
+pub struct PageTableFrame<A: Atomics = CoreAtomics> {
+    pfn: Pfn,
+    desc: &'static PageTableDesc<A>,
+}
+
+impl<A: Atomics> Clone for PageTableFrame<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<A: Atomics> Copy for PageTableFrame<A> {}
+
+impl<A: Atomics> PageTableFrame<A> {
+    pub(crate) fn new(pfn: Pfn, desc: &'static PageTableDesc<A>) -> Self {
+        Self { pfn, desc }
+    }
+    /// The table's frame.
+    #[inline]
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+    /// Its descriptor.
+    #[inline]
+    pub fn desc(&self) -> &'static PageTableDesc<A> {
+        self.desc
+    }
+    /// Valid entries.
+    #[inline]
+    pub fn valid(&self) -> u32 {
+        self.desc.valid()
+    }
+    /// One more valid entry; returns the new count.
+    #[inline]
+    pub fn inc_valid(&self) -> Result<u32, FrameError> {
+        self.desc.inc_valid()
+    }
+    /// One valid entry fewer; returns the new count.
+    #[inline]
+    pub fn dec_valid(&self) -> Result<u32, FrameError> {
+        self.desc.dec_valid()
+    }
+}
+
+/// The error `try_get` gives for a frame that is not a gettable folio.
+#[inline]
+pub(crate) fn not_folio(pfn: Pfn, w: Word) -> FrameError {
+    match w.frame_type() {
+        Some(FrameType::Free) => FrameError::Free { pfn },
+        Some(FrameType::Offline) => FrameError::Offline { pfn },
+        Some(FrameType::HwPoison) => FrameError::HwPoisoned { pfn },
+        Some(found) => FrameError::WrongType { pfn, found },
+        None => FrameError::Corrupt { pfn },
+    }
+}
+
+impl<A: Atomics> PageArray<'_, A> {
+    /// Speculative `pfn -> folio` reference, lock-free.
+    ///
+    /// Fails with [`FrameError::Free`], [`FrameError::Frozen`],
+    /// [`FrameError::Offline`], [`FrameError::HwPoisoned`] or
+    /// [`FrameError::WrongType`] when the frame is not a live folio. If the
+    /// retry path drops the last reference of a folio that was freed and
+    /// reused under it, `release` receives it (take the allocator lock there
+    /// and call [`FrameAllocator::release`](super::FrameAllocator::release)).
+    pub fn get_folio(
+        &self,
+        pfn: Pfn,
+        mut release: impl FnMut(LastRef<A>),
+    ) -> Result<FolioRef<A>, FrameError> {
+        let idx = self.index_of(pfn).ok_or(FrameError::NotManaged { pfn })?;
+        loop {
+            let w = self.load(idx);
+            if w.frame_type() != Some(FrameType::Folio) {
+                return Err(not_folio(pfn, w));
+            }
+            // SAFETY: a Folio-tagged word only ever holds the address of a
+            // descriptor from the folio cache (type-stable, 'static).
+            let desc: &'static FolioDesc<A> = unsafe { desc_at(w.desc_addr()) };
+            let got = desc.try_get().is_ok();
+            let again = self.load(idx);
+            if again == w {
+                return if got {
+                    Ok(FolioRef { desc })
+                } else {
+                    Err(FrameError::Frozen { pfn })
+                };
+            }
+            // The frame changed under us: drop what we took and look again.
+            if got && desc.put() {
+                release(LastRef { desc });
+            }
+        }
+    }
+
+    /// The translation-table frame at `pfn`.
+    pub fn page_table(&self, pfn: Pfn) -> Result<PageTableFrame<A>, FrameError> {
+        let w = self.word(pfn)?;
+        if w.frame_type() != Some(FrameType::PageTable) {
+            return Err(not_folio(pfn, w));
+        }
+        // SAFETY: a PageTable-tagged word only holds page-table descriptor
+        // addresses from their type-stable cache.
+        Ok(PageTableFrame::new(pfn, unsafe { desc_at(w.desc_addr()) }))
+    }
+
+    /// The slab descriptor of frame `pfn`.
+    pub fn slab(&self, pfn: Pfn) -> Result<&'static SlabDesc<A>, FrameError> {
+        let w = self.word(pfn)?;
+        if w.frame_type() != Some(FrameType::Slab) {
+            return Err(not_folio(pfn, w));
+        }
+        // SAFETY: a Slab-tagged word only holds slab descriptor addresses
+        // from their type-stable cache.
+        Ok(unsafe { desc_at(w.desc_addr()) })
+    }
+
+    /// The word a poisoned frame had before (or belongs to now, if its
+    /// allocation changed type since).
+    pub fn poisoned_original(&self, pfn: Pfn) -> Result<Word, FrameError> {
+        let w = self.word(pfn)?;
+        if w.frame_type() != Some(FrameType::HwPoison) {
+            return Err(match w.frame_type() {
+                Some(found) => FrameError::WrongType { pfn, found },
+                None => FrameError::Corrupt { pfn },
+            });
+        }
+        // SAFETY: a HwPoison-tagged word only holds hwpoison descriptor
+        // addresses from their type-stable cache.
+        let d: &HwPoisonDesc<A> = unsafe { desc_at(w.desc_addr()) };
+        Ok(d.original())
+    }
+
+    /// `w` itself, or for a poisoned frame the word it had before.
+    #[inline]
+    pub(crate) fn effective(&self, w: Word) -> Word {
+        if w.frame_type() == Some(FrameType::HwPoison) {
+            // SAFETY: as in `poisoned_original`.
+            let d: &HwPoisonDesc<A> = unsafe { desc_at(w.desc_addr()) };
+            d.original()
+        } else {
+            w
+        }
+    }
+}
