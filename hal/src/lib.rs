@@ -1,2 +1,66 @@
-//! Hardware abstraction (being written).
+//! Everything that touches hardware, for AArch64 boards: boot and exception
+//! levels, vectors and crash reports, system registers (`aarch64-cpu`), MMIO
+//! (`tock-registers`), the console UART, the generic timer, PSCI and
+//! semihosting, the defmt logger, and board descriptions.
+//!
+//! Modules that touch hardware exist only when building for the bare-metal
+//! target (`cfg(hw)`, set by build.rs); the pure parts (device tree parsing,
+//! syndrome decoding, board tables, exit codes) build and are tested on the host.
 #![cfg_attr(not(test), no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod board;
+pub mod dtb;
+pub mod esr;
+pub mod exit;
+
+#[cfg(hw)]
+pub mod boot;
+#[cfg(hw)]
+pub mod exception;
+#[cfg(hw)]
+mod logger;
+#[cfg(hw)]
+pub mod power;
+#[cfg(hw)]
+pub mod semihost;
+#[cfg(hw)]
+pub mod timer;
+#[cfg(hw)]
+pub mod uart;
+
+/// Reads the device tree the loader left for us: the address in x0 if it holds
+/// a DTB, else the board's fallback address. The blob is validated before any
+/// of it is trusted.
+#[cfg(hw)]
+pub fn boot_dtb() -> Result<dtb::Platform<'static>, dtb::DtbError> {
+    let hint = boot::dtb_hint();
+    let looks_valid = |addr: u64| {
+        // SAFETY: with the MMU off every RAM address is readable; `addr` is
+        // either the loader's x0 or the board's documented DTB location, both
+        // in RAM, and 8 bytes are read.
+        addr != 0
+            && addr % 8 == 0
+            && dtb::claimed_size(unsafe { core::slice::from_raw_parts(addr as *const u8, 8) })
+                .is_ok()
+    };
+    let addr = if looks_valid(hint) {
+        hint
+    } else {
+        board::CURRENT.dtb_fallback
+    };
+    // SAFETY: as above; 8 header bytes at `addr` are RAM.
+    let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
+    let size = dtb::claimed_size(header)?;
+    if size > 2 << 20 {
+        return Err(dtb::DtbError::Truncated {
+            have: 2 << 20,
+            need: size,
+        });
+    }
+    // SAFETY: the loader placed `size` bytes of DTB at `addr` in RAM (bounded
+    // to 2 MiB above); the blob is never written, so a shared 'static slice is sound.
+    let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, size) };
+    dtb::parse(blob)
+}

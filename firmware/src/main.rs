@@ -1,0 +1,27 @@
+//! The bootable firmware: brings the machine up, starts the memory manager,
+//! reports ready and serves until powered off.
+#![no_std]
+#![no_main]
+
+use core::panic::PanicInfo;
+
+#[no_mangle]
+extern "C" fn main() -> ! {
+    let platform = firmware::init();
+    firmware::selftest::run(platform.bootargs);
+    defmt::info!("ready");
+    loop {
+        aarch64_wfi();
+    }
+}
+
+fn aarch64_wfi() {
+    // SAFETY: WFI has no memory effects; it only idles the core until an event.
+    unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) }
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    defmt::error!("panic: {}", defmt::Display2Format(info));
+    hal::power::exit(hal::exit::PANIC)
+}

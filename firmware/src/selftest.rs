@@ -1,0 +1,30 @@
+//! Deliberate faults selected by `selftest=` on the kernel command line
+//! (`/chosen/bootargs`), so the host tool can check end to end that a crash
+//! produces the decoded report and the crash exit code.
+
+/// An address no stage-1 regime maps and no physical address space reaches:
+/// with the MMU off it is beyond every PARange, with it on it is outside
+/// TTBR0's input range.
+pub const UNMAPPED: u64 = 0xffff_ffff_ffff_0000;
+
+/// Runs the self-test named in `bootargs`, if any. Returns when none is asked for.
+pub fn run(bootargs: Option<&str>) {
+    let Some(args) = bootargs else { return };
+    for word in args.split_ascii_whitespace() {
+        match word.strip_prefix("selftest=") {
+            Some("data-abort") => {
+                defmt::warn!("selftest: reading {=u64:#x} on purpose", UNMAPPED);
+                // SAFETY: not sound on purpose: the read must fault, and the
+                // vector handler ends the run with the crash report.
+                let v = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+                defmt::error!("selftest: the read did not fault (got {=u64:#x})", v);
+            }
+            Some("panic") => {
+                defmt::warn!("selftest: panicking on purpose");
+                panic!("selftest panic");
+            }
+            Some(other) => defmt::warn!("selftest: unknown test {=str}", other),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Boot suite: exception levels, FP/SIMD, stacks, vectors, console, timer.
+//! The host tool runs it entered at EL1, EL2 and EL3 and on `-cpu max` and
+//! `-cpu cortex-a53`.
+#![no_std]
+#![no_main]
+
+#[cfg(test)]
+#[embedded_test::tests(default_timeout = 60)]
+mod tests {
+    use core::hint::black_box;
+
+    #[init]
+    fn init() {
+        let _ = firmware::init();
+    }
+
+    /// Whatever EL the loader entered at, we run at EL1.
+    #[test]
+    fn runs_at_el1() {
+        assert_eq!(hal::boot::current_el(), 1);
+    }
+
+    /// The entry EL matches what the host tool asked QEMU for.
+    #[test]
+    fn entered_at_requested_el() {
+        let expected = hal::semihost::arg_u64("entry_el").expect("host passes entry_el");
+        assert_eq!(hal::boot::entry_el() as u64, expected);
+    }
+
+    /// FP/SIMD is usable (CPACR_EL1.FPEN and the EL2/EL3 traps cleared).
+    #[test]
+    fn fp_and_simd_work() {
+        let a = black_box(1.5f64);
+        let b = black_box(2.25f64);
+        assert_eq!(a * b, 3.375);
+        let v: [u8; 16] = black_box([3; 16]);
+        let w: [u8; 16] = core::array::from_fn(|i| v[i].wrapping_mul(i as u8));
+        assert_eq!(w[15], 45);
+    }
+
+    /// BSS was zeroed before Rust ran.
+    #[test]
+    fn bss_is_zeroed() {
+        static mut ZERO: [u64; 64] = [0; 64];
+        // SAFETY: single-threaded test; reading a static through a raw pointer.
+        let z = unsafe { core::ptr::read_volatile(&raw const ZERO) };
+        assert!(z.iter().all(|&w| w == 0));
+    }
+
+    /// The main thread runs on SP_EL0, inside the main stack region.
+    #[test]
+    fn main_thread_on_sp_el0_stack() {
+        extern "C" {
+            static __main_stack_bottom: u8;
+            static __main_stack_top: u8;
+        }
+        let sp: u64;
+        let spsel: u64;
+        // SAFETY: reads SP and SPSel; no side effects.
+        unsafe { core::arch::asm!("mov {0}, sp", "mrs {1}, spsel", out(reg) sp, out(reg) spsel) };
+        let (lo, hi) = (
+            &raw const __main_stack_bottom as u64,
+            &raw const __main_stack_top as u64,
+        );
+        assert_eq!(spsel, 0);
+        assert!(lo < sp && sp <= hi, "sp outside main stack");
+    }
+
+    /// VBAR_EL1 points at our vector table.
+    #[test]
+    fn vectors_installed() {
+        extern "C" {
+            static __vectors: u8;
+        }
+        let vbar: u64;
+        // SAFETY: reads VBAR_EL1; no side effects.
+        unsafe { core::arch::asm!("mrs {0}, vbar_el1", out(reg) vbar) };
+        assert_eq!(vbar, &raw const __vectors as u64);
+        assert_eq!(vbar % 2048, 0);
+    }
+
+    /// The generic timer runs forwards at the advertised frequency.
+    #[test]
+    fn timer_is_monotonic() {
+        let f = hal::timer::frequency();
+        assert!(f >= 1_000_000, "CNTFRQ_EL0 = {}", f);
+        let mut last = hal::timer::ticks();
+        for _ in 0..1000 {
+            let now = hal::timer::ticks();
+            assert!(now >= last);
+            last = now;
+        }
+        let t0 = hal::timer::uptime_us();
+        hal::timer::delay_us(2000);
+        assert!(hal::timer::uptime_us() - t0 >= 2000);
+    }
+
+    /// A BRK is reported as such and resumed after.
+    #[test]
+    fn brk_is_decoded() {
+        let fault = hal::exception::catch(|| {
+            // SAFETY: BRK raises a synchronous exception that `catch` resumes from.
+            unsafe { core::arch::asm!("brk #0x42") };
+        })
+        .expect("BRK must trap");
+        assert_eq!(fault.class_name(), "BRK instruction");
+        assert_eq!(fault.esr & 0xffff, 0x42);
+    }
+
+    /// A deliberate data abort is caught with the right class, address and cause.
+    #[test]
+    fn data_abort_report() {
+        let fault = hal::exception::catch(|| {
+            // SAFETY: reads an address that must fault; `catch` resumes after it.
+            let _ = unsafe { core::ptr::read_volatile(firmware::selftest::UNMAPPED as *const u64) };
+        })
+        .expect("the read must fault");
+        assert_eq!(fault.class_name(), "Data abort from the same EL");
+        let abort = fault.abort().expect("an abort");
+        assert!(!abort.write);
+        assert_eq!(fault.far, firmware::selftest::UNMAPPED);
+    }
+
+    /// UART: bytes sent in loopback mode come back on the receive side.
+    #[test]
+    fn uart_loopback() {
+        let uart = &hal::uart::CONSOLE;
+        uart.flush();
+        while uart.try_read_byte().is_some() {}
+        uart.set_loopback(true);
+        uart.write_bytes(b"PL011");
+        uart.flush();
+        let mut got = [0u8; 5];
+        for slot in got.iter_mut() {
+            let mut tries = 0;
+            *slot = loop {
+                if let Some(b) = uart.try_read_byte() {
+                    break b;
+                }
+                tries += 1;
+                assert!(tries < 1_000_000, "no byte came back");
+            };
+        }
+        uart.set_loopback(false);
+        assert_eq!(&got, b"PL011");
+    }
+
+    /// should_panic is honoured by the runner.
+    #[test]
+    #[should_panic]
+    fn panics_are_reported() {
+        let v: [u32; 0] = [];
+        let _ = black_box(&v).first().expect("empty");
+    }
+}

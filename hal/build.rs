@@ -1,0 +1,23 @@
+//! Puts the linker scripts where the final link finds them and sets `cfg(hw)`
+//! when building for the bare-metal AArch64 target.
+use std::{env, fs, path::PathBuf};
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(hw)");
+    let target = env::var("TARGET").unwrap_or_default();
+    if target != "aarch64-unknown-none" {
+        return;
+    }
+    println!("cargo::rustc-cfg=hw");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let board = if env::var("CARGO_FEATURE_BOARD_VIRT").is_ok() {
+        "virt"
+    } else {
+        panic!("select a board feature")
+    };
+    let memory = fs::read_to_string(format!("link/{board}.ld")).expect("board MEMORY script");
+    let sections = fs::read_to_string("link/sections.ld").expect("sections script");
+    fs::write(out.join("link.x"), format!("{memory}\n{sections}")).expect("write link.x");
+    println!("cargo::rustc-link-search={}", out.display());
+    println!("cargo::rerun-if-changed=link");
+}

@@ -1,0 +1,169 @@
+//! Reset entry and the drop to EL1 (Arm ARM DDI 0487, D1.2 "Exception levels",
+//! D1.11 "Exception return"; registers SCR_EL3, HCR_EL2, SPSR_ELx, CPTR_ELx,
+//! CPACR_EL1, CNTHCTL_EL2).
+//!
+//! Whatever EL the loader enters at (EL3 with `secure=on`, EL2 with
+//! `virtualization=on`, EL1 by default), the core continues at EL1h with
+//! FP/SIMD enabled, BSS zeroed, exceptions on their own stack (SP_EL1), the
+//! main thread on SP_EL0, and VBAR_EL1 set. Secondary cores are parked.
+
+use aarch64_cpu::{asm::barrier, registers::*};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+core::arch::global_asm!(
+    r#"
+.section .text.boot, "ax"
+.global _start
+_start:
+    // x0 may carry the DTB address (Linux boot protocol); keep it.
+    mov     x19, x0
+    // Park every core but the first (MPIDR Aff0..Aff2 all zero).
+    mrs     x1, mpidr_el1
+    and     x1, x1, #0xffffff
+    cbnz    x1, 9f
+    mrs     x20, CurrentEL
+    ubfx    x20, x20, #2, #2
+    // FP/SIMD must be untrapped before any Rust code runs: rustc emits SIMD
+    // for aarch64-unknown-none. CPTR_EL3.TFP (bit 10) = 0; CPTR_EL2 with
+    // E2H = 0: RES1 bits 13:12 and 9:0, TFP = 0.
+    cmp     x20, #3
+    b.ne    1f
+    msr     cptr_el3, xzr
+    b       2f
+1:  cmp     x20, #2
+    b.ne    2f
+    mov     x1, #0x33ff
+    msr     cptr_el2, x1
+2:  mov     x1, #(3 << 20)          // CPACR_EL1.FPEN = 0b11
+    msr     cpacr_el1, x1
+    isb
+    adrp    x1, __main_stack_top
+    add     x1, x1, :lo12:__main_stack_top
+    mov     sp, x1
+    adrp    x1, __bss_start
+    add     x1, x1, :lo12:__bss_start
+    adrp    x2, __bss_end
+    add     x2, x2, :lo12:__bss_end
+3:  cmp     x1, x2
+    b.hs    4f
+    stp     xzr, xzr, [x1], #16
+    b       3b
+4:  mov     x0, x19
+    mov     x1, x20
+    bl      hal_drop_to_el1
+9:  wfe
+    b       9b
+
+// Entered at EL1 (by eret or directly) with x0 = DTB hint, x1 = entry EL.
+.global _start_el1
+_start_el1:
+    msr     spsel, #1
+    adrp    x2, __exception_stack_top
+    add     x2, x2, :lo12:__exception_stack_top
+    mov     sp, x2
+    adrp    x2, __main_stack_top
+    add     x2, x2, :lo12:__main_stack_top
+    msr     sp_el0, x2
+    msr     spsel, #0
+    adrp    x2, __vectors
+    add     x2, x2, :lo12:__vectors
+    msr     vbar_el1, x2
+    isb
+    bl      hal_el1_start
+    b       9b
+"#
+);
+
+extern "C" {
+    fn _start_el1(dtb: u64, entry_el: u64) -> !;
+}
+
+/// SPSR value for the eret: EL1h (M = 0b0101) with D, A, I and F masked.
+const SPSR_EL1H_MASKED: u64 = 0x3c5;
+/// SCTLR_EL1 with every RES1 bit of Armv8.0 set, MMU and caches off,
+/// little-endian, alignment checks off.
+const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+
+static ENTRY_EL: AtomicU8 = AtomicU8::new(0);
+static DTB_HINT: AtomicU64 = AtomicU64::new(0);
+
+/// The exception level the core was entered at (1, 2 or 3).
+pub fn entry_el() -> u8 {
+    ENTRY_EL.load(Ordering::Relaxed)
+}
+
+/// The DTB address the loader passed in x0 (0 if none).
+pub fn dtb_hint() -> u64 {
+    DTB_HINT.load(Ordering::Relaxed)
+}
+
+/// The exception level we run at now.
+pub fn current_el() -> u8 {
+    CurrentEL.read(CurrentEL::EL) as u8
+}
+
+fn el2_implemented() -> bool {
+    // ID_AA64PFR0_EL1.EL2, bits 11:8 (aarch64-cpu names only some fields).
+    (ID_AA64PFR0_EL1.get() >> 8) & 0xf != 0
+}
+
+/// Prepares EL2 so that EL1 runs AArch64 with direct access to the physical
+/// counter and timer.
+fn configure_el2_for_el1() {
+    HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
+    CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCEN::SET + CNTHCTL_EL2::EL1PCTEN::SET);
+    CNTVOFF_EL2.set(0);
+}
+
+#[no_mangle]
+extern "C" fn hal_drop_to_el1(dtb: u64, entry_el: u64) -> ! {
+    ENTRY_EL.store(entry_el as u8, Ordering::Relaxed);
+    DTB_HINT.store(dtb, Ordering::Relaxed);
+    SCTLR_EL1.set(SCTLR_EL1_RESET);
+    let target = _start_el1 as *const () as u64;
+    match entry_el {
+        3 => {
+            if el2_implemented() {
+                configure_el2_for_el1();
+            }
+            // NS = 1 (EL1 is Non-secure), RES1 bits 5:4, HCE = 1, RW = 1
+            // (the next lower EL is AArch64).
+            SCR_EL3.set((1 << 0) | (3 << 4) | (1 << 8) | (1 << 10));
+            SPSR_EL3.set(SPSR_EL1H_MASKED);
+            ELR_EL3.set(target);
+        }
+        2 => {
+            configure_el2_for_el1();
+            SPSR_EL2.set(SPSR_EL1H_MASKED);
+            ELR_EL2.set(target);
+        }
+        _ => {
+            // SAFETY: _start_el1 only needs x0/x1 and the linker symbols it
+            // loads; we are at EL1 already with FP enabled and BSS zeroed.
+            unsafe { _start_el1(dtb, entry_el) }
+        }
+    }
+    barrier::isb(barrier::SY);
+    // SAFETY: ELR_ELx and SPSR_ELx were set above to enter _start_el1 at EL1h
+    // with interrupts masked; x0/x1 still hold the DTB hint and entry EL
+    // because eret preserves general-purpose registers.
+    unsafe { core::arch::asm!("eret", in("x0") dtb, in("x1") entry_el, options(noreturn)) }
+}
+
+extern "C" {
+    /// Provided by the firmware binary or by embedded-test.
+    fn main() -> !;
+}
+
+#[no_mangle]
+extern "C" fn hal_el1_start(dtb: u64, entry_el: u64) -> ! {
+    // On the EL1-entry path hal_drop_to_el1 already stored these; storing
+    // again is harmless and covers the eret paths.
+    ENTRY_EL.store(entry_el as u8, Ordering::Relaxed);
+    DTB_HINT.store(dtb, Ordering::Relaxed);
+    crate::uart::init();
+    // SAFETY: `main` is the single entry point the final binary defines
+    // (firmware's main.rs or embedded-test's harness); it takes no arguments
+    // and never returns.
+    unsafe { main() }
+}

@@ -1,0 +1,50 @@
+//! Power-off and exit: PSCI SYSTEM_OFF (Arm DEN 0022, PSCI 1.x, 5.10) through
+//! the conduit the device tree names, and semihosting SYS_EXIT (Arm IHI 0096,
+//! "Semihosting for AArch32 and AArch64", 6.5) for test outcomes.
+
+use crate::dtb::PsciConduit;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+const NONE: u8 = 0;
+const HVC: u8 = 1;
+const SMC: u8 = 2;
+static CONDUIT: AtomicU8 = AtomicU8::new(NONE);
+
+/// Records how to call PSCI (from the device tree's `/psci` node).
+pub fn set_psci(conduit: Option<PsciConduit>) {
+    let v = match conduit {
+        Some(PsciConduit::Hvc) => HVC,
+        Some(PsciConduit::Smc) => SMC,
+        None => NONE,
+    };
+    CONDUIT.store(v, Ordering::Relaxed);
+}
+
+/// Flushes the console, then ends the run with `code` through semihosting.
+/// Under a debugger or QEMU this becomes the process exit status.
+pub fn exit(code: i32) -> ! {
+    crate::uart::CONSOLE.flush();
+    semihosting::process::exit(code)
+}
+
+/// Powers the machine off: PSCI SYSTEM_OFF when the tree named a conduit,
+/// otherwise a semihosting exit with status 0.
+pub fn poweroff() -> ! {
+    crate::uart::CONSOLE.flush();
+    let result = match CONDUIT.load(Ordering::Relaxed) {
+        HVC => smccc::psci::system_off::<smccc::Hvc>(),
+        SMC => smccc::psci::system_off::<smccc::Smc>(),
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        defmt::warn!(
+            "PSCI SYSTEM_OFF failed ({=i64}); exiting through semihosting",
+            psci_code(e)
+        );
+    }
+    semihosting::process::exit(crate::exit::SUCCESS)
+}
+
+fn psci_code(e: smccc::psci::Error) -> i64 {
+    i64::from(e)
+}

@@ -1,0 +1,35 @@
+//! The Arm generic timer's physical counter (Arm ARM DDI 0487, D12 "The
+//! Generic Timer in AArch64 state"; CNTPCT_EL0, CNTFRQ_EL0).
+
+use aarch64_cpu::{asm::barrier, registers::*};
+
+/// Counter ticks since reset. An ISB first so the read is not speculated
+/// ahead of earlier instructions (D12.1.2).
+pub fn ticks() -> u64 {
+    barrier::isb(barrier::SY);
+    CNTPCT_EL0.get()
+}
+
+/// Counter frequency in Hz (as the loader programmed CNTFRQ_EL0).
+pub fn frequency() -> u64 {
+    CNTFRQ_EL0.get()
+}
+
+/// Microseconds since reset; 0 if CNTFRQ_EL0 was never programmed.
+pub fn uptime_us() -> u64 {
+    let f = frequency();
+    if f == 0 {
+        return 0;
+    }
+    ((ticks() as u128 * 1_000_000) / f as u128) as u64
+}
+
+/// Busy-waits for at least `us` microseconds.
+pub fn delay_us(us: u64) {
+    let f = frequency();
+    let start = ticks();
+    let wait = (us as u128 * f as u128 / 1_000_000) as u64;
+    while ticks().wrapping_sub(start) < wait {
+        core::hint::spin_loop();
+    }
+}

@@ -1,0 +1,145 @@
+//! QEMU machine configurations and the command lines that start them.
+
+use std::path::Path;
+use std::process::Command;
+
+/// One way of booting the `virt` board.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    /// `-cpu` model: `max` (FEAT_HAFDBS, range TLBI, BBM 2) or `cortex-a53`.
+    pub cpu: &'static str,
+    /// `-m` size, as QEMU takes it (`512M`, `1G`, `4G`).
+    pub mem: &'static str,
+    /// Exception level QEMU enters the image at (1, 2 with
+    /// `virtualization=on`, 3 with `secure=on`).
+    pub el: u8,
+    /// Make guest time count instructions (`-icount shift=0`), for repeatable figures.
+    pub icount: bool,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self {
+            cpu: "max",
+            mem: "1G",
+            el: 1,
+            icount: false,
+        }
+    }
+}
+
+impl Machine {
+    /// Bytes of RAM `mem` stands for.
+    pub fn mem_bytes(&self) -> u64 {
+        parse_size(self.mem).unwrap_or(0)
+    }
+
+    /// Short label for test output, e.g. `el2 max 1G`.
+    pub fn label(&self) -> String {
+        format!("el{} {} {}", self.el, self.cpu, self.mem)
+    }
+
+    /// The QEMU command for booting `elf` on this machine. `semihosting_args`
+    /// become the semihosting command line; `append` becomes
+    /// `/chosen/bootargs`; `qmp` is a Unix socket path for QMP.
+    pub fn command(
+        &self,
+        elf: &Path,
+        semihosting_args: &[String],
+        append: Option<&str>,
+        qmp: Option<&Path>,
+    ) -> Command {
+        let mut machine = String::from("virt");
+        match self.el {
+            3 => machine.push_str(",secure=on"),
+            2 => machine.push_str(",virtualization=on"),
+            _ => {}
+        }
+        let mut cmd = Command::new(crate::setup::QEMU);
+        cmd.args([
+            "-M", &machine, "-cpu", self.cpu, "-m", self.mem, "-smp", "1",
+        ]);
+        // A binary defmt stream must not pass through -nographic's escape handling.
+        cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
+        cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
+        cmd.args([
+            "-device",
+            "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
+        ]);
+        if self.icount {
+            cmd.args(["-icount", "shift=0"]);
+        }
+        let mut semi = String::from("enable=on,target=native");
+        for a in semihosting_args {
+            // QEMU's option parser escapes a comma by doubling it.
+            semi.push_str(",arg=");
+            semi.push_str(&a.replace(',', ",,"));
+        }
+        cmd.args(["-semihosting-config", &semi]);
+        if let Some(append) = append {
+            cmd.args(["-append", append]);
+        }
+        if let Some(qmp) = qmp {
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        cmd.arg("-kernel").arg(elf);
+        cmd
+    }
+}
+
+/// Parses `512M`, `1G`, `4096` (MiB) like QEMU's `-m`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        'T' | 't' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1 << 20),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("4G"), Some(4 << 30));
+        assert_eq!(parse_size("1024"), Some(1 << 30));
+        assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn el_selects_machine_options() {
+        let m = Machine {
+            el: 3,
+            ..Machine::default()
+        };
+        let cmd = m.command(
+            Path::new("fw.elf"),
+            &["run_addr".into(), "1234".into()],
+            None,
+            None,
+        );
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args.contains(&"virt,secure=on".to_string()));
+        assert!(args.contains(&"enable=on,target=native,arg=run_addr,arg=1234".to_string()));
+        assert_eq!(args.last().map(String::as_str), Some("fw.elf"));
+        let m2 = Machine {
+            el: 2,
+            ..Machine::default()
+        };
+        let args2: Vec<String> = m2
+            .command(Path::new("x"), &[], None, None)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args2.contains(&"virt,virtualization=on".to_string()));
+    }
+}
