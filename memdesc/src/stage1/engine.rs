@@ -1,0 +1,1136 @@
+//! The stage-1 table engine: map, unmap, protect, write-protect, query,
+//! access-flag harvesting and re-folding over a VMSAv8-64 table tree.
+//!
+//! Arm ARM DDI 0487: D8.2 (translation table walk, 4 KiB granule, 48- and
+//! 39-bit input ranges), D8.3 (descriptors), D8.4.3/D8.4.6 (access flag,
+//! dirty state), D8.6.1 (the Contiguous bit) and D8.14 (break-before-make,
+//! FEAT_BBM). The rules applied are the "Stage-1 rules" of DESIGN.md:
+//!
+//! * every operation picks the largest legal unit (1 GiB / 2 MiB blocks,
+//!   16-entry contiguous runs at levels 1-3, pages) and folds a run or
+//!   collapses a table into a block as soon as it becomes eligible;
+//! * a partial change of a run unfolds it with break-before-make (clear all
+//!   16, DSB, TLBI over the run, DSB, write), or in place when FEAT_BBM level 2
+//!   allows the size change;
+//! * whole-run permission changes and access-flag clears are done in place,
+//!   then one TLBI pass covers the run;
+//! * input is validated before the first descriptor write; tables needed for
+//!   splits are allocated before anything changes, and a `map` that runs out
+//!   of table memory half way is rolled back, so an `Err` leaves the tables
+//!   as they were.
+//!
+//! The engine never allocates from a heap: recursion depth is at most four
+//! levels and every per-operation buffer is a small array on the stack.
+
+use super::attributes::Attributes;
+use super::descriptor::{
+    leaf_allowed, level_shift, level_size, Descriptor, DescriptorKind, CONT_ENTRIES, ENTRIES,
+    OA_BITS,
+};
+use super::error::Stage1Error;
+use super::flush::{invalidate, TlbDebt};
+use super::hardware::{Features, TableMemory, TranslationHw};
+use super::unit::{MappingSummary, MappingUnit};
+use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
+
+/// Size of the translated input range (TTBR0_EL1, T0SZ = 64 - bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaSize {
+    /// 48-bit VA: four levels, walk starts at level 0 (T0SZ = 16).
+    Bits48,
+    /// 39-bit VA: three levels, walk starts at level 1 (T0SZ = 25).
+    Bits39,
+}
+
+impl VaSize {
+    /// Input address bits.
+    #[inline]
+    pub const fn bits(self) -> u32 {
+        match self {
+            Self::Bits48 => 48,
+            Self::Bits39 => 39,
+        }
+    }
+
+    /// Level of the root table.
+    #[inline]
+    pub const fn start_level(self) -> u8 {
+        match self {
+            Self::Bits48 => 0,
+            Self::Bits39 => 1,
+        }
+    }
+
+    /// TCR_ELx.T0SZ value.
+    #[inline]
+    pub const fn t0sz(self) -> u64 {
+        64 - self.bits() as u64
+    }
+
+    /// One past the highest translated input address.
+    #[inline]
+    pub const fn limit(self) -> u64 {
+        1 << self.bits()
+    }
+}
+
+/// The result of [`Stage1::query`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Output address of the queried input address.
+    pub output: PhysAddr,
+    /// Attributes of the unit.
+    pub attributes: Attributes,
+    /// Access flag, ORed over the whole contiguous run (rule 3).
+    pub young: bool,
+    /// Dirty state, ORed over the whole contiguous run (rule 3).
+    pub dirty: bool,
+    /// The translation unit containing the address.
+    pub unit: MappingUnit,
+    /// First input address of that unit.
+    pub unit_va: VirtAddr,
+}
+
+/// What a range operation does to each covered leaf.
+#[derive(Clone, Copy, Debug)]
+enum LeafOp {
+    Unmap,
+    Protect(Attributes),
+    WriteProtect,
+    Refold,
+}
+
+/// Tables an operation may need for splits: two boundaries, at most two
+/// levels of block (1 GiB then 2 MiB) each.
+const STASH: usize = 4;
+/// Freed tables waiting for the TLBI that makes freeing them safe.
+const FREE_BATCH: usize = 32;
+
+/// Per-operation state: TLB debt, tables to free, pre-allocated split tables.
+struct OpCtx {
+    debt: TlbDebt,
+    frees: [PhysAddr; FREE_BATCH],
+    nfree: usize,
+    stash: [PhysAddr; STASH],
+    nstash: usize,
+    wrote: bool,
+    limit: MappingUnit,
+}
+
+impl OpCtx {
+    const fn new(limit: MappingUnit) -> Self {
+        Self {
+            debt: TlbDebt::NONE,
+            frees: [PhysAddr(0); FREE_BATCH],
+            nfree: 0,
+            stash: [PhysAddr(0); STASH],
+            nstash: 0,
+            wrote: false,
+            limit,
+        }
+    }
+}
+
+/// A stage-1 translation table tree and the platform it lives on.
+///
+/// `P` provides table memory and TLB maintenance; on target that is the hal's
+/// MMU object, on the host a [`super::fake::FakePlatform`].
+pub struct Stage1<P: TableMemory + TranslationHw> {
+    platform: P,
+    root: PhysAddr,
+    va_size: VaSize,
+    features: Features,
+}
+
+/// `[i0, i1)`: entries of a table at `level` based at `base` overlapping `[s, e)`.
+#[inline]
+fn span(level: u8, base: u64, s: u64, e: u64) -> (usize, usize) {
+    let sh = level_shift(level);
+    let i0 = ((s - base) >> sh) as usize;
+    let i1 = (((e - 1 - base) >> sh) + 1) as usize;
+    (i0, i1.min(ENTRIES))
+}
+
+/// True when 16 entries at `level` form a legal contiguous run (rules 1-2).
+pub(super) fn run_eligible(run: &[Descriptor; CONT_ENTRIES], level: u8) -> bool {
+    let first = run[0];
+    if !first.is_leaf(level) {
+        return false;
+    }
+    let size = level_size(level);
+    let oa0 = first.output(level).0;
+    if oa0 & (size * CONT_ENTRIES as u64 - 1) != 0 {
+        return false;
+    }
+    let key = first.run_key();
+    run.iter().enumerate().skip(1).all(|(k, d)| {
+        d.is_leaf(level) && d.run_key() == key && d.output(level).0 == oa0 + k as u64 * size
+    })
+}
+
+/// True when replacing live `old` by live `new` changes the output address,
+/// memory type, global-ness or translation size: break-before-make (D8.14.1).
+fn needs_break(old: Descriptor, new: Descriptor, level: u8) -> bool {
+    if old.is_table(level) || new.is_table(level) {
+        return old != new;
+    }
+    old.output(level) != new.output(level)
+        || old.is_contiguous() != new.is_contiguous()
+        || old.attr_index() != new.attr_index()
+        || (old.bits() ^ new.bits()) & (Descriptor::SH_MASK | Descriptor::NG) != 0
+}
+
+/// Folds AF/dirty that hardware set in `found` (but not in `seen`) into a
+/// leaf `new` with the same output address.
+fn absorb(new: Descriptor, seen: Descriptor, found: Descriptor, level: u8) -> Descriptor {
+    if !new.is_leaf(level) || !found.is_leaf(level) || new.output(level) != found.output(level) {
+        return new;
+    }
+    let young = found.is_young() && !seen.is_young();
+    let dirty = found.is_dirty() && !seen.is_dirty();
+    if young || dirty {
+        new.with_state(new.is_young() || young, new.is_dirty() || dirty)
+    } else {
+        new
+    }
+}
+
+impl<P: TableMemory + TranslationHw> Stage1<P> {
+    /// Creates an empty tree (allocates the root table).
+    pub fn new(mut platform: P, va_size: VaSize, features: Features) -> Result<Self, Stage1Error> {
+        let root = platform
+            .alloc_table()
+            .ok_or(Stage1Error::OutOfTableMemory)?;
+        Ok(Self {
+            platform,
+            root,
+            va_size,
+            features,
+        })
+    }
+
+    /// Physical address of the root table (for TTBR0_EL1.BADDR).
+    #[inline]
+    pub fn root(&self) -> PhysAddr {
+        self.root
+    }
+
+    /// The input range size.
+    #[inline]
+    pub fn va_size(&self) -> VaSize {
+        self.va_size
+    }
+
+    /// The features the engine was told about.
+    #[inline]
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// The platform (table memory and TLB maintenance).
+    #[inline]
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    /// The platform, mutably (tests use it to reset counters or to play the
+    /// hardware's part on the fake).
+    #[inline]
+    pub fn platform_mut(&mut self) -> &mut P {
+        &mut self.platform
+    }
+
+    // ---- table access: the only unsafe code of the engine ----
+
+    #[inline]
+    pub(super) fn read(&self, table: PhysAddr, index: usize) -> Descriptor {
+        debug_assert!(index < ENTRIES);
+        // SAFETY: engine invariant: every table address passed here was
+        // returned by `alloc_table` and not freed (it is the root, was read
+        // from a table descriptor of the tree, or is a freshly allocated
+        // split table), and `index < ENTRIES` by construction of `span`.
+        Descriptor(unsafe { self.platform.read_entry(table, index) })
+    }
+
+    #[inline]
+    fn write(&mut self, table: PhysAddr, index: usize, d: Descriptor) {
+        debug_assert!(index < ENTRIES);
+        // SAFETY: as in `read`; callers only write invalid -> anything on a
+        // live table, or anything into a table not yet linked into the tree.
+        unsafe { self.platform.write_entry(table, index, d.bits()) }
+    }
+
+    #[inline]
+    fn cas(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        cur: Descriptor,
+        new: Descriptor,
+    ) -> Result<(), Descriptor> {
+        debug_assert!(index < ENTRIES);
+        // SAFETY: as in `read`; break-before-make is ensured by `write_group`.
+        unsafe {
+            self.platform
+                .compare_exchange_entry(table, index, cur.bits(), new.bits())
+        }
+        .map_err(Descriptor)
+    }
+
+    #[inline]
+    pub(super) fn valid_count(&mut self, table: PhysAddr) -> u32 {
+        // SAFETY: as in `read`; a zero delta only reads the count.
+        unsafe { self.platform.adjust_valid(table, 0) }
+    }
+
+    #[inline]
+    fn adjust(&mut self, table: PhysAddr, delta: i32) {
+        if delta != 0 {
+            // SAFETY: as in `read`; `delta` is the exact change of valid
+            // entries the caller just wrote, so the count stays in 0..=512.
+            unsafe {
+                self.platform.adjust_valid(table, delta);
+            }
+        }
+    }
+
+    #[inline]
+    fn leaf_template(&self, attrs: &Attributes, level: u8) -> Descriptor {
+        let page = if level == 3 {
+            Descriptor::TABLE_OR_PAGE
+        } else {
+            0
+        };
+        Descriptor(
+            Descriptor::VALID
+                | page
+                | Descriptor::AF
+                | attrs.leaf_bits(false, self.features.hafdbs),
+        )
+    }
+
+    // ---- validation and read-only walks ----
+
+    fn check_va(&self, va: VirtAddr, len: u64) -> Result<(u64, u64), Stage1Error> {
+        if len == 0 {
+            return Err(Stage1Error::EmptyRange);
+        }
+        if !va.is_aligned(PAGE_SIZE) {
+            return Err(Stage1Error::Unaligned { value: va.0 });
+        }
+        if !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Stage1Error::Unaligned { value: len });
+        }
+        match va.0.checked_add(len) {
+            Some(end) if end <= self.va_size.limit() => Ok((va.0, end)),
+            _ => Err(Stage1Error::VaOutOfRange { va: va.0 }),
+        }
+    }
+
+    /// The leaf translating `va`: (table, index, level, descriptor).
+    pub(super) fn find_leaf(&self, va: u64) -> Option<(PhysAddr, usize, u8, Descriptor)> {
+        if va >= self.va_size.limit() {
+            return None;
+        }
+        let mut table = self.root;
+        let mut level = self.va_size.start_level();
+        loop {
+            let index = ((va >> level_shift(level)) & (ENTRIES as u64 - 1)) as usize;
+            let d = self.read(table, index);
+            match d.kind(level) {
+                DescriptorKind::Table(next) => {
+                    table = next;
+                    level += 1;
+                }
+                DescriptorKind::Leaf => return Some((table, index, level, d)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// First address of `[s, e)` covered by a leaf (`want_mapped`) or by no
+    /// leaf (`!want_mapped`).
+    fn first_where(
+        &self,
+        table: PhysAddr,
+        level: u8,
+        base: u64,
+        s: u64,
+        e: u64,
+        want_mapped: bool,
+    ) -> Option<u64> {
+        let (i0, i1) = span(level, base, s, e);
+        let sh = level_shift(level);
+        for i in i0..i1 {
+            let ev = base + ((i as u64) << sh);
+            let cs = s.max(ev);
+            let ce = e.min(ev + (1 << sh));
+            match self.read(table, i).kind(level) {
+                DescriptorKind::Table(next) => {
+                    if let Some(v) = self.first_where(next, level + 1, ev, cs, ce, want_mapped) {
+                        return Some(v);
+                    }
+                }
+                DescriptorKind::Leaf => {
+                    if want_mapped {
+                        return Some(cs);
+                    }
+                }
+                _ => {
+                    if !want_mapped {
+                        return Some(cs);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    // ---- public operations ----
+
+    /// Maps `[va, va + len)` to `[pa, pa + len)` with the largest units the
+    /// alignment allows. Fails without changing anything if any page of the
+    /// range is already mapped.
+    pub fn map(
+        &mut self,
+        va: VirtAddr,
+        pa: PhysAddr,
+        len: u64,
+        attrs: Attributes,
+    ) -> Result<(), Stage1Error> {
+        self.map_limited(va, pa, len, attrs, MappingUnit::LARGEST)
+    }
+
+    /// [`Stage1::map`] with units no larger than `limit` (for instance
+    /// [`MappingUnit::Page4K`] for memory that will be unmapped page by page).
+    /// The limit applies to this call; a later operation that finds a run or
+    /// table eligible may still fold it.
+    pub fn map_limited(
+        &mut self,
+        va: VirtAddr,
+        pa: PhysAddr,
+        len: u64,
+        attrs: Attributes,
+        limit: MappingUnit,
+    ) -> Result<(), Stage1Error> {
+        let (s, e) = self.check_va(va, len)?;
+        if !pa.is_aligned(PAGE_SIZE) {
+            return Err(Stage1Error::Unaligned { value: pa.0 });
+        }
+        match pa.0.checked_add(len) {
+            Some(end) if end <= 1 << OA_BITS => {}
+            _ => return Err(Stage1Error::PaOutOfRange { pa: pa.0 }),
+        }
+        attrs.validate()?;
+        let (root, start) = (self.root, self.va_size.start_level());
+        if let Some(v) = self.first_where(root, start, 0, s, e, true) {
+            return Err(Stage1Error::AlreadyMapped { va: v });
+        }
+        let mut ctx = OpCtx::new(limit);
+        let offset = pa.0.wrapping_sub(s);
+        match self.map_level(&mut ctx, &attrs, root, start, 0, s, e, offset) {
+            Ok(()) => {
+                if limit >= MappingUnit::Cont64K {
+                    // Interior runs and tables were written in their final
+                    // form; only the boundaries can now fold with neighbours.
+                    let op = LeafOp::Refold;
+                    self.modify_level(&mut ctx, &op, root, start, 0, s, s + PAGE_SIZE, true);
+                    if e - PAGE_SIZE > s {
+                        self.modify_level(&mut ctx, &op, root, start, 0, e - PAGE_SIZE, e, true);
+                    }
+                }
+                self.finish(ctx);
+                Ok(())
+            }
+            Err(at) => {
+                // Everything below `at` was written by this call, at its
+                // natural size and never folded with neighbours, so unmapping
+                // it needs no split and restores the previous tree.
+                if at > s {
+                    self.modify_level(&mut ctx, &LeafOp::Unmap, root, start, 0, s, at, true);
+                }
+                self.finish(ctx);
+                Err(Stage1Error::OutOfTableMemory)
+            }
+        }
+    }
+
+    /// Unmaps `[va, va + len)`; every page must be mapped. Tables that
+    /// become empty are freed.
+    pub fn unmap(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
+        self.modify(va, len, LeafOp::Unmap)
+    }
+
+    /// Changes the attributes of `[va, va + len)`; every page must be mapped.
+    /// Access and dirty state are kept. A permission-only change of whole
+    /// runs and blocks is done in place; a memory-type change, or a change to
+    /// part of a run or block, breaks first.
+    pub fn protect(
+        &mut self,
+        va: VirtAddr,
+        len: u64,
+        attrs: Attributes,
+    ) -> Result<(), Stage1Error> {
+        attrs.validate()?;
+        self.modify(va, len, LeafOp::Protect(attrs))
+    }
+
+    /// Makes `[va, va + len)` read-only, keeping every entry's dirty state
+    /// (moved to the software dirty bit, as Linux's `pte_wrprotect`).
+    pub fn wrprotect(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
+        self.modify(va, len, LeafOp::WriteProtect)
+    }
+
+    /// Folds every run and collapses every table in `[va, va + len)` (widened
+    /// to the runs and tables it touches) that has become eligible, e.g.
+    /// after balloon deflate (rule 8). Holes are allowed.
+    pub fn refold(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
+        let (s, e) = self.check_va(va, len)?;
+        let mut ctx = OpCtx::new(MappingUnit::LARGEST);
+        let (root, start) = (self.root, self.va_size.start_level());
+        self.modify_level(&mut ctx, &LeafOp::Refold, root, start, 0, s, e, true);
+        self.finish(ctx);
+        Ok(())
+    }
+
+    /// Translates `va`: output address, attributes, and access/dirty ORed
+    /// over the whole contiguous run (the hardware updates only the entry it
+    /// used, rule 3).
+    pub fn query(&self, va: VirtAddr) -> Result<Translation, Stage1Error> {
+        let (table, index, level, d) = self
+            .find_leaf(va.0)
+            .ok_or(Stage1Error::NotMapped { va: va.0 })?;
+        let size = level_size(level);
+        let cont = d.is_contiguous();
+        let (mut young, mut dirty) = (d.is_young(), d.is_dirty());
+        if cont {
+            let g = index & !(CONT_ENTRIES - 1);
+            for k in 0..CONT_ENTRIES {
+                let dk = self.read(table, g + k);
+                young |= dk.is_young();
+                dirty |= dk.is_dirty();
+            }
+        }
+        let unit = MappingUnit::of_leaf(level, cont);
+        let attributes =
+            Attributes::from_descriptor(d).ok_or(Stage1Error::NotMapped { va: va.0 })?;
+        Ok(Translation {
+            output: PhysAddr(d.output(level).0 + (va.0 & (size - 1))),
+            attributes,
+            young,
+            dirty,
+            unit,
+            unit_va: VirtAddr(va.0 & !(unit.size() - 1)),
+        })
+    }
+
+    /// Returns whether the unit containing `va` was accessed (ORed over its
+    /// contiguous run) and clears the access flag of every entry of the run
+    /// in place, then one TLBI pass over the run.
+    ///
+    /// Without FEAT_HAFDBS the next access takes an Access flag fault, which
+    /// the caller's fault handler must answer (as on Linux without HA).
+    pub fn test_and_clear_young(&mut self, va: VirtAddr) -> Result<bool, Stage1Error> {
+        let (table, index, level, d) = self
+            .find_leaf(va.0)
+            .ok_or(Stage1Error::NotMapped { va: va.0 })?;
+        let size = level_size(level);
+        let mut ctx = OpCtx::new(MappingUnit::LARGEST);
+        let (first, n) = if d.is_contiguous() {
+            (index & !(CONT_ENTRIES - 1), CONT_ENTRIES)
+        } else {
+            (index, 1)
+        };
+        let mut young = false;
+        for i in first..first + n {
+            let dk = self.read(table, i);
+            if dk.is_young() {
+                young = true;
+                self.replace_live(table, i, level, dk, dk.with(Descriptor::AF, false));
+            }
+        }
+        if young {
+            let base = va.0 & !(size * n as u64 - 1);
+            ctx.debt.add(base, size * n as u64, level, level, false);
+            ctx.wrote = true;
+        }
+        self.finish(ctx);
+        Ok(young)
+    }
+
+    /// Where the leaf translating `va` lives: (table, index, level). For
+    /// on-target tests that inspect what the hardware did to an entry, and
+    /// for the fake's [`super::fake::FakePlatform::hw_touch`].
+    pub fn leaf_entry(&self, va: VirtAddr) -> Option<(PhysAddr, usize, u8)> {
+        self.find_leaf(va.0).map(|(t, i, l, _)| (t, i, l))
+    }
+
+    /// Counts the translation units and tables of the whole tree.
+    pub fn summary(&self) -> MappingSummary {
+        let mut s = MappingSummary::default();
+        self.summarize(self.root, self.va_size.start_level(), &mut s);
+        s
+    }
+
+    fn summarize(&self, table: PhysAddr, level: u8, s: &mut MappingSummary) {
+        s.tables += 1;
+        for i in 0..ENTRIES {
+            let d = self.read(table, i);
+            match d.kind(level) {
+                DescriptorKind::Table(next) => self.summarize(next, level + 1, s),
+                DescriptorKind::Leaf => {
+                    let cont = d.is_contiguous();
+                    if !cont || i % CONT_ENTRIES == 0 {
+                        s.add(MappingUnit::of_leaf(level, cont), 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    // ---- operation plumbing ----
+
+    fn modify(&mut self, va: VirtAddr, len: u64, op: LeafOp) -> Result<(), Stage1Error> {
+        let (s, e) = self.check_va(va, len)?;
+        let (root, start) = (self.root, self.va_size.start_level());
+        if let Some(v) = self.first_where(root, start, 0, s, e, false) {
+            return Err(Stage1Error::NotMapped { va: v });
+        }
+        let mut ctx = OpCtx::new(MappingUnit::LARGEST);
+        let needed = self.splits_needed(s, e);
+        while ctx.nstash < needed {
+            match self.platform.alloc_table() {
+                Some(t) => {
+                    ctx.stash[ctx.nstash] = t;
+                    ctx.nstash += 1;
+                }
+                None => {
+                    self.finish(ctx);
+                    return Err(Stage1Error::OutOfTableMemory);
+                }
+            }
+        }
+        self.modify_level(&mut ctx, &op, root, start, 0, s, e, true);
+        self.finish(ctx);
+        Ok(())
+    }
+
+    /// Tables needed to split the blocks that `[s, e)` covers only partly.
+    fn splits_needed(&self, s: u64, e: u64) -> usize {
+        let mut ids = [(0u8, 0u64); STASH];
+        let mut n = 0;
+        for (b, probe) in [(s, s), (e, e - PAGE_SIZE)] {
+            let Some((_, _, level, _)) = self.find_leaf(probe) else {
+                continue;
+            };
+            let mut lv = level;
+            while lv < 3 && b & (level_size(lv) - 1) != 0 {
+                let id = (lv, b & !(level_size(lv) - 1));
+                if !ids[..n].contains(&id) {
+                    ids[n] = id;
+                    n += 1;
+                }
+                lv += 1;
+            }
+        }
+        n
+    }
+
+    /// Pays the TLB debt, publishes the writes, frees what waited for that.
+    fn finish(&mut self, mut ctx: OpCtx) {
+        if ctx.debt.is_due() {
+            ctx.debt.settle(&mut self.platform, self.features);
+            self.platform.isb();
+        } else if ctx.wrote {
+            self.platform.dsb_ishst();
+            self.platform.isb();
+        }
+        self.free_deferred(&mut ctx);
+        for i in 0..ctx.nstash {
+            // SAFETY: stash tables were allocated by this operation and
+            // never linked into the tree, so nothing can cache them.
+            unsafe { self.platform.free_table(ctx.stash[i]) };
+        }
+    }
+
+    fn free_deferred(&mut self, ctx: &mut OpCtx) {
+        for i in 0..ctx.nfree {
+            // SAFETY: the descriptor pointing at this table was cleared or
+            // replaced and the TLB debt covering it (non-last-level TLBI) was
+            // settled before we got here (`finish`, `defer_free`), or the
+            // table was never linked (split then collapsed again).
+            unsafe { self.platform.free_table(ctx.frees[i]) };
+        }
+        ctx.nfree = 0;
+    }
+
+    fn defer_free(&mut self, ctx: &mut OpCtx, table: PhysAddr) {
+        if ctx.nfree == FREE_BATCH {
+            ctx.debt.settle(&mut self.platform, self.features);
+            self.free_deferred(ctx);
+        }
+        ctx.frees[ctx.nfree] = table;
+        ctx.nfree += 1;
+    }
+
+    /// Phase one of `map`: writes leaves and creates tables, entry by entry,
+    /// into entries validated to be invalid. `Err(va)`: no table for `va`;
+    /// everything below `va` is mapped.
+    #[allow(clippy::too_many_arguments)]
+    fn map_level(
+        &mut self,
+        ctx: &mut OpCtx,
+        attrs: &Attributes,
+        table: PhysAddr,
+        level: u8,
+        base: u64,
+        s: u64,
+        e: u64,
+        offset: u64,
+    ) -> Result<(), u64> {
+        let (i0, i1) = span(level, base, s, e);
+        let sh = level_shift(level);
+        let size = 1u64 << sh;
+        let leaf_ok = leaf_allowed(level) && ctx.limit.allows_leaf(level);
+        let cont_ok = leaf_ok && ctx.limit.allows_contiguous(level);
+        let run = size * CONT_ENTRIES as u64;
+        let template = self.leaf_template(attrs, level);
+        let mut added = 0i32;
+        let mut i = i0;
+        while i < i1 {
+            let ev = base + ((i as u64) << sh);
+            let cs = s.max(ev);
+            let ce = e.min(ev + size);
+            let oa = ev.wrapping_add(offset);
+            if leaf_ok && cs == ev && ce == ev + size && oa & (size - 1) == 0 {
+                if cont_ok && i % CONT_ENTRIES == 0 && ev + run <= e && oa & (run - 1) == 0 {
+                    let d = template.with(Descriptor::CONT, true);
+                    for k in 0..CONT_ENTRIES {
+                        let o = PhysAddr(oa + k as u64 * size);
+                        self.write(table, i + k, d.with_output(o));
+                    }
+                    added += CONT_ENTRIES as i32;
+                    i += CONT_ENTRIES;
+                } else {
+                    self.write(table, i, template.with_output(PhysAddr(oa)));
+                    added += 1;
+                    i += 1;
+                }
+                ctx.wrote = true;
+                continue;
+            }
+            let d = self.read(table, i);
+            let child = if let DescriptorKind::Table(next) = d.kind(level) {
+                next
+            } else {
+                let Some(next) = self.platform.alloc_table() else {
+                    self.adjust(table, added);
+                    return Err(cs);
+                };
+                self.write(table, i, Descriptor::table(next));
+                added += 1;
+                ctx.wrote = true;
+                next
+            };
+            if let Err(at) = self.map_level(ctx, attrs, child, level + 1, ev, cs, ce, offset) {
+                self.adjust(table, added);
+                if self.valid_count(child) == 0 {
+                    let cur = self.read(table, i);
+                    self.replace_live(table, i, level, cur, Descriptor::INVALID);
+                    self.adjust(table, -1);
+                    ctx.debt.add_walk(ev);
+                    self.defer_free(ctx, child);
+                }
+                return Err(at);
+            }
+            i += 1;
+        }
+        self.adjust(table, added);
+        Ok(())
+    }
+
+    /// Applies `op` to `[s, e)` within `table`, group of 16 by group of 16,
+    /// folding, unfolding, splitting and collapsing as needed. `live`: the
+    /// table is reachable by the MMU (false inside a new split table).
+    #[allow(clippy::too_many_arguments)]
+    fn modify_level(
+        &mut self,
+        ctx: &mut OpCtx,
+        op: &LeafOp,
+        table: PhysAddr,
+        level: u8,
+        base: u64,
+        s: u64,
+        e: u64,
+        live: bool,
+    ) {
+        let (i0, i1) = span(level, base, s, e);
+        let sh = level_shift(level);
+        let size = 1u64 << sh;
+        let mut g = i0 & !(CONT_ENTRIES - 1);
+        while g < i1 {
+            let mut old = [Descriptor::INVALID; CONT_ENTRIES];
+            for (k, d) in old.iter_mut().enumerate() {
+                *d = self.read(table, g + k);
+            }
+            let mut new = old;
+            let mut to_free = [None; CONT_ENTRIES];
+            for k in 0..CONT_ENTRIES {
+                let i = g + k;
+                if i < i0 || i >= i1 {
+                    continue;
+                }
+                let ev = base + ((i as u64) << sh);
+                let cs = s.max(ev);
+                let ce = e.min(ev + size);
+                let covered = cs == ev && ce == ev + size;
+                let d = old[k];
+                match d.kind(level) {
+                    DescriptorKind::Table(child) => {
+                        self.modify_level(ctx, op, child, level + 1, ev, cs, ce, live);
+                        let n = self.valid_count(child);
+                        if n == 0 {
+                            new[k] = Descriptor::INVALID;
+                            to_free[k] = Some(child);
+                        } else if n as usize == ENTRIES {
+                            if let Some(block) = self.collapse_candidate(child, level, ctx.limit) {
+                                new[k] = block;
+                                to_free[k] = Some(child);
+                            }
+                        }
+                    }
+                    DescriptorKind::Leaf if covered => new[k] = self.apply(op, d, level),
+                    DescriptorKind::Leaf if !matches!(op, LeafOp::Refold) => {
+                        let Some(t) = self.take_split_table(ctx) else {
+                            // Unreachable: `splits_needed` pre-allocated one
+                            // table per partly covered block. Leave it alone
+                            // rather than corrupt the tree.
+                            continue;
+                        };
+                        self.fill_split(t, d, level);
+                        self.modify_level(ctx, op, t, level + 1, ev, cs, ce, false);
+                        if let Some(block) = self.collapse_candidate(t, level, MappingUnit::LARGEST)
+                        {
+                            new[k] = block;
+                            to_free[k] = Some(t);
+                        } else {
+                            new[k] = Descriptor::table(t);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if level >= 1 {
+                let fold = run_eligible(&new, level)
+                    && (ctx.limit.allows_contiguous(level)
+                        || old.iter().all(|d| d.is_leaf(level) && d.is_contiguous()));
+                for d in new.iter_mut() {
+                    if d.is_leaf(level) {
+                        *d = d.with(Descriptor::CONT, fold);
+                    }
+                }
+            }
+            let gva = base + ((g as u64) << sh);
+            self.write_group(ctx, op, table, level, gva, &old, &mut new, live);
+            for t in to_free.into_iter().flatten() {
+                self.defer_free(ctx, t);
+            }
+            g += CONT_ENTRIES;
+        }
+    }
+
+    fn take_split_table(&mut self, ctx: &mut OpCtx) -> Option<PhysAddr> {
+        if ctx.nstash > 0 {
+            ctx.nstash -= 1;
+            Some(ctx.stash[ctx.nstash])
+        } else {
+            self.platform.alloc_table()
+        }
+    }
+
+    /// The new value of a covered leaf.
+    fn apply(&self, op: &LeafOp, d: Descriptor, level: u8) -> Descriptor {
+        let hafdbs = self.features.hafdbs;
+        let rebuild = |a: &Attributes| {
+            let page = if level == 3 {
+                Descriptor::TABLE_OR_PAGE
+            } else {
+                0
+            };
+            Descriptor(
+                Descriptor::VALID
+                    | page
+                    | a.leaf_bits(d.is_dirty(), hafdbs)
+                    | (d.bits() & (Descriptor::AF | Descriptor::CONT)),
+            )
+            .with_output(d.output(level))
+        };
+        match op {
+            LeafOp::Unmap => Descriptor::INVALID,
+            LeafOp::Refold => d,
+            LeafOp::Protect(a) => rebuild(a),
+            LeafOp::WriteProtect => match Attributes::from_descriptor(d) {
+                Some(mut a) => {
+                    a.write = false;
+                    rebuild(&a)
+                }
+                None => d
+                    .with(Descriptor::AP_READ_ONLY, true)
+                    .with(Descriptor::DBM, false)
+                    .with(Descriptor::SW_DIRTY, d.is_dirty()),
+            },
+        }
+    }
+
+    /// Fills a new (unlinked) table at `level + 1` with the translation of
+    /// the block `d`, folded into contiguous runs.
+    fn fill_split(&mut self, t: PhysAddr, d: Descriptor, level: u8) {
+        let cl = level + 1;
+        let csize = level_size(cl);
+        let oa = d.output(level).0;
+        let child = d.with_leaf_level(cl).with(Descriptor::CONT, true);
+        for i in 0..ENTRIES {
+            self.write(t, i, child.with_output(PhysAddr(oa + i as u64 * csize)));
+        }
+        self.adjust(t, ENTRIES as i32);
+    }
+
+    /// The block at `level` equivalent to the full table `child`, if its 512
+    /// leaves are uniform and aligned; access/dirty are ORed into the block.
+    pub(super) fn collapse_candidate(
+        &self,
+        child: PhysAddr,
+        level: u8,
+        limit: MappingUnit,
+    ) -> Option<Descriptor> {
+        if !leaf_allowed(level) || !limit.allows_leaf(level) {
+            return None;
+        }
+        let cl = level + 1;
+        let csize = level_size(cl);
+        let first = self.read(child, 0);
+        let last = self.read(child, ENTRIES - 1);
+        if !first.is_leaf(cl) || !last.is_leaf(cl) {
+            return None;
+        }
+        let oa0 = first.output(cl).0;
+        let key = first.run_key();
+        if oa0 & (level_size(level) - 1) != 0
+            || last.run_key() != key
+            || last.output(cl).0 != oa0 + (ENTRIES as u64 - 1) * csize
+        {
+            return None;
+        }
+        let (mut young, mut dirty) = (false, false);
+        for i in 0..ENTRIES {
+            let d = self.read(child, i);
+            if !d.is_leaf(cl) || d.run_key() != key || d.output(cl).0 != oa0 + i as u64 * csize {
+                return None;
+            }
+            young |= d.is_young();
+            dirty |= d.is_dirty();
+        }
+        Some(
+            first
+                .with_leaf_level(level)
+                .with(Descriptor::CONT, false)
+                .with_output(PhysAddr(oa0))
+                .with_state(young, dirty),
+        )
+    }
+
+    /// Replaces a live entry atomically. If hardware changed it since it was
+    /// read (FEAT_HAFDBS), the AF/dirty it set are carried into `new` and the
+    /// exchange retried. Returns the value replaced.
+    fn replace_live(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        level: u8,
+        mut cur: Descriptor,
+        mut new: Descriptor,
+    ) -> Descriptor {
+        loop {
+            match self.cas(table, index, cur, new) {
+                Ok(()) => return cur,
+                Err(found) => {
+                    new = self.carry_state(new, cur, found, level);
+                    cur = found;
+                }
+            }
+        }
+    }
+
+    /// Carries AF/dirty that hardware set in `found` (not in `seen`) into
+    /// `new`: into the leaf itself, or into every leaf of a new split table.
+    fn carry_state(
+        &mut self,
+        new: Descriptor,
+        seen: Descriptor,
+        found: Descriptor,
+        level: u8,
+    ) -> Descriptor {
+        if new.is_table(level) && found.is_leaf(level) {
+            let young = found.is_young() && !seen.is_young();
+            let dirty = found.is_dirty() && !seen.is_dirty();
+            if young || dirty {
+                let t = new.table_address();
+                for i in 0..ENTRIES {
+                    let d = self.read(t, i);
+                    if d.is_leaf(level + 1) {
+                        let nd = d.with_state(d.is_young() || young, d.is_dirty() || dirty);
+                        self.write(t, i, nd);
+                    }
+                }
+            }
+            return new;
+        }
+        absorb(new, seen, found, level)
+    }
+
+    /// True when the break of a live entry may be skipped under FEAT_BBM
+    /// level 2: only the translation size changes (Contiguous bit, block <->
+    /// table), not the output address or memory type.
+    fn size_only(&self, op: &LeafOp, old: Descriptor, new: Descriptor, level: u8) -> bool {
+        match (old.is_table(level), new.is_table(level)) {
+            (false, true) => match op {
+                LeafOp::Protect(a) => {
+                    Attributes::from_descriptor(old).is_some_and(|o| o.same_type(a))
+                }
+                _ => true,
+            },
+            (true, false) => true,
+            (false, false) => {
+                old.output(level) == new.output(level)
+                    && old.attr_index() == new.attr_index()
+                    && (old.bits() ^ new.bits()) & (Descriptor::SH_MASK | Descriptor::NG) == 0
+            }
+            (true, true) => false,
+        }
+    }
+
+    /// Writes one group of 16 entries from `old` to `new`.
+    ///
+    /// Live entries whose change needs break-before-make are cleared first,
+    /// then `DSB ISHST`, one TLBI pass over them, `DSB ISH`, and only then
+    /// written (rule 4/6) -- unless FEAT_BBM level 2 covers the change, in
+    /// which case they are rewritten in place. In-place changes add to the
+    /// operation's TLB debt; changes touching a contiguous run add the whole
+    /// run (rule 7).
+    #[allow(clippy::too_many_arguments)]
+    fn write_group(
+        &mut self,
+        ctx: &mut OpCtx,
+        op: &LeafOp,
+        table: PhysAddr,
+        level: u8,
+        gva: u64,
+        old: &[Descriptor; CONT_ENTRIES],
+        new: &mut [Descriptor; CONT_ENTRIES],
+        live: bool,
+    ) {
+        let size = level_size(level);
+        let mut delta = 0i32;
+        if !live {
+            for k in 0..CONT_ENTRIES {
+                if new[k] != old[k] {
+                    self.write(table, gva_index(gva, level) + k, new[k]);
+                    delta += new[k].is_valid() as i32 - old[k].is_valid() as i32;
+                }
+            }
+            self.adjust(table, delta);
+            return;
+        }
+        let first = gva_index(gva, level);
+        let mut cur = *old;
+        let mut brk = 0u32;
+        for k in 0..CONT_ENTRIES {
+            if old[k].is_valid()
+                && new[k].is_valid()
+                && new[k] != old[k]
+                && needs_break(old[k], new[k], level)
+            {
+                brk |= 1 << k;
+            }
+        }
+        let bbm2 = self.features.bbm_level >= 2
+            && (0..CONT_ENTRIES)
+                .filter(|k| brk & (1 << k) != 0)
+                .all(|k| self.size_only(op, old[k], new[k], level));
+        if brk != 0 && !bbm2 && old[0].is_leaf(level) && old[0].is_contiguous() {
+            // Rule 4: a partial change unfolds the whole run, so every live
+            // entry of the old run is cleared, not only the changed ones.
+            for (k, d) in old.iter().enumerate() {
+                if d.is_valid() {
+                    brk |= 1 << k;
+                }
+            }
+        }
+        if brk != 0 && !bbm2 {
+            let (mut walk, mut finest) = (false, level);
+            for k in 0..CONT_ENTRIES {
+                if brk & (1 << k) == 0 {
+                    continue;
+                }
+                let found = self.replace_live(table, first + k, level, old[k], Descriptor::INVALID);
+                new[k] = self.carry_state(new[k], old[k], found, level);
+                if old[k].is_table(level) {
+                    walk = true;
+                    finest = level + 1;
+                }
+                cur[k] = Descriptor::INVALID;
+                delta -= 1;
+            }
+            let lo = gva + brk.trailing_zeros() as u64 * size;
+            let hi = gva + (32 - brk.leading_zeros()) as u64 * size;
+            self.platform.dsb_ishst();
+            invalidate(
+                &mut self.platform,
+                self.features,
+                lo,
+                hi,
+                finest,
+                level,
+                walk,
+            );
+            self.platform.dsb_ish();
+            ctx.wrote = true;
+        }
+        let mut in_place = false;
+        for k in 0..CONT_ENTRIES {
+            if new[k] == cur[k] {
+                continue;
+            }
+            let ev = gva + k as u64 * size;
+            if cur[k].is_valid() {
+                self.replace_live(table, first + k, level, cur[k], new[k]);
+                in_place = true;
+                if cur[k].is_table(level) {
+                    if new[k].is_valid() {
+                        ctx.debt.add(ev, size, level + 1, level, true);
+                    } else {
+                        ctx.debt.add_walk(ev);
+                    }
+                } else {
+                    ctx.debt.add(ev, size, level, level, false);
+                }
+            } else {
+                self.write(table, first + k, new[k]);
+            }
+            delta += new[k].is_valid() as i32 - cur[k].is_valid() as i32;
+            ctx.wrote = true;
+        }
+        if in_place && level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous()) {
+            let run = size * CONT_ENTRIES as u64;
+            ctx.debt.add(gva, run, level, level, false);
+        }
+        self.adjust(table, delta);
+    }
+}
+
+/// Index of the entry mapping `va` in its table at `level`.
+#[inline]
+fn gva_index(va: u64, level: u8) -> usize {
+    ((va >> level_shift(level)) & (ENTRIES as u64 - 1)) as usize
+}

@@ -1,0 +1,140 @@
+//! TLB maintenance batching: the "TLB debt" an operation accumulates and
+//! how it is paid.
+//!
+//! Arm ARM DDI 0487, D8.13 (TLB maintenance) and D8.13.5 (range TLBI,
+//! FEAT_TLBIRANGE). An operation records every live entry it changed in
+//! place or cleared; at the end it pays with one TLBI pass bracketed by
+//! `DSB ISHST` (stores visible to walks first) and `DSB ISH` (TLBIs done).
+//! Break-before-make pays its own debt immediately, before the "make".
+
+use super::descriptor::level_size;
+use super::hardware::{Features, TlbiScope, TranslationHw};
+use crate::addr::VirtAddr;
+
+/// Above this many per-VA TLBIs one `TLBI VMALLE1IS` is cheaper (Linux uses
+/// the same order of magnitude, MAX_DVM_OPS).
+pub const MAX_TLBI_BY_VA: u64 = 512;
+
+/// Invalidates `[lo, hi)` whose changed entries are leaves at levels
+/// `finest..=coarsest` (numerically `coarsest <= finest`); `walk` when a
+/// table descriptor changed (walk caches must go too).
+///
+/// Without FEAT_TLBIRANGE one `TLBI VA` per finest-level entry is needed: a
+/// contiguous run may be cached entry by entry, so one TLBI per run is not
+/// enough (D8.6.1).
+pub fn invalidate<H: TranslationHw + ?Sized>(
+    hw: &mut H,
+    features: Features,
+    lo: u64,
+    hi: u64,
+    finest: u8,
+    coarsest: u8,
+    walk: bool,
+) {
+    let scope = TlbiScope {
+        last_level_only: !walk,
+        level: if !walk && finest == coarsest {
+            Some(finest)
+        } else {
+            None
+        },
+    };
+    if features.tlbi_range {
+        hw.tlbi_va_range(VirtAddr(lo), hi - lo, scope);
+        return;
+    }
+    let stride = level_size(finest);
+    let lo = lo & !(stride - 1);
+    let count = (hi - lo).div_ceil(stride);
+    if count >= MAX_TLBI_BY_VA {
+        hw.tlbi_all();
+        return;
+    }
+    let mut va = lo;
+    while va < hi {
+        hw.tlbi_va(VirtAddr(va), scope);
+        va += stride;
+    }
+}
+
+/// Live entries changed but not yet invalidated: one merged VA span.
+#[derive(Clone, Copy, Debug)]
+#[must_use = "a TLB debt must be settled before the operation returns"]
+pub struct TlbDebt {
+    lo: u64,
+    hi: u64,
+    finest: u8,
+    coarsest: u8,
+    walk: bool,
+    any: bool,
+}
+
+impl TlbDebt {
+    /// No debt.
+    pub const NONE: Self = Self {
+        lo: u64::MAX,
+        hi: 0,
+        finest: 0,
+        coarsest: 3,
+        walk: false,
+        any: false,
+    };
+
+    /// True when something must be invalidated.
+    #[inline]
+    pub const fn is_due(&self) -> bool {
+        self.any
+    }
+
+    /// Records a changed entry `[va, va + len)` whose cached leaves are at
+    /// levels `coarsest..=finest`; `walk` when a table descriptor was
+    /// removed or replaced.
+    #[inline]
+    pub fn add(&mut self, va: u64, len: u64, finest: u8, coarsest: u8, walk: bool) {
+        self.lo = self.lo.min(va);
+        self.hi = self.hi.max(va + len);
+        self.finest = self.finest.max(finest);
+        self.coarsest = self.coarsest.min(coarsest);
+        self.walk |= walk;
+        self.any = true;
+    }
+
+    /// Records that a table descriptor whose range contains `va` was
+    /// removed, so walk-cache entries must go. One non-last-level TLBI at any
+    /// address in the table's range removes them; when the table became empty
+    /// because this operation cleared its last leaf, `va` is already inside
+    /// the span and nothing widens.
+    #[inline]
+    pub fn add_walk(&mut self, va: u64) {
+        let va = va & !(level_size(3) - 1);
+        if !(self.lo <= va && va < self.hi) {
+            self.lo = self.lo.min(va);
+            self.hi = self.hi.max(va + level_size(3));
+            if !self.any {
+                self.finest = 3;
+                self.coarsest = 3;
+            }
+        }
+        self.walk = true;
+        self.any = true;
+    }
+
+    /// Pays the debt: `DSB ISHST`, one TLBI pass, `DSB ISH`.
+    pub fn settle<H: TranslationHw + ?Sized>(&mut self, hw: &mut H, features: Features) {
+        if !self.any {
+            return;
+        }
+        hw.dsb_ishst();
+        invalidate(
+            hw,
+            features,
+            self.lo,
+            self.hi,
+            self.finest,
+            self.coarsest,
+            self.walk,
+        );
+        hw.dsb_ish();
+        *self = Self::NONE;
+    }
+}

@@ -1,0 +1,149 @@
+//! The hardware seen by the stage-1 engine: TLB maintenance and barriers
+//! ([`TranslationHw`]) and translation table memory ([`TableMemory`]).
+//!
+//! Arm ARM DDI 0487, D8.13 (TLB maintenance: TLBI by VA, last-level, TTL
+//! level hint, range TLBI with FEAT_TLBIRANGE) and D8.14 (break-before-make,
+//! FEAT_BBM). The `hal` crate implements both traits on target; the fakes in
+//! [`super::fake`] implement them on the host and record what happened.
+
+use crate::addr::{PhysAddr, VirtAddr};
+
+/// CPU features that change which maintenance path the engine takes.
+///
+/// Probed by the hal from ID_AA64MMFR1_EL1 (HAFDBS, and the hal must have
+/// set TCR_EL1.HA and HD), ID_AA64ISAR0_EL1.TLB (range) and ID_AA64MMFR2_EL1.BBM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Features {
+    /// FEAT_HAFDBS with TCR_ELx.{HA,HD} set: hardware sets AF and clears
+    /// AP[2] on the first write to a DBM entry.
+    pub hafdbs: bool,
+    /// FEAT_TLBIRANGE: `TLBI RVA(L)E1IS` may be used.
+    pub tlbi_range: bool,
+    /// FEAT_BBM level (0, 1 or 2). Level 2 lets the engine change the
+    /// translation size (Contiguous bit, block <-> table) without the break.
+    pub bbm_level: u8,
+}
+
+impl Features {
+    /// No optional feature (Cortex-A53/A72).
+    pub const NONE: Self = Self {
+        hafdbs: false,
+        tlbi_range: false,
+        bbm_level: 0,
+    };
+    /// All features the engine uses (QEMU `-cpu max`).
+    pub const ALL: Self = Self {
+        hafdbs: true,
+        tlbi_range: true,
+        bbm_level: 2,
+    };
+}
+
+/// Which cached entries a TLBI must remove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlbiScope {
+    /// Only last-level (leaf) entries changed: `TLBI VALE1IS`/`RVALE1IS`.
+    /// When false a table descriptor changed too, so walk-cache entries must
+    /// go as well: `TLBI VAE1IS`/`RVAE1IS`.
+    pub last_level_only: bool,
+    /// TTL hint: every entry to remove is a leaf at this level. `None` when
+    /// unknown or mixed (the hal then passes TTL = 0).
+    pub level: Option<u8>,
+}
+
+/// TLB maintenance and barriers for the translation regime the engine edits.
+///
+/// All operations are Inner Shareable broadcasts on target. The engine calls
+/// `dsb_ishst` between descriptor stores and the TLBIs that depend on them,
+/// `dsb_ish` to wait for TLBI completion, and `isb` at the end of an
+/// operation.
+pub trait TranslationHw {
+    /// Invalidates the entries translating `va` (`TLBI VA(L)E1IS`).
+    fn tlbi_va(&mut self, va: VirtAddr, scope: TlbiScope);
+    /// Invalidates the entries translating any address in `[va, va + len)`
+    /// (`TLBI RVA(L)E1IS`; the hal splits into NUM/SCALE encodings). Only
+    /// called when [`Features::tlbi_range`] is set. `va` and `len` are 4 KiB
+    /// multiples.
+    fn tlbi_va_range(&mut self, va: VirtAddr, len: u64, scope: TlbiScope);
+    /// Invalidates every stage-1 entry of the regime (`TLBI VMALLE1IS`).
+    fn tlbi_all(&mut self);
+    /// `DSB ISHST`: descriptor stores are visible to table walks before what follows.
+    fn dsb_ishst(&mut self);
+    /// `DSB ISH`: earlier TLBIs have completed everywhere.
+    fn dsb_ish(&mut self);
+    /// `ISB`: later instructions see the new translations.
+    fn isb(&mut self);
+}
+
+/// Translation table memory: frames for tables, and descriptor access.
+///
+/// Every descriptor read and write of the engine goes through here, so a
+/// fake can count them. On target the hal converts a table's physical
+/// address through its linear (or identity) map and uses volatile (and, for
+/// [`TableMemory::compare_exchange_entry`], atomic) accesses; the table
+/// frames are page-table frames of the page array, whose descriptor also
+/// holds the valid-entry count of [`TableMemory::adjust_valid`].
+///
+/// # Safety
+///
+/// An implementation must guarantee that:
+/// 1. `alloc_table` returns the physical address of a 4 KiB-aligned, zeroed
+///    frame below 2^48 that nothing else uses until it is passed to
+///    `free_table`, and a valid-entry count of 0 for it;
+/// 2. `read_entry`/`write_entry`/`compare_exchange_entry` access entry
+///    `index` of that frame and nothing else, with single-copy-atomic 64-bit
+///    accesses;
+/// 3. `compare_exchange_entry` is an atomic compare-and-swap (hardware may
+///    update AF/AP[2] of live entries concurrently under FEAT_HAFDBS).
+pub unsafe trait TableMemory {
+    /// Allocates a zeroed table frame; `None` when none is left.
+    fn alloc_table(&mut self) -> Option<PhysAddr>;
+
+    /// Returns a table frame to the provider.
+    ///
+    /// # Safety
+    ///
+    /// `table` came from `alloc_table`, is no longer referenced by any
+    /// descriptor, no TLB or walk cache can still hold entries read from it,
+    /// and it is not used again.
+    unsafe fn free_table(&mut self, table: PhysAddr);
+
+    /// Reads entry `index` of `table`.
+    ///
+    /// # Safety
+    ///
+    /// `table` came from `alloc_table` and was not freed; `index < 512`.
+    unsafe fn read_entry(&self, table: PhysAddr, index: usize) -> u64;
+
+    /// Writes entry `index` of `table` (single-copy atomic store).
+    ///
+    /// # Safety
+    ///
+    /// As for [`TableMemory::read_entry`]; the write must be legal for the
+    /// live translation (break-before-make is the caller's job).
+    unsafe fn write_entry(&mut self, table: PhysAddr, index: usize, value: u64);
+
+    /// Atomically replaces entry `index` with `new` if it still holds
+    /// `current`; otherwise returns the value found.
+    ///
+    /// # Safety
+    ///
+    /// As for [`TableMemory::write_entry`].
+    unsafe fn compare_exchange_entry(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<(), u64>;
+
+    /// Adds `delta` to the valid-entry count of `table` and returns the new
+    /// count (`delta == 0` reads it). The engine frees a non-root table when
+    /// its count drops to zero.
+    ///
+    /// # Safety
+    ///
+    /// `table` came from `alloc_table` and was not freed; the count never
+    /// leaves `0..=512` when the engine is the only writer.
+    unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32) -> u32;
+}

@@ -1,0 +1,541 @@
+//! Unit tests of the stage-1 engine against the recording fake: one test
+//! per operation with exact descriptor-write, TLBI and barrier counts, and
+//! the break-before-make order (Arm ARM DDI 0487, D8.6.1, D8.14).
+
+// A panic is how a test reports failure.
+#![allow(clippy::unwrap_used)]
+
+use super::fake::{Event, FakeFrame, FakePlatform};
+use super::*;
+use crate::addr::{PhysAddr, VirtAddr};
+
+const K4: u64 = 4 << 10;
+const K64: u64 = 64 << 10;
+const M2: u64 = 2 << 20;
+const M32: u64 = 32 << 20;
+const G1: u64 = 1 << 30;
+
+const NO_BBM: Features = Features {
+    hafdbs: false,
+    tlbi_range: false,
+    bbm_level: 0,
+};
+const RANGE: Features = Features {
+    hafdbs: true,
+    tlbi_range: true,
+    bbm_level: 0,
+};
+
+struct Bufs {
+    frames: Vec<FakeFrame>,
+    log: Vec<Event>,
+}
+
+fn bufs(n: usize) -> Bufs {
+    Bufs {
+        frames: vec![FakeFrame::new(); n],
+        log: vec![Event::Isb; 8192],
+    }
+}
+
+fn engine(b: &mut Bufs, f: Features, va: VaSize) -> Stage1<FakePlatform<'_>> {
+    let p = FakePlatform::new(&mut b.frames, &mut b.log, f, va.start_level());
+    Stage1::new(p, va, f).expect("root")
+}
+
+/// Lint clean (no advisory either), checker clean, TLB debt paid.
+fn check(s: &mut Stage1<FakePlatform<'_>>) {
+    let mut found = Vec::new();
+    s.lint(&mut |v| found.push(v));
+    assert!(
+        found.is_empty(),
+        "lint ({}): {:?}",
+        found.len(),
+        &found[..found.len().min(6)]
+    );
+    let p = s.platform();
+    assert_eq!(
+        p.violation_count(),
+        0,
+        "bbm: {:?}",
+        p.violations().collect::<Vec<_>>()
+    );
+    assert_eq!(p.unflushed(), 0, "stale TLB state left behind");
+}
+
+fn va(x: u64) -> VirtAddr {
+    VirtAddr(x)
+}
+fn pa(x: u64) -> PhysAddr {
+    PhysAddr(x)
+}
+
+#[test]
+fn map_picks_largest_units() {
+    for f in [NO_BBM, Features::ALL] {
+        let mut b = bufs(64);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        // 1 GiB block, 2 MiB block, 64 KiB run, 4 KiB page.
+        s.map(va(G1), pa(2 * G1), G1, Attributes::DATA).unwrap();
+        s.map(va(4 * G1), pa(G1), M2, Attributes::DATA).unwrap();
+        s.map(va(5 * G1), pa(0x8000_0000), K64, Attributes::RODATA)
+            .unwrap();
+        s.map(va(6 * G1), pa(0x9000_0000), K4, Attributes::TEXT)
+            .unwrap();
+        check(&mut s);
+        let sum = s.summary();
+        assert_eq!(sum.count(MappingUnit::Block1G), 1);
+        assert_eq!(sum.count(MappingUnit::Block2M), 1);
+        assert_eq!(sum.count(MappingUnit::Cont64K), 1);
+        assert_eq!(sum.count(MappingUnit::Page4K), 1);
+        let t = s.query(va(G1 + 0x1234)).unwrap();
+        assert_eq!(t.output, pa(2 * G1 + 0x1234));
+        assert_eq!(t.unit, MappingUnit::Block1G);
+        assert_eq!(t.attributes, Attributes::DATA);
+        let t = s.query(va(5 * G1 + 0x3000)).unwrap();
+        assert_eq!((t.unit, t.unit_va), (MappingUnit::Cont64K, va(5 * G1)));
+        assert_eq!(t.attributes, Attributes::RODATA);
+        assert_eq!(s.query(va(6 * G1)).unwrap().attributes, Attributes::TEXT);
+    }
+}
+
+#[test]
+fn map_32m_and_16g_runs_and_misaligned_pa() {
+    let mut b = bufs(64);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    s.map(va(M32), pa(3 * M32), M32, Attributes::DATA).unwrap();
+    s.map(va(16 * G1), pa(32 * G1), 16 * G1, Attributes::DATA)
+        .unwrap();
+    // PA only 4 KiB aligned: pages only.
+    s.map(va(G1), pa(0x4000_1000), K64, Attributes::DATA)
+        .unwrap();
+    check(&mut s);
+    let sum = s.summary();
+    assert_eq!(sum.count(MappingUnit::Cont32M), 1);
+    assert_eq!(sum.count(MappingUnit::Cont16G), 1);
+    assert_eq!(sum.count(MappingUnit::Page4K), 16);
+    assert_eq!(s.query(va(G1 + 0x5000)).unwrap().output, pa(0x4000_6000));
+}
+
+#[test]
+fn bad_input_is_typed_and_changes_nothing() {
+    let mut b = bufs(16);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits39);
+    s.map(va(M2), pa(M2), M2, Attributes::DATA).unwrap();
+    s.platform_mut().reset_counters();
+    let e = |r: Result<(), Stage1Error>| r.unwrap_err();
+    let wx = Attributes {
+        execute: true,
+        ..Attributes::DATA
+    };
+    let dx = Attributes {
+        execute: true,
+        write: false,
+        ..Attributes::DEVICE
+    };
+    assert_eq!(e(s.map(va(0), pa(0), K4, wx)), Stage1Error::WriteAndExecute);
+    assert_eq!(
+        e(s.map(va(0), pa(0), K4, dx)),
+        Stage1Error::ExecutableDevice
+    );
+    assert_eq!(
+        e(s.map(va(0x800), pa(0), K4, Attributes::DATA)),
+        Stage1Error::Unaligned { value: 0x800 }
+    );
+    assert_eq!(
+        e(s.map(va(0), pa(0x10), K4, Attributes::DATA)),
+        Stage1Error::Unaligned { value: 0x10 }
+    );
+    assert_eq!(
+        e(s.map(va(0), pa(0), 0, Attributes::DATA)),
+        Stage1Error::EmptyRange
+    );
+    assert_eq!(
+        e(s.map(va(1 << 39), pa(0), K4, Attributes::DATA)),
+        Stage1Error::VaOutOfRange { va: 1 << 39 }
+    );
+    assert_eq!(
+        e(s.map(va(0), pa((1 << 48) - K4), 2 * K4, Attributes::DATA)),
+        Stage1Error::PaOutOfRange { pa: (1 << 48) - K4 }
+    );
+    assert_eq!(
+        e(s.map(va(M2 - K4), pa(0), 2 * K4, Attributes::DATA)),
+        Stage1Error::AlreadyMapped { va: M2 }
+    );
+    assert_eq!(
+        e(s.unmap(va(M2), M2 + K4)),
+        Stage1Error::NotMapped { va: 2 * M2 }
+    );
+    assert_eq!(e(s.protect(va(M2), K4, wx)), Stage1Error::WriteAndExecute);
+    assert_eq!(e(s.wrprotect(va(0), K4)), Stage1Error::NotMapped { va: 0 });
+    assert_eq!(
+        s.query(va(0)).unwrap_err(),
+        Stage1Error::NotMapped { va: 0 }
+    );
+    assert_eq!(
+        s.test_and_clear_young(va(0)).unwrap_err(),
+        Stage1Error::NotMapped { va: 0 }
+    );
+    let c = s.platform().counters();
+    assert_eq!((c.writes, c.tlbi(), c.dsb(), c.allocs), (0, 0, 0, 0));
+    check(&mut s);
+}
+
+/// The headline case: one page inside a 64 KiB run changes permission.
+#[test]
+fn partial_change_unfolds_with_break_before_make() {
+    for f in [NO_BBM, RANGE] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        s.platform_mut().reset_counters();
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        let c = s.platform().counters();
+        assert_eq!(c.writes, 32, "{c:?}");
+        let tlbis = if f.tlbi_range { 1 } else { 16 };
+        assert_eq!(c.tlbi(), tlbis);
+        assert_eq!(c.dsb_ish, 1);
+        let log = s.platform().log().to_vec();
+        // clear all 16 -> DSB ISHST -> TLBI pass -> DSB ISH -> 16 writes.
+        assert!(log[..16]
+            .iter()
+            .all(|e| matches!(e, Event::Write { new: 0, .. })));
+        assert_eq!(log[16], Event::DsbIshst);
+        assert!(log[17..17 + tlbis as usize].iter().all(Event::is_tlbi));
+        let after = 17 + tlbis as usize;
+        assert_eq!(log[after], Event::DsbIsh);
+        assert!(log[after + 1..after + 17]
+            .iter()
+            .all(|e| matches!(e, Event::Write { old: 0, new, .. } if *new != 0 && new & Descriptor::CONT == 0)));
+        assert_eq!(&log[after + 17..], &[Event::DsbIshst, Event::Isb]);
+        assert_eq!(s.summary().count(MappingUnit::Page4K), 16);
+        assert_eq!(
+            s.query(va(G1 + 5 * K4)).unwrap().attributes,
+            Attributes::RODATA
+        );
+        assert_eq!(
+            s.query(va(G1 + 6 * K4)).unwrap().attributes,
+            Attributes::DATA
+        );
+
+        // Flip back: the run is eligible again and refolds in the same call.
+        s.platform_mut().reset_counters();
+        s.protect(va(G1 + 5 * K4), K4, Attributes::DATA).unwrap();
+        check(&mut s);
+        let c = s.platform().counters();
+        assert_eq!((c.writes, c.tlbi(), c.dsb_ish), (32, tlbis, 1));
+        assert_eq!(s.summary().count(MappingUnit::Cont64K), 1);
+    }
+}
+
+#[test]
+fn bbm_level2_changes_size_in_place() {
+    let mut b = bufs(16);
+    let mut s = engine(&mut b, Features::ALL, VaSize::Bits48);
+    s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+    s.platform_mut().reset_counters();
+    s.protect(va(G1), K4, Attributes::RODATA).unwrap();
+    check(&mut s);
+    let c = s.platform().counters();
+    assert_eq!((c.writes, c.tlbi_range, c.dsb_ish), (16, 1, 1));
+    let log = s.platform().log();
+    assert!(log[..16]
+        .iter()
+        .all(|e| matches!(e, Event::Write { old, new, .. } if *old != 0 && *new != 0)));
+    // A memory-type change still breaks, FEAT_BBM or not.
+    s.platform_mut().reset_counters();
+    let nc = Attributes {
+        kind: MemoryKind::NormalNonCacheable,
+        ..Attributes::DATA
+    };
+    s.protect(va(G1), K64, nc).unwrap();
+    check(&mut s);
+    assert!(matches!(s.platform().log()[0], Event::Write { new: 0, .. }));
+    assert_eq!(s.summary().count(MappingUnit::Cont64K), 1);
+}
+
+#[test]
+fn whole_run_downgrade_is_in_place() {
+    for f in [NO_BBM, RANGE] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        s.platform_mut().reset_counters();
+        s.wrprotect(va(G1), K64).unwrap();
+        check(&mut s);
+        let c = s.platform().counters();
+        assert_eq!((c.writes, c.dsb_ish), (16, 1));
+        assert_eq!(c.tlbi(), if f.tlbi_range { 1 } else { 16 });
+        let log = s.platform().log();
+        assert!(log[..16]
+            .iter()
+            .all(|e| matches!(e, Event::Write { new, .. } if new & Descriptor::CONT != 0)));
+        let t = s.query(va(G1)).unwrap();
+        assert_eq!((t.unit, t.attributes.write), (MappingUnit::Cont64K, false));
+    }
+}
+
+#[test]
+fn access_and_dirty_gathered_over_run_and_kept_by_wrprotect() {
+    let mut b = bufs(16);
+    let mut s = engine(&mut b, RANGE, VaSize::Bits48);
+    s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+    let t = s.query(va(G1)).unwrap();
+    assert!(
+        t.young && !t.dirty,
+        "fresh writable mapping is young and clean under HAFDBS"
+    );
+    assert!(s.test_and_clear_young(va(G1 + K4)).unwrap());
+    assert!(!s.test_and_clear_young(va(G1)).unwrap());
+    assert!(!s.query(va(G1)).unwrap().young);
+    // Hardware writes through entry 9 only.
+    let (t9, i9, _) = s.leaf_entry(va(G1 + 9 * K4)).unwrap();
+    s.platform_mut().hw_touch(t9, i9, true);
+    let q = s.query(va(G1)).unwrap();
+    assert!(q.young && q.dirty, "gathered over the run: {q:?}");
+    check(&mut s);
+    s.wrprotect(va(G1), K64).unwrap();
+    check(&mut s);
+    let q = s.query(va(G1 + 15 * K4)).unwrap();
+    assert!(q.dirty && !q.attributes.write && q.unit == MappingUnit::Cont64K);
+    // Entry 9 keeps its own dirty state in the software bit; the others stay clean.
+    let (t, i, _) = s.leaf_entry(va(G1 + 9 * K4)).unwrap();
+    let d = Descriptor(unsafe_read(&s, t, i));
+    assert!(d.has(Descriptor::SW_DIRTY) && d.has(Descriptor::AP_READ_ONLY));
+    let d0 = Descriptor(unsafe_read(&s, t, i - 9));
+    assert!(!d0.is_dirty());
+    // Back to writable: dirty goes back to DBM form.
+    s.protect(va(G1), K64, Attributes::DATA).unwrap();
+    check(&mut s);
+    let d = Descriptor(unsafe_read(&s, t, i));
+    assert!(
+        d.has(Descriptor::DBM) && !d.has(Descriptor::AP_READ_ONLY) && !d.has(Descriptor::SW_DIRTY)
+    );
+    // Without HAFDBS a writable page is conservatively dirty.
+    let mut b2 = bufs(16);
+    let mut s2 = engine(&mut b2, NO_BBM, VaSize::Bits48);
+    s2.map(va(G1), pa(G1), K4, Attributes::DATA).unwrap();
+    assert!(s2.query(va(G1)).unwrap().dirty);
+    s2.wrprotect(va(G1), K4).unwrap();
+    assert!(s2.query(va(G1)).unwrap().dirty);
+    check(&mut s2);
+}
+
+fn unsafe_read(s: &Stage1<FakePlatform<'_>>, t: PhysAddr, i: usize) -> u64 {
+    // SAFETY: `t` came from `leaf_entry` on a live tree, `i < 512`.
+    unsafe { s.platform().read_entry(t, i) }
+}
+
+#[test]
+fn split_block_and_free_tables_when_empty() {
+    for f in [NO_BBM, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), M2, Attributes::DATA).unwrap();
+        let tables = s.platform().tables_in_use();
+        s.unmap(va(G1 + 3 * K4), K4).unwrap();
+        check(&mut s);
+        assert_eq!(s.platform().tables_in_use(), tables + 1);
+        let sum = s.summary();
+        assert_eq!(sum.count(MappingUnit::Cont64K), 31);
+        assert_eq!(sum.count(MappingUnit::Page4K), 15);
+        assert!(s.query(va(G1 + 3 * K4)).is_err());
+        assert_eq!(s.query(va(G1 + 4 * K4)).unwrap().output, pa(G1 + 4 * K4));
+        // Remap the hole: the table collapses back into the block.
+        s.map(va(G1 + 3 * K4), pa(G1 + 3 * K4), K4, Attributes::DATA)
+            .unwrap();
+        check(&mut s);
+        assert_eq!(s.summary().count(MappingUnit::Block2M), 1);
+        assert_eq!(s.platform().tables_in_use(), tables);
+        // Unmapping everything frees every table but the root.
+        s.unmap(va(G1), M2).unwrap();
+        check(&mut s);
+        assert_eq!(s.platform().tables_in_use(), 1);
+    }
+}
+
+#[test]
+fn split_1g_block_down_to_a_page() {
+    let mut b = bufs(16);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits39);
+    s.map(va(G1), pa(G1), G1, Attributes::DATA).unwrap();
+    s.protect(va(G1 + 7 * M2 + K4), K4, Attributes::RODATA)
+        .unwrap();
+    check(&mut s);
+    let sum = s.summary();
+    assert_eq!(sum.count(MappingUnit::Cont32M), 31);
+    assert_eq!(sum.count(MappingUnit::Block2M), 15);
+    assert_eq!(sum.count(MappingUnit::Cont64K), 31);
+    assert_eq!(sum.count(MappingUnit::Page4K), 16);
+    s.protect(va(G1 + 7 * M2 + K4), K4, Attributes::DATA)
+        .unwrap();
+    check(&mut s);
+    assert_eq!(s.summary().count(MappingUnit::Block1G), 1);
+    assert_eq!(s.platform().tables_in_use(), 1);
+}
+
+#[test]
+fn page_by_page_map_ends_as_one_block() {
+    for f in [NO_BBM, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        for p in 0..512 {
+            s.map(va(M2 + p * K4), pa(M2 + p * K4), K4, Attributes::DATA)
+                .unwrap();
+            if p % 61 == 0 {
+                check(&mut s);
+            }
+        }
+        check(&mut s);
+        assert_eq!(s.summary().count(MappingUnit::Block2M), 1);
+        assert_eq!(s.platform().tables_in_use(), 3);
+    }
+}
+
+#[test]
+fn limit_then_explicit_refold() {
+    let mut b = bufs(16);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    s.map_limited(va(M2), pa(M2), M2, Attributes::DATA, MappingUnit::Page4K)
+        .unwrap();
+    assert_eq!(s.summary().count(MappingUnit::Page4K), 512);
+    let mut advisory = 0;
+    assert_eq!(
+        s.lint(&mut |v| advisory += v.rule.is_advisory() as usize),
+        0
+    );
+    assert_eq!(advisory, 33, "32 missed folds + 1 missed collapse");
+    s.refold(va(M2), K4).unwrap();
+    check(&mut s);
+    assert_eq!(s.summary().count(MappingUnit::Block2M), 1);
+}
+
+#[test]
+fn out_of_table_memory_rolls_back() {
+    let mut b = bufs(64);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    s.map(va(G1), pa(G1), M2, Attributes::DATA).unwrap();
+    let before = s.summary();
+    let tables = s.platform().tables_in_use();
+    // 8 MiB of pages needs 4 level-3 tables; allow only 2.
+    s.platform_mut().set_alloc_limit(Some(2));
+    let r = s.map_limited(
+        va(4 * G1),
+        pa(0),
+        4 * M2,
+        Attributes::DATA,
+        MappingUnit::Page4K,
+    );
+    assert_eq!(r, Err(Stage1Error::OutOfTableMemory));
+    check(&mut s);
+    assert_eq!(s.summary(), before);
+    assert_eq!(s.platform().tables_in_use(), tables);
+    // A split with no memory is refused before any write.
+    s.platform_mut().set_alloc_limit(Some(0));
+    s.platform_mut().reset_counters();
+    assert_eq!(s.unmap(va(G1), K4), Err(Stage1Error::OutOfTableMemory));
+    assert_eq!(s.platform().counters().writes, 0);
+    s.platform_mut().set_alloc_limit(None);
+    s.unmap(va(G1), K4).unwrap();
+    check(&mut s);
+}
+
+#[test]
+fn young_clear_covers_the_run_in_place() {
+    for f in [NO_BBM, RANGE] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        s.platform_mut().reset_counters();
+        assert!(s.test_and_clear_young(va(G1 + 3 * K4)).unwrap());
+        check(&mut s);
+        let c = s.platform().counters();
+        assert_eq!((c.writes, c.dsb_ish), (16, 1));
+        assert_eq!(c.tlbi(), if f.tlbi_range { 1 } else { 16 });
+        s.platform_mut().reset_counters();
+        assert!(!s.test_and_clear_young(va(G1)).unwrap());
+        assert_eq!(s.platform().counters().writes, 0);
+    }
+}
+
+#[test]
+fn device_and_image_layout() {
+    let mut b = bufs(32);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    let base = 0x4008_0000;
+    s.map(va(base), pa(base), 0x3_0000, Attributes::TEXT)
+        .unwrap();
+    s.map(
+        va(base + 0x3_0000),
+        pa(base + 0x3_0000),
+        0x1_0000,
+        Attributes::RODATA,
+    )
+    .unwrap();
+    s.map(
+        va(base + 0x4_0000),
+        pa(base + 0x4_0000),
+        0x4_0000,
+        Attributes::DATA,
+    )
+    .unwrap();
+    s.map(va(0x0900_0000), pa(0x0900_0000), K4, Attributes::DEVICE)
+        .unwrap();
+    check(&mut s);
+    let q = s.query(va(0x0900_0000)).unwrap();
+    assert_eq!(q.attributes.kind, MemoryKind::DeviceNgnre);
+    let sum = s.summary();
+    assert_eq!(sum.count(MappingUnit::Cont64K), 8);
+    assert_eq!(sum.count(MappingUnit::Page4K), 1);
+}
+
+/// The checker itself catches the mistakes it exists for.
+#[test]
+fn checker_catches_bbm_mistakes() {
+    let mut frames = vec![FakeFrame::new(); 4];
+    let mut log = vec![Event::Isb; 64];
+    let mut p = FakePlatform::new(&mut frames, &mut log, NO_BBM, 3);
+    let root = p.alloc_table().unwrap();
+    let page = |oa: u64| Descriptor(0b11 | Descriptor::AF | oa).bits();
+    let scope = TlbiScope {
+        last_level_only: true,
+        level: Some(3),
+    };
+    // SAFETY: `root` is allocated, indices < 512.
+    unsafe {
+        p.write_entry(root, 0, page(0x1000));
+        // Live output-address change in place.
+        p.write_entry(root, 0, page(0x2000));
+        assert_eq!(p.violation_count(), 1);
+        // Clear, then make without TLBI.
+        p.write_entry(root, 0, 0);
+        p.write_entry(root, 0, page(0x3000));
+        assert_eq!(p.violation_count(), 2);
+        // Clear, TLBI without DSB ISHST before it, and without DSB ISH after.
+        p.write_entry(root, 1, page(0x1000));
+        p.write_entry(root, 1, 0);
+        p.tlbi_va(VirtAddr(K4), scope);
+        assert_eq!(p.violation_count(), 3);
+        p.write_entry(root, 1, page(0x5000));
+        assert_eq!(p.violation_count(), 4);
+        // Wrong level hint does not count as invalidation.
+        p.write_entry(root, 2, page(0x1000));
+        p.write_entry(root, 2, 0);
+        p.dsb_ishst();
+        p.tlbi_va(
+            VirtAddr(2 * K4),
+            TlbiScope {
+                level: Some(2),
+                ..scope
+            },
+        );
+        p.dsb_ish();
+        assert!(p.unflushed() > 0);
+        // The right sequence is clean.
+        p.tlbi_va(VirtAddr(2 * K4), scope);
+        p.dsb_ish();
+        p.write_entry(root, 2, page(0x6000));
+        assert_eq!(p.violation_count(), 4);
+    }
+}
