@@ -295,6 +295,9 @@ fn out_of_descriptors_is_typed() {
 }
 
 #[test]
+// 2^19 words: minutes under Miri, and the code path is the one the smaller
+// tests already run there.
+#[cfg_attr(miri, ignore)]
 fn order_18_blocks() {
     let (pa, _) = setup(&[(1 << 18, 3 << 18)]);
     let mut fa = alloc(pa, &[]);
