@@ -18,7 +18,7 @@
 
 use core::cell::Cell;
 
-use super::descriptor::{level_shift, Descriptor, ENTRIES};
+use super::descriptor::{level_shift, Descriptor, CONT_ENTRIES, ENTRIES};
 use super::hardware::{Features, TableMemory, TlbiScope, TranslationHw};
 use crate::addr::{PhysAddr, VirtAddr};
 
@@ -29,6 +29,9 @@ const CLEAN: u8 = 0;
 const STALE: u8 = 1;
 const STALE_WALK: u8 = 2;
 const INVALIDATED: u8 = 3;
+/// Flag on a non-clean state: the stale copy came from a Contiguous entry,
+/// so a TLB may hold it for the whole run (D8.6.1), not only its own page.
+const RUN: u8 = 0x80;
 const NONE: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug)]
@@ -200,6 +203,14 @@ pub enum BbmViolation {
         old: u64,
         /// Value after.
         new: u64,
+    },
+    /// A valid leaf was written next to a valid leaf of its 16-entry group
+    /// with a different Contiguous bit (rule 2) without FEAT_BBM level 2.
+    ContiguousMismatch {
+        /// Entry address.
+        va: u64,
+        /// Entry level.
+        level: u8,
     },
     /// A TLBI was issued with descriptor stores not yet made visible by a DSB.
     TlbiBeforeStoreBarrier,
@@ -382,10 +393,15 @@ impl<'a> FakePlatform<'a> {
         } else if was != CLEAN && st == CLEAN {
             fr.meta.unclean -= 1;
         }
-        fr.state[i] = if was == STALE_WALK && st == STALE {
-            STALE_WALK
+        fr.state[i] = if st == CLEAN {
+            CLEAN
         } else {
-            st
+            let base = if was & !RUN == STALE_WALK && st & !RUN == STALE {
+                STALE_WALK
+            } else {
+                st & !RUN
+            };
+            base | ((was | st) & RUN)
         };
     }
 
@@ -401,7 +417,7 @@ impl<'a> FakePlatform<'a> {
                 self.set_state(f, i, STALE_WALK);
                 self.detach(d.table_address());
             } else if d.is_valid() {
-                self.set_state(f, i, STALE);
+                self.set_state(f, i, STALE | run_flag(d, level));
             }
         }
     }
@@ -433,13 +449,37 @@ impl<'a> FakePlatform<'a> {
             let sh = level_shift(fr.meta.level);
             let base = fr.meta.base_va;
             let end = base + ((ENTRIES as u64) << sh);
-            if hi <= base || lo >= end {
+            // Widen to whole runs: a stale Contiguous entry covers its run.
+            let run = (CONT_ENTRIES as u64) << sh;
+            let (wlo, whi) = (lo & !(run - 1), hi.saturating_add(run - 1) & !(run - 1));
+            if whi <= base || wlo >= end {
                 return false;
             }
-            let i0 = (lo.max(base) - base) >> sh;
-            let i1 = ((hi.min(end) - 1 - base) >> sh) + 1;
-            (i0..i1).any(|i| fr.state[i as usize] != CLEAN)
+            let i0 = (wlo.max(base) - base) >> sh;
+            let i1 = ((whi.min(end) - 1 - base) >> sh) + 1;
+            (i0..i1).any(|i| {
+                let st = fr.state[i as usize];
+                let eva = base + (i << sh);
+                st != CLEAN && (st & RUN != 0 || (eva < hi && eva + (1 << sh) > lo))
+            })
         })
+    }
+
+    /// With FEAT_BBM below level 2, a valid leaf must never sit next to a
+    /// valid leaf of its group with a different Contiguous bit (misprogrammed
+    /// run, TLB conflict possible).
+    fn check_group(&mut self, f: usize, i: usize, n: Descriptor, va: u64, level: u8) {
+        if self.features.bbm_level >= 2 || level == 0 || !n.is_leaf(level) {
+            return;
+        }
+        let g = i & !(CONT_ENTRIES - 1);
+        let mixed = (g..g + CONT_ENTRIES).any(|k| {
+            let d = Descriptor(self.frames[f].entries[k]);
+            k != i && d.is_leaf(level) && d.is_contiguous() != n.is_contiguous()
+        });
+        if mixed {
+            self.violation(BbmViolation::ContiguousMismatch { va, level });
+        }
     }
 
     fn check_write(&mut self, f: usize, i: usize, old: u64, new: u64) {
@@ -458,13 +498,14 @@ impl<'a> FakePlatform<'a> {
                     self.set_state(f, i, STALE_WALK);
                     self.detach(o.table_address());
                 } else {
-                    self.set_state(f, i, STALE);
+                    self.set_state(f, i, STALE | run_flag(o, level));
                 }
             }
             (false, true) => {
                 if self.any_unclean(va, va + (1 << sh)) {
                     self.violation(BbmViolation::MakeBeforeInvalidated { va, level });
                 }
+                self.check_group(f, i, n, va, level);
                 if n.is_table(level) {
                     self.attach(n.table_address(), va, level + 1, f, i);
                 }
@@ -491,8 +532,9 @@ impl<'a> FakePlatform<'a> {
                     self.set_state(f, i, STALE_WALK);
                     self.detach(o.table_address());
                 } else {
-                    self.set_state(f, i, STALE);
+                    self.set_state(f, i, STALE | run_flag(o, level));
                 }
+                self.check_group(f, i, n, va, level);
                 if nt {
                     self.attach(n.table_address(), va, level + 1, f, i);
                 }
@@ -521,7 +563,7 @@ impl<'a> FakePlatform<'a> {
             let i0 = (lo.max(m.base_va) - m.base_va) >> sh;
             let i1 = ((hi.min(end) - 1 - m.base_va) >> sh) + 1;
             for i in i0 as usize..i1 as usize {
-                let st = self.frames[f].state[i];
+                let st = self.frames[f].state[i] & !RUN;
                 let hit = match scope {
                     None => st == STALE || st == STALE_WALK,
                     Some(s) => {
@@ -549,6 +591,14 @@ impl<'a> FakePlatform<'a> {
             });
             self.check_write(f, i, old, new);
         }
+    }
+}
+
+fn run_flag(d: Descriptor, level: u8) -> u8 {
+    if d.is_leaf(level) && d.is_contiguous() {
+        RUN
+    } else {
+        0
     }
 }
 
@@ -691,7 +741,7 @@ impl TranslationHw for FakePlatform<'_> {
                 continue;
             }
             for i in 0..ENTRIES {
-                if self.frames[f].state[i] == INVALIDATED {
+                if self.frames[f].state[i] & !RUN == INVALIDATED {
                     self.set_state(f, i, CLEAN);
                 }
             }
