@@ -4,13 +4,16 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod mm;
 pub mod selftest;
 
 use hal::dtb::Platform;
 
-/// Brings the machine up to the point where the memory manager can start:
-/// console, boot facts, device tree (validated; a bad one ends the run with
-/// [`hal::exit::BAD_DTB`] after printing the typed error).
+/// Brings the machine up: console, boot facts, device tree (validated; a bad
+/// one ends the run with [`hal::exit::BAD_DTB`] after printing the typed
+/// error), the page array and frame allocator, the stage-1 tables, MMU and
+/// caches on. A memory-manager failure ends the run with
+/// [`hal::exit::CRASH`] after printing the typed error.
 pub fn init() -> Platform<'static> {
     defmt::info!(
         "firmware {=str} on {=str}: entered at EL{=u8}, running at EL{=u8}",
@@ -44,5 +47,28 @@ pub fn init() -> Platform<'static> {
         platform.virtio_mmio().len(),
         platform.psci
     );
+    if let Err(e) = init_memory(&platform) {
+        defmt::error!(
+            "memory manager bring-up failed: {}",
+            defmt::Debug2Format(&e)
+        );
+        hal::power::exit(hal::exit::CRASH)
+    }
     platform
+}
+
+fn init_memory(platform: &Platform<'static>) -> Result<(), mm::MmError> {
+    let frames = mm::init_frames(platform, hal::boot_dtb_address())?;
+    defmt::info!(
+        "page array: {=u64} frames, {=u64} KiB at {=u64:#x} (8 bytes/frame); {=u64} MiB free",
+        frames.frames,
+        frames.storage_bytes >> 10,
+        frames.storage.0,
+        (frames.free * memdesc::PAGE_SIZE) >> 20
+    );
+    let probe = hal::mmu::Probe::read();
+    let report = mm::init_stage1(platform, &probe)?;
+    defmt::info!("MMU on: identity map of RAM, image W^X, stack guard pages unmapped");
+    mm::log_map_report(&report);
+    Ok(())
 }

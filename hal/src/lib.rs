@@ -14,13 +14,18 @@ pub mod board;
 pub mod dtb;
 pub mod esr;
 pub mod exit;
+pub mod tlbi;
 
 #[cfg(hw)]
 pub mod boot;
 #[cfg(hw)]
 pub mod exception;
 #[cfg(hw)]
+pub mod image;
+#[cfg(hw)]
 mod logger;
+#[cfg(hw)]
+pub mod mmu;
 #[cfg(hw)]
 pub mod power;
 #[cfg(hw)]
@@ -35,22 +40,8 @@ pub mod uart;
 /// of it is trusted.
 #[cfg(hw)]
 pub fn boot_dtb() -> Result<dtb::Platform<'static>, dtb::DtbError> {
-    let hint = boot::dtb_hint();
-    let looks_valid = |addr: u64| {
-        // SAFETY: with the MMU off every RAM address is readable; `addr` is
-        // either the loader's x0 or the board's documented DTB location, both
-        // in RAM, and 8 bytes are read.
-        addr != 0
-            && addr % 8 == 0
-            && dtb::claimed_size(unsafe { core::slice::from_raw_parts(addr as *const u8, 8) })
-                .is_ok()
-    };
-    let addr = if looks_valid(hint) {
-        hint
-    } else {
-        board::CURRENT.dtb_fallback
-    };
-    // SAFETY: as above; 8 header bytes at `addr` are RAM.
+    let addr = boot_dtb_address();
+    // SAFETY: as in boot_dtb_address; 8 header bytes at `addr` are RAM.
     let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
     let size = dtb::claimed_size(header)?;
     if size > 2 << 20 {
@@ -63,4 +54,25 @@ pub fn boot_dtb() -> Result<dtb::Platform<'static>, dtb::DtbError> {
     // to 2 MiB above); the blob is never written, so a shared 'static slice is sound.
     let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, size) };
     dtb::parse(blob)
+}
+
+/// Where the boot DTB is: the address in x0 if it holds a DTB header, else
+/// the board's fallback address.
+#[cfg(hw)]
+pub fn boot_dtb_address() -> u64 {
+    let hint = boot::dtb_hint();
+    let looks_valid = |addr: u64| {
+        // SAFETY: only addresses at or above the board's RAM base are read
+        // (x0 from a loader points into RAM when it points at a DTB at all),
+        // RAM is identity mapped or the MMU is off, and 8 bytes are read.
+        addr >= board::CURRENT.ram_base
+            && addr % 8 == 0
+            && dtb::claimed_size(unsafe { core::slice::from_raw_parts(addr as *const u8, 8) })
+                .is_ok()
+    };
+    if looks_valid(hint) {
+        hint
+    } else {
+        board::CURRENT.dtb_fallback
+    }
 }

@@ -9,6 +9,7 @@
 
 pub mod addr;
 pub mod frames;
+pub mod layout;
 pub mod stage1;
 
 pub use addr::{Pfn, PhysAddr, VirtAddr, PAGE_SHIFT, PAGE_SIZE};

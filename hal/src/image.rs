@@ -1,0 +1,108 @@
+//! The firmware image's layout, from the linker script (`link/sections.ld`):
+//! every symbol declared once here, with what it marks, so the MMU code can
+//! map text RX, rodata R, data RW-XN and leave the stack guard pages unmapped.
+
+extern "C" {
+    static __image_start: u8;
+    static __text_start: u8;
+    static __text_end: u8;
+    static __rodata_start: u8;
+    static __rodata_end: u8;
+    static __data_start: u8;
+    static __main_stack_guard: u8;
+    static __main_stack_bottom: u8;
+    static __main_stack_top: u8;
+    static __exception_stack_guard: u8;
+    static __exception_stack_bottom: u8;
+    static __exception_stack_top: u8;
+    static __image_end: u8;
+}
+
+/// A `[start, end)` byte range of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
+pub struct Span {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+impl Span {
+    /// Length in bytes.
+    pub const fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    /// True when empty.
+    pub const fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+    /// True when `addr` lies inside.
+    pub const fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+}
+
+macro_rules! addr {
+    ($sym:ident) => {
+        // Only the symbol's address is taken (no unsafe needed for
+        // `&raw const` of an extern static); linker symbols are never read.
+        &raw const $sym as u64
+    };
+}
+
+/// The whole image, page aligned.
+pub fn whole() -> Span {
+    Span {
+        start: addr!(__image_start),
+        end: addr!(__image_end),
+    }
+}
+/// Code: mapped read-only, executable.
+pub fn text() -> Span {
+    Span {
+        start: addr!(__text_start),
+        end: addr!(__text_end),
+    }
+}
+/// Read-only data: mapped read-only, execute-never.
+pub fn rodata() -> Span {
+    Span {
+        start: addr!(__rodata_start),
+        end: addr!(__rodata_end),
+    }
+}
+/// .data and .bss: read-write, execute-never.
+pub fn data() -> Span {
+    Span {
+        start: addr!(__data_start),
+        end: addr!(__main_stack_guard),
+    }
+}
+/// The main thread's stack (SP_EL0).
+pub fn main_stack() -> Span {
+    Span {
+        start: addr!(__main_stack_bottom),
+        end: addr!(__main_stack_top),
+    }
+}
+/// The page under the main stack, left unmapped.
+pub fn main_stack_guard() -> Span {
+    Span {
+        start: addr!(__main_stack_guard),
+        end: addr!(__main_stack_bottom),
+    }
+}
+/// The exception stack (SP_EL1).
+pub fn exception_stack() -> Span {
+    Span {
+        start: addr!(__exception_stack_bottom),
+        end: addr!(__exception_stack_top),
+    }
+}
+/// The page under the exception stack, left unmapped.
+pub fn exception_stack_guard() -> Span {
+    Span {
+        start: addr!(__exception_stack_guard),
+        end: addr!(__exception_stack_bottom),
+    }
+}
