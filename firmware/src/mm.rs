@@ -121,6 +121,8 @@ static PAGE_ARRAY: PageArrayHome = PageArrayHome(UnsafeCell::new(None), AtomicBo
 
 /// The frame allocator.
 pub static FRAMES: Global<Frames> = Global::new();
+/// The boot mapping's report (units used vs optimum), kept for tests.
+pub static BOOT_MAP: Global<MapReport> = Global::new();
 /// The stage-1 tables of the firmware's own address space.
 pub static STAGE1: Global<Stage1<FirmwarePlatform>> = Global::new();
 
@@ -375,6 +377,54 @@ fn mmio_windows(p: &Platform<'_>, out: &mut [(u64, u64); 8]) -> usize {
     n
 }
 
+/// The identity-mapped regions of the boot map.
+struct Regions {
+    items: [(u64, u64, Attributes); 48],
+    len: usize,
+}
+
+impl Regions {
+    const fn new() -> Self {
+        Self {
+            items: [(0, 0, Attributes::DATA); 48],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, start: u64, end: u64, attrs: Attributes) -> Result<(), MmError> {
+        if end > start {
+            *self.items.get_mut(self.len).ok_or(MmError::TooManyRanges)? = (start, end, attrs);
+            self.len += 1;
+        }
+        Ok(())
+    }
+
+    fn as_slice(&self) -> &[(u64, u64, Attributes)] {
+        &self.items[..self.len]
+    }
+
+    /// The fewest TLB entries that can hold these mappings: adjacent regions
+    /// with the same attributes are one mapping to the hardware (and the
+    /// engine folds across them), so merge them before the greedy count.
+    fn optimum(&self) -> MappingSummary {
+        let mut sorted = self.items;
+        let list = &mut sorted[..self.len];
+        list.sort_unstable_by_key(|r| r.0);
+        let mut out = MappingSummary::default();
+        let mut i = 0;
+        while i < list.len() {
+            let (start, mut end, attrs) = list[i];
+            i += 1;
+            while i < list.len() && list[i].0 == end && list[i].2 == attrs {
+                end = list[i].1;
+                i += 1;
+            }
+            out.add_optimum(start, start, end - start, MappingUnit::LARGEST);
+        }
+        out
+    }
+}
+
 /// Builds the boot address space and turns the MMU on.
 pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError> {
     let features = probe.features();
@@ -385,18 +435,9 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
         VaSize::Bits48,
         features,
     )?;
-    let mut optimum = MappingSummary::default();
-    let mut map = |s1: &mut Stage1<FirmwarePlatform>,
-                   start: u64,
-                   end: u64,
-                   attrs: Attributes|
-     -> Result<(), MmError> {
-        if end > start {
-            s1.map(VirtAddr(start), PhysAddr(start), end - start, attrs)?;
-            optimum.add_optimum(start, start, end - start, MappingUnit::LARGEST);
-        }
-        Ok(())
-    };
+
+    // Everything the boot map holds, as identity-mapped [start, end) regions.
+    let mut regions = Regions::new();
     let image = hal::image::whole();
     for r in p.memory.as_slice() {
         let (start, end) = (
@@ -404,54 +445,37 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
             r.end() & !(PAGE_SIZE - 1),
         );
         // RAM around the image: the image gets its own W^X mapping below.
-        map(
-            &mut s1,
-            start,
-            end.min(image.start).max(start),
-            Attributes::DATA,
-        )?;
-        map(
-            &mut s1,
-            start.max(image.end).min(end),
-            end,
-            Attributes::DATA,
-        )?;
+        regions.push(start, end.min(image.start).max(start), Attributes::DATA)?;
+        regions.push(start.max(image.end).min(end), end, Attributes::DATA)?;
     }
-    map(
-        &mut s1,
+    regions.push(
         hal::image::text().start,
         hal::image::text().end,
         Attributes::TEXT,
     )?;
-    map(
-        &mut s1,
+    regions.push(
         hal::image::rodata().start,
         hal::image::rodata().end,
         Attributes::RODATA,
     )?;
-    map(
-        &mut s1,
+    regions.push(
         hal::image::data().start,
         hal::image::data().end,
         Attributes::DATA,
     )?;
-    map(
-        &mut s1,
-        hal::image::main_stack().start,
-        hal::image::main_stack().end,
-        Attributes::DATA,
-    )?;
-    map(
-        &mut s1,
-        hal::image::exception_stack().start,
-        hal::image::exception_stack().end,
-        Attributes::DATA,
-    )?;
+    let stack = hal::image::main_stack();
+    regions.push(stack.start, stack.end, Attributes::DATA)?;
+    let stack = hal::image::exception_stack();
+    regions.push(stack.start, stack.end, Attributes::DATA)?;
     let mut windows = [(0, 0); 8];
     let n = mmio_windows(p, &mut windows);
     for &(start, end) in &windows[..n] {
-        map(&mut s1, start, end, Attributes::DEVICE)?;
+        regions.push(start, end, Attributes::DEVICE)?;
     }
+    for &(start, end, attrs) in regions.as_slice() {
+        s1.map(VirtAddr(start), PhysAddr(start), end - start, attrs)?;
+    }
+    let optimum = regions.optimum();
     let root = s1.root();
     let input = InputSize::Bits48;
     // SAFETY: the tree maps all RAM (including the running image's text,
@@ -461,6 +485,11 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     unsafe { hal::mmu::enable(root.0, input, probe) };
     let summary = s1.summary();
     STAGE1.set(s1)?;
+    BOOT_MAP.set(MapReport {
+        summary,
+        optimum,
+        features,
+    })?;
     Ok(MapReport {
         summary,
         optimum,

@@ -19,6 +19,11 @@ pub fn run(bootargs: Option<&str>) {
                 let v = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
                 defmt::error!("selftest: the read did not fault (got {=u64:#x})", v);
             }
+            Some("stack-overflow") => {
+                defmt::warn!("selftest: recursing until the main stack overflows");
+                let depth = recurse(0);
+                defmt::error!("selftest: recursion returned at depth {=u64}", depth);
+            }
             Some("panic") => {
                 defmt::warn!("selftest: panicking on purpose");
                 panic!("selftest panic");
@@ -27,4 +32,14 @@ pub fn run(bootargs: Option<&str>) {
             None => {}
         }
     }
+}
+
+/// Recurses with a page-sized frame until the guard page under the main stack
+/// is hit; the exception is taken on the separate exception stack.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let mut frame = [0u8; 4096];
+    frame[0] = depth as u8;
+    let frame = core::hint::black_box(frame);
+    recurse(depth + 1) + frame[0] as u64 + frame[4095] as u64
 }

@@ -88,10 +88,11 @@ pub fn read_tests(elf: &[u8]) -> Result<Vec<TestCase>, ElfError> {
         .symbols()
         .find(|s| s.name() == Ok("EMBEDDED_TEST_VERSION"))
         .ok_or(ElfError::NotEmbeddedTest)?;
-    if let Some(v) = read_at(&file, version.address(), 8).map(word) {
-        if v != 1 {
-            return Err(ElfError::Version(v));
-        }
+    let v = symbol_bytes(&file, &version, 8)
+        .map(word)
+        .ok_or(ElfError::NotEmbeddedTest)?;
+    if v != 1 {
+        return Err(ElfError::Version(v));
     }
 
     let mut tests = Vec::new();
@@ -114,8 +115,9 @@ pub fn read_tests(elf: &[u8]) -> Result<Vec<TestCase>, ElfError> {
         }
         let meta: SymbolJson =
             serde_json::from_str(name).map_err(|_| ElfError::BadSymbol(name.to_string()))?;
-        // The tuple's field order is the compiler's choice: the function
-        // pointer is the word that points into executable code.
+        // The tuple's field order is the compiler's choice, but the `&str`
+        // is one 16-byte field, so the function pointer is word 0 or word 2:
+        // whichever points into executable code.
         let data = section.data().map_err(|e| ElfError::Parse(e.to_string()))?;
         let off = sym
             .address()
@@ -124,7 +126,8 @@ pub fn read_tests(elf: &[u8]) -> Result<Vec<TestCase>, ElfError> {
         let tuple = data
             .get(off..off + 24)
             .ok_or_else(|| ElfError::BadSymbol(name.into()))?;
-        let addr = (0..3)
+        let addr = [0, 2]
+            .into_iter()
             .map(|i| word(&tuple[i * 8..]))
             .find(|&a| in_text(a))
             .ok_or_else(|| ElfError::BadSymbol(name.into()))?;
@@ -140,14 +143,15 @@ pub fn read_tests(elf: &[u8]) -> Result<Vec<TestCase>, ElfError> {
     Ok(tests)
 }
 
-fn read_at<'a>(file: &object::File<'a>, addr: u64, len: usize) -> Option<&'a [u8]> {
-    file.sections().find_map(|s| {
-        let off = addr.checked_sub(s.address())?;
-        if off + len as u64 > s.size() {
-            return None;
-        }
-        s.data().ok()?.get(off as usize..off as usize + len)
-    })
+/// `len` bytes at a symbol, read from the symbol's own section.
+fn symbol_bytes<'a>(
+    file: &object::File<'a>,
+    sym: &object::Symbol<'a, '_>,
+    len: usize,
+) -> Option<&'a [u8]> {
+    let section = file.section_by_index(sym.section_index()?).ok()?;
+    let off = sym.address().checked_sub(section.address())? as usize;
+    section.data().ok()?.get(off..off.checked_add(len)?)
 }
 
 #[cfg(test)]

@@ -185,6 +185,14 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         must_log: "Data abort from the same EL",
     },
     SystemTest {
+        name: "stack_overflow_hits_guard_page",
+        append: Some("selftest=stack-overflow"),
+        machine_el: 1,
+        cpu: "max",
+        exit: Some(hal::exit::CRASH),
+        must_log: "translation fault at level 3 on write",
+    },
+    SystemTest {
         name: "panic_exit_code",
         append: Some("selftest=panic"),
         machine_el: 1,

@@ -1,0 +1,297 @@
+//! MMU suite: the boot address space the firmware runs in. The host tool runs
+//! it on `-cpu max` (FEAT_HAFDBS, range TLBI, BBM level 2) and on
+//! `-cpu cortex-a53` (none of them), so both maintenance paths run for real.
+#![no_std]
+#![no_main]
+
+#[cfg(test)]
+#[embedded_test::tests(default_timeout = 60)]
+mod tests {
+    use firmware::mm::{FRAMES, STAGE1};
+    use hal::esr::FaultKind;
+    use memdesc::frames::Owner;
+    use memdesc::stage1::{Attributes, MappingUnit};
+    use memdesc::{PhysAddr, VirtAddr};
+
+    /// A VA far from the identity map, for mappings the tests make.
+    const TEST_VA: u64 = 0x40_0000_0000;
+    const RUN: u64 = 64 << 10;
+
+    #[init]
+    fn init() {
+        let _ = firmware::init();
+    }
+
+    fn hafdbs() -> bool {
+        STAGE1
+            .with(|s| s.features().hafdbs)
+            .expect("stage-1 initialised")
+    }
+
+    /// Maps a fresh, 64 KiB-aligned folio at TEST_VA; returns its PA.
+    fn map_fresh_run() -> u64 {
+        let folio = FRAMES
+            .with(|fa| fa.alloc_folio(4, Owner::Buddy))
+            .expect("frames")
+            .expect("64 KiB folio");
+        let pa = folio.pfn().addr().0;
+        STAGE1
+            .with(|s| s.map(VirtAddr(TEST_VA), PhysAddr(pa), RUN, Attributes::DATA))
+            .expect("stage-1")
+            .expect("map");
+        pa
+    }
+
+    /// The linter finds no rule violation in the live tables after boot.
+    #[test]
+    fn linter_clean_after_boot() {
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+
+    /// Boot used large units and exactly the optimum TLB footprint, and
+    /// every image section has the permissions W^X asks for.
+    #[test]
+    fn boot_map_is_optimal_and_w_xor_x() {
+        let (summary, text, rodata, data) = STAGE1
+            .with(|s| {
+                let q = |a: u64| s.query(VirtAddr(a)).expect("mapped");
+                (
+                    s.summary(),
+                    q(hal::image::text().start),
+                    q(hal::image::rodata().start),
+                    q(hal::image::data().start),
+                )
+            })
+            .expect("stage-1");
+        assert!(summary.count(MappingUnit::Block2M) + summary.count(MappingUnit::Cont32M) > 0);
+        let report = firmware::mm::BOOT_MAP
+            .with(|r| *r)
+            .expect("boot map report");
+        assert_eq!(report.summary, summary);
+        assert_eq!(
+            summary.tlb_entries(),
+            report.optimum.tlb_entries(),
+            "TLB footprint equals the optimum"
+        );
+        assert_eq!(text.attributes, Attributes::TEXT);
+        assert_eq!(rodata.attributes, Attributes::RODATA);
+        assert_eq!(data.attributes, Attributes::DATA);
+        assert!(!(text.attributes.write && text.attributes.execute));
+        assert_eq!(text.output.0, hal::image::text().start, "identity map");
+    }
+
+    /// Reads and writes through the linear map land in the frames the
+    /// allocator handed out, and the tables say so.
+    #[test]
+    fn linear_map_reads_and_writes() {
+        let folio = FRAMES
+            .with(|fa| fa.alloc_folio(4, Owner::Buddy))
+            .expect("frames")
+            .expect("folio");
+        let base = folio.pfn().addr().0;
+        for i in 0..(RUN / 8) {
+            // SAFETY: the folio is ours and identity mapped read-write.
+            unsafe {
+                core::ptr::write_volatile((base + i * 8) as *mut u64, i ^ 0x5a5a_5a5a_0000_0000)
+            };
+        }
+        for i in 0..(RUN / 8) {
+            // SAFETY: as above.
+            let v = unsafe { core::ptr::read_volatile((base + i * 8) as *const u64) };
+            assert_eq!(v, i ^ 0x5a5a_5a5a_0000_0000);
+        }
+        let t = STAGE1
+            .with(|s| s.query(VirtAddr(base + 0x3000)))
+            .expect("stage-1")
+            .expect("mapped");
+        assert_eq!(t.output, PhysAddr(base + 0x3000));
+        assert_eq!(t.attributes, Attributes::DATA);
+    }
+
+    /// A write to text is a permission fault reported as a write.
+    #[test]
+    fn write_to_text_faults() {
+        let target = hal::image::text().start + 0x40;
+        let fault = hal::exception::catch(|| {
+            // SAFETY: not sound on purpose: text is read-only and the write
+            // must fault; `catch` resumes after it.
+            unsafe { core::ptr::write_volatile(target as *mut u32, 0) };
+        })
+        .expect("writing text must fault");
+        let abort = fault.abort().expect("an abort");
+        assert_eq!(fault.class_name(), "Data abort from the same EL");
+        assert!(
+            matches!(abort.kind, FaultKind::Permission(_)),
+            "{}",
+            abort.kind.name()
+        );
+        assert!(abort.write);
+        assert_eq!(fault.far, target);
+    }
+
+    static mut RET_IN_DATA: [u32; 4] = [0xd65f_03c0; 4]; // `ret`
+
+    /// Executing from data is a permission fault on instruction fetch.
+    #[test]
+    fn execute_from_data_faults() {
+        let target = &raw mut RET_IN_DATA as u64;
+        let fault = hal::exception::catch(|| {
+            // SAFETY: not sound on purpose: the address holds a `ret` in a
+            // non-executable page, so the fetch faults before anything runs;
+            // `catch` resumes at the return address.
+            let f: extern "C" fn() = unsafe { core::mem::transmute(target as usize) };
+            f();
+        })
+        .expect("executing data must fault");
+        let abort = fault.abort().expect("an abort");
+        assert_eq!(fault.class_name(), "Instruction abort from the same EL");
+        assert!(abort.instruction);
+        assert!(
+            matches!(abort.kind, FaultKind::Permission(_)),
+            "{}",
+            abort.kind.name()
+        );
+        assert_eq!(fault.far, target);
+    }
+
+    fn touch_faults_with_translation_fault(addr: u64) {
+        let fault = hal::exception::catch(|| {
+            // SAFETY: not sound on purpose: the guard page is unmapped.
+            unsafe { core::ptr::write_volatile(addr as *mut u64, 0xdead) };
+        })
+        .expect("touching a guard page must fault");
+        let abort = fault.abort().expect("an abort");
+        assert!(
+            matches!(abort.kind, FaultKind::Translation(3)),
+            "{}",
+            abort.kind.name()
+        );
+        assert_eq!(fault.far, addr);
+    }
+
+    /// The page under the main stack is unmapped.
+    #[test]
+    fn main_stack_guard_faults() {
+        let g = hal::image::main_stack_guard();
+        assert_eq!(g.len(), 4096);
+        touch_faults_with_translation_fault(g.end - 8);
+    }
+
+    /// The page under the exception stack is unmapped.
+    #[test]
+    fn exception_stack_guard_faults() {
+        touch_faults_with_translation_fault(hal::image::exception_stack_guard().start);
+    }
+
+    /// A fresh aligned 64 KiB mapping becomes one Contiguous run; the dirty
+    /// state of one written page is seen from every page of the run.
+    #[test]
+    fn dirty_gathered_across_run() {
+        map_fresh_run();
+        let q = |off: u64| {
+            STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + off)))
+                .expect("stage-1")
+                .expect("mapped")
+        };
+        assert_eq!(q(0).unit, MappingUnit::Cont64K);
+        if hafdbs() {
+            assert!(!q(0).dirty, "fresh mapping starts clean under FEAT_HAFDBS");
+            // SAFETY: TEST_VA..+64K maps our folio read-write.
+            unsafe { core::ptr::write_volatile((TEST_VA + 5 * 4096) as *mut u64, 1) };
+            assert!(
+                q(0).dirty && q(10 * 4096).dirty,
+                "hardware dirty state on entry 5 is gathered over the run"
+            );
+        } else {
+            assert!(
+                q(0).dirty,
+                "without FEAT_HAFDBS a writable entry is conservatively dirty"
+            );
+        }
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+
+    /// Clearing young clears the whole run; an access to one page sets it
+    /// again in hardware (max) or raises an access flag fault (cortex-a53).
+    #[test]
+    fn young_gathered_across_run() {
+        map_fresh_run();
+        let young = |off: u64| {
+            STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + off)).map(|t| t.young))
+                .expect("stage-1")
+        };
+        assert_eq!(young(0), Ok(true), "mapped with AF set");
+        assert_eq!(
+            STAGE1
+                .with(|s| s.test_and_clear_young(VirtAddr(TEST_VA)))
+                .expect("stage-1"),
+            Ok(true)
+        );
+        assert_eq!(young(15 * 4096), Ok(false), "cleared across the whole run");
+        let addr = TEST_VA + 9 * 4096;
+        if hafdbs() {
+            // SAFETY: mapped read-write to our folio.
+            let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
+            assert_eq!(
+                young(0),
+                Ok(true),
+                "hardware AF on entry 9 is gathered over the run"
+            );
+        } else {
+            let fault = hal::exception::catch(|| {
+                // SAFETY: mapped with AF clear: the read must fault and `catch` resumes.
+                let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
+            })
+            .expect("AF clear without FEAT_HAFDBS must fault");
+            assert!(matches!(
+                fault.abort().map(|a| a.kind),
+                Some(FaultKind::AccessFlag(3))
+            ));
+            assert_eq!(fault.far, addr);
+        }
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+
+    /// Write-protecting one page of a live run unfolds it; writes there fault,
+    /// writes elsewhere work; making it writable again refolds the run.
+    #[test]
+    fn protect_inside_run_unfolds_and_refolds() {
+        map_fresh_run();
+        let unit = |off: u64| {
+            STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + off)).map(|t| t.unit))
+                .expect("stage-1")
+        };
+        let page = TEST_VA + 7 * 4096;
+        STAGE1
+            .with(|s| s.protect(VirtAddr(page), 4096, Attributes::RODATA))
+            .expect("stage-1")
+            .expect("protect");
+        assert_eq!(unit(0), Ok(MappingUnit::Page4K));
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+        let fault = hal::exception::catch(|| {
+            // SAFETY: read-only now: the write must fault.
+            unsafe { core::ptr::write_volatile(page as *mut u64, 7) };
+        });
+        assert!(matches!(
+            fault.and_then(|f| f.abort()).map(|a| a.kind),
+            Some(FaultKind::Permission(3))
+        ));
+        // SAFETY: page 8 is still writable.
+        unsafe { core::ptr::write_volatile((TEST_VA + 8 * 4096) as *mut u64, 8) };
+        STAGE1
+            .with(|s| s.protect(VirtAddr(page), 4096, Attributes::DATA))
+            .expect("stage-1")
+            .expect("protect");
+        assert_eq!(
+            unit(0),
+            Ok(MappingUnit::Cont64K),
+            "refolded after the change made the run eligible"
+        );
+        // SAFETY: writable again.
+        unsafe { core::ptr::write_volatile(page as *mut u64, 7) };
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+}
