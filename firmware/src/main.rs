@@ -9,6 +9,9 @@ use core::panic::PanicInfo;
 extern "C" fn main() -> ! {
     let platform = firmware::init();
     firmware::selftest::run(platform.bootargs);
+    if let Err(e) = firmware::demo::run() {
+        defmt::error!("demo workload failed: {}", defmt::Debug2Format(&e));
+    }
     defmt::info!("ready");
     loop {
         aarch64_wfi();

@@ -24,6 +24,10 @@ pub fn run(bootargs: Option<&str>) {
                 let depth = recurse(0);
                 defmt::error!("selftest: recursion returned at depth {=u64}", depth);
             }
+            Some("poweroff") => {
+                defmt::info!("selftest: powering off");
+                hal::power::poweroff();
+            }
             Some("panic") => {
                 defmt::warn!("selftest: panicking on purpose");
                 panic!("selftest panic");
@@ -37,6 +41,7 @@ pub fn run(bootargs: Option<&str>) {
 /// Recurses with a page-sized frame until the guard page under the main stack
 /// is hit; the exception is taken on the separate exception stack.
 #[inline(never)]
+#[allow(unconditional_recursion)] // the point: it ends in the guard page
 fn recurse(depth: u64) -> u64 {
     let mut frame = [0u8; 4096];
     frame[0] = depth as u8;

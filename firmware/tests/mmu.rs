@@ -294,4 +294,26 @@ mod tests {
         unsafe { core::ptr::write_volatile(page as *mut u64, 7) };
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
     }
+
+    /// The `cargo qemu run` workload: every step behaves and everything
+    /// comes back (poisoned frames excepted; descriptor caches keep the
+    /// chunks they grew by).
+    #[test]
+    fn demo_workload() {
+        let r = firmware::demo::run().expect("demo runs");
+        assert_eq!(r.speculative_refcount, 2);
+        assert!(r.free_lookup_refused);
+        assert_eq!(r.unit_page_by_page, MappingUnit::Page4K);
+        assert_eq!(r.unit_refolded, MappingUnit::Block2M);
+        assert!(matches!(
+            r.unit_after_partial_change,
+            MappingUnit::Page4K | MappingUnit::Cont64K
+        ));
+        assert_eq!(r.unit_after_undo, MappingUnit::Block2M);
+        assert_eq!(r.poisoned, 1);
+        assert_eq!(r.offline_peak, 8);
+        assert_eq!(r.lint_errors, 0);
+        let lost = r.free_before - r.free_after - r.poisoned;
+        assert!(lost <= 4, "{} frames not returned", lost);
+    }
 }

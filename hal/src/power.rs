@@ -30,8 +30,14 @@ pub fn exit(code: i32) -> ! {
 /// Powers the machine off: PSCI SYSTEM_OFF when the tree named a conduit,
 /// otherwise a semihosting exit with status 0.
 pub fn poweroff() -> ! {
+    let conduit = CONDUIT.load(Ordering::Relaxed);
+    match conduit {
+        HVC => defmt::info!("power off: PSCI SYSTEM_OFF over HVC"),
+        SMC => defmt::info!("power off: PSCI SYSTEM_OFF over SMC"),
+        _ => defmt::info!("power off: no PSCI in the device tree; semihosting exit"),
+    }
     crate::uart::CONSOLE.flush();
-    let result = match CONDUIT.load(Ordering::Relaxed) {
+    let result = match conduit {
         HVC => smccc::psci::system_off::<smccc::Hvc>(),
         SMC => smccc::psci::system_off::<smccc::Smc>(),
         _ => Ok(()),

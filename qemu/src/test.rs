@@ -193,6 +193,22 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         must_log: "translation fault at level 3 on write",
     },
     SystemTest {
+        name: "psci_poweroff_hvc",
+        append: Some("selftest=poweroff"),
+        machine_el: 1,
+        cpu: "max",
+        exit: Some(hal::exit::SUCCESS),
+        must_log: "PSCI SYSTEM_OFF over HVC",
+    },
+    SystemTest {
+        name: "psci_poweroff_smc_from_el2_entry",
+        append: Some("selftest=poweroff"),
+        machine_el: 2,
+        cpu: "max",
+        exit: Some(hal::exit::SUCCESS),
+        must_log: "PSCI SYSTEM_OFF over SMC",
+    },
+    SystemTest {
         name: "panic_exit_code",
         append: Some("selftest=panic"),
         machine_el: 1,
