@@ -58,6 +58,9 @@ struct LoomAtomics;
 impl Atomics for LoomAtomics {
     type U32 = LoomU32;
     type U64 = LoomU64;
+    fn fence(order: Ordering) {
+        loom::sync::atomic::fence(order)
+    }
 }
 
 struct Leak;

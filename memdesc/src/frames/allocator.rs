@@ -7,17 +7,19 @@
 //! allocation (Folio/Slab/PageTable/Offline/Guard/Reserved), or the poison
 //! list (HwPoison), and `by_type` counts words by tag.
 
-use super::atomics::{Atomics, CoreAtomics};
+use super::atomics::{AtomicCell, Atomics, CoreAtomics};
 use super::buddy::{FreeLists, MAX_ORDER, ORDERS};
 use super::desc::{Desc, FolioDesc, HwPoisonDesc, PageTableDesc, SlabDesc, FOLIO_HWPOISON};
 use super::desc_cache::{desc_addr, desc_at, DescCache, DescMemory};
 use super::error::FrameError;
+use super::hot_cache::{HotCache, HOT_MAX_ORDER};
 use super::owner::Owner;
 use super::page_array::{PageArray, PfnRange, Section};
 use super::refcount::{FolioRef, FrozenFolio, LastRef, PageTableFrame};
 use super::word::{FrameType, ReservedKind, Word, MISC_FLAG_TAIL, NO_LINK};
 use crate::addr::Pfn;
 use core::ptr::NonNull;
+use core::sync::atomic::Ordering;
 
 /// A range the allocator must never hand out, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,8 +70,10 @@ pub struct FrameStats {
     pub frames: u64,
     /// Frames per type, indexed by [`FrameType::index`].
     pub by_type: [u64; FrameType::COUNT],
-    /// Free blocks per order.
+    /// Free buddy blocks per order.
     pub free_blocks: [u64; ORDERS],
+    /// Free frames parked in the hot caches (also counted as Free).
+    pub cached_frames: u64,
     /// Live descriptors per descriptor type: folio, slab, page table, hwpoison.
     pub live_descs: [u64; 4],
     /// Bytes of descriptor memory taken (whole chunks).
@@ -98,6 +102,7 @@ pub struct FrameAllocator<'a, M: DescMemory, A: Atomics = CoreAtomics> {
     pub(crate) pa: &'a PageArray<'a, A>,
     mem: M,
     pub(crate) lists: FreeLists,
+    hot: HotCache,
     pub(crate) by_type: [u64; FrameType::COUNT],
     pub(crate) folios: DescCache<FolioDesc<A>, A>,
     pub(crate) tables: DescCache<PageTableDesc<A>, A>,
@@ -130,6 +135,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             pa,
             mem,
             lists: FreeLists::new(),
+            hot: HotCache::new(),
             by_type: [0; FrameType::COUNT],
             folios: DescCache::new(),
             tables: DescCache::new(),
@@ -174,7 +180,8 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.by_type[ty.index()]
     }
 
-    /// Free blocks of `order` (0 for orders above [`MAX_ORDER`]).
+    /// Free buddy blocks of `order` (0 for orders above [`MAX_ORDER`]);
+    /// blocks in the hot caches are not included.
     #[inline]
     pub fn free_blocks(&self, order: u8) -> u64 {
         self.lists.blocks.get(order as usize).copied().unwrap_or(0)
@@ -186,6 +193,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             frames: self.pa.len() as u64,
             by_type: self.by_type,
             free_blocks: self.lists.blocks,
+            cached_frames: self.hot.frames(),
             live_descs: [
                 self.folios.live,
                 self.slabs.live,
@@ -196,7 +204,45 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         }
     }
 
+    /// Gives every block of the hot caches back to the buddy lists
+    /// (merging them). Done automatically before an allocation would fail
+    /// and before operations on specific free frames.
+    pub fn drain_cache(&mut self) {
+        for order in 0..=HOT_MAX_ORDER {
+            while let Some(idx) = self.hot.pop(order) {
+                let Some(pfn) = self.pa.pfn_of(idx) else {
+                    continue;
+                };
+                if let Some(sec) = self.pa.section_of(pfn.0) {
+                    let sec = *sec;
+                    self.lists.free(self.pa, &sec, idx, pfn.0, order);
+                }
+            }
+        }
+    }
+
     // ---- internals ------------------------------------------------------------
+
+    /// A free block of `order` aligned to `2^align`: from the hot cache of
+    /// its order, else from the buddy (draining the caches and retrying
+    /// before giving up). Its words are left for the caller to write.
+    #[inline(always)]
+    fn take_block(&mut self, order: u8, align: u8) -> Result<(usize, u64), FrameError> {
+        if align <= order {
+            if let Some(idx) = self.hot.pop(order) {
+                if let Some(pfn) = self.pa.pfn_of(idx) {
+                    return Ok((idx, pfn.0));
+                }
+            }
+        }
+        match self.lists.alloc(self.pa, order, align) {
+            Err(_) if !self.hot.is_empty() => {
+                self.drain_cache();
+                self.lists.alloc(self.pa, order, align)
+            }
+            r => r,
+        }
+    }
 
     /// Removes frame `pfn` (free) from its free block. Word left to the caller.
     fn take_free_frame(&mut self, sec: &Section, idx: usize, pfn: u64) -> Result<(), FrameError> {
@@ -214,7 +260,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             self.chunks += 1;
             return Some(c);
         }
-        let (idx, pfn) = self.lists.alloc(self.pa, 0, 0).ok()?;
+        let (idx, pfn) = self.take_block(0, 0).ok()?;
         match self.mem.map_frame(Pfn(pfn)) {
             Some(c) => {
                 self.pa.store_release(
@@ -274,8 +320,11 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// Writes `w` to every frame of `[idx, idx + 2^order)`.
     #[inline(always)]
     fn fill(&self, idx: usize, order: u8, w: Word) {
-        for i in idx..idx + (1usize << order) {
-            self.pa.store_release(i, w);
+        // One release fence instead of a release store per frame: a reader
+        // that acquires any of these words sees the descriptor's contents.
+        A::fence(Ordering::Release);
+        for c in self.pa.cells(idx, 1usize << order) {
+            c.store(w.raw(), Ordering::Relaxed);
         }
     }
 
@@ -284,8 +333,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     fn give_back(&mut self, sec: &Section, idx: usize, pfn: u64, order: u8, poisoned: bool) -> u64 {
         let n = 1usize << order;
         if !poisoned {
-            for i in idx + 1..idx + n {
-                self.pa.store_relaxed(i, Word::FREE_TAIL);
+            for c in &self.pa.cells(idx, n)[1..] {
+                c.store(Word::FREE_TAIL.raw(), Ordering::Relaxed);
+            }
+            if self.hot.push(order, idx) {
+                self.pa.store_relaxed(idx, Word::free_cached(order));
+                self.by_type[FrameType::Free.index()] += n as u64;
+                return n as u64;
             }
             self.lists.free(self.pa, sec, idx, pfn, order);
             self.by_type[FrameType::Free.index()] += n as u64;
@@ -324,13 +378,14 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     /// Checks that `[pfn, pfn + 2^order)` is exactly one allocation (not a
-    /// folio, not free); returns its section, index and head word (the
-    /// original one if the head frame is poisoned).
+    /// folio, not free); returns its section, index, head word (the
+    /// original one if the head frame is poisoned) and whether any frame of
+    /// it is poisoned.
     pub(crate) fn check_allocation(
         &self,
         pfn: Pfn,
         order: u8,
-    ) -> Result<(Section, usize, Word), FrameError> {
+    ) -> Result<(Section, usize, Word, bool), FrameError> {
         check_order(order)?;
         if pfn.0 & ((1u64 << order) - 1) != 0 {
             return Err(FrameError::Misaligned { pfn, order });
@@ -358,15 +413,27 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                 Word::misc(ty, head.subtype(), order, MISC_FLAG_TAIL)
             }
         };
-        for i in 1..1u64 << order {
-            let w = self.pa.effective(self.pa.load_relaxed(idx + i as usize));
+        let mut poisoned = raw.frame_type() == Some(FrameType::HwPoison);
+        for (i, c) in self
+            .pa
+            .cells(idx, 1usize << order)
+            .iter()
+            .enumerate()
+            .skip(1)
+        {
+            let i = i as u64;
+            let mut w = Word::from_raw(c.load(Ordering::Relaxed));
+            if w != tail && w.frame_type() == Some(FrameType::HwPoison) {
+                poisoned = true;
+                w = self.pa.effective(w);
+            }
             if w != tail {
                 return Err(FrameError::NotAllocation {
                     pfn: Pfn(pfn.0 + i),
                 });
             }
         }
-        Ok((sec, idx, head))
+        Ok((sec, idx, head, poisoned))
     }
 
     /// Frees the descriptor a (non-folio) head word points to, if any.
@@ -433,7 +500,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         check_order(order)?;
         check_order(align)?;
         let d = self.get_folio_desc()?;
-        let (idx, pfn) = match self.lists.alloc(self.pa, order, align) {
+        let (idx, pfn) = match self.take_block(order, align) {
             Ok(b) => b,
             Err(e) => {
                 self.folios.free(d);
@@ -468,6 +535,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         owner: Owner,
     ) -> Result<FolioRef<A>, FrameError> {
+        self.drain_cache();
         let (sec, idx) = self.check_free_range(pfn, order)?;
         let d = self.get_folio_desc()?;
         // Descriptor growth may have taken a frame: check again.
@@ -551,7 +619,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         check_order(order)?;
         check_order(align)?;
         let (head, tail) = self.frozen_words(order, kind)?;
-        let (idx, pfn) = match self.lists.alloc(self.pa, order, align) {
+        let (idx, pfn) = match self.take_block(order, align) {
             Ok(b) => b,
             Err(e) => {
                 self.drop_desc(head);
@@ -569,6 +637,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         kind: FrozenKind,
     ) -> Result<(), FrameError> {
+        self.drain_cache();
         self.check_free_range(pfn, order)?;
         let (head, tail) = self.frozen_words(order, kind)?;
         let (sec, idx) = match self.check_free_range(pfn, order) {
@@ -584,9 +653,11 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     fn publish_frozen(&mut self, idx: usize, order: u8, head: Word, tail: Word) {
-        self.pa.store_release(idx, head);
-        for i in idx + 1..idx + (1usize << order) {
-            self.pa.store_release(i, tail);
+        A::fence(Ordering::Release);
+        let cells = self.pa.cells(idx, 1usize << order);
+        cells[0].store(head.raw(), Ordering::Relaxed);
+        for c in &cells[1..] {
+            c.store(tail.raw(), Ordering::Relaxed);
         }
         let n = 1u64 << order;
         self.by_type[FrameType::Free.index()] -= n;
@@ -598,7 +669,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// Frees a frozen allocation (page table, slab, offline, guard, or a
     /// reserved frame at order 0). Poisoned frames in it stay poisoned.
     pub fn free_frozen(&mut self, pfn: Pfn, order: u8) -> Result<(), FrameError> {
-        let (sec, idx, head) = self.check_allocation(pfn, order)?;
+        let (sec, idx, head, poisoned) = self.check_allocation(pfn, order)?;
         if head.frame_type() == Some(FrameType::PageTable) {
             // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
             let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
@@ -611,7 +682,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         }
         let ty = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
         self.drop_desc(head);
-        let freed = self.give_back(&sec, idx, pfn.0, order, true);
+        let freed = self.give_back(&sec, idx, pfn.0, order, poisoned);
         self.by_type[ty.index()] -= freed;
         Ok(())
     }
@@ -631,6 +702,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
 
     /// Takes `range` (all frames must be free) as `Reserved(kind)`.
     pub fn reserve(&mut self, range: PfnRange, kind: ReservedKind) -> Result<(), FrameError> {
+        self.drain_cache();
         for p in range.start.0..range.end.0 {
             let w = self.pa.word(Pfn(p))?;
             if w.frame_type() != Some(FrameType::Free) {
@@ -715,8 +787,16 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             what,
         };
         let mut counts = [0u64; FrameType::COUNT];
+        let mut cached = [0usize; HOT_MAX_ORDER as usize + 1];
         for i in 0..pa.len() {
             let w = pa.load(i);
+            if w.is_free_cached() {
+                let o = w.free_cached_order();
+                if o > HOT_MAX_ORDER {
+                    return Err(err(i, "hot-cached block of an uncached order"));
+                }
+                cached[o as usize] += 1;
+            }
             let t = w.frame_type().ok_or(err(i, "unknown tag"))?;
             counts[t.index()] += 1;
             if t == FrameType::Folio {
@@ -725,6 +805,28 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                 let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?;
                 if pfn.0 < d.head().0 || pfn.0 >= d.head().0 + (1u64 << d.order()) {
                     return Err(err(i, "folio frame outside its descriptor's range"));
+                }
+            }
+        }
+        for o in 0..=HOT_MAX_ORDER {
+            if cached[o as usize] != self.hot.len(o) {
+                return Err(err(0, "hot-cache words disagree with the hot cache"));
+            }
+            for &i in self.hot.entries(o) {
+                let i = i as usize;
+                let w = pa.load(i);
+                if !w.is_free_cached() || w.free_cached_order() != o {
+                    return Err(err(i, "hot-cache entry is not a cached block of its order"));
+                }
+                let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?.0;
+                let sec = pa.section_of(pfn).ok_or(err(i, "section"))?;
+                if pfn & ((1u64 << o) - 1) != 0 || !sec.holds_block(pfn, o) {
+                    return Err(err(i, "misaligned or out-of-range cached block"));
+                }
+                for t in i + 1..i + (1usize << o) {
+                    if !pa.load(t).is_free_tail() {
+                        return Err(err(t, "cached block tail is not a free tail"));
+                    }
                 }
             }
         }
@@ -770,7 +872,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             }
             free_frames += n << o;
         }
-        if free_frames != self.by_type[FrameType::Free.index()] {
+        if free_frames + self.hot.frames() != self.by_type[FrameType::Free.index()] {
             return Err(err(0, "free frames in lists disagree with Free words"));
         }
         Ok(())

@@ -43,6 +43,8 @@ pub trait Atomics: Send + Sync + 'static {
     type U32: AtomicCell<u32>;
     /// 64-bit cell (page-array words, descriptor metadata).
     type U64: AtomicCell<u64>;
+    /// A memory fence (`core::sync::atomic::fence`).
+    fn fence(order: Ordering);
 }
 
 /// `core::sync::atomic`: what the firmware and the benchmarks use.
@@ -52,6 +54,10 @@ pub struct CoreAtomics;
 impl Atomics for CoreAtomics {
     type U32 = AtomicU32;
     type U64 = AtomicU64;
+    #[inline(always)]
+    fn fence(order: Ordering) {
+        core::sync::atomic::fence(order)
+    }
 }
 
 macro_rules! core_cell {

@@ -45,6 +45,8 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             return Err(FrameError::Corrupt { pfn });
         };
         if ty == FrameType::Free {
+            self.drain_cache();
+            d.init(pa.load_relaxed(idx));
             let block = match self.lists.find_block(pa, &sec, idx, pfn.0) {
                 Some(b) => b,
                 None => {
@@ -58,7 +60,9 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             let f = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
             f.set_flags(FOLIO_HWPOISON);
         }
-        d.init(w);
+        if ty != FrameType::Free {
+            d.init(w);
+        }
         pa.store_release(idx, Word::with_desc(FrameType::HwPoison, desc_addr(d)));
         self.by_type[ty.index()] -= 1;
         self.by_type[FrameType::HwPoison.index()] += 1;

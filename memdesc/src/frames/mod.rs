@@ -57,6 +57,7 @@ pub mod buddy;
 pub mod desc;
 pub mod desc_cache;
 pub mod error;
+pub mod hot_cache;
 pub mod hwpoison;
 pub mod offline;
 pub mod owner;
@@ -79,6 +80,7 @@ pub use desc::{
 };
 pub use desc_cache::{ChunkPool, DescChunk, DescMemory, LinearMap, CHUNK_SIZE};
 pub use error::{FrameError, LayoutError};
+pub use hot_cache::{HOT_CACHE_BLOCKS, HOT_MAX_ORDER};
 pub use hwpoison::Poisoned;
 pub use owner::Owner;
 pub use page_array::{bytes_needed, words_needed, PageArray, PfnRange, MAX_RANGES};

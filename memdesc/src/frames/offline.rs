@@ -35,7 +35,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// Guard, PageTable, ...). Descriptors are swapped as needed; poisoned
     /// frames stay poisoned.
     pub fn retype_frozen(&mut self, pfn: Pfn, order: u8, to: FrozenKind) -> Result<(), FrameError> {
-        let (_, idx, head) = self.check_allocation(pfn, order)?;
+        let (_, idx, head, _) = self.check_allocation(pfn, order)?;
         let from = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
         if from == FrameType::Reserved {
             return Err(FrameError::WrongType { pfn, found: from });
@@ -104,7 +104,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// Brings the Offline allocation `[pfn, pfn + 2^order)` back as a folio
     /// with refcount 1, owned by `owner`.
     pub fn online(&mut self, pfn: Pfn, order: u8, owner: Owner) -> Result<FolioRef<A>, FrameError> {
-        let (_, idx, head) = self.check_allocation(pfn, order)?;
+        let (_, idx, head, _) = self.check_allocation(pfn, order)?;
         if head.frame_type() != Some(FrameType::Offline) {
             return Err(FrameError::WrongType {
                 pfn,

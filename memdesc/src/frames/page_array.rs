@@ -255,6 +255,12 @@ impl<'a, A: Atomics> PageArray<'a, A> {
         Ok(self.load(idx))
     }
 
+    /// The cells `[idx, idx + n)` (which must be inside the array).
+    #[inline(always)]
+    pub(crate) fn cells(&self, idx: usize, n: usize) -> &[A::U64] {
+        &self.words[idx..idx + n]
+    }
+
     /// Acquire load of the word at `idx`.
     #[inline(always)]
     pub(crate) fn load(&self, idx: usize) -> Word {

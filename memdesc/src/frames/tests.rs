@@ -61,6 +61,9 @@ fn folio_alloc_free_merges_back() {
         assert!(matches!(fa.put(f), Ok(Some(Released::Freed { .. }))));
     }
     fa.check_consistency().unwrap();
+    assert!(fa.stats().cached_frames > 0);
+    fa.drain_cache();
+    fa.check_consistency().unwrap();
     let after = fa.stats();
     assert_eq!(after.by_type, before.by_type);
     assert_eq!(after.free_blocks, before.free_blocks);

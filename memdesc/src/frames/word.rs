@@ -13,8 +13,10 @@
 //! ```
 //!
 //! Free words use their own dense layout (this is a refinement of DESIGN.md,
-//! which only shows the first two): bit 4 says head (1) or tail (0) of a free
-//! block, bits 5..=9 hold the block order, and two 27-bit page-array indexes
+//! which only shows the first two): bit 4 says head (1) or not (0) of a free
+//! block (a non-head is a tail, all other bits 0, or, with bit 5 set, the
+//! first frame of a block parked in a hot cache, see [`Word::free_cached`]),
+//! bits 5..=9 of a head hold the block order, and two 27-bit page-array indexes
 //! link the head into its per-order doubly linked free list (all-ones =
 //! none). That is what lets the buddy allocator keep all its free state in the
 //! page array and unlink a buddy in O(1). 27 bits cover 2^27 - 1 frames, 512 GiB
@@ -36,6 +38,7 @@ pub const NO_LINK: u32 = (1 << LINK_BITS) - 1;
 pub const MAX_FRAMES: u64 = NO_LINK as u64;
 
 const FREE_HEAD: u64 = 1 << 4;
+const FREE_CACHED: u64 = 1 << 5;
 const FREE_ORDER_SHIFT: u32 = 5;
 const FREE_NEXT_SHIFT: u32 = 10;
 const FREE_PREV_SHIFT: u32 = 37;
@@ -233,6 +236,26 @@ impl Word {
         self.0 == Self::FREE_TAIL.0
     }
 
+    /// Head word of a free block of `order` parked in a hot cache (no head
+    /// bit: the buddy never merges with it; the order sits in the unused
+    /// `next` field).
+    #[inline]
+    pub(crate) const fn free_cached(order: u8) -> Self {
+        Self(FrameType::Free as u64 | FREE_CACHED | (order as u64) << FREE_NEXT_SHIFT)
+    }
+
+    /// True for the head of a free block in a hot cache.
+    #[inline]
+    pub const fn is_free_cached(self) -> bool {
+        self.0 & (TYPE_MASK | FREE_HEAD | FREE_CACHED) == FrameType::Free as u64 | FREE_CACHED
+    }
+
+    /// Order of a hot-cached free block (meaningful when [`Word::is_free_cached`]).
+    #[inline]
+    pub const fn free_cached_order(self) -> u8 {
+        ((self.0 >> FREE_NEXT_SHIFT) & 0x1f) as u8
+    }
+
     /// Order of a free block (meaningful on a free head).
     #[inline]
     pub const fn free_order(self) -> u8 {
@@ -323,6 +346,9 @@ impl fmt::Debug for Word {
                 self.free_next(),
                 self.free_prev()
             ),
+            Some(FrameType::Free) if self.is_free_cached() => {
+                write!(f, "Word(Free cached order {})", self.free_cached_order())
+            }
             Some(FrameType::Free) => write!(f, "Word(Free tail)"),
             Some(t) if t.has_descriptor() => write!(f, "Word({t:?} @ {:#x})", self.desc_addr()),
             Some(t) => write!(
@@ -368,6 +394,11 @@ mod tests {
             (7, NO_LINK, 18)
         );
         assert!(Word::FREE_TAIL.is_free_tail() && !Word::FREE_TAIL.is_free_head());
+        let c = Word::free_cached(3);
+        assert!(c.is_free_cached() && !c.is_free_head() && !c.is_free_tail());
+        assert_eq!(c.free_cached_order(), 3);
+        assert!(!Word::free_head(1, 2, 3).is_free_cached());
+        assert_eq!(c.frame_type(), Some(FrameType::Free));
     }
 
     #[test]
