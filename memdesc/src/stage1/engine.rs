@@ -104,7 +104,7 @@ enum LeafOp {
 /// levels of block (1 GiB then 2 MiB) each.
 const STASH: usize = 4;
 /// Freed tables waiting for the TLBI that makes freeing them safe.
-const FREE_BATCH: usize = 32;
+const FREE_BATCH: usize = 16;
 
 /// Per-operation state: TLB debt, tables to free, pre-allocated split tables.
 struct OpCtx {
@@ -258,6 +258,22 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         // SAFETY: as in `read`; callers only write invalid -> anything on a
         // live table, or anything into a table not yet linked into the tree.
         unsafe { self.platform.write_entry(table, index, d.bits()) }
+    }
+
+    /// Writes `count` entries from `index`: `first`, then its output address
+    /// advanced by `step` per entry (invalid entries or unlinked tables only).
+    #[inline]
+    fn fill(&mut self, table: PhysAddr, index: usize, first: Descriptor, step: u64, count: usize) {
+        if count == 0 {
+            return;
+        }
+        debug_assert!(index + count <= ENTRIES);
+        // SAFETY: as in `read`, `index + count <= ENTRIES`; callers only fill
+        // invalid entries of a live table or entries of an unlinked table.
+        unsafe {
+            self.platform
+                .fill_entries(table, index, first.bits(), step, count)
+        }
     }
 
     #[inline]
@@ -422,6 +438,9 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             _ => return Err(Stage1Error::PaOutOfRange { pa: pa.0 }),
         }
         attrs.validate()?;
+        if len == PAGE_SIZE {
+            return self.map_page(s, pa.0, &attrs, limit);
+        }
         let (root, start) = (self.root, self.va_size.start_level());
         if let Some(v) = self.first_where(root, start, 0, s, e, true) {
             return Err(Stage1Error::AlreadyMapped { va: v });
@@ -439,7 +458,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                         self.modify_level(&mut ctx, &op, root, start, 0, e - PAGE_SIZE, e, true);
                     }
                 }
-                self.finish(ctx);
+                self.finish(&mut ctx);
                 Ok(())
             }
             Err(at) => {
@@ -449,10 +468,69 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 if at > s {
                     self.modify_level(&mut ctx, &LeafOp::Unmap, root, start, 0, s, at, true);
                 }
-                self.finish(ctx);
+                self.finish(&mut ctx);
                 Err(Stage1Error::OutOfTableMemory)
             }
         }
+    }
+
+    /// `map` of one page: one descent that validates, builds the missing
+    /// tables unlinked and links them with a single store.
+    fn map_page(
+        &mut self,
+        va: u64,
+        pa: u64,
+        attrs: &Attributes,
+        limit: MappingUnit,
+    ) -> Result<(), Stage1Error> {
+        let mut table = self.root;
+        let mut level = self.va_size.start_level();
+        loop {
+            match self.read(table, gva_index(va, level)).kind(level) {
+                DescriptorKind::Table(next) => {
+                    table = next;
+                    level += 1;
+                }
+                DescriptorKind::Leaf => return Err(Stage1Error::AlreadyMapped { va }),
+                _ => break,
+            }
+        }
+        let need = (3 - level) as usize;
+        let mut chain = [PhysAddr(0); 3];
+        for k in 0..need {
+            match self.platform.alloc_table() {
+                Some(t) => chain[k] = t,
+                None => {
+                    for t in &chain[..k] {
+                        // SAFETY: allocated above and never linked.
+                        unsafe { self.platform.free_table(*t) };
+                    }
+                    return Err(Stage1Error::OutOfTableMemory);
+                }
+            }
+        }
+        let mut value = self.leaf_template(attrs, 3).with_output(PhysAddr(pa));
+        for k in (0..need).rev() {
+            let l = level + 1 + k as u8;
+            self.write(chain[k], gva_index(va, l), value);
+            self.adjust(chain[k], 1);
+            value = Descriptor::table(chain[k]);
+        }
+        self.write(table, gva_index(va, level), value);
+        self.adjust(table, 1);
+        if limit >= MappingUnit::Cont64K {
+            let mut ctx = OpCtx::new(limit);
+            ctx.wrote = true;
+            let (root, start) = (self.root, self.va_size.start_level());
+            let op = LeafOp::Refold;
+            self.modify_level(&mut ctx, &op, root, start, 0, va, va + PAGE_SIZE, true);
+            self.finish(&mut ctx);
+        } else {
+            // Invalid -> valid needs no TLBI: publish the store for the walker.
+            self.platform.dsb_ishst();
+            self.platform.isb();
+        }
+        Ok(())
     }
 
     /// Unmaps `[va, va + len)`; every page must be mapped. Tables that
@@ -489,7 +567,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let mut ctx = OpCtx::new(MappingUnit::LARGEST);
         let (root, start) = (self.root, self.va_size.start_level());
         self.modify_level(&mut ctx, &LeafOp::Refold, root, start, 0, s, e, true);
-        self.finish(ctx);
+        self.finish(&mut ctx);
         Ok(())
     }
 
@@ -554,7 +632,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             ctx.debt.add(base, size * n as u64, level, level, false);
             ctx.wrote = true;
         }
-        self.finish(ctx);
+        self.finish(&mut ctx);
         Ok(young)
     }
 
@@ -606,13 +684,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     ctx.nstash += 1;
                 }
                 None => {
-                    self.finish(ctx);
+                    self.finish(&mut ctx);
                     return Err(Stage1Error::OutOfTableMemory);
                 }
             }
         }
         self.modify_level(&mut ctx, &op, root, start, 0, s, e, true);
-        self.finish(ctx);
+        self.finish(&mut ctx);
         Ok(())
     }
 
@@ -638,7 +716,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     }
 
     /// Pays the TLB debt, publishes the writes, frees what waited for that.
-    fn finish(&mut self, mut ctx: OpCtx) {
+    fn finish(&mut self, ctx: &mut OpCtx) {
         if ctx.debt.is_due() {
             ctx.debt.settle(&mut self.platform, self.features);
             self.platform.isb();
@@ -646,12 +724,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             self.platform.dsb_ishst();
             self.platform.isb();
         }
-        self.free_deferred(&mut ctx);
+        self.free_deferred(ctx);
         for i in 0..ctx.nstash {
             // SAFETY: stash tables were allocated by this operation and
             // never linked into the tree, so nothing can cache them.
             unsafe { self.platform.free_table(ctx.stash[i]) };
         }
+        ctx.nstash = 0;
     }
 
     fn free_deferred(&mut self, ctx: &mut OpCtx) {
@@ -704,19 +783,26 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             let ce = e.min(ev + size);
             let oa = ev.wrapping_add(offset);
             if leaf_ok && cs == ev && ce == ev + size && oa & (size - 1) == 0 {
-                if cont_ok && i % CONT_ENTRIES == 0 && ev + run <= e && oa & (run - 1) == 0 {
-                    let d = template.with(Descriptor::CONT, true);
-                    for k in 0..CONT_ENTRIES {
-                        let o = PhysAddr(oa + k as u64 * size);
-                        self.write(table, i + k, d.with_output(o));
-                    }
-                    added += CONT_ENTRIES as i32;
-                    i += CONT_ENTRIES;
+                // Every following entry up to the last one wholly inside
+                // [s, e) is a leaf too (same alignment): write them in bulk,
+                // whole aligned groups with the Contiguous bit.
+                let j = (i + ((e - ev) >> sh) as usize).min(i1);
+                let group_oa = oa.wrapping_sub((i % CONT_ENTRIES) as u64 * size);
+                let head = if cont_ok && group_oa & (run - 1) == 0 {
+                    i.next_multiple_of(CONT_ENTRIES).min(j)
                 } else {
-                    self.write(table, i, template.with_output(PhysAddr(oa)));
-                    added += 1;
-                    i += 1;
-                }
+                    j
+                };
+                self.fill(table, i, template.with_output(PhysAddr(oa)), size, head - i);
+                let whole = (j - head) / CONT_ENTRIES * CONT_ENTRIES;
+                let cont = template.with(Descriptor::CONT, true);
+                let first = PhysAddr(oa + (head - i) as u64 * size);
+                self.fill(table, head, cont.with_output(first), size, whole);
+                let tail = head + whole;
+                let first = PhysAddr(oa + (tail - i) as u64 * size);
+                self.fill(table, tail, template.with_output(first), size, j - tail);
+                added += (j - i) as i32;
+                i = j;
                 ctx.wrote = true;
                 continue;
             }
@@ -770,8 +856,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let size = 1u64 << sh;
         let mut g = i0 & !(CONT_ENTRIES - 1);
         while g < i1 {
+            // Entries of this group inside the range are read first; the
+            // others only when a fold decision needs them.
+            let k0 = i0.max(g) - g;
+            let k1 = i1.min(g + CONT_ENTRIES) - g;
             let mut old = [Descriptor::INVALID; CONT_ENTRIES];
-            for (k, d) in old.iter_mut().enumerate() {
+            for (k, d) in old.iter_mut().enumerate().take(k1).skip(k0) {
                 *d = self.read(table, g + k);
             }
             let mut new = old;
@@ -821,7 +911,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     _ => {}
                 }
             }
-            if level >= 1 {
+            if level >= 1 && self.complete_group(table, level, g, k0, k1, &mut old, &mut new) {
                 let fold = run_eligible(&new, level)
                     && (ctx.limit.allows_contiguous(level)
                         || old.iter().all(|d| d.is_leaf(level) && d.is_contiguous()));
@@ -838,6 +928,49 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
             g += CONT_ENTRIES;
         }
+    }
+
+    /// Reads the entries of a group outside `k0..k1` when a fold decision
+    /// needs them: always when the group was folded, otherwise only while
+    /// they could still form a run with the new in-range entries. Returns
+    /// true when the whole group was read (the fold decision may run); false
+    /// means no fold is possible and, the group being unfolded, nothing
+    /// outside `k0..k1` changes.
+    #[allow(clippy::too_many_arguments)]
+    fn complete_group(
+        &self,
+        table: PhysAddr,
+        level: u8,
+        g: usize,
+        k0: usize,
+        k1: usize,
+        old: &mut [Descriptor; CONT_ENTRIES],
+        new: &mut [Descriptor; CONT_ENTRIES],
+    ) -> bool {
+        if k0 == 0 && k1 == CONT_ENTRIES {
+            return true;
+        }
+        let folded = old[k0].is_leaf(level) && old[k0].is_contiguous();
+        let r = new[k0];
+        let size = level_size(level);
+        let base_oa = r.output(level).0.wrapping_sub(k0 as u64 * size);
+        let possible = (k0..k1).all(|k| new[k].is_leaf(level))
+            && base_oa & (size * CONT_ENTRIES as u64 - 1) == 0;
+        if !folded && !possible {
+            return false;
+        }
+        for k in (0..k0).chain(k1..CONT_ENTRIES) {
+            let d = self.read(table, g + k);
+            old[k] = d;
+            new[k] = d;
+            let fits = d.is_leaf(level)
+                && d.run_key() == r.run_key()
+                && d.output(level).0 == base_oa.wrapping_add(k as u64 * size);
+            if !folded && !fits {
+                return false;
+            }
+        }
+        true
     }
 
     fn take_split_table(&mut self, ctx: &mut OpCtx) -> Option<PhysAddr> {
@@ -890,9 +1023,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let csize = level_size(cl);
         let oa = d.output(level).0;
         let child = d.with_leaf_level(cl).with(Descriptor::CONT, true);
-        for i in 0..ENTRIES {
-            self.write(t, i, child.with_output(PhysAddr(oa + i as u64 * csize)));
-        }
+        self.fill(t, 0, child.with_output(PhysAddr(oa)), csize, ENTRIES);
         self.adjust(t, ENTRIES as i32);
     }
 

@@ -356,15 +356,20 @@ impl<'a> FakePlatform<'a> {
         self.frames[f].entries[index] = n.bits();
     }
 
+    #[inline]
     fn frame(&self, table: PhysAddr) -> usize {
-        let f = ((table.0 - FAKE_TABLE_BASE) >> 12) as usize;
+        let f = (table.0.wrapping_sub(FAKE_TABLE_BASE) >> 12) as usize;
+        // The counting fake only bounds-checks (it must stay cheap for
+        // benchmarks); the recording fake also catches use of a freed table.
+        assert!(f < self.high_water, "fake: {table:?} is not a table");
         assert!(
-            table.0 >= FAKE_TABLE_BASE && f < self.high_water && self.frames[f].meta.in_use,
+            !self.recording || self.frames[f].meta.in_use,
             "fake: {table:?} is not an allocated table"
         );
         f
     }
 
+    #[inline]
     fn record(&mut self, e: Event) {
         if !self.recording {
             return;
@@ -578,6 +583,7 @@ impl<'a> FakePlatform<'a> {
         }
     }
 
+    #[inline]
     fn store(&mut self, f: usize, i: usize, new: u64) {
         let old = self.frames[f].entries[i];
         self.frames[f].entries[i] = new;
@@ -669,17 +675,44 @@ unsafe impl TableMemory for FakePlatform<'_> {
         self.record(Event::Free(table));
     }
 
+    #[inline]
     unsafe fn read_entry(&self, table: PhysAddr, index: usize) -> u64 {
         self.reads.set(self.reads.get() + 1);
         let f = ((table.0 - FAKE_TABLE_BASE) >> 12) as usize;
         self.frames[f].entries[index]
     }
 
+    #[inline]
     unsafe fn write_entry(&mut self, table: PhysAddr, index: usize, value: u64) {
         let f = self.frame(table);
         self.store(f, index, value);
     }
 
+    unsafe fn fill_entries(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        first: u64,
+        step: u64,
+        count: usize,
+    ) {
+        let f = self.frame(table);
+        if self.recording {
+            for k in 0..count {
+                self.store(f, index + k, first + k as u64 * step);
+            }
+        } else {
+            for (k, e) in self.frames[f].entries[index..index + count]
+                .iter_mut()
+                .enumerate()
+            {
+                *e = first + k as u64 * step;
+            }
+            self.counters.writes += count as u64;
+        }
+    }
+
+    #[inline]
     unsafe fn compare_exchange_entry(
         &mut self,
         table: PhysAddr,
@@ -696,6 +729,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
         Ok(())
     }
 
+    #[inline]
     unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32) -> u32 {
         let f = self.frame(table);
         let m = &mut self.frames[f].meta;
@@ -705,6 +739,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
 }
 
 impl TranslationHw for FakePlatform<'_> {
+    #[inline]
     fn tlbi_va(&mut self, va: VirtAddr, scope: TlbiScope) {
         self.counters.tlbi_va += 1;
         self.record(Event::TlbiVa { va, scope });
@@ -723,6 +758,7 @@ impl TranslationHw for FakePlatform<'_> {
         self.tlbi_covering(0, u64::MAX, None);
     }
 
+    #[inline]
     fn dsb_ishst(&mut self) {
         self.counters.dsb_ishst += 1;
         self.record(Event::DsbIshst);
@@ -748,6 +784,7 @@ impl TranslationHw for FakePlatform<'_> {
         }
     }
 
+    #[inline]
     fn isb(&mut self) {
         self.counters.isb += 1;
         self.record(Event::Isb);

@@ -123,6 +123,29 @@ pub unsafe trait TableMemory {
     /// live translation (break-before-make is the caller's job).
     unsafe fn write_entry(&mut self, table: PhysAddr, index: usize, value: u64);
 
+    /// Writes `count` consecutive entries from `index`: entry `index + k`
+    /// gets `first + k * step`. The engine uses it for runs of new leaves
+    /// and split tables (entries that are invalid, or in a table not yet
+    /// linked); an implementation may convert the table address once and
+    /// store in a loop. Each entry counts as one descriptor write.
+    ///
+    /// # Safety
+    ///
+    /// As for [`TableMemory::write_entry`], with `index + count <= 512`.
+    unsafe fn fill_entries(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        first: u64,
+        step: u64,
+        count: usize,
+    ) {
+        for k in 0..count {
+            // SAFETY: forwarded from the caller, `index + k < 512`.
+            unsafe { self.write_entry(table, index + k, first + k as u64 * step) }
+        }
+    }
+
     /// Atomically replaces entry `index` with `new` if it still holds
     /// `current`; otherwise returns the value found.
     ///
