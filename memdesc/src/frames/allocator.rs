@@ -405,7 +405,21 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             FrameType::Free => return Err(FrameError::Free { pfn }),
             FrameType::HwPoison => return Err(FrameError::HwPoisoned { pfn }),
             FrameType::Folio => return Err(FrameError::WrongType { pfn, found: ty }),
-            FrameType::Slab | FrameType::PageTable => head,
+            FrameType::Slab | FrameType::PageTable => {
+                // SAFETY: Slab/PageTable-tagged words hold addresses of
+                // descriptors of that type from their caches.
+                let desc_order = unsafe {
+                    if ty == FrameType::Slab {
+                        desc_at::<A, SlabDesc<A>>(head.desc_addr()).order()
+                    } else {
+                        desc_at::<A, PageTableDesc<A>>(head.desc_addr()).order()
+                    }
+                };
+                if desc_order != order {
+                    return Err(FrameError::NotAllocation { pfn });
+                }
+                head
+            }
             FrameType::Reserved | FrameType::Guard | FrameType::Offline => {
                 if head.misc_order() != order || head.misc_flags() & MISC_FLAG_TAIL != 0 {
                     return Err(FrameError::NotAllocation { pfn });
@@ -458,13 +472,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         Ok(match kind {
             FrozenKind::PageTable => {
                 let d = self.get_table_desc()?;
-                d.init();
+                d.init(order);
                 let w = Word::with_desc(FrameType::PageTable, desc_addr(d));
                 (w, w)
             }
             FrozenKind::Slab => {
                 let d = self.get_slab_desc()?;
-                d.init();
+                d.init(order);
                 let w = Word::with_desc(FrameType::Slab, desc_addr(d));
                 (w, w)
             }

@@ -244,7 +244,7 @@ mod tests {
 
     fn array(ranges: &[PfnRange]) -> PageArray<'static, CoreAtomics> {
         let n = super::super::words_needed(ranges).unwrap() as usize;
-        let s: &'static mut [AtomicU64] = Box::leak(
+        let s: &'static mut [AtomicU64] = crate::frames::testutil::keep(
             (0..n)
                 .map(|_| AtomicU64::new(0))
                 .collect::<Vec<_>>()

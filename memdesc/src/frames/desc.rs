@@ -192,9 +192,18 @@ impl<A: Atomics> Desc<A> for PageTableDesc<A> {
 }
 
 impl<A: Atomics> PageTableDesc<A> {
-    pub(crate) fn init(&self) {
+    /// Fills a free descriptor for an allocation of `order` (kept in the
+    /// link cell, which is only a link while the descriptor is free).
+    pub(crate) fn init(&self, order: u8) {
         self.valid.store(0, Ordering::Relaxed);
         self.level.store(0, Ordering::Relaxed);
+        self.link.store(order as u64, Ordering::Relaxed);
+    }
+
+    /// Order of the allocation (meaningful while allocated).
+    #[inline]
+    pub fn order(&self) -> u8 {
+        self.link.load(Ordering::Relaxed) as u8
     }
 
     /// Number of valid entries in the table.
@@ -279,9 +288,18 @@ impl<A: Atomics> Desc<A> for SlabDesc<A> {
 }
 
 impl<A: Atomics> SlabDesc<A> {
-    pub(crate) fn init(&self) {
+    /// Fills a free descriptor for an allocation of `order` (kept in the
+    /// link cell, which is only a link while the descriptor is free).
+    pub(crate) fn init(&self, order: u8) {
         self.in_use.store(0, Ordering::Relaxed);
         self.object_size.store(0, Ordering::Relaxed);
+        self.link.store(order as u64, Ordering::Relaxed);
+    }
+
+    /// Order of the allocation (meaningful while allocated).
+    #[inline]
+    pub fn order(&self) -> u8 {
+        self.link.load(Ordering::Relaxed) as u8
     }
     /// Objects in use.
     pub fn in_use(&self) -> u32 {

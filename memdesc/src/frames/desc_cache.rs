@@ -251,7 +251,8 @@ pub(crate) mod tests {
     // SAFETY: each chunk is a fresh, leaked, page-aligned box.
     unsafe impl DescMemory for LeakMemory {
         fn chunk(&mut self) -> Option<NonNull<u8>> {
-            let b: &'static mut DescChunk = Box::leak(Box::new(DescChunk::ZERO));
+            let b: &'static mut DescChunk =
+                crate::frames::testutil::keep(Box::new(DescChunk::ZERO));
             Some(NonNull::from(b).cast())
         }
     }
@@ -278,8 +279,9 @@ pub(crate) mod tests {
 
     #[test]
     fn chunk_pool_runs_dry() {
-        let chunks: &'static mut [DescChunk] =
-            Box::leak(vec![DescChunk::ZERO, DescChunk::ZERO].into_boxed_slice());
+        let chunks: &'static mut [DescChunk] = crate::frames::testutil::keep(
+            vec![DescChunk::ZERO, DescChunk::ZERO].into_boxed_slice(),
+        );
         let mut pool = ChunkPool::new(chunks);
         let mut c: DescCache<HwPoisonDesc<CoreAtomics>, CoreAtomics> = DescCache::new();
         while let Some(ch) = pool.chunk() {

@@ -95,6 +95,22 @@ pub(crate) mod testutil {
     use super::desc_cache::tests::LeakMemory;
     use super::*;
     use core::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    /// A pointer kept reachable from a static, so Miri's leak check knows the
+    /// test memory handed out as `'static` is intentionally never freed.
+    struct Kept(#[allow(dead_code)] *mut u8);
+    // SAFETY: the pointer is only stored, never dereferenced through `Kept`.
+    unsafe impl Send for Kept {}
+    static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+
+    /// `Box::leak`, but kept reachable (see [`Kept`]).
+    pub fn keep<T: ?Sized>(b: Box<T>) -> &'static mut T {
+        let p = Box::into_raw(b);
+        KEPT.lock().unwrap().push(Kept(p as *mut u8));
+        // SAFETY: `p` comes from `Box::into_raw` and is never freed.
+        unsafe { &mut *p }
+    }
 
     /// A leaked page array over `(start, end)` PFN ranges.
     pub fn setup(ranges: &[(u64, u64)]) -> (&'static PageArray<'static>, usize) {
@@ -103,13 +119,13 @@ pub(crate) mod testutil {
             .map(|&(s, e)| PfnRange::new(Pfn(s), Pfn(e)))
             .collect();
         let n = words_needed(&r).unwrap() as usize;
-        let s: &'static mut [AtomicU64] = Box::leak(
+        let s: &'static mut [AtomicU64] = keep(
             (0..n)
                 .map(|_| AtomicU64::new(0))
                 .collect::<Vec<_>>()
                 .into_boxed_slice(),
         );
-        (Box::leak(Box::new(PageArray::new(s, &r).unwrap())), n)
+        (keep(Box::new(PageArray::new(s, &r).unwrap())), n)
     }
 
     /// An allocator over `pa` with leaked-box descriptor memory.

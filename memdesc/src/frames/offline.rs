@@ -59,13 +59,13 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             ),
             FrozenKind::PageTable => {
                 let d = self.get_table_desc()?;
-                d.init();
+                d.init(order);
                 let w = Word::with_desc(FrameType::PageTable, desc_addr(d));
                 (w, w)
             }
             FrozenKind::Slab => {
                 let d = self.get_slab_desc()?;
-                d.init();
+                d.init(order);
                 let w = Word::with_desc(FrameType::Slab, desc_addr(d));
                 (w, w)
             }

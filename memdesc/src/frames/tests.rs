@@ -240,7 +240,19 @@ fn page_table_valid_counts() {
     d.set_object_size(64);
     d.set_in_use(3);
     assert_eq!((d.object_size(), d.in_use()), (64, 3));
+    // A part of the allocation is not the allocation.
+    assert_eq!(
+        fa.free_frozen(s, 0),
+        Err(FrameError::NotAllocation { pfn: s })
+    );
+    assert_eq!(d.order(), 1);
     fa.free_frozen(s, 1).unwrap();
+    let t2 = fa.alloc_frozen(2, FrozenKind::PageTable).unwrap();
+    assert_eq!(
+        fa.free_frozen(t2, 1),
+        Err(FrameError::NotAllocation { pfn: t2 })
+    );
+    fa.free_frozen(t2, 2).unwrap();
     fa.check_consistency().unwrap();
 }
 
@@ -255,7 +267,7 @@ fn descriptors_from_own_frames() {
             None
         }
         fn map_frame(&mut self, pfn: Pfn) -> Option<core::ptr::NonNull<u8>> {
-            let c = Box::leak(Box::new(DescChunk::ZERO));
+            let c = crate::frames::testutil::keep(Box::new(DescChunk::ZERO));
             self.0.insert(pfn.0, c as *mut DescChunk as usize);
             Some(core::ptr::NonNull::from(c).cast())
         }
