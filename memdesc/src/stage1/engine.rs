@@ -518,7 +518,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         }
         self.write(table, gva_index(va, level), value);
         self.adjust(table, 1);
-        if limit >= MappingUnit::Cont64K {
+        // Only a group that can now fold, or a table that just filled up,
+        // can change anything above the new page.
+        let leaf_table = if need > 0 { chain[need - 1] } else { table };
+        if limit >= MappingUnit::Cont64K
+            && (self.valid_count(leaf_table) as usize == ENTRIES
+                || self.run_candidate(leaf_table, 3, gva_index(va, 3)))
+        {
             let mut ctx = OpCtx::new(limit);
             ctx.wrote = true;
             let (root, start) = (self.root, self.va_size.start_level());
@@ -971,6 +977,27 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
         }
         true
+    }
+
+    /// True when the unfolded group holding entry `index` now forms a legal
+    /// run (stops reading at the first entry that does not fit).
+    fn run_candidate(&self, table: PhysAddr, level: u8, index: usize) -> bool {
+        let g = index & !(CONT_ENTRIES - 1);
+        let size = level_size(level);
+        let r = self.read(table, index);
+        if !r.is_leaf(level) || r.is_contiguous() {
+            return false;
+        }
+        let base_oa = r.output(level).0.wrapping_sub((index - g) as u64 * size);
+        if base_oa & (size * CONT_ENTRIES as u64 - 1) != 0 {
+            return false;
+        }
+        (0..CONT_ENTRIES).all(|k| {
+            let d = self.read(table, g + k);
+            d.is_leaf(level)
+                && d.run_key() == r.run_key()
+                && d.output(level).0 == base_oa.wrapping_add(k as u64 * size)
+        })
     }
 
     fn take_split_table(&mut self, ctx: &mut OpCtx) -> Option<PhysAddr> {
