@@ -91,6 +91,22 @@ fn range() -> impl Strategy<Value = Range> {
     (any::<u64>(), 0u8..6, 0u8..3).prop_map(|(raw, size, align)| Range { raw, size, align })
 }
 
+/// One step: an operation, sometimes with table memory nearly exhausted.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    op: Op,
+    /// Allocations allowed during this step (`None`: unlimited).
+    starve: Option<u8>,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (
+        op(),
+        prop_oneof![7 => Just(None), 1 => (0u8..3).prop_map(Some)],
+    )
+        .prop_map(|(op, starve)| Step { op, starve })
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (range(), 0u8..4, 0u8..7).prop_map(|(r, delta, attrs)| Op::Map { r, delta, attrs }),
@@ -123,6 +139,8 @@ struct Model<'a> {
     s: Stage1<FakePlatform<'a>>,
     shadow: BTreeMap<u64, Shadow>,
     f: Features,
+    starving: bool,
+    oom: bool,
 }
 
 impl Model<'_> {
@@ -134,7 +152,30 @@ impl Model<'_> {
         (p..p + n).find(|q| !self.shadow.contains_key(q))
     }
 
-    fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
+    fn step(&mut self, st: Step) -> Result<(), TestCaseError> {
+        let Some(n) = st.starve else {
+            return self.apply(st.op);
+        };
+        // Starved: the operation either succeeds as the model says, or fails
+        // with OutOfTableMemory and leaves the tree as it was.
+        let before = (self.s.summary(), self.s.platform().tables_in_use());
+        self.s.platform_mut().set_alloc_limit(Some(n as u64));
+        self.starving = true;
+        let r = self.apply(st.op);
+        self.starving = false;
+        self.s.platform_mut().set_alloc_limit(None);
+        r?;
+        if std::mem::take(&mut self.oom) {
+            let c = self.s.platform().counters();
+            prop_assert_eq!(c.allocs, c.frees, "leaked tables on OOM in {:?}", st);
+            let after = (self.s.summary(), self.s.platform().tables_in_use());
+            prop_assert_eq!(after, before, "OOM changed the tree in {:?}", st);
+            self.check(&[])?;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
         self.s.platform_mut().reset_counters();
         let mut touched = Vec::new();
         let mut refused = false;
@@ -144,6 +185,10 @@ impl Model<'_> {
                 let a = attrs_of(attrs);
                 let pa = PA_BASE + p * PAGE + [0, PAGE, 16 * PAGE, 512 * PAGE][delta as usize];
                 let got = self.s.map(va(p), PhysAddr(pa), n * PAGE, a);
+                if self.starving && got == Err(Stage1Error::OutOfTableMemory) {
+                    self.oom = true;
+                    return Ok(());
+                }
                 let want = if a.validate().is_err() {
                     Err(Stage1Error::WriteAndExecute)
                 } else if let Some(m) = self.first_mapped(p, n) {
@@ -168,6 +213,10 @@ impl Model<'_> {
             Op::Unmap { r } => {
                 let (p, n) = r.pages();
                 let got = self.s.unmap(va(p), n * PAGE);
+                if self.starving && got == Err(Stage1Error::OutOfTableMemory) {
+                    self.oom = true;
+                    return Ok(());
+                }
                 let want = match self.first_hole(p, n) {
                     Some(h) => Err(Stage1Error::NotMapped { va: va(h).0 }),
                     None => {
@@ -185,6 +234,10 @@ impl Model<'_> {
                 let (p, n) = r.pages();
                 let a = attrs_of(attrs);
                 let got = self.s.protect(va(p), n * PAGE, a);
+                if self.starving && got == Err(Stage1Error::OutOfTableMemory) {
+                    self.oom = true;
+                    return Ok(());
+                }
                 let want = if a.validate().is_err() {
                     Err(Stage1Error::WriteAndExecute)
                 } else if let Some(h) = self.first_hole(p, n) {
@@ -204,6 +257,10 @@ impl Model<'_> {
             Op::WrProtect { r } => {
                 let (p, n) = r.pages();
                 let got = self.s.wrprotect(va(p), n * PAGE);
+                if self.starving && got == Err(Stage1Error::OutOfTableMemory) {
+                    self.oom = true;
+                    return Ok(());
+                }
                 let want = match self.first_hole(p, n) {
                     Some(h) => Err(Stage1Error::NotMapped { va: va(h).0 }),
                     None => {
@@ -315,7 +372,7 @@ fn run(f: Features, va_size: VaSize, seed_cases: u32) {
     });
     let total = std::cell::Cell::new(0usize);
     runner
-        .run(&prop::collection::vec(op(), STEPS), |ops| {
+        .run(&prop::collection::vec(step(), STEPS), |ops| {
             let mut frames = vec![FakeFrame::new(); 160];
             let mut log = vec![Event::Isb; 64];
             let p = FakePlatform::new(&mut frames, &mut log, f, va_size.start_level());
@@ -323,6 +380,8 @@ fn run(f: Features, va_size: VaSize, seed_cases: u32) {
                 s: Stage1::new(p, va_size, f).unwrap(),
                 shadow: BTreeMap::new(),
                 f,
+                starving: false,
+                oom: false,
             };
             for op in ops {
                 m.step(op)?;

@@ -883,6 +883,18 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 let covered = cs == ev && ce == ev + size;
                 let d = old[k];
                 match d.kind(level) {
+                    DescriptorKind::Table(child)
+                        if matches!(op, LeafOp::Refold)
+                            && covered
+                            && self.valid_count(child) as usize == ENTRIES
+                            && self.collapse_candidate(child, level, ctx.limit).is_some() =>
+                    {
+                        // Collapsing directly beats folding its runs first.
+                        if let Some(block) = self.collapse_candidate(child, level, ctx.limit) {
+                            new[k] = block;
+                            to_free[k] = Some(child);
+                        }
+                    }
                     DescriptorKind::Table(child) => {
                         self.modify_level(ctx, op, child, level + 1, ev, cs, ce, live);
                         let n = self.valid_count(child);

@@ -539,3 +539,52 @@ fn checker_catches_bbm_mistakes() {
         assert_eq!(p.violation_count(), 4);
     }
 }
+
+/// Exact costs of the common operations, both TLBI paths.
+#[test]
+fn exact_costs_of_common_operations() {
+    for f in [NO_BBM, RANGE] {
+        let per_run = if f.tlbi_range { 1 } else { 16 };
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1 + M2 - K4), pa(G1 + M2 - K4), K4, Attributes::DATA)
+            .unwrap();
+        // Fresh 64 KiB run into an existing table: 16 stores, no TLBI.
+        s.platform_mut().reset_counters();
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        check(&mut s);
+        let c = s.platform().counters();
+        assert_eq!(
+            (c.writes, c.tlbi(), c.dsb_ishst, c.dsb_ish, c.isb),
+            (16, 0, 1, 0, 1)
+        );
+        // Unmapping the whole run: 16 clears, one TLBI pass, one DSB ISH.
+        s.platform_mut().reset_counters();
+        s.unmap(va(G1), K64).unwrap();
+        check(&mut s);
+        let c = s.platform().counters();
+        assert_eq!((c.writes, c.tlbi(), c.dsb_ish), (16, per_run, 1));
+        // A 2 MiB block: one store.
+        s.platform_mut().reset_counters();
+        s.map(va(G1 + 4 * M2), pa(2 * G1), M2, Attributes::DATA).unwrap();
+        let c = s.platform().counters();
+        assert_eq!((c.writes, c.allocs), (1, 0));
+        // 2 MiB of plain pages, then refold: the table collapses straight
+        // into a block (clear, TLBI, DSB, block), no run folding first.
+        s.map_limited(
+            va(3 * G1),
+            pa(3 * G1),
+            M2,
+            Attributes::DATA,
+            MappingUnit::Page4K,
+        )
+        .unwrap();
+        s.platform_mut().reset_counters();
+        s.refold(va(3 * G1), M2).unwrap();
+        check(&mut s);
+        let c = s.platform().counters();
+        assert_eq!((c.writes, c.frees, c.dsb_ish), (2, 1, 1));
+        assert_eq!(c.tlbi(), 1, "range TLBI or TLBI ALL for 512 pages");
+        assert_eq!(s.summary().count(MappingUnit::Block2M), 2);
+    }
+}
