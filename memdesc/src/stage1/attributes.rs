@@ -57,7 +57,7 @@ impl MemoryKind {
     }
 }
 
-/// Shareability domain (SH[1:0], D8.5.3). Ignored by hardware for Device memory.
+/// Shareability domain (SH\[1:0\], D8.5.3). Ignored by hardware for Device memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Shareability {
     /// SH = 0b00.
@@ -93,7 +93,7 @@ impl Shareability {
 
 /// What a mapping is: memory kind, permissions, shareability, global.
 ///
-/// Mappings are EL1-only (AP[1] = 0, UXN = 1). Read access is implied by a
+/// Mappings are EL1-only (AP\[1\] = 0, UXN = 1). Read access is implied by a
 /// valid entry. `write && execute` is refused with
 /// [`Stage1Error::WriteAndExecute`] (W^X), and executable Device memory with
 /// [`Stage1Error::ExecutableDevice`].
@@ -166,9 +166,9 @@ impl Attributes {
     ///
     /// Dirty state (the Linux convention, D8.4.6): with FEAT_HAFDBS
     /// (`hafdbs`) a writable entry has DBM = 1 and starts writable-clean
-    /// (AP[2] = 1); the hardware clears AP[2] on the first write, so
-    /// "DBM && !AP[2]" means dirty. Without FEAT_HAFDBS nothing records a
-    /// write, so a writable entry is written AP[2] = 0 with the software
+    /// (AP\[2\] = 1); the hardware clears AP\[2\] on the first write, so
+    /// "DBM && !AP\[2\]" means dirty. Without FEAT_HAFDBS nothing records a
+    /// write, so a writable entry is written AP\[2\] = 0 with the software
     /// dirty bit set: conservatively dirty. Read-only entries keep the dirty
     /// state in the software dirty bit (bit 55), so write-protecting never
     /// loses it.

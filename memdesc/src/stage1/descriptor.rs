@@ -35,16 +35,16 @@ pub const fn leaf_allowed(level: u8) -> bool {
     level >= 1 && level <= 3
 }
 
-/// What a descriptor is at a given level (D8.3.1, bits[1:0]).
+/// What a descriptor is at a given level (D8.3.1, bits\[1:0\]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DescriptorKind {
-    /// bit[0] clear: faults, all other bits ignored by hardware.
+    /// bit\[0\] clear: faults, all other bits ignored by hardware.
     Invalid,
-    /// Table descriptor (bits[1:0] = 0b11 at levels 0-2): next-level table address.
+    /// Table descriptor (bits\[1:0\] = 0b11 at levels 0-2): next-level table address.
     Table(PhysAddr),
-    /// Block (bits[1:0] = 0b01 at levels 1-2) or page (0b11 at level 3).
+    /// Block (bits\[1:0\] = 0b01 at levels 1-2) or page (0b11 at level 3).
     Leaf,
-    /// bits[1:0] = 0b01 where no block is allowed (level 0, level 3): reserved, faults.
+    /// bits\[1:0\] = 0b01 where no block is allowed (level 0, level 3): reserved, faults.
     Reserved,
 }
 
@@ -57,49 +57,49 @@ impl Descriptor {
     /// The invalid (faulting) descriptor.
     pub const INVALID: Self = Self(0);
 
-    /// bit[0]: valid.
+    /// bit\[0\]: valid.
     pub const VALID: u64 = 1 << 0;
-    /// bit[1]: table (levels 0-2) or page (level 3); clear for a block.
+    /// bit\[1\]: table (levels 0-2) or page (level 3); clear for a block.
     pub const TABLE_OR_PAGE: u64 = 1 << 1;
-    /// bits[4:2]: AttrIndx, index into MAIR_ELx (D8.5.2).
+    /// bits\[4:2\]: AttrIndx, index into MAIR_ELx (D8.5.2).
     pub const ATTR_INDX_SHIFT: u32 = 2;
     /// Mask of AttrIndx.
     pub const ATTR_INDX_MASK: u64 = 0b111 << 2;
-    /// bit[5]: NS (only meaningful in Secure state; this engine leaves it 0).
+    /// bit\[5\]: NS (only meaningful in Secure state; this engine leaves it 0).
     pub const NS: u64 = 1 << 5;
-    /// bit[6]: AP[1], EL0 access (D8.4.1); this engine never grants EL0 access.
+    /// bit\[6\]: AP\[1\], EL0 access (D8.4.1); this engine never grants EL0 access.
     pub const AP_EL0: u64 = 1 << 6;
-    /// bit[7]: AP[2], read-only (D8.4.1). With DBM set this is the hardware dirty state.
+    /// bit\[7\]: AP\[2\], read-only (D8.4.1). With DBM set this is the hardware dirty state.
     pub const AP_READ_ONLY: u64 = 1 << 7;
-    /// bits[9:8]: shareability (D8.5.3).
+    /// bits\[9:8\]: shareability (D8.5.3).
     pub const SH_SHIFT: u32 = 8;
     /// Mask of SH.
     pub const SH_MASK: u64 = 0b11 << 8;
-    /// bit[10]: access flag (D8.4.3, FEAT_HAFDBS sets it in hardware).
+    /// bit\[10\]: access flag (D8.4.3, FEAT_HAFDBS sets it in hardware).
     pub const AF: u64 = 1 << 10;
-    /// bit[11]: not global (ASID-tagged).
+    /// bit\[11\]: not global (ASID-tagged).
     pub const NG: u64 = 1 << 11;
-    /// bit[16]: nT, the FEAT_BBM level 1 block-translation hint; never set here.
+    /// bit\[16\]: nT, the FEAT_BBM level 1 block-translation hint; never set here.
     pub const NT: u64 = 1 << 16;
-    /// bits[47:12]: output address mask for a page / table address.
+    /// bits\[47:12\]: output address mask for a page / table address.
     pub const OA_MASK: u64 = ((1u64 << OA_BITS) - 1) & !0xfff;
-    /// bits[50:48]: RES0 here (OA[51:48] with FEAT_LPA, GP with FEAT_BTI: unused).
+    /// bits\[50:48\]: RES0 here (OA\[51:48\] with FEAT_LPA, GP with FEAT_BTI: unused).
     pub const HIGH_RES0: u64 = 0b111 << 48;
-    /// bit[51]: dirty bit modifier (D8.4.6, FEAT_HAFDBS).
+    /// bit\[51\]: dirty bit modifier (D8.4.6, FEAT_HAFDBS).
     pub const DBM: u64 = 1 << 51;
-    /// bit[52]: Contiguous (D8.6.1).
+    /// bit\[52\]: Contiguous (D8.6.1).
     pub const CONT: u64 = 1 << 52;
-    /// bit[53]: PXN, privileged execute-never.
+    /// bit\[53\]: PXN, privileged execute-never.
     pub const PXN: u64 = 1 << 53;
-    /// bit[54]: UXN/XN, unprivileged execute-never.
+    /// bit\[54\]: UXN/XN, unprivileged execute-never.
     pub const UXN: u64 = 1 << 54;
-    /// bit[55]: software dirty, one of the bits[58:55] reserved for software use.
+    /// bit\[55\]: software dirty, one of the bits\[58:55\] reserved for software use.
     ///
     /// Holds the dirty state wherever the hardware cannot: read-only entries
     /// (write-protect keeps dirty here) and writable entries without FEAT_HAFDBS.
     pub const SW_DIRTY: u64 = 1 << 55;
 
-    /// Bits that hardware may change on its own (FEAT_HAFDBS): AF, and AP[2] when DBM is set.
+    /// Bits that hardware may change on its own (FEAT_HAFDBS): AF, and AP\[2\] when DBM is set.
     pub const HW_MANAGED: u64 = Self::AF | Self::AP_READ_ONLY;
 
     /// Raw bits.
@@ -108,13 +108,13 @@ impl Descriptor {
         self.0
     }
 
-    /// bit[0].
+    /// bit\[0\].
     #[inline]
     pub const fn is_valid(self) -> bool {
         self.0 & Self::VALID != 0
     }
 
-    /// Decodes bits[1:0] for `level`.
+    /// Decodes bits\[1:0\] for `level`.
     #[inline]
     pub const fn kind(self, level: u8) -> DescriptorKind {
         if !self.is_valid() {
@@ -201,14 +201,14 @@ impl Descriptor {
         self.has(Self::AF)
     }
 
-    /// Writable: AP[2] clear, or DBM set (writable-clean under FEAT_HAFDBS).
+    /// Writable: AP\[2\] clear, or DBM set (writable-clean under FEAT_HAFDBS).
     #[inline]
     pub const fn is_writable(self) -> bool {
         !self.has(Self::AP_READ_ONLY) || self.has(Self::DBM)
     }
 
-    /// Dirty, by the Linux convention: software dirty, or DBM set with AP[2]
-    /// clear (the hardware cleared AP[2] on the first write).
+    /// Dirty, by the Linux convention: software dirty, or DBM set with AP\[2\]
+    /// clear (the hardware cleared AP\[2\] on the first write).
     #[inline]
     pub const fn is_dirty(self) -> bool {
         self.has(Self::SW_DIRTY) || (self.has(Self::DBM) && !self.has(Self::AP_READ_ONLY))
@@ -222,7 +222,7 @@ impl Descriptor {
 
     /// The bits that must be identical across a contiguous run or a block
     /// collapse: everything except the output address, access flag, dirty
-    /// state (AP[2] when DBM is set, software dirty) and the Contiguous bit.
+    /// state (AP\[2\] when DBM is set, software dirty) and the Contiguous bit.
     #[inline]
     pub const fn run_key(self) -> u64 {
         let mut k = self.0 & !(Self::OA_MASK | Self::AF | Self::SW_DIRTY | Self::CONT);

@@ -345,7 +345,7 @@ impl<'a> FakePlatform<'a> {
     }
 
     /// Plays the hardware (FEAT_HAFDBS): an access through entry `index` of
-    /// `table` sets AF, and a write to a DBM entry clears AP[2]. Not counted.
+    /// `table` sets AF, and a write to a DBM entry clears AP\[2\]. Not counted.
     pub fn hw_touch(&mut self, table: PhysAddr, index: usize, write: bool) {
         let f = self.frame(table);
         let d = Descriptor(self.frames[f].entries[index]);

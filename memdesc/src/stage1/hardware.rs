@@ -15,12 +15,21 @@ use crate::addr::{PhysAddr, VirtAddr};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Features {
     /// FEAT_HAFDBS with TCR_ELx.{HA,HD} set: hardware sets AF and clears
-    /// AP[2] on the first write to a DBM entry.
+    /// AP\[2\] on the first write to a DBM entry.
     pub hafdbs: bool,
     /// FEAT_TLBIRANGE: `TLBI RVA(L)E1IS` may be used.
     pub tlbi_range: bool,
     /// FEAT_BBM level (0, 1 or 2). Level 2 lets the engine change the
-    /// translation size (Contiguous bit, block <-> table) without the break.
+    /// translation size (Contiguous bit, block <-> table) in place, followed
+    /// by a TLBI, instead of break-before-make. Output address and memory
+    /// type changes always break.
+    ///
+    /// FEAT_BBM level 2 still permits the CPU to raise a TLB conflict abort
+    /// while both sizes are cached (Linux only uses the path on CPUs known
+    /// not to, "BBML2_NOABORT"). The hal should report 2 only for such CPUs
+    /// (or QEMU TCG, which never raises it), or when its exception handler
+    /// answers a TLB conflict abort (DFSC 0b110000) with `TLBI VMALLE1IS;
+    /// DSB ISH; ISB` and a retry; otherwise report at most 1.
     pub bbm_level: u8,
 }
 
@@ -94,7 +103,7 @@ pub trait TranslationHw {
 ///    `index` of that frame and nothing else, with single-copy-atomic 64-bit
 ///    accesses;
 /// 3. `compare_exchange_entry` is an atomic compare-and-swap (hardware may
-///    update AF/AP[2] of live entries concurrently under FEAT_HAFDBS).
+///    update AF/AP\[2\] of live entries concurrently under FEAT_HAFDBS).
 pub unsafe trait TableMemory {
     /// Allocates a zeroed table frame; `None` when none is left.
     fn alloc_table(&mut self) -> Option<PhysAddr>;

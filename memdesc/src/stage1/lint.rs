@@ -33,9 +33,9 @@ pub enum Rule {
     WriteAndExecute,
     /// An executable Device leaf.
     ExecutableDevice,
-    /// bits[1:0] = 0b01 where no block is allowed (level 0 or level 3).
+    /// bits\[1:0\] = 0b01 where no block is allowed (level 0 or level 3).
     ReservedDescriptor,
-    /// A RES0 field is set (OA[51:48]/GP) or SH has the reserved value 0b01.
+    /// A RES0 field is set (OA\[51:48\]/GP) or SH has the reserved value 0b01.
     ReservedBitsSet,
     /// A block whose output address has bits below the block size set.
     BlockOutputMisaligned,

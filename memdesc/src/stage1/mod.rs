@@ -11,8 +11,43 @@
 //!
 //! On target the hal implements [`TableMemory`] and [`TranslationHw`] on one
 //! object, builds `Stage1::new(platform, VaSize::Bits48, features)`, maps,
-//! programs MAIR_EL1 = [`MAIR_VALUE`], TCR_EL1.T0SZ = [`VaSize::t0sz`] and
-//! TTBR0_EL1 = [`Stage1::root`], and turns the MMU on.
+//! programs MAIR_EL1 = [`MAIR_VALUE`], TCR_EL1.T0SZ = [`VaSize::t0sz`]
+//! (TG0 = 4 KiB, IPS >= 48 bits, HA/HD when [`Features::hafdbs`]) and
+//! TTBR0_EL1 = [`Stage1::root`], and turns the MMU on. Tables written with
+//! the data cache off must be cleaned to the point of coherency (or TCR's
+//! IRGN0/ORGN0 set to non-cacheable) before the MMU walks them.
+//!
+//! # Access and dirty state (D8.4.3, D8.4.6)
+//!
+//! * Every new leaf is written with AF = 1, so CPUs without hardware access
+//!   flag management never take an Access flag fault on fresh mappings.
+//!   [`Stage1::test_and_clear_young`] clears AF over the whole unit (run or
+//!   block) in place; with FEAT_HAFDBS the hardware sets it again on the next
+//!   access, without it the next access faults and the fault handler must set
+//!   it (as Linux does on CPUs without HA).
+//! * Dirty follows Linux: with FEAT_HAFDBS a writable entry is DBM = 1 and
+//!   starts writable-clean (AP\[2\] = 1); the first write makes the hardware
+//!   clear AP\[2\], so "DBM && !AP\[2\]" is dirty. Read-only entries keep dirty
+//!   in software bit 55 ([`Descriptor::SW_DIRTY`]), so [`Stage1::wrprotect`]
+//!   moves "DBM && !AP\[2\]" into bit 55 and loses nothing; making the entry
+//!   writable again moves it back into AP\[2\]. Without FEAT_HAFDBS nothing
+//!   records a write, so writable entries are AP\[2\] = 0 with bit 55 set:
+//!   conservatively dirty.
+//! * Hardware changes AF and AP\[2\] of live entries behind the engine's back,
+//!   so every rewrite of a live entry is a compare-and-swap; when it fails,
+//!   the AF/dirty the hardware set are carried into the new value (or into
+//!   every leaf of a new split table) and the swap retried. Reads gather AF
+//!   and dirty over all 16 entries of a run (the hardware updates only the
+//!   entry it used).
+//!
+//! # Valid-entry counts
+//!
+//! The count of valid entries per table lives with the platform
+//! ([`TableMemory::adjust_valid`]): on target in the page array's PageTable
+//! descriptor of the table frame, in the fake next to the frame. The engine
+//! adjusts it on every store that changes validity, frees a table when it
+//! reaches zero and only scans a table for a block collapse when it is 512.
+//! The linter cross-checks it against the table.
 
 pub mod attributes;
 pub mod descriptor;

@@ -566,7 +566,8 @@ fn exact_costs_of_common_operations() {
         assert_eq!((c.writes, c.tlbi(), c.dsb_ish), (16, per_run, 1));
         // A 2 MiB block: one store.
         s.platform_mut().reset_counters();
-        s.map(va(G1 + 4 * M2), pa(2 * G1), M2, Attributes::DATA).unwrap();
+        s.map(va(G1 + 4 * M2), pa(2 * G1), M2, Attributes::DATA)
+            .unwrap();
         let c = s.platform().counters();
         assert_eq!((c.writes, c.allocs), (1, 0));
         // 2 MiB of plain pages, then refold: the table collapses straight
