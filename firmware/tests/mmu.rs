@@ -42,6 +42,28 @@ mod tests {
         pa
     }
 
+    /// The feature probe matches the CPU model the host started, and the
+    /// engine was handed exactly what the probe found.
+    #[test]
+    fn probe_matches_cpu_model() {
+        let mut buf = [0u8; 1024];
+        let cpu = hal::semihost::arg(&mut buf, "cpu").expect("host passes cpu");
+        let probe = hal::mmu::Probe::read();
+        let f = probe.features();
+        match cpu {
+            "max" => {
+                assert!(f.hafdbs && f.tlbi_range, "{}", probe);
+                assert_eq!(f.bbm_level, 2);
+            }
+            "cortex-a53" | "cortex-a72" => {
+                assert!(!f.hafdbs && !f.tlbi_range, "{}", probe);
+                assert_eq!(f.bbm_level, 0);
+            }
+            other => panic!("unexpected cpu {}", other),
+        }
+        assert_eq!(STAGE1.with(|s| s.features()).expect("stage-1"), f);
+    }
+
     /// The linter finds no rule violation in the live tables after boot.
     #[test]
     fn linter_clean_after_boot() {
