@@ -241,6 +241,7 @@ pub struct FakePlatform<'a> {
     violation_count: u64,
     stores_unsynced: bool,
     allocs_left: Option<u64>,
+    race: Option<(PhysAddr, usize, bool)>,
 }
 
 impl<'a> FakePlatform<'a> {
@@ -273,6 +274,7 @@ impl<'a> FakePlatform<'a> {
             violation_count: 0,
             stores_unsynced: false,
             allocs_left: None,
+            race: None,
         }
     }
 
@@ -354,6 +356,14 @@ impl<'a> FakePlatform<'a> {
             n = n.with(Descriptor::AP_READ_ONLY, false);
         }
         self.frames[f].entries[index] = n.bits();
+    }
+
+    /// Plays a hardware race: just before the next compare-and-swap on entry
+    /// `index` of `table`, the hardware accesses (and, if `write`, writes)
+    /// through it, as [`FakePlatform::hw_touch`]. The swap then fails and the
+    /// engine must carry the new access/dirty state into what it writes.
+    pub fn race_next_swap(&mut self, table: PhysAddr, index: usize, write: bool) {
+        self.race = Some((table, index, write));
     }
 
     #[inline]
@@ -720,6 +730,12 @@ unsafe impl TableMemory for FakePlatform<'_> {
         current: u64,
         new: u64,
     ) -> Result<(), u64> {
+        if let Some((t, i, write)) = self.race {
+            if t == table && i == index {
+                self.race = None;
+                self.hw_touch(table, index, write);
+            }
+        }
         let f = self.frame(table);
         let found = self.frames[f].entries[index];
         if found != current {

@@ -589,3 +589,45 @@ fn exact_costs_of_common_operations() {
         assert_eq!(s.summary().count(MappingUnit::Block2M), 2);
     }
 }
+
+/// FEAT_HAFDBS races: the hardware sets AF/dirty between the engine's read
+/// and its compare-and-swap; nothing may be lost.
+#[test]
+fn hardware_updates_racing_with_the_engine_are_kept() {
+    for f in [RANGE, Features::ALL] {
+        // In-place write-protect of a whole run.
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        let (t, i, _) = s.leaf_entry(va(G1 + 3 * K4)).unwrap();
+        s.platform_mut().race_next_swap(t, i, true);
+        s.wrprotect(va(G1), K64).unwrap();
+        check(&mut s);
+        let d = Descriptor(unsafe_read(&s, t, i));
+        assert!(d.has(Descriptor::SW_DIRTY) && !d.is_writable(), "{d:?}");
+        assert!(s.query(va(G1)).unwrap().dirty);
+
+        // Break-before-make of a run: the clear itself races.
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        let (t, i, _) = s.leaf_entry(va(G1 + 7 * K4)).unwrap();
+        s.platform_mut().race_next_swap(t, i, true);
+        s.protect(va(G1 + 2 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        let d = Descriptor(unsafe_read(&s, t, i));
+        assert!(d.is_dirty() && d.is_writable(), "{d:?}");
+
+        // Splitting a block: the block's new dirty state reaches every page.
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), M2, Attributes::DATA).unwrap();
+        let (t, i, _) = s.leaf_entry(va(G1)).unwrap();
+        s.platform_mut().race_next_swap(t, i, true);
+        s.unmap(va(G1 + 100 * K4), K4).unwrap();
+        check(&mut s);
+        for p in [0, 1, 99, 101, 511] {
+            assert!(s.query(va(G1 + p * K4)).unwrap().dirty, "page {p}");
+        }
+    }
+}
