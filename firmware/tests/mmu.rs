@@ -52,11 +52,11 @@ mod tests {
         let f = probe.features();
         match cpu {
             "max" => {
-                assert!(f.hafdbs && f.tlbi_range, "{}", probe);
+                assert!(f.hafdbs && f.tlbi_range, "{:?}", probe);
                 assert_eq!(f.bbm_level, 2);
             }
             "cortex-a53" | "cortex-a72" => {
-                assert!(!f.hafdbs && !f.tlbi_range, "{}", probe);
+                assert!(!f.hafdbs && !f.tlbi_range, "{:?}", probe);
                 assert_eq!(f.bbm_level, 0);
             }
             other => panic!("unexpected cpu {}", other),
