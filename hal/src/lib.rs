@@ -18,6 +18,7 @@ pub mod tlbi;
 
 #[cfg(hw)]
 pub mod boot;
+pub mod cache;
 #[cfg(hw)]
 pub mod exception;
 #[cfg(hw)]

@@ -178,6 +178,9 @@ pub unsafe fn enable(root: u64, input: InputSize, probe: &Probe) {
     TCR_EL1.write(tcr);
     TTBR0_EL1.set_baddr(root);
     barrier::dsb(barrier::ISH);
+    // Tables, page array and BSS were written with the data cache off:
+    // drop whatever stale lines a loader left before the walks go cacheable.
+    crate::cache::invalidate_dcache_all();
     // SAFETY: drops every stale EL1 translation before the first walk.
     unsafe { core::arch::asm!("tlbi vmalle1", options(nostack, preserves_flags)) };
     barrier::dsb(barrier::NSH);
