@@ -145,6 +145,13 @@ mod tests {
         assert_eq!(&got, b"PL011");
     }
 
+    /// `#[ignore]` is honoured: if the runner booted this, the suite would fail.
+    #[test]
+    #[ignore]
+    fn ignored_tests_are_not_run() {
+        panic!("an #[ignore]d test was run");
+    }
+
     /// should_panic is honoured by the runner.
     #[test]
     #[should_panic]
