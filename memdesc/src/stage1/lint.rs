@@ -57,6 +57,26 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// A short stable name, for logs that cannot use `Debug` (defmt).
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::ContRunMisaligned => "cont-run-misaligned",
+            Self::ContRunPartial => "cont-run-partial",
+            Self::ContRunNotConsecutive => "cont-run-not-consecutive",
+            Self::ContRunAttributesDiffer => "cont-run-attributes-differ",
+            Self::WriteAndExecute => "write-and-execute",
+            Self::ExecutableDevice => "executable-device",
+            Self::ReservedDescriptor => "reserved-descriptor",
+            Self::ReservedBitsSet => "reserved-bits-set",
+            Self::BlockOutputMisaligned => "block-output-misaligned",
+            Self::UnknownMemoryAttribute => "unknown-memory-attribute",
+            Self::ValidCountMismatch { .. } => "valid-count-mismatch",
+            Self::EmptyTable => "empty-table",
+            Self::MissedFold => "missed-fold",
+            Self::MissedCollapse => "missed-collapse",
+        }
+    }
+
     /// True for findings that are suboptimal but architecturally correct.
     pub const fn is_advisory(&self) -> bool {
         matches!(self, Self::MissedFold | Self::MissedCollapse)

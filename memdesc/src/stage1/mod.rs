@@ -57,6 +57,7 @@ pub mod fake;
 pub mod flush;
 pub mod hardware;
 pub mod lint;
+pub mod tlbi;
 pub mod unit;
 
 #[cfg(test)]
