@@ -16,7 +16,11 @@
 //! * (c) `one_page_in_64k_run_*`: writes, TLBIs, DSBs for one page's
 //!   permission change inside a 64 KiB run, per feature set;
 //! * (d) `flip_*`: one page flipped N times inside a run: ns/flip and
-//!   writes/flip for N = 1k, 10k, 100k (must stay flat).
+//!   writes/flip for N = 1k, 10k, 100k (must stay flat);
+//! * (e) `balloon_churn_*`: rule 8 -- a 1 GiB block linear map loses
+//!   random pages (balloon inflate, splits down to pages) and gets them
+//!   back (deflate); the TLB footprint must return to one entry, with the
+//!   linter and the break-before-make checker clean throughout.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -48,6 +52,7 @@ pub fn run() -> Vec<Record> {
     virt_map(&mut out);
     one_page_in_run(&mut out);
     flips(&mut out);
+    balloon_churn(&mut out);
     out
 }
 
@@ -449,5 +454,120 @@ mod tests {
         for r in super::run() {
             r.emit();
         }
+    }
+}
+
+/// xorshift64*: a fixed-seed generator, so the churn is the same every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// One balloon round on a 1 GiB block: unmap `pages` one by one, remap
+/// them. Returns (inflate ns/page, inflate writes/page, deflate ns/page,
+/// deflate writes/page, footprint inflated, summary after, linter errors,
+/// BBM violations).
+fn churn_round(
+    s: &mut Stage1<FakePlatform<'_>>,
+    pages: &BTreeSet<u64>,
+    lint: bool,
+) -> (f64, f64, f64, f64, u64, MappingSummary, usize, u64) {
+    let ram = 0x4000_0000u64;
+    let r = s.map(VirtAddr(ram), PhysAddr(ram), G1, Attributes::DATA);
+    assert!(r.is_ok(), "bench: {r:?}");
+    let n = pages.len() as f64;
+    let mut lint_errors = 0;
+    s.platform_mut().reset_counters();
+    let t = Instant::now();
+    for &p in pages {
+        let r = s.unmap(VirtAddr(ram + p * K4), K4);
+        assert!(r.is_ok(), "bench: {r:?}");
+    }
+    let inflate_ns = t.elapsed().as_nanos() as f64 / n;
+    let inflate_writes = s.platform().counters().writes as f64 / n;
+    let inflated = s.summary().tlb_entries();
+    if lint {
+        lint_errors += s.lint(&mut |_| {});
+    }
+    s.platform_mut().reset_counters();
+    let t = Instant::now();
+    for &p in pages {
+        let a = ram + p * K4;
+        let r = s.map(VirtAddr(a), PhysAddr(a), K4, Attributes::DATA);
+        assert!(r.is_ok(), "bench: {r:?}");
+    }
+    let deflate_ns = t.elapsed().as_nanos() as f64 / n;
+    let deflate_writes = s.platform().counters().writes as f64 / n;
+    if lint {
+        lint_errors += s.lint(&mut |_| {});
+    }
+    let bbm = s.platform().violation_count();
+    (
+        inflate_ns,
+        inflate_writes,
+        deflate_ns,
+        deflate_writes,
+        inflated,
+        s.summary(),
+        lint_errors,
+        bbm,
+    )
+}
+
+fn balloon_churn(out: &mut Vec<Record>) {
+    const PAGES: u64 = 20_000;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut pages = BTreeSet::new();
+    while (pages.len() as u64) < PAGES {
+        pages.insert(rng.next() % PAGES_1G);
+    }
+    for (name, f) in [("cortex_a53", Features::NONE), ("cpu_max", Features::ALL)] {
+        // Checked pass: recording fake, break-before-make checker, linter.
+        let mut frames = vec![FakeFrame::new(); 700];
+        let mut log = vec![Event::Isb; 16];
+        let p = FakePlatform::new(&mut frames, &mut log, f, 0);
+        let Ok(mut s) = Stage1::new(p, VaSize::Bits48, f) else {
+            panic!("bench: cannot create the engine");
+        };
+        let (.., lint_errors, bbm) = churn_round(&mut s, &pages, true);
+        // Timed pass: counting fake.
+        let mut frames = vec![FakeFrame::new(); 700];
+        let Ok(mut s) = Stage1::new(FakePlatform::counting(&mut frames), VaSize::Bits48, f) else {
+            panic!("bench: cannot create the engine");
+        };
+        let (ins, inw, dns, dnw, inflated, after, ..) = churn_round(&mut s, &pages, false);
+        let note = format!(
+            "{f:?}; 1 GiB block, {PAGES} random pages unmapped then remapped one by one; \
+             checked pass: BBM checker violations {bbm}, linter errors {lint_errors}; TLB entries \
+             inflated {inflated}, after deflate {} (units {:?}), tables after {}",
+            after.tlb_entries(),
+            after.units,
+            after.tables
+        );
+        let m = |what: &str| format!("balloon_churn_{what}_{name}");
+        out.push(Record::new(BENCH, m("inflate_time"), ins, "ns/page").with_note(note.clone()));
+        out.push(
+            Record::new(BENCH, m("inflate_writes"), inw, "writes/page").with_note(note.clone()),
+        );
+        out.push(Record::new(BENCH, m("deflate_time"), dns, "ns/page").with_note(note.clone()));
+        out.push(
+            Record::new(BENCH, m("deflate_writes"), dnw, "writes/page").with_note(note.clone()),
+        );
+        out.push(
+            Record::new(
+                BENCH,
+                m("tlb_entries_after"),
+                after.tlb_entries() as f64,
+                "tlb_entries",
+            )
+            .with_peer("optimum", 1.0, true)
+            .with_note(note),
+        );
     }
 }
