@@ -444,19 +444,6 @@ fn flips(out: &mut Vec<Record>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    /// `cargo test -p qemu --release bench::translation -- --ignored --nocapture`
-    /// prints the records without going through `cargo qemu`.
-    #[test]
-    #[ignore = "benchmark: run in release"]
-    fn print_records() {
-        for r in super::run() {
-            r.emit();
-        }
-    }
-}
-
 /// xorshift64*: a fixed-seed generator, so the churn is the same every run.
 struct Rng(u64);
 
@@ -569,5 +556,18 @@ fn balloon_churn(out: &mut Vec<Record>) {
             .with_peer("optimum", 1.0, true)
             .with_note(note),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `cargo test -p qemu --release bench::translation -- --ignored --nocapture`
+    /// prints the records without going through `cargo qemu`.
+    #[test]
+    #[ignore = "benchmark: run in release"]
+    fn print_records() {
+        for r in super::run() {
+            r.emit();
+        }
     }
 }
