@@ -140,7 +140,9 @@ fn map_1g(out: &mut Vec<Record>) {
     let [our_range, peer_range, our_pages, peer_pages, cont_range, cont_pages] = best.map(per_page);
     let note = format!(
         "1 GiB identity map at VA 1 GiB, 4 KiB pages, 48-bit VA (root level 0) on both sides, host memory, \
-         no TLBI; best of {REPEAT}, alternating"
+         no TLBI; best of {REPEAT}, alternating; table frames: ours from a pre-allocated pool of the \
+         counting fake (zeroed on allocation, valid counts kept by the fake), peer from the global \
+         allocator (alloc_zeroed)"
     );
     out.push(
         Record::new(BENCH, "map_1g_4k_range", our_range, "ns/page")
