@@ -22,7 +22,8 @@ pub struct Features {
     /// FEAT_BBM level (0, 1 or 2). Level 2 lets the engine change the
     /// translation size (Contiguous bit, block <-> table) in place, followed
     /// by a TLBI, instead of break-before-make. Output address and memory
-    /// type changes always break.
+    /// type changes always break. Level 1 is treated as 0 (the engine does
+    /// not use the nT-bit sequence).
     ///
     /// FEAT_BBM level 2 still permits the CPU to raise a TLB conflict abort
     /// while both sizes are cached (Linux only uses the path on CPUs known
