@@ -242,7 +242,7 @@ fn entry_ptr(table: PhysAddr, index: usize) -> *mut u64 {
     (table.0 as *mut u64).wrapping_add(index)
 }
 
-// SAFETY (trait contract): tables are fresh page-table frames from the buddy
+// SAFETY: (the trait contract) tables are fresh page-table frames from the buddy
 // allocator, zeroed here, identity mapped (VA == PA) before and after the
 // MMU is on; entry accesses are aligned 64-bit volatile or atomic accesses of
 // entry `index < 512` of that frame only; the valid count lives in the

@@ -351,7 +351,7 @@ fn push_reg(
         });
     }
     let entry = 4 * (address_cells + size_cells) as usize;
-    if value.len() % entry != 0 {
+    if !value.len().is_multiple_of(entry) {
         return Err(DtbError::BadReg);
     }
     let read = |at: usize, cells: u32| -> Result<u64, DtbError> {

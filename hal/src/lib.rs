@@ -67,7 +67,7 @@ pub fn boot_dtb_address() -> u64 {
         // (x0 from a loader points into RAM when it points at a DTB at all),
         // RAM is identity mapped or the MMU is off, and 8 bytes are read.
         addr >= board::CURRENT.ram_base
-            && addr % 8 == 0
+            && addr.is_multiple_of(8)
             && dtb::claimed_size(unsafe { core::slice::from_raw_parts(addr as *const u8, 8) })
                 .is_ok()
     };
