@@ -59,7 +59,11 @@ pub fn init() -> Platform<'static> {
 }
 
 fn init_memory(platform: &Platform<'static>) -> Result<(), mm::MmError> {
+    // Spans are timed with no logging inside them: console output waits on
+    // the host, so only log-free spans repeat exactly under -icount.
+    let t0 = hal::timer::ticks();
     let frames = mm::init_frames(platform, hal::boot_dtb_address())?;
+    let t1 = hal::timer::ticks();
     defmt::info!(
         "page array: {=u64} frames, {=u64} KiB at {=u64:#x} (8 bytes/frame); {=u64} MiB free",
         frames.frames,
@@ -67,9 +71,16 @@ fn init_memory(platform: &Platform<'static>) -> Result<(), mm::MmError> {
         frames.storage.0,
         (frames.free * memdesc::PAGE_SIZE) >> 20
     );
+    let t2 = hal::timer::ticks();
     let probe = hal::mmu::Probe::read();
     let report = mm::init_stage1(platform, &probe)?;
+    let t3 = hal::timer::ticks();
     defmt::info!("MMU on: identity map of RAM, image W^X, stack guard pages unmapped");
     mm::log_map_report(&report);
+    defmt::info!(
+        "bring-up time: page array and allocator {=u64} ns, stage-1 map and MMU on {=u64} ns",
+        hal::timer::ticks_to_ns(t1 - t0),
+        hal::timer::ticks_to_ns(t3 - t2)
+    );
     Ok(())
 }

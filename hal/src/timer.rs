@@ -24,6 +24,14 @@ pub fn uptime_us() -> u64 {
     ((ticks() as u128 * 1_000_000) / f as u128) as u64
 }
 
+/// Converts a tick count to nanoseconds (0 if CNTFRQ_EL0 is unset).
+pub fn ticks_to_ns(ticks: u64) -> u64 {
+    match frequency() {
+        0 => 0,
+        f => ((ticks as u128 * 1_000_000_000) / f as u128) as u64,
+    }
+}
+
 /// Busy-waits for at least `us` microseconds.
 pub fn delay_us(us: u64) {
     let f = frequency();

@@ -4,7 +4,7 @@
 //!   builds the firmware, makes sure QEMU >= 10 is installed, boots `virt`
 //!   and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
-//! - `cargo qemu bench <memdesc|translation|all>` prints JSON lines.
+//! - `cargo qemu bench <memdesc|translation|boot|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
 
 mod bench;
@@ -26,7 +26,7 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]
-  cargo qemu bench <memdesc|translation|all>
+  cargo qemu bench <memdesc|translation|boot|all>
   cargo qemu runner ELF";
 
 fn main() -> ExitCode {
@@ -233,14 +233,22 @@ fn cmd_test(args: &[String]) -> Result<ExitCode, String> {
     })
 }
 
+fn boot_bench() -> Result<Vec<bench::Record>, String> {
+    setup::ensure_qemu()?;
+    let elf = cargo::build_firmware()?;
+    bench::boot::run(&elf)
+}
+
 fn cmd_bench(args: &[String]) -> Result<ExitCode, String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     let records = match which {
         "memdesc" => bench::memdesc::run(),
         "translation" => bench::translation::run(),
+        "boot" => boot_bench()?,
         "all" => {
             let mut r = bench::memdesc::run();
             r.extend(bench::translation::run());
+            r.extend(boot_bench()?);
             r
         }
         other => return Err(format!("unknown benchmark {other}\n{USAGE}")),

@@ -1,0 +1,102 @@
+//! `cargo qemu bench boot`: how long the firmware's memory bring-up takes in
+//! guest time, under `-icount shift=0` (guest time counts instructions, 1 ns
+//! each), so the figures repeat exactly from run to run. The firmware times
+//! the spans itself, with no console output inside them: console output
+//! waits on the host draining the pipe, which is not repeatable. QEMU TCG
+//! models no caches or pipelines, so these are instruction budgets, not
+//! hardware latencies.
+
+use super::Record;
+use crate::boot::{boot, BootOptions, Ending};
+use crate::log::{Decoder, LogLine};
+use crate::machine::Machine;
+use std::path::Path;
+use std::time::Duration;
+
+/// The durations in a message, in order: every number followed by the word
+/// `ns` (`"stage-1 map 12 ns, b 34 ns"` -> `[12, 34]`).
+pub fn durations_ns(message: &str) -> Vec<u64> {
+    let words: Vec<&str> = message.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[1].trim_end_matches(',') == "ns")
+        .filter_map(|w| w[0].parse().ok())
+        .collect()
+}
+
+/// Boots the firmware with 1 GiB and 4 GiB of RAM and reports the bring-up
+/// spans the firmware logged.
+pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
+    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+    let decoder = Decoder::new(&bytes)?;
+    let ready = |l: &LogLine| l.message == "ready";
+    let mut out = Vec::new();
+    for mem in ["1G", "4G"] {
+        let machine = Machine {
+            mem,
+            icount: true,
+            ..Machine::default()
+        };
+        let opts = BootOptions {
+            semihosting_args: vec![],
+            append: None,
+            qmp: None,
+            timeout: Duration::from_secs(120),
+            echo: false,
+            stop_when: Some(&ready),
+            on_started: None,
+        };
+        let b = boot(&machine, elf, &decoder, &opts)?;
+        if b.ending != Ending::Stopped {
+            return Err(format!(
+                "boot with -m {mem} ended {:?}:\n{}",
+                b.ending,
+                b.transcript()
+            ));
+        }
+        let line = b
+            .lines
+            .iter()
+            .find(|l| l.message.starts_with("bring-up time:"))
+            .ok_or_else(|| format!("no bring-up time line with -m {mem}"))?;
+        let [frames_ns, stage1_ns] = durations_ns(&line.message)[..] else {
+            return Err(format!("unexpected bring-up line: {}", line.message));
+        };
+        let note = format!(
+            "QEMU virt -cpu max -m {mem} -icount shift=0 (1 ns per guest instruction); timed by the firmware with CNTPCT"
+        );
+        out.push(
+            Record::new(
+                "boot",
+                format!("page_array_init_{mem}"),
+                frames_ns as f64 / 1e3,
+                "us",
+            )
+            .with_note(note.clone()),
+        );
+        out.push(
+            Record::new(
+                "boot",
+                format!("stage1_map_mmu_on_{mem}"),
+                stage1_ns as f64 / 1e3,
+                "us",
+            )
+            .with_note(note),
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_order() {
+        assert_eq!(
+            durations_ns("bring-up time: page array and allocator 6706000 ns, stage-1 map and MMU on 353000 ns"),
+            vec![6_706_000, 353_000]
+        );
+        assert_eq!(durations_ns("stage-1 has 2 levels"), Vec::<u64>::new());
+    }
+}
