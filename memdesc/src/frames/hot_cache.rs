@@ -7,7 +7,7 @@
 //! cost a push/pop on a small array plus the block's own words, instead of a
 //! buddy split/merge that touches the words of neighbours far apart in the
 //! page array. Cached blocks stay typed Free in the page array: the head word
-//! is [`Word::free_cached`](super::Word::free_cached) (no head bit, so the
+//! is [`Word::is_free_cached`](super::Word::is_free_cached) (no head bit, so the
 //! buddy never merges with it), the rest [`Word::FREE_TAIL`](super::Word::FREE_TAIL).
 //! They count as free. Anything that needs the exact buddy picture (an
 //! allocation that would otherwise fail, `alloc_at`, reserving, poisoning a

@@ -7,7 +7,7 @@
 //! blocks). A frame in use keeps belonging to its allocation, but speculative
 //! lookups on it fail and, when the allocation is freed, it stays HwPoison
 //! instead of returning to the allocator (a poisoned folio is flagged
-//! [`FOLIO_HWPOISON`](super::FOLIO_HWPOISON) so its free takes the slow path).
+//! [`FOLIO_HWPOISON`] so its free takes the slow path).
 
 use super::allocator::FrameAllocator;
 use super::atomics::Atomics;

@@ -1,18 +1,27 @@
 //! Physical frames: the memdesc page array, its descriptors and refcounts,
 //! and the buddy frame allocator (issue 3; DESIGN.md "memdesc word").
 //!
-//! - [`PageArray`] ([`page_array`](self::page_array)): one 8-byte [`Word`] per
+//! - [`PageArray`] ([`page_array`]): one 8-byte [`Word`] per
 //!   frame of a set of RAM ranges; storage handed in by the caller
 //!   ([`bytes_needed`]).
 //! - [`FrameAllocator`]: a buddy allocator whose free lists live in the words
-//!   ([`buddy`](self::buddy)), orders `0..=`[`MAX_ORDER`] (1 GiB); refcounted
+//!   ([`buddy`]), orders `0..=`[`MAX_ORDER`] (1 GiB); refcounted
 //!   folios ([`FolioRef`], one [`FolioDesc`] per allocation) and frozen
 //!   allocations ([`FrozenKind`]: page tables with a [`PageTableDesc`], slab,
 //!   offline, guard).
 //! - Descriptors come from type-stable caches fed by a [`DescMemory`]
-//!   ([`desc_cache`](self::desc_cache)); the speculative
+//!   ([`desc_cache`]); the speculative
 //!   [`PageArray::get_folio`] relies on that.
-//! - [`FrameAllocator::poison`] and the Offline API for the balloon.
+//! - Small blocks (orders `0..=`[`HOT_MAX_ORDER`]) are recycled through
+//!   bounded hot caches ([`hot_cache`]) before touching the
+//!   buddy lists; cached frames stay typed Free.
+//! - [`FrameAllocator::poison`] and the Offline API for the balloon
+//!   ([`offline`]).
+//!
+//! Building it (firmware): compute [`bytes_needed`] for the RAM ranges, carve
+//! that storage out of RAM, build the [`PageArray`], then
+//! [`FrameAllocator::new`] with the reserved ranges (image, DTB, the page
+//! array itself, holes) and a [`DescMemory`] ([`LinearMap`] on target).
 //!
 //! Everything that races (words, descriptor fields) is generic over
 //! [`Atomics`] so the loom test checks the shipping code.

@@ -15,7 +15,7 @@
 //! Free words use their own dense layout (this is a refinement of DESIGN.md,
 //! which only shows the first two): bit 4 says head (1) or not (0) of a free
 //! block (a non-head is a tail, all other bits 0, or, with bit 5 set, the
-//! first frame of a block parked in a hot cache, see [`Word::free_cached`]),
+//! first frame of a block parked in a hot cache, see [`Word::is_free_cached`]),
 //! bits 5..=9 of a head hold the block order, and two 27-bit page-array indexes
 //! link the head into its per-order doubly linked free list (all-ones =
 //! none). That is what lets the buddy allocator keep all its free state in the
