@@ -1017,6 +1017,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             ctx.nstash -= 1;
             Some(ctx.stash[ctx.nstash])
         } else {
+            debug_assert!(false, "splits_needed undercounted");
             self.platform.alloc_table()
         }
     }
