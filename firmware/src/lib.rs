@@ -73,6 +73,7 @@ fn init_memory(platform: &Platform<'static>) -> Result<(), mm::MmError> {
     );
     let t2 = hal::timer::ticks();
     let probe = hal::mmu::Probe::read();
+    defmt::info!("CPU: {}", probe);
     let report = mm::init_stage1(platform, &probe)?;
     let t3 = hal::timer::ticks();
     defmt::info!("MMU on: identity map of RAM, image W^X, stack guard pages unmapped");

@@ -59,6 +59,13 @@ mod tests {
                 assert!(!f.hafdbs && !f.tlbi_range, "{:?}", probe);
                 assert_eq!(f.bbm_level, 0);
             }
+            "neoverse-v1" => {
+                // Advertises BBM level 2, but is not known never to raise TLB
+                // conflict aborts: the engine must keep break-before-make.
+                assert_eq!(probe.bbm, 2, "{:?}", probe);
+                assert!(f.hafdbs && !f.tlbi_range, "{:?}", probe);
+                assert_eq!(f.bbm_level, 0);
+            }
             other => panic!("unexpected cpu {}", other),
         }
         assert_eq!(STAGE1.with(|s| s.features()).expect("stage-1"), f);

@@ -14,6 +14,7 @@ pub mod board;
 pub mod dtb;
 pub mod esr;
 pub mod exit;
+pub mod midr;
 pub mod tlbi;
 
 #[cfg(hw)]

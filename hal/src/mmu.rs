@@ -22,6 +22,8 @@ pub struct Probe {
     pub ttl: bool,
     /// ID_AA64MMFR0_EL1.PARange encoding (0 = 32 bits … 6 = 52 bits).
     pub pa_range: u8,
+    /// MIDR_EL1: which implementation this is.
+    pub midr: u64,
 }
 
 impl Probe {
@@ -37,15 +39,17 @@ impl Probe {
             bbm: ((mmfr2 >> 52) & 0xf) as u8,
             ttl: (mmfr2 >> 48) & 0xf != 0,
             pa_range: (mmfr0 & 0xf) as u8,
+            midr: MIDR_EL1.get(),
         }
     }
 
-    /// The engine's view: which maintenance paths it may take.
+    /// The engine's view: which maintenance paths it may take. BBM level 2
+    /// only where no TLB conflict abort can happen (see [`crate::midr`]).
     pub fn features(&self) -> Features {
         Features {
             hafdbs: self.hafdbs >= 2,
             tlbi_range: self.tlb >= 2,
-            bbm_level: self.bbm.min(2),
+            bbm_level: crate::midr::usable_bbm_level(self.bbm, self.midr),
         }
     }
 

@@ -119,7 +119,11 @@ fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
         ("platform", "memory_matches_qemu") => {
             vec![m("max", "512M", 1), m("max", "1G", 1), m("max", "4G", 1)]
         }
-        ("mmu", _) => vec![m("max", "1G", 1), m("cortex-a53", "1G", 1)],
+        ("mmu", _) => vec![
+            m("max", "1G", 1),
+            m("cortex-a53", "1G", 1),
+            m("neoverse-v1", "1G", 1),
+        ],
         _ => vec![Machine::default()],
     }
 }
