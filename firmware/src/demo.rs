@@ -40,6 +40,8 @@ pub struct DemoReport {
     pub offline_peak: u64,
     /// Linter violations at the end.
     pub lint_errors: usize,
+    /// Frames the descriptor caches grew by (kept for good: type-stable memory).
+    pub descriptor_frames: u64,
 }
 
 fn frames<R>(
@@ -62,6 +64,7 @@ fn free_count() -> Result<u64, MmError> {
 /// Runs the workload, logging each step.
 pub fn run() -> Result<DemoReport, MmError> {
     let free_before = free_count()?;
+    let reserved_before = FRAMES.with(|fa| fa.count(FrameType::Reserved))?;
     defmt::info!("demo: {=u64} frames free", free_before);
 
     // Folios of mixed orders: one descriptor per allocation.
@@ -185,12 +188,14 @@ pub fn run() -> Result<DemoReport, MmError> {
     }
     frames(|fa| fa.put(block))?;
     let free_after = free_count()?;
+    let descriptor_frames = FRAMES.with(|fa| fa.count(FrameType::Reserved))? - reserved_before;
     let lint_errors = crate::mm::lint()?;
     let consistent = FRAMES.with(|fa| fa.check_consistency())?;
     defmt::info!(
-        "demo: all returned: {=u64} frames free ({=u64} poisoned), linter {=usize} violations, page array consistent: {=bool}",
+        "demo: all returned: {=u64} frames free ({=u64} poisoned, {=u64} grew the descriptor caches), linter {=usize} violations, page array consistent: {=bool}",
         free_after,
         poisoned,
+        descriptor_frames,
         lint_errors,
         consistent.is_ok()
     );
@@ -206,5 +211,6 @@ pub fn run() -> Result<DemoReport, MmError> {
         unit_after_undo,
         offline_peak,
         lint_errors,
+        descriptor_frames,
     })
 }

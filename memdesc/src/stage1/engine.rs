@@ -741,6 +741,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
 
     fn free_deferred(&mut self, ctx: &mut OpCtx) {
         for i in 0..ctx.nfree {
+            // A table discarded whole (a full table collapsed into a block)
+            // still counts its entries: the frame provider wants 0.
+            // SAFETY: the table is still ours until free_table below.
+            let left = unsafe { self.platform.adjust_valid(ctx.frees[i], 0) };
+            if left != 0 {
+                // SAFETY: as above; brings the count to exactly 0.
+                unsafe { self.platform.adjust_valid(ctx.frees[i], -(left as i32)) };
+            }
             // SAFETY: the descriptor pointing at this table was cleared or
             // replaced and the TLB debt covering it (non-last-level TLBI) was
             // settled before we got here (`finish`, `defer_free`), or the

@@ -219,6 +219,14 @@ pub enum BbmViolation {
         /// The table.
         table: PhysAddr,
     },
+    /// A table was freed with a non-zero valid-entry count (the page array
+    /// refuses to free such a page-table frame, so on target it would leak).
+    FreedWithValidCount {
+        /// The table.
+        table: PhysAddr,
+        /// Its count when freed.
+        valid: u32,
+    },
 }
 
 /// Fake table memory and TLB: see the module documentation.
@@ -673,6 +681,12 @@ unsafe impl TableMemory for FakePlatform<'_> {
             }
             if m.unclean != 0 {
                 self.frames[f].state = [CLEAN; ENTRIES];
+            }
+            if m.valid != 0 {
+                self.violation(BbmViolation::FreedWithValidCount {
+                    table,
+                    valid: m.valid,
+                });
             }
         }
         self.frames[f].meta = FrameMeta {

@@ -115,7 +115,9 @@ pub unsafe trait TableMemory {
     ///
     /// `table` came from `alloc_table`, is no longer referenced by any
     /// descriptor, no TLB or walk cache can still hold entries read from it,
-    /// and it is not used again.
+    /// its valid-entry count is 0 (the engine zeroes the count of a table it
+    /// discards whole, such as a full table collapsed into a block), and it
+    /// is not used again.
     unsafe fn free_table(&mut self, table: PhysAddr);
 
     /// Reads entry `index` of `table`.
