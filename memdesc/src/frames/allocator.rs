@@ -330,6 +330,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
 
     /// Gives a whole allocation back to the buddy. Frames that are HwPoison
     /// stay so when `poisoned` is set. Returns the frames freed.
+    #[inline]
     fn give_back(&mut self, sec: &Section, idx: usize, pfn: u64, order: u8, poisoned: bool) -> u64 {
         let n = 1usize << order;
         if !poisoned {
@@ -381,6 +382,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// folio, not free); returns its section, index, head word (the
     /// original one if the head frame is poisoned) and whether any frame of
     /// it is poisoned.
+    #[inline]
     pub(crate) fn check_allocation(
         &self,
         pfn: Pfn,
