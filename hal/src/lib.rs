@@ -15,7 +15,6 @@ pub mod dtb;
 pub mod esr;
 pub mod exit;
 pub mod midr;
-pub mod tlbi;
 
 #[cfg(hw)]
 pub mod boot;

@@ -4,8 +4,8 @@
 //! "TLB maintenance instructions", D8.14 "Break-before-make"; C5.5 for the
 //! TLBI operand encodings, including FEAT_TLBIRANGE's `RVA(L)E1IS`).
 
-use crate::tlbi::{range_operand, split_range, va_operand, RangeOp};
 use aarch64_cpu::{asm::barrier, registers::*};
+use memdesc::stage1::tlbi::{va_operand, RangeOperands, TlbiOperand};
 use memdesc::stage1::{Features, TlbiScope, TranslationHw, MAIR_VALUE};
 use memdesc::VirtAddr;
 
@@ -80,47 +80,54 @@ impl Tlb {
     }
 }
 
+/// Most pages one split range covers in at most five operations (8 GiB).
+const MAX_RANGE_PAGES: u64 = (1 << 21) - 1;
+
+/// `TLBI VALE1IS` (leaf only) or `TLBI VAE1IS` with a prepared operand.
+fn tlbi_va_op(op: u64, last_level_only: bool) {
+    // SAFETY: TLBI only drops cached translations; it has no memory effects
+    // beyond that and cannot fault.
+    unsafe {
+        if last_level_only {
+            core::arch::asm!("tlbi vale1is, {0}", in(reg) op, options(nostack, preserves_flags));
+        } else {
+            core::arch::asm!("tlbi vae1is, {0}", in(reg) op, options(nostack, preserves_flags));
+        }
+    }
+}
+
+/// `TLBI RVALE1IS` or `TLBI RVAE1IS` with a prepared operand.
+fn tlbi_range_op(op: u64, last_level_only: bool) {
+    // SAFETY: as for tlbi_va_op; only reached when the engine saw
+    // FEAT_TLBIRANGE in the probe, so the instruction exists. Written as its
+    // system-instruction encoding (RVALE1IS is `sys #0, c8, c2, #5`, RVAE1IS
+    // `sys #0, c8, c2, #1`) so the assembler needs no +tlb-rmi feature.
+    unsafe {
+        if last_level_only {
+            core::arch::asm!("sys #0, c8, c2, #5, {0}", in(reg) op, options(nostack, preserves_flags));
+        } else {
+            core::arch::asm!("sys #0, c8, c2, #1, {0}", in(reg) op, options(nostack, preserves_flags));
+        }
+    }
+}
+
 impl TranslationHw for Tlb {
     fn tlbi_va(&mut self, va: VirtAddr, scope: TlbiScope) {
-        let op = va_operand(va.0, scope.level, self.ttl);
-        // SAFETY: TLBI only drops cached translations; it has no memory
-        // effects beyond that and cannot fault.
-        unsafe {
-            if scope.last_level_only {
-                core::arch::asm!("tlbi vale1is, {0}", in(reg) op, options(nostack, preserves_flags));
-            } else {
-                core::arch::asm!("tlbi vae1is, {0}", in(reg) op, options(nostack, preserves_flags));
-            }
-        }
+        tlbi_va_op(va_operand(va, 0, scope, self.ttl), scope.last_level_only);
     }
 
     fn tlbi_va_range(&mut self, va: VirtAddr, len: u64, scope: TlbiScope) {
-        let last = scope.last_level_only;
-        let ttl = self.ttl;
-        let ok = split_range(va.0 >> 12, len >> 12, |op| match op {
-            RangeOp::Range {
-                base_page,
-                num,
-                scale,
-            } => {
-                let operand = range_operand(base_page, num, scale, scope.level);
-                // SAFETY: as for tlbi_va; only issued when the engine saw
-                // FEAT_TLBIRANGE in the probe, so the instruction exists.
-                // Written as its system-instruction encoding (TLBI RVALE1IS is
-                // `sys #0, c8, c2, #5`, RVAE1IS `sys #0, c8, c2, #1`) so the
-                // assembler needs no +tlb-rmi target feature.
-                unsafe {
-                    if last {
-                        core::arch::asm!("sys #0, c8, c2, #5, {0}", in(reg) operand, options(nostack, preserves_flags));
-                    } else {
-                        core::arch::asm!("sys #0, c8, c2, #1, {0}", in(reg) operand, options(nostack, preserves_flags));
-                    }
-                }
-            }
-            RangeOp::Single { base_page } => Tlb { ttl }.tlbi_va(VirtAddr(base_page << 12), scope),
-        });
-        if !ok {
+        // Up to 8 GiB takes at most five operations; beyond, one broadcast
+        // invalidate-all is cheaper than a stream of 8 GiB ranges.
+        if len >> 12 > MAX_RANGE_PAGES {
             self.tlbi_all();
+            return;
+        }
+        for op in RangeOperands::new(va, len, 0, scope, self.ttl) {
+            match op {
+                TlbiOperand::Va(op) => tlbi_va_op(op, scope.last_level_only),
+                TlbiOperand::Range(op) => tlbi_range_op(op, scope.last_level_only),
+            }
         }
     }
 

@@ -44,17 +44,21 @@ pub struct RangeOperands {
     asid: u16,
     scope: TlbiScope,
     scale: u32,
+    ttl: bool,
 }
 
 impl RangeOperands {
     /// Operands for `[va, va + len)`; `va` and `len` are 4 KiB multiples.
-    pub const fn new(va: VirtAddr, len: u64, asid: u16, scope: TlbiScope) -> Self {
+    /// `ttl` says whether FEAT_TTL exists, for the single-page operand (a
+    /// range operand's TTL field is defined by FEAT_TLBIRANGE itself).
+    pub const fn new(va: VirtAddr, len: u64, asid: u16, scope: TlbiScope, ttl: bool) -> Self {
         Self {
             va: va.0,
             pages: len >> PAGE_SHIFT,
             asid,
             scope,
             scale: 0,
+            ttl,
         }
     }
 }
@@ -66,7 +70,7 @@ impl Iterator for RangeOperands {
         while self.pages > 0 {
             if self.pages & 1 == 1 {
                 // A range covers an even number of pages: the odd one alone.
-                let op = va_operand(VirtAddr(self.va), self.asid, self.scope, true);
+                let op = va_operand(VirtAddr(self.va), self.asid, self.scope, self.ttl);
                 self.va += 1 << PAGE_SHIFT;
                 self.pages -= 1;
                 return Some(TlbiOperand::Va(op));
@@ -129,12 +133,57 @@ mod tests {
     }
 
     #[test]
+    fn single_page_operand_has_ttl_only_with_feat_ttl() {
+        let ops: Vec<_> =
+            RangeOperands::new(VirtAddr(0x4000_0000), 4096, 0, LEAF3, false).collect();
+        assert_eq!(ops, [TlbiOperand::Va(0x40000)]);
+        let ops: Vec<_> = RangeOperands::new(VirtAddr(0x4000_0000), 4096, 0, LEAF3, true).collect();
+        assert_eq!(ops, [TlbiOperand::Va(0x40000 | (0b0111 << 44))]);
+    }
+
+    #[test]
+    fn a_64k_run_is_one_range_operand() {
+        let ops: Vec<_> =
+            RangeOperands::new(VirtAddr(0x4020_0000), 16 << PAGE_SHIFT, 0, LEAF3, true).collect();
+        assert_eq!(ops.len(), 1);
+        let TlbiOperand::Range(r) = ops[0] else {
+            panic!("not a range")
+        };
+        assert_eq!(decode(r), (0x40200, 16));
+    }
+
+    #[test]
+    fn every_count_up_to_3000_covers_exactly_in_at_most_5() {
+        for pages in 1..3000u64 {
+            let mut next = 1000u64;
+            let mut n = 0;
+            for op in RangeOperands::new(
+                VirtAddr(1000 << PAGE_SHIFT),
+                pages << PAGE_SHIFT,
+                0,
+                LEAF3,
+                true,
+            ) {
+                n += 1;
+                let (first, count) = match op {
+                    TlbiOperand::Va(v) => (v & ((1 << 44) - 1), 1),
+                    TlbiOperand::Range(r) => decode(r),
+                };
+                assert_eq!(first, next, "{pages} pages: gap or overlap");
+                next += count;
+            }
+            assert_eq!(next, 1000 + pages);
+            assert!(n <= 5, "{pages} pages took {n} operands");
+        }
+    }
+
+    #[test]
     fn ranges_cover_exactly() {
         for pages in [1u64, 2, 16, 17, 63, 64, 65, 512, 1000, 262_144, 2_097_153] {
             let base = 0x4000_0000u64;
             let mut next = base >> PAGE_SHIFT;
             let mut n = 0;
-            for op in RangeOperands::new(VirtAddr(base), pages << PAGE_SHIFT, 0, LEAF3) {
+            for op in RangeOperands::new(VirtAddr(base), pages << PAGE_SHIFT, 0, LEAF3, true) {
                 n += 1;
                 let (first, count) = match op {
                     TlbiOperand::Va(v) => (v & ((1 << 44) - 1), 1),
