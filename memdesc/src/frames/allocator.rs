@@ -430,23 +430,20 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             }
         };
         let mut poisoned = raw.frame_type() == Some(FrameType::HwPoison);
-        for (i, c) in self
-            .pa
-            .cells(idx, 1usize << order)
-            .iter()
-            .enumerate()
-            .skip(1)
-        {
-            let i = i as u64;
-            let mut w = Word::from_raw(c.load(Ordering::Relaxed));
-            if w != tail && w.frame_type() == Some(FrameType::HwPoison) {
-                poisoned = true;
-                w = self.pa.effective(w);
-            }
-            if w != tail {
-                return Err(FrameError::NotAllocation {
-                    pfn: Pfn(pfn.0 + i),
-                });
+        let rest = &self.pa.cells(idx, 1usize << order)[1..];
+        // Fast path: every other frame holds exactly the tail word.
+        if !rest.iter().all(|c| c.load(Ordering::Relaxed) == tail.raw()) {
+            for (i, c) in rest.iter().enumerate() {
+                let mut w = Word::from_raw(c.load(Ordering::Relaxed));
+                if w != tail && w.frame_type() == Some(FrameType::HwPoison) {
+                    poisoned = true;
+                    w = self.pa.effective(w);
+                }
+                if w != tail {
+                    return Err(FrameError::NotAllocation {
+                        pfn: Pfn(pfn.0 + 1 + i as u64),
+                    });
+                }
             }
         }
         Ok((sec, idx, head, poisoned))
