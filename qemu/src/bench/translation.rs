@@ -571,16 +571,3 @@ fn balloon_churn(out: &mut Vec<Record>) {
         );
     }
 }
-
-#[cfg(test)]
-mod tests {
-    /// `cargo test -p qemu --release bench::translation -- --ignored --nocapture`
-    /// prints the records without going through `cargo qemu`.
-    #[test]
-    #[ignore = "benchmark: run in release"]
-    fn print_records() {
-        for r in super::run() {
-            r.emit();
-        }
-    }
-}
