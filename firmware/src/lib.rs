@@ -73,7 +73,15 @@ fn init_memory(platform: &Platform<'static>) -> Result<(), mm::MmError> {
     );
     let t2 = hal::timer::ticks();
     let probe = hal::mmu::Probe::read();
-    defmt::info!("CPU: {}", probe);
+    defmt::info!(
+        "CPU: MIDR {=u64:#010x}, HAFDBS {=u8}, TLBI {=u8}, BBM {=u8}, TTL {=bool}, {=u8}-bit PA",
+        probe.midr,
+        probe.hafdbs,
+        probe.tlb,
+        probe.bbm,
+        probe.ttl,
+        probe.pa_bits()
+    );
     let report = mm::init_stage1(platform, &probe)?;
     let t3 = hal::timer::ticks();
     defmt::info!("MMU on: identity map of RAM, image W^X, stack guard pages unmapped");
