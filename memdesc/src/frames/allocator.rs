@@ -467,7 +467,11 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     /// Words and (maybe) descriptor for a frozen allocation of `kind`.
-    fn frozen_words(&mut self, order: u8, kind: FrozenKind) -> Result<(Word, Word), FrameError> {
+    pub(crate) fn frozen_words(
+        &mut self,
+        order: u8,
+        kind: FrozenKind,
+    ) -> Result<(Word, Word), FrameError> {
         Ok(match kind {
             FrozenKind::PageTable => {
                 let d = self.get_table_desc()?;

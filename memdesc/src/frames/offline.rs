@@ -48,28 +48,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
                 });
             }
         }
-        let (new_head, new_tail) = match to {
-            FrozenKind::Offline => (
-                Word::misc(FrameType::Offline, 0, order, 0),
-                Word::misc(FrameType::Offline, 0, order, MISC_FLAG_TAIL),
-            ),
-            FrozenKind::Guard => (
-                Word::misc(FrameType::Guard, 0, order, 0),
-                Word::misc(FrameType::Guard, 0, order, MISC_FLAG_TAIL),
-            ),
-            FrozenKind::PageTable => {
-                let d = self.get_table_desc()?;
-                d.init(order);
-                let w = Word::with_desc(FrameType::PageTable, desc_addr(d));
-                (w, w)
-            }
-            FrozenKind::Slab => {
-                let d = self.get_slab_desc()?;
-                d.init(order);
-                let w = Word::with_desc(FrameType::Slab, desc_addr(d));
-                (w, w)
-            }
-        };
+        let (new_head, new_tail) = self.frozen_words(order, to)?;
         self.drop_desc(head);
         let healthy = self.rewrite(idx, order, new_head, new_tail);
         self.retally(from, new_head, healthy);
