@@ -24,6 +24,10 @@ pub fn run(bootargs: Option<&str>) {
                 let depth = recurse(0);
                 defmt::error!("selftest: recursion returned at depth {=u64}", depth);
             }
+            Some("nested-log") => {
+                defmt::info!("outer frame: {}", FaultsWhileFormatting);
+                defmt::info!("selftest: logging continues after a nested frame");
+            }
             Some("poweroff") => {
                 defmt::info!("selftest: powering off");
                 hal::power::poweroff();
@@ -47,4 +51,20 @@ fn recurse(depth: u64) -> u64 {
     frame[0] = depth as u8;
     let frame = core::hint::black_box(frame);
     recurse(depth + 1) + frame[0] as u64 + frame[4095] as u64
+}
+
+/// Takes (and catches) a data abort in the middle of being formatted: the
+/// exception handler logs while the outer defmt frame is open, and the
+/// logger must drop that nested frame rather than corrupt the outer one.
+struct FaultsWhileFormatting;
+
+impl defmt::Format for FaultsWhileFormatting {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "before-");
+        let fault = hal::exception::catch(|| {
+            // SAFETY: not sound on purpose: the read faults and `catch` resumes.
+            let _ = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+        });
+        defmt::write!(f, "after fault {=bool}", fault.is_some());
+    }
 }

@@ -197,6 +197,14 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         must_log: "translation fault at level 3 on write",
     },
     SystemTest {
+        name: "log_survives_fault_mid_frame",
+        append: Some("selftest=nested-log"),
+        machine_el: 1,
+        cpu: "max",
+        exit: None,
+        must_log: "outer frame: before-after fault true",
+    },
+    SystemTest {
         name: "psci_poweroff_hvc",
         append: Some("selftest=poweroff"),
         machine_el: 1,
