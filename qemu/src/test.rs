@@ -256,6 +256,64 @@ fn matches(filters: &[String], name: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
 
+/// Boots one job and judges it: `Ok(wall time)` or the reason it failed
+/// followed by its decoded log.
+fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Duration, String> {
+    let m = &job.machine;
+    let mut semihosting_args = vec![
+        format!("entry_el={}", m.el),
+        format!("mem_bytes={}", m.mem_bytes()),
+        format!("cpu={}", m.cpu),
+    ];
+    let ready = |l: &crate::log::LogLine| l.message == "ready";
+    let opts = match &job.check {
+        Check::Embedded(case) => {
+            semihosting_args.splice(0..0, ["run_addr".to_string(), case.addr.to_string()]);
+            BootOptions {
+                semihosting_args,
+                append: None,
+                qmp: None,
+                timeout: Duration::from_secs(case.timeout.unwrap_or(60) as u64),
+                echo: false,
+                stop_when: None,
+                on_started: None,
+            }
+        }
+        Check::System(st) => BootOptions {
+            semihosting_args,
+            append: st.append,
+            qmp: None,
+            timeout: Duration::from_secs(60),
+            echo: false,
+            stop_when: if st.exit.is_none() {
+                Some(&ready)
+            } else {
+                None
+            },
+            on_started: None,
+        },
+    };
+    let b = boot(m, elf, decoder, &opts)?;
+    let verdict = match &job.check {
+        Check::Embedded(case) => judge_embedded(b.ending, case.should_panic),
+        Check::System(st) => match (st.exit, b.ending) {
+            (None, Ending::Stopped) => Ok(()),
+            (Some(want), Ending::Exited(got)) if want == got => Ok(()),
+            (want, got) => Err(format!("expected {want:?} (None = ready), got {got:?}")),
+        }
+        .and_then(|()| {
+            if b.logged(st.must_log) {
+                Ok(())
+            } else {
+                Err(format!("log lacks {:?}", st.must_log))
+            }
+        }),
+    };
+    verdict
+        .map(|()| b.elapsed)
+        .map_err(|e| format!("{e}\n{}", b.transcript()))
+}
+
 /// Runs everything; returns the tally (the caller prints the final line).
 /// Setup, build or tooling trouble (QEMU missing, a build error) counts as
 /// one failure on top of whatever ran, so the summary line stays honest.
@@ -368,75 +426,7 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 let Some(job) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
                     return;
                 };
-                let (name, path) = &elfs[job.elf];
-                let _ = name;
-                let decoder = &decoders[job.elf];
-                let mem = job.machine.mem_bytes();
-                let base_args = vec![
-                    format!("entry_el={}", job.machine.el),
-                    format!("mem_bytes={mem}"),
-                    format!("cpu={}", job.machine.cpu),
-                ];
-                let ready = |l: &crate::log::LogLine| l.message == "ready";
-                let (opts, should_panic) = match &job.check {
-                    Check::Embedded(case) => {
-                        let mut semi = vec!["run_addr".to_string(), case.addr.to_string()];
-                        semi.extend(base_args);
-                        let timeout = Duration::from_secs(case.timeout.unwrap_or(60) as u64);
-                        (
-                            BootOptions {
-                                semihosting_args: semi,
-                                append: None,
-                                qmp: None,
-                                timeout,
-                                echo: false,
-                                stop_when: None,
-                                on_started: None,
-                            },
-                            case.should_panic,
-                        )
-                    }
-                    Check::System(st) => (
-                        BootOptions {
-                            semihosting_args: base_args,
-                            append: st.append,
-                            qmp: None,
-                            timeout: Duration::from_secs(60),
-                            echo: false,
-                            stop_when: if st.exit.is_none() {
-                                Some(&ready)
-                            } else {
-                                None
-                            },
-                            on_started: None,
-                        },
-                        false,
-                    ),
-                };
-                let verdict = match boot(&job.machine, path, decoder, &opts) {
-                    Err(e) => Err(e),
-                    Ok(b) => {
-                        let v = match &job.check {
-                            Check::Embedded(_) => judge_embedded(b.ending, should_panic),
-                            Check::System(st) => match (st.exit, b.ending) {
-                                (None, Ending::Stopped) => Ok(()),
-                                (Some(want), Ending::Exited(got)) if want == got => Ok(()),
-                                (want, got) => {
-                                    Err(format!("expected {want:?} (None = ready), got {got:?}"))
-                                }
-                            }
-                            .and_then(|()| {
-                                if b.logged(st.must_log) {
-                                    Ok(())
-                                } else {
-                                    Err(format!("log lacks {:?}", st.must_log))
-                                }
-                            }),
-                        };
-                        v.map_err(|e| format!("{e}\n{}", b.transcript()))
-                            .map(|()| b.elapsed)
-                    }
-                };
+                let verdict = run_job(&job, &elfs[job.elf].1, &decoders[job.elf]);
                 let Ok(mut r) = results.lock() else { return };
                 match verdict {
                     Ok(t) => {
