@@ -76,11 +76,20 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         match args[i].as_str() {
             "--exit-when-ready" => exit_when_ready = true,
             "--cpu" => machine.cpu = leak(value(args, &mut i, "--cpu")?),
-            "--mem" => machine.mem = leak(value(args, &mut i, "--mem")?),
+            "--mem" => {
+                let m = value(args, &mut i, "--mem")?;
+                if machine::parse_size(m).is_none_or(|b| b == 0) {
+                    return Err(format!("--mem takes a size like 512M, 1G or 4G, not {m:?}"));
+                }
+                machine.mem = leak(m);
+            }
             "--el" => {
-                machine.el = value(args, &mut i, "--el")?
-                    .parse()
-                    .map_err(|_| "--el takes 1, 2 or 3")?
+                machine.el = match value(args, &mut i, "--el")? {
+                    "1" => 1,
+                    "2" => 2,
+                    "3" => 3,
+                    other => return Err(format!("--el takes 1, 2 or 3, not {other:?}")),
+                }
             }
             "--append" => append = Some(value(args, &mut i, "--append")?.to_string()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),

@@ -803,6 +803,31 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             pfn: pa.pfn_of(idx).unwrap_or(Pfn(u64::MAX)),
             what,
         };
+        // A free block (in a hot cache or a free list) starting at index
+        // `i`: aligned to its order, inside one RAM range, every other frame
+        // a free tail.
+        let check_free_block = |i: usize, o: u8, cached: bool| -> Result<(), ConsistencyError> {
+            let (misplaced, bad_tail) = if cached {
+                (
+                    "misaligned or out-of-range cached block",
+                    "cached block tail is not a free tail",
+                )
+            } else {
+                (
+                    "misaligned or out-of-range free block",
+                    "free block tail is not a free tail",
+                )
+            };
+            let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?.0;
+            let sec = pa.section_of(pfn).ok_or(err(i, "section"))?;
+            if pfn & ((1u64 << o) - 1) != 0 || !sec.holds_block(pfn, o) {
+                return Err(err(i, misplaced));
+            }
+            match (i + 1..i + (1usize << o)).find(|&t| !pa.load(t).is_free_tail()) {
+                Some(t) => Err(err(t, bad_tail)),
+                None => Ok(()),
+            }
+        };
         let mut counts = [0u64; FrameType::COUNT];
         let mut cached = [0usize; HOT_MAX_ORDER as usize + 1];
         for i in 0..pa.len() {
@@ -835,16 +860,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                 if !w.is_free_cached() || w.free_cached_order() != o {
                     return Err(err(i, "hot-cache entry is not a cached block of its order"));
                 }
-                let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?.0;
-                let sec = pa.section_of(pfn).ok_or(err(i, "section"))?;
-                if pfn & ((1u64 << o) - 1) != 0 || !sec.holds_block(pfn, o) {
-                    return Err(err(i, "misaligned or out-of-range cached block"));
-                }
-                for t in i + 1..i + (1usize << o) {
-                    if !pa.load(t).is_free_tail() {
-                        return Err(err(t, "cached block tail is not a free tail"));
-                    }
-                }
+                check_free_block(i, o, true)?;
             }
         }
         if counts != self.by_type {
@@ -867,16 +883,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                 if w.free_prev() != prev {
                     return Err(err(i, "bad prev link"));
                 }
-                let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?.0;
-                let sec = pa.section_of(pfn).ok_or(err(i, "section"))?;
-                if pfn & ((1u64 << o) - 1) != 0 || !sec.holds_block(pfn, o) {
-                    return Err(err(i, "misaligned or out-of-range free block"));
-                }
-                for t in i + 1..i + (1usize << o) {
-                    if !pa.load(t).is_free_tail() {
-                        return Err(err(t, "free block tail is not a free tail"));
-                    }
-                }
+                check_free_block(i, o, false)?;
                 n += 1;
                 if n > pa.len() as u64 {
                     return Err(err(i, "free-list cycle"));

@@ -327,3 +327,36 @@ fn order_18_blocks() {
     fa.free_frozen(b, 18).unwrap();
     assert_eq!(fa.free_blocks(18), 2);
 }
+
+/// The consistency checker itself catches a broken free-list block: a tail
+/// word that is a free head instead of a free tail (still typed Free, so
+/// the per-type counts agree and only the block check can see it).
+#[test]
+fn consistency_check_catches_a_bad_free_block_tail() {
+    let (pa, _) = setup(&[(0x40000, 0x40400)]);
+    let fa = alloc(pa, &[]);
+    fa.check_consistency().unwrap();
+    pa.store_relaxed(5, Word::free_head(0, NO_LINK, NO_LINK));
+    let e = fa.check_consistency().unwrap_err();
+    assert_eq!(e.pfn, Pfn(0x40005));
+    assert_eq!(e.what, "free block tail is not a free tail");
+}
+
+/// The same for a block parked in a hot cache.
+#[test]
+fn consistency_check_catches_a_bad_cached_block_tail() {
+    let (pa, _) = setup(&[(0x40000, 0x40400)]);
+    let mut fa = alloc(pa, &[]);
+    let pfn = fa.alloc_frozen(3, FrozenKind::Slab).unwrap();
+    fa.free_frozen(pfn, 3).unwrap();
+    fa.check_consistency().unwrap();
+    let idx = (pfn.0 - 0x40000) as usize;
+    assert!(
+        pa.load(idx).is_free_cached(),
+        "an order-3 free goes to the hot cache"
+    );
+    pa.store_relaxed(idx + 2, Word::free_head(0, NO_LINK, NO_LINK));
+    let e = fa.check_consistency().unwrap_err();
+    assert_eq!(e.pfn, Pfn(pfn.0 + 2));
+    assert_eq!(e.what, "cached block tail is not a free tail");
+}
