@@ -14,6 +14,7 @@ pub mod board;
 pub mod dtb;
 pub mod esr;
 pub mod exit;
+pub mod irq;
 pub mod midr;
 
 #[cfg(hw)]
