@@ -5,6 +5,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod demo;
+pub mod interrupts;
 pub mod mm;
 pub mod selftest;
 

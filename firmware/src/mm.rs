@@ -533,3 +533,23 @@ pub fn log_map_report(r: &MapReport) {
         r.features.bbm_level
     );
 }
+
+/// Maps `[base, base + size)`, rounded out to pages, at its physical address
+/// as Device-nGnRE execute-never memory in the live stage-1 tables (for
+/// device windows found after boot, such as the GIC's).
+pub fn map_device(base: u64, size: u64) -> Result<(), MmError> {
+    let start = base & !(PAGE_SIZE - 1);
+    let end = base
+        .checked_add(size)
+        .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+        .ok_or(MmError::Stage1(Stage1Error::PaOutOfRange { pa: base }))?;
+    STAGE1.with(|s1| {
+        s1.map(
+            VirtAddr(start),
+            PhysAddr(start),
+            end - start,
+            Attributes::DEVICE,
+        )
+    })??;
+    Ok(())
+}

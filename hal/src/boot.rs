@@ -107,12 +107,37 @@ fn el2_implemented() -> bool {
     (ID_AA64PFR0_EL1.get() >> 8) & 0xf != 0
 }
 
+/// ICC_SRE_ELx value: SRE (bit 0, system-register interface), DFB and DIB
+/// (bits 2:1, FIQ/IRQ bypass off) and Enable (bit 3, lower ELs may use
+/// ICC_SRE_EL1 without trapping) (GIC IHI 0069, 12.2.15/12.2.16).
+const ICC_SRE_OPEN: u64 = 0xf;
+
+/// True if the PE has a GICv3 CPU interface with system registers
+/// (ID_AA64PFR0_EL1.GIC, bits 27:24); only then do ICC_SRE_ELx exist.
+fn gic_system_registers() -> bool {
+    (ID_AA64PFR0_EL1.get() >> 24) & 0xf != 0
+}
+
+/// Opens the GICv3 CPU interface's system registers to EL1 from EL3.
+fn open_gic_system_registers_el3() {
+    if gic_system_registers() {
+        // SAFETY: ICC_SRE_EL3 exists (checked above) and we run at EL3;
+        // setting SRE and Enable only allows lower-EL access.
+        unsafe { core::arch::asm!("msr S3_6_C12_C12_5, {0}", "isb", in(reg) ICC_SRE_OPEN) };
+    }
+}
+
 /// Prepares EL2 so that EL1 runs AArch64 with direct access to the physical
 /// counter and timer.
 fn configure_el2_for_el1() {
     HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
     CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCEN::SET + CNTHCTL_EL2::EL1PCTEN::SET);
     CNTVOFF_EL2.set(0);
+    if gic_system_registers() {
+        // SAFETY: ICC_SRE_EL2 exists (checked above) and we run at EL2 or
+        // EL3 (with ICC_SRE_EL3.Enable set first); it only allows EL1 access.
+        unsafe { core::arch::asm!("msr S3_4_C12_C9_5, {0}", "isb", in(reg) ICC_SRE_OPEN) };
+    }
 }
 
 #[no_mangle]
@@ -123,6 +148,7 @@ extern "C" fn hal_drop_to_el1(dtb: u64, entry_el: u64) -> ! {
     let target = _start_el1 as *const () as u64;
     match entry_el {
         3 => {
+            open_gic_system_registers_el3();
             if el2_implemented() {
                 configure_el2_for_el1();
             }

@@ -21,18 +21,24 @@ core::arch::global_asm!(
     b       __exception_common
 .endm
 
+// IRQs at the current EL go to the interrupt dispatcher (irq/entry.rs).
+.macro IRQ_VENTRY
+    .balign 0x80
+    b       __irq_entry
+.endm
+
 .section .text.vectors, "ax"
 .balign 2048
 .global __vectors
 __vectors:
     // Current EL with SP_EL0 (the main thread).
     VENTRY 0
-    VENTRY 1
+    IRQ_VENTRY
     VENTRY 2
     VENTRY 3
     // Current EL with SP_ELx (an exception inside the exception handler).
     VENTRY 4
-    VENTRY 5
+    IRQ_VENTRY
     VENTRY 6
     VENTRY 7
     // Lower EL, AArch64.

@@ -41,3 +41,25 @@ pub fn delay_us(us: u64) {
         core::hint::spin_loop();
     }
 }
+
+/// Arms the EL1 physical timer (CNTP_CVAL_EL0, CNTP_CTL_EL0) to assert its
+/// interrupt `ticks` counter ticks from now. The interrupt is level
+/// sensitive: it stays asserted until [`stop_physical_timer`] (or a new
+/// deadline), so its handler must call one of them.
+pub fn arm_physical_timer(ticks: u64) {
+    CNTP_CVAL_EL0.set(self::ticks().wrapping_add(ticks));
+    CNTP_CTL_EL0.write(CNTP_CTL_EL0::ENABLE::SET + CNTP_CTL_EL0::IMASK::CLEAR);
+    barrier::isb(barrier::SY);
+}
+
+/// Stops the EL1 physical timer; its interrupt is deasserted.
+pub fn stop_physical_timer() {
+    CNTP_CTL_EL0.write(CNTP_CTL_EL0::ENABLE::CLEAR);
+    barrier::isb(barrier::SY);
+}
+
+/// True while the EL1 physical timer is enabled and its deadline has passed
+/// (CNTP_CTL_EL0.ISTATUS), whether or not the interrupt was taken.
+pub fn physical_timer_condition() -> bool {
+    CNTP_CTL_EL0.matches_all(CNTP_CTL_EL0::ENABLE::SET + CNTP_CTL_EL0::ISTATUS::SET)
+}

@@ -108,6 +108,12 @@ fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
         mem,
         el,
         icount: false,
+        gic_version: 2,
+    };
+    let gic = |el, gic_version| Machine {
+        el,
+        gic_version,
+        ..Machine::default()
     };
     match (suite, test) {
         ("boot", _) => vec![
@@ -119,6 +125,7 @@ fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
         ("platform", "memory_matches_qemu") => {
             vec![m("max", "512M", 1), m("max", "1G", 1), m("max", "4G", 1)]
         }
+        ("irq", _) => vec![gic(1, 2), gic(1, 3), gic(2, 2), gic(2, 3)],
         ("mmu", _) => vec![
             m("max", "1G", 1),
             m("cortex-a53", "1G", 1),
@@ -264,6 +271,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
         format!("entry_el={}", m.el),
         format!("mem_bytes={}", m.mem_bytes()),
         format!("cpu={}", m.cpu),
+        format!("gic={}", m.gic_version),
     ];
     let ready = |l: &crate::log::LogLine| l.message == "ready";
     let opts = match &job.check {
@@ -510,6 +518,20 @@ mod tests {
             .unwrap_err()
             .contains("timed out"));
         assert!(judge_embedded(Ending::Signalled(9), false).is_err());
+    }
+
+    #[test]
+    fn irq_suite_runs_on_both_gics_at_el1_and_el2() {
+        let ms = machines_for("irq", "anything");
+        for gic in [2, 3] {
+            for el in [1, 2] {
+                assert!(ms.iter().any(|m| m.gic_version == gic && m.el == el));
+            }
+        }
+        // Every other suite stays on QEMU's default GICv2.
+        for suite in ["boot", "platform", "mmu", "other"] {
+            assert!(machines_for(suite, "x").iter().all(|m| m.gic_version == 2));
+        }
     }
 
     #[test]

@@ -1,0 +1,82 @@
+//! Interrupt bring-up: the GIC and the generic timer from the device tree,
+//! the GIC's register windows mapped as device memory, and `hal::irq`
+//! initialised. A service loop then attaches its handlers and sleeps with
+//! `hal::irq::wait_until`.
+
+use crate::mm::{self, MmError};
+use hal::irq::devicetree::{self, IrqDtError, TimerInterrupts};
+use hal::irq::{GicDescription, IrqError};
+
+/// What [`init`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct Interrupts {
+    /// The interrupt controller.
+    pub gic: GicDescription,
+    /// The generic timer's interrupts.
+    pub timer: TimerInterrupts,
+}
+
+/// Why interrupts could not be brought up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptsError {
+    /// The device tree's interrupt description is unusable.
+    DeviceTree(IrqDtError),
+    /// Mapping the GIC's registers failed.
+    Map(MmError),
+    /// The GIC refused.
+    Irq(IrqError),
+}
+
+impl defmt::Format for InterruptsError {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        match self {
+            Self::DeviceTree(e) => defmt::write!(f, "device tree: {}", e),
+            Self::Map(e) => defmt::write!(f, "mapping the GIC: {}", defmt::Debug2Format(e)),
+            Self::Irq(e) => defmt::write!(f, "GIC: {}", e),
+        }
+    }
+}
+
+/// The validated boot device tree as bytes.
+fn boot_blob() -> Result<&'static [u8], IrqDtError> {
+    let addr = hal::boot_dtb_address();
+    // SAFETY: `boot_dtb_address` returns RAM holding a DTB header (8 bytes
+    // readable), identity mapped; the blob is never written.
+    let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
+    let size = hal::dtb::claimed_size(header).map_err(IrqDtError::Dtb)?;
+    if size > 2 << 20 {
+        return Err(IrqDtError::Dtb(hal::dtb::DtbError::Truncated {
+            have: 2 << 20,
+            need: size,
+        }));
+    }
+    // SAFETY: as `hal::boot_dtb`: the loader placed `size` (at most 2 MiB)
+    // bytes of DTB at `addr` in RAM, which is identity mapped and never
+    // written; the device-tree functions validate it before reading.
+    Ok(unsafe { core::slice::from_raw_parts(addr as *const u8, size) })
+}
+
+/// Finds the GIC and the timer in the boot device tree, maps the GIC and
+/// brings it up (every interrupt disabled, IRQs still masked at the PE).
+/// Call once, after [`crate::init`] (the MMU must be on).
+pub fn init() -> Result<Interrupts, InterruptsError> {
+    let blob = boot_blob().map_err(InterruptsError::DeviceTree)?;
+    let gic = devicetree::gic(blob).map_err(InterruptsError::DeviceTree)?;
+    let timer = devicetree::timer(blob, &gic).map_err(InterruptsError::DeviceTree)?;
+    if hal::irq::version().is_some() {
+        return Err(InterruptsError::Irq(IrqError::AlreadyInitialised));
+    }
+    for r in gic.regions() {
+        mm::map_device(r.base, r.size).map_err(InterruptsError::Map)?;
+    }
+    // SAFETY: both windows were just mapped Device-nGnRE at their physical
+    // addresses, and nothing in the firmware but hal::irq touches the GIC.
+    let version = unsafe { hal::irq::init(&gic) }.map_err(InterruptsError::Irq)?;
+    defmt::info!(
+        "interrupts: {} at {=u64:#x}, timer INTID {=u32}",
+        version,
+        gic.regions()[0].base,
+        timer.physical.intid.raw()
+    );
+    Ok(Interrupts { gic, timer })
+}

@@ -1,0 +1,301 @@
+//! The GIC itself, through the `arm-gic` crate: GICv2 (IHI 0048B, chapter 4
+//! "Programmers' Model") and GICv3/v4 (IHI 0069, chapter 12), one core,
+//! Non-secure EL1, every interrupt in the Non-secure group signalled as IRQ.
+//!
+//! What the crate leaves to us, and we do here: refusing a GIC whose
+//! security extension is on (its interrupts reset to the Secure group, which
+//! Non-secure EL1 can neither take nor regroup), checking the register
+//! windows are large enough and the redistributor is ours, routing SPIs to
+//! this PE (GICv3), and the priority mask (GICv3 resets ICC_PMR_EL1 to 0,
+//! which masks everything).
+
+use super::devicetree::{GicDescription, GicRegisters, Trigger};
+use super::intid::{Intid, IntidClass};
+use arm_gic::gicv2::GicV2;
+use arm_gic::gicv3::{GicCpuInterface, GicV3, SgiTarget, SgiTargetGroup};
+use arm_gic::{IntId, InterruptGroup, UniqueMmioPointer};
+use core::ptr::NonNull;
+
+/// Priority given to every interrupt we enable: one level, no preemption
+/// (handlers run with IRQs masked anyway). Deliverable under a mask of 0xff
+/// whatever number of priority bits the GIC implements.
+const PRIORITY: u8 = 0x80;
+/// Priority mask letting every priority but the lowest through.
+const PRIORITY_MASK: u8 = 0xff;
+
+/// Why the GIC cannot be used, or refused an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(hw, derive(defmt::Format))]
+pub enum GicError {
+    /// A register window at address 0 or smaller than the registers.
+    BadWindow {
+        /// Base of the window.
+        base: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The GIC implements two security states (GICv2 Security Extensions,
+    /// GICv3 GICD_CTLR.DS = 0): its interrupts are Secure at reset and only
+    /// Secure software can give them to Non-secure EL1.
+    SecurityEnabled,
+    /// The first redistributor serves another PE (its GICR_TYPER affinity).
+    ForeignRedistributor {
+        /// Affinity the redistributor reports (MPIDR format).
+        redistributor: u64,
+        /// Our MPIDR_EL1 affinity.
+        ours: u64,
+    },
+    /// The GICv3 redistributor frames have a layout the driver does not know.
+    RedistributorLayout,
+    /// An INTID this GIC cannot configure (an LPI, a special INTID, or an
+    /// extended one on a GICv2).
+    Unsupported(Intid),
+    /// Setting the enable bit did not stick (the GIC implements fewer
+    /// interrupts than the INTID needs).
+    CannotEnable(Intid),
+}
+
+/// The GIC, whichever version the tree named.
+pub(super) enum Gic {
+    V2(GicV2<'static>),
+    V3(GicV3<'static>),
+}
+
+fn window<T>(base: u64, size: u64) -> Result<NonNull<T>, GicError> {
+    let bad = GicError::BadWindow { base, size };
+    if size < core::mem::size_of::<T>() as u64 || !base.is_multiple_of(4096) {
+        return Err(bad);
+    }
+    NonNull::new(base as *mut T).ok_or(bad)
+}
+
+fn our_affinity() -> u64 {
+    use aarch64_cpu::registers::{Readable, MPIDR_EL1};
+    // Aff0-Aff2 in bits 23:0, Aff3 in bits 39:32 (the layout core_mpidr uses).
+    MPIDR_EL1.get() & 0xff_00ff_ffff
+}
+
+fn crate_intid(intid: Intid) -> Result<IntId, GicError> {
+    IntId::try_from(intid.raw()).map_err(|_| GicError::Unsupported(intid))
+}
+
+impl Gic {
+    /// Brings the distributor and this PE's interface up with every
+    /// interrupt disabled and in the Non-secure group.
+    ///
+    /// # Safety
+    ///
+    /// `desc`'s register windows are the GIC's, mapped as Device memory at
+    /// their physical addresses, and nothing else accesses them while the
+    /// returned value lives.
+    pub(super) unsafe fn new(desc: &GicDescription) -> Result<Self, GicError> {
+        match desc.registers {
+            GicRegisters::V2 {
+                distributor,
+                cpu_interface,
+            } => {
+                let gicd =
+                    window::<arm_gic::gicv2::registers::Gicd>(distributor.base, distributor.size)?;
+                let gicc = window::<arm_gic::gicv2::registers::Gicc>(
+                    cpu_interface.base,
+                    cpu_interface.size,
+                )?;
+                // SAFETY: the caller guarantees both windows are the GIC's,
+                // mapped as Device memory and not aliased; both are non-null
+                // and large enough for the register blocks.
+                let mut gic = unsafe { GicV2::new(gicd.as_ptr(), gicc.as_ptr()) };
+                if gic.typer().has_security_extension() {
+                    return Err(GicError::SecurityEnabled);
+                }
+                gic.enable_all_interrupts(false);
+                // Without Security Extensions: all interrupts Group 0,
+                // signalled as IRQ (GICC_CTLR.FIQEn = 0), mask 0xff.
+                gic.setup();
+                gic.set_priority_mask(PRIORITY_MASK);
+                Ok(Self::V2(gic))
+            }
+            GicRegisters::V3 {
+                distributor,
+                redistributors,
+            } => {
+                let gicd =
+                    window::<arm_gic::gicv3::registers::Gicd>(distributor.base, distributor.size)?;
+                let gicr = window::<arm_gic::gicv3::registers::GicrSgi>(
+                    redistributors.base,
+                    redistributors.size,
+                )?;
+                // SAFETY: as above; the distributor window holds a whole
+                // GICD block.
+                let gicd = unsafe { UniqueMmioPointer::new(gicd) };
+                // SAFETY: the redistributor window holds at least one
+                // GICR_SGI frame pair and nothing else aliases it; one PE.
+                let mut gic = unsafe { GicV3::new(gicd, gicr, 1) }
+                    .map_err(|_| GicError::RedistributorLayout)?;
+                if gic.typer().has_security_extension() {
+                    return Err(GicError::SecurityEnabled);
+                }
+                let redistributor = gic
+                    .gicr_typer(0)
+                    .map_err(|_| GicError::RedistributorLayout)?
+                    .core_mpidr();
+                let ours = our_affinity();
+                if redistributor != ours {
+                    return Err(GicError::ForeignRedistributor {
+                        redistributor,
+                        ours,
+                    });
+                }
+                gic.enable_all_interrupts(false);
+                // ICC_SRE_EL1.SRE, redistributor awake, ICC_CTLR_EL1 = 0
+                // (EOI also deactivates), everything Group 1 Non-secure,
+                // affinity routing and Group 1 on.
+                gic.setup(0);
+                GicCpuInterface::set_priority_mask(PRIORITY_MASK);
+                Ok(Self::V3(gic))
+            }
+        }
+    }
+
+    fn check(&self, intid: Intid) -> Result<IntId, GicError> {
+        let ok = match (self, intid.class()) {
+            (_, IntidClass::Sgi(_) | IntidClass::Ppi(_) | IntidClass::Spi(_)) => true,
+            (Self::V3(_), IntidClass::ExtendedPpi(_) | IntidClass::ExtendedSpi(_)) => true,
+            _ => false,
+        };
+        if ok {
+            crate_intid(intid)
+        } else {
+            Err(GicError::Unsupported(intid))
+        }
+    }
+
+    /// Sets the trigger (when given), the priority and, for a GICv3 SPI, the
+    /// route to this PE; then enables the interrupt.
+    pub(super) fn enable(
+        &mut self,
+        intid: Intid,
+        trigger: Option<Trigger>,
+    ) -> Result<(), GicError> {
+        let id = self.check(intid)?;
+        let trigger = trigger.map(|t| match t {
+            Trigger::Edge => arm_gic::Trigger::Edge,
+            Trigger::Level => arm_gic::Trigger::Level,
+        });
+        match self {
+            Self::V2(gic) => {
+                // SGIs have a fixed trigger (GICD_ICFGR0 is read-only).
+                if let (Some(t), false) = (trigger, matches!(intid.class(), IntidClass::Sgi(_))) {
+                    gic.set_trigger(id, t);
+                }
+                // arm-gic writes GICD_IPRIORITYR as a word, so the three
+                // neighbours of `id` get priority 0: harmless with one
+                // priority level and IRQs masked in handlers (all stay
+                // deliverable), but it means priorities carry no meaning.
+                gic.set_interrupt_priority(id, PRIORITY);
+                gic.enable_interrupt(id, true)
+                    .map_err(|_| GicError::CannotEnable(intid))
+            }
+            Self::V3(gic) => {
+                let cpu = Some(0);
+                let fail = |_| GicError::CannotEnable(intid);
+                if let (Some(t), false) = (trigger, matches!(intid.class(), IntidClass::Sgi(_))) {
+                    gic.set_trigger(id, cpu, t).map_err(fail)?;
+                }
+                gic.set_interrupt_priority(id, cpu, PRIORITY)
+                    .map_err(fail)?;
+                if !intid.is_private() {
+                    gic.distributor()
+                        .set_routing(id, Some(our_affinity()))
+                        .map_err(fail)?;
+                }
+                gic.enable_interrupt(id, cpu, true).map_err(fail)
+            }
+        }
+    }
+
+    /// Disables the interrupt (it stays pending if it was).
+    pub(super) fn disable(&mut self, intid: Intid) -> Result<(), GicError> {
+        let id = self.check(intid)?;
+        match self {
+            Self::V2(gic) => gic
+                .enable_interrupt(id, false)
+                .map_err(|_| GicError::CannotEnable(intid)),
+            Self::V3(gic) => gic
+                .enable_interrupt(id, Some(0), false)
+                .map_err(|_| GicError::CannotEnable(intid)),
+        }
+    }
+
+    /// Sends SGI `intid` to this PE only.
+    pub(super) fn send_sgi_to_self(&mut self, intid: Intid) -> Result<(), GicError> {
+        if !matches!(intid.class(), IntidClass::Sgi(_)) {
+            return Err(GicError::Unsupported(intid));
+        }
+        let id = crate_intid(intid)?;
+        match self {
+            Self::V2(gic) => {
+                gic.send_sgi(
+                    id,
+                    arm_gic::gicv2::SgiTarget::List {
+                        target_list_filter: arm_gic::gicv2::SgiTargetListFilter::ForwardSelfOnly,
+                        target_list: 0,
+                    },
+                );
+                Ok(())
+            }
+            Self::V3(_) => {
+                let aff = our_affinity();
+                let target = SgiTarget::List {
+                    affinity3: (aff >> 32) as u8,
+                    affinity2: (aff >> 16) as u8,
+                    affinity1: (aff >> 8) as u8,
+                    target_list: 1 << (aff & 0xf),
+                };
+                GicCpuInterface::send_sgi(id, target, SgiTargetGroup::CurrentGroup1)
+                    .map_err(|_| GicError::Unsupported(intid))
+            }
+        }
+    }
+}
+
+/// An acknowledged interrupt: what to dispatch on and what to write back.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Acknowledged {
+    /// The interrupt; `None` for a value that names no interrupt (a
+    /// reserved INTID), which is ended without dispatch.
+    pub intid: Option<Intid>,
+    /// The raw acknowledge value (GICv2 adds the source CPU of an SGI in
+    /// bits 12:10), written back unchanged at the end.
+    raw: IntId,
+}
+
+impl Gic {
+    /// Acknowledges the highest-priority pending interrupt (GICC_IAR or
+    /// ICC_IAR1_EL1); `None` when the read returned 1023 (spurious: nothing
+    /// pending, or it was withdrawn before the read).
+    pub(super) fn acknowledge(&mut self) -> Option<Acknowledged> {
+        let (raw, mask) = match self {
+            Self::V2(g) => (
+                g.get_and_acknowledge_interrupt(InterruptGroup::Group0)?,
+                0x3ff,
+            ),
+            Self::V3(_) => (
+                GicCpuInterface::get_and_acknowledge_interrupt(InterruptGroup::Group1)?,
+                0xff_ffff,
+            ),
+        };
+        let intid = Intid::from_raw(u32::from(raw) & mask)
+            .ok()
+            .filter(|i| !i.is_special());
+        Some(Acknowledged { intid, raw })
+    }
+
+    /// Ends an acknowledged interrupt: priority drop and deactivation
+    /// (GICC_EOIR or ICC_EOIR1_EL1, EOImode 0).
+    pub(super) fn end(&mut self, ack: Acknowledged) {
+        match self {
+            Self::V2(g) => g.end_interrupt(ack.raw, InterruptGroup::Group0),
+            Self::V3(_) => GicCpuInterface::end_interrupt(ack.raw, InterruptGroup::Group1),
+        }
+    }
+}
