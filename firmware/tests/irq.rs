@@ -118,7 +118,7 @@ mod tests {
     fn sgi_to_self_is_dispatched(_i: Interrupts) {
         irq::attach(&sgi(3), on_sgi).expect("attach SGI 3");
         irq::unmask_irqs();
-        irq::send_sgi_to_self(Intid::sgi(3).unwrap()).expect("send SGI");
+        irq::send_sgi_to_self(Intid::sgi(3).expect("SGI")).expect("send SGI");
         irq::wait_until(|| SGI_RUNS.load(Ordering::Relaxed) > 0);
         hal::timer::delay_us(1000);
         assert_eq!(SGI_RUNS.load(Ordering::Relaxed), 1);
@@ -132,13 +132,13 @@ mod tests {
         irq::attach(&sgi(3), on_sgi).expect("attach SGI 3");
         irq::enable(&sgi(5)).expect("enable SGI 5");
         irq::unmask_irqs();
-        irq::send_sgi_to_self(Intid::sgi(5).unwrap()).expect("send SGI");
+        irq::send_sgi_to_self(Intid::sgi(5).expect("SGI")).expect("send SGI");
         irq::wait_until(|| irq::stats().unhandled > 0);
         let s = irq::stats();
         assert_eq!((s.handled, s.unhandled), (0, 1));
         assert_eq!(SGI_RUNS.load(Ordering::Relaxed), 0);
         // The controller still works afterwards.
-        irq::send_sgi_to_self(Intid::sgi(3).unwrap()).expect("send SGI");
+        irq::send_sgi_to_self(Intid::sgi(3).expect("SGI")).expect("send SGI");
         irq::wait_until(|| SGI_RUNS.load(Ordering::Relaxed) > 0);
         assert_eq!(irq::stats().handled, 1);
     }
@@ -171,10 +171,10 @@ mod tests {
             irq::register(t, on_sgi),
             Err(IrqError::AlreadyRegistered(t))
         );
-        let other = Intid::spi(100).unwrap();
+        let other = Intid::spi(100).expect("SPI");
         assert_eq!(irq::unregister(other), Err(IrqError::NotRegistered(other)));
         for n in 0..irq::MAX_HANDLERS as u32 - 1 {
-            irq::register(Intid::spi(n).unwrap(), on_sgi).expect("room");
+            irq::register(Intid::spi(n).expect("SPI"), on_sgi).expect("room");
         }
         assert_eq!(irq::register(other, on_sgi), Err(IrqError::TableFull));
         irq::unregister(t).expect("unregister");
@@ -183,7 +183,7 @@ mod tests {
             irq::send_sgi_to_self(t),
             Err(IrqError::Gic(irq::GicError::Unsupported(t)))
         );
-        let lpi = Intid::from_raw(8192).unwrap();
+        let lpi = Intid::from_raw(8192).expect("LPI");
         assert_eq!(
             irq::enable(&Interrupt {
                 intid: lpi,
@@ -223,7 +223,7 @@ mod tests {
     fn interrupt_preserves_interrupted_registers(_i: Interrupts) {
         irq::mask_irqs();
         irq::attach(&sgi(7), clobbering_handler).expect("attach SGI 7");
-        irq::send_sgi_to_self(Intid::sgi(7).unwrap()).expect("send SGI");
+        irq::send_sgi_to_self(Intid::sgi(7).expect("SGI")).expect("send SGI");
         let pattern: [u64; 2] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
         let mut out = [[0u64; 2]; 4];
         let (x9, x18): (u64, u64);

@@ -157,11 +157,16 @@ impl Gic {
     }
 
     fn check(&self, intid: Intid) -> Result<IntId, GicError> {
-        let ok = match (self, intid.class()) {
-            (_, IntidClass::Sgi(_) | IntidClass::Ppi(_) | IntidClass::Spi(_)) => true,
-            (Self::V3(_), IntidClass::ExtendedPpi(_) | IntidClass::ExtendedSpi(_)) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (self, intid.class()),
+            (
+                _,
+                IntidClass::Sgi(_) | IntidClass::Ppi(_) | IntidClass::Spi(_)
+            ) | (
+                Self::V3(_),
+                IntidClass::ExtendedPpi(_) | IntidClass::ExtendedSpi(_)
+            )
+        );
         if ok {
             crate_intid(intid)
         } else {

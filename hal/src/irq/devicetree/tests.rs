@@ -185,7 +185,7 @@ impl Builder {
         self.word(1);
         self.structure.extend_from_slice(name.as_bytes());
         self.structure.push(0);
-        while self.structure.len() % 4 != 0 {
+        while !self.structure.len().is_multiple_of(4) {
             self.structure.push(0);
         }
         self
@@ -202,7 +202,7 @@ impl Builder {
         self.word(value.len() as u32);
         self.word(off);
         self.structure.extend_from_slice(value);
-        while self.structure.len() % 4 != 0 {
+        while !self.structure.len().is_multiple_of(4) {
             self.structure.push(0);
         }
         self
