@@ -5,7 +5,7 @@
 
 use crate::mm::{self, MmError};
 use hal::irq::devicetree::{self, IrqDtError, TimerInterrupts};
-use hal::irq::{GicDescription, IrqError};
+use hal::irq::{GicDescription, Interrupt, IrqError};
 
 /// What [`init`] found.
 #[derive(Debug, Clone, Copy)]
@@ -14,6 +14,16 @@ pub struct Interrupts {
     pub gic: GicDescription,
     /// The generic timer's interrupts.
     pub timer: TimerInterrupts,
+}
+
+impl Interrupts {
+    /// The first interrupt of the boot tree's enabled device with
+    /// `compatible` whose first `reg` region starts at `base`: for a
+    /// virtio-mmio transport, `device_interrupt("virtio,mmio",
+    /// transport.region.base)`. Pass the result to `hal::irq::attach`.
+    pub fn device_interrupt(&self, compatible: &str, base: u64) -> Result<Interrupt, IrqDtError> {
+        devicetree::device_interrupt(boot_blob()?, &self.gic, compatible, base)
+    }
 }
 
 /// Why interrupts could not be brought up.

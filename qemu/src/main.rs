@@ -1,6 +1,6 @@
 //! `cargo qemu …`: the host side of the firmware.
 //!
-//! - `cargo qemu run [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--append ARGS]`
+//! - `cargo qemu run [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--append ARGS]`
 //!   builds the firmware, makes sure QEMU >= 10 is installed, boots `virt`
 //!   and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage:
-  cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--append \"ARGS\"]
+  cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]
   cargo qemu bench <memdesc|translation|boot|all>
   cargo qemu runner ELF
@@ -93,6 +93,13 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
                     "2" => 2,
                     "3" => 3,
                     other => return Err(format!("--el takes 1, 2 or 3, not {other:?}")),
+                }
+            }
+            "--gic" => {
+                machine.gic_version = match value(args, &mut i, "--gic")? {
+                    "2" => 2,
+                    "3" => 3,
+                    other => return Err(format!("--gic takes 2 or 3, not {other:?}")),
                 }
             }
             "--append" => append = Some(value(args, &mut i, "--append")?.to_string()),
