@@ -43,10 +43,18 @@ mod tests {
         }
     }
 
+    /// What every test gets: the bring-up's result (an error only where the
+    /// host boots a machine whose GIC we must refuse).
+    type Setup = Result<Interrupts, InterruptsError>;
+
     #[init]
-    fn init() -> Interrupts {
+    fn init() -> Setup {
         let _ = firmware::init();
-        match firmware::interrupts::init() {
+        firmware::interrupts::init()
+    }
+
+    fn up(setup: Setup) -> Interrupts {
+        match setup {
             Ok(i) => i,
             Err(e) => {
                 defmt::error!("interrupt bring-up failed: {}", e);
@@ -55,10 +63,27 @@ mod tests {
         }
     }
 
+    /// Entered at EL3 (`secure=on`) the GIC implements two security states:
+    /// its interrupts are Secure at reset, which Non-secure EL1 can neither
+    /// take nor regroup, so bring-up refuses it with a typed error (the
+    /// host runs this on GICv2 and GICv3 at EL3).
+    #[test]
+    fn gic_with_two_security_states_is_refused(setup: Setup) {
+        assert_eq!(hal::semihost::arg_u64("entry_el"), Some(3));
+        assert_eq!(
+            setup.err(),
+            Some(InterruptsError::Irq(IrqError::Gic(
+                irq::GicError::SecurityEnabled
+            )))
+        );
+        assert_eq!(irq::version(), None);
+    }
+
     /// The GIC found in the tree is the version the host asked QEMU for,
     /// and the tree's EL1 physical timer is PPI 14 (INTID 30), level.
     #[test]
-    fn gic_version_and_timer_intid_match_the_machine(i: Interrupts) {
+    fn gic_version_and_timer_intid_match_the_machine(setup: Setup) {
+        let i = up(setup);
         let expected = match hal::semihost::arg_u64("gic").expect("host passes gic") {
             2 => GicVersion::V2,
             3 => GicVersion::V3,
@@ -75,7 +100,8 @@ mod tests {
     /// handler runs exactly once, with the INTID the tree names, and not
     /// before the deadline.
     #[test]
-    fn timer_interrupt_wakes_wfi_once(i: Interrupts) {
+    fn timer_interrupt_wakes_wfi_once(setup: Setup) {
+        let i = up(setup);
         irq::attach(&i.timer.physical, on_timer).expect("attach timer");
         irq::unmask_irqs();
         let start = hal::timer::ticks();
@@ -103,7 +129,8 @@ mod tests {
     /// (a pending IRQ is a wake-up event whatever PSTATE.I says), the
     /// handler has not run, and it runs once as soon as IRQs are unmasked.
     #[test]
-    fn masked_interrupt_pends_until_unmasked(i: Interrupts) {
+    fn masked_interrupt_pends_until_unmasked(setup: Setup) {
+        let i = up(setup);
         irq::mask_irqs();
         irq::attach(&i.timer.physical, on_timer).expect("attach timer");
         hal::timer::arm_physical_timer(ticks_per_ms());
@@ -119,7 +146,8 @@ mod tests {
     /// A software-generated interrupt sent to ourselves is dispatched to
     /// its handler once, with its INTID.
     #[test]
-    fn sgi_to_self_is_dispatched(_i: Interrupts) {
+    fn sgi_to_self_is_dispatched(setup: Setup) {
+        up(setup);
         irq::attach(&sgi(3), on_sgi).expect("attach SGI 3");
         irq::unmask_irqs();
         irq::send_sgi_to_self(Intid::sgi(3).expect("SGI")).expect("send SGI");
@@ -132,7 +160,8 @@ mod tests {
     /// An enabled interrupt with no handler is counted as unhandled and
     /// ended; no handler runs.
     #[test]
-    fn interrupt_without_handler_is_counted(_i: Interrupts) {
+    fn interrupt_without_handler_is_counted(setup: Setup) {
+        up(setup);
         irq::attach(&sgi(3), on_sgi).expect("attach SGI 3");
         irq::enable(&sgi(5)).expect("enable SGI 5");
         irq::unmask_irqs();
@@ -150,7 +179,8 @@ mod tests {
     /// Acknowledging with nothing pending reads 1023: counted as spurious,
     /// no handler runs.
     #[test]
-    fn acknowledge_with_nothing_pending_is_spurious(i: Interrupts) {
+    fn acknowledge_with_nothing_pending_is_spurious(setup: Setup) {
+        let i = up(setup);
         irq::mask_irqs();
         irq::attach(&i.timer.physical, on_timer).expect("attach timer");
         let before = irq::stats();
@@ -172,7 +202,8 @@ mod tests {
     /// node, to the SPI the platform parse recorded (QEMU: SPI 16 + n, rising
     /// edge), and enabling it (trigger, priority, GICv3 route) succeeds.
     #[test]
-    fn virtio_transport_interrupts_resolve_to_spis(i: Interrupts) {
+    fn virtio_transport_interrupts_resolve_to_spis(setup: Setup) {
+        let i = up(setup);
         let platform = hal::boot_dtb().expect("boot tree");
         assert!(!platform.virtio_mmio().is_empty());
         for t in platform.virtio_mmio() {
@@ -197,7 +228,8 @@ mod tests {
 
     /// Bad requests are typed errors.
     #[test]
-    fn bad_requests_are_typed_errors(i: Interrupts) {
+    fn bad_requests_are_typed_errors(setup: Setup) {
+        let i = up(setup);
         let t = i.timer.physical.intid;
         irq::register(t, on_timer).expect("register");
         assert_eq!(
@@ -253,7 +285,8 @@ mod tests {
     /// code's caller-saved SIMD and general registers as they were, even
     /// when the handler overwrites them.
     #[test]
-    fn interrupt_preserves_interrupted_registers(_i: Interrupts) {
+    fn interrupt_preserves_interrupted_registers(setup: Setup) {
+        up(setup);
         irq::mask_irqs();
         irq::attach(&sgi(7), clobbering_handler).expect("attach SGI 7");
         irq::send_sgi_to_self(Intid::sgi(7).expect("SGI")).expect("send SGI");
