@@ -100,6 +100,15 @@ fn host_tests(args: &TestArgs) -> Tally {
     tally
 }
 
+/// QEMU's default machine entered at `el` with a GICv`gic_version`.
+fn gic(el: u8, gic_version: u8) -> Machine {
+    Machine {
+        el,
+        gic_version,
+        ..Machine::default()
+    }
+}
+
 /// Which machines each suite (or test) runs on. First matching row wins;
 /// `None` for the test matches every test of the suite.
 fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
@@ -107,12 +116,6 @@ fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
         cpu,
         mem,
         el,
-        icount: false,
-        gic_version: 2,
-    };
-    let gic = |el, gic_version| Machine {
-        el,
-        gic_version,
         ..Machine::default()
     };
     match (suite, test) {

@@ -15,6 +15,25 @@
 //! IRQs masked, on the exception stack, and may call everything here. One
 //! core: secondary cores are parked, so masking IRQs is the only exclusion
 //! needed.
+//!
+//! A service loop (the balloon's, for example) does, after
+//! `firmware::interrupts::init()` returned `irqs`:
+//!
+//! ```text
+//! static EVENTS: AtomicU32 = AtomicU32::new(0);
+//! fn on_balloon(_: Intid) {
+//!     // read InterruptStatus, write InterruptACK (the line is level), note why
+//!     EVENTS.fetch_or(status, Ordering::Relaxed);
+//! }
+//! let irq = irqs.device_interrupt("virtio,mmio", transport.region.base)?;
+//! hal::irq::attach(&irq, on_balloon)?;
+//! hal::irq::unmask_irqs();
+//! loop {
+//!     hal::irq::wait_until(|| EVENTS.load(Ordering::Relaxed) != 0);
+//!     let events = EVENTS.swap(0, Ordering::Relaxed);
+//!     // serve config changes and used buffers
+//! }
+//! ```
 
 pub mod devicetree;
 pub mod intid;
