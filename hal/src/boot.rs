@@ -149,6 +149,10 @@ extern "C" fn hal_drop_to_el1(dtb: u64, entry_el: u64) -> ! {
     match entry_el {
         3 => {
             open_gic_system_registers_el3();
+            // SAFETY: at EL3 with the MMU off, on the one running core,
+            // before anything else touches the GIC. A failure leaves the
+            // GIC Secure; the Non-secure bring-up then reports it.
+            let _ = unsafe { crate::irq::secure::hand_over_at_el3() };
             if el2_implemented() {
                 configure_el2_for_el1();
             }

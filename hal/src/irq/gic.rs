@@ -4,7 +4,8 @@
 //!
 //! What the crate leaves to us, and we do here: refusing a GIC whose
 //! security extension is on (its interrupts reset to the Secure group, which
-//! Non-secure EL1 can neither take nor regroup), checking the register
+//! Non-secure EL1 can neither take nor regroup) unless we handed it over
+//! ourselves at EL3 (`secure.rs`), checking the register
 //! windows are large enough and the redistributor is ours, routing SPIs to
 //! this PE (GICv3), and the priority mask (GICv3 resets ICC_PMR_EL1 to 0,
 //! which masks everything).
@@ -104,7 +105,7 @@ impl Gic {
                 // mapped as Device memory and not aliased; both are non-null
                 // and large enough for the register blocks.
                 let mut gic = unsafe { GicV2::new(gicd.as_ptr(), gicc.as_ptr()) };
-                if gic.typer().has_security_extension() {
+                if gic.typer().has_security_extension() && !super::secure::handed_over() {
                     return Err(GicError::SecurityEnabled);
                 }
                 gic.enable_all_interrupts(false);
@@ -131,7 +132,7 @@ impl Gic {
                 // GICR_SGI frame pair and nothing else aliases it; one PE.
                 let mut gic = unsafe { GicV3::new(gicd, gicr, 1) }
                     .map_err(|_| GicError::RedistributorLayout)?;
-                if gic.typer().has_security_extension() {
+                if gic.typer().has_security_extension() && !super::secure::handed_over() {
                     return Err(GicError::SecurityEnabled);
                 }
                 let redistributor = gic

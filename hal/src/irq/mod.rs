@@ -44,6 +44,8 @@ mod cpu;
 mod entry;
 #[cfg(hw)]
 mod gic;
+#[cfg(hw)]
+pub mod secure;
 
 #[cfg(hw)]
 pub use cpu::{mask_irqs, restore_irqs, unmask_irqs, wait_for_interrupt, wait_until, without_irqs};
