@@ -38,23 +38,19 @@ pub mod uart;
 
 /// Reads the device tree the loader left for us: the address in x0 if it holds
 /// a DTB, else the board's fallback address. The blob is validated before any
-/// of it is trusted.
+/// of it is trusted, and what it says is checked against the board
+/// ([`dtb::parse_for_board`]).
 #[cfg(hw)]
 pub fn boot_dtb() -> Result<dtb::Platform<'static>, dtb::DtbError> {
     let addr = boot_dtb_address();
     // SAFETY: as in boot_dtb_address; 8 header bytes at `addr` are RAM.
     let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
-    let size = dtb::claimed_size(header)?;
-    if size > 2 << 20 {
-        return Err(dtb::DtbError::Truncated {
-            have: 2 << 20,
-            need: size,
-        });
-    }
+    let size = dtb::blob_size(header, dtb::MAX_DTB_SIZE)?;
     // SAFETY: the loader placed `size` bytes of DTB at `addr` in RAM (bounded
-    // to 2 MiB above); the blob is never written, so a shared 'static slice is sound.
+    // to MAX_DTB_SIZE above); the blob is never written, so a shared 'static
+    // slice is sound.
     let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, size) };
-    dtb::parse(blob)
+    dtb::parse_for_board(blob, &board::CURRENT)
 }
 
 /// Where the boot DTB is: the address in x0 if it holds a DTB header, else
