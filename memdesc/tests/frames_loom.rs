@@ -146,8 +146,9 @@ fn speculative_lookup_races_free_and_descriptor_reuse() {
                 // The reader won: it holds the victim, which was never freed.
                 assert_eq!(addr, victim_desc);
                 assert_eq!(g.count(FrameType::Guard), 0);
-                // SAFETY-free re-wrap: `addr` is the reference the reader kept.
-                let f = FolioRef::from_raw(victim_desc_ref(&g, target));
+                // SAFETY: the reader gave up its counted reference with
+                // `into_raw` and nobody else re-wraps it.
+                let f = unsafe { FolioRef::from_raw(victim_desc_ref(&g, target)) };
                 assert_eq!(f.refcount(), 1);
                 assert!(matches!(g.put(f).unwrap(), Some(Released::Freed { .. })));
             }

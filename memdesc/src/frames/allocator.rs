@@ -542,7 +542,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         let n = 1u64 << order;
         self.by_type[FrameType::Free.index()] -= n;
         self.by_type[FrameType::Folio.index()] += n;
-        FolioRef::from_raw(d)
+        FolioRef::counted(d)
     }
 
     /// A folio at exactly `[pfn, pfn + 2^order)`, which must be free.

@@ -87,7 +87,7 @@ impl<A: Atomics> FolioDesc<A> {
 
     /// Increments unless zero (then [`RefcountZero`]: frozen or free); returns the new count.
     #[inline]
-    pub fn try_get(&self) -> Result<u32, RefcountZero> {
+    pub(crate) fn try_get(&self) -> Result<u32, RefcountZero> {
         let mut n = self.refcount.load(Ordering::Relaxed);
         loop {
             if n == 0 {
@@ -105,7 +105,7 @@ impl<A: Atomics> FolioDesc<A> {
 
     /// Decrements; true when this was the last reference.
     #[inline]
-    pub fn put(&self) -> bool {
+    pub(crate) fn put(&self) -> bool {
         // AcqRel: the last putter must see every other holder's writes before
         // the owner reuses the frames.
         self.refcount.fetch_sub(1, Ordering::AcqRel) == 1
@@ -113,7 +113,7 @@ impl<A: Atomics> FolioDesc<A> {
 
     /// Compare-exchange `expected -> 0`; `Err(actual)` when the count differs.
     #[inline]
-    pub fn freeze(&self, expected: u32) -> Result<(), u32> {
+    pub(crate) fn freeze(&self, expected: u32) -> Result<(), u32> {
         self.refcount
             .compare_exchange(expected, 0, Ordering::Acquire, Ordering::Relaxed)
             .map(|_| ())
@@ -121,7 +121,7 @@ impl<A: Atomics> FolioDesc<A> {
 
     /// Release store of `n` into a frozen (0) refcount.
     #[inline]
-    pub fn unfreeze(&self, n: u32) {
+    pub(crate) fn unfreeze(&self, n: u32) {
         self.refcount.store(n, Ordering::Release)
     }
 

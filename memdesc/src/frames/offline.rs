@@ -99,7 +99,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         }
         d.unfreeze(1);
         self.retally(FrameType::Offline, w, healthy);
-        Ok(FolioRef::from_raw(d))
+        Ok(FolioRef::counted(d))
     }
 
     fn retally(&mut self, from: FrameType, to: Word, healthy: u64) {

@@ -123,11 +123,54 @@ impl<A: Atomics> FolioRef<A> {
     }
 
     /// Re-wraps a reference given up with [`FolioRef::into_raw`] (or counted
-    /// by [`FrozenFolio::unfreeze`]). Wrapping a reference that was never
-    /// counted corrupts the count (a logic error, not memory-unsafe:
-    /// descriptors and words stay valid).
+    /// by [`FrozenFolio::unfreeze`]).
+    ///
+    /// # Safety
+    ///
+    /// `desc` carries one counted reference that nobody else will put or
+    /// re-wrap: it came from [`FolioRef::into_raw`] (or is one of the `n - 1`
+    /// extra references of [`FrozenFolio::unfreeze`]) and is wrapped once.
+    /// Wrapping an uncounted reference lets a `put` free the folio while its
+    /// frames are still in use, so the allocator would hand them out twice.
+    ///
+    /// # Examples
+    ///
+    /// Re-wrapping needs `unsafe`, and the raw counter operations are not
+    /// reachable outside the crate:
+    ///
+    /// ```compile_fail
+    /// use memdesc::frames::{FolioDesc, FolioRef};
+    /// fn forge(d: &'static FolioDesc) -> FolioRef {
+    ///     FolioRef::from_raw(d) // error: call to unsafe function
+    /// }
+    /// ```
+    /// ```compile_fail
+    /// use memdesc::frames::FolioDesc;
+    /// fn drop_one(d: &'static FolioDesc) -> bool {
+    ///     d.put() // error: `put` is private
+    /// }
+    /// ```
+    /// ```compile_fail
+    /// use memdesc::frames::FolioDesc;
+    /// fn thaw(d: &'static FolioDesc) {
+    ///     d.unfreeze(5) // error: `unfreeze` is private
+    /// }
+    /// ```
+    /// ```
+    /// use memdesc::frames::{FolioDesc, FolioRef};
+    /// fn rewrap(d: &'static FolioDesc) -> FolioRef {
+    ///     // SAFETY: (example) `d` came from `into_raw` and is wrapped once.
+    ///     unsafe { FolioRef::from_raw(d) }
+    /// }
+    /// ```
     #[inline]
-    pub fn from_raw(desc: &'static FolioDesc<A>) -> Self {
+    pub unsafe fn from_raw(desc: &'static FolioDesc<A>) -> Self {
+        Self { desc }
+    }
+
+    /// Wraps the reference the allocator just counted (`unfreeze(1)`).
+    #[inline]
+    pub(crate) fn counted(desc: &'static FolioDesc<A>) -> Self {
         Self { desc }
     }
 }

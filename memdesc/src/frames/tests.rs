@@ -188,7 +188,9 @@ fn refcounts_freeze_unfreeze() {
         Some(FrameError::Frozen { pfn: Pfn(p.0 + 1) })
     );
     let f = frozen.unfreeze(NonZeroU32::new(2).unwrap());
-    let g = FolioRef::from_raw(raw);
+    // SAFETY: `raw` is the reference `g.into_raw()` gave up (counted in the
+    // 2 that unfreeze restored), wrapped once.
+    let g = unsafe { FolioRef::from_raw(raw) };
     assert!(fa.put(g).unwrap().is_none());
     assert!(fa.put(f).unwrap().is_some());
     // Free frame, offline, reserved, page table: typed errors.
