@@ -47,6 +47,17 @@ pub enum MmError {
     Frames(FrameError),
     /// The table engine refused.
     Stage1(Stage1Error),
+    /// The device tree describes memory or devices the bring-up cannot use.
+    DeviceTree(hal::dtb::DtbError),
+}
+
+impl MmError {
+    /// True when the device tree is to blame (the run ends with
+    /// [`hal::exit::BAD_DTB`], not the crash status): its RAM cannot hold
+    /// the page array, or what it describes cannot be used.
+    pub fn blames_device_tree(&self) -> bool {
+        matches!(self, Self::DeviceTree(_) | Self::Plan(_) | Self::Layout(_))
+    }
 }
 
 impl From<FrameError> for MmError {
@@ -137,6 +148,45 @@ pub struct FrameReport {
     pub storage_bytes: u64,
     /// Frames free after reservations.
     pub free: u64,
+}
+
+/// Checks the RAM the device tree claims against the machine: each range's
+/// top is read under a fault guard, and a range whose top does not answer
+/// is cut to its backed prefix (or dropped), with a warning. Then the tree
+/// is checked against the board again, since the reservations may now
+/// cover all that is left. Runs before anything is placed in RAM.
+pub fn discover_memory(p: &mut Platform<'_>) -> Result<(), MmError> {
+    let mut i = 0;
+    while let Some(&r) = p.memory.as_slice().get(i) {
+        let backed = hal::memprobe::backed_prefix(r, |addr| {
+            // SAFETY: `addr` is an aligned word inside a RAM range of the
+            // device tree, which the board check proved clear of every
+            // device window and virtio transport: reading it has no side
+            // effect, and nothing holds a `&mut` into RAM we have not
+            // placed anything in yet (image, stacks and DTB are only read).
+            unsafe { hal::exception::probe_read_u64_quiet(addr) }.is_ok()
+        });
+        if backed < r.size {
+            defmt::warn!(
+                "RAM {=u64:#x}..{=u64:#x} in the device tree is not all there: {=u64} of {=u64} MiB answer; using {=u64:#x}..{=u64:#x}",
+                r.base,
+                r.end(),
+                backed >> 20,
+                r.size >> 20,
+                r.base,
+                r.base + backed
+            );
+            p.memory.shrink(i, backed);
+            if backed == 0 {
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if p.memory.total() == 0 {
+        return Err(MmError::DeviceTree(hal::dtb::DtbError::NoMemory));
+    }
+    p.check(&hal::board::CURRENT).map_err(MmError::DeviceTree)
 }
 
 const MAX_RANGES: usize = 16;
@@ -352,41 +402,21 @@ pub struct MapReport {
     pub features: Features,
 }
 
-/// Page-granular MMIO windows to map, merged so no page is mapped twice.
-fn mmio_windows(p: &Platform<'_>, out: &mut [(u64, u64); 8]) -> usize {
-    let mut n = 0;
-    let mut add = |base: u64, size: u64| {
-        let start = base & !(PAGE_SIZE - 1);
-        let end = (base + size).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        for w in out[..n].iter_mut() {
-            if start <= w.1 && w.0 <= end {
-                w.0 = w.0.min(start);
-                w.1 = w.1.max(end);
-                return;
-            }
-        }
-        if n < out.len() {
-            out[n] = (start, end);
-            n += 1;
-        }
-    };
-    add(hal::board::CURRENT.uart_base, PAGE_SIZE);
-    for v in p.virtio_mmio() {
-        add(v.region.base, v.region.size);
-    }
-    n
-}
+/// Room for every region of the boot map: RAM on both sides of the image
+/// for each range, the image's text, rodata and data, both stacks, and every
+/// MMIO window.
+const BOOT_MAP_REGIONS: usize = 2 * hal::dtb::MAX_RANGES + 5 + hal::dtb::MAX_MMIO_WINDOWS;
 
 /// The identity-mapped regions of the boot map.
 struct Regions {
-    items: [(u64, u64, Attributes); 48],
+    items: [(u64, u64, Attributes); BOOT_MAP_REGIONS],
     len: usize,
 }
 
 impl Regions {
     const fn new() -> Self {
         Self {
-            items: [(0, 0, Attributes::DATA); 48],
+            items: [(0, 0, Attributes::DATA); BOOT_MAP_REGIONS],
             len: 0,
         }
     }
@@ -467,10 +497,11 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     regions.push(stack.start, stack.end, Attributes::DATA)?;
     let stack = hal::image::exception_stack();
     regions.push(stack.start, stack.end, Attributes::DATA)?;
-    let mut windows = [(0, 0); 8];
-    let n = mmio_windows(p, &mut windows);
-    for &(start, end) in &windows[..n] {
-        regions.push(start, end, Attributes::DEVICE)?;
+    let windows = p
+        .mmio_windows(&hal::board::CURRENT)
+        .map_err(MmError::DeviceTree)?;
+    for w in windows.as_slice() {
+        regions.push(w.base, w.end(), Attributes::DEVICE)?;
     }
     for &(start, end, attrs) in regions.as_slice() {
         s1.map(VirtAddr(start), PhysAddr(start), end - start, attrs)?;

@@ -98,11 +98,7 @@ mod tests {
     /// A BRK is reported as such and resumed after.
     #[test]
     fn brk_is_decoded() {
-        let fault = hal::exception::catch(|| {
-            // SAFETY: BRK raises a synchronous exception that `catch` resumes from.
-            unsafe { core::arch::asm!("brk #0x42") };
-        })
-        .expect("BRK must trap");
+        let fault = hal::exception::probe_brk::<0x42>().expect_err("BRK must trap");
         assert_eq!(fault.class_name(), "BRK instruction");
         assert_eq!(fault.esr & 0xffff, 0x42);
     }
@@ -110,11 +106,9 @@ mod tests {
     /// A deliberate data abort is caught with the right class, address and cause.
     #[test]
     fn data_abort_report() {
-        let fault = hal::exception::catch(|| {
-            // SAFETY: reads an address that must fault; `catch` resumes after it.
-            let _ = unsafe { core::ptr::read_volatile(firmware::selftest::UNMAPPED as *const u64) };
-        })
-        .expect("the read must fault");
+        // SAFETY: UNMAPPED is backed by nothing: the read has no effect.
+        let fault = unsafe { hal::exception::probe_read_u64(firmware::selftest::UNMAPPED) }
+            .expect_err("the read must fault");
         assert_eq!(fault.class_name(), "Data abort from the same EL");
         let abort = fault.abort().expect("an abort");
         assert!(!abort.write);

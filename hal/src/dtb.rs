@@ -795,7 +795,7 @@ mod tests {
             self.word(FDT_BEGIN_NODE);
             self.structure.extend_from_slice(name.as_bytes());
             self.structure.push(0);
-            while self.structure.len() % 4 != 0 {
+            while !self.structure.len().is_multiple_of(4) {
                 self.structure.push(0);
             }
         }
@@ -810,7 +810,7 @@ mod tests {
             self.word(value.len() as u32);
             self.word(off);
             self.structure.extend_from_slice(value);
-            while self.structure.len() % 4 != 0 {
+            while !self.structure.len().is_multiple_of(4) {
                 self.structure.push(0);
             }
         }

@@ -14,6 +14,7 @@ pub mod board;
 pub mod dtb;
 pub mod esr;
 pub mod exit;
+pub mod memprobe;
 pub mod midr;
 
 #[cfg(hw)]

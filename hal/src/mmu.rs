@@ -167,7 +167,9 @@ pub enum InputSize {
 /// `root` must be a complete stage-1 table tree in which every address the
 /// code touches from here on is mapped as it is used now: the running text
 /// executable, stacks, data and the console MMIO readable and writable, at
-/// the same virtual addresses (an identity map of the image).
+/// the same virtual addresses (an identity map of the image). It is called
+/// once, on the boot path, with the MMU and the data cache still off (the
+/// caches are invalidated without write-back before they go on).
 pub unsafe fn enable(root: u64, input: InputSize, probe: &Probe) {
     let t0sz = match input {
         InputSize::Bits48 => 16,
@@ -191,7 +193,10 @@ pub unsafe fn enable(root: u64, input: InputSize, probe: &Probe) {
     barrier::dsb(barrier::ISH);
     // Tables, page array and BSS were written with the data cache off:
     // drop whatever stale lines a loader left before the walks go cacheable.
-    crate::cache::invalidate_dcache_all();
+    // SAFETY: the caller's contract puts us on the boot path with the MMU
+    // and data cache still off (they are turned on below), so every store
+    // we made is in memory and no line we need is lost.
+    unsafe { crate::cache::invalidate_dcache_all() };
     // SAFETY: drops every stale EL1 translation before the first walk.
     unsafe { core::arch::asm!("tlbi vmalle1", options(nostack, preserves_flags)) };
     barrier::dsb(barrier::NSH);
