@@ -89,7 +89,7 @@ mod tests {
             let t = STAGE1
                 .with(|s| s.query(VirtAddr(v.region.base)))
                 .expect("stage-1")
-                .unwrap_or_else(|| panic!("virtio window {:#x} is not mapped", v.region.base));
+                .unwrap_or_else(|e| panic!("virtio window {:#x}: {:?}", v.region.base, e));
             assert_eq!(t.attributes, Attributes::DEVICE);
             assert_eq!(t.output, PhysAddr(v.region.base));
             checked += 1;
