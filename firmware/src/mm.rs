@@ -166,7 +166,14 @@ pub fn discover_memory(p: &mut Platform<'_>) -> Result<(), MmError> {
             // placed anything in yet (image, stacks and DTB are only read).
             unsafe { hal::exception::probe_read_u64_quiet(addr) }.is_ok()
         });
-        if backed < r.size {
+        if backed == 0 {
+            defmt::warn!(
+                "RAM {=u64:#x}..{=u64:#x} in the device tree is not there: 0 of {=u64} MiB answer; range ignored",
+                r.base,
+                r.end(),
+                r.size >> 20
+            );
+        } else if backed < r.size {
             defmt::warn!(
                 "RAM {=u64:#x}..{=u64:#x} in the device tree is not all there: {=u64} of {=u64} MiB answer; using {=u64:#x}..{=u64:#x}",
                 r.base,
@@ -176,6 +183,8 @@ pub fn discover_memory(p: &mut Platform<'_>) -> Result<(), MmError> {
                 r.base,
                 r.base + backed
             );
+        }
+        if backed < r.size {
             p.memory.shrink(i, backed);
             if backed == 0 {
                 continue;

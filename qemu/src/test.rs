@@ -276,7 +276,7 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         name: "dtb_64g_claimed_on_1g_is_clamped",
         dtb: Some(DtbPatch::MemoryBeyondBacked),
         must_log: &[
-            "in the device tree is not all there: 0 of 64512 MiB answer",
+            "RAM 0x80000000..0x1040000000 in the device tree is not there: 0 of 64512 MiB answer; range ignored",
             "page array: 262144 frames",
             "ready",
         ],
