@@ -188,9 +188,10 @@ impl ExtableEntry {
     }
 }
 
-/// Registers the probe functions and the handler agree on: x9 is 0 going in
-/// and 1 after a fault; x10, x11, x12 then hold ESR, FAR and ELR.
-const FLAG_REG: usize = 9;
+/// Registers the probe functions and the handler agree on: x20 is 0 going
+/// in and 1 after a fault; x21, x22, x23 then hold ESR, FAR and ELR.
+/// Callee-saved, so code that [`probe_call`] runs cannot clobber them.
+const FLAG_REG: usize = 20;
 
 /// Emits one probe: `$insn` at local label 1, resuming at label 2, with an
 /// exception-table entry of kind `$kind`.
@@ -233,16 +234,16 @@ macro_rules! read_probe {
         pub unsafe fn $name(addr: u64) -> Result<u64, CaughtFault> {
             let (value, flag, esr, far, elr): (u64, u64, u64, u64, u64);
             // SAFETY: the caller's contract covers the read; if it faults,
-            // the handler resumes at label 2 with x9 = 1 (registered in the
+            // the handler resumes at label 2 with x20 = 1 (registered in the
             // exception table), so control always comes back here.
             unsafe {
                 probe_asm!("ldr {v}, [{a}]", $kind,
                     a = in(reg) addr,
                     v = lateout(reg) value,
-                    inout("x9") 0u64 => flag,
-                    lateout("x10") esr,
-                    lateout("x11") far,
-                    lateout("x12") elr,
+                    inout("x20") 0u64 => flag,
+                    lateout("x21") esr,
+                    lateout("x22") far,
+                    lateout("x23") elr,
                     options(nostack, readonly, preserves_flags));
             }
             probe_result(flag, esr, far, elr).map(|()| value)
@@ -274,15 +275,15 @@ read_probe!(
 pub unsafe fn probe_write_u64(addr: u64, value: u64) -> Result<(), CaughtFault> {
     let (flag, esr, far, elr): (u64, u64, u64, u64);
     // SAFETY: the caller's contract covers the write; a fault resumes at
-    // label 2 with x9 = 1 (registered in the exception table).
+    // label 2 with x20 = 1 (registered in the exception table).
     unsafe {
         probe_asm!("str {v}, [{a}]", kind::ACCESS,
             a = in(reg) addr,
             v = in(reg) value,
-            inout("x9") 0u64 => flag,
-            lateout("x10") esr,
-            lateout("x11") far,
-            lateout("x12") elr,
+            inout("x20") 0u64 => flag,
+            lateout("x21") esr,
+            lateout("x22") far,
+            lateout("x23") elr,
             options(nostack, preserves_flags));
     }
     probe_result(flag, esr, far, elr)
@@ -300,15 +301,15 @@ pub unsafe fn probe_write_u64(addr: u64, value: u64) -> Result<(), CaughtFault> 
 pub unsafe fn probe_call(addr: u64) -> Result<(), CaughtFault> {
     let (flag, esr, far, elr): (u64, u64, u64, u64);
     // SAFETY: the caller's contract covers running the target; a fault on
-    // its first fetch resumes at label 2 with x9 = 1 (a CALL entry). The
+    // its first fetch resumes at label 2 with x20 = 1 (a CALL entry). The
     // target may clobber every caller-saved register (clobber_abi).
     unsafe {
         probe_asm!("blr {t}", kind::CALL,
             t = in(reg) addr,
-            inout("x9") 0u64 => flag,
-            lateout("x10") esr,
-            lateout("x11") far,
-            lateout("x12") elr,
+            inout("x20") 0u64 => flag,
+            lateout("x21") esr,
+            lateout("x22") far,
+            lateout("x23") elr,
             clobber_abi("C"));
     }
     probe_result(flag, esr, far, elr)
@@ -319,14 +320,14 @@ pub unsafe fn probe_call(addr: u64) -> Result<(), CaughtFault> {
 pub fn probe_brk<const IMM: u16>() -> Result<(), CaughtFault> {
     let (flag, esr, far, elr): (u64, u64, u64, u64);
     // SAFETY: BRK has no memory effect; the exception it raises resumes at
-    // label 2 with x9 = 1 (registered in the exception table).
+    // label 2 with x20 = 1 (registered in the exception table).
     unsafe {
         probe_asm!("brk #{imm}", kind::ACCESS,
             imm = const IMM,
-            inout("x9") 0u64 => flag,
-            lateout("x10") esr,
-            lateout("x11") far,
-            lateout("x12") elr,
+            inout("x20") 0u64 => flag,
+            lateout("x21") esr,
+            lateout("x22") far,
+            lateout("x23") elr,
             options(nomem, nostack, preserves_flags));
     }
     probe_result(flag, esr, far, elr)
