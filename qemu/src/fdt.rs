@@ -20,6 +20,9 @@ pub enum DtbPatch {
     MemoryOverDevices,
     /// A reserved-memory region over all of RAM.
     AllMemoryReserved,
+    /// Reserved regions over all of RAM but its last 64 KiB: the tree passes
+    /// the board check, but the page array (2 MiB for 1 GiB) fits nowhere.
+    AlmostAllMemoryReserved,
     /// The first virtio-mmio transport moved into RAM.
     VirtioInMemory,
     /// 63 GiB more RAM right after the real RAM: 64 GiB claimed on 1 GiB.
@@ -36,6 +39,7 @@ impl DtbPatch {
             Self::OverlappingMemory => "overlapping-memory",
             Self::MemoryOverDevices => "memory-over-devices",
             Self::AllMemoryReserved => "all-memory-reserved",
+            Self::AlmostAllMemoryReserved => "almost-all-memory-reserved",
             Self::VirtioInMemory => "virtio-in-memory",
             Self::MemoryBeyondBacked => "64g-claimed",
             Self::SpreadVirtio => "spread-virtio",
@@ -294,9 +298,14 @@ impl Tree {
                 let node = memory("ram@9000000", 0x0900_0000, 0x10_0000);
                 self.root.children.push(node);
             }
-            DtbPatch::AllMemoryReserved => {
+            DtbPatch::AllMemoryReserved | DtbPatch::AlmostAllMemoryReserved => {
+                let size = if patch == DtbPatch::AllMemoryReserved {
+                    ram_bytes
+                } else {
+                    ram_bytes - (64 << 10)
+                };
                 let area = Node::new(&format!("all@{ram_base:x}"))
-                    .with("reg", reg(&[(ram_base, ram_bytes)]))
+                    .with("reg", reg(&[(ram_base, size)]))
                     .with("no-map", Vec::new());
                 let mut rm = Node::new("reserved-memory")
                     .with("#address-cells", cell(2))
@@ -435,8 +444,10 @@ mod tests {
             check(DtbPatch::VirtioInMemory),
             Err(DtbError::VirtioInMemory { .. })
         ));
-        // The over-claim and the spread transports are valid trees: the
-        // firmware has to find out on the machine.
+        // These are valid trees: the firmware has to find out on the machine.
+        let blob = as_qemu_loads(&patched(DtbPatch::AlmostAllMemoryReserved));
+        let p = parse_for_board(&blob, &board).expect("passes the board check");
+        assert_eq!(p.reserved.total(), GIB - (64 << 10));
         let blob = as_qemu_loads(&patched(DtbPatch::MemoryBeyondBacked));
         let p = parse_for_board(&blob, &board).expect("passes the board check");
         assert_eq!(p.memory.total(), 64 * GIB);

@@ -266,6 +266,13 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         ..SYSTEM
     },
     SystemTest {
+        name: "dtb_almost_all_memory_reserved_is_typed_error",
+        dtb: Some(DtbPatch::AlmostAllMemoryReserved),
+        exit: Some(hal::exit::BAD_DTB),
+        must_log: &["device tree unusable: memory bring-up failed", "NoHole"],
+        ..SYSTEM
+    },
+    SystemTest {
         name: "dtb_virtio_in_memory_is_typed_error",
         dtb: Some(DtbPatch::VirtioInMemory),
         exit: Some(hal::exit::BAD_DTB),
