@@ -7,7 +7,10 @@
 //! and the whole structure block with bounds checks before anything else reads
 //! it; only a blob that passed is handed to `flat_device_tree` for navigation.
 //! `reg` properties are decoded here with explicit cell sizes, so odd cell
-//! counts are a typed error rather than a guess.
+//! counts are a typed error rather than a guess. A well-formed tree can still
+//! describe a machine nothing can boot on (overlapping RAM, RAM over the
+//! board's devices, a virtio window in RAM, every byte reserved):
+//! [`parse_for_board`] checks the facts against each other and the board.
 
 use crate::board::Board;
 use flat_device_tree::Fdt;

@@ -142,7 +142,7 @@ impl CaughtFault {
 }
 
 /// Entry kinds of the exception table.
-mod kind {
+mod entry {
     /// A load or store: resume at the fixup when ELR is the instruction.
     pub const ACCESS: u32 = 0;
     /// A `blr`: resume at the fixup when the branch target's first fetch
@@ -255,12 +255,12 @@ read_probe!(
     /// Reads the 64-bit word at `addr`, or returns the fault the read took
     /// (logged with the full crash report, marked as expected).
     probe_read_u64,
-    kind::ACCESS
+    entry::ACCESS
 );
 read_probe!(
     /// [`probe_read_u64`] for probing memory: a fault is logged in one line.
     probe_read_u64_quiet,
-    kind::ACCESS | kind::QUIET
+    entry::ACCESS | entry::QUIET
 );
 
 /// Writes `value` to the 64-bit word at `addr`, or returns the fault the
@@ -277,7 +277,7 @@ pub unsafe fn probe_write_u64(addr: u64, value: u64) -> Result<(), CaughtFault> 
     // SAFETY: the caller's contract covers the write; a fault resumes at
     // label 2 with x20 = 1 (registered in the exception table).
     unsafe {
-        probe_asm!("str {v}, [{a}]", kind::ACCESS,
+        probe_asm!("str {v}, [{a}]", entry::ACCESS,
             a = in(reg) addr,
             v = in(reg) value,
             inout("x20") 0u64 => flag,
@@ -304,7 +304,7 @@ pub unsafe fn probe_call(addr: u64) -> Result<(), CaughtFault> {
     // its first fetch resumes at label 2 with x20 = 1 (a CALL entry). The
     // target may clobber every caller-saved register (clobber_abi).
     unsafe {
-        probe_asm!("blr {t}", kind::CALL,
+        probe_asm!("blr {t}", entry::CALL,
             t = in(reg) addr,
             inout("x20") 0u64 => flag,
             lateout("x21") esr,
@@ -322,7 +322,7 @@ pub fn probe_brk<const IMM: u16>() -> Result<(), CaughtFault> {
     // SAFETY: BRK has no memory effect; the exception it raises resumes at
     // label 2 with x20 = 1 (registered in the exception table).
     unsafe {
-        probe_asm!("brk #{imm}", kind::ACCESS,
+        probe_asm!("brk #{imm}", entry::ACCESS,
             imm = const IMM,
             inout("x20") 0u64 => flag,
             lateout("x21") esr,
@@ -338,7 +338,7 @@ pub fn probe_brk<const IMM: u16>() -> Result<(), CaughtFault> {
 fn fixup_for(frame: &Frame) -> Option<(u64, u32)> {
     let ec = esr::exception_class(frame.esr);
     extable().iter().find_map(|e| {
-        let hit = if e.kind & 0xff == kind::CALL {
+        let hit = if e.kind & 0xff == entry::CALL {
             // Instruction abort (EC 0x21) on the target's first fetch.
             ec == 0x21 && frame.elr == frame.far && frame.x[30] == e.insn().wrapping_add(4)
         } else {
@@ -398,8 +398,8 @@ pub fn report(kind: u64, frame: &Frame) {
 #[no_mangle]
 extern "C" fn hal_exception(kind: u64, frame: &mut Frame) {
     let synchronous_here = kind == 0 || kind == 4;
-    if let Some((fixup, entry_kind)) = synchronous_here.then(|| fixup_for(frame)).flatten() {
-        if entry_kind & kind::QUIET != 0 {
+    if let Some((fixup, flags)) = synchronous_here.then(|| fixup_for(frame)).flatten() {
+        if flags & entry::QUIET != 0 {
             defmt::info!(
                 "probe: {=str} at {=u64:#x} (FAR {=u64:#x})",
                 esr::class_name(esr::exception_class(frame.esr)),
