@@ -161,9 +161,10 @@ pub fn discover_memory(p: &mut Platform<'_>) -> Result<(), MmError> {
         let backed = hal::memprobe::backed_prefix(r, |addr| {
             // SAFETY: `addr` is an aligned word inside a RAM range of the
             // device tree, which the board check proved clear of every
-            // device window and virtio transport: reading it has no side
-            // effect, and nothing holds a `&mut` into RAM we have not
-            // placed anything in yet (image, stacks and DTB are only read).
+            // device window and virtio transport, so reading it has no side
+            // effect. The read is one load on the only running core: it
+            // cannot race a writer, and a word of the image, a stack or the
+            // DTB is only looked at, never changed.
             unsafe { hal::exception::probe_read_u64_quiet(addr) }.is_ok()
         });
         if backed == 0 {
