@@ -189,6 +189,6 @@ fn victim_desc_ref(g: &Alloc, pfn: Pfn) -> &'static FolioDesc<LoomAtomics> {
     let r = g.page_array().get_folio(pfn, |_| unreachable!()).unwrap();
     let d = r.desc();
     // Give back the extra reference taken just now.
-    assert!(r.put().is_none());
+    assert!(r.put().unwrap().is_none());
     d
 }

@@ -297,7 +297,7 @@ impl Model {
                 };
                 let f = frozen.take().unwrap();
                 match b % 3 {
-                    0 => refs.push(f.unfreeze(core::num::NonZeroU32::MIN)),
+                    0 => refs.push(f.unfreeze(core::num::NonZeroU32::MIN).ok().unwrap()),
                     1 => {
                         self.fa.free_frozen_folio(f).unwrap();
                         self.remove(id);

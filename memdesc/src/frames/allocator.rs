@@ -100,7 +100,7 @@ pub struct ConsistencyError {
 /// The buddy frame allocator over one [`PageArray`].
 pub struct FrameAllocator<'a, M: DescMemory, A: Atomics = CoreAtomics> {
     pub(crate) pa: &'a PageArray<'a, A>,
-    mem: M,
+    pub(crate) mem: M,
     pub(crate) lists: FreeLists,
     hot: HotCache,
     pub(crate) by_type: [u64; FrameType::COUNT],
@@ -404,6 +404,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         let head = self.pa.effective(raw);
         let ty = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
         let tail = match ty {
+            // Poisoned while free: it left the allocator poisoned, not free.
+            FrameType::Free if raw.frame_type() == Some(FrameType::HwPoison) => {
+                return Err(FrameError::HwPoisoned { pfn })
+            }
             FrameType::Free => return Err(FrameError::Free { pfn }),
             FrameType::HwPoison => return Err(FrameError::HwPoisoned { pfn }),
             FrameType::Folio => return Err(FrameError::WrongType { pfn, found: ty }),
@@ -455,6 +459,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             Some(FrameType::PageTable) => {
                 // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
                 let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
+                d.retire();
                 self.tables.free(d);
             }
             Some(FrameType::Slab) => {
@@ -537,7 +542,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         owner: Owner,
     ) -> FolioRef<A> {
         d.init(Pfn(pfn), order, owner);
-        d.unfreeze(1);
+        // A free descriptor's count is 0 and no `try_get` raises a zero
+        // count, so this cannot fail; if the descriptor was corrupted the
+        // count is left alone and the `put` of this reference reports it.
+        let _ = d.unfreeze(1);
         self.fill(idx, order, Word::with_desc(FrameType::Folio, desc_addr(d)));
         let n = 1u64 << order;
         self.by_type[FrameType::Free.index()] -= n;
@@ -552,23 +560,23 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         owner: Owner,
     ) -> Result<FolioRef<A>, FrameError> {
-        self.drain_cache();
-        let (sec, idx) = self.check_free_range(pfn, order)?;
-        let d = self.get_folio_desc()?;
-        // Descriptor growth may have taken a frame: check again.
-        if let Err(e) = self.check_free_range(pfn, order) {
-            self.folios.free(d);
-            return Err(e);
-        }
-        self.take_free_block(&sec, idx, pfn.0, order);
+        let (sec, idx) = self.take_at(pfn, order)?;
+        let d = match self.get_folio_desc() {
+            Ok(d) => d,
+            Err(e) => {
+                self.untake(&sec, idx, pfn.0, order);
+                return Err(e);
+            }
+        };
         Ok(self.publish_folio(d, idx, pfn.0, order, owner))
     }
 
     /// Drops a reference; on the last one, releases the folio (see
-    /// [`FrameAllocator::release`]).
+    /// [`FrameAllocator::release`]). A count found at zero is
+    /// [`FrameError::RefcountUnderflow`] (and stays zero).
     #[inline]
     pub fn put(&mut self, r: FolioRef<A>) -> Result<Option<Released<A>>, FrameError> {
-        match r.put() {
+        match r.put()? {
             None => Ok(None),
             Some(last) => self.release(last).map(Some),
         }
@@ -587,7 +595,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             owner @ (Owner::Balloon | Owner::Pool(_) | Owner::SharedMemory(_)) => {
                 Ok(Released::ToOwner {
                     owner,
-                    folio: FrozenFolio { desc: d },
+                    folio: FrozenFolio { desc: d, refs: 0 },
                 })
             }
         }
@@ -654,17 +662,14 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         kind: FrozenKind,
     ) -> Result<(), FrameError> {
-        self.drain_cache();
-        self.check_free_range(pfn, order)?;
-        let (head, tail) = self.frozen_words(order, kind)?;
-        let (sec, idx) = match self.check_free_range(pfn, order) {
-            Ok(v) => v,
+        let (sec, idx) = self.take_at(pfn, order)?;
+        let (head, tail) = match self.frozen_words(order, kind) {
+            Ok(w) => w,
             Err(e) => {
-                self.drop_desc(head);
+                self.untake(&sec, idx, pfn.0, order);
                 return Err(e);
             }
         };
-        self.take_free_block(&sec, idx, pfn.0, order);
         self.publish_frozen(idx, order, head, tail);
         Ok(())
     }
@@ -683,21 +688,19 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         }
     }
 
-    /// Frees a frozen allocation (page table, slab, offline, guard, or a
-    /// reserved frame at order 0). Poisoned frames in it stay poisoned.
+    /// Frees a frozen allocation (page table, slab, offline, guard).
+    /// Poisoned frames in it stay poisoned. Reserved frames are not frozen
+    /// allocations ([`FrameError::Reserved`]); see [`FrameAllocator::unreserve`].
     pub fn free_frozen(&mut self, pfn: Pfn, order: u8) -> Result<(), FrameError> {
         let (sec, idx, head, poisoned) = self.check_allocation(pfn, order)?;
-        if head.frame_type() == Some(FrameType::PageTable) {
-            // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
-            let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
-            if d.valid() != 0 {
-                return Err(FrameError::PageTableNotEmpty {
-                    pfn,
-                    valid: d.valid(),
-                });
-            }
-        }
         let ty = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
+        if ty == FrameType::Reserved {
+            return Err(FrameError::Reserved {
+                pfn,
+                kind: ReservedKind::from_subtype(head.subtype()),
+            });
+        }
+        Self::check_table_empty(pfn, head)?;
         self.drop_desc(head);
         let freed = self.give_back(&sec, idx, pfn.0, order, poisoned);
         self.by_type[ty.index()] -= freed;
@@ -710,9 +713,30 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.pa.page_table(pfn)
     }
 
-    /// Frees a translation table; fails while it has valid entries.
+    /// Frees a translation table; fails while it has valid entries, and for
+    /// a stale handle (the frame holds another table, or none, since).
     pub fn free_page_table(&mut self, t: PageTableFrame<A>) -> Result<(), FrameError> {
+        t.check_current()?;
+        // The frame must still hold this table (its original word, if poisoned).
+        let now = self.pa.effective(self.pa.word(t.pfn())?);
+        if now != Word::with_desc(FrameType::PageTable, desc_addr(t.desc())) {
+            return Err(FrameError::StaleHandle { pfn: t.pfn() });
+        }
         self.free_frozen(t.pfn(), 0)
+    }
+
+    /// `PageTableNotEmpty` when `head` (an allocation's head word, the
+    /// original one for a poisoned frame) is a table with valid entries.
+    pub(crate) fn check_table_empty(pfn: Pfn, head: Word) -> Result<(), FrameError> {
+        if head.frame_type() == Some(FrameType::PageTable) {
+            // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
+            let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
+            let valid = d.valid();
+            if valid != 0 {
+                return Err(FrameError::PageTableNotEmpty { pfn, valid });
+            }
+        }
+        Ok(())
     }
 
     // ---- reserved ranges ----------------------------------------------------
@@ -741,6 +765,64 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         Ok(())
     }
 
+    /// Gives `range`, reserved as `Reserved(kind)` (by [`FrameAllocator::new`]
+    /// or [`FrameAllocator::reserve`]), back to the allocator. Every frame
+    /// must be `Reserved(kind)`; the allocator's own memory
+    /// ([`ReservedKind::DescriptorCache`], [`ReservedKind::PageArray`]) is
+    /// never given back. Refused with [`FrameError::Reserved`] (or
+    /// `WrongType`, `HwPoisoned`, `NotManaged`) before anything changes.
+    pub fn unreserve(&mut self, range: PfnRange, kind: ReservedKind) -> Result<(), FrameError> {
+        for p in range.start.0..range.end.0 {
+            let pfn = Pfn(p);
+            let w = self.pa.word(pfn)?;
+            match w.frame_type() {
+                Some(FrameType::Reserved) => {}
+                Some(FrameType::HwPoison) => return Err(FrameError::HwPoisoned { pfn }),
+                Some(found) => return Err(FrameError::WrongType { pfn, found }),
+                None => return Err(FrameError::Corrupt { pfn }),
+            }
+            let found = ReservedKind::from_subtype(w.subtype());
+            if found != kind
+                || matches!(
+                    found,
+                    ReservedKind::DescriptorCache | ReservedKind::PageArray
+                )
+            {
+                return Err(FrameError::Reserved { pfn, kind: found });
+            }
+        }
+        for p in range.start.0..range.end.0 {
+            let sec = *self
+                .pa
+                .section_of(p)
+                .ok_or(FrameError::NotManaged { pfn: Pfn(p) })?;
+            let idx = sec.index(p);
+            self.pa.store_relaxed(idx, Word::FREE_TAIL);
+            self.lists.free(self.pa, &sec, idx, p, 0);
+            self.by_type[FrameType::Reserved.index()] -= 1;
+            self.by_type[FrameType::Free.index()] += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes the free range `[pfn, pfn + 2^order)` out of the buddy and
+    /// parks it (head word Reserved, not counted anywhere) so descriptor
+    /// growth can neither take it nor merge with it; the caller publishes
+    /// it or gives it back with [`FrameAllocator::untake`].
+    fn take_at(&mut self, pfn: Pfn, order: u8) -> Result<(Section, usize), FrameError> {
+        self.drain_cache();
+        let (sec, idx) = self.check_free_range(pfn, order)?;
+        self.take_free_block(&sec, idx, pfn.0, order);
+        self.pa.store_relaxed(idx, Word::RESERVED);
+        Ok((sec, idx))
+    }
+
+    /// Gives a range parked by [`FrameAllocator::take_at`] back to the buddy.
+    fn untake(&mut self, sec: &Section, idx: usize, pfn: u64, order: u8) {
+        self.pa.store_relaxed(idx, Word::FREE_TAIL);
+        self.lists.free(self.pa, sec, idx, pfn, order);
+    }
+
     /// Checks that `[pfn, pfn + 2^order)` lies in one free block.
     fn check_free_range(&self, pfn: Pfn, order: u8) -> Result<(Section, usize), FrameError> {
         check_order(order)?;
@@ -761,10 +843,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                 // Report the first frame that is not free.
                 for i in 0..1u64 << order {
                     let w = self.pa.load_relaxed(idx + i as usize);
-                    if w.frame_type() != Some(FrameType::Free) {
-                        return Err(FrameError::NotFree {
-                            pfn: Pfn(pfn.0 + i),
-                        });
+                    let at = Pfn(pfn.0 + i);
+                    match w.frame_type() {
+                        Some(FrameType::Free) => {}
+                        Some(FrameType::HwPoison) => {
+                            return Err(FrameError::HwPoisoned { pfn: at })
+                        }
+                        _ => return Err(FrameError::NotFree { pfn: at }),
                     }
                 }
                 Err(FrameError::NotFree { pfn })
@@ -884,6 +969,21 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                     return Err(err(i, "bad prev link"));
                 }
                 check_free_block(i, o, false)?;
+                // Fully merged: no listed block has a listed free buddy of
+                // its own order (hot-cached blocks are left unmerged on
+                // purpose and have no head bit).
+                if o < MAX_ORDER {
+                    let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?.0;
+                    let buddy = pfn ^ (1u64 << o);
+                    if let Some(sec) = pa.section_of(pfn) {
+                        if sec.holds_block(buddy, o) {
+                            let bw = pa.load(sec.index(buddy));
+                            if bw.is_free_head() && bw.free_order() == o {
+                                return Err(err(i, "free block not merged with its free buddy"));
+                            }
+                        }
+                    }
+                }
                 n += 1;
                 if n > pa.len() as u64 {
                     return Err(err(i, "free-list cycle"));
