@@ -79,7 +79,8 @@ pub mod word;
 mod tests;
 
 pub use allocator::{
-    ConsistencyError, FrameAllocator, FrameStats, FrozenKind, Released, ReservedRange,
+    ConsistencyError, FrameAllocator, FrameStats, FrozenKind, Inconsistency, Released,
+    ReservedRange,
 };
 pub use atomics::{AtomicCell, Atomics, CoreAtomics};
 pub use buddy::{MAX_ORDER, ORDERS};

@@ -358,7 +358,7 @@ fn consistency_check_catches_a_bad_free_block_tail() {
     pa.store_relaxed(5, Word::free_head(0, NO_LINK, NO_LINK));
     let e = fa.check_consistency().unwrap_err();
     assert_eq!(e.pfn, Pfn(0x40005));
-    assert_eq!(e.what, "free block tail is not a free tail");
+    assert_eq!(e.what, Inconsistency::FreeBlockBadTail);
 }
 
 /// The same for a block parked in a hot cache.
@@ -377,7 +377,7 @@ fn consistency_check_catches_a_bad_cached_block_tail() {
     pa.store_relaxed(idx + 2, Word::free_head(0, NO_LINK, NO_LINK));
     let e = fa.check_consistency().unwrap_err();
     assert_eq!(e.pfn, Pfn(pfn.0 + 2));
-    assert_eq!(e.what, "cached block tail is not a free tail");
+    assert_eq!(e.what, Inconsistency::CachedBlockBadTail);
 }
 
 // ---- issue 8: scenarios found by review ---------------------------------------
@@ -738,4 +738,5 @@ fn frees_merge_with_both_buddies() {
     fa.lists.push(pa, 0, 5);
     let e = fa.check_consistency().unwrap_err();
     assert_eq!(e.pfn, Pfn(0x400));
+    assert_eq!(e.what, Inconsistency::NotMerged);
 }
