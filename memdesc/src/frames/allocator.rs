@@ -789,8 +789,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.drain_cache();
         for p in range.start.0..range.end.0 {
             let w = self.pa.word(Pfn(p))?;
-            if w.frame_type() != Some(FrameType::Free) {
-                return Err(FrameError::NotFree { pfn: Pfn(p) });
+            match w.frame_type() {
+                Some(FrameType::Free) => {}
+                Some(FrameType::HwPoison) => return Err(FrameError::HwPoisoned { pfn: Pfn(p) }),
+                _ => return Err(FrameError::NotFree { pfn: Pfn(p) }),
             }
         }
         for p in range.start.0..range.end.0 {

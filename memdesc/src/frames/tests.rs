@@ -640,6 +640,15 @@ fn a_frame_poisoned_while_free_reports_hwpoisoned() {
     assert_eq!(fa.online(p, 0, Owner::Buddy).err(), e);
     assert_eq!(fa.alloc_frozen_at(p, 0, FrozenKind::Guard).err(), e);
     assert_eq!(fa.alloc_folio_at(p, 0, Owner::Buddy).err(), e);
+    assert_eq!(
+        fa.alloc_frozen_at(Pfn(0x104), 2, FrozenKind::Offline).err(),
+        e
+    );
+    assert_eq!(
+        fa.reserve(PfnRange::new(Pfn(0x104), Pfn(0x108)), ReservedKind::Other)
+            .err(),
+        e
+    );
     assert_eq!(pa.get_folio(p, |_| ()).err(), e);
     assert_eq!(fa.count(FrameType::HwPoison), 1);
     fa.check_consistency().unwrap();
