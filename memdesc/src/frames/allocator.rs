@@ -347,8 +347,15 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             .ok_or(FrameError::OutOfDescriptors { ty: D::TYPE })
     }
 
+    /// A free folio descriptor, its count checked to be 0 (frozen): no
+    /// `try_get` raises a zero count, so the `unfreeze` that publishes it
+    /// cannot fail. A descriptor found otherwise is corrupt and never reused.
     pub(crate) fn get_folio_desc(&mut self) -> Result<&'static FolioDesc<A>, FrameError> {
-        self.get_desc(|s| &mut s.folios)
+        let d = self.get_desc(|s| &mut s.folios)?;
+        if d.refcount() != 0 {
+            return Err(FrameError::Corrupt { pfn: d.head() });
+        }
+        Ok(d)
     }
     pub(crate) fn get_table_desc(&mut self) -> Result<&'static PageTableDesc<A>, FrameError> {
         self.get_desc(|s| &mut s.tables)
@@ -585,9 +592,8 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         owner: Owner,
     ) -> FolioRef<A> {
         d.init(Pfn(pfn), order, owner);
-        // A free descriptor's count is 0 and no `try_get` raises a zero
-        // count, so this cannot fail; if the descriptor was corrupted the
-        // count is left alone and the `put` of this reference reports it.
+        // Cannot fail: `get_folio_desc` checked the count is 0, and no
+        // `try_get` raises a zero count.
         let _ = d.unfreeze(1);
         self.fill(idx, order, Word::with_desc(FrameType::Folio, desc_addr(d)));
         let n = 1u64 << order;

@@ -92,7 +92,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         if healthy != 1u64 << order {
             d.set_flags(FOLIO_HWPOISON);
         }
-        // A fresh descriptor's count is 0 (see `publish_folio`).
+        // Cannot fail: `get_folio_desc` checked the count is 0.
         let _ = d.unfreeze(1);
         self.retally(FrameType::Offline, w, healthy);
         Ok(FolioRef::from_raw(d))

@@ -749,3 +749,25 @@ fn frees_merge_with_both_buddies() {
     assert_eq!(e.pfn, Pfn(0x400));
     assert_eq!(e.what, Inconsistency::NotMerged);
 }
+
+/// A free folio descriptor whose count is not 0 (raised through the raw
+/// descriptor API after its folio was freed) is corrupt: the allocator
+/// refuses it with a typed error and never hands it out.
+#[test]
+fn corrupt_free_descriptor_is_not_reused() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = alloc(pa, &[]);
+    let f = fa.alloc_folio(0, Owner::Buddy).unwrap();
+    let d = f.desc();
+    assert!(fa.put(f).unwrap().is_some());
+    assert_eq!(d.unfreeze(5), Ok(()));
+    assert!(matches!(
+        fa.alloc_folio(0, Owner::Buddy).err(),
+        Some(FrameError::Corrupt { .. })
+    ));
+    let g = fa.alloc_folio(0, Owner::Buddy).unwrap();
+    assert!(!core::ptr::eq(g.desc(), d));
+    assert_eq!(g.refcount(), 1);
+    let _ = fa.put(g).unwrap();
+    fa.check_consistency().unwrap();
+}
