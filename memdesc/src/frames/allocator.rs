@@ -822,7 +822,18 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// ([`ReservedKind::DescriptorCache`], [`ReservedKind::PageArray`]) is
     /// never given back. Refused with [`FrameError::Reserved`] (or
     /// `WrongType`, `HwPoisoned`, `NotManaged`) before anything changes.
-    pub fn unreserve(&mut self, range: PfnRange, kind: ReservedKind) -> Result<(), FrameError> {
+    ///
+    /// # Safety
+    ///
+    /// Nothing may use the memory of `range` any more (reserved frames are
+    /// the image, the device tree, MMIO holes...: the allocator cannot know
+    /// whether they are still in use); once given back, its frames are
+    /// handed out to new owners.
+    pub unsafe fn unreserve(
+        &mut self,
+        range: PfnRange,
+        kind: ReservedKind,
+    ) -> Result<(), FrameError> {
         for p in range.start.0..range.end.0 {
             let pfn = Pfn(p);
             let w = self.pa.word(pfn)?;

@@ -158,22 +158,26 @@ fn alloc_at_and_reserve() {
             kind: ReservedKind::Mmio
         })
     );
-    assert_eq!(
-        fa.unreserve(PfnRange::new(Pfn(0x41), Pfn(0x42)), ReservedKind::Image),
-        Err(FrameError::Reserved {
-            pfn: Pfn(0x41),
-            kind: ReservedKind::Mmio
-        })
-    );
-    assert_eq!(
-        fa.unreserve(PfnRange::new(Pfn(0x46), Pfn(0x48)), ReservedKind::Mmio),
-        Err(FrameError::WrongType {
-            pfn: Pfn(0x47),
-            found: FrameType::Free
-        })
-    );
-    fa.unreserve(PfnRange::new(Pfn(0x41), Pfn(0x42)), ReservedKind::Mmio)
-        .unwrap();
+    // SAFETY: the test reserved these frames itself and uses none of them
+    // (the refused calls give nothing back).
+    unsafe {
+        assert_eq!(
+            fa.unreserve(PfnRange::new(Pfn(0x41), Pfn(0x42)), ReservedKind::Image),
+            Err(FrameError::Reserved {
+                pfn: Pfn(0x41),
+                kind: ReservedKind::Mmio
+            })
+        );
+        assert_eq!(
+            fa.unreserve(PfnRange::new(Pfn(0x46), Pfn(0x48)), ReservedKind::Mmio),
+            Err(FrameError::WrongType {
+                pfn: Pfn(0x47),
+                found: FrameType::Free
+            })
+        );
+        fa.unreserve(PfnRange::new(Pfn(0x41), Pfn(0x42)), ReservedKind::Mmio)
+            .unwrap();
+    }
     assert_eq!(fa.count(FrameType::Reserved), 5);
     fa.check_consistency().unwrap();
     let Ok(Some(Released::ToOwner { owner, folio })) = fa.put(f) else {
@@ -493,10 +497,9 @@ fn free_frozen_refuses_descriptor_and_page_array_frames() {
             fa.free_frozen(p, 0),
             Err(FrameError::Reserved { pfn: p, kind })
         );
-        assert_eq!(
-            fa.unreserve(PfnRange::new(p, Pfn(p.0 + 1)), kind),
-            Err(FrameError::Reserved { pfn: p, kind })
-        );
+        // SAFETY: refused, so nothing is given back.
+        let r = unsafe { fa.unreserve(PfnRange::new(p, Pfn(p.0 + 1)), kind) };
+        assert_eq!(r, Err(FrameError::Reserved { pfn: p, kind }));
         assert_eq!(pa.word(p).unwrap().frame_type(), Some(FrameType::Reserved));
     }
     assert_eq!(fa.count(FrameType::Reserved), 2);
