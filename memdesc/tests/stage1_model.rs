@@ -78,13 +78,34 @@ impl Range {
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Map { r: Range, delta: u8, attrs: u8 },
-    Unmap { r: Range },
-    Protect { r: Range, attrs: u8 },
-    WrProtect { r: Range },
-    Young { page: u64 },
-    Touch { page: u64, write: bool },
-    Refold { r: Range },
+    Map {
+        r: Range,
+        delta: u8,
+        attrs: u8,
+    },
+    Unmap {
+        r: Range,
+    },
+    Protect {
+        r: Range,
+        attrs: u8,
+    },
+    WrProtect {
+        r: Range,
+    },
+    Young {
+        page: u64,
+    },
+    /// The hardware accesses `page`; in a contiguous run it may record
+    /// that in any entry of the run (D8.6.1): entry `via % 16`.
+    Touch {
+        page: u64,
+        write: bool,
+        via: u8,
+    },
+    Refold {
+        r: Range,
+    },
 }
 
 fn range() -> impl Strategy<Value = Range> {
@@ -114,7 +135,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (range(), 0u8..7).prop_map(|(r, attrs)| Op::Protect { r, attrs }),
         1 => range().prop_map(|r| Op::WrProtect { r }),
         1 => (0..WINDOW_PAGES).prop_map(|page| Op::Young { page }),
-        2 => (0..WINDOW_PAGES, any::<bool>()).prop_map(|(page, write)| Op::Touch { page, write }),
+        2 => (0..WINDOW_PAGES, any::<bool>(), any::<u8>())
+            .prop_map(|(page, write, via)| Op::Touch { page, write, via }),
         1 => range().prop_map(|r| Op::Refold { r }),
     ]
 }
@@ -304,12 +326,19 @@ impl Model<'_> {
                 }
                 touched.push((page, 1));
             }
-            Op::Touch { page, write } => {
+            Op::Touch { page, write, via } => {
                 // Hardware access/dirty only exists with FEAT_HAFDBS.
                 if !self.f.hafdbs || !self.shadow.contains_key(&page) {
                     return Ok(());
                 }
-                let (t, i, _) = self.s.leaf_entry(va(page)).unwrap();
+                let q = self.s.query(va(page)).unwrap();
+                let entry = if q.unit.entries() > 1 {
+                    let step = q.unit.size() / q.unit.entries();
+                    VirtAddr(q.unit_va.0 + (via as u64 % q.unit.entries()) * step)
+                } else {
+                    va(page)
+                };
+                let (t, i, _) = self.s.leaf_entry(entry).unwrap();
                 self.s.platform_mut().hw_touch(t, i, write);
                 let e = self.shadow.get_mut(&page).unwrap();
                 e.young = true;

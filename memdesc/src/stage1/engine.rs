@@ -168,6 +168,11 @@ pub(super) fn run_eligible(run: &[Descriptor; CONT_ENTRIES], level: u8) -> bool 
     })
 }
 
+/// True when all 16 entries of a group are leaves with the Contiguous bit.
+fn is_run(group: &[Descriptor; CONT_ENTRIES], level: u8) -> bool {
+    group.iter().all(|d| d.is_leaf(level) && d.is_contiguous())
+}
+
 /// True when replacing live `old` by live `new` changes the output address,
 /// memory type, global-ness or translation size: break-before-make (D8.14.1).
 fn needs_break(old: Descriptor, new: Descriptor, level: u8) -> bool {
@@ -1153,19 +1158,48 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         if new.is_table(level) && found.is_leaf(level) {
             let young = found.is_young() && !seen.is_young();
             let dirty = found.is_dirty() && !seen.is_dirty();
-            if young || dirty {
-                let t = new.table_address();
-                for i in 0..ENTRIES {
-                    let d = self.read(t, i);
-                    if d.is_leaf(level + 1) {
-                        let nd = d.with_state(d.is_young() || young, d.is_dirty() || dirty);
-                        self.write(t, i, nd);
-                    }
-                }
-            }
-            return new;
+            return self.spread(new, young, dirty, level);
         }
         absorb(new, seen, found, level)
+    }
+
+    /// ORs `young`/`dirty` into `d`, a new entry at `level` not yet written:
+    /// into the leaf itself, or into every leaf below a new (unlinked) table.
+    fn spread(&mut self, d: Descriptor, young: bool, dirty: bool, level: u8) -> Descriptor {
+        if !(young || dirty) {
+            return d;
+        }
+        if d.is_leaf(level) {
+            return d.with_state(d.is_young() || young, d.is_dirty() || dirty);
+        }
+        if d.is_table(level) {
+            let t = d.table_address();
+            for i in 0..ENTRIES {
+                let c = self.read(t, i);
+                let n = self.spread(c, young, dirty, level + 1);
+                if n != c {
+                    self.write(t, i, n);
+                }
+            }
+        }
+        d
+    }
+
+    /// ORs `young`/`dirty` into the live entry `index` of `table` (a leaf,
+    /// or every leaf below a table) with compare-and-swap: a state upgrade
+    /// only, which needs no TLB maintenance.
+    fn spread_live(&mut self, table: PhysAddr, index: usize, level: u8, young: bool, dirty: bool) {
+        let c = self.read(table, index);
+        if c.is_leaf(level) {
+            let n = c.with_state(c.is_young() || young, c.is_dirty() || dirty);
+            if n != c {
+                self.replace_live(table, index, level, c, n);
+            }
+        } else if c.is_table(level) {
+            for i in 0..ENTRIES {
+                self.spread_live(c.table_address(), i, level + 1, young, dirty);
+            }
+        }
     }
 
     /// True when the break of a live entry may be skipped under FEAT_BBM
@@ -1246,6 +1280,17 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 }
             }
         }
+        // Rule 3: a run that is unfolded or re-formed hands the access and
+        // dirty state of every old entry to every new one (the hardware may
+        // have recorded a write to any page of a run in any of its entries).
+        let convert = level >= 1 && is_run(old, level) != is_run(new, level);
+        let (mut young, mut dirty) = (false, false);
+        if convert {
+            for d in old.iter().filter(|d| d.is_leaf(level)) {
+                young |= d.is_young();
+                dirty |= d.is_dirty();
+            }
+        }
         if brk != 0 && !bbm2 {
             let (mut walk, mut finest) = (false, level);
             for k in 0..CONT_ENTRIES {
@@ -1253,6 +1298,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     continue;
                 }
                 let found = self.replace_live(table, first + k, level, old[k], Descriptor::INVALID);
+                if convert && found.is_leaf(level) {
+                    // Exact: an invalid entry gets no hardware update.
+                    young |= found.is_young();
+                    dirty |= found.is_dirty();
+                }
                 new[k] = self.carry_state(new[k], old[k], found, level);
                 if old[k].is_table(level) {
                     walk = true;
@@ -1276,14 +1326,26 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             self.platform.dsb_ish();
             ctx.wrote = true;
         }
+        if convert {
+            for d in new.iter_mut() {
+                *d = self.spread(*d, young, dirty, level);
+            }
+        }
         let mut in_place = false;
+        let (mut late_young, mut late_dirty) = (false, false);
         for k in 0..CONT_ENTRIES {
             if new[k] == cur[k] {
                 continue;
             }
             let ev = gva + k as u64 * size;
             if cur[k].is_valid() {
-                self.replace_live(table, first + k, level, cur[k], new[k]);
+                let found = self.replace_live(table, first + k, level, cur[k], new[k]);
+                if convert && found.is_leaf(level) {
+                    // In place (FEAT_BBM level 2): the hardware may have
+                    // updated an entry after the gather above.
+                    late_young |= found.is_young() && !young;
+                    late_dirty |= found.is_dirty() && !dirty;
+                }
                 in_place = true;
                 if cur[k].is_table(level) {
                     if new[k].is_valid() {
@@ -1299,6 +1361,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
             delta += new[k].is_valid() as i32 - cur[k].is_valid() as i32;
             ctx.wrote = true;
+        }
+        if late_young || late_dirty {
+            for k in 0..CONT_ENTRIES {
+                if new[k].is_valid() {
+                    self.spread_live(table, first + k, level, late_young, late_dirty);
+                }
+            }
         }
         if in_place && level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous()) {
             let run = size * CONT_ENTRIES as u64;

@@ -631,3 +631,82 @@ fn hardware_updates_racing_with_the_engine_are_kept() {
         }
     }
 }
+
+/// Every page still mapped in `[base, base + pages * K4)` reads `want`
+/// (young and dirty), page by page.
+fn assert_all_state(s: &Stage1<FakePlatform<'_>>, base: u64, pages: u64, step: u64, what: &str) {
+    for p in 0..pages {
+        if let Ok(q) = s.query(va(base + p * step)) {
+            assert!(q.young && q.dirty, "{what}: page {p} lost its state: {q:?}");
+        }
+    }
+}
+
+/// Issue 8, item 1: the hardware marks entry 9 of a 64 KiB run dirty (it may
+/// use any entry of a run); a partial change must carry that state into
+/// every entry it writes, on the break-before-make and the BBM level 2 path.
+#[test]
+fn splitting_a_run_keeps_its_access_and_dirty_state() {
+    type Op = fn(&mut Stage1<FakePlatform<'_>>) -> Result<(), Stage1Error>;
+    let ops: [(&str, Op); 3] = [
+        ("protect page 5", |s| {
+            s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA)
+        }),
+        ("unmap page 9", |s| s.unmap(va(G1 + 9 * K4), K4)),
+        ("wrprotect pages 2-4", |s| {
+            s.wrprotect(va(G1 + 2 * K4), 3 * K4)
+        }),
+    ];
+    for f in [RANGE, Features::ALL] {
+        for (what, op) in ops {
+            let mut b = bufs(16);
+            let mut s = engine(&mut b, f, VaSize::Bits48);
+            s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+            // Start from clean and old, so only the hardware's update counts.
+            assert!(s.test_and_clear_young(va(G1)).unwrap());
+            let (t, i, _) = s.leaf_entry(va(G1 + 9 * K4)).unwrap();
+            s.platform_mut().hw_touch(t, i, true);
+            op(&mut s).unwrap();
+            check(&mut s);
+            assert_eq!(s.summary().count(MappingUnit::Cont64K), 0, "{what}");
+            assert_all_state(&s, G1, 16, K4, &format!("{what}, {f:?}"));
+        }
+    }
+}
+
+/// The same for a 32 MiB run of 2 MiB blocks: the block split by a partial
+/// change gets the run's state in every page, the other blocks too.
+#[test]
+fn splitting_a_block_run_keeps_its_access_and_dirty_state() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(M32), pa(M32), M32, Attributes::DATA).unwrap();
+        assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
+        assert!(s.test_and_clear_young(va(M32)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(M32 + 9 * M2)).unwrap();
+        s.platform_mut().hw_touch(t, i, true);
+        s.unmap(va(M32 + 5 * M2 + 7 * K4), K4).unwrap();
+        check(&mut s);
+        assert_all_state(&s, M32, 16, M2, &format!("blocks, {f:?}"));
+        assert_all_state(&s, M32 + 5 * M2, 512, K4, &format!("split block, {f:?}"));
+    }
+}
+
+/// Item 1 with a race: the hardware marks entry 12 dirty while the engine
+/// is rewriting the run (just before its compare-and-swap on entry 12, when
+/// entries 0-11 may already hold their new values).
+#[test]
+fn state_set_while_a_run_is_rewritten_reaches_every_entry() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        assert!(s.test_and_clear_young(va(G1)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(G1 + 12 * K4)).unwrap();
+        s.platform_mut().race_next_swap(t, i, true);
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        assert_all_state(&s, G1, 16, K4, &format!("{f:?}"));
+    }
+}
