@@ -109,7 +109,9 @@ const FREE_BATCH: usize = 16;
 /// Per-operation state: TLB debt, tables to free, pre-allocated split tables.
 struct OpCtx {
     debt: TlbDebt,
-    frees: [PhysAddr; FREE_BATCH],
+    /// Each with the entry (table, index, level) of the block that replaced
+    /// it in place, if any: its state is re-read into the block after the TLBI.
+    frees: [(PhysAddr, Option<(PhysAddr, usize, u8)>); FREE_BATCH],
     nfree: usize,
     stash: [PhysAddr; STASH],
     nstash: usize,
@@ -121,7 +123,7 @@ impl OpCtx {
     const fn new(limit: MappingUnit) -> Self {
         Self {
             debt: TlbDebt::NONE,
-            frees: [PhysAddr(0); FREE_BATCH],
+            frees: [(PhysAddr(0), None); FREE_BATCH],
             nfree: 0,
             stash: [PhysAddr(0); STASH],
             nstash: 0,
@@ -745,30 +747,53 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     }
 
     fn free_deferred(&mut self, ctx: &mut OpCtx) {
+        let mut wrote = false;
         for i in 0..ctx.nfree {
+            let (table, parent) = ctx.frees[i];
+            if let Some((pt, pi, level)) = parent {
+                // Rule 3: walkers may have written through the old table
+                // until the TLBI that precedes this completed.
+                let (young, dirty) = self.table_state(table, level + 1);
+                wrote |= self.spread_live(pt, pi, level, young, dirty);
+            }
+        }
+        if wrote {
+            self.platform.dsb_ishst();
+        }
+        for i in 0..ctx.nfree {
+            let (table, _) = ctx.frees[i];
             // A table discarded whole (a full table collapsed into a block)
             // still counts its entries: the frame provider wants 0.
             // SAFETY: the table is still ours until free_table below.
-            let left = unsafe { self.platform.adjust_valid(ctx.frees[i], 0) };
+            let left = unsafe { self.platform.adjust_valid(table, 0) };
             if left != 0 {
                 // SAFETY: as above; brings the count to exactly 0.
-                unsafe { self.platform.adjust_valid(ctx.frees[i], -(left as i32)) };
+                unsafe { self.platform.adjust_valid(table, -(left as i32)) };
             }
             // SAFETY: the descriptor pointing at this table was cleared or
             // replaced and the TLB debt covering it (non-last-level TLBI) was
             // settled before we got here (`finish`, `defer_free`), or the
             // table was never linked (split then collapsed again).
-            unsafe { self.platform.free_table(ctx.frees[i]) };
+            unsafe { self.platform.free_table(table) };
         }
         ctx.nfree = 0;
     }
 
     fn defer_free(&mut self, ctx: &mut OpCtx, table: PhysAddr) {
+        self.defer_free_from(ctx, table, None);
+    }
+
+    fn defer_free_from(
+        &mut self,
+        ctx: &mut OpCtx,
+        table: PhysAddr,
+        parent: Option<(PhysAddr, usize, u8)>,
+    ) {
         if ctx.nfree == FREE_BATCH {
             ctx.debt.settle(&mut self.platform, self.features);
             self.free_deferred(ctx);
         }
-        ctx.frees[ctx.nfree] = table;
+        ctx.frees[ctx.nfree] = (table, parent);
         ctx.nfree += 1;
     }
 
@@ -953,9 +978,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 }
             }
             let gva = base + ((g as u64) << sh);
-            self.write_group(ctx, op, table, level, gva, &old, &mut new, live);
-            for t in to_free.into_iter().flatten() {
-                self.defer_free(ctx, t);
+            let collapsed = self.write_group(ctx, op, table, level, gva, &old, &mut new, live);
+            for (k, t) in to_free.into_iter().enumerate() {
+                if let Some(t) = t {
+                    let parent = (collapsed & (1 << k) != 0).then_some((table, g + k, level));
+                    self.defer_free_from(ctx, t, parent);
+                }
             }
             g += CONT_ENTRIES;
         }
@@ -1188,18 +1216,32 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// ORs `young`/`dirty` into the live entry `index` of `table` (a leaf,
     /// or every leaf below a table) with compare-and-swap: a state upgrade
     /// only, which needs no TLB maintenance.
-    fn spread_live(&mut self, table: PhysAddr, index: usize, level: u8, young: bool, dirty: bool) {
+    /// Returns whether anything was written.
+    fn spread_live(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        level: u8,
+        young: bool,
+        dirty: bool,
+    ) -> bool {
+        if !(young || dirty) {
+            return false;
+        }
         let c = self.read(table, index);
+        let mut wrote = false;
         if c.is_leaf(level) {
             let n = c.with_state(c.is_young() || young, c.is_dirty() || dirty);
             if n != c {
                 self.replace_live(table, index, level, c, n);
+                wrote = true;
             }
         } else if c.is_table(level) {
             for i in 0..ENTRIES {
-                self.spread_live(c.table_address(), i, level + 1, young, dirty);
+                wrote |= self.spread_live(c.table_address(), i, level + 1, young, dirty);
             }
         }
+        wrote
     }
 
     /// True when the break of a live entry may be skipped under FEAT_BBM
@@ -1230,7 +1272,8 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// written (rule 4/6) -- unless FEAT_BBM level 2 covers the change, in
     /// which case they are rewritten in place. In-place changes add to the
     /// operation's TLB debt; changes touching a contiguous run add the whole
-    /// run (rule 7).
+    /// run (rule 7). Returns the entries where a table was replaced by a
+    /// block in place: their old tables must be re-read after the TLBI.
     #[allow(clippy::too_many_arguments)]
     fn write_group(
         &mut self,
@@ -1242,7 +1285,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         old: &[Descriptor; CONT_ENTRIES],
         new: &mut [Descriptor; CONT_ENTRIES],
         live: bool,
-    ) {
+    ) -> u16 {
         let size = level_size(level);
         let mut delta = 0i32;
         if !live {
@@ -1253,7 +1296,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 }
             }
             self.adjust(table, delta);
-            return;
+            return 0;
         }
         let first = gva_index(gva, level);
         let mut cur = *old;
@@ -1325,6 +1368,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             );
             self.platform.dsb_ish();
             ctx.wrote = true;
+            // Rule 3: a table replaced by a block may have been written
+            // through until the TLBI completed; its leaves are final now.
+            for k in 0..CONT_ENTRIES {
+                if brk & (1 << k) != 0 && old[k].is_table(level) && new[k].is_leaf(level) {
+                    let (young, dirty) = self.table_state(old[k].table_address(), level + 1);
+                    new[k] = self.spread(new[k], young, dirty, level);
+                }
+            }
         }
         if convert {
             for d in new.iter_mut() {
@@ -1332,6 +1383,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
         }
         let mut in_place = false;
+        let mut collapsed = 0u16;
         let (mut late_young, mut late_dirty) = (false, false);
         for k in 0..CONT_ENTRIES {
             if new[k] == cur[k] {
@@ -1347,6 +1399,9 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     late_dirty |= found.is_dirty() && !dirty;
                 }
                 in_place = true;
+                if cur[k].is_table(level) && new[k].is_leaf(level) {
+                    collapsed |= 1 << k;
+                }
                 if cur[k].is_table(level) {
                     if new[k].is_valid() {
                         ctx.debt.add(ev, size, level + 1, level, true);
@@ -1362,11 +1417,9 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             delta += new[k].is_valid() as i32 - cur[k].is_valid() as i32;
             ctx.wrote = true;
         }
-        if late_young || late_dirty {
-            for k in 0..CONT_ENTRIES {
-                if new[k].is_valid() {
-                    self.spread_live(table, first + k, level, late_young, late_dirty);
-                }
+        for k in 0..CONT_ENTRIES {
+            if new[k].is_valid() {
+                self.spread_live(table, first + k, level, late_young, late_dirty);
             }
         }
         if in_place && level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous()) {
@@ -1374,6 +1427,24 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             ctx.debt.add(gva, run, level, level, false);
         }
         self.adjust(table, delta);
+        collapsed
+    }
+
+    /// Access and dirty state ORed over every leaf below `table` at `level`.
+    fn table_state(&self, table: PhysAddr, level: u8) -> (bool, bool) {
+        let (mut young, mut dirty) = (false, false);
+        for i in 0..ENTRIES {
+            let d = self.read(table, i);
+            if d.is_leaf(level) {
+                young |= d.is_young();
+                dirty |= d.is_dirty();
+            } else if d.is_table(level) {
+                let (y, w) = self.table_state(d.table_address(), level + 1);
+                young |= y;
+                dirty |= w;
+            }
+        }
+        (young, dirty)
     }
 }
 

@@ -249,7 +249,12 @@ pub struct FakePlatform<'a> {
     violation_count: u64,
     stores_unsynced: bool,
     allocs_left: Option<u64>,
-    race: Option<(PhysAddr, usize, bool)>,
+    /// Just before the next compare-and-swap on (table, index): the
+    /// hardware accesses through entry (table, index) of the second pair.
+    race: Option<((PhysAddr, usize), (PhysAddr, usize), bool)>,
+    /// Just before the next TLBI: the hardware accesses through this entry.
+    race_tlbi: Option<(PhysAddr, usize, bool)>,
+    swaps: u64,
 }
 
 impl<'a> FakePlatform<'a> {
@@ -283,6 +288,8 @@ impl<'a> FakePlatform<'a> {
             stores_unsynced: false,
             allocs_left: None,
             race: None,
+            race_tlbi: None,
+            swaps: 0,
         }
     }
 
@@ -371,7 +378,38 @@ impl<'a> FakePlatform<'a> {
     /// through it, as [`FakePlatform::hw_touch`]. The swap then fails and the
     /// engine must carry the new access/dirty state into what it writes.
     pub fn race_next_swap(&mut self, table: PhysAddr, index: usize, write: bool) {
-        self.race = Some((table, index, write));
+        self.race = Some(((table, index), (table, index), write));
+    }
+
+    /// Like [`FakePlatform::race_next_swap`], but the hardware goes through
+    /// another entry, `touch`: for instance a leaf of a table whose parent
+    /// entry the engine is about to swap (a walker that read the parent
+    /// before the swap can still use the old table).
+    pub fn race_next_swap_touching(
+        &mut self,
+        swap: (PhysAddr, usize),
+        touch: (PhysAddr, usize),
+        write: bool,
+    ) {
+        self.race = Some((swap, touch, write));
+    }
+
+    /// Plays the hardware just before the next TLBI: an access through
+    /// entry `index` of `table` (as [`FakePlatform::hw_touch`]), as a
+    /// walker may do until the TLBI has completed.
+    pub fn race_next_tlbi(&mut self, table: PhysAddr, index: usize, write: bool) {
+        self.race_tlbi = Some((table, index, write));
+    }
+
+    /// Compare-and-swap attempts since creation.
+    pub fn swaps(&self) -> u64 {
+        self.swaps
+    }
+
+    fn tlbi_race(&mut self) {
+        if let Some((t, i, write)) = self.race_tlbi.take() {
+            self.hw_touch(t, i, write);
+        }
     }
 
     #[inline]
@@ -533,6 +571,9 @@ impl<'a> FakePlatform<'a> {
                     self.attach(n.table_address(), va, level + 1, f, i);
                 }
             }
+            // Setting AF or the dirty state needs no TLB maintenance: a
+            // stale copy only makes the hardware set them again.
+            (true, true) if state_upgrade(o, n, level) => {}
             (true, true) if old != new => {
                 let (ot, nt) = (o.is_table(level), n.is_table(level));
                 let type_change = if !ot && !nt {
@@ -616,6 +657,18 @@ impl<'a> FakePlatform<'a> {
             self.check_write(f, i, old, new);
         }
     }
+}
+
+/// True when `n` is the leaf `o` with only AF, the hardware dirty state
+/// (AP\[2\] cleared under DBM) or the software dirty bit newly set.
+fn state_upgrade(o: Descriptor, n: Descriptor, level: u8) -> bool {
+    let state = Descriptor::AF | Descriptor::AP_READ_ONLY | Descriptor::SW_DIRTY;
+    let gained = n.bits() & !o.bits();
+    let lost = o.bits() & !n.bits();
+    o.is_leaf(level)
+        && (o.bits() ^ n.bits()) & !state == 0
+        && gained & !(Descriptor::AF | Descriptor::SW_DIRTY) == 0
+        && (lost == 0 || (lost == Descriptor::AP_READ_ONLY && o.has(Descriptor::DBM)))
 }
 
 fn run_flag(d: Descriptor, level: u8) -> u8 {
@@ -744,10 +797,11 @@ unsafe impl TableMemory for FakePlatform<'_> {
         current: u64,
         new: u64,
     ) -> Result<(), u64> {
-        if let Some((t, i, write)) = self.race {
-            if t == table && i == index {
+        self.swaps += 1;
+        if let Some((swap, (t, i), write)) = self.race {
+            if swap == (table, index) {
                 self.race = None;
-                self.hw_touch(table, index, write);
+                self.hw_touch(t, i, write);
             }
         }
         let f = self.frame(table);
@@ -771,18 +825,21 @@ unsafe impl TableMemory for FakePlatform<'_> {
 impl TranslationHw for FakePlatform<'_> {
     #[inline]
     fn tlbi_va(&mut self, va: VirtAddr, scope: TlbiScope) {
+        self.tlbi_race();
         self.counters.tlbi_va += 1;
         self.record(Event::TlbiVa { va, scope });
         self.tlbi_covering(va.0, va.0 + 1, Some(scope));
     }
 
     fn tlbi_va_range(&mut self, va: VirtAddr, len: u64, scope: TlbiScope) {
+        self.tlbi_race();
         self.counters.tlbi_range += 1;
         self.record(Event::TlbiRange { va, len, scope });
         self.tlbi_covering(va.0, va.0 + len, Some(scope));
     }
 
     fn tlbi_all(&mut self) {
+        self.tlbi_race();
         self.counters.tlbi_all += 1;
         self.record(Event::TlbiAll);
         self.tlbi_covering(0, u64::MAX, None);

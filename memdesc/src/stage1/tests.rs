@@ -710,3 +710,66 @@ fn state_set_while_a_run_is_rewritten_reaches_every_entry() {
         assert_all_state(&s, G1, 16, K4, &format!("{f:?}"));
     }
 }
+
+/// The table entry at `level` on the walk of `va` (its table and index).
+fn entry_at(s: &Stage1<FakePlatform<'_>>, v: u64, level: u8) -> (PhysAddr, usize) {
+    let mut table = s.root();
+    let mut l = s.va_size().start_level();
+    loop {
+        let index = ((v >> (12 + 9 * (3 - l as u32))) & 511) as usize;
+        if l == level {
+            return (table, index);
+        }
+        table = Descriptor(unsafe_read(s, table, index)).table_address();
+        l += 1;
+    }
+}
+
+/// Issue 8, item 2: a table collapsing into a block keeps a write the
+/// hardware makes through one of its leaves after the engine scanned them:
+/// just before the parent entry is swapped, or while the TLBI is running.
+#[test]
+fn collapse_keeps_writes_made_after_the_scan() {
+    for f in [RANGE, Features::ALL] {
+        for at_tlbi in [false, true] {
+            for by_map in [false, true] {
+                let mut b = bufs(16);
+                let mut s = engine(&mut b, f, VaSize::Bits48);
+                let limit = MappingUnit::Page4K;
+                s.map_limited(va(M2), pa(M2), M2, Attributes::DATA, limit)
+                    .unwrap();
+                if by_map {
+                    s.unmap(va(M2 + 7 * K4), K4).unwrap();
+                }
+                assert!(!s.query(va(M2)).unwrap().dirty);
+                let (t, i, _) = s.leaf_entry(va(M2 + 100 * K4)).unwrap();
+                if at_tlbi {
+                    s.platform_mut().race_next_tlbi(t, i, true);
+                } else {
+                    let parent = entry_at(&s, M2, 2);
+                    s.platform_mut()
+                        .race_next_swap_touching(parent, (t, i), true);
+                }
+                if by_map {
+                    s.map_limited(
+                        va(M2 + 7 * K4),
+                        pa(M2 + 7 * K4),
+                        K4,
+                        Attributes::DATA,
+                        MappingUnit::LARGEST,
+                    )
+                    .unwrap();
+                } else {
+                    s.refold(va(M2), M2).unwrap();
+                }
+                check(&mut s);
+                let q = s.query(va(M2)).unwrap();
+                assert_eq!(q.unit, MappingUnit::Block2M);
+                assert!(
+                    q.dirty,
+                    "{f:?} at_tlbi {at_tlbi} by_map {by_map}: write lost"
+                );
+            }
+        }
+    }
+}
