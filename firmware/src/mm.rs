@@ -12,7 +12,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hal::dtb::Platform;
 use hal::image::Span;
-use hal::mmu::{InputSize, Probe, Tlb};
+use hal::mmu::{Probe, Tlb};
 use memdesc::frames::{
     words_needed, FrameAllocator, FrameError, LayoutError, LinearMap, PageArray, PfnRange,
     ReservedKind, ReservedRange,
@@ -428,7 +428,9 @@ impl Regions {
 /// Builds the boot address space and turns the MMU on.
 pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError> {
     let features = probe.features();
-    let mut s1 = Stage1::new(
+    // Built before TTBR0 and the MMU are set up: plain stores (data
+    // accesses may be Device memory now), until `set_live` below.
+    let mut s1 = Stage1::new_detached(
         FirmwarePlatform {
             tlb: Tlb::new(probe),
         },
@@ -477,12 +479,12 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     }
     let optimum = regions.optimum();
     let root = s1.root();
-    let input = InputSize::Bits48;
+    s1.set_live();
     // SAFETY: the tree maps all RAM (including the running image's text,
     // data, stacks and the page array) and the console at their physical
     // addresses, with the permissions the code needs from here on; the guard
     // pages are the only image pages left out and nothing runs on them.
-    unsafe { hal::mmu::enable(root.0, input, probe) };
+    unsafe { hal::mmu::enable(root.0, s1.va_size(), probe) };
     let summary = s1.summary();
     STAGE1.set(s1)?;
     BOOT_MAP.set(MapReport {

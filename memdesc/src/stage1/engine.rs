@@ -142,6 +142,8 @@ pub struct Stage1<P: TableMemory + TranslationHw> {
     root: PhysAddr,
     va_size: VaSize,
     features: Features,
+    /// A walker may use the tree (see [`Stage1::set_live`]).
+    live: bool,
 }
 
 /// `[i0, i1)`: entries of a table at `level` based at `base` overlapping `[s, e)`.
@@ -203,8 +205,28 @@ fn absorb(new: Descriptor, seen: Descriptor, found: Descriptor, level: u8) -> De
 }
 
 impl<P: TableMemory + TranslationHw> Stage1<P> {
-    /// Creates an empty tree (allocates the root table).
-    pub fn new(mut platform: P, va_size: VaSize, features: Features) -> Result<Self, Stage1Error> {
+    /// Creates an empty tree (allocates the root table) that a walker may
+    /// use from the start: every rewrite of a valid entry is a
+    /// compare-and-swap, so access/dirty updates of the hardware
+    /// (FEAT_HAFDBS) are never lost.
+    pub fn new(platform: P, va_size: VaSize, features: Features) -> Result<Self, Stage1Error> {
+        let mut s = Self::new_detached(platform, va_size, features)?;
+        s.live = true;
+        Ok(s)
+    }
+
+    /// Creates an empty tree that no walker uses yet: it is not in any
+    /// TTBR, or translation is off. Until [`Stage1::set_live`], every
+    /// descriptor is written with a plain store: with the MMU off, data
+    /// accesses are Device-nGnRnE, and exclusives or atomics on Device
+    /// memory are IMPLEMENTATION DEFINED (Arm ARM B2.9, "Exclusive access
+    /// instructions and Shareable memory locations"). TLB maintenance is
+    /// issued as usual, so the tree is correct whenever it goes live.
+    pub fn new_detached(
+        mut platform: P,
+        va_size: VaSize,
+        features: Features,
+    ) -> Result<Self, Stage1Error> {
         let root = platform
             .alloc_table()
             .ok_or(Stage1Error::OutOfTableMemory)?;
@@ -213,7 +235,22 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             root,
             va_size,
             features,
+            live: false,
         })
+    }
+
+    /// Marks the tree live: call it before its root goes into a TTBR of a
+    /// translation regime that is (or is about to be) enabled. From then on
+    /// the hardware may update descriptors, so rewrites are compare-and-swaps.
+    #[inline]
+    pub fn set_live(&mut self) {
+        self.live = true;
+    }
+
+    /// True when a walker may use the tree (see [`Stage1::new_detached`]).
+    #[inline]
+    pub fn is_live(&self) -> bool {
+        self.live
     }
 
     /// Physical address of the root table (for TTBR0_EL1.BADDR).
@@ -1163,6 +1200,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         mut cur: Descriptor,
         mut new: Descriptor,
     ) -> Descriptor {
+        if !self.live {
+            // No walker: nothing can change the entry behind our back.
+            self.write(table, index, new);
+            return cur;
+        }
         loop {
             match self.cas(table, index, cur, new) {
                 Ok(()) => return cur,

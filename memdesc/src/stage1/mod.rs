@@ -10,9 +10,11 @@
 //! the sequence of stores, TLBIs and barriers.
 //!
 //! On target the hal implements [`TableMemory`] and [`TranslationHw`] on one
-//! object, builds `Stage1::new(platform, VaSize::Bits48, features)`, maps,
-//! programs MAIR_EL1 = [`MAIR_VALUE`], TCR_EL1.T0SZ = [`VaSize::t0sz`]
-//! (TG0 = 4 KiB, IPS >= 48 bits, HA/HD when [`Features::hafdbs`]) and
+//! object, builds `Stage1::new_detached(platform, VaSize::Bits48, features)`
+//! (plain stores while no walker can see the tree), maps, calls
+//! [`Stage1::set_live`], programs MAIR_EL1 = [`MAIR_VALUE`], TCR_EL1.T0SZ =
+//! [`VaSize::t0sz`] of [`Stage1::va_size`] (the one place the VA size is
+//! chosen; TG0 = 4 KiB, IPS >= 48 bits, HA/HD when [`Features::hafdbs`]) and
 //! TTBR0_EL1 = [`Stage1::root`], and turns the MMU on. Tables written with
 //! the data cache off must be cleaned to the point of coherency (or TCR's
 //! IRGN0/ORGN0 set to non-cacheable) before the MMU walks them.

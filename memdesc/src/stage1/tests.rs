@@ -773,3 +773,39 @@ fn collapse_keeps_writes_made_after_the_scan() {
         }
     }
 }
+
+/// Issue 8, item 4: while no walker can use the tree (it is being built
+/// before TTBR0 and the MMU are set up, when data accesses may be Device
+/// memory), every descriptor is written with a plain store.
+#[test]
+fn a_detached_tree_is_written_without_compare_and_swap() {
+    for f in [NO_BBM, Features::ALL] {
+        let mut b = bufs(32);
+        let p = FakePlatform::new(&mut b.frames, &mut b.log, f, 0);
+        let mut s = Stage1::new_detached(p, VaSize::Bits48, f).unwrap();
+        assert!(!s.is_live());
+        s.map(va(G1), pa(G1), M2, Attributes::DATA).unwrap();
+        s.map(va(2 * G1), pa(2 * G1), K64, Attributes::DATA)
+            .unwrap();
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        s.protect(va(2 * G1 + 5 * K4), K4, Attributes::RODATA)
+            .unwrap();
+        s.unmap(va(2 * G1 + 9 * K4), K4).unwrap();
+        s.wrprotect(va(G1), K64).unwrap();
+        assert!(s.test_and_clear_young(va(G1 + M2 - K4)).unwrap());
+        s.protect(va(G1), M2, Attributes::DATA).unwrap();
+        check(&mut s);
+        assert_eq!(s.summary().count(MappingUnit::Block2M), 1);
+        assert_eq!(s.platform().swaps(), 0, "{f:?}");
+        // Live: rewrites of valid entries are compare-and-swaps again.
+        s.set_live();
+        assert!(s.is_live());
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        assert!(s.platform().swaps() > 0);
+        // The default is the safe one.
+        let mut b = bufs(4);
+        let p = FakePlatform::new(&mut b.frames, &mut b.log, f, 0);
+        assert!(Stage1::new(p, VaSize::Bits48, f).unwrap().is_live());
+    }
+}
