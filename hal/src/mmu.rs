@@ -198,3 +198,8 @@ pub unsafe fn enable(root: u64, va_size: VaSize, probe: &Probe) {
 pub fn enabled() -> bool {
     SCTLR_EL1.matches_all(SCTLR_EL1::M::Enable)
 }
+
+/// Input address bits of TTBR0_EL1's region as programmed (64 - TCR_EL1.T0SZ).
+pub fn input_bits() -> u32 {
+    64 - TCR_EL1.read(TCR_EL1::T0SZ) as u32
+}

@@ -29,7 +29,7 @@ use super::descriptor::{
 };
 use super::error::Stage1Error;
 use super::flush::{invalidate, TlbDebt};
-use super::hardware::{Features, TableMemory, TranslationHw};
+use super::hardware::{Features, TableMemory, TableMemoryError, TranslationHw};
 use super::unit::{MappingSummary, MappingUnit};
 use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 
@@ -106,17 +106,22 @@ const STASH: usize = 4;
 /// Freed tables waiting for the TLBI that makes freeing them safe.
 const FREE_BATCH: usize = 16;
 
+/// Where an entry lives: (table, index, level).
+type EntryAt = (PhysAddr, usize, u8);
+
 /// Per-operation state: TLB debt, tables to free, pre-allocated split tables.
 struct OpCtx {
     debt: TlbDebt,
     /// Each with the entry (table, index, level) of the block that replaced
     /// it in place, if any: its state is re-read into the block after the TLBI.
-    frees: [(PhysAddr, Option<(PhysAddr, usize, u8)>); FREE_BATCH],
+    frees: [(PhysAddr, Option<EntryAt>); FREE_BATCH],
     nfree: usize,
     stash: [PhysAddr; STASH],
     nstash: usize,
     wrote: bool,
     limit: MappingUnit,
+    /// Why the walk could not do all of its work (a table it needed).
+    error: Option<Stage1Error>,
 }
 
 impl OpCtx {
@@ -129,6 +134,7 @@ impl OpCtx {
             nstash: 0,
             wrote: false,
             limit,
+            error: None,
         }
     }
 }
@@ -144,7 +150,14 @@ pub struct Stage1<P: TableMemory + TranslationHw> {
     features: Features,
     /// A walker may use the tree (see [`Stage1::set_live`]).
     live: bool,
+    /// First table-memory failure of the running operation (a count that
+    /// could not be read or changed, a free refused); reported at its end.
+    fault: Option<TableMemoryError>,
 }
+
+/// What [`Stage1::valid_count`] returns for a count it could not read:
+/// neither 0 (the table would be freed) nor 512 (it would be collapsed).
+pub(super) const COUNT_UNKNOWN: u32 = u32::MAX;
 
 /// `[i0, i1)`: entries of a table at `level` based at `base` overlapping `[s, e)`.
 #[inline]
@@ -227,15 +240,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         va_size: VaSize,
         features: Features,
     ) -> Result<Self, Stage1Error> {
-        let root = platform
-            .alloc_table()
-            .ok_or(Stage1Error::OutOfTableMemory)?;
+        let root = platform.alloc_table()?;
         Ok(Self {
             platform,
             root,
             va_size,
             features,
             live: false,
+            fault: None,
         })
     }
 
@@ -337,10 +349,19 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         .map_err(Descriptor)
     }
 
+    /// The valid-entry count of `table`, or [`COUNT_UNKNOWN`] (and the
+    /// failure noted for the end of the operation) when the provider
+    /// cannot tell.
     #[inline]
     pub(super) fn valid_count(&mut self, table: PhysAddr) -> u32 {
         // SAFETY: as in `read`; a zero delta only reads the count.
-        unsafe { self.platform.adjust_valid(table, 0) }
+        match unsafe { self.platform.adjust_valid(table, 0) } {
+            Ok(n) => n,
+            Err(e) => {
+                self.note(e);
+                COUNT_UNKNOWN
+            }
+        }
     }
 
     #[inline]
@@ -348,9 +369,41 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         if delta != 0 {
             // SAFETY: as in `read`; `delta` is the exact change of valid
             // entries the caller just wrote, so the count stays in 0..=512.
-            unsafe {
-                self.platform.adjust_valid(table, delta);
+            if let Err(e) = unsafe { self.platform.adjust_valid(table, delta) } {
+                self.note(e);
             }
+        }
+    }
+
+    /// Returns a table to the provider; a refusal is noted.
+    ///
+    /// # Safety
+    ///
+    /// As for [`TableMemory::free_table`].
+    unsafe fn release(&mut self, table: PhysAddr) {
+        // SAFETY: forwarded from the caller.
+        if let Err(e) = unsafe { self.platform.free_table(table) } {
+            self.note(e);
+        }
+    }
+
+    /// Forgets a noted failure (the linter reports them as findings).
+    pub(super) fn clear_fault(&mut self) {
+        self.fault = None;
+    }
+
+    /// Keeps the first table-memory failure of an operation.
+    fn note(&mut self, e: TableMemoryError) {
+        if self.fault.is_none() {
+            self.fault = Some(e);
+        }
+    }
+
+    /// `Ok(v)`, or the table-memory failure noted during the operation.
+    fn reported<T>(&mut self, v: T) -> Result<T, Stage1Error> {
+        match self.fault.take() {
+            None => Ok(v),
+            Some(e) => Err(Stage1Error::TableMemory(e)),
         }
     }
 
@@ -503,7 +556,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     }
                 }
                 self.finish(&mut ctx);
-                Ok(())
+                self.reported(())
             }
             Err(at) => {
                 // Everything below `at` was written by this call, at its
@@ -513,7 +566,9 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     self.modify_level(&mut ctx, &LeafOp::Unmap, root, start, 0, s, at, true);
                 }
                 self.finish(&mut ctx);
-                Err(Stage1Error::OutOfTableMemory)
+                let e = ctx.error.unwrap_or(Stage1Error::OutOfTableMemory);
+                self.reported(())?;
+                Err(e)
             }
         }
     }
@@ -543,13 +598,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let mut chain = [PhysAddr(0); 3];
         for k in 0..need {
             match self.platform.alloc_table() {
-                Some(t) => chain[k] = t,
-                None => {
+                Ok(t) => chain[k] = t,
+                Err(e) => {
                     for t in &chain[..k] {
                         // SAFETY: allocated above and never linked.
-                        unsafe { self.platform.free_table(*t) };
+                        unsafe { self.release(*t) };
                     }
-                    return Err(Stage1Error::OutOfTableMemory);
+                    self.reported(())?;
+                    return Err(e.into());
                 }
             }
         }
@@ -580,7 +636,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             self.platform.dsb_ishst();
             self.platform.isb();
         }
-        Ok(())
+        self.reported(())
     }
 
     /// Unmaps `[va, va + len)`; every page must be mapped. Tables that
@@ -618,7 +674,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let (root, start) = (self.root, self.va_size.start_level());
         self.modify_level(&mut ctx, &LeafOp::Refold, root, start, 0, s, e, true);
         self.finish(&mut ctx);
-        Ok(())
+        self.reported(())
     }
 
     /// Translates `va`: output address, attributes, and access/dirty ORed
@@ -729,19 +785,22 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let needed = self.splits_needed(s, e);
         while ctx.nstash < needed {
             match self.platform.alloc_table() {
-                Some(t) => {
+                Ok(t) => {
                     ctx.stash[ctx.nstash] = t;
                     ctx.nstash += 1;
                 }
-                None => {
+                Err(e) => {
                     self.finish(&mut ctx);
-                    return Err(Stage1Error::OutOfTableMemory);
+                    self.reported(())?;
+                    return Err(e.into());
                 }
             }
         }
         self.modify_level(&mut ctx, &op, root, start, 0, s, e, true);
         self.finish(&mut ctx);
-        Ok(())
+        let short = ctx.error;
+        self.reported(())?;
+        short.map_or(Ok(()), Err)
     }
 
     /// Tables needed to split the blocks that `[s, e)` covers only partly.
@@ -778,7 +837,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         for i in 0..ctx.nstash {
             // SAFETY: stash tables were allocated by this operation and
             // never linked into the tree, so nothing can cache them.
-            unsafe { self.platform.free_table(ctx.stash[i]) };
+            unsafe { self.release(ctx.stash[i]) };
         }
         ctx.nstash = 0;
     }
@@ -800,18 +859,26 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         for i in 0..ctx.nfree {
             let (table, _) = ctx.frees[i];
             // A table discarded whole (a full table collapsed into a block)
-            // still counts its entries: the frame provider wants 0.
-            // SAFETY: the table is still ours until free_table below.
-            let left = unsafe { self.platform.adjust_valid(table, 0) };
+            // still counts its entries: the frame provider wants 0. A count
+            // that cannot be read or zeroed keeps the table out of the
+            // provider's hands (lost, never reused) and fails the operation.
+            let left = self.valid_count(table);
+            if left == COUNT_UNKNOWN {
+                continue;
+            }
             if left != 0 {
-                // SAFETY: as above; brings the count to exactly 0.
-                unsafe { self.platform.adjust_valid(table, -(left as i32)) };
+                // SAFETY: the table is still ours until it is freed below;
+                // brings the count to exactly 0.
+                if let Err(e) = unsafe { self.platform.adjust_valid(table, -(left as i32)) } {
+                    self.note(e);
+                    continue;
+                }
             }
             // SAFETY: the descriptor pointing at this table was cleared or
             // replaced and the TLB debt covering it (non-last-level TLBI) was
             // settled before we got here (`finish`, `defer_free`), or the
             // table was never linked (split then collapsed again).
-            unsafe { self.platform.free_table(table) };
+            unsafe { self.release(table) };
         }
         ctx.nfree = 0;
     }
@@ -820,12 +887,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         self.defer_free_from(ctx, table, None);
     }
 
-    fn defer_free_from(
-        &mut self,
-        ctx: &mut OpCtx,
-        table: PhysAddr,
-        parent: Option<(PhysAddr, usize, u8)>,
-    ) {
+    fn defer_free_from(&mut self, ctx: &mut OpCtx, table: PhysAddr, parent: Option<EntryAt>) {
         if ctx.nfree == FREE_BATCH {
             ctx.debt.settle(&mut self.platform, self.features);
             self.free_deferred(ctx);
@@ -891,9 +953,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             let child = if let DescriptorKind::Table(next) = d.kind(level) {
                 next
             } else {
-                let Some(next) = self.platform.alloc_table() else {
-                    self.adjust(table, added);
-                    return Err(cs);
+                let next = match self.platform.alloc_table() {
+                    Ok(next) => next,
+                    Err(e) => {
+                        self.adjust(table, added);
+                        ctx.error = Some(e.into());
+                        return Err(cs);
+                    }
                 };
                 self.write(table, i, Descriptor::table(next));
                 added += 1;
@@ -985,11 +1051,16 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     }
                     DescriptorKind::Leaf if covered => new[k] = self.apply(op, d, level),
                     DescriptorKind::Leaf if !matches!(op, LeafOp::Refold) => {
-                        let Some(t) = self.take_split_table(ctx) else {
-                            // Unreachable: `splits_needed` pre-allocated one
-                            // table per partly covered block. Leave it alone
-                            // rather than corrupt the tree.
-                            continue;
+                        let t = match self.take_split_table(ctx) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                // `splits_needed` allocated one table per
+                                // partly covered block, so this is not
+                                // reached; if it were, the block stays
+                                // whole and the operation fails.
+                                ctx.error.get_or_insert(e);
+                                continue;
+                            }
                         };
                         self.fill_split(t, d, level);
                         self.modify_level(ctx, op, t, level + 1, ev, cs, ce, false);
@@ -1090,14 +1161,16 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         })
     }
 
-    fn take_split_table(&mut self, ctx: &mut OpCtx) -> Option<PhysAddr> {
+    /// A table for splitting a block: from the stash `modify` filled, so
+    /// that running out of table memory is found before anything changes.
+    fn take_split_table(&mut self, ctx: &mut OpCtx) -> Result<PhysAddr, Stage1Error> {
         if ctx.nstash > 0 {
             ctx.nstash -= 1;
-            Some(ctx.stash[ctx.nstash])
-        } else {
-            debug_assert!(false, "splits_needed undercounted");
-            self.platform.alloc_table()
+            return Ok(ctx.stash[ctx.nstash]);
         }
+        // Only if `splits_needed` missed a split (a bug): try once more,
+        // and fail the operation rather than skip part of its range.
+        self.platform.alloc_table().map_err(Stage1Error::from)
     }
 
     /// The new value of a covered leaf.
@@ -1459,8 +1532,8 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             delta += new[k].is_valid() as i32 - cur[k].is_valid() as i32;
             ctx.wrote = true;
         }
-        for k in 0..CONT_ENTRIES {
-            if new[k].is_valid() {
+        for (k, d) in new.iter().enumerate() {
+            if d.is_valid() {
                 self.spread_live(table, first + k, level, late_young, late_dirty);
             }
         }

@@ -19,7 +19,7 @@
 use core::cell::Cell;
 
 use super::descriptor::{level_shift, Descriptor, CONT_ENTRIES, ENTRIES};
-use super::hardware::{Features, TableMemory, TlbiScope, TranslationHw};
+use super::hardware::{Features, TableMemory, TableMemoryError, TlbiScope, TranslationHw};
 use crate::addr::{PhysAddr, VirtAddr};
 
 /// Physical address of the first fake frame (frame `n` is at base + n * 4 KiB).
@@ -33,6 +33,9 @@ const INVALIDATED: u8 = 3;
 /// so a TLB may hold it for the whole run (D8.6.1), not only its own page.
 const RUN: u8 = 0x80;
 const NONE: u32 = u32::MAX;
+
+/// An entry of a table frame: (table, index).
+type Entry = (PhysAddr, usize);
 
 #[derive(Clone, Copy, Debug)]
 struct FrameMeta {
@@ -251,10 +254,11 @@ pub struct FakePlatform<'a> {
     allocs_left: Option<u64>,
     /// Just before the next compare-and-swap on (table, index): the
     /// hardware accesses through entry (table, index) of the second pair.
-    race: Option<((PhysAddr, usize), (PhysAddr, usize), bool)>,
+    race: Option<(Entry, Entry, bool)>,
     /// Just before the next TLBI: the hardware accesses through this entry.
     race_tlbi: Option<(PhysAddr, usize, bool)>,
     swaps: u64,
+    busy: bool,
 }
 
 impl<'a> FakePlatform<'a> {
@@ -290,6 +294,7 @@ impl<'a> FakePlatform<'a> {
             race: None,
             race_tlbi: None,
             swaps: 0,
+            busy: false,
         }
     }
 
@@ -356,6 +361,13 @@ impl<'a> FakePlatform<'a> {
         self.peak_in_use
     }
 
+    /// While `busy`, every allocation, free and valid-count access fails
+    /// with [`TableMemoryError::Busy`] (as the firmware's provider does
+    /// when it is re-entered); descriptor accesses still work.
+    pub fn set_busy(&mut self, busy: bool) {
+        self.busy = busy;
+    }
+
     /// Lets only `n` more allocations succeed (`None`: unlimited).
     pub fn set_alloc_limit(&mut self, n: Option<u64>) {
         self.allocs_left = n;
@@ -385,12 +397,7 @@ impl<'a> FakePlatform<'a> {
     /// another entry, `touch`: for instance a leaf of a table whose parent
     /// entry the engine is about to swap (a walker that read the parent
     /// before the swap can still use the old table).
-    pub fn race_next_swap_touching(
-        &mut self,
-        swap: (PhysAddr, usize),
-        touch: (PhysAddr, usize),
-        write: bool,
-    ) {
+    pub fn race_next_swap_touching(&mut self, swap: Entry, touch: Entry, write: bool) {
         self.race = Some((swap, touch, write));
     }
 
@@ -684,10 +691,13 @@ fn run_flag(d: Descriptor, level: u8) -> u8 {
 // access is bounds-checked safe Rust on host memory, and the fake is
 // single-threaded, so plain loads/stores are atomic with respect to it.
 unsafe impl TableMemory for FakePlatform<'_> {
-    fn alloc_table(&mut self) -> Option<PhysAddr> {
+    fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError> {
+        if self.busy {
+            return Err(TableMemoryError::Busy);
+        }
         if let Some(n) = self.allocs_left.as_mut() {
             if *n == 0 {
-                return None;
+                return Err(TableMemoryError::OutOfMemory);
             }
             *n -= 1;
         }
@@ -699,7 +709,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
             self.high_water += 1;
             self.high_water - 1
         } else {
-            return None;
+            return Err(TableMemoryError::OutOfMemory);
         };
         let fr = &mut self.frames[f];
         fr.entries = [0; ENTRIES];
@@ -720,10 +730,13 @@ unsafe impl TableMemory for FakePlatform<'_> {
             m.level = self.root_level;
         }
         self.record(Event::Alloc(pa));
-        Some(pa)
+        Ok(pa)
     }
 
-    unsafe fn free_table(&mut self, table: PhysAddr) {
+    unsafe fn free_table(&mut self, table: PhysAddr) -> Result<(), TableMemoryError> {
+        if self.busy {
+            return Err(TableMemoryError::Busy);
+        }
         let f = self.frame(table);
         if self.recording {
             let m = self.frames[f].meta;
@@ -750,6 +763,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
         self.in_use -= 1;
         self.counters.frees += 1;
         self.record(Event::Free(table));
+        Ok(())
     }
 
     #[inline]
@@ -814,11 +828,23 @@ unsafe impl TableMemory for FakePlatform<'_> {
     }
 
     #[inline]
-    unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32) -> u32 {
+    unsafe fn adjust_valid(
+        &mut self,
+        table: PhysAddr,
+        delta: i32,
+    ) -> Result<u32, TableMemoryError> {
+        if self.busy {
+            return Err(TableMemoryError::Busy);
+        }
         let f = self.frame(table);
         let m = &mut self.frames[f].meta;
-        m.valid = m.valid.wrapping_add_signed(delta);
-        m.valid
+        match m.valid.checked_add_signed(delta) {
+            Some(n) if n as usize <= ENTRIES => {
+                m.valid = n;
+                Ok(n)
+            }
+            _ => Err(TableMemoryError::CountOutOfRange { table }),
+        }
     }
 }
 

@@ -69,6 +69,6 @@ pub use attributes::{Attributes, MemoryKind, Shareability, MAIR_VALUE};
 pub use descriptor::Descriptor;
 pub use engine::{Stage1, Translation, VaSize};
 pub use error::Stage1Error;
-pub use hardware::{Features, TableMemory, TlbiScope, TranslationHw};
+pub use hardware::{Features, TableMemory, TableMemoryError, TlbiScope, TranslationHw};
 pub use lint::{Rule, Violation};
 pub use unit::{MappingSummary, MappingUnit};

@@ -809,3 +809,171 @@ fn a_detached_tree_is_written_without_compare_and_swap() {
         assert!(Stage1::new(p, VaSize::Bits48, f).unwrap().is_live());
     }
 }
+
+/// Every descriptor of the tree, in walk order (to compare whole trees).
+fn dump(s: &Stage1<FakePlatform<'_>>) -> Vec<(u8, usize, u64)> {
+    fn walk(s: &Stage1<FakePlatform<'_>>, t: PhysAddr, level: u8, out: &mut Vec<(u8, usize, u64)>) {
+        for i in 0..512 {
+            let d = Descriptor(unsafe_read(s, t, i));
+            if d.is_valid() {
+                out.push((level, i, if d.is_table(level) { 3 } else { d.bits() }));
+                if d.is_table(level) {
+                    walk(s, d.table_address(), level + 1, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(s, s.root(), s.va_size().start_level(), &mut out);
+    out
+}
+
+/// A 16 GiB run of 1 GiB blocks at 16 GiB and a 32 MiB run of 2 MiB blocks
+/// at 32 GiB + 32 MiB.
+fn two_runs(b: &mut Bufs, f: Features) -> Stage1<FakePlatform<'_>> {
+    let mut s = engine(b, f, VaSize::Bits48);
+    s.map(va(16 * G1), pa(16 * G1), 16 * G1, Attributes::DATA)
+        .unwrap();
+    s.map(va(32 * G1 + M32), pa(M32), M32, Attributes::DATA)
+        .unwrap();
+    s
+}
+
+/// Issue 8, item 3: an operation that must split partly covered blocks
+/// (1 GiB, 2 MiB, at one or both ends, inside contiguous runs of blocks)
+/// either gets every table it needs or fails with OutOfTableMemory and
+/// changes nothing. For each case the tables the operation allocates with
+/// unlimited memory are counted; one fewer must be refused cleanly.
+#[test]
+fn a_split_without_table_memory_fails_and_changes_nothing() {
+    type Op = fn(&mut Stage1<FakePlatform<'_>>, u64, u64) -> Result<(), Stage1Error>;
+    let ops: [Op; 3] = [
+        |s, a, n| s.unmap(va(a), n),
+        |s, a, n| s.protect(va(a), n, Attributes::RODATA),
+        |s, a, n| s.wrprotect(va(a), n),
+    ];
+    // Start and length of the changed range, relative to the 16 GiB run at
+    // 16 GiB (1 GiB blocks), then to the 32 MiB run at 32 GiB + 32 MiB.
+    let cases = [
+        (3 * G1 + 5 * M2 + 3 * K4, K4),
+        (3 * G1 + 5 * M2, M2 + K4),
+        (3 * G1 + 5 * M2 + K4, 2 * G1),
+        (3 * G1 + K4, G1 - 2 * K4),
+        (3 * G1 + M2, G1 - 2 * M2),
+        (G1 - K4, 2 * K4),
+        (G1 - M2, M2 + K4),
+    ];
+    let mut max_need = 0;
+    for f in [NO_BBM, Features::ALL] {
+        for (o, op) in ops.iter().enumerate() {
+            for (c, &(off, len)) in cases.iter().enumerate() {
+                for base in [16 * G1, 32 * G1 + M32] {
+                    let (off, len) = if base == 16 * G1 {
+                        (off, len)
+                    } else {
+                        (off % M32, len.min(M32 - off % M32))
+                    };
+                    let mut b = bufs(32);
+                    let mut s = two_runs(&mut b, f);
+                    let a0 = s.platform().counters().allocs;
+                    op(&mut s, base + off, len).unwrap();
+                    check(&mut s);
+                    let need = s.platform().counters().allocs - a0;
+                    assert!(
+                        need >= (base == 16 * G1) as u64 && need <= 4,
+                        "{need} for case {c}"
+                    );
+                    max_need = max_need.max(need);
+                    for limit in 0..need {
+                        let what =
+                            format!("{f:?} op {o} case {c} base {base:#x} limit {limit}/{need}");
+                        let mut b = bufs(32);
+                        let mut s = two_runs(&mut b, f);
+                        let before = dump(&s);
+                        let tables = s.platform().tables_in_use();
+                        s.platform_mut().set_alloc_limit(Some(limit));
+                        s.platform_mut().reset_counters();
+                        assert_eq!(
+                            op(&mut s, base + off, len),
+                            Err(Stage1Error::OutOfTableMemory),
+                            "{what}"
+                        );
+                        assert_eq!(s.platform().counters().writes, 0, "{what}");
+                        assert_eq!(dump(&s), before, "{what}");
+                        assert_eq!(s.platform().tables_in_use(), tables, "{what}");
+                        check(&mut s);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(max_need, 4, "both ends split twice");
+}
+
+/// Issue 8, item 17 (engine side): a table-memory provider that fails
+/// (here: busy) is a typed error, never "out of memory" and never a made-up
+/// count; a table whose count cannot be read is never freed or collapsed.
+#[test]
+fn table_memory_failures_are_reported_and_never_free_a_live_table() {
+    for f in [NO_BBM, Features::ALL] {
+        let busy = Err(Stage1Error::TableMemory(TableMemoryError::Busy));
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), 3 * K4, Attributes::DATA).unwrap();
+        s.map(va(2 * G1), pa(2 * G1), M2, Attributes::DATA).unwrap();
+        s.map_limited(
+            va(3 * G1),
+            pa(3 * G1),
+            M2,
+            Attributes::DATA,
+            MappingUnit::Page4K,
+        )
+        .unwrap();
+        let tables = s.platform().tables_in_use();
+        let before = dump(&s);
+        s.platform_mut().set_busy(true);
+        s.platform_mut().reset_counters();
+        // Needs a new table, a split table, a count: refused before any write.
+        assert_eq!(s.map(va(4 * G1), pa(0), K4, Attributes::DATA), busy);
+        assert_eq!(s.map(va(4 * G1), pa(0), 8 * M2, Attributes::DATA), busy);
+        assert_eq!(s.protect(va(2 * G1), K4, Attributes::RODATA), busy);
+        assert_eq!(s.platform().counters().writes, 0);
+        assert_eq!(dump(&s), before);
+        // A count that cannot be read: runs may fold (that needs no count),
+        // but the table is not collapsed.
+        assert_eq!(s.refold(va(3 * G1), M2), busy);
+        assert_eq!(s.query(va(3 * G1)).unwrap().unit, MappingUnit::Cont64K);
+        // The page is unmapped, but the table and its other pages stay.
+        assert_eq!(s.unmap(va(G1 + K4), K4), busy);
+        s.platform_mut().set_busy(false);
+        assert_eq!(s.platform().tables_in_use(), tables);
+        assert_eq!(s.platform().counters().frees, 0);
+        assert!(s.query(va(G1 + K4)).is_err());
+        for p in [0, 2] {
+            assert_eq!(s.query(va(G1 + p * K4)).unwrap().output, pa(G1 + p * K4));
+        }
+        // The linter shows the count the provider could not update.
+        let mut found = Vec::new();
+        s.lint(&mut |v| found.push(v.rule));
+        found.retain(|r| !r.is_advisory());
+        assert_eq!(
+            found,
+            [Rule::ValidCountMismatch {
+                recorded: 3,
+                actual: 2
+            }]
+        );
+        // While busy the linter reports unreadable counts, not mismatches.
+        s.platform_mut().set_busy(true);
+        let mut found = Vec::new();
+        s.lint(&mut |v| found.push(v.rule));
+        assert!(
+            found.iter().all(|r| *r == Rule::ValidCountUnreadable),
+            "{found:?}"
+        );
+        assert!(!found.is_empty());
+        s.platform_mut().set_busy(false);
+        assert_eq!(s.refold(va(3 * G1), M2), Ok(()));
+        assert_eq!(s.query(va(3 * G1)).unwrap().unit, MappingUnit::Block2M);
+    }
+}
