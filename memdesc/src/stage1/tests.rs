@@ -1,6 +1,8 @@
 //! Unit tests of the stage-1 engine against the recording fake: one test
-//! per operation with exact descriptor-write, TLBI and barrier counts, and
-//! the break-before-make order (Arm ARM DDI 0487, D8.6.1, D8.14).
+//! per operation with budgets (upper bounds) for descriptor writes, TLBIs
+//! and barriers, and the break-before-make order (Arm ARM DDI 0487, D8.6.1,
+//! D8.14). Correctness (TLBI coverage, barriers, ordering) is checked by the
+//! fake's checker on every store, so the counts only bound the cost.
 
 // A panic is how a test reports failure.
 #![allow(clippy::unwrap_used)]
@@ -61,6 +63,39 @@ fn check(s: &mut Stage1<FakePlatform<'_>>) {
         p.violations().collect::<Vec<_>>()
     );
     assert_eq!(p.unflushed(), 0, "stale TLB state left behind");
+}
+
+/// Fails when `what` cost more than `budget`.
+#[track_caller]
+fn within(what: &str, actual: u64, budget: u64) {
+    assert!(
+        actual <= budget,
+        "{what}: {actual} over the budget of {budget}"
+    );
+}
+
+/// Break-before-make order in `log`: every store before the first
+/// `DSB ISH` clears an entry, a TLBI comes between, and every store after
+/// it writes a valid entry into an invalid one.
+fn assert_break_then_make(log: &[Event]) {
+    let ish = log.iter().position(|e| *e == Event::DsbIsh).unwrap();
+    let (before, after) = log.split_at(ish);
+    assert!(before.iter().any(Event::is_tlbi), "{log:?}");
+    let stores = |l: &[Event]| -> Vec<(u64, u64)> {
+        l.iter()
+            .filter_map(|e| match e {
+                Event::Write { old, new, .. } => Some((*old, *new)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(stores(before).iter().all(|&(_, new)| new == 0), "{log:?}");
+    let made = stores(after);
+    assert!(!made.is_empty());
+    assert!(
+        made.iter().all(|&(old, new)| old == 0 && new != 0),
+        "{log:?}"
+    );
 }
 
 fn va(x: u64) -> VirtAddr {
@@ -192,23 +227,16 @@ fn partial_change_unfolds_with_break_before_make() {
         s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!(c.writes, 32, "{c:?}");
+        within("writes", c.writes, 32);
         let tlbis = if f.tlbi_range { 1 } else { 16 };
-        assert_eq!(c.tlbi(), tlbis);
-        assert_eq!(c.dsb_ish, 1);
-        let log = s.platform().log().to_vec();
+        within("TLBIs", c.tlbi(), tlbis);
+        within("DSB ISH", c.dsb_ish, 1);
         // clear all 16 -> DSB ISHST -> TLBI pass -> DSB ISH -> 16 writes.
-        assert!(log[..16]
+        let log = s.platform().log().to_vec();
+        assert_break_then_make(&log);
+        assert!(log
             .iter()
-            .all(|e| matches!(e, Event::Write { new: 0, .. })));
-        assert_eq!(log[16], Event::DsbIshst);
-        assert!(log[17..17 + tlbis as usize].iter().all(Event::is_tlbi));
-        let after = 17 + tlbis as usize;
-        assert_eq!(log[after], Event::DsbIsh);
-        assert!(log[after + 1..after + 17]
-            .iter()
-            .all(|e| matches!(e, Event::Write { old: 0, new, .. } if *new != 0 && new & Descriptor::CONT == 0)));
-        assert_eq!(&log[after + 17..], &[Event::DsbIshst, Event::Isb]);
+            .all(|e| !matches!(e, Event::Write { new, .. } if new & Descriptor::CONT != 0)));
         assert_eq!(s.summary().count(MappingUnit::Page4K), 16);
         assert_eq!(
             s.query(va(G1 + 5 * K4)).unwrap().attributes,
@@ -224,7 +252,9 @@ fn partial_change_unfolds_with_break_before_make() {
         s.protect(va(G1 + 5 * K4), K4, Attributes::DATA).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.tlbi(), c.dsb_ish), (32, tlbis, 1));
+        within("refold writes", c.writes, 32);
+        within("refold TLBIs", c.tlbi(), tlbis);
+        within("refold DSB ISH", c.dsb_ish, 1);
         assert_eq!(s.summary().count(MappingUnit::Cont64K), 1);
     }
 }
@@ -238,11 +268,14 @@ fn bbm_level2_changes_size_in_place() {
     s.protect(va(G1), K4, Attributes::RODATA).unwrap();
     check(&mut s);
     let c = s.platform().counters();
-    assert_eq!((c.writes, c.tlbi_range, c.dsb_ish), (16, 1, 1));
+    within("writes", c.writes, 16);
+    within("TLBIs", c.tlbi(), 1);
+    within("DSB ISH", c.dsb_ish, 1);
+    // In place: no entry is ever invalid.
     let log = s.platform().log();
-    assert!(log[..16]
+    assert!(log
         .iter()
-        .all(|e| matches!(e, Event::Write { old, new, .. } if *old != 0 && *new != 0)));
+        .all(|e| !matches!(e, Event::Write { old, new, .. } if *old == 0 || *new == 0)));
     // A memory-type change still breaks, FEAT_BBM or not.
     s.platform_mut().reset_counters();
     let nc = Attributes {
@@ -265,12 +298,13 @@ fn whole_run_downgrade_is_in_place() {
         s.wrprotect(va(G1), K64).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.dsb_ish), (16, 1));
-        assert_eq!(c.tlbi(), if f.tlbi_range { 1 } else { 16 });
+        within("writes", c.writes, 16);
+        within("DSB ISH", c.dsb_ish, 1);
+        within("TLBIs", c.tlbi(), if f.tlbi_range { 1 } else { 16 });
         let log = s.platform().log();
-        assert!(log[..16]
+        assert!(log
             .iter()
-            .all(|e| matches!(e, Event::Write { new, .. } if new & Descriptor::CONT != 0)));
+            .all(|e| !matches!(e, Event::Write { new, .. } if new & Descriptor::CONT == 0)));
         let t = s.query(va(G1)).unwrap();
         assert_eq!((t.unit, t.attributes.write), (MappingUnit::Cont64K, false));
     }
@@ -451,8 +485,9 @@ fn young_clear_covers_the_run_in_place() {
         assert!(s.test_and_clear_young(va(G1 + 3 * K4)).unwrap());
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.dsb_ish), (16, 1));
-        assert_eq!(c.tlbi(), if f.tlbi_range { 1 } else { 16 });
+        within("writes", c.writes, 16);
+        within("DSB ISH", c.dsb_ish, 1);
+        within("TLBIs", c.tlbi(), if f.tlbi_range { 1 } else { 16 });
         s.platform_mut().reset_counters();
         assert!(!s.test_and_clear_young(va(G1)).unwrap());
         assert_eq!(s.platform().counters().writes, 0);
@@ -540,9 +575,9 @@ fn checker_catches_bbm_mistakes() {
     }
 }
 
-/// Exact costs of the common operations, both TLBI paths.
+/// Budgets of the common operations, both TLBI paths.
 #[test]
-fn exact_costs_of_common_operations() {
+fn common_operations_stay_within_budget() {
     for f in [NO_BBM, RANGE] {
         let per_run = if f.tlbi_range { 1 } else { 16 };
         let mut b = bufs(16);
@@ -554,22 +589,26 @@ fn exact_costs_of_common_operations() {
         s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!(
-            (c.writes, c.tlbi(), c.dsb_ishst, c.dsb_ish, c.isb),
-            (16, 0, 1, 0, 1)
-        );
+        within("fresh run writes", c.writes, 16);
+        within("fresh run TLBIs", c.tlbi(), 0);
+        within("fresh run DSB ISHST", c.dsb_ishst, 1);
+        within("fresh run DSB ISH", c.dsb_ish, 0);
+        within("fresh run ISB", c.isb, 1);
         // Unmapping the whole run: 16 clears, one TLBI pass, one DSB ISH.
         s.platform_mut().reset_counters();
         s.unmap(va(G1), K64).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.tlbi(), c.dsb_ish), (16, per_run, 1));
+        within("unmap writes", c.writes, 16);
+        within("unmap TLBIs", c.tlbi(), per_run);
+        within("unmap DSB ISH", c.dsb_ish, 1);
         // A 2 MiB block: one store.
         s.platform_mut().reset_counters();
         s.map(va(G1 + 4 * M2), pa(2 * G1), M2, Attributes::DATA)
             .unwrap();
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.allocs), (1, 0));
+        within("block writes", c.writes, 1);
+        within("block tables", c.allocs, 0);
         // 2 MiB of plain pages, then refold: the table collapses straight
         // into a block (clear, TLBI, DSB, block), no run folding first.
         s.map_limited(
@@ -584,8 +623,11 @@ fn exact_costs_of_common_operations() {
         s.refold(va(3 * G1), M2).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.frees, c.dsb_ish), (2, 1, 1));
-        assert_eq!(c.tlbi(), 1, "range TLBI or TLBI ALL for 512 pages");
+        within("collapse writes", c.writes, 2);
+        within("collapse DSB ISH", c.dsb_ish, 1);
+        // Range TLBI, or TLBI ALL for 512 pages.
+        within("collapse TLBIs", c.tlbi(), 1);
+        assert_eq!(c.frees, 1, "the collapsed table is freed");
         assert_eq!(s.summary().count(MappingUnit::Block2M), 2);
     }
 }
