@@ -73,6 +73,11 @@ impl FrameMeta {
 pub struct FakeFrame {
     entries: [u64; ENTRIES],
     state: [u8; ENTRIES],
+    /// For a stale Contiguous entry: the pages of its run a TLBI has
+    /// covered so far (bit p: page p of the 16). A cached copy of one entry
+    /// of a run may translate any page of the run (D8.6.1), so it is gone
+    /// only when all 16 were invalidated.
+    cover: [u16; ENTRIES],
     meta: FrameMeta,
 }
 
@@ -82,6 +87,7 @@ impl FakeFrame {
         Self {
             entries: [0; ENTRIES],
             state: [CLEAN; ENTRIES],
+            cover: [0; ENTRIES],
             meta: FrameMeta::EMPTY,
         }
     }
@@ -456,6 +462,10 @@ impl<'a> FakePlatform<'a> {
     fn set_state(&mut self, f: usize, i: usize, st: u8) {
         let fr = &mut self.frames[f];
         let was = fr.state[i];
+        if st & !RUN == STALE || st & !RUN == STALE_WALK {
+            // A new stale copy: earlier TLBIs did not remove it.
+            fr.cover[i] = 0;
+        }
         if was == CLEAN && st != CLEAN {
             fr.meta.unclean += 1;
         } else if was != CLEAN && st == CLEAN {
@@ -631,10 +641,16 @@ impl<'a> FakePlatform<'a> {
             if hi <= m.base_va || lo >= end {
                 continue;
             }
-            let i0 = (lo.max(m.base_va) - m.base_va) >> sh;
-            let i1 = ((hi.min(end) - 1 - m.base_va) >> sh) + 1;
-            for i in i0 as usize..i1 as usize {
-                let st = self.frames[f].state[i] & !RUN;
+            let i0 = ((lo.max(m.base_va) - m.base_va) >> sh) as usize;
+            let i1 = (((hi.min(end) - 1 - m.base_va) >> sh) + 1) as usize;
+            // Stale run entries of the groups touched count too.
+            let (w0, w1) = (
+                i0 & !(CONT_ENTRIES - 1),
+                i1.next_multiple_of(CONT_ENTRIES).min(ENTRIES),
+            );
+            for i in w0..w1 {
+                let raw = self.frames[f].state[i];
+                let st = raw & !RUN;
                 let hit = match scope {
                     None => st == STALE || st == STALE_WALK,
                     Some(s) => {
@@ -642,7 +658,24 @@ impl<'a> FakePlatform<'a> {
                             || (st == STALE_WALK && !s.last_level_only && s.level.is_none())
                     }
                 };
-                if hit {
+                if !hit {
+                    continue;
+                }
+                let gone = if raw & RUN != 0 {
+                    let g = i & !(CONT_ENTRIES - 1);
+                    let mut mask = 0u16;
+                    for p in 0..CONT_ENTRIES {
+                        let plo = m.base_va + (((g + p) as u64) << sh);
+                        if plo < hi && plo + (1 << sh) > lo {
+                            mask |= 1 << p;
+                        }
+                    }
+                    self.frames[f].cover[i] |= mask;
+                    self.frames[f].cover[i] == u16::MAX
+                } else {
+                    (i0..i1).contains(&i)
+                };
+                if gone {
                     self.set_state(f, i, INVALIDATED);
                 }
             }
