@@ -1497,6 +1497,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 *d = self.spread(*d, young, dirty, level);
             }
         }
+        // Rule 7: a cached copy of any entry of a run may translate any page
+        // of the run, so in-place changes of a run are paid for once, over
+        // the whole run, below.
+        let run_group = level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous());
         let mut in_place = false;
         let mut collapsed = 0u16;
         let (mut late_young, mut late_dirty) = (false, false);
@@ -1523,7 +1527,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     } else {
                         ctx.debt.add_walk(ev);
                     }
-                } else {
+                } else if !run_group {
                     ctx.debt.add(ev, size, level, level, false);
                 }
             } else {
@@ -1537,7 +1541,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 self.spread_live(table, first + k, level, late_young, late_dirty);
             }
         }
-        if in_place && level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous()) {
+        if in_place && run_group {
             let run = size * CONT_ENTRIES as u64;
             ctx.debt.add(gva, run, level, level, false);
         }

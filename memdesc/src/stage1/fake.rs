@@ -601,6 +601,16 @@ impl<'a> FakePlatform<'a> {
                     ot && nt
                 };
                 let size_change = ot != nt || (!ot && o.is_contiguous() != n.is_contiguous());
+                // A block <-> table change in place is only a size change
+                // when every leaf below the table translates as the block
+                // did: same output, memory type, shareability, nG.
+                let type_change = type_change
+                    || (!ot
+                        && nt
+                        && !self.same_translation(n.table_address(), level + 1, o, level))
+                    || (ot
+                        && !nt
+                        && !self.same_translation(o.table_address(), level + 1, n, level));
                 if type_change || (size_change && self.features.bbm_level < 2) {
                     self.violation(BbmViolation::LiveChangeNeedsBreak {
                         va,
@@ -622,6 +632,38 @@ impl<'a> FakePlatform<'a> {
             }
             _ => {}
         }
+    }
+
+    /// True when every valid leaf below `table` (at `level`) translates as
+    /// the leaf `block` at `block_level` does: output address, AttrIndx,
+    /// SH and nG.
+    fn same_translation(
+        &self,
+        table: PhysAddr,
+        level: u8,
+        block: Descriptor,
+        block_level: u8,
+    ) -> bool {
+        let f = self.frame(table);
+        let oa = block.output(block_level).0;
+        let key = Descriptor::ATTR_INDX_MASK | Descriptor::SH_MASK | Descriptor::NG;
+        let sh = level_shift(level);
+        (0..ENTRIES).all(|i| {
+            let d = Descriptor(self.frames[f].entries[i]);
+            let at = oa + ((i as u64) << sh);
+            if d.is_table(level) {
+                self.same_translation(
+                    d.table_address(),
+                    level + 1,
+                    block.with_output(PhysAddr(at)),
+                    level,
+                )
+            } else if d.is_leaf(level) {
+                d.output(level).0 == at && (d.bits() ^ block.bits()) & key == 0
+            } else {
+                true
+            }
+        })
     }
 
     fn tlbi_covering(&mut self, lo: u64, hi: u64, scope: Option<TlbiScope>) {

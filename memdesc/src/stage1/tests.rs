@@ -1019,3 +1019,103 @@ fn table_memory_failures_are_reported_and_never_free_a_live_table() {
         assert_eq!(s.query(va(3 * G1)).unwrap().unit, MappingUnit::Block2M);
     }
 }
+
+/// Issue 8, item 5: changing the memory type of part of a block splits it
+/// with break-before-make even under FEAT_BBM level 2 (only a pure size
+/// change may be done in place), and the checker sees a table whose leaves
+/// translate differently from the block it replaced in place.
+#[test]
+fn memory_type_change_inside_a_block_breaks_even_with_bbm2() {
+    let nc = Attributes {
+        kind: MemoryKind::NormalNonCacheable,
+        ..Attributes::DATA
+    };
+    for (l, size) in [(2, M2), (1, G1)] {
+        for to in [nc, Attributes::DEVICE] {
+            let mut b = bufs(16);
+            let mut s = engine(&mut b, Features::ALL, VaSize::Bits48);
+            s.map(va(G1), pa(G1), size, Attributes::DATA).unwrap();
+            let (t, i) = entry_at(&s, G1, l);
+            let block = unsafe_read(&s, t, i);
+            s.platform_mut().reset_counters();
+            s.protect(va(G1 + 3 * K4), K4, to).unwrap();
+            check(&mut s);
+            assert_eq!(s.query(va(G1 + 3 * K4)).unwrap().attributes, to);
+            let cleared = s.platform().log().iter().any(|e| {
+                matches!(e, Event::Write { table, index, old, new: 0 }
+                    if *table == t && *index as usize == i && *old == block)
+            });
+            assert!(cleared, "level {l} block split in place for {to:?}");
+        }
+    }
+    // The checker catches an in-place split that changes the type.
+    let mut frames = vec![FakeFrame::new(); 4];
+    let mut log = vec![Event::Isb; 64];
+    let mut p = FakePlatform::new(&mut frames, &mut log, Features::ALL, 2);
+    let root = p.alloc_table().unwrap();
+    let split = p.alloc_table().unwrap();
+    let block = Descriptor(0b01 | Descriptor::AF | M2);
+    // SAFETY: both tables are allocated, indices < 512.
+    unsafe {
+        p.write_entry(root, 1, block.bits());
+        for k in 0..512 {
+            let page = Descriptor(0b11 | Descriptor::AF | (M2 + k * K4));
+            let page = if k == 3 {
+                page.with(1 << 2, true)
+            } else {
+                page
+            };
+            p.write_entry(split, k as usize, page.bits());
+        }
+        p.write_entry(root, 1, Descriptor::table(split).bits());
+    }
+    assert!(matches!(
+        p.violations().next(),
+        Some(fake::BbmViolation::LiveChangeNeedsBreak { .. })
+    ));
+}
+
+/// Issue 8, item 5: the access flag the hardware sets between the engine's
+/// read and its compare-and-swap is kept (not only the dirty state), for
+/// in-place changes of a run and of a block.
+#[test]
+fn racing_access_flag_is_kept() {
+    for f in [RANGE, Features::ALL] {
+        for len in [K64, M2] {
+            let mut b = bufs(16);
+            let mut s = engine(&mut b, f, VaSize::Bits48);
+            s.map(va(M2), pa(M2), len, Attributes::DATA).unwrap();
+            assert!(s.test_and_clear_young(va(M2)).unwrap());
+            let (t, i, _) = s.leaf_entry(va(M2 + 3 * K4)).unwrap();
+            s.platform_mut().race_next_swap(t, i, false);
+            s.wrprotect(va(M2), len).unwrap();
+            check(&mut s);
+            let q = s.query(va(M2)).unwrap();
+            assert!(q.young && !q.attributes.write, "{f:?} {len:#x}: {q:?}");
+        }
+    }
+}
+
+/// Issue 8, item 5: one operation changing leaves of two levels in place
+/// (a 2 MiB block and a 64 KiB run) must invalidate both: a TTL level hint
+/// of 3 would leave the block's TLB entries in place.
+#[test]
+fn mixed_level_changes_use_no_level_hint() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(M2), pa(M2), M2 + K64, Attributes::DATA).unwrap();
+        let sum = s.summary();
+        assert_eq!(
+            (
+                sum.count(MappingUnit::Block2M),
+                sum.count(MappingUnit::Cont64K)
+            ),
+            (1, 1)
+        );
+        s.wrprotect(va(M2), M2 + K64).unwrap();
+        // The checker: no TLB entry of either level is left behind.
+        check(&mut s);
+        assert!(!s.query(va(M2)).unwrap().attributes.write);
+    }
+}
