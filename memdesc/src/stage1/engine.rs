@@ -105,6 +105,8 @@ enum LeafOp {
 const STASH: usize = 4;
 /// Freed tables waiting for the TLBI that makes freeing them safe.
 const FREE_BATCH: usize = 16;
+/// Runs unfolded or re-formed in place, re-read after the TLBI.
+const REGATHER_BATCH: usize = 8;
 
 /// Where an entry lives: (table, index, level).
 type EntryAt = (PhysAddr, usize, u8);
@@ -122,6 +124,11 @@ struct OpCtx {
     limit: MappingUnit,
     /// Why the walk could not do all of its work (a table it needed).
     error: Option<Stage1Error>,
+    /// Groups (table, first index, level) converted in place (FEAT_BBM
+    /// level 2): until the TLBI completes, a walker may still record access
+    /// or dirty state through the old run in any of their entries.
+    regather: [EntryAt; REGATHER_BATCH],
+    nregather: usize,
 }
 
 impl OpCtx {
@@ -135,6 +142,8 @@ impl OpCtx {
             wrote: false,
             limit,
             error: None,
+            regather: [(PhysAddr(0), 0, 0); REGATHER_BATCH],
+            nregather: 0,
         }
     }
 }
@@ -833,6 +842,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             self.platform.dsb_ishst();
             self.platform.isb();
         }
+        self.regather(ctx);
         self.free_deferred(ctx);
         for i in 0..ctx.nstash {
             // SAFETY: stash tables were allocated by this operation and
@@ -840,6 +850,30 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             unsafe { self.release(ctx.stash[i]) };
         }
         ctx.nstash = 0;
+    }
+
+    /// After the TLBI: ORs the state found in the leaves of each group
+    /// converted in place into all of them (rule 3).
+    fn regather(&mut self, ctx: &mut OpCtx) {
+        let mut wrote = false;
+        for r in 0..ctx.nregather {
+            let (table, first, level) = ctx.regather[r];
+            let (mut young, mut dirty) = (false, false);
+            for k in 0..CONT_ENTRIES {
+                let d = self.read(table, first + k);
+                if d.is_leaf(level) {
+                    young |= d.is_young();
+                    dirty |= d.is_dirty();
+                }
+            }
+            for k in 0..CONT_ENTRIES {
+                wrote |= self.spread_live(table, first + k, level, young, dirty);
+            }
+        }
+        ctx.nregather = 0;
+        if wrote {
+            self.platform.dsb_ishst();
+        }
     }
 
     fn free_deferred(&mut self, ctx: &mut OpCtx) {
@@ -890,6 +924,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     fn defer_free_from(&mut self, ctx: &mut OpCtx, table: PhysAddr, parent: Option<EntryAt>) {
         if ctx.nfree == FREE_BATCH {
             ctx.debt.settle(&mut self.platform, self.features);
+            self.regather(ctx);
             self.free_deferred(ctx);
         }
         ctx.frees[ctx.nfree] = (table, parent);
@@ -1503,20 +1538,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let run_group = level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous());
         let mut in_place = false;
         let mut collapsed = 0u16;
-        let (mut late_young, mut late_dirty) = (false, false);
         for k in 0..CONT_ENTRIES {
             if new[k] == cur[k] {
                 continue;
             }
             let ev = gva + k as u64 * size;
             if cur[k].is_valid() {
-                let found = self.replace_live(table, first + k, level, cur[k], new[k]);
-                if convert && found.is_leaf(level) {
-                    // In place (FEAT_BBM level 2): the hardware may have
-                    // updated an entry after the gather above.
-                    late_young |= found.is_young() && !young;
-                    late_dirty |= found.is_dirty() && !dirty;
-                }
+                self.replace_live(table, first + k, level, cur[k], new[k]);
                 in_place = true;
                 if cur[k].is_table(level) && new[k].is_leaf(level) {
                     collapsed |= 1 << k;
@@ -1536,14 +1564,21 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             delta += new[k].is_valid() as i32 - cur[k].is_valid() as i32;
             ctx.wrote = true;
         }
-        for (k, d) in new.iter().enumerate() {
-            if d.is_valid() {
-                self.spread_live(table, first + k, level, late_young, late_dirty);
-            }
-        }
         if in_place && run_group {
             let run = size * CONT_ENTRIES as u64;
             ctx.debt.add(gva, run, level, level, false);
+        }
+        if in_place && convert {
+            // In place (FEAT_BBM level 2): the hardware may update any
+            // entry through the old run until the TLBI has completed, also
+            // entries already rewritten above; `regather` picks that up.
+            if ctx.nregather == REGATHER_BATCH {
+                ctx.debt.settle(&mut self.platform, self.features);
+                self.regather(ctx);
+                self.free_deferred(ctx);
+            }
+            ctx.regather[ctx.nregather] = (table, first, level);
+            ctx.nregather += 1;
         }
         self.adjust(table, delta);
         collapsed

@@ -384,6 +384,10 @@ impl<'a> FakePlatform<'a> {
     pub fn hw_touch(&mut self, table: PhysAddr, index: usize, write: bool) {
         let f = self.frame(table);
         let d = Descriptor(self.frames[f].entries[index]);
+        if !d.is_valid() {
+            // The hardware never updates an invalid descriptor.
+            return;
+        }
         let mut n = d.with(Descriptor::AF, true);
         if write && d.has(Descriptor::DBM) {
             n = n.with(Descriptor::AP_READ_ONLY, false);

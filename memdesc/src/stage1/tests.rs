@@ -1119,3 +1119,23 @@ fn mixed_level_changes_use_no_level_hint() {
         assert!(!s.query(va(M2)).unwrap().attributes.write);
     }
 }
+
+/// Item 1 on the BBM level 2 path: until the TLBI completes, a walker may
+/// still use the old run and record a write in any of its (now rewritten)
+/// entries; the engine re-reads the run after the TLBI.
+#[test]
+fn state_set_before_the_tlbi_of_an_in_place_unfold_reaches_every_entry() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        assert!(s.test_and_clear_young(va(G1)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(G1 + 12 * K4)).unwrap();
+        s.platform_mut().race_next_tlbi(t, i, true);
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        if f.bbm_level >= 2 {
+            assert_all_state(&s, G1, 16, K4, &format!("{f:?}"));
+        }
+    }
+}
