@@ -1139,3 +1139,37 @@ fn state_set_before_the_tlbi_of_an_in_place_unfold_reaches_every_entry() {
         }
     }
 }
+
+/// The checker: a cached copy of one entry of a contiguous run may
+/// translate any page of the run, so a TLBI of that entry's page alone does
+/// not remove it; TLBIs over all 16 pages do.
+#[test]
+fn checker_wants_the_whole_run_invalidated() {
+    let mut frames = vec![FakeFrame::new(); 4];
+    let mut log = vec![Event::Isb; 64];
+    let mut p = FakePlatform::new(&mut frames, &mut log, NO_BBM, 3);
+    let root = p.alloc_table().unwrap();
+    let scope = TlbiScope {
+        last_level_only: true,
+        level: Some(3),
+    };
+    let run =
+        |k: u64| (Descriptor(0b11 | Descriptor::AF | Descriptor::CONT | (K64 + k * K4))).bits();
+    // SAFETY: `root` is allocated, indices < 512.
+    unsafe {
+        for k in 0..16 {
+            p.write_entry(root, 16 + k as usize, run(k));
+        }
+        p.write_entry(root, 21, run(5) | Descriptor::AP_READ_ONLY);
+    }
+    p.dsb_ishst();
+    p.tlbi_va(VirtAddr(K64 + 5 * K4), scope);
+    p.dsb_ish();
+    assert!(p.unflushed() > 0, "one page of the run is not enough");
+    for k in 0..16 {
+        p.tlbi_va(VirtAddr(K64 + k * K4), scope);
+    }
+    p.dsb_ish();
+    assert_eq!(p.unflushed(), 0);
+    assert_eq!(p.violation_count(), 0);
+}
