@@ -14,10 +14,14 @@
 //!   allows the size change;
 //! * whole-run permission changes and access-flag clears are done in place,
 //!   then one TLBI pass covers the run;
+//! * a rewrite that unfolds or re-forms a run, splits a block or collapses
+//!   a table keeps the access/dirty state of every old entry in every new
+//!   one (see the module documentation of `stage1`);
 //! * input is validated before the first descriptor write; tables needed for
-//!   splits are allocated before anything changes, and a `map` that runs out
-//!   of table memory half way is rolled back, so an `Err` leaves the tables
-//!   as they were.
+//!   splits are allocated before anything changes (a walk never skips a
+//!   block it cannot split), and a `map` that runs out of table memory half
+//!   way is rolled back, so an out-of-memory `Err` leaves the tables as they
+//!   were.
 //!
 //! The engine never allocates from a heap: recursion depth is at most four
 //! levels and every per-operation buffer is a small array on the stack.

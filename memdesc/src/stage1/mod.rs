@@ -36,11 +36,22 @@
 //!   records a write, so writable entries are AP\[2\] = 0 with bit 55 set:
 //!   conservatively dirty.
 //! * Hardware changes AF and AP\[2\] of live entries behind the engine's back,
-//!   so every rewrite of a live entry is a compare-and-swap; when it fails,
-//!   the AF/dirty the hardware set are carried into the new value (or into
-//!   every leaf of a new split table) and the swap retried. Reads gather AF
-//!   and dirty over all 16 entries of a run (the hardware updates only the
-//!   entry it used).
+//!   so once the tree is live ([`Stage1::set_live`]) every rewrite of a
+//!   valid entry is a compare-and-swap; when it fails, the AF/dirty the
+//!   hardware set are carried into the new value (or into every leaf of a
+//!   new split table) and the swap retried. Reads gather AF and dirty over
+//!   all 16 entries of a run: the hardware may record an access to any page
+//!   of a run in any one of its entries.
+//! * So every rewrite that unfolds or re-forms a run ORs the state of all
+//!   its old entries into every new entry (and into every leaf of a table
+//!   that replaces one of them): gathered from the values the break cleared
+//!   (exact: an invalid entry gets no update), or, in place under FEAT_BBM
+//!   level 2, from the entries before the rewrite and once more after the
+//!   TLBI, since a walker may still use the old run until then. A table
+//!   collapsed into a block is re-read after the TLBI the same way (before
+//!   the block is written on the break path, into the block before the
+//!   table is freed on the in-place path). Setting AF or the dirty state is
+//!   an upgrade that needs no TLB maintenance.
 //!
 //! # Valid-entry counts
 //!
@@ -49,7 +60,10 @@
 //! descriptor of the table frame, in the fake next to the frame. The engine
 //! adjusts it on every store that changes validity, frees a table when it
 //! reaches zero and only scans a table for a block collapse when it is 512.
-//! The linter cross-checks it against the table.
+//! A count the platform cannot read or change is an error
+//! ([`TableMemoryError`]): the engine then neither frees nor collapses that
+//! table and the operation returns [`Stage1Error::TableMemory`]. The linter
+//! cross-checks the count against the table.
 
 pub mod attributes;
 pub mod descriptor;
