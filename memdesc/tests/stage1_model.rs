@@ -112,20 +112,42 @@ fn range() -> impl Strategy<Value = Range> {
     (any::<u64>(), 0u8..6, 0u8..3).prop_map(|(raw, size, align)| Range { raw, size, align })
 }
 
-/// One step: an operation, sometimes with table memory nearly exhausted.
+/// The hardware accessing `page` while an operation runs (FEAT_HAFDBS):
+/// through entry `via % 16` of its run, just before the engine's next
+/// compare-and-swap on that entry, or just before the next TLBI.
+#[derive(Clone, Copy, Debug)]
+struct Race {
+    page: u64,
+    write: bool,
+    via: u8,
+    at_tlbi: bool,
+}
+
+/// One step: an operation, sometimes with table memory nearly exhausted,
+/// sometimes with the hardware racing it.
 #[derive(Clone, Copy, Debug)]
 struct Step {
     op: Op,
     /// Allocations allowed during this step (`None`: unlimited).
     starve: Option<u8>,
+    race: Option<Race>,
 }
 
 fn step() -> impl Strategy<Value = Step> {
+    let race = (0..WINDOW_PAGES, any::<bool>(), any::<u8>(), any::<bool>()).prop_map(
+        |(page, write, via, at_tlbi)| Race {
+            page,
+            write,
+            via,
+            at_tlbi,
+        },
+    );
     (
         op(),
         prop_oneof![7 => Just(None), 1 => (0u8..3).prop_map(Some)],
+        prop_oneof![3 => Just(None), 1 => race.prop_map(Some)],
     )
-        .prop_map(|(op, starve)| Step { op, starve })
+        .prop_map(|(op, starve, race)| Step { op, starve, race })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -185,7 +207,48 @@ impl Model<'_> {
         (p..p + n).find(|q| !self.shadow.contains_key(q))
     }
 
+    /// The entry through which the hardware records an access to `page`:
+    /// with `via`, any entry of its contiguous run.
+    fn entry_for(&self, page: u64, via: u8) -> (PhysAddr, usize) {
+        let q = self.s.query(va(page)).unwrap();
+        let entry = if q.unit.entries() > 1 {
+            let step = q.unit.size() / q.unit.entries();
+            VirtAddr(q.unit_va.0 + (via as u64 % q.unit.entries()) * step)
+        } else {
+            va(page)
+        };
+        let (t, i, _) = self.s.leaf_entry(entry).unwrap();
+        (t, i)
+    }
+
     fn step(&mut self, st: Step) -> Result<(), TestCaseError> {
+        let race = st
+            .race
+            .filter(|r| self.f.hafdbs && self.shadow.contains_key(&r.page));
+        if let Some(r) = race {
+            let (t, i) = self.entry_for(r.page, r.via);
+            let p = self.s.platform_mut();
+            if r.at_tlbi {
+                p.race_next_tlbi(t, i, r.write);
+            } else {
+                p.race_next_swap(t, i, r.write);
+            }
+        }
+        self.step_op(st)?;
+        // What the racing access did must show at its page (unless the
+        // operation unmapped it, or cleared its access flag on purpose).
+        let fired = self.s.platform_mut().take_race_effect();
+        if let (Some(r), Some((accessed, written))) = (race, fired) {
+            if let Some(e) = self.shadow.get_mut(&r.page) {
+                e.young |= accessed && !matches!(st.op, Op::Young { .. });
+                e.dirty |= written;
+                self.check(&[(r.page, 1)])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn step_op(&mut self, st: Step) -> Result<(), TestCaseError> {
         let Some(n) = st.starve else {
             return self.apply(st.op);
         };
@@ -331,14 +394,7 @@ impl Model<'_> {
                 if !self.f.hafdbs || !self.shadow.contains_key(&page) {
                     return Ok(());
                 }
-                let q = self.s.query(va(page)).unwrap();
-                let entry = if q.unit.entries() > 1 {
-                    let step = q.unit.size() / q.unit.entries();
-                    VirtAddr(q.unit_va.0 + (via as u64 % q.unit.entries()) * step)
-                } else {
-                    va(page)
-                };
-                let (t, i, _) = self.s.leaf_entry(entry).unwrap();
+                let (t, i) = self.entry_for(page, via);
                 self.s.platform_mut().hw_touch(t, i, write);
                 let e = self.shadow.get_mut(&page).unwrap();
                 e.young = true;

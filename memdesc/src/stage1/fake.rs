@@ -265,6 +265,7 @@ pub struct FakePlatform<'a> {
     race_tlbi: Option<(PhysAddr, usize, bool)>,
     swaps: u64,
     busy: bool,
+    race_effect: Option<(bool, bool)>,
 }
 
 impl<'a> FakePlatform<'a> {
@@ -301,6 +302,7 @@ impl<'a> FakePlatform<'a> {
             race_tlbi: None,
             swaps: 0,
             busy: false,
+            race_effect: None,
         }
     }
 
@@ -381,18 +383,38 @@ impl<'a> FakePlatform<'a> {
 
     /// Plays the hardware (FEAT_HAFDBS): an access through entry `index` of
     /// `table` sets AF, and a write to a DBM entry clears AP\[2\]. Not counted.
-    pub fn hw_touch(&mut self, table: PhysAddr, index: usize, write: bool) {
+    ///
+    /// Returns whether the access happened and whether it was a write: the
+    /// hardware updates only a valid leaf, and records a write only where
+    /// DBM allows it (otherwise the write faults and does not happen).
+    pub fn hw_touch(&mut self, table: PhysAddr, index: usize, write: bool) -> (bool, bool) {
         let f = self.frame(table);
         let d = Descriptor(self.frames[f].entries[index]);
-        if !d.is_valid() {
-            // The hardware never updates an invalid descriptor.
-            return;
+        // The counting fake tracks no levels: any valid entry will do.
+        let leaf = if self.recording {
+            d.is_leaf(self.frames[f].meta.level)
+        } else {
+            d.is_valid()
+        };
+        if !leaf {
+            // The hardware never updates an invalid or table descriptor.
+            return (false, false);
         }
         let mut n = d.with(Descriptor::AF, true);
-        if write && d.has(Descriptor::DBM) {
+        let written = write && d.has(Descriptor::DBM);
+        if written {
             n = n.with(Descriptor::AP_READ_ONLY, false);
         }
         self.frames[f].entries[index] = n.bits();
+        (true, written)
+    }
+
+    /// What the last race that fired did ([`FakePlatform::hw_touch`]'s
+    /// result), since the last call; pending races are dropped.
+    pub fn take_race_effect(&mut self) -> Option<(bool, bool)> {
+        self.race = None;
+        self.race_tlbi = None;
+        self.race_effect.take()
     }
 
     /// Plays a hardware race: just before the next compare-and-swap on entry
@@ -425,7 +447,7 @@ impl<'a> FakePlatform<'a> {
 
     fn tlbi_race(&mut self) {
         if let Some((t, i, write)) = self.race_tlbi.take() {
-            self.hw_touch(t, i, write);
+            self.race_effect = Some(self.hw_touch(t, i, write));
         }
     }
 
@@ -894,7 +916,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
         if let Some((swap, (t, i), write)) = self.race {
             if swap == (table, index) {
                 self.race = None;
-                self.hw_touch(t, i, write);
+                self.race_effect = Some(self.hw_touch(t, i, write));
             }
         }
         let f = self.frame(table);
