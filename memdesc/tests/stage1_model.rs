@@ -171,6 +171,18 @@ struct Shadow {
     dirty: bool,
 }
 
+/// First page and page count of a range operation.
+fn op_range(op: Op) -> Option<(u64, u64)> {
+    match op {
+        Op::Map { r, .. }
+        | Op::Unmap { r }
+        | Op::Protect { r, .. }
+        | Op::WrProtect { r }
+        | Op::Refold { r } => Some(r.pages()),
+        Op::Young { .. } | Op::Touch { .. } => None,
+    }
+}
+
 fn attrs_of(i: u8) -> Attributes {
     ATTRS.get(i as usize).copied().unwrap_or(WX)
 }
@@ -222,9 +234,19 @@ impl Model<'_> {
     }
 
     fn step(&mut self, st: Step) -> Result<(), TestCaseError> {
-        let race = st
-            .race
-            .filter(|r| self.f.hafdbs && self.shadow.contains_key(&r.page));
+        // Most races hit a page near an end of the operation's range, where
+        // runs and blocks are split or re-formed.
+        let race = st.race.map(|mut r| {
+            if let Some((p, n)) = op_range(st.op).filter(|_| r.page % 4 != 0) {
+                let end = if r.page % 2 == 0 { p } else { p + n - 1 };
+                r.page = (end + (r.page >> 2) % 5).saturating_sub(2) % WINDOW_PAGES;
+            }
+            r
+        });
+        // (Not while clearing the access flag: the model checks it is clear.)
+        let race = race.filter(|r| {
+            self.f.hafdbs && self.shadow.contains_key(&r.page) && !matches!(st.op, Op::Young { .. })
+        });
         if let Some(r) = race {
             let (t, i) = self.entry_for(r.page, r.via);
             let p = self.s.platform_mut();
@@ -240,7 +262,7 @@ impl Model<'_> {
         let fired = self.s.platform_mut().take_race_effect();
         if let (Some(r), Some((accessed, written))) = (race, fired) {
             if let Some(e) = self.shadow.get_mut(&r.page) {
-                e.young |= accessed && !matches!(st.op, Op::Young { .. });
+                e.young |= accessed;
                 e.dirty |= written;
                 self.check(&[(r.page, 1)])?;
             }
@@ -475,8 +497,14 @@ fn run(f: Features, va_size: VaSize, seed_cases: u32) {
                 starving: false,
                 oom: false,
             };
-            for op in ops {
-                m.step(op)?;
+            for (k, op) in ops.iter().enumerate() {
+                m.step(*op).inspect_err(|_| {
+                    // The failing step in context (the case is not shrunk
+                    // below its length).
+                    for (j, o) in ops.iter().enumerate().take(k + 1).skip(k.saturating_sub(3)) {
+                        eprintln!("step {j}: {o:?}");
+                    }
+                })?;
                 total.set(total.get() + 1);
             }
             // Tear down: everything unmapped frees every table but the root.

@@ -1542,13 +1542,21 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let run_group = level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous());
         let mut in_place = false;
         let mut collapsed = 0u16;
+        let (mut late_young, mut late_dirty) = (false, false);
         for k in 0..CONT_ENTRIES {
             if new[k] == cur[k] {
                 continue;
             }
             let ev = gva + k as u64 * size;
             if cur[k].is_valid() {
-                self.replace_live(table, first + k, level, cur[k], new[k]);
+                let found = self.replace_live(table, first + k, level, cur[k], new[k]);
+                if convert && found.is_leaf(level) {
+                    // In place (FEAT_BBM level 2): the hardware may have
+                    // updated an entry after the gather above, also one
+                    // that is now unmapped, so `regather` cannot see it.
+                    late_young |= found.is_young() && !young;
+                    late_dirty |= found.is_dirty() && !dirty;
+                }
                 in_place = true;
                 if cur[k].is_table(level) && new[k].is_leaf(level) {
                     collapsed |= 1 << k;
@@ -1567,6 +1575,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
             delta += new[k].is_valid() as i32 - cur[k].is_valid() as i32;
             ctx.wrote = true;
+        }
+        for (k, d) in new.iter().enumerate() {
+            if d.is_valid() {
+                self.spread_live(table, first + k, level, late_young, late_dirty);
+            }
         }
         if in_place && run_group {
             let run = size * CONT_ENTRIES as u64;

@@ -1173,3 +1173,22 @@ fn checker_wants_the_whole_run_invalidated() {
     assert_eq!(p.unflushed(), 0);
     assert_eq!(p.violation_count(), 0);
 }
+
+/// Item 1, found by the model test: the hardware records a write to page 2
+/// of a run in entry 3 just before the engine unmaps pages 3-15; pages 0-2
+/// keep that state (entry 3 itself is gone, so only the value the
+/// compare-and-swap found still shows it).
+#[test]
+fn state_recorded_in_an_entry_being_unmapped_is_kept() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        assert!(s.test_and_clear_young(va(G1)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(G1 + 3 * K4)).unwrap();
+        s.platform_mut().race_next_swap(t, i, true);
+        s.unmap(va(G1 + 3 * K4), 13 * K4).unwrap();
+        check(&mut s);
+        assert_all_state(&s, G1, 3, K4, &format!("{f:?}"));
+    }
+}
