@@ -324,6 +324,30 @@ mod tests {
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
     }
 
+    /// Issue 8, item 1 with the real walker: the dirty state the hardware
+    /// recorded for one page of a run survives unfolding the run (a
+    /// permission change of another page): every page of the old run still
+    /// reads dirty.
+    #[test]
+    fn dirty_survives_unfolding_a_run() {
+        map_fresh_run();
+        // SAFETY: TEST_VA..+64K maps our folio read-write.
+        unsafe { core::ptr::write_volatile((TEST_VA + 5 * 4096) as *mut u64, 5) };
+        STAGE1
+            .with(|s| s.protect(VirtAddr(TEST_VA + 9 * 4096), 4096, Attributes::RODATA))
+            .expect("stage-1")
+            .expect("protect");
+        for p in 0..16 {
+            let q = STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + p * 4096)))
+                .expect("stage-1")
+                .expect("mapped");
+            assert_eq!(q.unit, MappingUnit::Page4K);
+            assert!(q.dirty, "page {} lost the run's dirty state", p);
+        }
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+
     /// Issue 8, item 19: TCR_EL1.T0SZ comes from the engine's VA size.
     #[test]
     fn tcr_input_size_is_the_engines() {
