@@ -1100,7 +1100,7 @@ fn racing_access_flag_is_kept() {
 /// (a 2 MiB block and a 64 KiB run) must invalidate both: a TTL level hint
 /// of 3 would leave the block's TLB entries in place.
 #[test]
-fn mixed_level_changes_use_no_level_hint() {
+fn mixed_level_changes_invalidate_both_levels() {
     for f in [RANGE, Features::ALL] {
         let mut b = bufs(16);
         let mut s = engine(&mut b, f, VaSize::Bits48);
