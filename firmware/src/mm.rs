@@ -12,15 +12,15 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hal::dtb::Platform;
 use hal::image::Span;
-use hal::mmu::{InputSize, Probe, Tlb};
+use hal::mmu::{Probe, Tlb};
 use memdesc::frames::{
     words_needed, FrameAllocator, FrameError, LayoutError, LinearMap, PageArray, PfnRange,
     ReservedKind, ReservedRange,
 };
 use memdesc::layout::{find_hole, LayoutPlanError};
 use memdesc::stage1::{
-    Attributes, Features, MappingSummary, MappingUnit, Stage1, Stage1Error, TableMemory, TlbiScope,
-    TranslationHw, VaSize, Violation,
+    Attributes, Features, MappingSummary, MappingUnit, Stage1, Stage1Error, TableMemory,
+    TableMemoryError, TlbiScope, TranslationHw, VaSize, Violation,
 };
 use memdesc::{Pfn, PhysAddr, VirtAddr, PAGE_SIZE};
 
@@ -302,34 +302,50 @@ fn entry_ptr(table: PhysAddr, index: usize) -> *mut u64 {
     (table.0 as *mut u64).wrapping_add(index)
 }
 
+/// The engine's view of a failed [`FRAMES`] access: re-entered (`Busy`) or
+/// not set up.
+fn frames_unavailable(e: MmError) -> TableMemoryError {
+    match e {
+        MmError::Busy => TableMemoryError::Busy,
+        _ => TableMemoryError::Unavailable,
+    }
+}
+
 // SAFETY: (the trait contract) tables are fresh page-table frames from the buddy
 // allocator, zeroed here, identity mapped (VA == PA) before and after the
 // MMU is on; entry accesses are aligned 64-bit volatile or atomic accesses of
 // entry `index < 512` of that frame only; the valid count lives in the
 // frame's page-table descriptor.
 unsafe impl TableMemory for FirmwarePlatform {
-    fn alloc_table(&mut self) -> Option<PhysAddr> {
-        let frame = FRAMES.with(|fa| fa.alloc_page_table()).ok()?.ok()?;
+    fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError> {
+        let frame = FRAMES
+            .with(|fa| fa.alloc_page_table())
+            .map_err(frames_unavailable)?
+            .map_err(|e| match e {
+                FrameError::OutOfMemory { .. } | FrameError::OutOfDescriptors { .. } => {
+                    TableMemoryError::OutOfMemory
+                }
+                _ => TableMemoryError::Unavailable,
+            })?;
         let pa = frame.pfn().addr();
         for i in 0..512 {
             // SAFETY: the frame was just allocated to us and is identity mapped.
             unsafe { core::ptr::write_volatile(entry_ptr(pa, i), 0) };
         }
-        Some(pa)
+        Ok(pa)
     }
 
-    unsafe fn free_table(&mut self, table: PhysAddr) {
-        let freed = FRAMES.with(|fa| {
-            let t = fa.page_array().page_table(table.pfn())?;
-            fa.free_page_table(t)
-        });
-        if !matches!(freed, Ok(Ok(()))) {
-            defmt::error!(
-                "stage-1: could not free table {=u64:#x}: {}",
-                table.0,
-                defmt::Debug2Format(&freed)
-            );
-        }
+    unsafe fn free_table(&mut self, table: PhysAddr) -> Result<(), TableMemoryError> {
+        FRAMES
+            .with(|fa| {
+                let t = fa
+                    .page_array()
+                    .page_table(table.pfn())
+                    .map_err(|_| TableMemoryError::NotATable { table })?;
+                fa.free_page_table(t)
+                    .map_err(|_| TableMemoryError::FreeRefused { table })
+            })
+            .map_err(frames_unavailable)?
     }
 
     unsafe fn read_entry(&self, table: PhysAddr, index: usize) -> u64 {
@@ -357,26 +373,25 @@ unsafe impl TableMemory for FirmwarePlatform {
             .map(drop)
     }
 
-    unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32) -> u32 {
-        let r = FRAMES.with(|fa| {
-            let t = fa.page_array().page_table(table.pfn())?;
-            match delta {
-                0 => Ok(t.valid()),
-                d if d > 0 => t.desc().add_valid(d as u32),
-                d => t.desc().sub_valid(d.unsigned_abs()),
-            }
-        });
-        match r {
-            Ok(Ok(n)) => n,
-            other => {
-                defmt::error!(
-                    "stage-1: valid count of {=u64:#x}: {}",
-                    table.0,
-                    defmt::Debug2Format(&other)
-                );
-                0
-            }
-        }
+    unsafe fn adjust_valid(
+        &mut self,
+        table: PhysAddr,
+        delta: i32,
+    ) -> Result<u32, TableMemoryError> {
+        FRAMES
+            .with(|fa| {
+                let t = fa
+                    .page_array()
+                    .page_table(table.pfn())
+                    .map_err(|_| TableMemoryError::NotATable { table })?;
+                let count = match delta {
+                    0 => Ok(t.valid()),
+                    d if d > 0 => t.desc().add_valid(d as u32),
+                    d => t.desc().sub_valid(d.unsigned_abs()),
+                };
+                count.map_err(|_| TableMemoryError::CountOutOfRange { table })
+            })
+            .map_err(frames_unavailable)?
     }
 }
 
@@ -468,7 +483,9 @@ impl Regions {
 /// Builds the boot address space and turns the MMU on.
 pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError> {
     let features = probe.features();
-    let mut s1 = Stage1::new(
+    // Built before TTBR0 and the MMU are set up: plain stores (data
+    // accesses may be Device memory now), until `set_live` below.
+    let mut s1 = Stage1::new_detached(
         FirmwarePlatform {
             tlb: Tlb::new(probe),
         },
@@ -518,12 +535,12 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     }
     let optimum = regions.optimum();
     let root = s1.root();
-    let input = InputSize::Bits48;
+    s1.set_live();
     // SAFETY: the tree maps all RAM (including the running image's text,
     // data, stacks and the page array) and the console at their physical
     // addresses, with the permissions the code needs from here on; the guard
     // pages are the only image pages left out and nothing runs on them.
-    unsafe { hal::mmu::enable(root.0, input, probe) };
+    unsafe { hal::mmu::enable(root.0, s1.va_size(), probe) };
     let summary = s1.summary();
     STAGE1.set(s1)?;
     BOOT_MAP.set(MapReport {

@@ -346,6 +346,62 @@ mod tests {
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
     }
 
+    /// Issue 8, item 1 with the real walker: the dirty state the hardware
+    /// recorded for one page of a run survives unfolding the run (a
+    /// permission change of another page): every page of the old run still
+    /// reads dirty.
+    #[test]
+    fn dirty_survives_unfolding_a_run() {
+        map_fresh_run();
+        // SAFETY: TEST_VA..+64K maps our folio read-write.
+        unsafe { core::ptr::write_volatile((TEST_VA + 5 * 4096) as *mut u64, 5) };
+        STAGE1
+            .with(|s| s.protect(VirtAddr(TEST_VA + 9 * 4096), 4096, Attributes::RODATA))
+            .expect("stage-1")
+            .expect("protect");
+        for p in 0..16 {
+            let q = STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + p * 4096)))
+                .expect("stage-1")
+                .expect("mapped");
+            assert_eq!(q.unit, MappingUnit::Page4K);
+            assert!(q.dirty, "page {} lost the run's dirty state", p);
+        }
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+
+    /// Issue 8, item 19: TCR_EL1.T0SZ comes from the engine's VA size.
+    #[test]
+    fn tcr_input_size_is_the_engines() {
+        let bits = STAGE1.with(|s| s.va_size().bits()).expect("stage-1");
+        assert_eq!(hal::mmu::input_bits(), bits);
+    }
+
+    /// Issue 8, item 17: while the frame allocator is in use, the engine's
+    /// table memory fails with a typed `Busy`, not "out of memory", and a
+    /// valid count it cannot read never makes it drop a live table.
+    #[test]
+    fn busy_table_memory_is_a_typed_error() {
+        use memdesc::stage1::{Stage1Error, TableMemoryError};
+        let busy = Err(Stage1Error::TableMemory(TableMemoryError::Busy));
+        let far = VirtAddr(TEST_VA + (1 << 30));
+        let r = FRAMES
+            .with(|_| STAGE1.with(|s| s.map(far, PhysAddr(0), 4096, Attributes::RODATA)))
+            .expect("frames");
+        assert_eq!(r, Ok(busy), "a new table needs the frame allocator");
+        map_fresh_run();
+        let r = FRAMES
+            .with(|_| STAGE1.with(|s| s.unmap(VirtAddr(TEST_VA + 3 * 4096), 4096)))
+            .expect("frames");
+        assert_eq!(r, Ok(busy), "the valid count needs the frame allocator");
+        for p in [0, 2, 4, 15] {
+            let q = STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + p * 4096)))
+                .expect("stage-1");
+            assert!(q.is_ok(), "page {} of the table was dropped: {:?}", p, q);
+        }
+    }
+
     /// The `cargo qemu run` workload: every step behaves and everything
     /// comes back (poisoned frames excepted; descriptor caches keep the
     /// chunks they grew by), including the table frames that folding freed.
