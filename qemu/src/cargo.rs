@@ -53,6 +53,7 @@ pub fn cargo() -> Command {
 }
 
 fn run_json(args: &[&str]) -> Result<Vec<Artifact>, String> {
+    crate::setup::ensure_target(TARGET)?;
     let mut cmd = cargo();
     cmd.args(args)
         .args([

@@ -59,7 +59,12 @@ impl Machine {
         cmd.args([
             "-M", &machine, "-cpu", self.cpu, "-m", self.mem, "-smp", "1",
         ]);
-        // A binary defmt stream must not pass through -nographic's escape handling.
+        // Only the devices the firmware uses: no default NIC (its option ROM,
+        // efi-virtio.rom, is in ipxe-qemu, which a --no-install-recommends
+        // QEMU lacks), CD-ROM, parallel port, monitor or display. The serial
+        // port is named explicitly; a binary defmt stream must not pass
+        // through -nographic's escape handling.
+        cmd.args(["-nodefaults", "-nic", "none"]);
         cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
         cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
         cmd.args([
@@ -110,6 +115,47 @@ mod tests {
         assert_eq!(parse_size("4G"), Some(4 << 30));
         assert_eq!(parse_size("1024"), Some(1 << 30));
         assert_eq!(parse_size("x"), None);
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The whole default command line, pinned: a new default device (or a lost
+    /// `-nodefaults`/`-nic none`) must be a deliberate change to this test.
+    #[test]
+    fn default_command_line_is_pinned() {
+        let m = Machine::default();
+        let cmd = m.command(
+            Path::new("fw.elf"),
+            &[],
+            None,
+            Some(Path::new("/tmp/q.sock")),
+        );
+        assert_eq!(cmd.get_program(), crate::setup::QEMU);
+        #[rustfmt::skip]
+        let expected: Vec<&str> = vec![
+            "-M", "virt", "-cpu", "max", "-m", "1G", "-smp", "1",
+            "-nodefaults", "-nic", "none",
+            "-display", "none", "-monitor", "none", "-serial", "stdio",
+            "-global", "virtio-mmio.force-legacy=false",
+            "-device", "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
+            "-semihosting-config", "enable=on,target=native",
+            "-qmp", "unix:/tmp/q.sock,server=on,wait=off",
+            "-kernel", "fw.elf",
+        ];
+        assert_eq!(args(&cmd), expected);
+        let icount = Machine {
+            icount: true,
+            ..Machine::default()
+        };
+        let a = args(&icount.command(Path::new("fw.elf"), &[], None, None));
+        let at = a.iter().position(|x| x == "-icount").expect("-icount");
+        assert_eq!(a[at + 1], "shift=0");
+        // No device QEMU would need a ROM file for, however the line is built.
+        assert!(!a.iter().any(|x| x.contains("virtio-net")));
     }
 
     #[test]

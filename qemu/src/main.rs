@@ -6,6 +6,8 @@
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
 //! - `cargo qemu bench <memdesc|translation|boot|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
+//! - `cargo qemu setup` only installs what the others would (the Rust target,
+//!   QEMU); CI calls it before its lint gates.
 
 mod bench;
 mod boot;
@@ -27,7 +29,8 @@ const USAGE: &str = "usage:
   cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]
   cargo qemu bench <memdesc|translation|boot|all>
-  cargo qemu runner ELF";
+  cargo qemu runner ELF
+  cargo qemu setup";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Some("runner") => cmd_runner(&args[1..]),
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => cmd_bench(&args[1..]),
+        Some("setup") => cmd_setup(),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -153,6 +157,17 @@ fn boot_interactive(
     }
     println!("qemu: {:?} after {:.1}s", b.ending, b.elapsed.as_secs_f64());
     Ok(ending_code(b.ending))
+}
+
+fn cmd_setup() -> Result<ExitCode, String> {
+    setup::ensure_target(cargo::TARGET)?;
+    setup::ensure_qemu()?;
+    println!(
+        "qemu: the Rust target {} and QEMU >= {} are installed",
+        cargo::TARGET,
+        setup::MIN_MAJOR
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_runner(args: &[String]) -> Result<ExitCode, String> {

@@ -1,10 +1,15 @@
-//! Makes sure a QEMU new enough for our boards (>= 10: `raspi4b`,
-//! `imx8mp-evk`) is installed: on Debian/Ubuntu as root it installs
-//! `qemu-system-arm` itself (from bookworm-backports on bookworm); otherwise it
-//! prints the exact commands to run.
+//! Makes sure what the tool needs beyond the host toolchain is installed:
+//!
+//! - the Rust target `aarch64-unknown-none` in the active toolchain's sysroot
+//!   (rustup does not add `rust-toolchain.toml`'s `targets` by itself when the
+//!   pinned toolchain already exists or `RUSTUP_AUTO_INSTALL=0`): installed
+//!   with `rustup target add`, or a clear error naming that command;
+//! - a QEMU new enough for our boards (>= 10: `raspi4b`, `imx8mp-evk`): on
+//!   Debian/Ubuntu as root it installs `qemu-system-arm` itself (from
+//!   bookworm-backports on bookworm); otherwise it prints the exact commands.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The emulator binary we drive.
@@ -73,6 +78,82 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// The active toolchain's sysroot, from the `rustc` cargo would run.
+fn sysroot() -> Result<PathBuf, String> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("{}: {e}", rustc.to_string_lossy()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} --print sysroot failed: {}",
+            rustc.to_string_lossy(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Whether `sysroot` holds the standard library (`core`) for `target`.
+pub fn target_installed(sysroot: &Path, target: &str) -> bool {
+    let lib = sysroot.join("lib").join("rustlib").join(target).join("lib");
+    fs::read_dir(&lib).is_ok_and(|mut entries| {
+        entries.any(|e| {
+            e.is_ok_and(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("libcore-") && name.ends_with(".rlib")
+            })
+        })
+    })
+}
+
+/// The command that installs `target`, as a person would type it.
+pub fn target_add_command(target: &str) -> String {
+    format!("rustup target add {target}")
+}
+
+fn have_rustup() -> bool {
+    Command::new("rustup")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Ensures the active toolchain can build for `target`, adding it with rustup
+/// when it is missing. Never relies on rustup's auto-install.
+pub fn ensure_target(target: &str) -> Result<(), String> {
+    let root = sysroot()?;
+    if target_installed(&root, target) {
+        return Ok(());
+    }
+    let add = target_add_command(target);
+    if !have_rustup() {
+        return Err(format!(
+            "the Rust target {target} is not installed in {} and rustup is not on PATH.\n\
+             Install rustup (https://rustup.rs) and run:\n  {add}\n\
+             or install your distribution's standard library for {target}.",
+            root.display()
+        ));
+    }
+    eprintln!(
+        "qemu: the Rust target {target} is missing from {}; installing it: {add}",
+        root.display()
+    );
+    run(Command::new("rustup").args(["target", "add", target]))
+        .map_err(|e| format!("{e}\nrun `{add}` yourself and try again"))?;
+    if target_installed(&root, target) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{add}` succeeded but {} still has no {target} standard library; \
+             is another toolchain active here (rust-toolchain.toml, RUSTUP_TOOLCHAIN)?",
+            root.display()
+        ))
+    }
+}
+
 /// Ensures QEMU >= 10 is on PATH, installing it where we can.
 pub fn ensure_qemu() -> Result<(), String> {
     if let Some(v) = installed_version() {
@@ -132,6 +213,43 @@ pub fn ensure_qemu() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_presence_is_read_from_the_sysroot() {
+        let root = std::env::temp_dir().join(format!("qemu-sysroot-{}", std::process::id()));
+        let lib = root.join("lib/rustlib/aarch64-unknown-none/lib");
+        fs::create_dir_all(&lib).expect("temp dir");
+        assert!(!target_installed(&root, "aarch64-unknown-none"));
+        fs::write(lib.join("libcore-0123abcd.rlib"), b"").expect("temp file");
+        assert!(target_installed(&root, "aarch64-unknown-none"));
+        assert!(!target_installed(&root, "aarch64-unknown-linux-gnu"));
+        fs::remove_dir_all(&root).expect("cleanup");
+        assert_eq!(
+            target_add_command("aarch64-unknown-none"),
+            "rustup target add aarch64-unknown-none"
+        );
+    }
+
+    #[test]
+    fn this_toolchain_reports_its_sysroot() {
+        // The host target is always in the sysroot of the toolchain running us.
+        let root = sysroot().expect("rustc --print sysroot");
+        let vv = Command::new("rustc")
+            .arg("-vV")
+            .output()
+            .expect("rustc -vV");
+        let vv = String::from_utf8_lossy(&vv.stdout);
+        let host = vv
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .expect("rustc -vV names the host");
+        assert!(
+            target_installed(&root, host),
+            "{host} in {}",
+            root.display()
+        );
+        assert!(!target_installed(&root, "no-such-target"));
+    }
 
     #[test]
     fn version_banner() {
