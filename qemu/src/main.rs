@@ -9,6 +9,7 @@
 //! - `cargo qemu setup` only installs what the others would (the Rust target,
 //!   QEMU); CI calls it before its lint gates.
 
+mod balloon;
 mod bench;
 mod boot;
 mod cargo;

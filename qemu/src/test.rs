@@ -133,6 +133,8 @@ enum Check {
     Embedded(TestCase),
     /// A system test of the firmware binary.
     System(SystemTest),
+    /// The balloon's QMP-driven system test of the firmware binary.
+    Balloon,
 }
 
 struct Job {
@@ -279,6 +281,8 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
                 on_started: None,
             }
         }
+        // Its own boot: QMP, a driver thread and its own verdict.
+        Check::Balloon => return crate::balloon::system_test(m, elf, decoder),
         Check::System(st) => BootOptions {
             semihosting_args,
             append: st.append,
@@ -296,6 +300,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
     let b = boot(m, elf, decoder, &opts)?;
     let verdict = match &job.check {
         Check::Embedded(case) => judge_embedded(b.ending, case.should_panic),
+        Check::Balloon => Ok(()),
         Check::System(st) => match (st.exit, b.ending) {
             (None, Ending::Stopped) => Ok(()),
             (Some(want), Ending::Exited(got)) if want == got => Ok(()),
@@ -385,6 +390,15 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 check: Check::System(*st),
             });
         }
+    }
+    let full = "system::balloon_1g_to_512m_and_back".to_string();
+    if matches(&args.filters, &full) {
+        jobs.push(Job {
+            full_name: full,
+            machine: Machine::default(),
+            elf: fw_idx,
+            check: Check::Balloon,
+        });
     }
 
     let decoders: Vec<Decoder> = elfs

@@ -11,7 +11,6 @@
 use super::error::BalloonError;
 use crate::addr::{Pfn, PhysAddr};
 use crate::frames::{DescMemory, FrameAllocator};
-use crate::stage1::Stage1Error;
 use core::ptr::NonNull;
 
 /// The firmware side of the balloon.
@@ -34,13 +33,15 @@ pub unsafe trait BalloonEnv {
         f: impl FnOnce(&mut FrameAllocator<'static, Self::Mem>) -> R,
     ) -> Result<R, BalloonError>;
     /// Removes `[pfn, pfn + pages)` from the firmware's own map, so a stray
-    /// access faults instead of touching memory the host took away.
-    fn unmap(&mut self, pfn: Pfn, pages: u64) -> Result<(), Stage1Error>;
+    /// access faults instead of touching memory the host took away. Errors
+    /// are [`BalloonError::Map`] (the engine refused) or
+    /// [`BalloonError::FramesBusy`] (the map is in use).
+    fn unmap(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// Maps `[pfn, pfn + pages)` again as normal memory.
-    fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), Stage1Error>;
+    fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// Re-folds runs and blocks over `[pfn, pfn + pages)` (holes allowed)
     /// after a deflate (DESIGN.md stage-1 rule 8).
-    fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), Stage1Error>;
+    fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// The running address of frame `pfn` (see the trait's safety section).
     fn frame(&mut self, pfn: Pfn) -> NonNull<u8>;
     /// The address a device uses for frame `pfn` (identity by default).

@@ -420,9 +420,9 @@ unsafe impl BalloonEnv for FakeEnv {
     ) -> Result<R, BalloonError> {
         Ok(f(&mut self.fa))
     }
-    fn unmap(&mut self, pfn: Pfn, pages: u64) -> Result<(), Stage1Error> {
+    fn unmap(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         if Self::fail(&mut self.unmap_fail_after) {
-            return Err(Stage1Error::OutOfTableMemory);
+            return Err(BalloonError::Map(Stage1Error::OutOfTableMemory));
         }
         let free = self.fa.count(crate::frames::FrameType::Free);
         self.min_free_at_unmap = self.min_free_at_unmap.min(free);
@@ -438,9 +438,9 @@ unsafe impl BalloonEnv for FakeEnv {
         }
         Ok(())
     }
-    fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), Stage1Error> {
+    fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         if Self::fail(&mut self.map_fail_after) {
-            return Err(Stage1Error::OutOfTableMemory);
+            return Err(BalloonError::Map(Stage1Error::OutOfTableMemory));
         }
         if let Some(s) = self.stage1.as_mut() {
             s.map(
@@ -459,7 +459,7 @@ unsafe impl BalloonEnv for FakeEnv {
         }
         Ok(())
     }
-    fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), Stage1Error> {
+    fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         if let Some(s) = self.stage1.as_mut() {
             s.refold(VirtAddr(pfn.addr().0), pages * PAGE_SIZE)?;
         }

@@ -611,7 +611,7 @@ impl Balloon {
             }
             if let Err(e) = env.unmap(pfn, pages) {
                 env.with_frames(|fa| fa.free_frozen(pfn, order))??;
-                err = Some(e.into());
+                err = Some(e);
                 break;
             }
             self.arr.push_run(env, pfn.0 as u32, pages)?;
