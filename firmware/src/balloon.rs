@@ -11,12 +11,12 @@
 
 use crate::mm::{Frames, BOOT_MAP, FRAMES, STAGE1};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use hal::dtb::Platform;
 use hal::virtio::balloon::{IdentityDma, VirtioBalloon};
 use hal::virtio::virtio_drivers::{BufferDirection, Hal, PhysAddr as DmaAddr};
 use memdesc::balloon::{Balloon, BalloonConfig, BalloonEnv, BalloonError, Op, Status};
-use memdesc::frames::{FrameType, FrozenKind, LinearMap};
+use memdesc::frames::{FrameType, FrozenKind, LinearMap, PageArray};
 use memdesc::stage1::Attributes;
 use memdesc::{Pfn, VirtAddr, PAGE_SIZE};
 
@@ -27,6 +27,56 @@ const IDLE_POLL_US: u64 = 2000;
 
 /// Frames the virtqueues use (Slab frames, like the balloon's own arrays).
 static DMA_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// The page array, for the fault note (read without the allocator's lock:
+/// a fault may happen while it is held).
+static PAGE_ARRAY: AtomicPtr<PageArray<'static>> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The crash report's line about a faulting address: says when the frame
+/// is ballooned (Offline: the host has it, the firmware unmapped it).
+fn fault_note(far: u64) -> Option<&'static str> {
+    let pa = PAGE_ARRAY.load(Ordering::Acquire);
+    // SAFETY: set once from the allocator's `&'static PageArray`; the page
+    // array is shared and its words are atomics, safe to read anywhere.
+    let pa = unsafe { pa.as_ref() }?;
+    match pa.word(Pfn(far / PAGE_SIZE)).ok()?.frame_type()? {
+        FrameType::Offline => Some("ballooned (Offline: given to the host, unmapped)"),
+        FrameType::Free => Some("free (owned by the frame allocator)"),
+        _ => None,
+    }
+}
+
+/// Writes every free frame once, so that QEMU's resident memory holds the
+/// guest's RAM and a balloon inflate visibly gives it back (QEMU counts
+/// only pages the guest wrote). Every free block is taken (as a transient
+/// frozen allocation, largest first), filled, chained through its first
+/// word, then all are freed again. Returns the frames touched.
+pub fn touch_free_memory() -> u64 {
+    const END: u64 = u64::MAX;
+    let mut head = END;
+    let mut touched = 0;
+    for order in [9u8, 4, 0] {
+        while let Ok(Ok(pfn)) = FRAMES.with(|fa| fa.alloc_frozen(order, FrozenKind::Guard)) {
+            let pa = pfn.addr().0;
+            // SAFETY: the frames were just allocated to us and are identity
+            // mapped read-write; the first word links to the previous block.
+            unsafe {
+                core::ptr::write_bytes(pa as *mut u8, 0x5a, (PAGE_SIZE << order) as usize);
+                core::ptr::write(pa as *mut u64, head);
+            }
+            head = (pfn.0 << 8) | order as u64;
+            touched += 1u64 << order;
+        }
+    }
+    while head != END {
+        let (pfn, order) = (Pfn(head >> 8), (head & 0xff) as u8);
+        // SAFETY: a block we allocated and linked above, still ours.
+        let next = unsafe { core::ptr::read(pfn.addr().0 as *const u64) };
+        let _ = FRAMES.with(|fa| fa.free_frozen(pfn, order));
+        head = next;
+    }
+    touched
+}
 
 fn order_of(pages: usize) -> u8 {
     pages.max(1).next_power_of_two().trailing_zeros() as u8
@@ -187,8 +237,29 @@ pub fn check(b: &Balloon) -> SettleReport {
     }
 }
 
-/// Finds the balloon, brings it up and serves it forever.
+/// Finds the balloon, brings it up and serves it forever. Bootargs:
+/// `balloon.touch` writes all free memory first (see
+/// [`touch_free_memory`]); `selftest=balloon-touch` reads the first
+/// ballooned frame once the balloon has settled with pages in it (the
+/// crash report then says the frame is ballooned).
 pub fn run(platform: &Platform<'static>) -> ! {
+    if let Ok(pa) = FRAMES.with(|fa| fa.page_array()) {
+        PAGE_ARRAY.store(core::ptr::from_ref(pa).cast_mut(), Ordering::Release);
+        hal::exception::set_fault_note(fault_note);
+    }
+    let args = platform.bootargs.unwrap_or("");
+    let has = |w: &str| args.split_ascii_whitespace().any(|a| a == w);
+    if has("balloon.touch") {
+        let t0 = now_ns();
+        let n = touch_free_memory();
+        defmt::info!(
+            "balloon: touched {=u64} free frames ({=u64} MiB) in {=u64} ms",
+            n,
+            (n * PAGE_SIZE) >> 20,
+            (now_ns() - t0) / 1_000_000
+        );
+    }
+    let touch_ballooned = has("selftest=balloon-touch");
     // SAFETY: the boot map maps every virtio-mmio window Device-nGnRE and
     // nothing else touches them; this runs once.
     let (transport, node) =
@@ -221,10 +292,15 @@ pub fn run(platform: &Platform<'static>) -> ! {
         dev.offered(),
         b.features()
     );
-    serve(&mut b, &mut dev, &mut env)
+    serve(&mut b, &mut dev, &mut env, touch_ballooned)
 }
 
-fn serve(b: &mut Balloon, dev: &mut VirtioBalloon<FirmwareDma>, env: &mut FirmwareEnv) -> ! {
+fn serve(
+    b: &mut Balloon,
+    dev: &mut VirtioBalloon<FirmwareDma>,
+    env: &mut FirmwareEnv,
+    touch_ballooned: bool,
+) -> ! {
     let mut last: Status = b.status();
     let mut moving_since: Option<u64> = None;
     let mut last_err: Option<BalloonError> = None;
@@ -278,6 +354,19 @@ fn serve(b: &mut Balloon, dev: &mut VirtioBalloon<FirmwareDma>, env: &mut Firmwa
                     c.notifications,
                     c.descriptors
                 );
+                if touch_ballooned && s.actual > 0 {
+                    if let Ok(pfn) = b.entry(env, 0) {
+                        let addr = pfn as u64 * PAGE_SIZE;
+                        defmt::warn!(
+                            "selftest: reading ballooned frame {=u64:#x} on purpose",
+                            addr
+                        );
+                        // SAFETY: not sound on purpose: the frame is unmapped,
+                        // the read faults and the handler ends the run.
+                        let v = unsafe { core::ptr::read_volatile(addr as *const u64) };
+                        defmt::error!("selftest: the read did not fault (got {=u64:#x})", v);
+                    }
+                }
             }
         }
         last = s;

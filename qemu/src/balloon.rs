@@ -6,8 +6,9 @@
 use crate::boot::{boot, BootOptions, Ending};
 use crate::log::{Decoder, LogLine};
 use crate::machine::Machine;
-use crate::qmp::{Qmp, QmpError, SocketIo};
-use std::path::Path;
+use crate::qmp::{Qmp, SocketIo};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -85,23 +86,123 @@ fn wait_actual(q: &mut Qmp<SocketIo>, target: u64, timeout: Duration) -> Result<
     }
 }
 
-/// Balloons the guest to each of `targets` (bytes) in turn.
+/// Which balloon system test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Touch all RAM, balloon to half and back: `query-balloon` reaches each
+    /// target, QEMU's resident memory drops by most of the ballooned
+    /// amount, `guest-stats` carry the firmware's figures, and each settle
+    /// report is clean (frames, linter; TLB footprint back at the optimum).
+    RoundTrip,
+    /// Balloon a little, then the firmware reads a ballooned frame: the
+    /// crash report says the frame is ballooned.
+    TouchFaults,
+}
+
+impl Scenario {
+    fn append(self) -> &'static str {
+        match self {
+            Scenario::RoundTrip => "balloon.touch",
+            Scenario::TouchFaults => "selftest=balloon-touch",
+        }
+    }
+}
+
+/// The QOM path of the balloon device (QEMU names an anonymous `-device`
+/// `/machine/peripheral-anon/device[N]`).
+fn balloon_qom_path(q: &mut Qmp<SocketIo>) -> Result<String, String> {
+    let base = "/machine/peripheral-anon";
+    let list = q
+        .execute("qom-list", Some(json!({ "path": base })))
+        .map_err(|e| e.to_string())?;
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| {
+            p.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.contains("virtio-balloon"))
+        })
+        .and_then(|p| p.get("name").and_then(Value::as_str))
+        .map(|n| format!("{base}/{n}"))
+        .ok_or_else(|| format!("no balloon under {base}: {list}"))
+}
+
+/// Turns on stats polling and waits for the first report; returns
+/// (free, total) bytes.
+fn guest_stats(q: &mut Qmp<SocketIo>) -> Result<(u64, u64), String> {
+    let path = balloon_qom_path(q)?;
+    q.execute(
+        "qom-set",
+        Some(json!({ "path": path, "property": "guest-stats-polling-interval", "value": 1 })),
+    )
+    .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = q
+            .execute(
+                "qom-get",
+                Some(json!({ "path": path, "property": "guest-stats" })),
+            )
+            .map_err(|e| e.to_string())?;
+        let stat = |k: &str| {
+            v.get("stats")
+                .and_then(|s| s.get(k))
+                .and_then(Value::as_u64)
+        };
+        let updated = v.get("last-update").and_then(Value::as_u64).unwrap_or(0);
+        if let (true, Some(free), Some(total)) = (
+            updated != 0,
+            stat("stat-free-memory"),
+            stat("stat-total-memory"),
+        ) {
+            return Ok((free, total));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no guest stats after 10 s: {v}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What the driver thread found.
+#[derive(Debug, Default)]
+struct Findings {
+    moves: Vec<Move>,
+    /// QEMU's resident memory (KiB) before and after each move.
+    rss: Vec<Option<u64>>,
+    /// Guest-reported free and total memory (bytes) while ballooned.
+    stats: Option<(u64, u64)>,
+}
+
 fn scenario(
     q: &mut Qmp<SocketIo>,
+    qmp_path: &Path,
     seen: &Mutex<Vec<String>>,
     ram: u64,
-    targets: &[u64],
-) -> Result<Vec<Move>, String> {
+    which: Scenario,
+) -> Result<Findings, String> {
     let (mut from, _) = wait_line(
         seen,
         0,
         |l| l.starts_with("balloon: up"),
-        Duration::from_secs(60),
+        Duration::from_secs(120),
     )?;
-    let mut moves = Vec::new();
-    for &target in targets {
+    let mut f = Findings::default();
+    if which == Scenario::TouchFaults {
+        q.balloon(ram - (64 << 20)).map_err(|e| e.to_string())?;
+        wait_line(
+            seen,
+            from,
+            |l| l.contains("FAR frame:"),
+            Duration::from_secs(60),
+        )?;
+        return Ok(f);
+    }
+    f.rss.push(qemu_rss_kib(qmp_path));
+    for target in [ram / 2, ram] {
         let t0 = Instant::now();
-        q.balloon(target).map_err(|e: QmpError| e.to_string())?;
+        q.balloon(target).map_err(|e| e.to_string())?;
         wait_actual(q, target, Duration::from_secs(120))?;
         let took = t0.elapsed();
         let pages = (ram - target) / PAGE;
@@ -113,27 +214,35 @@ fn scenario(
             Duration::from_secs(60),
         )?;
         from = i + 1;
-        moves.push(Move {
+        f.rss.push(qemu_rss_kib(qmp_path));
+        if target < ram {
+            f.stats = Some(guest_stats(q)?);
+        }
+        f.moves.push(Move {
             target,
             took,
             settled,
         });
     }
-    Ok(moves)
+    Ok(f)
 }
 
-/// Boots `elf` on `m` with QMP and runs the 1 GiB -> 512 MiB -> 1 GiB
-/// scenario; `Ok(wall time)` or why it failed, with the transcript.
-pub fn system_test(m: &Machine, elf: &Path, decoder: &Decoder) -> Result<Duration, String> {
+/// Boots `elf` on `m` with QMP and runs `which`; `Ok(wall time)` or why it
+/// failed, with the transcript.
+pub fn system_test(
+    m: &Machine,
+    elf: &Path,
+    decoder: &Decoder,
+    which: Scenario,
+) -> Result<Duration, String> {
     let qmp_path = std::env::temp_dir().join(format!(
-        "cargo-qemu-balloon-{}-{}.qmp",
+        "cargo-qemu-balloon-{}-{:?}.qmp",
         std::process::id(),
-        m.label().replace(' ', "-")
+        which
     ));
     let ram = m.mem_bytes();
-    let targets = [ram / 2, ram];
     let seen = Mutex::new(Vec::<String>::new());
-    let result: Mutex<Option<Result<Vec<Move>, String>>> = Mutex::new(None);
+    let result: Mutex<Option<Result<Findings, String>>> = Mutex::new(None);
     let record = |l: &LogLine| {
         if let Ok(mut s) = seen.lock() {
             s.push(l.message.clone());
@@ -143,9 +252,11 @@ pub fn system_test(m: &Machine, elf: &Path, decoder: &Decoder) -> Result<Duratio
     let drive = || {
         let r = match Qmp::connect(&qmp_path, Duration::from_secs(10)) {
             Ok(mut q) => {
-                let r = scenario(&mut q, &seen, ram, &targets);
+                let r = scenario(&mut q, &qmp_path, &seen, ram, which);
                 // Ends the boot either way (QEMU exits 0 on `quit`).
-                let _ = q.execute("quit", None);
+                if which == Scenario::RoundTrip {
+                    let _ = q.execute("quit", None);
+                }
                 r
             }
             Err(e) => Err(e.to_string()),
@@ -156,7 +267,7 @@ pub fn system_test(m: &Machine, elf: &Path, decoder: &Decoder) -> Result<Duratio
     };
     let opts = BootOptions {
         semihosting_args: vec![format!("entry_el={}", m.el), format!("mem_bytes={}", ram)],
-        append: None,
+        append: Some(which.append()),
         qmp: Some(&qmp_path),
         timeout: Duration::from_secs(300),
         echo: false,
@@ -166,42 +277,194 @@ pub fn system_test(m: &Machine, elf: &Path, decoder: &Decoder) -> Result<Duratio
     let b = boot(m, elf, decoder, &opts);
     let _ = std::fs::remove_file(&qmp_path);
     let b = b?;
-    let moves = result
+    let found = result
         .into_inner()
         .ok()
         .flatten()
         .unwrap_or_else(|| Err("the QMP driver did not finish".into()));
-    let verdict = moves.and_then(|moves| {
-        if !matches!(b.ending, Ending::Exited(0)) {
-            return Err(format!("QEMU ended {:?} instead of quitting", b.ending));
+    let verdict = found.and_then(|f| match which {
+        Scenario::TouchFaults => {
+            if b.ending != Ending::Exited(hal::exit::CRASH) {
+                return Err(format!("expected the crash exit, got {:?}", b.ending));
+            }
+            if !b.logged("FAR frame: ballooned") {
+                return Err("the crash report does not say the frame is ballooned".into());
+            }
+            Ok(())
         }
-        for (k, mv) in moves.iter().enumerate() {
-            let (actual, ok, lint, tlb, optimum) = parse_settled(&mv.settled)
-                .ok_or_else(|| format!("unparsable settle line {:?}", mv.settled))?;
-            println!(
-                "  balloon to {} MiB: {:.2} s, {} pages ballooned",
-                mv.target >> 20,
-                mv.took.as_secs_f64(),
-                actual
-            );
-            if !ok {
-                return Err(format!("frames lost: {}", mv.settled));
-            }
-            if lint != 0 {
-                return Err(format!("linter: {}", mv.settled));
-            }
-            if k == moves.len() - 1 && tlb != optimum {
-                return Err(format!(
-                    "TLB footprint not back at the optimum: {}",
-                    mv.settled
-                ));
-            }
-        }
-        Ok(())
+        Scenario::RoundTrip => judge_round_trip(&b.ending, &f, ram),
     });
     verdict
         .map(|()| b.elapsed)
         .map_err(|e| format!("{e}\n{}", b.transcript()))
+}
+
+fn judge_round_trip(ending: &Ending, f: &Findings, ram: u64) -> Result<(), String> {
+    if !matches!(ending, Ending::Exited(0)) {
+        return Err(format!("QEMU ended {ending:?} instead of quitting"));
+    }
+    for (k, mv) in f.moves.iter().enumerate() {
+        let (actual, ok, lint, tlb, optimum) = parse_settled(&mv.settled)
+            .ok_or_else(|| format!("unparsable settle line {:?}", mv.settled))?;
+        let rss = |i: usize| f.rss.get(i).copied().flatten().map(|k| k >> 10);
+        println!(
+            "  balloon to {} MiB: {:.2} s, {} pages ballooned, QEMU RSS {:?} -> {:?} MiB",
+            mv.target >> 20,
+            mv.took.as_secs_f64(),
+            actual,
+            rss(k),
+            rss(k + 1)
+        );
+        if !ok {
+            return Err(format!("frames lost: {}", mv.settled));
+        }
+        if lint != 0 {
+            return Err(format!("linter: {}", mv.settled));
+        }
+        if k == f.moves.len() - 1 && tlb != optimum {
+            return Err(format!(
+                "TLB footprint not back at the optimum: {}",
+                mv.settled
+            ));
+        }
+    }
+    // QEMU really discarded the pages: most of the ballooned half is gone.
+    if let (Some(Some(before)), Some(Some(after))) = (f.rss.first(), f.rss.get(1)) {
+        let dropped = before.saturating_sub(*after) << 10;
+        if dropped < (ram / 2) * 3 / 4 {
+            return Err(format!(
+                "QEMU RSS dropped by {} MiB only (ballooned {} MiB)",
+                dropped >> 20,
+                ram >> 21
+            ));
+        }
+    } else {
+        return Err("QEMU's resident memory could not be read".into());
+    }
+    let (free, total) = f.stats.ok_or("no guest stats")?;
+    println!(
+        "  guest-stats: free {} MiB, total {} MiB",
+        free >> 20,
+        total >> 20
+    );
+    if total > ram || total < ram / 2 || free == 0 || free > total {
+        return Err(format!(
+            "implausible guest stats: free {free}, total {total}"
+        ));
+    }
+    Ok(())
+}
+
+/// The newest `cargo qemu run` QMP socket in the temp directory.
+fn newest_socket() -> Option<PathBuf> {
+    let dir = std::env::temp_dir();
+    std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("cargo-qemu-") && n.ends_with(".qmp") && !n.contains("balloon")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max()
+        .map(|(_, p)| p)
+}
+
+/// Resident memory (kB) of the QEMU process serving `qmp_path`, found by
+/// its command line.
+pub fn qemu_rss_kib(qmp_path: &Path) -> Option<u64> {
+    let needle = qmp_path.to_string_lossy().into_owned();
+    for e in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            return line.split_whitespace().nth(1)?.parse().ok();
+        }
+    }
+    None
+}
+
+/// `cargo qemu balloon SIZE [--qmp PATH]`: sets the running guest's target
+/// size and shows the balloon moving until `query-balloon` reaches it.
+pub fn cmd_balloon(args: &[String]) -> Result<std::process::ExitCode, String> {
+    let mut size = None;
+    let mut qmp_path = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--qmp" => {
+                i += 1;
+                qmp_path = Some(PathBuf::from(args.get(i).ok_or("--qmp needs a path")?));
+            }
+            s => {
+                size = Some(
+                    crate::machine::parse_size(s)
+                        .filter(|&b| b > 0)
+                        .ok_or_else(|| {
+                            format!("SIZE is a guest size like 512M or 1G, not {s:?}")
+                        })?,
+                )
+            }
+        }
+        i += 1;
+    }
+    let size = size.ok_or("usage: cargo qemu balloon SIZE [--qmp PATH]")?;
+    let path = qmp_path
+        .or_else(newest_socket)
+        .ok_or("no running `cargo qemu run` found (give --qmp PATH)")?;
+    let mut q = Qmp::connect(&path, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let before = q.query_balloon().map_err(|e| e.to_string())?;
+    let rss_before = qemu_rss_kib(&path);
+    println!(
+        "balloon: guest at {} MiB, target {} MiB (QMP {})",
+        before >> 20,
+        size >> 20,
+        path.display()
+    );
+    let t0 = Instant::now();
+    q.balloon(size).map_err(|e| e.to_string())?;
+    let mut last = before;
+    let actual = loop {
+        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        if actual != last {
+            println!("  actual {} MiB / target {} MiB", actual >> 20, size >> 20);
+            last = actual;
+        }
+        if actual == size {
+            break actual;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            println!("  not there after 120 s (the guest's floor, or no driver?)");
+            break actual;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t0.elapsed();
+    let pages = before.abs_diff(actual) / PAGE;
+    println!(
+        "balloon: {} MiB in {:.3} s ({:.0} pages/s)",
+        actual >> 20,
+        took.as_secs_f64(),
+        pages as f64 / took.as_secs_f64().max(1e-9)
+    );
+    if let (Some(a), Some(b)) = (rss_before, qemu_rss_kib(&path)) {
+        println!(
+            "QEMU resident memory: {} MiB before, {} MiB after",
+            a >> 10,
+            b >> 10
+        );
+    }
+    println!("(the firmware's log shows the settle line: frames, linter, TLB footprint)");
+    Ok(if actual == size {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ const USAGE: &str = "usage:
   cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]
   cargo qemu bench <memdesc|translation|boot|all>
+  cargo qemu balloon SIZE [--qmp PATH]   (a running `cargo qemu run`'s guest to SIZE)
   cargo qemu runner ELF
   cargo qemu setup";
 
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Some("runner") => cmd_runner(&args[1..]),
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => cmd_bench(&args[1..]),
+        Some("balloon") => balloon::cmd_balloon(&args[1..]),
         Some("setup") => cmd_setup(),
         _ => Err(USAGE.to_string()),
     };

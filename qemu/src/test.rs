@@ -133,8 +133,8 @@ enum Check {
     Embedded(TestCase),
     /// A system test of the firmware binary.
     System(SystemTest),
-    /// The balloon's QMP-driven system test of the firmware binary.
-    Balloon,
+    /// A QMP-driven balloon system test of the firmware binary.
+    Balloon(crate::balloon::Scenario),
 }
 
 struct Job {
@@ -282,7 +282,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
             }
         }
         // Its own boot: QMP, a driver thread and its own verdict.
-        Check::Balloon => return crate::balloon::system_test(m, elf, decoder),
+        Check::Balloon(which) => return crate::balloon::system_test(m, elf, decoder, *which),
         Check::System(st) => BootOptions {
             semihosting_args,
             append: st.append,
@@ -300,7 +300,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
     let b = boot(m, elf, decoder, &opts)?;
     let verdict = match &job.check {
         Check::Embedded(case) => judge_embedded(b.ending, case.should_panic),
-        Check::Balloon => Ok(()),
+        Check::Balloon(_) => Ok(()),
         Check::System(st) => match (st.exit, b.ending) {
             (None, Ending::Stopped) => Ok(()),
             (Some(want), Ending::Exited(got)) if want == got => Ok(()),
@@ -391,14 +391,25 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
             });
         }
     }
-    let full = "system::balloon_1g_to_512m_and_back".to_string();
-    if matches(&args.filters, &full) {
-        jobs.push(Job {
-            full_name: full,
-            machine: Machine::default(),
-            elf: fw_idx,
-            check: Check::Balloon,
-        });
+    for (name, which) in [
+        (
+            "balloon_1g_to_512m_and_back",
+            crate::balloon::Scenario::RoundTrip,
+        ),
+        (
+            "balloon_touch_of_ballooned_frame_faults",
+            crate::balloon::Scenario::TouchFaults,
+        ),
+    ] {
+        let full = format!("system::{name}");
+        if matches(&args.filters, &full) {
+            jobs.push(Job {
+                full_name: full,
+                machine: Machine::default(),
+                elf: fw_idx,
+                check: Check::Balloon(which),
+            });
+        }
     }
 
     let decoders: Vec<Decoder> = elfs
