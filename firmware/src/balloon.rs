@@ -278,8 +278,15 @@ pub fn run(platform: &Platform<'static>) -> ! {
         }
     };
     let mut env = FirmwareEnv;
+    // Without FEAT_BBM level 2 a block split of the live linear map breaks
+    // the block first, and the engine may then write a table inside it:
+    // move in whole 2 MiB chunks there (unmapping a block never splits).
+    let bbm2 = BOOT_MAP
+        .with(|m| m.features.bbm_level >= 2)
+        .unwrap_or(false);
     let mut b = Balloon::new(BalloonConfig {
         reserve_pages: RESERVE_PAGES,
+        min_chunk_order: if bbm2 { 0 } else { 9 },
         ..BalloonConfig::DEFAULT
     });
     if let Err(e) = b.start(&mut dev, &mut env) {

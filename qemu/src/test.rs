@@ -391,24 +391,43 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
             });
         }
     }
-    for (name, which) in [
-        (
-            "balloon_1g_to_512m_and_back",
-            crate::balloon::Scenario::RoundTrip,
-        ),
-        (
-            "balloon_touch_of_ballooned_frame_faults",
-            crate::balloon::Scenario::TouchFaults,
-        ),
-    ] {
-        let full = format!("system::{name}");
-        if matches(&args.filters, &full) {
-            jobs.push(Job {
-                full_name: full,
-                machine: Machine::default(),
-                elf: fw_idx,
-                check: Check::Balloon(which),
-            });
+    {
+        use crate::balloon::Scenario::*;
+        let on = |cpu, el| Machine {
+            cpu,
+            el,
+            ..Machine::default()
+        };
+        for (name, which, machine) in [
+            ("balloon_1g_to_512m_and_back", RoundTrip, on("max", 1)),
+            (
+                "balloon_1g_to_512m_and_back",
+                RoundTrip,
+                on("cortex-a53", 1),
+            ),
+            ("balloon_1g_to_512m_and_back", RoundTrip, on("max", 2)),
+            (
+                "balloon_touch_of_ballooned_frame_faults",
+                TouchFaults,
+                on("max", 1),
+            ),
+            ("balloon_100_random_cycles", Cycles(100, 1), on("max", 1)),
+            // No FEAT_BBM level 2: the firmware moves in whole 2 MiB chunks.
+            (
+                "balloon_100_random_cycles",
+                Cycles(100, 2),
+                on("cortex-a53", 1),
+            ),
+        ] {
+            let full = format!("system::{name}");
+            if matches(&args.filters, &full) {
+                jobs.push(Job {
+                    full_name: full,
+                    machine,
+                    elf: fw_idx,
+                    check: Check::Balloon(which),
+                });
+            }
         }
     }
 

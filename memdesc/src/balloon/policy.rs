@@ -63,6 +63,13 @@ pub struct BalloonConfig {
     pub flap_window_ns: u64,
     /// More changes than this in a window is reported as flapping.
     pub flap_changes: u32,
+    /// Smallest chunk order the balloon takes (0: down to 4 KiB). A
+    /// firmware whose CPU lacks FEAT_BBM level 2 sets 9 so that inflating
+    /// never splits a block of its own live map with break-before-make
+    /// (the split's window would unmap the tables being written); the
+    /// balloon then moves in whole 2 MiB chunks and stops up to 511 pages
+    /// short of a target that is not a multiple of 512.
+    pub min_chunk_order: u8,
 }
 
 impl BalloonConfig {
@@ -74,6 +81,7 @@ impl BalloonConfig {
         oom_margin_pages: 256,
         flap_window_ns: 100_000_000,
         flap_changes: 8,
+        min_chunk_order: 0,
     };
 }
 
@@ -144,7 +152,8 @@ pub struct Status {
     pub actual: u32,
     /// Entries in the PFN arrays.
     pub entries: u64,
-    /// Whether the floor kept the last inflate short of the goal.
+    /// Whether the floor (or the chunk granularity) kept the last inflate
+    /// short of the goal.
     pub floor_limited: bool,
     /// What is in flight.
     pub op: Op,
@@ -575,6 +584,12 @@ impl Balloon {
             n = room(n).min(n);
         }
         self.floor_limited = n < want.min(cap);
+        let unit = 1u64 << self.cfg.min_chunk_order.min(CHUNK_ORDERS[0]);
+        if !n.is_multiple_of(unit) {
+            // Whole chunks only; the rest of the way is out of reach.
+            n -= n % unit;
+            self.floor_limited = true;
+        }
         if n == 0 {
             return Ok(());
         }
@@ -585,16 +600,17 @@ impl Balloon {
         let mut err = None;
         while added < n {
             let rem = n - added;
-            let Some(&order) = CHUNK_ORDERS
-                .iter()
-                .find(|&&o| o <= max_order && (1u64 << o) <= rem)
-            else {
+            let Some(&order) = CHUNK_ORDERS.iter().find(|&&o| {
+                o <= max_order && o >= self.cfg.min_chunk_order.min(9) && (1u64 << o) <= rem
+            }) else {
                 break;
             };
             let pages = 1u64 << order;
             let pfn = match env.with_frames(|fa| fa.alloc_offline(order))? {
                 Ok(p) => p,
-                Err(FrameError::OutOfMemory { .. }) if order > 0 => {
+                Err(FrameError::OutOfMemory { .. })
+                    if order > self.cfg.min_chunk_order.min(CHUNK_ORDERS[0]) =>
+                {
                     // Nothing that large left: try the next size from now on.
                     max_order = order - 1;
                     continue;

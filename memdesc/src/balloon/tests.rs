@@ -180,6 +180,25 @@ fn chunks_prefer_2m_then_64k_then_4k() {
 }
 
 #[test]
+fn minimum_chunk_order_moves_in_whole_2m_chunks() {
+    let cfg = BalloonConfig {
+        min_chunk_order: 9,
+        ..BalloonConfig::DEFAULT
+    };
+    let mut r = rig_with(32, QEMU, cfg, |_| {});
+    r.target(3 * 512 + 300);
+    let s = r.settle();
+    assert_eq!(s.actual, 3 * 512, "stops short of the odd remainder");
+    assert!(s.floor_limited);
+    assert_eq!(r.unmap_sizes(), vec![512, 512, 512]);
+    // Deflating to an odd size is exact (mapping back never splits).
+    r.target(700);
+    assert_eq!(r.settle().actual, 700);
+    r.target(0);
+    assert_eq!(r.settle().actual, 0);
+}
+
+#[test]
 fn fragmented_memory_falls_back_to_64k_chunks() {
     let mut r = rig(16, QEMU);
     // Pin one frame in every 2 MiB so that no free 2 MiB block is left.
