@@ -177,7 +177,7 @@ fn guest_stats(q: &mut Qmp<SocketIo>) -> Result<(u64, u64), String> {
 /// target), then all of RAM. A fixed LCG: the same list every run.
 fn random_targets(ram: u64, n: u32, step: u64) -> Vec<u64> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let (lo, span) = (ram / 8 >> 20, (ram - ram / 8) >> 20);
+    let (lo, span) = ((ram / 8) >> 20, (ram - ram / 8) >> 20);
     let mut out: Vec<u64> = Vec::new();
     while out.len() < n as usize {
         x = x
