@@ -259,7 +259,13 @@ pub fn run(platform: &Platform<'static>) -> ! {
             (now_ns() - t0) / 1_000_000
         );
     }
-    let touch_ballooned = has("selftest=balloon-touch");
+    let selftest = if has("selftest=balloon-touch") {
+        SelfTest::TouchBallooned
+    } else if has("selftest=balloon-oom") {
+        SelfTest::DeflateOnOom
+    } else {
+        SelfTest::None
+    };
     // SAFETY: the boot map maps every virtio-mmio window Device-nGnRE and
     // nothing else touches them; this runs once.
     let (transport, node) =
@@ -299,14 +305,65 @@ pub fn run(platform: &Platform<'static>) -> ! {
         dev.offered(),
         b.features()
     );
-    serve(&mut b, &mut dev, &mut env, touch_ballooned)
+    serve(&mut b, &mut dev, &mut env, selftest)
+}
+
+/// What to do once the balloon has settled with pages in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SelfTest {
+    None,
+    /// Read a ballooned frame (must fault with the report).
+    TouchBallooned,
+    /// Allocate 2 MiB folios until the allocator runs out, through the
+    /// balloon's deflate-on-OOM path, then give them back.
+    DeflateOnOom,
+}
+
+/// Folios of 2 MiB at most held by the deflate-on-OOM self-test.
+const OOM_FOLIOS: usize = 64;
+
+fn oom_selftest(b: &mut Balloon, dev: &mut VirtioBalloon<FirmwareDma>, env: &mut FirmwareEnv) {
+    let mut held: [Option<memdesc::frames::FolioRef>; OOM_FOLIOS] = [const { None }; OOM_FOLIOS];
+    let before = b.status().actual;
+    let mut reclaimed = 0;
+    let mut n = 0;
+    let mut outcome: Result<(), BalloonError> = Ok(());
+    while n < OOM_FOLIOS && reclaimed == 0 {
+        match b.alloc_folio(dev, env, 9, memdesc::frames::Owner::Buddy) {
+            Ok((f, got)) => {
+                held[n] = Some(f);
+                n += 1;
+                reclaimed += got;
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    let after = b.status().actual;
+    for f in held.iter_mut().filter_map(Option::take) {
+        let _ = FRAMES.with(|fa| fa.put(f).map(drop));
+    }
+    let r = check(b);
+    defmt::info!(
+        "balloon: deflate-on-OOM gave back {=u64} pages after {=usize} allocations of 2 MiB (actual {=u32} -> {=u32}, {=u64} OOM events); {}; frames {=str}; lint {=usize}",
+        reclaimed,
+        n,
+        before,
+        after,
+        b.counters().oom_events,
+        defmt::Debug2Format(&outcome),
+        if r.frames_ok { "ok" } else { "LOST" },
+        r.lint
+    );
 }
 
 fn serve(
     b: &mut Balloon,
     dev: &mut VirtioBalloon<FirmwareDma>,
     env: &mut FirmwareEnv,
-    touch_ballooned: bool,
+    mut selftest: SelfTest,
 ) -> ! {
     let mut last: Status = b.status();
     let mut moving_since: Option<u64> = None;
@@ -361,7 +418,11 @@ fn serve(
                     c.notifications,
                     c.descriptors
                 );
-                if touch_ballooned && s.actual > 0 {
+                if selftest == SelfTest::DeflateOnOom && s.actual > 0 {
+                    selftest = SelfTest::None;
+                    oom_selftest(b, dev, env);
+                }
+                if selftest == SelfTest::TouchBallooned && s.actual > 0 {
                     if let Ok(pfn) = b.entry(env, 0) {
                         let addr = pfn as u64 * PAGE_SIZE;
                         defmt::warn!(

@@ -37,7 +37,7 @@ pub fn run(bootargs: Option<&str>) {
                 panic!("selftest panic");
             }
             // Run by the balloon service once it has ballooned frames.
-            Some("balloon-touch") => {}
+            Some("balloon-touch" | "balloon-oom") => {}
             Some(other) => defmt::warn!("selftest: unknown test {=str}", other),
             None => {}
         }

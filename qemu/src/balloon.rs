@@ -97,6 +97,10 @@ pub enum Scenario {
     /// Balloon a little, then the firmware reads a ballooned frame: the
     /// crash report says the frame is ballooned.
     TouchFaults,
+    /// Balloon nearly all RAM, then the firmware allocates until it runs
+    /// out: deflate-on-OOM gives pages back, the allocation succeeds, every
+    /// frame is accounted for and the host sees the guest grow.
+    OomDeflates,
     /// This many moves to random sizes (repeatable) in steps of this many
     /// MiB, then back to all of RAM: every settle report clean, 0 frames
     /// lost, footprint back.
@@ -108,6 +112,7 @@ impl Scenario {
         match self {
             Scenario::RoundTrip => "balloon.touch",
             Scenario::TouchFaults => "selftest=balloon-touch",
+            Scenario::OomDeflates => "selftest=balloon-oom",
             Scenario::Cycles(..) => "",
         }
     }
@@ -200,6 +205,8 @@ struct Findings {
     rss: Vec<Option<u64>>,
     /// Guest-reported free and total memory (bytes) while ballooned.
     stats: Option<(u64, u64)>,
+    /// The deflate-on-OOM report and `query-balloon` after it.
+    oom: Option<(String, u64)>,
 }
 
 fn scenario(
@@ -224,6 +231,19 @@ fn scenario(
             |l| l.contains("FAR frame:"),
             Duration::from_secs(60),
         )?;
+        return Ok(f);
+    }
+    if which == Scenario::OomDeflates {
+        let small = 64 << 20;
+        q.balloon(small).map_err(|e| e.to_string())?;
+        let (_, line) = wait_line(
+            seen,
+            from,
+            |l| l.starts_with("balloon: deflate-on-OOM"),
+            Duration::from_secs(120),
+        )?;
+        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        f.oom = Some((line, actual));
         return Ok(f);
     }
     f.rss.push(qemu_rss_kib(qmp_path));
@@ -322,6 +342,26 @@ pub fn system_test(
             }
             if !b.logged("FAR frame: ballooned") {
                 return Err("the crash report does not say the frame is ballooned".into());
+            }
+            Ok(())
+        }
+        Scenario::OomDeflates => {
+            let (line, actual) = f.oom.ok_or("no deflate-on-OOM report")?;
+            println!("  {line}; query-balloon {} MiB", actual >> 20);
+            let gave: u64 = line
+                .strip_prefix("balloon: deflate-on-OOM gave back ")
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if gave == 0
+                || !line.contains("frames ok")
+                || !line.contains("lint 0")
+                || !line.contains("Ok(())")
+            {
+                return Err(format!("deflate-on-OOM report not clean: {line}"));
+            }
+            if actual <= 64 << 20 {
+                return Err(format!("the host does not see the guest grow: {actual}"));
             }
             Ok(())
         }

@@ -411,6 +411,7 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 TouchFaults,
                 on("max", 1),
             ),
+            ("balloon_deflate_on_oom", OomDeflates, on("max", 1)),
             ("balloon_100_random_cycles", Cycles(100, 1), on("max", 1)),
             // No FEAT_BBM level 2: the firmware moves in whole 2 MiB chunks.
             (
