@@ -48,7 +48,7 @@ pub fn parse_settled(line: &str) -> Option<(u64, bool, u64, u64, u64)> {
     ))
 }
 
-fn wait_line(
+pub(crate) fn wait_line(
     seen: &Mutex<Vec<String>>,
     from: usize,
     pred: impl Fn(&str) -> bool,

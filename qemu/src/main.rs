@@ -4,7 +4,7 @@
 //!   builds the firmware, makes sure QEMU >= 10 is installed, boots `virt`
 //!   and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
-//! - `cargo qemu bench <memdesc|translation|boot|all>` prints JSON lines.
+//! - `cargo qemu bench <memdesc|translation|boot|balloon|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
 //! - `cargo qemu setup` only installs what the others would (the Rust target,
 //!   QEMU); CI calls it before its lint gates.
@@ -29,7 +29,7 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]
-  cargo qemu bench <memdesc|translation|boot|all>
+  cargo qemu bench <memdesc|translation|boot|balloon|all>
   cargo qemu balloon SIZE [--qmp PATH]   (a running `cargo qemu run`'s guest to SIZE)
   cargo qemu runner ELF
   cargo qemu setup";
@@ -272,6 +272,10 @@ fn cmd_bench(args: &[String]) -> Result<ExitCode, String> {
         "memdesc" => bench::memdesc::run(),
         "translation" => bench::translation::run(),
         "boot" => boot_bench()?,
+        "balloon" => {
+            setup::ensure_qemu()?;
+            bench::balloon::run(&cargo::build_firmware()?)?
+        }
         "all" => {
             let mut r = bench::memdesc::run();
             r.extend(bench::translation::run());
