@@ -475,42 +475,20 @@ pub fn qemu_rss_kib(qmp_path: &Path) -> Option<u64> {
     None
 }
 
-/// `cargo qemu balloon SIZE [--qmp PATH]`: sets the running guest's target
-/// size and shows the balloon moving until `query-balloon` reaches it.
-pub fn cmd_balloon(args: &[String]) -> Result<std::process::ExitCode, String> {
-    let mut size = None;
-    let mut qmp_path = None;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--qmp" => {
-                i += 1;
-                qmp_path = Some(PathBuf::from(args.get(i).ok_or("--qmp needs a path")?));
-            }
-            s => {
-                size = Some(
-                    crate::machine::parse_size(s)
-                        .filter(|&b| b > 0)
-                        .ok_or_else(|| {
-                            format!("SIZE is a guest size like 512M or 1G, not {s:?}")
-                        })?,
-                )
-            }
-        }
-        i += 1;
-    }
-    let size = size.ok_or("usage: cargo qemu balloon SIZE [--qmp PATH]")?;
-    let path = qmp_path
-        .or_else(newest_socket)
-        .ok_or("no running `cargo qemu run` found (give --qmp PATH)")?;
-    let mut q = Qmp::connect(&path, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    let before = q.query_balloon().map_err(|e| e.to_string())?;
-    let rss_before = qemu_rss_kib(&path);
+/// Sets the target, shows `actual` moving until it reaches `size` (or 120 s
+/// pass), then the time, the rate and QEMU's resident memory before and
+/// after. Returns where `actual` ended.
+fn move_to(
+    q: &mut Qmp<SocketIo>,
+    path: &Path,
+    size: u64,
+    before: u64,
+    rss_before: Option<u64>,
+) -> Result<u64, String> {
     println!(
-        "balloon: guest at {} MiB, target {} MiB (QMP {})",
+        "balloon: guest at {} MiB, target {} MiB",
         before >> 20,
-        size >> 20,
-        path.display()
+        size >> 20
     );
     let t0 = Instant::now();
     q.balloon(size).map_err(|e| e.to_string())?;
@@ -545,6 +523,140 @@ pub fn cmd_balloon(args: &[String]) -> Result<std::process::ExitCode, String> {
             b >> 10
         );
     }
+    Ok(actual)
+}
+
+/// Turns guest-stats polling on (1 s) and prints the latest figures.
+fn print_stats(q: &mut Qmp<SocketIo>) -> Result<(), String> {
+    let path = balloon_qom_path(q)?;
+    q.execute(
+        "qom-set",
+        Some(json!({ "path": path, "property": "guest-stats-polling-interval", "value": 1 })),
+    )
+    .map_err(|e| e.to_string())?;
+    let v = q
+        .execute(
+            "qom-get",
+            Some(json!({ "path": path, "property": "guest-stats" })),
+        )
+        .map_err(|e| e.to_string())?;
+    let stats = v
+        .get("stats")
+        .and_then(Value::as_object)
+        .ok_or("no stats")?;
+    for (k, val) in stats {
+        match val.as_i64() {
+            Some(n) if n >= 0 && k.ends_with("memory") => println!("  {k}: {} MiB", n >> 20),
+            Some(n) if n >= 0 => println!("  {k}: {n}"),
+            _ => {}
+        }
+    }
+    println!(
+        "  (last update {}; polling every 1 s from now on)",
+        v.get("last-update").and_then(Value::as_u64).unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// Reads one line from stdin if one arrives within 250 ms: `Ok(None)` on
+/// timeout, `Err(())` at end of input.
+fn stdin_line() -> Result<Option<String>, ()> {
+    let mut fds = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fds, 1, 250) };
+    if n <= 0 {
+        return Ok(None);
+    }
+    let mut line = String::new();
+    match std::io::stdin().read_line(&mut line) {
+        Ok(0) | Err(_) => Err(()),
+        Ok(_) => Ok(Some(line)),
+    }
+}
+
+/// The console of `cargo qemu run`: commands typed on the terminal, run
+/// against QEMU over QMP, until QEMU goes away or input ends.
+pub fn console(q: &mut Qmp<SocketIo>, path: &Path) {
+    println!("host: console ready: `balloon SIZE` (e.g. 512M), `info balloon`, `stats`, `help`");
+    loop {
+        let line = match stdin_line() {
+            Err(()) => return,
+            Ok(None) => {
+                if q.query_balloon().is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(l)) => l,
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let r = match words.as_slice() {
+            [] => Ok(()),
+            ["balloon", size] => match crate::machine::parse_size(size).filter(|&b| b > 0) {
+                Some(size) => q
+                    .query_balloon()
+                    .map_err(|e| e.to_string())
+                    .and_then(|before| move_to(q, path, size, before, qemu_rss_kib(path)))
+                    .map(drop),
+                None => Err(format!("not a size: {size}")),
+            },
+            ["info", "balloon"] => q.query_balloon().map_err(|e| e.to_string()).map(|a| {
+                println!(
+                    "balloon: guest at {} MiB; QEMU resident {} MiB",
+                    a >> 20,
+                    qemu_rss_kib(path).unwrap_or(0) >> 10
+                )
+            }),
+            ["stats"] => print_stats(q),
+            ["help"] => {
+                println!("  balloon SIZE | info balloon | stats | help");
+                Ok(())
+            }
+            _ => Err(format!("unknown command {:?} (try help)", line.trim())),
+        };
+        if let Err(e) = r {
+            println!("host: {e}");
+        }
+    }
+}
+
+/// `cargo qemu balloon SIZE [--qmp PATH]`: sets the running guest's target
+/// size and shows the balloon moving until `query-balloon` reaches it.
+pub fn cmd_balloon(args: &[String]) -> Result<std::process::ExitCode, String> {
+    let mut size = None;
+    let mut qmp_path = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--qmp" => {
+                i += 1;
+                qmp_path = Some(PathBuf::from(args.get(i).ok_or("--qmp needs a path")?));
+            }
+            s => {
+                size = Some(
+                    crate::machine::parse_size(s)
+                        .filter(|&b| b > 0)
+                        .ok_or_else(|| {
+                            format!("SIZE is a guest size like 512M or 1G, not {s:?}")
+                        })?,
+                )
+            }
+        }
+        i += 1;
+    }
+    let size = size.ok_or("usage: cargo qemu balloon SIZE [--qmp PATH]")?;
+    let path = qmp_path
+        .or_else(newest_socket)
+        .ok_or("no running `cargo qemu run` found (give --qmp PATH)")?;
+    let mut q = Qmp::connect(&path, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let before = q.query_balloon().map_err(|e| e.to_string())?;
+    let rss_before = qemu_rss_kib(&path);
+    println!("balloon: QMP {}", path.display());
+    let actual = move_to(&mut q, &path, size, before, rss_before)?;
     println!("(the firmware's log shows the settle line: frames, linter, TLB footprint)");
     Ok(if actual == size {
         std::process::ExitCode::SUCCESS

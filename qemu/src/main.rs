@@ -127,13 +127,18 @@ fn boot_interactive(
     );
     let ready = |l: &log::LogLine| l.message == "ready";
     let qmp_report = || match qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)) {
-        Ok(mut q) => match q.query_balloon() {
-            Ok(actual) => println!(
-                "host: QMP connected; balloon reports the guest at {} MiB",
-                actual >> 20
-            ),
-            Err(e) => println!("host: QMP connected; query-balloon: {e}"),
-        },
+        Ok(mut q) => {
+            match q.query_balloon() {
+                Ok(actual) => println!(
+                    "host: QMP connected; balloon reports the guest at {} MiB",
+                    actual >> 20
+                ),
+                Err(e) => println!("host: QMP connected; query-balloon: {e}"),
+            }
+            if !exit_when_ready {
+                balloon::console(&mut q, &qmp_path);
+            }
+        }
         Err(e) => println!("host: QMP unavailable: {e}"),
     };
     let opts = BootOptions {
