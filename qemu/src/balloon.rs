@@ -516,7 +516,7 @@ fn move_to(
         took.as_secs_f64(),
         pages as f64 / took.as_secs_f64().max(1e-9)
     );
-    if let (Some(a), Some(b)) = (rss_before, qemu_rss_kib(&path)) {
+    if let (Some(a), Some(b)) = (rss_before, qemu_rss_kib(path)) {
         println!(
             "QEMU resident memory: {} MiB before, {} MiB after",
             a >> 10,
