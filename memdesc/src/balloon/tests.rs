@@ -127,6 +127,8 @@ impl Rig {
     }
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn inflate_and_deflate_round_trip() {
     let mut r = rig(64, QEMU);
@@ -148,6 +150,8 @@ fn inflate_and_deflate_round_trip() {
     assert!(r.env.world.borrow().unmapped.is_empty());
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn chunks_prefer_2m_then_64k_then_4k() {
     let mut r = rig(64, QEMU);
@@ -179,6 +183,8 @@ fn chunks_prefer_2m_then_64k_then_4k() {
         .any(|e| matches!(e, EnvEvent::Refold(..))));
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn minimum_chunk_order_moves_in_whole_2m_chunks() {
     let cfg = BalloonConfig {
@@ -220,6 +226,8 @@ fn fragmented_memory_falls_back_to_64k_chunks() {
     assert_eq!(r.unmap_sizes(), vec![16, 16, 16, 16]);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn descriptors_hold_at_most_256_pfns_and_batches_fill_the_queue() {
     let mut r = rig(256, QEMU);
@@ -443,6 +451,8 @@ fn resets(r: &Rig) -> usize {
         .count()
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn unknown_used_id_resets_and_loses_nothing() {
     for q in [Queue::Inflate, Queue::Deflate] {
@@ -558,6 +568,8 @@ fn config_generation_changing_during_reads() {
     assert_eq!(r.settle().actual, 200);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn flapping_target_is_reported_once_and_loses_nothing() {
     let mut r = rig(32, QEMU);
@@ -650,6 +662,8 @@ fn no_stats_queue_without_the_feature() {
 /// The real stage-1 engine: ballooned frames are unmapped (a query fails),
 /// whole blocks and runs leave the map, and after a full deflate the map is
 /// back at its optimum with the linter clean.
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn stage1_unmaps_ballooned_frames_and_refolds_after_deflate() {
     const MIB: u64 = 64;
@@ -738,7 +752,9 @@ mod property {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: if cfg!(miri) { 2 } else { 256 }, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        // Model test: far too slow under Miri (as the frames and stage-1 models).
+        #[cfg_attr(miri, ignore)]
         #[test]
         fn random_targets_and_allocations(
             features in prop::sample::select(vec![
