@@ -11,11 +11,13 @@ pub mod selftest;
 
 use hal::dtb::Platform;
 
-/// Brings the machine up: console, boot facts, device tree (validated; a bad
-/// one ends the run with [`hal::exit::BAD_DTB`] after printing the typed
-/// error), the page array and frame allocator, the stage-1 tables, MMU and
-/// caches on. A memory-manager failure ends the run with
-/// [`hal::exit::CRASH`] after printing the typed error.
+/// Brings the machine up: console, boot facts, device tree (validated and
+/// checked against the board), the RAM it claims (probed, clamped to what
+/// answers), the page array and frame allocator, the stage-1 tables, MMU
+/// and caches on. A device tree that is malformed or describes memory the
+/// bring-up cannot use ends the run with [`hal::exit::BAD_DTB`] after
+/// printing the typed error; any other memory-manager failure ends it with
+/// [`hal::exit::CRASH`].
 pub fn init() -> Platform<'static> {
     defmt::info!(
         "firmware {=str} on {=str}: entered at EL{=u8}, running at EL{=u8}",
@@ -24,13 +26,16 @@ pub fn init() -> Platform<'static> {
         hal::boot::entry_el(),
         hal::boot::current_el()
     );
-    let platform = match hal::boot_dtb() {
+    let mut platform = match hal::boot_dtb() {
         Ok(p) => p,
         Err(e) => {
             defmt::error!("device tree unusable: {}", e);
             hal::power::exit(hal::exit::BAD_DTB)
         }
     };
+    if let Err(e) = mm::discover_memory(&mut platform) {
+        fail(e)
+    }
     hal::power::set_psci(platform.psci);
     for r in platform.memory.as_slice() {
         defmt::info!(
@@ -50,13 +55,25 @@ pub fn init() -> Platform<'static> {
         platform.psci
     );
     if let Err(e) = init_memory(&platform) {
-        defmt::error!(
-            "memory manager bring-up failed: {}",
-            defmt::Debug2Format(&e)
-        );
-        hal::power::exit(hal::exit::CRASH)
+        fail(e)
     }
     platform
+}
+
+/// Ends a failed bring-up: exit 71 when the device tree is to blame.
+fn fail(e: mm::MmError) -> ! {
+    if e.blames_device_tree() {
+        defmt::error!(
+            "device tree unusable: memory bring-up failed: {}",
+            defmt::Debug2Format(&e)
+        );
+        hal::power::exit(hal::exit::BAD_DTB)
+    }
+    defmt::error!(
+        "memory manager bring-up failed: {}",
+        defmt::Debug2Format(&e)
+    );
+    hal::power::exit(hal::exit::CRASH)
 }
 
 fn init_memory(platform: &Platform<'static>) -> Result<(), mm::MmError> {

@@ -12,15 +12,15 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hal::dtb::Platform;
 use hal::image::Span;
-use hal::mmu::{InputSize, Probe, Tlb};
+use hal::mmu::{Probe, Tlb};
 use memdesc::frames::{
     words_needed, FrameAllocator, FrameError, LayoutError, LinearMap, PageArray, PfnRange,
     ReservedKind, ReservedRange,
 };
 use memdesc::layout::{find_hole, LayoutPlanError};
 use memdesc::stage1::{
-    Attributes, Features, MappingSummary, MappingUnit, Stage1, Stage1Error, TableMemory, TlbiScope,
-    TranslationHw, VaSize, Violation,
+    Attributes, Features, MappingSummary, MappingUnit, Stage1, Stage1Error, TableMemory,
+    TableMemoryError, TlbiScope, TranslationHw, VaSize, Violation,
 };
 use memdesc::{Pfn, PhysAddr, VirtAddr, PAGE_SIZE};
 
@@ -47,6 +47,17 @@ pub enum MmError {
     Frames(FrameError),
     /// The table engine refused.
     Stage1(Stage1Error),
+    /// The device tree describes memory or devices the bring-up cannot use.
+    DeviceTree(hal::dtb::DtbError),
+}
+
+impl MmError {
+    /// True when the device tree is to blame (the run ends with
+    /// [`hal::exit::BAD_DTB`], not the crash status): its RAM cannot hold
+    /// the page array, or what it describes cannot be used.
+    pub fn blames_device_tree(&self) -> bool {
+        matches!(self, Self::DeviceTree(_) | Self::Plan(_) | Self::Layout(_))
+    }
 }
 
 impl From<FrameError> for MmError {
@@ -137,6 +148,55 @@ pub struct FrameReport {
     pub storage_bytes: u64,
     /// Frames free after reservations.
     pub free: u64,
+}
+
+/// Checks the RAM the device tree claims against the machine: each range's
+/// top is read under a fault guard, and a range whose top does not answer
+/// is cut to its backed prefix (or dropped), with a warning. Then the tree
+/// is checked against the board again, since the reservations may now
+/// cover all that is left. Runs before anything is placed in RAM.
+pub fn discover_memory(p: &mut Platform<'_>) -> Result<(), MmError> {
+    let mut i = 0;
+    while let Some(&r) = p.memory.as_slice().get(i) {
+        let backed = hal::memprobe::backed_prefix(r, |addr| {
+            // SAFETY: `addr` is an aligned word inside a RAM range of the
+            // device tree, which the board check proved clear of every
+            // device window and virtio transport, so reading it has no side
+            // effect. The read is one load on the only running core: it
+            // cannot race a writer, and a word of the image, a stack or the
+            // DTB is only looked at, never changed.
+            unsafe { hal::exception::probe_read_u64_quiet(addr) }.is_ok()
+        });
+        if backed == 0 {
+            defmt::warn!(
+                "RAM {=u64:#x}..{=u64:#x} in the device tree is not there: 0 of {=u64} MiB answer; range ignored",
+                r.base,
+                r.end(),
+                r.size >> 20
+            );
+        } else if backed < r.size {
+            defmt::warn!(
+                "RAM {=u64:#x}..{=u64:#x} in the device tree is not all there: {=u64} of {=u64} MiB answer; using {=u64:#x}..{=u64:#x}",
+                r.base,
+                r.end(),
+                backed >> 20,
+                r.size >> 20,
+                r.base,
+                r.base + backed
+            );
+        }
+        if backed < r.size {
+            p.memory.shrink(i, backed);
+            if backed == 0 {
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if p.memory.total() == 0 {
+        return Err(MmError::DeviceTree(hal::dtb::DtbError::NoMemory));
+    }
+    p.check(&hal::board::CURRENT).map_err(MmError::DeviceTree)
 }
 
 const MAX_RANGES: usize = 16;
@@ -242,34 +302,50 @@ fn entry_ptr(table: PhysAddr, index: usize) -> *mut u64 {
     (table.0 as *mut u64).wrapping_add(index)
 }
 
+/// The engine's view of a failed [`FRAMES`] access: re-entered (`Busy`) or
+/// not set up.
+fn frames_unavailable(e: MmError) -> TableMemoryError {
+    match e {
+        MmError::Busy => TableMemoryError::Busy,
+        _ => TableMemoryError::Unavailable,
+    }
+}
+
 // SAFETY: (the trait contract) tables are fresh page-table frames from the buddy
 // allocator, zeroed here, identity mapped (VA == PA) before and after the
 // MMU is on; entry accesses are aligned 64-bit volatile or atomic accesses of
 // entry `index < 512` of that frame only; the valid count lives in the
 // frame's page-table descriptor.
 unsafe impl TableMemory for FirmwarePlatform {
-    fn alloc_table(&mut self) -> Option<PhysAddr> {
-        let frame = FRAMES.with(|fa| fa.alloc_page_table()).ok()?.ok()?;
+    fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError> {
+        let frame = FRAMES
+            .with(|fa| fa.alloc_page_table())
+            .map_err(frames_unavailable)?
+            .map_err(|e| match e {
+                FrameError::OutOfMemory { .. } | FrameError::OutOfDescriptors { .. } => {
+                    TableMemoryError::OutOfMemory
+                }
+                _ => TableMemoryError::Unavailable,
+            })?;
         let pa = frame.pfn().addr();
         for i in 0..512 {
             // SAFETY: the frame was just allocated to us and is identity mapped.
             unsafe { core::ptr::write_volatile(entry_ptr(pa, i), 0) };
         }
-        Some(pa)
+        Ok(pa)
     }
 
-    unsafe fn free_table(&mut self, table: PhysAddr) {
-        let freed = FRAMES.with(|fa| {
-            let t = fa.page_array().page_table(table.pfn())?;
-            fa.free_page_table(t)
-        });
-        if !matches!(freed, Ok(Ok(()))) {
-            defmt::error!(
-                "stage-1: could not free table {=u64:#x}: {}",
-                table.0,
-                defmt::Debug2Format(&freed)
-            );
-        }
+    unsafe fn free_table(&mut self, table: PhysAddr) -> Result<(), TableMemoryError> {
+        FRAMES
+            .with(|fa| {
+                let t = fa
+                    .page_array()
+                    .page_table(table.pfn())
+                    .map_err(|_| TableMemoryError::NotATable { table })?;
+                fa.free_page_table(t)
+                    .map_err(|_| TableMemoryError::FreeRefused { table })
+            })
+            .map_err(frames_unavailable)?
     }
 
     unsafe fn read_entry(&self, table: PhysAddr, index: usize) -> u64 {
@@ -297,26 +373,25 @@ unsafe impl TableMemory for FirmwarePlatform {
             .map(drop)
     }
 
-    unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32) -> u32 {
-        let r = FRAMES.with(|fa| {
-            let t = fa.page_array().page_table(table.pfn())?;
-            match delta {
-                0 => Ok(t.valid()),
-                d if d > 0 => t.desc().add_valid(d as u32),
-                d => t.desc().sub_valid(d.unsigned_abs()),
-            }
-        });
-        match r {
-            Ok(Ok(n)) => n,
-            other => {
-                defmt::error!(
-                    "stage-1: valid count of {=u64:#x}: {}",
-                    table.0,
-                    defmt::Debug2Format(&other)
-                );
-                0
-            }
-        }
+    unsafe fn adjust_valid(
+        &mut self,
+        table: PhysAddr,
+        delta: i32,
+    ) -> Result<u32, TableMemoryError> {
+        FRAMES
+            .with(|fa| {
+                let t = fa
+                    .page_array()
+                    .page_table(table.pfn())
+                    .map_err(|_| TableMemoryError::NotATable { table })?;
+                let count = match delta {
+                    0 => Ok(t.valid()),
+                    d if d > 0 => t.desc().add_valid(d as u32),
+                    d => t.desc().sub_valid(d.unsigned_abs()),
+                };
+                count.map_err(|_| TableMemoryError::CountOutOfRange { table })
+            })
+            .map_err(frames_unavailable)?
     }
 }
 
@@ -352,41 +427,21 @@ pub struct MapReport {
     pub features: Features,
 }
 
-/// Page-granular MMIO windows to map, merged so no page is mapped twice.
-fn mmio_windows(p: &Platform<'_>, out: &mut [(u64, u64); 8]) -> usize {
-    let mut n = 0;
-    let mut add = |base: u64, size: u64| {
-        let start = base & !(PAGE_SIZE - 1);
-        let end = (base + size).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        for w in out[..n].iter_mut() {
-            if start <= w.1 && w.0 <= end {
-                w.0 = w.0.min(start);
-                w.1 = w.1.max(end);
-                return;
-            }
-        }
-        if n < out.len() {
-            out[n] = (start, end);
-            n += 1;
-        }
-    };
-    add(hal::board::CURRENT.uart_base, PAGE_SIZE);
-    for v in p.virtio_mmio() {
-        add(v.region.base, v.region.size);
-    }
-    n
-}
+/// Room for every region of the boot map: RAM on both sides of the image
+/// for each range, the image's text, rodata and data, both stacks, and every
+/// MMIO window.
+const BOOT_MAP_REGIONS: usize = 2 * hal::dtb::MAX_RANGES + 5 + hal::dtb::MAX_MMIO_WINDOWS;
 
 /// The identity-mapped regions of the boot map.
 struct Regions {
-    items: [(u64, u64, Attributes); 48],
+    items: [(u64, u64, Attributes); BOOT_MAP_REGIONS],
     len: usize,
 }
 
 impl Regions {
     const fn new() -> Self {
         Self {
-            items: [(0, 0, Attributes::DATA); 48],
+            items: [(0, 0, Attributes::DATA); BOOT_MAP_REGIONS],
             len: 0,
         }
     }
@@ -428,7 +483,9 @@ impl Regions {
 /// Builds the boot address space and turns the MMU on.
 pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError> {
     let features = probe.features();
-    let mut s1 = Stage1::new(
+    // Built before TTBR0 and the MMU are set up: plain stores (data
+    // accesses may be Device memory now), until `set_live` below.
+    let mut s1 = Stage1::new_detached(
         FirmwarePlatform {
             tlb: Tlb::new(probe),
         },
@@ -467,22 +524,23 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     regions.push(stack.start, stack.end, Attributes::DATA)?;
     let stack = hal::image::exception_stack();
     regions.push(stack.start, stack.end, Attributes::DATA)?;
-    let mut windows = [(0, 0); 8];
-    let n = mmio_windows(p, &mut windows);
-    for &(start, end) in &windows[..n] {
-        regions.push(start, end, Attributes::DEVICE)?;
+    let windows = p
+        .mmio_windows(&hal::board::CURRENT)
+        .map_err(MmError::DeviceTree)?;
+    for w in windows.as_slice() {
+        regions.push(w.base, w.end(), Attributes::DEVICE)?;
     }
     for &(start, end, attrs) in regions.as_slice() {
         s1.map(VirtAddr(start), PhysAddr(start), end - start, attrs)?;
     }
     let optimum = regions.optimum();
     let root = s1.root();
-    let input = InputSize::Bits48;
+    s1.set_live();
     // SAFETY: the tree maps all RAM (including the running image's text,
     // data, stacks and the page array) and the console at their physical
     // addresses, with the permissions the code needs from here on; the guard
     // pages are the only image pages left out and nothing runs on them.
-    unsafe { hal::mmu::enable(root.0, input, probe) };
+    unsafe { hal::mmu::enable(root.0, s1.va_size(), probe) };
     let summary = s1.summary();
     STAGE1.set(s1)?;
     BOOT_MAP.set(MapReport {

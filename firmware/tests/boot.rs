@@ -98,11 +98,7 @@ mod tests {
     /// A BRK is reported as such and resumed after.
     #[test]
     fn brk_is_decoded() {
-        let fault = hal::exception::catch(|| {
-            // SAFETY: BRK raises a synchronous exception that `catch` resumes from.
-            unsafe { core::arch::asm!("brk #0x42") };
-        })
-        .expect("BRK must trap");
+        let fault = hal::exception::probe_brk::<0x42>().expect_err("BRK must trap");
         assert_eq!(fault.class_name(), "BRK instruction");
         assert_eq!(fault.esr & 0xffff, 0x42);
     }
@@ -110,15 +106,51 @@ mod tests {
     /// A deliberate data abort is caught with the right class, address and cause.
     #[test]
     fn data_abort_report() {
-        let fault = hal::exception::catch(|| {
-            // SAFETY: reads an address that must fault; `catch` resumes after it.
-            let _ = unsafe { core::ptr::read_volatile(firmware::selftest::UNMAPPED as *const u64) };
-        })
-        .expect("the read must fault");
+        // SAFETY: UNMAPPED is backed by nothing: the read has no effect.
+        let fault = unsafe { hal::exception::probe_read_u64(firmware::selftest::UNMAPPED) }
+            .expect_err("the read must fault");
         assert_eq!(fault.class_name(), "Data abort from the same EL");
         let abort = fault.abort().expect("an abort");
         assert!(!abort.write);
         assert_eq!(fault.far, firmware::selftest::UNMAPPED);
+    }
+
+    static mut PROBED: u64 = 0x1234_5678_9abc_def0;
+
+    extern "C" fn bump_probed() {
+        // SAFETY: single-threaded test; no reference to PROBED is live.
+        unsafe { PROBED += 1 };
+    }
+
+    /// Probes that do not fault behave like the plain access: the read
+    /// returns the value, the write lands, the call runs and returns.
+    #[test]
+    fn probes_without_fault_are_plain_accesses() {
+        let addr = &raw mut PROBED as u64;
+        // SAFETY: PROBED is our own RAM; no reference to it is live.
+        unsafe {
+            assert_eq!(
+                hal::exception::probe_read_u64(addr),
+                Ok(0x1234_5678_9abc_def0)
+            );
+            assert_eq!(hal::exception::probe_write_u64(addr, 41), Ok(()));
+            assert_eq!(
+                hal::exception::probe_call(bump_probed as *const () as u64),
+                Ok(())
+            );
+            assert_eq!(hal::exception::probe_read_u64_quiet(addr), Ok(42));
+        }
+    }
+
+    /// A quiet probe of an address nothing answers at (the MMU is on, so
+    /// it is unmapped) returns the fault, and the next access works.
+    #[test]
+    fn quiet_probe_returns_the_fault() {
+        // SAFETY: UNMAPPED is backed by nothing: the read has no effect.
+        let fault = unsafe { hal::exception::probe_read_u64_quiet(firmware::selftest::UNMAPPED) }
+            .expect_err("must fault");
+        assert_eq!(fault.far, firmware::selftest::UNMAPPED);
+        assert!(fault.abort().is_some_and(|a| !a.write));
     }
 
     /// UART: bytes sent in loopback mode come back on the receive side.

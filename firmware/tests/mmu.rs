@@ -77,6 +77,37 @@ mod tests {
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
     }
 
+    /// Every virtio-mmio window and the console are mapped Device, however
+    /// many separate windows the tree names (the host also boots this with
+    /// 32 transports on 32 separate pages).
+    #[test]
+    fn every_virtio_window_is_mapped_device() {
+        let p = hal::boot_dtb().expect("boot DTB parses");
+        let windows = p.mmio_windows(&hal::board::CURRENT).expect("windows fit");
+        let mut checked = 0;
+        for v in p.virtio_mmio() {
+            let t = STAGE1
+                .with(|s| s.query(VirtAddr(v.region.base)))
+                .expect("stage-1")
+                .unwrap_or_else(|e| panic!("virtio window {:#x}: {:?}", v.region.base, e));
+            assert_eq!(t.attributes, Attributes::DEVICE);
+            assert_eq!(t.output, PhysAddr(v.region.base));
+            checked += 1;
+        }
+        let uart = hal::board::CURRENT.uart_base;
+        let t = STAGE1
+            .with(|s| s.query(VirtAddr(uart)))
+            .expect("stage-1")
+            .expect("console mapped");
+        assert_eq!(t.attributes, Attributes::DEVICE);
+        assert_eq!(checked, p.virtio_mmio().len());
+        defmt::info!(
+            "{=usize} virtio windows in {=usize} MMIO windows, all mapped Device",
+            checked,
+            windows.as_slice().len()
+        );
+    }
+
     /// Boot used large units and exactly the optimum TLB footprint, and
     /// every image section has the permissions W^X asks for.
     #[test]
@@ -141,12 +172,10 @@ mod tests {
     #[test]
     fn write_to_text_faults() {
         let target = hal::image::text().start + 0x40;
-        let fault = hal::exception::catch(|| {
-            // SAFETY: not sound on purpose: text is read-only and the write
-            // must fault; `catch` resumes after it.
-            unsafe { core::ptr::write_volatile(target as *mut u32, 0) };
-        })
-        .expect("writing text must fault");
+        // SAFETY: text+0x40 is in the reset code, which never runs again,
+        // and no Rust reference covers it; mapped read-only, the write faults.
+        let fault = unsafe { hal::exception::probe_write_u64(target, 0) }
+            .expect_err("writing text must fault");
         let abort = fault.abort().expect("an abort");
         assert_eq!(fault.class_name(), "Data abort from the same EL");
         assert!(
@@ -164,14 +193,10 @@ mod tests {
     #[test]
     fn execute_from_data_faults() {
         let target = &raw mut RET_IN_DATA as u64;
-        let fault = hal::exception::catch(|| {
-            // SAFETY: not sound on purpose: the address holds a `ret` in a
-            // non-executable page, so the fetch faults before anything runs;
-            // `catch` resumes at the return address.
-            let f: extern "C" fn() = unsafe { core::mem::transmute(target as usize) };
-            f();
-        })
-        .expect("executing data must fault");
+        // SAFETY: the target holds a `ret`, a function that may be called
+        // with no arguments; in a non-executable page its fetch faults.
+        let fault =
+            unsafe { hal::exception::probe_call(target) }.expect_err("executing data must fault");
         let abort = fault.abort().expect("an abort");
         assert_eq!(fault.class_name(), "Instruction abort from the same EL");
         assert!(abort.instruction);
@@ -184,11 +209,10 @@ mod tests {
     }
 
     fn touch_faults_with_translation_fault(addr: u64) {
-        let fault = hal::exception::catch(|| {
-            // SAFETY: not sound on purpose: the guard page is unmapped.
-            unsafe { core::ptr::write_volatile(addr as *mut u64, 0xdead) };
-        })
-        .expect("touching a guard page must fault");
+        // SAFETY: a guard page holds no Rust object (nothing runs on it);
+        // it is unmapped, so the write faults.
+        let fault = unsafe { hal::exception::probe_write_u64(addr, 0xdead) }
+            .expect_err("touching a guard page must fault");
         let abort = fault.abort().expect("an abort");
         assert!(
             matches!(abort.kind, FaultKind::Translation(3)),
@@ -269,11 +293,10 @@ mod tests {
                 "hardware AF on entry 9 is gathered over the run"
             );
         } else {
-            let fault = hal::exception::catch(|| {
-                // SAFETY: mapped with AF clear: the read must fault and `catch` resumes.
-                let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
-            })
-            .expect("AF clear without FEAT_HAFDBS must fault");
+            // SAFETY: RAM of our test folio, mapped with AF clear: the read
+            // faults (and would have no side effect if it did not).
+            let fault = unsafe { hal::exception::probe_read_u64(addr) }
+                .expect_err("AF clear without FEAT_HAFDBS must fault");
             assert!(matches!(
                 fault.abort().map(|a| a.kind),
                 Some(FaultKind::AccessFlag(3))
@@ -300,12 +323,11 @@ mod tests {
             .expect("protect");
         assert_eq!(unit(0), Ok(MappingUnit::Page4K));
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
-        let fault = hal::exception::catch(|| {
-            // SAFETY: read-only now: the write must fault.
-            unsafe { core::ptr::write_volatile(page as *mut u64, 7) };
-        });
+        // SAFETY: our test folio's page, read-only now: the write faults
+        // (and would only change our own test data if it did not).
+        let fault = unsafe { hal::exception::probe_write_u64(page, 7) };
         assert!(matches!(
-            fault.and_then(|f| f.abort()).map(|a| a.kind),
+            fault.err().and_then(|f| f.abort()).map(|a| a.kind),
             Some(FaultKind::Permission(3))
         ));
         // SAFETY: page 8 is still writable.
@@ -322,6 +344,62 @@ mod tests {
         // SAFETY: writable again.
         unsafe { core::ptr::write_volatile(page as *mut u64, 7) };
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+
+    /// Issue 8, item 1 with the real walker: the dirty state the hardware
+    /// recorded for one page of a run survives unfolding the run (a
+    /// permission change of another page): every page of the old run still
+    /// reads dirty.
+    #[test]
+    fn dirty_survives_unfolding_a_run() {
+        map_fresh_run();
+        // SAFETY: TEST_VA..+64K maps our folio read-write.
+        unsafe { core::ptr::write_volatile((TEST_VA + 5 * 4096) as *mut u64, 5) };
+        STAGE1
+            .with(|s| s.protect(VirtAddr(TEST_VA + 9 * 4096), 4096, Attributes::RODATA))
+            .expect("stage-1")
+            .expect("protect");
+        for p in 0..16 {
+            let q = STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + p * 4096)))
+                .expect("stage-1")
+                .expect("mapped");
+            assert_eq!(q.unit, MappingUnit::Page4K);
+            assert!(q.dirty, "page {} lost the run's dirty state", p);
+        }
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+    }
+
+    /// Issue 8, item 19: TCR_EL1.T0SZ comes from the engine's VA size.
+    #[test]
+    fn tcr_input_size_is_the_engines() {
+        let bits = STAGE1.with(|s| s.va_size().bits()).expect("stage-1");
+        assert_eq!(hal::mmu::input_bits(), bits);
+    }
+
+    /// Issue 8, item 17: while the frame allocator is in use, the engine's
+    /// table memory fails with a typed `Busy`, not "out of memory", and a
+    /// valid count it cannot read never makes it drop a live table.
+    #[test]
+    fn busy_table_memory_is_a_typed_error() {
+        use memdesc::stage1::{Stage1Error, TableMemoryError};
+        let busy = Err(Stage1Error::TableMemory(TableMemoryError::Busy));
+        let far = VirtAddr(TEST_VA + (1 << 30));
+        let r = FRAMES
+            .with(|_| STAGE1.with(|s| s.map(far, PhysAddr(0), 4096, Attributes::RODATA)))
+            .expect("frames");
+        assert_eq!(r, Ok(busy), "a new table needs the frame allocator");
+        map_fresh_run();
+        let r = FRAMES
+            .with(|_| STAGE1.with(|s| s.unmap(VirtAddr(TEST_VA + 3 * 4096), 4096)))
+            .expect("frames");
+        assert_eq!(r, Ok(busy), "the valid count needs the frame allocator");
+        for p in [0, 2, 4, 15] {
+            let q = STAGE1
+                .with(|s| s.query(VirtAddr(TEST_VA + p * 4096)))
+                .expect("stage-1");
+            assert!(q.is_ok(), "page {} of the table was dropped: {:?}", p, q);
+        }
     }
 
     /// The `cargo qemu run` workload: every step behaves and everything

@@ -103,6 +103,46 @@ mod tests {
         ));
     }
 
+    /// A DTB with 8-byte alignment, as a loader leaves it.
+    #[repr(C, align(8))]
+    struct Aligned([u8; MULTI.len()]);
+
+    const fn with_total_size(mut blob: [u8; MULTI.len()], total: u32) -> [u8; MULTI.len()] {
+        let t = total.to_be_bytes();
+        blob[4] = t[0];
+        blob[5] = t[1];
+        blob[6] = t[2];
+        blob[7] = t[3];
+        blob
+    }
+
+    static MULTI_ALIGNED: Aligned = Aligned(*include_bytes!("../../hal/tests/dtb/multi-bank.dtb"));
+    static OVERSIZED: Aligned = Aligned(with_total_size(
+        *include_bytes!("../../hal/tests/dtb/multi-bank.dtb"),
+        3 << 20,
+    ));
+
+    /// A blob whose header claims more than the boot path reads is
+    /// reported as oversized (not truncated), and nothing past the header
+    /// is read; the same bytes with their true size parse.
+    #[test]
+    fn oversized_dtb_is_reported_as_oversized() {
+        // SAFETY: a static, 8-byte aligned, never written; only its 8
+        // header bytes are read, since the claimed size is refused first.
+        let r = unsafe { hal::dtb_at(OVERSIZED.0.as_ptr() as u64) };
+        assert_eq!(
+            r.err(),
+            Some(DtbError::Oversized {
+                size: 3 << 20,
+                max: dtb::MAX_DTB_SIZE
+            })
+        );
+        // SAFETY: a static, 8-byte aligned, never written, and exactly as
+        // long as its header claims.
+        let p = unsafe { hal::dtb_at(MULTI_ALIGNED.0.as_ptr() as u64) }.expect("valid");
+        assert_eq!(p.memory.as_slice().len(), 3);
+    }
+
     /// Random corruption on target: typed errors or success, never a panic.
     #[test]
     fn corruption_never_panics() {

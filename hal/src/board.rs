@@ -2,6 +2,8 @@
 //! adding raspi3b, raspi4b, imx8mp-evk or xlnx-zcu102 touches only this table
 //! and a MEMORY linker script.
 
+use crate::dtb::Region;
+
 /// Kind of console UART.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UartKind {
@@ -41,6 +43,9 @@ pub struct Board {
     pub gic: GicKind,
     /// Exception level the board's loader enters at by default.
     pub entry_el: u8,
+    /// Physical windows the board's memory map gives to devices (MMIO,
+    /// flash, PCIe). A device tree whose RAM overlaps one is rejected.
+    pub device_windows: &'static [Region],
 }
 
 /// QEMU `virt` (hw/arm/virt.c memory map).
@@ -55,6 +60,13 @@ pub const VIRT: Board = Board {
         redistributor: 0x080a_0000,
     },
     entry_el: 1,
+    // hw/arm/virt.c: flash, GIC, UART, RTC, fw_cfg, GPIO, virtio-mmio, the
+    // platform bus, secure RAM and the 32-bit PCIe windows all lie below
+    // RAM, in the first GiB.
+    device_windows: &[Region {
+        base: 0,
+        size: 0x4000_0000,
+    }],
 };
 
 /// The board this build is for.

@@ -32,10 +32,17 @@ pub const fn set_way_operand(
 }
 
 /// Invalidates every data and unified cache level up to the LoC by set/way.
+///
+/// # Safety
+///
+/// Invalidation discards lines without writing them back, so the caller
+/// guarantees that no cache holds a line it still needs: the data cache is
+/// off (SCTLR_EL1.C = 0) and has been since our first store, so everything
+/// we wrote is in memory, and no other observer (core, DMA) keeps dirty
+/// data in these caches. In practice: only on the boot path, before the MMU
+/// and caches are turned on.
 #[cfg(hw)]
-/// Only safe while the data cache is off and nothing we need is dirty in it
-/// (the boot path before the MMU is on).
-pub fn invalidate_dcache_all() {
+pub unsafe fn invalidate_dcache_all() {
     let clidr = CLIDR_EL1.get();
     let loc = ((clidr >> 24) & 7) as u32;
     let ccidx = (ID_AA64MMFR2_EL1.get() >> 20) & 0xf != 0;

@@ -7,8 +7,12 @@
 //! and the whole structure block with bounds checks before anything else reads
 //! it; only a blob that passed is handed to `flat_device_tree` for navigation.
 //! `reg` properties are decoded here with explicit cell sizes, so odd cell
-//! counts are a typed error rather than a guess.
+//! counts are a typed error rather than a guess. A well-formed tree can still
+//! describe a machine nothing can boot on (overlapping RAM, RAM over the
+//! board's devices, a virtio window in RAM, every byte reserved):
+//! [`parse_for_board`] checks the facts against each other and the board.
 
+use crate::board::Board;
 use flat_device_tree::Fdt;
 
 /// FDT header magic (big-endian in the blob).
@@ -26,6 +30,12 @@ const MAX_DEPTH: usize = 32;
 pub const MAX_RANGES: usize = 16;
 /// Capacity of the virtio-mmio transport list in [`Platform`].
 pub const MAX_VIRTIO: usize = 32;
+/// The largest blob the boot path reads: the loader leaves it below the
+/// image, which is linked 2 MiB into RAM.
+pub const MAX_DTB_SIZE: usize = 2 << 20;
+/// Capacity of [`MmioWindows`]: the console plus one window per transport,
+/// so no window can be dropped.
+pub const MAX_MMIO_WINDOWS: usize = 1 + MAX_VIRTIO;
 
 /// Why a device tree was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +76,16 @@ pub enum DtbError {
     TooMany,
     /// `flat_device_tree` refused a blob that passed our checks.
     Parser,
+    /// `totalsize` is larger than the boot path reads ([`MAX_DTB_SIZE`]).
+    Oversized { size: usize, max: usize },
+    /// Two memory ranges share bytes.
+    MemoryOverlap { first: Region, second: Region },
+    /// A memory range covers a window the board gives to devices.
+    MemoryCoversDevices { memory: Region, devices: Region },
+    /// A virtio-mmio register window lies in RAM.
+    VirtioInMemory { virtio: Region, memory: Region },
+    /// The reserved regions leave no RAM at all.
+    AllMemoryReserved,
 }
 
 /// The blocks of a DTB, for [`DtbError::BadBlock`].
@@ -127,6 +147,51 @@ impl Regions {
     /// Sum of the sizes.
     pub fn total(&self) -> u64 {
         self.as_slice().iter().map(|r| r.size).sum()
+    }
+
+    /// True when the union of these regions contains all of `r`.
+    pub fn covers(&self, r: &Region) -> bool {
+        // Walk up from r.base: each step jumps to the end of a region that
+        // contains the current address; at most one step per region.
+        let mut at = r.base;
+        for _ in 0..=self.len {
+            if at >= r.end() {
+                return true;
+            }
+            match self
+                .as_slice()
+                .iter()
+                .find(|c| c.base <= at && at < c.end())
+            {
+                Some(c) => at = c.end(),
+                None => return false,
+            }
+        }
+        at >= r.end()
+    }
+
+    /// Cuts region `index` to its first `size` bytes (a smaller size only);
+    /// a size of 0 removes it, keeping the others in order.
+    pub fn shrink(&mut self, index: usize, size: u64) {
+        let Some(r) = self.items[..self.len].get_mut(index) else {
+            return;
+        };
+        if size >= r.size {
+            return;
+        }
+        if size != 0 {
+            r.size = size;
+            return;
+        }
+        self.items.copy_within(index + 1..self.len, index);
+        self.len -= 1;
+    }
+}
+
+impl Region {
+    /// True when the two regions share at least one byte.
+    pub const fn overlaps(&self, other: &Region) -> bool {
+        self.base < other.end() && other.base < self.end()
     }
 }
 
@@ -203,6 +268,16 @@ pub fn claimed_size(header: &[u8]) -> Result<usize, DtbError> {
         need: 8,
     })?;
     Ok(total as usize)
+}
+
+/// How many bytes the blob at the start of `header` occupies: its
+/// `totalsize`, checked against `max` (the most the caller will read).
+pub fn blob_size(header: &[u8], max: usize) -> Result<usize, DtbError> {
+    let size = claimed_size(header)?;
+    if size > max {
+        return Err(DtbError::Oversized { size, max });
+    }
+    Ok(size)
 }
 
 /// Checks that `blob` is a well-formed DTB: header, block bounds and alignment,
@@ -473,6 +548,110 @@ pub fn parse(blob: &[u8]) -> Result<Platform<'_>, DtbError> {
     Ok(p)
 }
 
+/// Validates and parses `blob`, then checks what it says against itself and
+/// against `board` (see [`Platform::check`]).
+pub fn parse_for_board<'a>(blob: &'a [u8], board: &Board) -> Result<Platform<'a>, DtbError> {
+    let p = parse(blob)?;
+    p.check(board)?;
+    Ok(p)
+}
+
+impl Platform<'_> {
+    /// Checks facts that are each well-formed but together unusable: memory
+    /// ranges that overlap each other or a window the board gives to
+    /// devices, a virtio-mmio window inside RAM, and reserved regions that
+    /// leave no RAM.
+    pub fn check(&self, board: &Board) -> Result<(), DtbError> {
+        let memory = self.memory.as_slice();
+        for (i, a) in memory.iter().enumerate() {
+            if let Some(b) = memory[i + 1..].iter().find(|b| a.overlaps(b)) {
+                return Err(DtbError::MemoryOverlap {
+                    first: *a,
+                    second: *b,
+                });
+            }
+            if let Some(d) = board.device_windows.iter().find(|d| a.overlaps(d)) {
+                return Err(DtbError::MemoryCoversDevices {
+                    memory: *a,
+                    devices: *d,
+                });
+            }
+            if let Some(v) = self.virtio_mmio().iter().find(|v| a.overlaps(&v.region)) {
+                return Err(DtbError::VirtioInMemory {
+                    virtio: v.region,
+                    memory: *a,
+                });
+            }
+        }
+        if memory.iter().all(|m| self.reserved.covers(m)) {
+            return Err(DtbError::AllMemoryReserved);
+        }
+        Ok(())
+    }
+
+    /// The page-granular MMIO windows to map: the board's console and every
+    /// virtio-mmio transport, merged so that no page appears twice.
+    pub fn mmio_windows(&self, board: &Board) -> Result<MmioWindows, DtbError> {
+        let mut w = MmioWindows {
+            items: [Region::default(); MAX_MMIO_WINDOWS],
+            len: 0,
+        };
+        w.add(Region {
+            base: board.uart_base,
+            size: PAGE,
+        })?;
+        for v in self.virtio_mmio() {
+            w.add(v.region)?;
+        }
+        Ok(w)
+    }
+}
+
+const PAGE: u64 = 4096;
+
+/// Disjoint, page-aligned MMIO windows (see [`Platform::mmio_windows`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MmioWindows {
+    items: [Region; MAX_MMIO_WINDOWS],
+    len: usize,
+}
+
+impl MmioWindows {
+    fn add(&mut self, r: Region) -> Result<(), DtbError> {
+        let start = r.base & !(PAGE - 1);
+        let end = r
+            .end()
+            .checked_next_multiple_of(PAGE)
+            .ok_or(DtbError::RegionOverflow)?;
+        let (mut lo, mut hi) = (start, end);
+        // Absorb every window this one touches (a new window can bridge two).
+        let mut i = 0;
+        while i < self.len {
+            let w = self.items[i];
+            if lo <= w.end() && w.base <= hi {
+                lo = lo.min(w.base);
+                hi = hi.max(w.end());
+                self.items.copy_within(i + 1..self.len, i);
+                self.len -= 1;
+            } else {
+                i += 1;
+            }
+        }
+        let slot = self.items.get_mut(self.len).ok_or(DtbError::TooMany)?;
+        *slot = Region {
+            base: lo,
+            size: hi - lo,
+        };
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The windows.
+    pub fn as_slice(&self) -> &[Region] {
+        &self.items[..self.len]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,6 +771,359 @@ mod tests {
         ));
     }
 
+    /// A minimal DTB writer for hand-made hostile trees: root cells 2/2,
+    /// memory nodes, a reserved-memory node, virtio-mmio nodes.
+    struct Builder {
+        structure: Vec<u8>,
+        strings: Vec<u8>,
+        reservations: Vec<(u64, u64)>,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            let mut b = Self {
+                structure: Vec::new(),
+                strings: Vec::new(),
+                reservations: Vec::new(),
+            };
+            b.begin("");
+            b.prop_u32s("#address-cells", &[2]);
+            b.prop_u32s("#size-cells", &[2]);
+            b
+        }
+        fn word(&mut self, w: u32) {
+            self.structure.extend_from_slice(&w.to_be_bytes());
+        }
+        fn begin(&mut self, name: &str) {
+            self.word(FDT_BEGIN_NODE);
+            self.structure.extend_from_slice(name.as_bytes());
+            self.structure.push(0);
+            while !self.structure.len().is_multiple_of(4) {
+                self.structure.push(0);
+            }
+        }
+        fn end(&mut self) {
+            self.word(FDT_END_NODE);
+        }
+        fn prop(&mut self, name: &str, value: &[u8]) {
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(name.as_bytes());
+            self.strings.push(0);
+            self.word(FDT_PROP);
+            self.word(value.len() as u32);
+            self.word(off);
+            self.structure.extend_from_slice(value);
+            while !self.structure.len().is_multiple_of(4) {
+                self.structure.push(0);
+            }
+        }
+        fn prop_u32s(&mut self, name: &str, cells: &[u32]) {
+            let v: Vec<u8> = cells.iter().flat_map(|c| c.to_be_bytes()).collect();
+            self.prop(name, &v);
+        }
+        fn prop_regs(&mut self, name: &str, regs: &[(u64, u64)]) {
+            let cells: Vec<u32> = regs
+                .iter()
+                .flat_map(|&(b, s)| [(b >> 32) as u32, b as u32, (s >> 32) as u32, s as u32])
+                .collect();
+            self.prop_u32s(name, &cells);
+        }
+        fn memory(mut self, base: u64, size: u64) -> Self {
+            self.begin(&format!("memory@{base:x}"));
+            self.prop("device_type", b"memory\0");
+            self.prop_regs("reg", &[(base, size)]);
+            self.end();
+            self
+        }
+        fn reserved(mut self, base: u64, size: u64) -> Self {
+            self.begin(&format!("reserved-memory@{base:x}"));
+            self.prop_u32s("#address-cells", &[2]);
+            self.prop_u32s("#size-cells", &[2]);
+            self.prop("ranges", &[]);
+            self.begin(&format!("area@{base:x}"));
+            self.prop_regs("reg", &[(base, size)]);
+            self.end();
+            self.end();
+            self
+        }
+        fn memreserve(mut self, base: u64, size: u64) -> Self {
+            self.reservations.push((base, size));
+            self
+        }
+        fn virtio(mut self, base: u64) -> Self {
+            self.begin(&format!("virtio_mmio@{base:x}"));
+            self.prop("compatible", b"virtio,mmio\0");
+            self.prop_regs("reg", &[(base, 0x200)]);
+            self.end();
+            self
+        }
+        fn build(mut self) -> Vec<u8> {
+            self.end();
+            self.word(FDT_END);
+            let rsv_off = HEADER_LEN;
+            let struct_off = rsv_off + 16 * (self.reservations.len() + 1);
+            let strings_off = struct_off + self.structure.len();
+            let total = strings_off + self.strings.len();
+            let mut out = Vec::new();
+            for w in [
+                FDT_MAGIC,
+                total as u32,
+                struct_off as u32,
+                strings_off as u32,
+                rsv_off as u32,
+                17,
+                16,
+                0,
+                self.strings.len() as u32,
+                self.structure.len() as u32,
+            ] {
+                out.extend_from_slice(&w.to_be_bytes());
+            }
+            for &(b, s) in self.reservations.iter().chain([(0, 0)].iter()) {
+                out.extend_from_slice(&b.to_be_bytes());
+                out.extend_from_slice(&s.to_be_bytes());
+            }
+            out.extend_from_slice(&self.structure);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    const GIB: u64 = 1 << 30;
+    const BOARD: Board = crate::board::VIRT;
+
+    fn board_check(blob: &[u8]) -> Result<(), DtbError> {
+        parse_for_board(blob, &BOARD).map(drop)
+    }
+
+    #[test]
+    fn builder_makes_a_tree_the_checks_accept() {
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .memory(0x1_0000_0000, GIB)
+            .reserved(0x4800_0000, 0x10_0000)
+            .virtio(0x0a00_0000)
+            .build();
+        let p = parse_for_board(&blob, &BOARD).expect("a sane tree");
+        assert_eq!(p.memory.total(), 2 * GIB);
+        assert_eq!(p.reserved.as_slice().len(), 1);
+        assert_eq!(p.virtio_mmio().len(), 1);
+        // The real QEMU trees pass too.
+        for blob in [VIRT_1G, SECURE_4G, MULTI] {
+            assert_eq!(board_check(blob), Ok(()));
+        }
+    }
+
+    #[test]
+    fn overlapping_memory_ranges_are_rejected() {
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .memory(0x4800_0000, 0x1000_0000)
+            .build();
+        assert_eq!(
+            board_check(&blob),
+            Err(DtbError::MemoryOverlap {
+                first: Region {
+                    base: 0x4000_0000,
+                    size: GIB
+                },
+                second: Region {
+                    base: 0x4800_0000,
+                    size: 0x1000_0000
+                },
+            })
+        );
+        // The same range twice, and ranges listed out of order.
+        let blob = Builder::new()
+            .memory(0x8000_0000, GIB)
+            .memory(0x4000_0000, GIB + 1)
+            .build();
+        assert!(matches!(
+            board_check(&blob),
+            Err(DtbError::MemoryOverlap { .. })
+        ));
+        // Adjacent ranges do not overlap.
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .memory(0x8000_0000, GIB)
+            .build();
+        assert_eq!(board_check(&blob), Ok(()));
+    }
+
+    #[test]
+    fn memory_over_device_windows_is_rejected() {
+        // RAM over the PL011 at 0x0900_0000.
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .memory(0x0900_0000, 0x10_0000)
+            .build();
+        assert_eq!(
+            board_check(&blob),
+            Err(DtbError::MemoryCoversDevices {
+                memory: Region {
+                    base: 0x0900_0000,
+                    size: 0x10_0000
+                },
+                devices: BOARD.device_windows[0],
+            })
+        );
+        // RAM starting one byte below the board's RAM base.
+        let blob = Builder::new().memory(0x3fff_ffff, GIB).build();
+        assert!(matches!(
+            board_check(&blob),
+            Err(DtbError::MemoryCoversDevices { .. })
+        ));
+    }
+
+    #[test]
+    fn virtio_window_in_ram_is_rejected() {
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .virtio(0x0a00_0000)
+            .virtio(0x4800_0000)
+            .build();
+        assert_eq!(
+            board_check(&blob),
+            Err(DtbError::VirtioInMemory {
+                virtio: Region {
+                    base: 0x4800_0000,
+                    size: 0x200
+                },
+                memory: Region {
+                    base: 0x4000_0000,
+                    size: GIB
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn reservations_covering_all_ram_are_rejected() {
+        // One reserved-memory child over all of RAM.
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .reserved(0x4000_0000, GIB)
+            .build();
+        assert_eq!(board_check(&blob), Err(DtbError::AllMemoryReserved));
+        // Two banks, covered by a /memreserve/ entry, a reserved-memory node
+        // and a range sticking out past RAM.
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .memory(0x1_0000_0000, GIB)
+            .memreserve(0x4000_0000, GIB / 2)
+            .reserved(0x4000_0000 + GIB / 2, GIB / 2)
+            .memreserve(0xf000_0000, 2 * GIB)
+            .build();
+        assert_eq!(board_check(&blob), Err(DtbError::AllMemoryReserved));
+        // One page left over is usable RAM.
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .reserved(0x4000_0000, GIB - 4096)
+            .build();
+        assert_eq!(board_check(&blob), Ok(()));
+    }
+
+    #[test]
+    fn oversized_blob_is_reported_as_oversized() {
+        let mut header = VIRT_1G[..8].to_vec();
+        header[4..8].copy_from_slice(&(3u32 << 20).to_be_bytes());
+        assert_eq!(
+            blob_size(&header, MAX_DTB_SIZE),
+            Err(DtbError::Oversized {
+                size: 3 << 20,
+                max: MAX_DTB_SIZE
+            })
+        );
+        assert_eq!(blob_size(VIRT_1G, MAX_DTB_SIZE), Ok(VIRT_1G.len()));
+        assert!(matches!(
+            blob_size(&header[..6], MAX_DTB_SIZE),
+            Err(DtbError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn every_mmio_window_is_kept() {
+        // 12 transports, each on its own 64 KiB-spaced page: 13 windows
+        // with the console, none dropped.
+        let mut b = Builder::new().memory(0x4000_0000, GIB);
+        for i in 0..12 {
+            b = b.virtio(0x0a00_0000 + i * 0x1_0000);
+        }
+        let blob = b.build();
+        let p = parse_for_board(&blob, &BOARD).expect("valid");
+        let w = p.mmio_windows(&BOARD).expect("fits");
+        assert_eq!(w.as_slice().len(), 13);
+        for v in p.virtio_mmio() {
+            assert!(w
+                .as_slice()
+                .iter()
+                .any(|w| w.base <= v.region.base && v.region.end() <= w.end()));
+        }
+        // QEMU's 32 adjacent transports merge into one window.
+        let p = parse(VIRT_1G).expect("valid");
+        let w = p.mmio_windows(&BOARD).expect("fits");
+        assert_eq!(
+            w.as_slice(),
+            &[
+                Region {
+                    base: BOARD.uart_base,
+                    size: 4096
+                },
+                Region {
+                    base: 0x0a00_0000,
+                    size: 0x4000
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn mmio_windows_merge_transitively() {
+        // Two windows, then one that bridges them: one window results.
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .virtio(0x0a00_0000)
+            .virtio(0x0a00_2000)
+            .virtio(0x0a00_1000)
+            .build();
+        let p = parse(&blob).expect("valid");
+        let w = p.mmio_windows(&BOARD).expect("fits");
+        assert_eq!(
+            &w.as_slice()[1..],
+            &[Region {
+                base: 0x0a00_0000,
+                size: 0x3000
+            }]
+        );
+    }
+
+    #[test]
+    fn shrink_clamps_and_removes() {
+        let blob = Builder::new()
+            .memory(0x4000_0000, GIB)
+            .memory(0x8000_0000, GIB)
+            .memory(0x1_0000_0000, GIB)
+            .build();
+        let mut p = parse(&blob).expect("valid");
+        p.memory.shrink(0, GIB / 2);
+        p.memory.shrink(1, 0);
+        p.memory.shrink(1, 2 * GIB); // never grows
+        p.memory.shrink(7, 0); // out of range: nothing
+        assert_eq!(
+            p.memory.as_slice(),
+            &[
+                Region {
+                    base: 0x4000_0000,
+                    size: GIB / 2
+                },
+                Region {
+                    base: 0x1_0000_0000,
+                    size: GIB
+                }
+            ]
+        );
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
         /// Any corruption of a real blob gives Ok or a typed error: never a panic.
@@ -611,6 +1143,9 @@ mod tests {
                 blob.truncate(c % n);
             }
             let _ = parse(&blob);
+            if let Ok(p) = parse_for_board(&blob, &BOARD) {
+                let _ = p.mmio_windows(&BOARD);
+            }
         }
 
         /// Corrupting only header words (where offsets and sizes live).
@@ -618,7 +1153,7 @@ mod tests {
         fn corrupted_headers_never_panic(word in 0usize..10, v in proptest::prelude::any::<u32>(), which in 0usize..3) {
             let mut blob = [VIRT_1G, SECURE_4G, MULTI][which].to_vec();
             blob[word * 4..word * 4 + 4].copy_from_slice(&v.to_be_bytes());
-            let _ = parse(&blob);
+            let _ = parse_for_board(&blob, &BOARD);
         }
     }
 }

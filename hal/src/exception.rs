@@ -4,12 +4,18 @@
 //! The main thread runs on SP_EL0 and every exception is taken on SP_EL1, a
 //! separate stack with its own guard page, so a main-stack overflow is still
 //! reported. An unexpected synchronous exception prints a decoded report and
-//! exits with [`crate::exit::CRASH`]. A test can instead [`catch`] one
-//! expected fault: the handler records it, prints the same report, and resumes
-//! after the faulting access.
+//! exits with [`crate::exit::CRASH`].
+//!
+//! Expected faults go through probe functions ([`probe_read_u64`],
+//! [`probe_write_u64`], [`probe_call`], [`probe_brk`]): each is one
+//! instruction registered in advance in an exception table (section
+//! `.hal_extable`, entries of PC-relative offsets, like Linux's extable)
+//! together with where to resume. The handler resumes only at a registered
+//! instruction, hands the syndrome back in registers the probe reads, and
+//! needs no global state, so a fault anywhere else is still a crash.
 
 use crate::esr;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 core::arch::global_asm!(
     r#"
@@ -114,7 +120,7 @@ pub struct Frame {
 /// Which vector an exception came through.
 const KIND_NAMES: [&str; 4] = ["synchronous", "IRQ", "FIQ", "SError"];
 
-/// A fault recorded by [`catch`].
+/// A fault a probe function took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
 pub struct CaughtFault {
     /// ESR_EL1 at the fault.
@@ -136,29 +142,210 @@ impl CaughtFault {
     }
 }
 
-static ARMED: AtomicBool = AtomicBool::new(false);
-static CAUGHT: AtomicBool = AtomicBool::new(false);
-static CAUGHT_ESR: AtomicU64 = AtomicU64::new(0);
-static CAUGHT_FAR: AtomicU64 = AtomicU64::new(0);
-static CAUGHT_ELR: AtomicU64 = AtomicU64::new(0);
+/// Entry kinds of the exception table.
+mod entry {
+    /// A load or store: resume at the fixup when ELR is the instruction.
+    pub const ACCESS: u32 = 0;
+    /// A `blr`: resume at the fixup when the branch target's first fetch
+    /// faulted (an instruction abort with ELR = FAR and x30 = blr + 4).
+    pub const CALL: u32 = 1;
+    /// Flag: log one line instead of the full report (memory probing).
+    pub const QUIET: u32 = 0x100;
+}
 
-/// Runs `f`, expecting it to take one synchronous exception at EL1 (a data
-/// abort on a load/store, or an instruction abort from branching to a
-/// non-executable address). Returns the fault, or `None` if `f` finished
-/// without faulting.
+/// One exception-table entry. Offsets are relative to the field's own
+/// address, so the table needs no relocation (the image may run anywhere).
+#[repr(C)]
+struct ExtableEntry {
+    insn: i32,
+    fixup: i32,
+    kind: u32,
+}
+
+extern "C" {
+    static __extable_start: ExtableEntry;
+    static __extable_end: ExtableEntry;
+}
+
+fn extable() -> &'static [ExtableEntry] {
+    let start = &raw const __extable_start;
+    let end = &raw const __extable_end;
+    let len = (end as usize - start as usize) / core::mem::size_of::<ExtableEntry>();
+    // SAFETY: the linker script puts every `.hal_extable` input section,
+    // 4-byte aligned entries of this layout written by the probe functions
+    // below, between the two symbols, in read-only data that lives forever.
+    unsafe { core::slice::from_raw_parts(start, len) }
+}
+
+impl ExtableEntry {
+    fn resolve(field: &i32) -> u64 {
+        (field as *const i32 as u64).wrapping_add_signed(i64::from(*field))
+    }
+    fn insn(&self) -> u64 {
+        Self::resolve(&self.insn)
+    }
+    fn fixup(&self) -> u64 {
+        Self::resolve(&self.fixup)
+    }
+}
+
+/// Registers the probe functions and the handler agree on: x20 is 0 going
+/// in and 1 after a fault; x21, x22, x23 then hold ESR, FAR and ELR.
+/// Callee-saved, so code that [`probe_call`] runs cannot clobber them.
+const FLAG_REG: usize = 20;
+
+/// Emits one probe: `$insn` at local label 1, resuming at label 2, with an
+/// exception-table entry of kind `$kind`.
+macro_rules! probe_asm {
+    ($insn:literal, $kind:expr, $($operands:tt)*) => {
+        core::arch::asm!(
+            concat!("1: ", $insn),
+            "2:",
+            ".pushsection .hal_extable, \"a\"",
+            ".balign 4",
+            ".word 1b - .",
+            ".word 2b - .",
+            ".word {kind}",
+            ".popsection",
+            kind = const $kind,
+            $($operands)*
+        )
+    };
+}
+
+fn probe_result(flag: u64, esr: u64, far: u64, elr: u64) -> Result<(), CaughtFault> {
+    if flag == 0 {
+        Ok(())
+    } else {
+        Err(CaughtFault { esr, far, elr })
+    }
+}
+
+macro_rules! read_probe {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        ///
+        /// The read happens if `addr` is mapped (or backed, with the MMU
+        /// off): the caller guarantees that reading it has no side effect
+        /// anything relies on (it is not a device register that acts on a
+        /// read) and that no live `&mut` covers it. `addr` is 8-byte aligned.
+        #[inline(never)]
+        pub unsafe fn $name(addr: u64) -> Result<u64, CaughtFault> {
+            let (value, flag, esr, far, elr): (u64, u64, u64, u64, u64);
+            // SAFETY: the caller's contract covers the read; if it faults,
+            // the handler resumes at label 2 with x20 = 1 (registered in the
+            // exception table), so control always comes back here.
+            unsafe {
+                probe_asm!("ldr {v}, [{a}]", $kind,
+                    a = in(reg) addr,
+                    v = lateout(reg) value,
+                    inout("x20") 0u64 => flag,
+                    lateout("x21") esr,
+                    lateout("x22") far,
+                    lateout("x23") elr,
+                    options(nostack, readonly, preserves_flags));
+            }
+            probe_result(flag, esr, far, elr).map(|()| value)
+        }
+    };
+}
+
+read_probe!(
+    /// Reads the 64-bit word at `addr`, or returns the fault the read took
+    /// (logged with the full crash report, marked as expected).
+    probe_read_u64,
+    entry::ACCESS
+);
+read_probe!(
+    /// [`probe_read_u64`] for probing memory: a fault is logged in one line.
+    probe_read_u64_quiet,
+    entry::ACCESS | entry::QUIET
+);
+
+/// Writes `value` to the 64-bit word at `addr`, or returns the fault the
+/// write took (logged with the full crash report, marked as expected).
 ///
-/// After a data abort execution resumes at the next instruction; after an
-/// instruction abort it resumes at the return address in x30, so `f` should
-/// reach the bad address through a call (`blr`).
-pub fn catch(f: impl FnOnce()) -> Option<CaughtFault> {
-    CAUGHT.store(false, Ordering::SeqCst);
-    ARMED.store(true, Ordering::SeqCst);
-    f();
-    ARMED.store(false, Ordering::SeqCst);
-    CAUGHT.load(Ordering::SeqCst).then(|| CaughtFault {
-        esr: CAUGHT_ESR.load(Ordering::SeqCst),
-        far: CAUGHT_FAR.load(Ordering::SeqCst),
-        elr: CAUGHT_ELR.load(Ordering::SeqCst),
+/// # Safety
+///
+/// If `addr` is writable the write happens: the caller guarantees it owns
+/// that memory (no Rust object or reference it would corrupt) or that it is
+/// a register it may write. `addr` is 8-byte aligned.
+#[inline(never)]
+pub unsafe fn probe_write_u64(addr: u64, value: u64) -> Result<(), CaughtFault> {
+    let (flag, esr, far, elr): (u64, u64, u64, u64);
+    // SAFETY: the caller's contract covers the write; a fault resumes at
+    // label 2 with x20 = 1 (registered in the exception table).
+    unsafe {
+        probe_asm!("str {v}, [{a}]", entry::ACCESS,
+            a = in(reg) addr,
+            v = in(reg) value,
+            inout("x20") 0u64 => flag,
+            lateout("x21") esr,
+            lateout("x22") far,
+            lateout("x23") elr,
+            options(nostack, preserves_flags));
+    }
+    probe_result(flag, esr, far, elr)
+}
+
+/// Calls the code at `addr` (AAPCS64, no arguments, no result), or returns
+/// the instruction abort its first fetch took (an address that is not
+/// executable), logged with the full crash report.
+///
+/// # Safety
+///
+/// If `addr` is executable its code runs: the caller guarantees it is a
+/// function that may be called with no arguments and returns normally.
+#[inline(never)]
+pub unsafe fn probe_call(addr: u64) -> Result<(), CaughtFault> {
+    let (flag, esr, far, elr): (u64, u64, u64, u64);
+    // SAFETY: the caller's contract covers running the target; a fault on
+    // its first fetch resumes at label 2 with x20 = 1 (a CALL entry). The
+    // target may clobber every caller-saved register (clobber_abi).
+    unsafe {
+        probe_asm!("blr {t}", entry::CALL,
+            t = in(reg) addr,
+            inout("x20") 0u64 => flag,
+            lateout("x21") esr,
+            lateout("x22") far,
+            lateout("x23") elr,
+            clobber_abi("C"));
+    }
+    probe_result(flag, esr, far, elr)
+}
+
+/// Executes `BRK #IMM` and returns the exception it raises (always `Err`;
+/// `Ok` would mean the instruction did not trap).
+pub fn probe_brk<const IMM: u16>() -> Result<(), CaughtFault> {
+    let (flag, esr, far, elr): (u64, u64, u64, u64);
+    // SAFETY: BRK has no memory effect; the exception it raises resumes at
+    // label 2 with x20 = 1 (registered in the exception table).
+    unsafe {
+        probe_asm!("brk #{imm}", entry::ACCESS,
+            imm = const IMM,
+            inout("x20") 0u64 => flag,
+            lateout("x21") esr,
+            lateout("x22") far,
+            lateout("x23") elr,
+            options(nomem, nostack, preserves_flags));
+    }
+    probe_result(flag, esr, far, elr)
+}
+
+/// The registered fixup for a synchronous exception described by `frame`,
+/// and the entry's kind, if the faulting instruction is a probe.
+fn fixup_for(frame: &Frame) -> Option<(u64, u32)> {
+    let ec = esr::exception_class(frame.esr);
+    extable().iter().find_map(|e| {
+        let hit = if e.kind & 0xff == entry::CALL {
+            // Instruction abort (EC 0x21) on the target's first fetch.
+            ec == 0x21 && frame.elr == frame.far && frame.x[30] == e.insn().wrapping_add(4)
+        } else {
+            frame.elr == e.insn()
+        };
+        hit.then(|| (e.fixup(), e.kind))
     })
 }
 
@@ -240,20 +427,23 @@ pub fn report(kind: u64, frame: &Frame) {
 #[no_mangle]
 extern "C" fn hal_exception(kind: u64, frame: &mut Frame) {
     let synchronous_here = kind == 0 || kind == 4;
-    if synchronous_here && ARMED.swap(false, Ordering::SeqCst) {
-        CAUGHT_ESR.store(frame.esr, Ordering::SeqCst);
-        CAUGHT_FAR.store(frame.far, Ordering::SeqCst);
-        CAUGHT_ELR.store(frame.elr, Ordering::SeqCst);
-        CAUGHT.store(true, Ordering::SeqCst);
-        defmt::warn!("expected fault caught; report follows");
-        report(kind, frame);
-        let ec = esr::exception_class(frame.esr);
-        if !esr::is_data_abort(ec) && frame.elr == frame.far {
-            // Branched to a non-executable address: return to the caller.
-            frame.elr = frame.x[30];
+    if let Some((fixup, flags)) = synchronous_here.then(|| fixup_for(frame)).flatten() {
+        if flags & entry::QUIET != 0 {
+            defmt::info!(
+                "probe: {=str} at {=u64:#x} (FAR {=u64:#x})",
+                esr::class_name(esr::exception_class(frame.esr)),
+                frame.elr,
+                frame.far
+            );
         } else {
-            frame.elr += 4;
+            defmt::warn!("expected fault caught; report follows");
+            report(kind, frame);
         }
+        frame.x[FLAG_REG] = 1;
+        frame.x[FLAG_REG + 1] = frame.esr;
+        frame.x[FLAG_REG + 2] = frame.far;
+        frame.x[FLAG_REG + 3] = frame.elr;
+        frame.elr = fixup;
         return;
     }
     report(kind, frame);

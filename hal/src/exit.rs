@@ -11,3 +11,5 @@ pub const PANIC: i32 = 134;
 pub const CRASH: i32 = 70;
 /// The device tree could not be used (typed error printed before exiting).
 pub const BAD_DTB: i32 = 71;
+/// PSCI SYSTEM_OFF returned: the machine could not power itself off.
+pub const POWEROFF_FAILED: i32 = 72;

@@ -14,6 +14,7 @@ pub mod board;
 pub mod dtb;
 pub mod esr;
 pub mod exit;
+pub mod memprobe;
 pub mod midr;
 
 #[cfg(hw)]
@@ -40,23 +41,35 @@ pub mod virtio;
 
 /// Reads the device tree the loader left for us: the address in x0 if it holds
 /// a DTB, else the board's fallback address. The blob is validated before any
-/// of it is trusted.
+/// of it is trusted, and what it says is checked against the board
+/// ([`dtb::parse_for_board`]).
 #[cfg(hw)]
 pub fn boot_dtb() -> Result<dtb::Platform<'static>, dtb::DtbError> {
-    let addr = boot_dtb_address();
-    // SAFETY: as in boot_dtb_address; 8 header bytes at `addr` are RAM.
+    // SAFETY: boot_dtb_address returns an 8-byte aligned address in RAM
+    // (x0 when it holds a DTB header, else the board's fallback in RAM),
+    // and the loader's blob there is never written.
+    unsafe { dtb_at(boot_dtb_address()) }
+}
+
+/// Reads the DTB at `addr` the way the boot does: its header's `totalsize`
+/// (at most [`dtb::MAX_DTB_SIZE`], else [`dtb::DtbError::Oversized`]), then
+/// the validated, board-checked blob.
+///
+/// # Safety
+///
+/// `addr` is 8-byte aligned and readable for 8 bytes, and for as many bytes
+/// as the header there claims (up to [`dtb::MAX_DTB_SIZE`]); those bytes
+/// are never written afterwards (the result borrows them for `'static`).
+#[cfg(hw)]
+pub unsafe fn dtb_at(addr: u64) -> Result<dtb::Platform<'static>, dtb::DtbError> {
+    // SAFETY: the caller guarantees 8 readable bytes at `addr`.
     let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
-    let size = dtb::claimed_size(header)?;
-    if size > 2 << 20 {
-        return Err(dtb::DtbError::Truncated {
-            have: 2 << 20,
-            need: size,
-        });
-    }
-    // SAFETY: the loader placed `size` bytes of DTB at `addr` in RAM (bounded
-    // to 2 MiB above); the blob is never written, so a shared 'static slice is sound.
+    let size = dtb::blob_size(header, dtb::MAX_DTB_SIZE)?;
+    // SAFETY: the caller guarantees `size` readable bytes (bounded to
+    // MAX_DTB_SIZE above) that are never written, so a shared 'static slice
+    // is sound.
     let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, size) };
-    dtb::parse(blob)
+    dtb::parse_for_board(blob, &board::CURRENT)
 }
 
 /// Where the boot DTB is: the address in x0 if it holds a DTB header, else

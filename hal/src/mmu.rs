@@ -6,7 +6,7 @@
 
 use aarch64_cpu::{asm::barrier, registers::*};
 use memdesc::stage1::tlbi::{va_operand, RangeOperands, TlbiOperand};
-use memdesc::stage1::{Features, TlbiScope, TranslationHw, MAIR_VALUE};
+use memdesc::stage1::{Features, TlbiScope, TranslationHw, VaSize, MAIR_VALUE};
 use memdesc::VirtAddr;
 
 /// What the CPU offers that changes how we maintain translations.
@@ -149,30 +149,21 @@ impl TranslationHw for Tlb {
     }
 }
 
-/// Input address size of TTBR0_EL1's region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputSize {
-    /// 48-bit VA, walk starts at level 0 (T0SZ = 16).
-    Bits48,
-    /// 39-bit VA, walk starts at level 1 (T0SZ = 25).
-    Bits39,
-}
-
 /// Programs MAIR/TCR/TTBR0 for the table at `root` and turns on the MMU, the
 /// caches and WXN (a writable page is never executable, whatever its
-/// descriptor says).
+/// descriptor says). `va_size` is the engine's own ([`memdesc::stage1::Stage1::va_size`]),
+/// so TCR_EL1.T0SZ and the tree's start level cannot disagree.
 ///
 /// # Safety
 ///
 /// `root` must be a complete stage-1 table tree in which every address the
 /// code touches from here on is mapped as it is used now: the running text
 /// executable, stacks, data and the console MMIO readable and writable, at
-/// the same virtual addresses (an identity map of the image).
-pub unsafe fn enable(root: u64, input: InputSize, probe: &Probe) {
-    let t0sz = match input {
-        InputSize::Bits48 => 16,
-        InputSize::Bits39 => 25,
-    };
+/// the same virtual addresses (an identity map of the image). It is called
+/// once, on the boot path, with the MMU and the data cache still off (the
+/// caches are invalidated without write-back before they go on).
+pub unsafe fn enable(root: u64, va_size: VaSize, probe: &Probe) {
+    let t0sz = va_size.t0sz();
     let ips = probe.pa_range.min(5) as u64; // we never map above 48 bits
     MAIR_EL1.set(MAIR_VALUE);
     let mut tcr = TCR_EL1::T0SZ.val(t0sz)
@@ -191,7 +182,10 @@ pub unsafe fn enable(root: u64, input: InputSize, probe: &Probe) {
     barrier::dsb(barrier::ISH);
     // Tables, page array and BSS were written with the data cache off:
     // drop whatever stale lines a loader left before the walks go cacheable.
-    crate::cache::invalidate_dcache_all();
+    // SAFETY: the caller's contract puts us on the boot path with the MMU
+    // and data cache still off (they are turned on below), so every store
+    // we made is in memory and no line we need is lost.
+    unsafe { crate::cache::invalidate_dcache_all() };
     // SAFETY: drops every stale EL1 translation before the first walk.
     unsafe { core::arch::asm!("tlbi vmalle1", options(nostack, preserves_flags)) };
     barrier::dsb(barrier::NSH);
@@ -208,4 +202,9 @@ pub unsafe fn enable(root: u64, input: InputSize, probe: &Probe) {
 /// True once [`enable`] has run.
 pub fn enabled() -> bool {
     SCTLR_EL1.matches_all(SCTLR_EL1::M::Enable)
+}
+
+/// Input address bits of TTBR0_EL1's region as programmed (64 - TCR_EL1.T0SZ).
+pub fn input_bits() -> u32 {
+    64 - TCR_EL1.read(TCR_EL1::T0SZ) as u32
 }

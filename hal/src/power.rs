@@ -28,7 +28,10 @@ pub fn exit(code: i32) -> ! {
 }
 
 /// Powers the machine off: PSCI SYSTEM_OFF when the tree named a conduit,
-/// otherwise a semihosting exit with status 0.
+/// otherwise a semihosting exit with status 0. SYSTEM_OFF does not return
+/// when it works, so a return (with an error or without) ends the run with
+/// [`crate::exit::POWEROFF_FAILED`], never with a status that looks like a
+/// clean power-off.
 pub fn poweroff() -> ! {
     let conduit = CONDUIT.load(Ordering::Relaxed);
     match conduit {
@@ -37,18 +40,16 @@ pub fn poweroff() -> ! {
         _ => defmt::info!("power off: no PSCI in the device tree; semihosting exit"),
     }
     crate::uart::CONSOLE.flush();
-    let result = match conduit {
+    let returned = match conduit {
         HVC => smccc::psci::system_off::<smccc::Hvc>(),
         SMC => smccc::psci::system_off::<smccc::Smc>(),
-        _ => Ok(()),
+        _ => semihosting::process::exit(crate::exit::SUCCESS),
     };
-    if let Err(e) = result {
-        defmt::warn!(
-            "PSCI SYSTEM_OFF failed ({=i64}); exiting through semihosting",
-            psci_code(e)
-        );
+    match returned {
+        Err(e) => defmt::error!("PSCI SYSTEM_OFF failed ({=i64})", psci_code(e)),
+        Ok(()) => defmt::error!("PSCI SYSTEM_OFF returned success, but the machine is still on"),
     }
-    semihosting::process::exit(crate::exit::SUCCESS)
+    exit(crate::exit::POWEROFF_FAILED)
 }
 
 fn psci_code(e: smccc::psci::Error) -> i64 {

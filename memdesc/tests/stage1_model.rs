@@ -78,33 +78,76 @@ impl Range {
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Map { r: Range, delta: u8, attrs: u8 },
-    Unmap { r: Range },
-    Protect { r: Range, attrs: u8 },
-    WrProtect { r: Range },
-    Young { page: u64 },
-    Touch { page: u64, write: bool },
-    Refold { r: Range },
+    Map {
+        r: Range,
+        delta: u8,
+        attrs: u8,
+    },
+    Unmap {
+        r: Range,
+    },
+    Protect {
+        r: Range,
+        attrs: u8,
+    },
+    WrProtect {
+        r: Range,
+    },
+    Young {
+        page: u64,
+    },
+    /// The hardware accesses `page`; in a contiguous run it may record
+    /// that in any entry of the run (D8.6.1): entry `via % 16`.
+    Touch {
+        page: u64,
+        write: bool,
+        via: u8,
+    },
+    Refold {
+        r: Range,
+    },
 }
 
 fn range() -> impl Strategy<Value = Range> {
     (any::<u64>(), 0u8..6, 0u8..3).prop_map(|(raw, size, align)| Range { raw, size, align })
 }
 
-/// One step: an operation, sometimes with table memory nearly exhausted.
+/// The hardware accessing `page` while an operation runs (FEAT_HAFDBS):
+/// through entry `via % 16` of its run, just before the engine's next
+/// compare-and-swap on that entry, or just before the next TLBI.
+#[derive(Clone, Copy, Debug)]
+struct Race {
+    page: u64,
+    write: bool,
+    via: u8,
+    at_tlbi: bool,
+}
+
+/// One step: an operation, sometimes with table memory nearly exhausted,
+/// sometimes with the hardware racing it.
 #[derive(Clone, Copy, Debug)]
 struct Step {
     op: Op,
     /// Allocations allowed during this step (`None`: unlimited).
     starve: Option<u8>,
+    race: Option<Race>,
 }
 
 fn step() -> impl Strategy<Value = Step> {
+    let race = (0..WINDOW_PAGES, any::<bool>(), any::<u8>(), any::<bool>()).prop_map(
+        |(page, write, via, at_tlbi)| Race {
+            page,
+            write,
+            via,
+            at_tlbi,
+        },
+    );
     (
         op(),
         prop_oneof![7 => Just(None), 1 => (0u8..3).prop_map(Some)],
+        prop_oneof![3 => Just(None), 1 => race.prop_map(Some)],
     )
-        .prop_map(|(op, starve)| Step { op, starve })
+        .prop_map(|(op, starve, race)| Step { op, starve, race })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -114,7 +157,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (range(), 0u8..7).prop_map(|(r, attrs)| Op::Protect { r, attrs }),
         1 => range().prop_map(|r| Op::WrProtect { r }),
         1 => (0..WINDOW_PAGES).prop_map(|page| Op::Young { page }),
-        2 => (0..WINDOW_PAGES, any::<bool>()).prop_map(|(page, write)| Op::Touch { page, write }),
+        2 => (0..WINDOW_PAGES, any::<bool>(), any::<u8>())
+            .prop_map(|(page, write, via)| Op::Touch { page, write, via }),
         1 => range().prop_map(|r| Op::Refold { r }),
     ]
 }
@@ -125,6 +169,18 @@ struct Shadow {
     attrs: Attributes,
     young: bool,
     dirty: bool,
+}
+
+/// First page and page count of a range operation.
+fn op_range(op: Op) -> Option<(u64, u64)> {
+    match op {
+        Op::Map { r, .. }
+        | Op::Unmap { r }
+        | Op::Protect { r, .. }
+        | Op::WrProtect { r }
+        | Op::Refold { r } => Some(r.pages()),
+        Op::Young { .. } | Op::Touch { .. } => None,
+    }
 }
 
 fn attrs_of(i: u8) -> Attributes {
@@ -163,7 +219,58 @@ impl Model<'_> {
         (p..p + n).find(|q| !self.shadow.contains_key(q))
     }
 
+    /// The entry through which the hardware records an access to `page`:
+    /// with `via`, any entry of its contiguous run.
+    fn entry_for(&self, page: u64, via: u8) -> (PhysAddr, usize) {
+        let q = self.s.query(va(page)).unwrap();
+        let entry = if q.unit.entries() > 1 {
+            let step = q.unit.size() / q.unit.entries();
+            VirtAddr(q.unit_va.0 + (via as u64 % q.unit.entries()) * step)
+        } else {
+            va(page)
+        };
+        let (t, i, _) = self.s.leaf_entry(entry).unwrap();
+        (t, i)
+    }
+
     fn step(&mut self, st: Step) -> Result<(), TestCaseError> {
+        // Most races hit a page near an end of the operation's range, where
+        // runs and blocks are split or re-formed.
+        let race = st.race.map(|mut r| {
+            if let Some((p, n)) = op_range(st.op).filter(|_| r.page % 4 != 0) {
+                let end = if r.page % 2 == 0 { p } else { p + n - 1 };
+                r.page = (end + (r.page >> 2) % 5).saturating_sub(2) % WINDOW_PAGES;
+            }
+            r
+        });
+        // (Not while clearing the access flag: the model checks it is clear.)
+        let race = race.filter(|r| {
+            self.f.hafdbs && self.shadow.contains_key(&r.page) && !matches!(st.op, Op::Young { .. })
+        });
+        if let Some(r) = race {
+            let (t, i) = self.entry_for(r.page, r.via);
+            let p = self.s.platform_mut();
+            if r.at_tlbi {
+                p.race_next_tlbi(t, i, r.write);
+            } else {
+                p.race_next_swap(t, i, r.write);
+            }
+        }
+        self.step_op(st)?;
+        // What the racing access did must show at its page (unless the
+        // operation unmapped it, or cleared its access flag on purpose).
+        let fired = self.s.platform_mut().take_race_effect();
+        if let (Some(r), Some((accessed, written))) = (race, fired) {
+            if let Some(e) = self.shadow.get_mut(&r.page) {
+                e.young |= accessed;
+                e.dirty |= written;
+                self.check(&[(r.page, 1)])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn step_op(&mut self, st: Step) -> Result<(), TestCaseError> {
         let Some(n) = st.starve else {
             return self.apply(st.op);
         };
@@ -304,12 +411,12 @@ impl Model<'_> {
                 }
                 touched.push((page, 1));
             }
-            Op::Touch { page, write } => {
+            Op::Touch { page, write, via } => {
                 // Hardware access/dirty only exists with FEAT_HAFDBS.
                 if !self.f.hafdbs || !self.shadow.contains_key(&page) {
                     return Ok(());
                 }
-                let (t, i, _) = self.s.leaf_entry(va(page)).unwrap();
+                let (t, i) = self.entry_for(page, via);
                 self.s.platform_mut().hw_touch(t, i, write);
                 let e = self.shadow.get_mut(&page).unwrap();
                 e.young = true;
@@ -390,8 +497,14 @@ fn run(f: Features, va_size: VaSize, seed_cases: u32) {
                 starving: false,
                 oom: false,
             };
-            for op in ops {
-                m.step(op)?;
+            for (k, op) in ops.iter().enumerate() {
+                m.step(*op).inspect_err(|_| {
+                    // The failing step in context (the case is not shrunk
+                    // below its length).
+                    for (j, o) in ops.iter().enumerate().take(k + 1).skip(k.saturating_sub(3)) {
+                        eprintln!("step {j}: {o:?}");
+                    }
+                })?;
                 total.set(total.get() + 1);
             }
             // Tear down: everything unmapped frees every table but the root.

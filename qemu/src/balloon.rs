@@ -326,6 +326,7 @@ pub fn system_test(
         echo: false,
         stop_when: Some(&record),
         on_started: Some(&drive),
+        paused: false,
     };
     let b = boot(m, elf, decoder, &opts);
     let _ = std::fs::remove_file(&qmp_path);

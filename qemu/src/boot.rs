@@ -77,6 +77,18 @@ pub struct BootOptions<'a> {
     /// Called once QEMU has started (for example to connect to QMP); runs on
     /// its own thread while the log is decoded.
     pub on_started: Option<&'a (dyn Fn() + Sync)>,
+    /// Start with the CPU stopped (`-S`); `on_started` resumes it over QMP
+    /// (`cont`) once it is listening, so no event can be missed.
+    pub paused: bool,
+}
+
+/// A file removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn kill(child: &mut Child) {
@@ -91,7 +103,24 @@ pub fn boot(
     decoder: &Decoder,
     opts: &BootOptions<'_>,
 ) -> Result<Boot, String> {
-    let mut cmd = machine.command(elf, &opts.semihosting_args, opts.append, opts.qmp);
+    let dtb = match machine.dtb {
+        Some(patch) => Some(TempFile(crate::fdt::hostile_dtb(
+            machine,
+            elf,
+            patch,
+            &std::env::temp_dir(),
+        )?)),
+        None => None,
+    };
+    let mut cmd = match &dtb {
+        Some(file) => {
+            machine.command_with_dtb(elf, &opts.semihosting_args, opts.append, opts.qmp, &file.0)
+        }
+        None => machine.command(elf, &opts.semihosting_args, opts.append, opts.qmp),
+    };
+    if opts.paused {
+        cmd.arg("-S");
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -1,5 +1,6 @@
 //! QEMU machine configurations and the command lines that start them.
 
+use crate::fdt::DtbPatch;
 use std::path::Path;
 use std::process::Command;
 
@@ -15,6 +16,9 @@ pub struct Machine {
     pub el: u8,
     /// Make guest time count instructions (`-icount shift=0`), for repeatable figures.
     pub icount: bool,
+    /// Boot with QEMU's own device tree changed this way (`-dtb`), to test
+    /// how the firmware takes a hostile tree.
+    pub dtb: Option<DtbPatch>,
 }
 
 impl Default for Machine {
@@ -24,6 +28,7 @@ impl Default for Machine {
             mem: "1G",
             el: 1,
             icount: false,
+            dtb: None,
         }
     }
 }
@@ -36,7 +41,17 @@ impl Machine {
 
     /// Short label for test output, e.g. `el2 max 1G`.
     pub fn label(&self) -> String {
-        format!("el{} {} {}", self.el, self.cpu, self.mem)
+        match self.dtb {
+            Some(p) => format!("el{} {} {} dtb={}", self.el, self.cpu, self.mem, p.name()),
+            None => format!("el{} {} {}", self.el, self.cpu, self.mem),
+        }
+    }
+
+    /// The command that makes QEMU write the device tree this machine would
+    /// give the guest to `out`, then exit.
+    pub fn dump_dtb_command(&self, elf: &Path, out: &Path) -> Command {
+        let dump = format!("dumpdtb={}", out.display());
+        self.build(elf, &[], None, None, Some(&dump), None)
     }
 
     /// The QEMU command for booting `elf` on this machine. `semihosting_args`
@@ -49,11 +64,41 @@ impl Machine {
         append: Option<&str>,
         qmp: Option<&Path>,
     ) -> Command {
+        self.build(elf, semihosting_args, append, qmp, None, None)
+    }
+
+    /// [`Machine::command`] with the device tree from `dtb` instead of
+    /// QEMU's own.
+    pub fn command_with_dtb(
+        &self,
+        elf: &Path,
+        semihosting_args: &[String],
+        append: Option<&str>,
+        qmp: Option<&Path>,
+        dtb: &Path,
+    ) -> Command {
+        self.build(elf, semihosting_args, append, qmp, None, Some(dtb))
+    }
+
+    fn build(
+        &self,
+        elf: &Path,
+        semihosting_args: &[String],
+        append: Option<&str>,
+        qmp: Option<&Path>,
+        machine_option: Option<&str>,
+        dtb: Option<&Path>,
+    ) -> Command {
         let mut machine = String::from("virt");
         match self.el {
             3 => machine.push_str(",secure=on"),
             2 => machine.push_str(",virtualization=on"),
             _ => {}
+        }
+        if let Some(opt) = machine_option {
+            // QEMU's option parser escapes a comma by doubling it.
+            machine.push(',');
+            machine.push_str(&opt.replace(',', ",,"));
         }
         let mut cmd = Command::new(crate::setup::QEMU);
         cmd.args([
@@ -87,6 +132,9 @@ impl Machine {
         if let Some(qmp) = qmp {
             cmd.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        if let Some(dtb) = dtb {
+            cmd.arg("-dtb").arg(dtb);
         }
         cmd.arg("-kernel").arg(elf);
         cmd
@@ -187,5 +235,39 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         assert!(args2.contains(&"virt,virtualization=on".to_string()));
+    }
+
+    #[test]
+    fn dtb_dump_and_dtb_boot_use_the_same_machine() {
+        let m = Machine {
+            el: 2,
+            dtb: Some(DtbPatch::OverlappingMemory),
+            ..Machine::default()
+        };
+        let args = |c: Command| -> Vec<String> {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let dump = args(m.dump_dtb_command(Path::new("fw.elf"), Path::new("/tmp/a,b.dtb")));
+        assert!(dump.contains(&"virt,virtualization=on,dumpdtb=/tmp/a,,b.dtb".to_string()));
+        let boot = args(m.command_with_dtb(
+            Path::new("fw.elf"),
+            &[],
+            None,
+            None,
+            Path::new("/tmp/x.dtb"),
+        ));
+        let mut boot = boot;
+        let at = boot.iter().position(|a| a == "-dtb").expect("-dtb given");
+        assert_eq!(boot[at + 1], "/tmp/x.dtb");
+        boot.drain(at..at + 2);
+        // Everything but the dump option and -dtb is the same.
+        let dump: Vec<String> = dump
+            .into_iter()
+            .map(|a| a.replace(",dumpdtb=/tmp/a,,b.dtb", ""))
+            .collect();
+        assert_eq!(dump, boot);
+        assert!(m.label().contains("dtb=overlapping-memory"));
     }
 }

@@ -14,6 +14,7 @@ mod bench;
 mod boot;
 mod cargo;
 mod elf;
+mod fdt;
 mod log;
 mod machine;
 mod qmp;
@@ -156,6 +157,7 @@ fn boot_interactive(
         echo: true,
         stop_when: if exit_when_ready { Some(&ready) } else { None },
         on_started: Some(&qmp_report),
+        paused: false,
     };
     let result = boot::boot(machine, elf, &decoder, &opts);
     let _ = std::fs::remove_file(&qmp_path);
@@ -207,6 +209,7 @@ fn cmd_runner(args: &[String]) -> Result<ExitCode, String> {
                     echo: false,
                     stop_when: None,
                     on_started: None,
+                    paused: false,
                 };
                 let b = boot::boot(&machine, &elf, &decoder, &opts)?;
                 match test::judge_embedded(b.ending, case.should_panic) {

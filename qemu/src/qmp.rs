@@ -188,6 +188,20 @@ impl<S: BufRead + Write> Qmp<S> {
         }
     }
 
+    /// Waits for the next event (queued or new); `Err(Closed)` once QEMU
+    /// has exited.
+    pub fn next_event(&mut self) -> Result<(String, Value), QmpError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        match self.read_message()? {
+            Message::Event { name, data } => Ok((name, data)),
+            other => Err(QmpError::Protocol(format!(
+                "unexpected message while waiting for events: {other:?}"
+            ))),
+        }
+    }
+
     /// Asks the balloon to bring the guest to `target_bytes` of RAM.
     // Used by the tests now and by the host side of the balloon driver next.
     #[cfg_attr(not(test), allow(dead_code))]
@@ -284,8 +298,8 @@ mod tests {
         q.balloon(768 << 20).expect("balloon");
         assert_eq!(q.query_balloon().expect("query"), 768 << 20);
         assert_eq!(
-            q.events.pop_front(),
-            Some(("BALLOON_CHANGE".into(), json!({"actual": 805306368u64})))
+            q.next_event().expect("queued event"),
+            ("BALLOON_CHANGE".into(), json!({"actual": 805306368u64}))
         );
         let sent = String::from_utf8(q.stream.sent).unwrap();
         let lines: Vec<Value> = sent
@@ -308,6 +322,7 @@ mod tests {
             matches!(q.query_balloon(), Err(QmpError::Command { ref class, .. }) if class == "GenericError")
         );
         assert!(matches!(q.query_balloon(), Err(QmpError::Closed)));
+        assert!(matches!(q.next_event(), Err(QmpError::Closed)));
         assert!(matches!(
             Qmp::handshake(fake("{\"return\": {}}\n")),
             Err(QmpError::Protocol(_))

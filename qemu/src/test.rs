@@ -5,6 +5,7 @@
 
 use crate::boot::{boot, BootOptions, Ending};
 use crate::elf::{read_tests, TestCase};
+use crate::fdt::DtbPatch;
 use crate::log::Decoder;
 use crate::machine::Machine;
 use std::collections::VecDeque;
@@ -107,7 +108,7 @@ fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
         cpu,
         mem,
         el,
-        icount: false,
+        ..Machine::default()
     };
     match (suite, test) {
         ("boot", _) => vec![
@@ -119,6 +120,13 @@ fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
         ("platform", "memory_matches_qemu") => {
             vec![m("max", "512M", 1), m("max", "1G", 1), m("max", "4G", 1)]
         }
+        ("mmu", "every_virtio_window_is_mapped_device") => vec![
+            Machine::default(),
+            Machine {
+                dtb: Some(DtbPatch::SpreadVirtio),
+                ..Machine::default()
+            },
+        ],
         ("mmu", _) => vec![
             m("max", "1G", 1),
             m("cortex-a53", "1G", 1),
@@ -138,6 +146,8 @@ enum Check {
 }
 
 struct Job {
+    /// Unique within the run (names temporary files).
+    id: usize,
     full_name: String,
     machine: Machine,
     elf: usize,
@@ -151,84 +161,135 @@ struct SystemTest {
     append: Option<&'static str>,
     machine_el: u8,
     cpu: &'static str,
+    /// Boot with QEMU's device tree changed this way.
+    dtb: Option<DtbPatch>,
     /// Expected exit code, or `None` for "reaches ready".
     exit: Option<i32>,
-    /// Text the log must contain.
-    must_log: &'static str,
+    /// Texts the log must contain, each in some line.
+    must_log: &'static [&'static str],
+    /// QEMU must report over QMP that the guest powered itself off
+    /// (`SHUTDOWN` with reason `guest-shutdown`): a semihosting exit, which
+    /// also ends QEMU with status 0, sends no such event.
+    guest_shutdown: bool,
 }
+
+const SYSTEM: SystemTest = SystemTest {
+    name: "",
+    append: None,
+    machine_el: 1,
+    cpu: "max",
+    dtb: None,
+    exit: None,
+    must_log: &["ready"],
+    guest_shutdown: false,
+};
 
 const SYSTEM_TESTS: &[SystemTest] = &[
     SystemTest {
         name: "ready_el1_max",
-        append: None,
-        machine_el: 1,
-        cpu: "max",
-        exit: None,
-        must_log: "ready",
+        ..SYSTEM
     },
     SystemTest {
         name: "ready_el2_max",
-        append: None,
         machine_el: 2,
-        cpu: "max",
-        exit: None,
-        must_log: "ready",
+        ..SYSTEM
     },
     SystemTest {
         name: "ready_el3_a53",
-        append: None,
         machine_el: 3,
         cpu: "cortex-a53",
-        exit: None,
-        must_log: "ready",
+        ..SYSTEM
     },
     SystemTest {
         name: "crash_report_and_exit_code",
         append: Some("selftest=data-abort"),
-        machine_el: 1,
-        cpu: "max",
         exit: Some(hal::exit::CRASH),
-        must_log: "Data abort from the same EL",
+        must_log: &["Data abort from the same EL"],
+        ..SYSTEM
     },
     SystemTest {
         name: "stack_overflow_hits_guard_page",
         append: Some("selftest=stack-overflow"),
-        machine_el: 1,
-        cpu: "max",
         exit: Some(hal::exit::CRASH),
-        must_log: "translation fault at level 3 on write",
+        must_log: &["translation fault at level 3 on write"],
+        ..SYSTEM
     },
     SystemTest {
         name: "log_survives_fault_mid_frame",
         append: Some("selftest=nested-log"),
-        machine_el: 1,
-        cpu: "max",
-        exit: None,
-        must_log: "outer frame: before-after fault true",
+        must_log: &["outer frame: before-after fault true"],
+        ..SYSTEM
     },
     SystemTest {
         name: "psci_poweroff_hvc",
         append: Some("selftest=poweroff"),
-        machine_el: 1,
-        cpu: "max",
         exit: Some(hal::exit::SUCCESS),
-        must_log: "PSCI SYSTEM_OFF over HVC",
+        must_log: &["PSCI SYSTEM_OFF over HVC"],
+        guest_shutdown: true,
+        ..SYSTEM
     },
     SystemTest {
         name: "psci_poweroff_smc_from_el2_entry",
         append: Some("selftest=poweroff"),
         machine_el: 2,
-        cpu: "max",
         exit: Some(hal::exit::SUCCESS),
-        must_log: "PSCI SYSTEM_OFF over SMC",
+        must_log: &["PSCI SYSTEM_OFF over SMC"],
+        guest_shutdown: true,
+        ..SYSTEM
     },
     SystemTest {
         name: "panic_exit_code",
         append: Some("selftest=panic"),
-        machine_el: 1,
-        cpu: "max",
         exit: Some(hal::exit::PANIC),
-        must_log: "panic",
+        // Only the panic handler prints these (the self-test's own line
+        // says "panicking on purpose").
+        must_log: &["panic: panicked at", "selftest panic"],
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "dtb_overlapping_memory_is_typed_error",
+        dtb: Some(DtbPatch::OverlappingMemory),
+        exit: Some(hal::exit::BAD_DTB),
+        must_log: &["device tree unusable", "MemoryOverlap"],
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "dtb_memory_over_devices_is_typed_error",
+        dtb: Some(DtbPatch::MemoryOverDevices),
+        exit: Some(hal::exit::BAD_DTB),
+        must_log: &["device tree unusable", "MemoryCoversDevices"],
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "dtb_all_memory_reserved_is_typed_error",
+        dtb: Some(DtbPatch::AllMemoryReserved),
+        exit: Some(hal::exit::BAD_DTB),
+        must_log: &["device tree unusable", "AllMemoryReserved"],
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "dtb_almost_all_memory_reserved_is_typed_error",
+        dtb: Some(DtbPatch::AlmostAllMemoryReserved),
+        exit: Some(hal::exit::BAD_DTB),
+        must_log: &["device tree unusable: memory bring-up failed", "NoHole"],
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "dtb_virtio_in_memory_is_typed_error",
+        dtb: Some(DtbPatch::VirtioInMemory),
+        exit: Some(hal::exit::BAD_DTB),
+        must_log: &["device tree unusable", "VirtioInMemory"],
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "dtb_64g_claimed_on_1g_is_clamped",
+        dtb: Some(DtbPatch::MemoryBeyondBacked),
+        must_log: &[
+            "RAM 0x80000000..0x1040000000 in the device tree is not there: 0 of 64512 MiB answer; range ignored",
+            "page array: 262144 frames",
+            "ready",
+        ],
+        ..SYSTEM
     },
 ];
 
@@ -247,6 +308,9 @@ pub fn judge_embedded(ending: Ending, should_panic: bool) -> Result<(), String> 
         (Ending::Exited(c), _) if c == hal::exit::BAD_DTB => {
             Err("device tree rejected at boot".into())
         }
+        (Ending::Exited(c), _) if c == hal::exit::POWEROFF_FAILED => {
+            Err("PSCI SYSTEM_OFF returned".into())
+        }
         (Ending::Exited(c), _) => Err(format!("QEMU exited with status {c}")),
         (Ending::Signalled(s), _) => Err(format!("QEMU killed by signal {s}")),
         (Ending::TimedOut, _) => Err("timed out".into()),
@@ -256,6 +320,21 @@ pub fn judge_embedded(ending: Ending, should_panic: bool) -> Result<(), String> 
 
 fn matches(filters: &[String], name: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+}
+
+fn push_event(events: &Mutex<Vec<(String, serde_json::Value)>>, e: (String, serde_json::Value)) {
+    if let Ok(mut v) = events.lock() {
+        v.push(e);
+    }
+}
+
+/// True when QEMU reported that the guest itself asked for power-off (PSCI
+/// SYSTEM_OFF), as opposed to exiting through semihosting or being killed.
+pub fn guest_powered_off(events: &[(String, serde_json::Value)]) -> bool {
+    events.iter().any(|(name, data)| {
+        name == "SHUTDOWN"
+            && data.get("reason").and_then(serde_json::Value::as_str) == Some("guest-shutdown")
+    })
 }
 
 /// Boots one job and judges it: `Ok(wall time)` or the reason it failed
@@ -268,6 +347,34 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
         format!("cpu={}", m.cpu),
     ];
     let ready = |l: &crate::log::LogLine| l.message == "ready";
+    // System tests that must see the guest power off watch QMP events: QEMU
+    // starts paused, and the watcher resumes it once connected.
+    let qmp_path = match &job.check {
+        Check::System(st) if st.guest_shutdown => Some(std::env::temp_dir().join(format!(
+            "cargo-qemu-test-{}-{}.qmp",
+            std::process::id(),
+            job.id
+        ))),
+        _ => None,
+    };
+    let events = Mutex::new(Vec::<(String, serde_json::Value)>::new());
+    let watch_events = || {
+        let Some(path) = &qmp_path else { return };
+        let mut q = match crate::qmp::Qmp::connect(path, Duration::from_secs(10)) {
+            Ok(q) => q,
+            Err(e) => {
+                push_event(&events, ("qmp-unavailable".into(), e.to_string().into()));
+                return;
+            }
+        };
+        if let Err(e) = q.execute("cont", None) {
+            push_event(&events, ("qmp-cont-failed".into(), e.to_string().into()));
+            return;
+        }
+        while let Ok(e) = q.next_event() {
+            push_event(&events, e);
+        }
+    };
     let opts = match &job.check {
         Check::Embedded(case) => {
             semihosting_args.splice(0..0, ["run_addr".to_string(), case.addr.to_string()]);
@@ -279,6 +386,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
                 echo: false,
                 stop_when: None,
                 on_started: None,
+                paused: false,
             }
         }
         // Its own boot: QMP, a driver thread and its own verdict.
@@ -286,7 +394,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
         Check::System(st) => BootOptions {
             semihosting_args,
             append: st.append,
-            qmp: None,
+            qmp: qmp_path.as_deref(),
             timeout: Duration::from_secs(60),
             echo: false,
             stop_when: if st.exit.is_none() {
@@ -294,10 +402,15 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
             } else {
                 None
             },
-            on_started: None,
+            on_started: qmp_path.is_some().then_some(&watch_events),
+            paused: qmp_path.is_some(),
         },
     };
-    let b = boot(m, elf, decoder, &opts)?;
+    let b = boot(m, elf, decoder, &opts);
+    if let Some(p) = &qmp_path {
+        let _ = std::fs::remove_file(p);
+    }
+    let b = b?;
     let verdict = match &job.check {
         Check::Embedded(case) => judge_embedded(b.ending, case.should_panic),
         Check::Balloon(_) => Ok(()),
@@ -306,11 +419,18 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
             (Some(want), Ending::Exited(got)) if want == got => Ok(()),
             (want, got) => Err(format!("expected {want:?} (None = ready), got {got:?}")),
         }
+        .and_then(|()| match st.must_log.iter().find(|t| !b.logged(t)) {
+            None => Ok(()),
+            Some(t) => Err(format!("log lacks {t:?}")),
+        })
         .and_then(|()| {
-            if b.logged(st.must_log) {
+            let events = events.lock().map(|e| e.clone()).unwrap_or_default();
+            if !st.guest_shutdown || guest_powered_off(&events) {
                 Ok(())
             } else {
-                Err(format!("log lacks {:?}", st.must_log))
+                Err(format!(
+                    "QEMU saw no guest power-off (QMP SHUTDOWN, reason guest-shutdown); events: {events:?}"
+                ))
             }
         }),
     };
@@ -364,6 +484,7 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
             }
             for machine in machines_for(&art.name, &case.name) {
                 jobs.push(Job {
+                    id: jobs.len(),
                     full_name: full.clone(),
                     machine,
                     elf: idx,
@@ -381,9 +502,11 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
             let machine = Machine {
                 cpu: st.cpu,
                 el: st.machine_el,
+                dtb: st.dtb,
                 ..Machine::default()
             };
             jobs.push(Job {
+                id: jobs.len(),
                 full_name: full,
                 machine,
                 elf: fw_idx,
@@ -423,6 +546,7 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
             let full = format!("system::{name}");
             if matches(&args.filters, &full) {
                 jobs.push(Job {
+                    id: jobs.len(),
                     full_name: full,
                     machine,
                     elf: fw_idx,
@@ -570,6 +694,50 @@ mod tests {
             .collect();
         assert_eq!(mem, vec![512 << 20, 1 << 30, 4 << 30]);
         assert_eq!(machines_for("other", "x"), vec![Machine::default()]);
+    }
+
+    #[test]
+    fn guest_power_off_needs_the_shutdown_event() {
+        use serde_json::json;
+        assert!(guest_powered_off(&[(
+            "SHUTDOWN".into(),
+            json!({"guest": true, "reason": "guest-shutdown"})
+        )]));
+        // QEMU killed from outside, or no event at all (semihosting exit).
+        assert!(!guest_powered_off(&[(
+            "SHUTDOWN".into(),
+            json!({"guest": false, "reason": "host-signal"})
+        )]));
+        assert!(!guest_powered_off(&[]));
+    }
+
+    #[test]
+    fn system_tests_assert_what_they_name() {
+        for st in SYSTEM_TESTS {
+            assert!(!st.must_log.is_empty(), "{}", st.name);
+            if st.name.contains("poweroff") {
+                assert!(
+                    st.guest_shutdown,
+                    "{} must see the guest power off",
+                    st.name
+                );
+            }
+            if st.name.contains("is_typed_error") {
+                assert_eq!(st.exit, Some(hal::exit::BAD_DTB), "{}", st.name);
+                assert!(st.dtb.is_some(), "{}", st.name);
+            }
+        }
+        // The panic test must not be satisfied by the self-test's own line.
+        let panic = SYSTEM_TESTS
+            .iter()
+            .find(|s| s.name == "panic_exit_code")
+            .expect("exists");
+        assert!(panic
+            .must_log
+            .iter()
+            .all(|t| !"selftest: panicking on purpose".contains(t)));
+        let spread = machines_for("mmu", "every_virtio_window_is_mapped_device");
+        assert!(spread.iter().any(|m| m.dtb == Some(DtbPatch::SpreadVirtio)));
     }
 
     #[test]

@@ -87,6 +87,49 @@ impl FrameStats {
     }
 }
 
+/// What [`FrameAllocator::check_consistency`] found wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inconsistency {
+    /// A hot-cached block is misaligned or not inside one RAM range.
+    CachedBlockMisplaced,
+    /// A non-first frame of a hot-cached block is not a free tail.
+    CachedBlockBadTail,
+    /// A listed free block is misaligned or not inside one RAM range.
+    FreeBlockMisplaced,
+    /// A non-first frame of a listed free block is not a free tail.
+    FreeBlockBadTail,
+    /// A page-array index maps to no PFN.
+    BadIndex,
+    /// A PFN lies in no RAM range.
+    NoSection,
+    /// A hot-cached block of an order without a hot cache.
+    CachedOrderTooHigh,
+    /// A word with an unknown type tag.
+    UnknownTag,
+    /// A folio frame outside its descriptor's range.
+    FolioFrameOutsideDescriptor,
+    /// The hot-cached words disagree with the hot caches.
+    HotCacheMismatch,
+    /// A hot-cache entry is not a cached block of its order.
+    HotCacheEntryNotCachedBlock,
+    /// The per-type counts disagree with the words.
+    TypeCountMismatch,
+    /// A free-list link points outside the page array.
+    FreeLinkOutOfRange,
+    /// A free-list entry is not a free head of its list's order.
+    FreeListEntryNotHead,
+    /// A free head's `prev` link is not the previous entry.
+    BadPrevLink,
+    /// A listed free block's buddy is a listed free block of the same order (not fully merged).
+    NotMerged,
+    /// A free list has a cycle.
+    FreeListCycle,
+    /// A per-order free block count disagrees with its list.
+    FreeBlockCountMismatch,
+    /// The frames in the free lists and hot caches disagree with the Free count.
+    FreeFrameCountMismatch,
+}
+
 /// A frame-range consistency violation found by
 /// [`FrameAllocator::check_consistency`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,13 +137,13 @@ pub struct ConsistencyError {
     /// Where.
     pub pfn: Pfn,
     /// What.
-    pub what: &'static str,
+    pub what: Inconsistency,
 }
 
 /// The buddy frame allocator over one [`PageArray`].
 pub struct FrameAllocator<'a, M: DescMemory, A: Atomics = CoreAtomics> {
     pub(crate) pa: &'a PageArray<'a, A>,
-    mem: M,
+    pub(crate) mem: M,
     pub(crate) lists: FreeLists,
     hot: HotCache,
     pub(crate) by_type: [u64; FrameType::COUNT],
@@ -304,8 +347,15 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             .ok_or(FrameError::OutOfDescriptors { ty: D::TYPE })
     }
 
+    /// A free folio descriptor, its count checked to be 0 (frozen): no
+    /// `try_get` raises a zero count, so the `unfreeze` that publishes it
+    /// cannot fail. A descriptor found otherwise is corrupt and never reused.
     pub(crate) fn get_folio_desc(&mut self) -> Result<&'static FolioDesc<A>, FrameError> {
-        self.get_desc(|s| &mut s.folios)
+        let d = self.get_desc(|s| &mut s.folios)?;
+        if d.refcount() != 0 {
+            return Err(FrameError::Corrupt { pfn: d.head() });
+        }
+        Ok(d)
     }
     pub(crate) fn get_table_desc(&mut self) -> Result<&'static PageTableDesc<A>, FrameError> {
         self.get_desc(|s| &mut s.tables)
@@ -404,6 +454,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         let head = self.pa.effective(raw);
         let ty = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
         let tail = match ty {
+            // Poisoned while free: it left the allocator poisoned, not free.
+            FrameType::Free if raw.frame_type() == Some(FrameType::HwPoison) => {
+                return Err(FrameError::HwPoisoned { pfn })
+            }
             FrameType::Free => return Err(FrameError::Free { pfn }),
             FrameType::HwPoison => return Err(FrameError::HwPoisoned { pfn }),
             FrameType::Folio => return Err(FrameError::WrongType { pfn, found: ty }),
@@ -455,6 +509,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             Some(FrameType::PageTable) => {
                 // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
                 let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
+                d.retire();
                 self.tables.free(d);
             }
             Some(FrameType::Slab) => {
@@ -537,12 +592,14 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         owner: Owner,
     ) -> FolioRef<A> {
         d.init(Pfn(pfn), order, owner);
-        d.unfreeze(1);
+        // Cannot fail: `get_folio_desc` checked the count is 0, and no
+        // `try_get` raises a zero count.
+        let _ = d.unfreeze(1);
         self.fill(idx, order, Word::with_desc(FrameType::Folio, desc_addr(d)));
         let n = 1u64 << order;
         self.by_type[FrameType::Free.index()] -= n;
         self.by_type[FrameType::Folio.index()] += n;
-        FolioRef::from_raw(d)
+        FolioRef::counted(d)
     }
 
     /// A folio at exactly `[pfn, pfn + 2^order)`, which must be free.
@@ -552,23 +609,23 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         owner: Owner,
     ) -> Result<FolioRef<A>, FrameError> {
-        self.drain_cache();
-        let (sec, idx) = self.check_free_range(pfn, order)?;
-        let d = self.get_folio_desc()?;
-        // Descriptor growth may have taken a frame: check again.
-        if let Err(e) = self.check_free_range(pfn, order) {
-            self.folios.free(d);
-            return Err(e);
-        }
-        self.take_free_block(&sec, idx, pfn.0, order);
+        let (sec, idx) = self.take_at(pfn, order)?;
+        let d = match self.get_folio_desc() {
+            Ok(d) => d,
+            Err(e) => {
+                self.untake(&sec, idx, pfn.0, order);
+                return Err(e);
+            }
+        };
         Ok(self.publish_folio(d, idx, pfn.0, order, owner))
     }
 
     /// Drops a reference; on the last one, releases the folio (see
-    /// [`FrameAllocator::release`]).
+    /// [`FrameAllocator::release`]). A count found at zero is
+    /// [`FrameError::RefcountUnderflow`] (and stays zero).
     #[inline]
     pub fn put(&mut self, r: FolioRef<A>) -> Result<Option<Released<A>>, FrameError> {
-        match r.put() {
+        match r.put()? {
             None => Ok(None),
             Some(last) => self.release(last).map(Some),
         }
@@ -587,7 +644,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             owner @ (Owner::Balloon | Owner::Pool(_) | Owner::SharedMemory(_)) => {
                 Ok(Released::ToOwner {
                     owner,
-                    folio: FrozenFolio { desc: d },
+                    folio: FrozenFolio { desc: d, refs: 0 },
                 })
             }
         }
@@ -654,17 +711,14 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         kind: FrozenKind,
     ) -> Result<(), FrameError> {
-        self.drain_cache();
-        self.check_free_range(pfn, order)?;
-        let (head, tail) = self.frozen_words(order, kind)?;
-        let (sec, idx) = match self.check_free_range(pfn, order) {
-            Ok(v) => v,
+        let (sec, idx) = self.take_at(pfn, order)?;
+        let (head, tail) = match self.frozen_words(order, kind) {
+            Ok(w) => w,
             Err(e) => {
-                self.drop_desc(head);
+                self.untake(&sec, idx, pfn.0, order);
                 return Err(e);
             }
         };
-        self.take_free_block(&sec, idx, pfn.0, order);
         self.publish_frozen(idx, order, head, tail);
         Ok(())
     }
@@ -683,21 +737,19 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         }
     }
 
-    /// Frees a frozen allocation (page table, slab, offline, guard, or a
-    /// reserved frame at order 0). Poisoned frames in it stay poisoned.
+    /// Frees a frozen allocation (page table, slab, offline, guard).
+    /// Poisoned frames in it stay poisoned. Reserved frames are not frozen
+    /// allocations ([`FrameError::Reserved`]); see [`FrameAllocator::unreserve`].
     pub fn free_frozen(&mut self, pfn: Pfn, order: u8) -> Result<(), FrameError> {
         let (sec, idx, head, poisoned) = self.check_allocation(pfn, order)?;
-        if head.frame_type() == Some(FrameType::PageTable) {
-            // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
-            let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
-            if d.valid() != 0 {
-                return Err(FrameError::PageTableNotEmpty {
-                    pfn,
-                    valid: d.valid(),
-                });
-            }
-        }
         let ty = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
+        if ty == FrameType::Reserved {
+            return Err(FrameError::Reserved {
+                pfn,
+                kind: ReservedKind::from_subtype(head.subtype()),
+            });
+        }
+        Self::check_table_empty(pfn, head)?;
         self.drop_desc(head);
         let freed = self.give_back(&sec, idx, pfn.0, order, poisoned);
         self.by_type[ty.index()] -= freed;
@@ -710,9 +762,30 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.pa.page_table(pfn)
     }
 
-    /// Frees a translation table; fails while it has valid entries.
+    /// Frees a translation table; fails while it has valid entries, and for
+    /// a stale handle (the frame holds another table, or none, since).
     pub fn free_page_table(&mut self, t: PageTableFrame<A>) -> Result<(), FrameError> {
+        t.check_current()?;
+        // The frame must still hold this table (its original word, if poisoned).
+        let now = self.pa.effective(self.pa.word(t.pfn())?);
+        if now != Word::with_desc(FrameType::PageTable, desc_addr(t.desc())) {
+            return Err(FrameError::StaleHandle { pfn: t.pfn() });
+        }
         self.free_frozen(t.pfn(), 0)
+    }
+
+    /// `PageTableNotEmpty` when `head` (an allocation's head word, the
+    /// original one for a poisoned frame) is a table with valid entries.
+    pub(crate) fn check_table_empty(pfn: Pfn, head: Word) -> Result<(), FrameError> {
+        if head.frame_type() == Some(FrameType::PageTable) {
+            // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
+            let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
+            let valid = d.valid();
+            if valid != 0 {
+                return Err(FrameError::PageTableNotEmpty { pfn, valid });
+            }
+        }
+        Ok(())
     }
 
     // ---- reserved ranges ----------------------------------------------------
@@ -722,8 +795,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.drain_cache();
         for p in range.start.0..range.end.0 {
             let w = self.pa.word(Pfn(p))?;
-            if w.frame_type() != Some(FrameType::Free) {
-                return Err(FrameError::NotFree { pfn: Pfn(p) });
+            match w.frame_type() {
+                Some(FrameType::Free) => {}
+                Some(FrameType::HwPoison) => return Err(FrameError::HwPoisoned { pfn: Pfn(p) }),
+                _ => return Err(FrameError::NotFree { pfn: Pfn(p) }),
             }
         }
         for p in range.start.0..range.end.0 {
@@ -739,6 +814,75 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             self.by_type[FrameType::Reserved.index()] += 1;
         }
         Ok(())
+    }
+
+    /// Gives `range`, reserved as `Reserved(kind)` (by [`FrameAllocator::new`]
+    /// or [`FrameAllocator::reserve`]), back to the allocator. Every frame
+    /// must be `Reserved(kind)`; the allocator's own memory
+    /// ([`ReservedKind::DescriptorCache`], [`ReservedKind::PageArray`]) is
+    /// never given back. Refused with [`FrameError::Reserved`] (or
+    /// `WrongType`, `HwPoisoned`, `NotManaged`) before anything changes.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may use the memory of `range` any more (reserved frames are
+    /// the image, the device tree, MMIO holes...: the allocator cannot know
+    /// whether they are still in use); once given back, its frames are
+    /// handed out to new owners.
+    pub unsafe fn unreserve(
+        &mut self,
+        range: PfnRange,
+        kind: ReservedKind,
+    ) -> Result<(), FrameError> {
+        for p in range.start.0..range.end.0 {
+            let pfn = Pfn(p);
+            let w = self.pa.word(pfn)?;
+            match w.frame_type() {
+                Some(FrameType::Reserved) => {}
+                Some(FrameType::HwPoison) => return Err(FrameError::HwPoisoned { pfn }),
+                Some(found) => return Err(FrameError::WrongType { pfn, found }),
+                None => return Err(FrameError::Corrupt { pfn }),
+            }
+            let found = ReservedKind::from_subtype(w.subtype());
+            if found != kind
+                || matches!(
+                    found,
+                    ReservedKind::DescriptorCache | ReservedKind::PageArray
+                )
+            {
+                return Err(FrameError::Reserved { pfn, kind: found });
+            }
+        }
+        for p in range.start.0..range.end.0 {
+            let sec = *self
+                .pa
+                .section_of(p)
+                .ok_or(FrameError::NotManaged { pfn: Pfn(p) })?;
+            let idx = sec.index(p);
+            self.pa.store_relaxed(idx, Word::FREE_TAIL);
+            self.lists.free(self.pa, &sec, idx, p, 0);
+            self.by_type[FrameType::Reserved.index()] -= 1;
+            self.by_type[FrameType::Free.index()] += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes the free range `[pfn, pfn + 2^order)` out of the buddy and
+    /// parks it (head word Reserved, not counted anywhere) so descriptor
+    /// growth can neither take it nor merge with it; the caller publishes
+    /// it or gives it back with [`FrameAllocator::untake`].
+    fn take_at(&mut self, pfn: Pfn, order: u8) -> Result<(Section, usize), FrameError> {
+        self.drain_cache();
+        let (sec, idx) = self.check_free_range(pfn, order)?;
+        self.take_free_block(&sec, idx, pfn.0, order);
+        self.pa.store_relaxed(idx, Word::RESERVED);
+        Ok((sec, idx))
+    }
+
+    /// Gives a range parked by [`FrameAllocator::take_at`] back to the buddy.
+    fn untake(&mut self, sec: &Section, idx: usize, pfn: u64, order: u8) {
+        self.pa.store_relaxed(idx, Word::FREE_TAIL);
+        self.lists.free(self.pa, sec, idx, pfn, order);
     }
 
     /// Checks that `[pfn, pfn + 2^order)` lies in one free block.
@@ -761,10 +905,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                 // Report the first frame that is not free.
                 for i in 0..1u64 << order {
                     let w = self.pa.load_relaxed(idx + i as usize);
-                    if w.frame_type() != Some(FrameType::Free) {
-                        return Err(FrameError::NotFree {
-                            pfn: Pfn(pfn.0 + i),
-                        });
+                    let at = Pfn(pfn.0 + i);
+                    match w.frame_type() {
+                        Some(FrameType::Free) => {}
+                        Some(FrameType::HwPoison) => {
+                            return Err(FrameError::HwPoisoned { pfn: at })
+                        }
+                        _ => return Err(FrameError::NotFree { pfn: at }),
                     }
                 }
                 Err(FrameError::NotFree { pfn })
@@ -809,17 +956,17 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         let check_free_block = |i: usize, o: u8, cached: bool| -> Result<(), ConsistencyError> {
             let (misplaced, bad_tail) = if cached {
                 (
-                    "misaligned or out-of-range cached block",
-                    "cached block tail is not a free tail",
+                    Inconsistency::CachedBlockMisplaced,
+                    Inconsistency::CachedBlockBadTail,
                 )
             } else {
                 (
-                    "misaligned or out-of-range free block",
-                    "free block tail is not a free tail",
+                    Inconsistency::FreeBlockMisplaced,
+                    Inconsistency::FreeBlockBadTail,
                 )
             };
-            let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?.0;
-            let sec = pa.section_of(pfn).ok_or(err(i, "section"))?;
+            let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?.0;
+            let sec = pa.section_of(pfn).ok_or(err(i, Inconsistency::NoSection))?;
             if pfn & ((1u64 << o) - 1) != 0 || !sec.holds_block(pfn, o) {
                 return Err(err(i, misplaced));
             }
@@ -835,36 +982,36 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             if w.is_free_cached() {
                 let o = w.free_cached_order();
                 if o > HOT_MAX_ORDER {
-                    return Err(err(i, "hot-cached block of an uncached order"));
+                    return Err(err(i, Inconsistency::CachedOrderTooHigh));
                 }
                 cached[o as usize] += 1;
             }
-            let t = w.frame_type().ok_or(err(i, "unknown tag"))?;
+            let t = w.frame_type().ok_or(err(i, Inconsistency::UnknownTag))?;
             counts[t.index()] += 1;
             if t == FrameType::Folio {
                 // SAFETY: Folio-tagged words hold folio descriptor addresses.
                 let d = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
-                let pfn = pa.pfn_of(i).ok_or(err(i, "index"))?;
+                let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?;
                 if pfn.0 < d.head().0 || pfn.0 >= d.head().0 + (1u64 << d.order()) {
-                    return Err(err(i, "folio frame outside its descriptor's range"));
+                    return Err(err(i, Inconsistency::FolioFrameOutsideDescriptor));
                 }
             }
         }
         for o in 0..=HOT_MAX_ORDER {
             if cached[o as usize] != self.hot.len(o) {
-                return Err(err(0, "hot-cache words disagree with the hot cache"));
+                return Err(err(0, Inconsistency::HotCacheMismatch));
             }
             for &i in self.hot.entries(o) {
                 let i = i as usize;
                 let w = pa.load(i);
                 if !w.is_free_cached() || w.free_cached_order() != o {
-                    return Err(err(i, "hot-cache entry is not a cached block of its order"));
+                    return Err(err(i, Inconsistency::HotCacheEntryNotCachedBlock));
                 }
                 check_free_block(i, o, true)?;
             }
         }
         if counts != self.by_type {
-            return Err(err(0, "per-type counts disagree with the words"));
+            return Err(err(0, Inconsistency::TypeCountMismatch));
         }
         let mut free_frames = 0u64;
         for o in 0..=MAX_ORDER {
@@ -874,30 +1021,45 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             while idx != NO_LINK {
                 let i = idx as usize;
                 if i >= pa.len() {
-                    return Err(err(0, "free link out of range"));
+                    return Err(err(0, Inconsistency::FreeLinkOutOfRange));
                 }
                 let w = pa.load(i);
                 if !w.is_free_head() || w.free_order() != o {
-                    return Err(err(i, "free-list entry is not a head of its order"));
+                    return Err(err(i, Inconsistency::FreeListEntryNotHead));
                 }
                 if w.free_prev() != prev {
-                    return Err(err(i, "bad prev link"));
+                    return Err(err(i, Inconsistency::BadPrevLink));
                 }
                 check_free_block(i, o, false)?;
+                // Fully merged: no listed block has a listed free buddy of
+                // its own order (hot-cached blocks are left unmerged on
+                // purpose and have no head bit).
+                if o < MAX_ORDER {
+                    let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?.0;
+                    let buddy = pfn ^ (1u64 << o);
+                    if let Some(sec) = pa.section_of(pfn) {
+                        if sec.holds_block(buddy, o) {
+                            let bw = pa.load(sec.index(buddy));
+                            if bw.is_free_head() && bw.free_order() == o {
+                                return Err(err(i, Inconsistency::NotMerged));
+                            }
+                        }
+                    }
+                }
                 n += 1;
                 if n > pa.len() as u64 {
-                    return Err(err(i, "free-list cycle"));
+                    return Err(err(i, Inconsistency::FreeListCycle));
                 }
                 prev = idx;
                 idx = w.free_next();
             }
             if n != self.lists.blocks[o as usize] {
-                return Err(err(0, "free block count disagrees with the list"));
+                return Err(err(0, Inconsistency::FreeBlockCountMismatch));
             }
             free_frames += n << o;
         }
         if free_frames + self.hot.frames() != self.by_type[FrameType::Free.index()] {
-            return Err(err(0, "free frames in lists disagree with Free words"));
+            return Err(err(0, Inconsistency::FreeFrameCountMismatch));
         }
         Ok(())
     }

@@ -24,15 +24,29 @@ pub(crate) trait Desc<A: Atomics>: Sized + 'static {
     fn link(&self) -> &A::U64;
 }
 
-/// `try_get` found the refcount at zero: the folio is frozen or free.
+/// Why a raw refcount operation was refused. No refcount arithmetic wraps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RefcountZero;
+pub enum RefcountError {
+    /// The count is zero: the folio is frozen or free (`try_get`, `put`).
+    Zero,
+    /// The count is at [`REFCOUNT_MAX`] (`try_get`).
+    Saturated,
+    /// `unfreeze` found a count that is not frozen (not zero): the count.
+    NotFrozen(u32),
+}
+
+/// The highest refcount: `try_get` refuses to go above it.
+pub const REFCOUNT_MAX: u32 = u32::MAX;
 
 // ---- folio -------------------------------------------------------------------
 
 const META_ORDER_BITS: u32 = 5;
 const META_OWNER_SHIFT: u32 = 5;
 const META_PFN_SHIFT: u32 = 23;
+
+/// PFNs a folio descriptor can hold: `0..PFN_LIMIT` (41 bits, 8 PiB of
+/// physical address space). The page array refuses ranges beyond it.
+pub const PFN_LIMIT: u64 = 1 << (64 - META_PFN_SHIFT);
 
 /// Folio flag: a frame of the folio was poisoned; its frames never return to
 /// the allocator as a whole.
@@ -85,13 +99,17 @@ impl<A: Atomics> FolioDesc<A> {
         self.refcount.load(Ordering::Acquire)
     }
 
-    /// Increments unless zero (then [`RefcountZero`]: frozen or free); returns the new count.
+    /// Increments unless zero ([`RefcountError::Zero`]: frozen or free) or
+    /// at [`REFCOUNT_MAX`] ([`RefcountError::Saturated`]); returns the new count.
     #[inline]
-    pub fn try_get(&self) -> Result<u32, RefcountZero> {
+    pub(crate) fn try_get(&self) -> Result<u32, RefcountError> {
         let mut n = self.refcount.load(Ordering::Relaxed);
         loop {
             if n == 0 {
-                return Err(RefcountZero);
+                return Err(RefcountError::Zero);
+            }
+            if n == REFCOUNT_MAX {
+                return Err(RefcountError::Saturated);
             }
             match self
                 .refcount
@@ -103,26 +121,47 @@ impl<A: Atomics> FolioDesc<A> {
         }
     }
 
-    /// Decrements; true when this was the last reference.
+    /// Decrements; `Ok(true)` when this was the last reference. A count of
+    /// zero (frozen or free) is [`RefcountError::Zero`] and stays zero.
     #[inline]
-    pub fn put(&self) -> bool {
-        // AcqRel: the last putter must see every other holder's writes before
-        // the owner reuses the frames.
-        self.refcount.fetch_sub(1, Ordering::AcqRel) == 1
+    pub(crate) fn put(&self) -> Result<bool, RefcountError> {
+        let mut n = self.refcount.load(Ordering::Relaxed);
+        loop {
+            if n == 0 {
+                return Err(RefcountError::Zero);
+            }
+            // AcqRel: the last putter must see every other holder's writes
+            // before the owner reuses the frames.
+            match self
+                .refcount
+                .compare_exchange(n, n - 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(n == 1),
+                Err(now) => n = now,
+            }
+        }
     }
 
-    /// Compare-exchange `expected -> 0`; `Err(actual)` when the count differs.
+    /// Compare-exchange `expected -> 0`; `Err(actual)` when the count
+    /// differs. `expected` 0 (already frozen) is refused the same way.
     #[inline]
-    pub fn freeze(&self, expected: u32) -> Result<(), u32> {
+    pub(crate) fn freeze(&self, expected: u32) -> Result<(), u32> {
+        if expected == 0 {
+            return Err(self.refcount.load(Ordering::Relaxed));
+        }
         self.refcount
             .compare_exchange(expected, 0, Ordering::Acquire, Ordering::Relaxed)
             .map(|_| ())
     }
 
-    /// Release store of `n` into a frozen (0) refcount.
+    /// Release compare-exchange `0 -> n`: unfreezes a frozen count;
+    /// [`RefcountError::NotFrozen`] when the count is not zero.
     #[inline]
-    pub fn unfreeze(&self, n: u32) {
-        self.refcount.store(n, Ordering::Release)
+    pub(crate) fn unfreeze(&self, n: u32) -> Result<(), RefcountError> {
+        self.refcount
+            .compare_exchange(0, n, Ordering::Release, Ordering::Relaxed)
+            .map(|_| ())
+            .map_err(RefcountError::NotFrozen)
     }
 
     /// Order of the allocation (stable while a reference is held).
@@ -167,10 +206,16 @@ impl<A: Atomics> FolioDesc<A> {
 /// Entries of one 4 KiB translation table (Arm ARM D8.2: 512 descriptors).
 pub const TABLE_ENTRIES: u32 = 512;
 
+const LEVEL_MASK: u32 = 0xff;
+const GENERATION_SHIFT: u32 = 8;
+
 /// Descriptor of a translation-table frame: what the table engine tracks.
 #[repr(C, align(16))]
 pub struct PageTableDesc<A: Atomics = CoreAtomics> {
     valid: A::U32,
+    /// Level (low 8 bits) and a 24-bit generation, bumped each time a table
+    /// using the descriptor is freed, so a handle to it is recognised as
+    /// stale. Kept while free (only `link` is reused then).
     level: A::U32,
     link: A::U64,
 }
@@ -196,14 +241,29 @@ impl<A: Atomics> PageTableDesc<A> {
     /// link cell, which is only a link while the descriptor is free).
     pub(crate) fn init(&self, order: u8) {
         self.valid.store(0, Ordering::Relaxed);
-        self.level.store(0, Ordering::Relaxed);
+        let generation = self.level.load(Ordering::Relaxed) & !LEVEL_MASK;
+        self.level.store(generation, Ordering::Relaxed);
         self.link.store(order as u64, Ordering::Relaxed);
+    }
+
+    /// Ends the current table's generation (when its frame is freed or
+    /// retyped): every handle made for it is stale from now on.
+    pub(crate) fn retire(&self) {
+        let g = self.level.load(Ordering::Relaxed) >> GENERATION_SHIFT;
+        self.level
+            .store(g.wrapping_add(1) << GENERATION_SHIFT, Ordering::Relaxed);
     }
 
     /// Order of the allocation (meaningful while allocated).
     #[inline]
     pub fn order(&self) -> u8 {
         self.link.load(Ordering::Relaxed) as u8
+    }
+
+    /// Which use of this descriptor the current table is (24 bits, wrapping).
+    #[inline]
+    pub fn generation(&self) -> u32 {
+        self.level.load(Ordering::Relaxed) >> GENERATION_SHIFT
     }
 
     /// Number of valid entries in the table.
@@ -251,13 +311,15 @@ impl<A: Atomics> PageTableDesc<A> {
     /// The translation level the engine recorded (0..=3), 0 by default.
     #[inline]
     pub fn level(&self) -> u32 {
-        self.level.load(Ordering::Relaxed)
+        self.level.load(Ordering::Relaxed) & LEVEL_MASK
     }
 
-    /// Records the translation level.
+    /// Records the translation level (0..=3; only the low 8 bits are kept).
     #[inline]
     pub fn set_level(&self, level: u32) {
-        self.level.store(level, Ordering::Relaxed)
+        let g = self.level.load(Ordering::Relaxed) & !LEVEL_MASK;
+        self.level
+            .store(g | (level & LEVEL_MASK), Ordering::Relaxed)
     }
 }
 
@@ -362,22 +424,40 @@ mod tests {
     #[test]
     fn refcount_rules() {
         let d = FolioDesc::<CoreAtomics>::new_free();
-        assert_eq!(d.try_get(), Err(RefcountZero));
+        assert_eq!(d.try_get(), Err(RefcountError::Zero));
         d.init(Pfn(0x1234), 3, Owner::Pool(9));
-        d.unfreeze(1);
+        assert_eq!(d.unfreeze(1), Ok(()));
+        assert_eq!(d.unfreeze(1), Err(RefcountError::NotFrozen(1)));
         assert_eq!(d.try_get(), Ok(2));
         assert_eq!(d.freeze(1), Err(2));
-        assert!(!d.put());
+        assert_eq!(d.put(), Ok(false));
         assert_eq!(d.freeze(1), Ok(()));
-        assert_eq!(d.try_get(), Err(RefcountZero));
-        d.unfreeze(1);
-        assert!(d.put());
+        assert_eq!(d.freeze(0), Err(0));
+        assert_eq!(d.try_get(), Err(RefcountError::Zero));
+        assert_eq!(d.unfreeze(1), Ok(()));
+        assert_eq!(d.put(), Ok(true));
         assert_eq!(
             (d.head(), d.order(), d.owner()),
             (Pfn(0x1234), 3, Owner::Pool(9))
         );
         assert_eq!(d.set_flags(FOLIO_HWPOISON), 0);
         assert_eq!(d.clear_flags(FOLIO_HWPOISON), FOLIO_HWPOISON);
+    }
+
+    /// No refcount arithmetic wraps: `put` at zero and `try_get` at the
+    /// ceiling are refused and leave the count as it was.
+    #[test]
+    fn refcount_never_wraps() {
+        let d = FolioDesc::<CoreAtomics>::new_free();
+        assert_eq!(d.put(), Err(RefcountError::Zero));
+        assert_eq!(d.refcount(), 0);
+        assert_eq!(d.unfreeze(REFCOUNT_MAX - 1), Ok(()));
+        assert_eq!(d.try_get(), Ok(REFCOUNT_MAX));
+        assert_eq!(d.try_get(), Err(RefcountError::Saturated));
+        assert_eq!(d.refcount(), REFCOUNT_MAX);
+        assert_eq!(d.freeze(REFCOUNT_MAX), Ok(()));
+        assert_eq!(d.put(), Err(RefcountError::Zero));
+        assert_eq!(d.refcount(), 0);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Bad caller input (a PFN outside the array, a wrong order, freeing something
 //! that is not that allocation) is always one of these, never a panic.
 
-use super::word::FrameType;
+use super::word::{FrameType, ReservedKind};
 use crate::addr::Pfn;
 use core::fmt;
 
@@ -31,6 +31,12 @@ pub enum LayoutError {
     TooManyFrames {
         /// Frames the ranges cover.
         frames: u64,
+    },
+    /// A range reaches [`PFN_LIMIT`](super::PFN_LIMIT) or beyond: its PFNs
+    /// would not fit a folio descriptor.
+    PfnTooHigh {
+        /// The range's end.
+        end: Pfn,
     },
     /// The storage handed in has fewer words than the ranges need.
     StorageTooSmall {
@@ -114,6 +120,33 @@ pub enum FrameError {
         pfn: Pfn,
         /// What it was.
         actual: u32,
+    },
+    /// A `put` found the refcount at zero (frozen or free): a reference
+    /// was given up that the count did not hold. The count stays zero.
+    RefcountUnderflow {
+        /// Head PFN.
+        pfn: Pfn,
+    },
+    /// A new reference would take the refcount above
+    /// [`REFCOUNT_MAX`](super::REFCOUNT_MAX).
+    RefcountSaturated {
+        /// The PFN.
+        pfn: Pfn,
+    },
+    /// A [`PageTableFrame`](super::PageTableFrame) for a table that was
+    /// freed; the frame now holds another table, or none.
+    StaleHandle {
+        /// The PFN.
+        pfn: Pfn,
+    },
+    /// The frame is reserved for a purpose the operation may not undo
+    /// (the allocator's descriptor memory, the page array), or its kind is
+    /// not the one given.
+    Reserved {
+        /// The PFN.
+        pfn: Pfn,
+        /// Why it is reserved.
+        kind: ReservedKind,
     },
     /// Freeing a page table that still has valid entries.
     PageTableNotEmpty {

@@ -37,40 +37,49 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             None => return Err(FrameError::Corrupt { pfn }),
             Some(_) => {}
         }
-        // Descriptor first: growing the cache may take a (free) frame.
+        if pa.load_relaxed(idx).frame_type() == Some(FrameType::Free) {
+            // Cut the frame out of the buddy and park it *before* growing the
+            // descriptor cache, which takes free frames: the poison
+            // descriptor must never land on the frame it poisons.
+            self.drain_cache();
+            let original = pa.load_relaxed(idx);
+            let block = self
+                .lists
+                .find_block(pa, &sec, idx, pfn.0)
+                .ok_or(FrameError::Corrupt { pfn })?;
+            self.lists.take_frame(pa, block, pfn.0);
+            pa.store_relaxed(idx, Word::RESERVED);
+            let d = match self.get_poison_desc() {
+                Ok(d) => d,
+                Err(e) => {
+                    pa.store_relaxed(idx, Word::FREE_TAIL);
+                    self.lists.free(pa, &sec, idx, pfn.0, 0);
+                    return Err(e);
+                }
+            };
+            d.init(original);
+            pa.store_release(idx, Word::with_desc(FrameType::HwPoison, desc_addr(d)));
+            self.by_type[FrameType::Free.index()] -= 1;
+            self.by_type[FrameType::HwPoison.index()] += 1;
+            return Ok(Poisoned::WasFree);
+        }
+        // In use: growth only takes free frames, so this one stays as it is.
         let d = self.get_poison_desc()?;
         let w = pa.load_relaxed(idx);
         let Some(ty) = w.frame_type() else {
             self.poison.free(d);
             return Err(FrameError::Corrupt { pfn });
         };
-        if ty == FrameType::Free {
-            self.drain_cache();
-            d.init(pa.load_relaxed(idx));
-            let block = match self.lists.find_block(pa, &sec, idx, pfn.0) {
-                Some(b) => b,
-                None => {
-                    self.poison.free(d);
-                    return Err(FrameError::Corrupt { pfn });
-                }
-            };
-            self.lists.take_frame(pa, block, pfn.0);
-        } else if ty == FrameType::Folio {
+        if ty == FrameType::Folio {
             // SAFETY: Folio-tagged words hold folio descriptor addresses.
             let f = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
             f.set_flags(FOLIO_HWPOISON);
         }
-        if ty != FrameType::Free {
-            d.init(w);
-        }
+        d.init(w);
         pa.store_release(idx, Word::with_desc(FrameType::HwPoison, desc_addr(d)));
         self.by_type[ty.index()] -= 1;
         self.by_type[FrameType::HwPoison.index()] += 1;
-        Ok(if ty == FrameType::Free {
-            Poisoned::WasFree
-        } else {
-            Poisoned::InUse(ty)
-        })
+        Ok(Poisoned::InUse(ty))
     }
 }
 

@@ -79,13 +79,14 @@ pub mod word;
 mod tests;
 
 pub use allocator::{
-    ConsistencyError, FrameAllocator, FrameStats, FrozenKind, Released, ReservedRange,
+    ConsistencyError, FrameAllocator, FrameStats, FrozenKind, Inconsistency, Released,
+    ReservedRange,
 };
 pub use atomics::{AtomicCell, Atomics, CoreAtomics};
 pub use buddy::{MAX_ORDER, ORDERS};
 pub use desc::{
-    FolioDesc, HwPoisonDesc, PageTableDesc, RefcountZero, SlabDesc, FOLIO_FLAG_USER_SHIFT,
-    FOLIO_HWPOISON, TABLE_ENTRIES,
+    FolioDesc, HwPoisonDesc, PageTableDesc, RefcountError, SlabDesc, FOLIO_FLAG_USER_SHIFT,
+    FOLIO_HWPOISON, PFN_LIMIT, REFCOUNT_MAX, TABLE_ENTRIES,
 };
 pub use desc_cache::{ChunkPool, DescChunk, DescMemory, LinearMap, CHUNK_SIZE};
 pub use error::{FrameError, LayoutError};
@@ -93,7 +94,7 @@ pub use hot_cache::{HOT_CACHE_BLOCKS, HOT_MAX_ORDER};
 pub use hwpoison::Poisoned;
 pub use owner::Owner;
 pub use page_array::{bytes_needed, words_needed, PageArray, PfnRange, MAX_RANGES};
-pub use refcount::{FolioRef, FreezeError, FrozenFolio, LastRef, PageTableFrame};
+pub use refcount::{FolioRef, FreezeError, FrozenFolio, LastRef, PageTableFrame, UnfreezeError};
 pub use word::{FrameType, ReservedKind, Word, MAX_FRAMES, NO_LINK};
 
 pub use crate::addr::Pfn;
@@ -135,6 +136,35 @@ pub(crate) mod testutil {
                 .into_boxed_slice(),
         );
         (keep(Box::new(PageArray::new(s, &r).unwrap())), n)
+    }
+
+    /// Descriptor memory from the allocator's own frames: each frame handed
+    /// to [`DescMemory::map_frame`] is mapped to a leaked host chunk
+    /// (standing in for the linear map); `frames` records which.
+    #[derive(Default)]
+    pub struct FakeLinear {
+        pub frames: std::collections::HashMap<u64, usize>,
+    }
+    // SAFETY: every mapping is a fresh leaked, page-aligned chunk.
+    unsafe impl DescMemory for FakeLinear {
+        fn chunk(&mut self) -> Option<core::ptr::NonNull<u8>> {
+            None
+        }
+        fn map_frame(&mut self, pfn: Pfn) -> Option<core::ptr::NonNull<u8>> {
+            let c = keep(Box::new(DescChunk::ZERO));
+            self.frames.insert(pfn.0, c as *mut DescChunk as usize);
+            Some(core::ptr::NonNull::from(c).cast())
+        }
+    }
+
+    impl FakeLinear {
+        /// The frame whose chunk holds address `addr`, if any.
+        pub fn frame_holding(&self, addr: usize) -> Option<Pfn> {
+            self.frames
+                .iter()
+                .find(|(_, &c)| (c..c + CHUNK_SIZE).contains(&addr))
+                .map(|(&p, _)| Pfn(p))
+        }
     }
 
     /// An allocator over `pa` with leaked-box descriptor memory.

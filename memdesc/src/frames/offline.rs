@@ -40,14 +40,9 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         if from == FrameType::Reserved {
             return Err(FrameError::WrongType { pfn, found: from });
         }
-        if let Ok(t) = self.pa.page_table(pfn) {
-            if t.valid() != 0 {
-                return Err(FrameError::PageTableNotEmpty {
-                    pfn,
-                    valid: t.valid(),
-                });
-            }
-        }
+        // `head` is the original word when the frame is poisoned: a poisoned
+        // table with live entries is still a table with live entries.
+        Self::check_table_empty(pfn, head)?;
         let (new_head, new_tail) = self.frozen_words(order, to)?;
         self.drop_desc(head);
         let healthy = self.rewrite(idx, order, new_head, new_tail);
@@ -97,9 +92,10 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         if healthy != 1u64 << order {
             d.set_flags(FOLIO_HWPOISON);
         }
-        d.unfreeze(1);
+        // Cannot fail: `get_folio_desc` checked the count is 0.
+        let _ = d.unfreeze(1);
         self.retally(FrameType::Offline, w, healthy);
-        Ok(FolioRef::from_raw(d))
+        Ok(FolioRef::counted(d))
     }
 
     fn retally(&mut self, from: FrameType, to: Word, healthy: u64) {

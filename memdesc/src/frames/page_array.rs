@@ -8,6 +8,7 @@
 //! scan of at most [`MAX_RANGES`] entries plus one subtraction: O(1).
 
 use super::atomics::{AtomicCell, Atomics, CoreAtomics};
+use super::desc::PFN_LIMIT;
 use super::error::{FrameError, LayoutError};
 use super::word::{Word, MAX_FRAMES};
 use crate::addr::{Pfn, PhysAddr, PAGE_SIZE};
@@ -136,20 +137,33 @@ fn sorted_sections(
         };
         n += 1;
     }
+    // Adjacent ranges are one stretch of memory: merge them, so buddy
+    // blocks (which never cross a section) can span the seam.
     let mut total = 0u64;
+    let mut m = 0;
     for i in 0..n {
-        if i > 0 && secs[i].start < secs[i - 1].end {
-            return Err(LayoutError::Overlap {
-                at: Pfn(secs[i].start),
-            });
+        let s = secs[i];
+        if s.end > PFN_LIMIT {
+            return Err(LayoutError::PfnTooHigh { end: Pfn(s.end) });
         }
-        secs[i].base = total;
-        total += secs[i].end - secs[i].start;
+        if m > 0 && s.start < secs[m - 1].end {
+            return Err(LayoutError::Overlap { at: Pfn(s.start) });
+        }
+        total += s.end - s.start;
+        if m > 0 && s.start == secs[m - 1].end {
+            secs[m - 1].end = s.end;
+        } else {
+            secs[m] = Section {
+                base: total - (s.end - s.start),
+                ..s
+            };
+            m += 1;
+        }
     }
     if total > MAX_FRAMES {
         return Err(LayoutError::TooManyFrames { frames: total });
     }
-    Ok((secs, total, n))
+    Ok((secs, total, m))
 }
 
 /// One word per frame of a set of RAM ranges.
@@ -167,7 +181,8 @@ impl<'a, A: Atomics> PageArray<'a, A> {
     /// Lays out a page array for `ranges` in `storage` (at least
     /// [`words_needed`] words) and marks every frame
     /// [`Reserved`](super::FrameType::Reserved). Ranges may come in any order
-    /// and must not overlap; empty ones are ignored.
+    /// and must not overlap; empty ones are ignored, adjacent ones merged.
+    /// Every PFN must be below [`PFN_LIMIT`](super::PFN_LIMIT).
     pub fn new(storage: &'a mut [A::U64], ranges: &[PfnRange]) -> Result<Self, LayoutError> {
         let (sections, total, nsections) = sorted_sections(ranges)?;
         if (storage.len() as u64) < total {

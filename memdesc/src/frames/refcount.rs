@@ -14,7 +14,7 @@
 //! place that needs the allocator's lock.
 
 use super::atomics::{Atomics, CoreAtomics};
-use super::desc::{FolioDesc, HwPoisonDesc, PageTableDesc, SlabDesc};
+use super::desc::{FolioDesc, HwPoisonDesc, PageTableDesc, RefcountError, SlabDesc};
 use super::desc_cache::desc_at;
 use super::error::FrameError;
 use super::owner::Owner;
@@ -40,6 +40,20 @@ pub struct LastRef<A: Atomics = CoreAtomics> {
 #[must_use = "a frozen folio must be unfrozen, freed or offlined"]
 pub struct FrozenFolio<A: Atomics = CoreAtomics> {
     pub(crate) desc: &'static FolioDesc<A>,
+    /// The count it was frozen at ([`FolioRef::freeze`]'s `expected`), which
+    /// [`FrozenFolio::unfreeze`] must restore; 0 for a folio whose last
+    /// reference went (the owner picks the count).
+    pub(crate) refs: u32,
+}
+
+/// [`FrozenFolio::unfreeze`] was refused; the frozen folio is handed back.
+#[must_use]
+pub struct UnfreezeError<A: Atomics = CoreAtomics> {
+    /// The folio, still frozen.
+    pub folio: FrozenFolio<A>,
+    /// Why: [`FrameError::RefcountMismatch`] (the count it was frozen at is
+    /// `actual`) or [`FrameError::Corrupt`] (the count was not frozen).
+    pub error: FrameError,
 }
 
 /// [`FolioRef::freeze`] failed: the count was not the expected value. The
@@ -87,19 +101,26 @@ impl<A: Atomics> FolioRef<A> {
     }
 
     /// Another reference to the same folio; fails with
-    /// [`FrameError::Frozen`] if someone froze the count meanwhile.
+    /// [`FrameError::Frozen`] if someone froze the count meanwhile, or
+    /// [`FrameError::RefcountSaturated`] at [`REFCOUNT_MAX`](super::REFCOUNT_MAX).
     #[inline]
     pub fn try_clone(&self) -> Result<Self, FrameError> {
         match self.desc.try_get() {
             Ok(_) => Ok(Self { desc: self.desc }),
-            Err(_) => Err(FrameError::Frozen { pfn: self.pfn() }),
+            Err(e) => Err(refcount_error(self.pfn(), e)),
         }
     }
 
-    /// Drops this reference; `Some` when it was the last one.
+    /// Drops this reference; `Some` when it was the last one. A count found
+    /// at zero (someone froze the folio counting this reference in, then
+    /// unfroze it without) is [`FrameError::RefcountUnderflow`] and is left
+    /// at zero.
     #[inline]
-    pub fn put(self) -> Option<LastRef<A>> {
-        self.desc.put().then_some(LastRef { desc: self.desc })
+    pub fn put(self) -> Result<Option<LastRef<A>>, FrameError> {
+        match self.desc.put() {
+            Ok(last) => Ok(last.then_some(LastRef { desc: self.desc })),
+            Err(e) => Err(refcount_error(self.pfn(), e)),
+        }
     }
 
     /// Freezes the count: compare-exchange `expected -> 0`, where `expected`
@@ -107,7 +128,10 @@ impl<A: Atomics> FolioRef<A> {
     /// exclusively (no `try_get` can succeed until it is unfrozen).
     pub fn freeze(self, expected: u32) -> Result<FrozenFolio<A>, FreezeError<A>> {
         match self.desc.freeze(expected) {
-            Ok(()) => Ok(FrozenFolio { desc: self.desc }),
+            Ok(()) => Ok(FrozenFolio {
+                desc: self.desc,
+                refs: expected,
+            }),
             Err(actual) => Err(FreezeError {
                 folio: self,
                 actual,
@@ -123,11 +147,54 @@ impl<A: Atomics> FolioRef<A> {
     }
 
     /// Re-wraps a reference given up with [`FolioRef::into_raw`] (or counted
-    /// by [`FrozenFolio::unfreeze`]). Wrapping a reference that was never
-    /// counted corrupts the count (a logic error, not memory-unsafe:
-    /// descriptors and words stay valid).
+    /// by [`FrozenFolio::unfreeze`]).
+    ///
+    /// # Safety
+    ///
+    /// `desc` carries one counted reference that nobody else will put or
+    /// re-wrap: it came from [`FolioRef::into_raw`] (or is one of the `n - 1`
+    /// extra references of [`FrozenFolio::unfreeze`]) and is wrapped once.
+    /// Wrapping an uncounted reference lets a `put` free the folio while its
+    /// frames are still in use, so the allocator would hand them out twice.
+    ///
+    /// # Examples
+    ///
+    /// Re-wrapping needs `unsafe`, and the raw counter operations are not
+    /// reachable outside the crate:
+    ///
+    /// ```compile_fail
+    /// use memdesc::frames::{FolioDesc, FolioRef};
+    /// fn forge(d: &'static FolioDesc) -> FolioRef {
+    ///     FolioRef::from_raw(d) // error: call to unsafe function
+    /// }
+    /// ```
+    /// ```compile_fail
+    /// use memdesc::frames::FolioDesc;
+    /// fn drop_one(d: &'static FolioDesc) -> bool {
+    ///     d.put() // error: `put` is private
+    /// }
+    /// ```
+    /// ```compile_fail
+    /// use memdesc::frames::FolioDesc;
+    /// fn thaw(d: &'static FolioDesc) {
+    ///     d.unfreeze(5) // error: `unfreeze` is private
+    /// }
+    /// ```
+    /// ```
+    /// use memdesc::frames::{FolioDesc, FolioRef};
+    /// fn rewrap(d: &'static FolioDesc) -> FolioRef {
+    ///     // SAFETY: (example) `d` came from `into_raw` and is wrapped once.
+    ///     unsafe { FolioRef::from_raw(d) }
+    /// }
+    /// ```
     #[inline]
-    pub fn from_raw(desc: &'static FolioDesc<A>) -> Self {
+    pub unsafe fn from_raw(desc: &'static FolioDesc<A>) -> Self {
+        Self { desc }
+    }
+
+    /// Wraps the reference the allocator just counted (`unfreeze(1)`).
+    #[inline]
+    pub(crate) fn counted(desc: &'static FolioDesc<A>) -> Self {
         Self { desc }
     }
 }
@@ -139,32 +206,77 @@ impl<A: Atomics> LastRef<A> {
 impl<A: Atomics> FrozenFolio<A> {
     folio_accessors!();
 
-    /// Unfreezes with `n` references (release store). One is returned; the
-    /// other `n - 1` belong to whoever the caller accounted them to and are
-    /// re-wrapped with [`FolioRef::from_raw`].
+    /// Unfreezes with `n` references (release compare-exchange `0 -> n`).
+    /// One is returned; the other `n - 1` belong to whoever the caller
+    /// accounted them to and are re-wrapped with [`FolioRef::from_raw`].
+    ///
+    /// A folio frozen by [`FolioRef::freeze`]`(expected)` must get back
+    /// exactly `expected`: any other `n` is refused
+    /// ([`FrameError::RefcountMismatch`]). A folio handed to its owner by
+    /// its last `put` takes any `n`.
     #[inline]
-    pub fn unfreeze(self, n: NonZeroU32) -> FolioRef<A> {
-        self.desc.unfreeze(n.get());
-        FolioRef { desc: self.desc }
+    pub fn unfreeze(self, n: NonZeroU32) -> Result<FolioRef<A>, UnfreezeError<A>> {
+        let pfn = self.pfn();
+        if self.refs != 0 && n.get() != self.refs {
+            let actual = self.refs;
+            return Err(UnfreezeError {
+                folio: self,
+                error: FrameError::RefcountMismatch { pfn, actual },
+            });
+        }
+        match self.desc.unfreeze(n.get()) {
+            Ok(()) => Ok(FolioRef { desc: self.desc }),
+            Err(_) => Err(UnfreezeError {
+                folio: self,
+                error: FrameError::Corrupt { pfn },
+            }),
+        }
+    }
+
+    /// The count it was frozen at (0 when its last reference went).
+    #[inline]
+    pub fn frozen_refs(&self) -> u32 {
+        self.refs
     }
 }
 
 /// A frame allocated as a translation table, with its descriptor.
+///
+/// Not `Copy` or `Clone`: [`FrameAllocator::free_page_table`](super::FrameAllocator::free_page_table)
+/// consumes it. A second handle from [`PageArray::page_table`] outlives a
+/// free only as a stale handle: it remembers the descriptor's generation, and
+/// once the frame holds another table every change through it is
+/// [`FrameError::StaleHandle`].
+///
+/// ```compile_fail
+/// # use memdesc::frames::PageTableFrame;
+/// fn twice(t: PageTableFrame) -> (PageTableFrame, PageTableFrame) {
+///     (t, t) // a table handle cannot be duplicated
+/// }
+/// ```
 pub struct PageTableFrame<A: Atomics = CoreAtomics> {
     pfn: Pfn,
     desc: &'static PageTableDesc<A>,
+    generation: u32,
 }
-
-impl<A: Atomics> Clone for PageTableFrame<A> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<A: Atomics> Copy for PageTableFrame<A> {}
 
 impl<A: Atomics> PageTableFrame<A> {
     pub(crate) fn new(pfn: Pfn, desc: &'static PageTableDesc<A>) -> Self {
-        Self { pfn, desc }
+        Self {
+            pfn,
+            desc,
+            generation: desc.generation(),
+        }
+    }
+
+    /// Ok while the frame still holds the table this handle was made for.
+    #[inline]
+    pub fn check_current(&self) -> Result<(), FrameError> {
+        if self.desc.generation() == self.generation {
+            Ok(())
+        } else {
+            Err(FrameError::StaleHandle { pfn: self.pfn })
+        }
     }
     /// The table's frame.
     #[inline]
@@ -184,12 +296,24 @@ impl<A: Atomics> PageTableFrame<A> {
     /// One more valid entry; returns the new count.
     #[inline]
     pub fn inc_valid(&self) -> Result<u32, FrameError> {
+        self.check_current()?;
         self.desc.inc_valid()
     }
     /// One valid entry fewer; returns the new count.
     #[inline]
     pub fn dec_valid(&self) -> Result<u32, FrameError> {
+        self.check_current()?;
         self.desc.dec_valid()
+    }
+}
+
+/// The [`FrameError`] for a refused refcount operation on the folio at `pfn`.
+#[inline]
+pub(crate) fn refcount_error(pfn: Pfn, e: RefcountError) -> FrameError {
+    match e {
+        RefcountError::Zero => FrameError::RefcountUnderflow { pfn },
+        RefcountError::Saturated => FrameError::RefcountSaturated { pfn },
+        RefcountError::NotFrozen(_) => FrameError::Corrupt { pfn },
     }
 }
 
@@ -228,17 +352,18 @@ impl<A: Atomics> PageArray<'_, A> {
             // SAFETY: a Folio-tagged word only ever holds the address of a
             // descriptor from the folio cache (type-stable, 'static).
             let desc: &'static FolioDesc<A> = unsafe { desc_at(w.desc_addr()) };
-            let got = desc.try_get().is_ok();
+            let got = desc.try_get();
             let again = self.load(idx);
             if again == w {
-                return if got {
-                    Ok(FolioRef { desc })
-                } else {
-                    Err(FrameError::Frozen { pfn })
+                return match got {
+                    Ok(_) => Ok(FolioRef { desc }),
+                    Err(RefcountError::Saturated) => Err(FrameError::RefcountSaturated { pfn }),
+                    Err(_) => Err(FrameError::Frozen { pfn }),
                 };
             }
             // The frame changed under us: drop what we took and look again.
-            if got && desc.put() {
+            // (Our reference is counted, so `put` cannot find zero.)
+            if got.is_ok() && desc.put() == Ok(true) {
                 release(LastRef { desc });
             }
         }

@@ -149,8 +149,37 @@ fn alloc_at_and_reserve() {
         .unwrap();
     assert_eq!(fa.count(FrameType::Reserved), 6);
     fa.check_consistency().unwrap();
-    // A reserved frame can be given back one at a time.
-    fa.free_frozen(Pfn(0x41), 0).unwrap();
+    // Reserved frames are not frozen allocations; they are unreserved, by
+    // kind, any number at a time.
+    assert_eq!(
+        fa.free_frozen(Pfn(0x41), 0),
+        Err(FrameError::Reserved {
+            pfn: Pfn(0x41),
+            kind: ReservedKind::Mmio
+        })
+    );
+    // SAFETY: the test reserved these frames itself and uses none of them
+    // (the refused calls give nothing back).
+    unsafe {
+        assert_eq!(
+            fa.unreserve(PfnRange::new(Pfn(0x41), Pfn(0x42)), ReservedKind::Image),
+            Err(FrameError::Reserved {
+                pfn: Pfn(0x41),
+                kind: ReservedKind::Mmio
+            })
+        );
+        assert_eq!(
+            fa.unreserve(PfnRange::new(Pfn(0x46), Pfn(0x48)), ReservedKind::Mmio),
+            Err(FrameError::WrongType {
+                pfn: Pfn(0x47),
+                found: FrameType::Free
+            })
+        );
+        fa.unreserve(PfnRange::new(Pfn(0x41), Pfn(0x42)), ReservedKind::Mmio)
+            .unwrap();
+    }
+    assert_eq!(fa.count(FrameType::Reserved), 5);
+    fa.check_consistency().unwrap();
     let Ok(Some(Released::ToOwner { owner, folio })) = fa.put(f) else {
         panic!("pool-owned folio should go to its owner")
     };
@@ -187,8 +216,16 @@ fn refcounts_freeze_unfreeze() {
         pa.get_folio(Pfn(p.0 + 1), |_| ()).err(),
         Some(FrameError::Frozen { pfn: Pfn(p.0 + 1) })
     );
-    let f = frozen.unfreeze(NonZeroU32::new(2).unwrap());
-    let g = FolioRef::from_raw(raw);
+    // It was frozen at 2: unfreezing with another count is refused.
+    let e = frozen.unfreeze(NonZeroU32::new(1).unwrap()).err().unwrap();
+    assert_eq!(e.error, FrameError::RefcountMismatch { pfn: p, actual: 2 });
+    let e = e.folio.unfreeze(NonZeroU32::new(3).unwrap()).err().unwrap();
+    assert_eq!(e.error, FrameError::RefcountMismatch { pfn: p, actual: 2 });
+    assert_eq!(e.folio.desc().refcount(), 0);
+    let f = e.folio.unfreeze(NonZeroU32::new(2).unwrap()).ok().unwrap();
+    // SAFETY: `raw` is the reference `g.into_raw()` gave up (counted in the
+    // 2 that unfreeze restored), wrapped once.
+    let g = unsafe { FolioRef::from_raw(raw) };
     assert!(fa.put(g).unwrap().is_none());
     assert!(fa.put(f).unwrap().is_some());
     // Free frame, offline, reserved, page table: typed errors.
@@ -219,21 +256,23 @@ fn page_table_valid_counts() {
     assert_eq!(t.inc_valid(), Ok(1));
     assert_eq!(t.inc_valid(), Ok(2));
     // The table engine finds it again by PFN.
-    let again = pa.page_table(t.pfn()).unwrap();
+    let tp = t.pfn();
+    let again = pa.page_table(tp).unwrap();
     assert_eq!(again.valid(), 2);
     assert_eq!(again.dec_valid(), Ok(1));
     assert_eq!(
         fa.free_page_table(t),
-        Err(FrameError::PageTableNotEmpty {
-            pfn: t.pfn(),
-            valid: 1
-        })
+        Err(FrameError::PageTableNotEmpty { pfn: tp, valid: 1 })
     );
+    // A refused free consumed the handle; the engine finds the table again.
+    let t = pa.page_table(tp).unwrap();
     t.dec_valid().unwrap();
     assert_eq!(t.dec_valid(), Err(FrameError::ValidCountOutOfRange));
     fa.free_page_table(t).unwrap();
     assert_eq!(fa.count(FrameType::PageTable), 0);
-    assert!(pa.page_table(t.pfn()).is_err());
+    assert!(pa.page_table(tp).is_err());
+    // `again` is a handle to the freed table: stale, for good.
+    assert_eq!(again.inc_valid(), Err(FrameError::StaleHandle { pfn: tp }));
     // Slab descriptors.
     let s = fa.alloc_frozen(1, FrozenKind::Slab).unwrap();
     let d = pa.slab(Pfn(s.0 + 1)).unwrap();
@@ -258,22 +297,8 @@ fn page_table_valid_counts() {
 
 #[test]
 fn descriptors_from_own_frames() {
-    /// Descriptor memory from the allocator's frames: map them to leaked
-    /// host chunks (standing in for the linear map).
-    struct FakeLinear(std::collections::HashMap<u64, usize>);
-    // SAFETY: every mapping is a fresh leaked, page-aligned chunk.
-    unsafe impl DescMemory for FakeLinear {
-        fn chunk(&mut self) -> Option<core::ptr::NonNull<u8>> {
-            None
-        }
-        fn map_frame(&mut self, pfn: Pfn) -> Option<core::ptr::NonNull<u8>> {
-            let c = crate::frames::testutil::keep(Box::new(DescChunk::ZERO));
-            self.0.insert(pfn.0, c as *mut DescChunk as usize);
-            Some(core::ptr::NonNull::from(c).cast())
-        }
-    }
     let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = FrameAllocator::new(pa, FakeLinear(Default::default()), &[]).unwrap();
+    let mut fa = FrameAllocator::new(pa, FakeLinear::default(), &[]).unwrap();
     let f = fa.alloc_folio(0, Owner::Buddy).unwrap();
     assert_eq!(fa.count(FrameType::Reserved), 1);
     assert_eq!(fa.stats().desc_bytes, CHUNK_SIZE as u64);
@@ -339,7 +364,7 @@ fn consistency_check_catches_a_bad_free_block_tail() {
     pa.store_relaxed(5, Word::free_head(0, NO_LINK, NO_LINK));
     let e = fa.check_consistency().unwrap_err();
     assert_eq!(e.pfn, Pfn(0x40005));
-    assert_eq!(e.what, "free block tail is not a free tail");
+    assert_eq!(e.what, Inconsistency::FreeBlockBadTail);
 }
 
 /// The same for a block parked in a hot cache.
@@ -358,5 +383,399 @@ fn consistency_check_catches_a_bad_cached_block_tail() {
     pa.store_relaxed(idx + 2, Word::free_head(0, NO_LINK, NO_LINK));
     let e = fa.check_consistency().unwrap_err();
     assert_eq!(e.pfn, Pfn(pfn.0 + 2));
-    assert_eq!(e.what, "cached block tail is not a free tail");
+    assert_eq!(e.what, Inconsistency::CachedBlockBadTail);
+}
+
+// ---- issue 8: scenarios found by review ---------------------------------------
+
+/// A `put` on a folio whose count is frozen at 0 must not wrap the count
+/// (to u32::MAX, after which a lookup would hand out a frozen folio).
+#[test]
+fn put_on_a_frozen_folio_is_refused() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = alloc(pa, &[]);
+    let f = fa.alloc_folio(0, Owner::Buddy).unwrap();
+    let p = f.pfn();
+    let raw = f.try_clone().unwrap().into_raw();
+    let Ok(frozen) = f.freeze(2) else {
+        panic!("freeze(2) with two references must succeed")
+    };
+    // SAFETY: deliberately stale (freeze took the count `raw` stood for), to
+    // show `put` refuses it; the descriptor stays valid (the folio is alive,
+    // frozen) and nothing is read or written through the frames.
+    let stale = unsafe { FolioRef::from_raw(raw) };
+    assert_eq!(
+        fa.put(stale).err(),
+        Some(FrameError::RefcountUnderflow { pfn: p })
+    );
+    assert_eq!(frozen.desc().refcount(), 0);
+    assert_eq!(
+        pa.get_folio(p, |_| ()).err(),
+        Some(FrameError::Frozen { pfn: p })
+    );
+}
+
+/// A lookup or clone at the refcount ceiling is a typed error, never a wrap
+/// to zero.
+#[test]
+fn refcount_ceiling_is_refused() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = alloc(pa, &[]);
+    let f = fa.alloc_folio(0, Owner::Balloon).unwrap();
+    let p = f.pfn();
+    let Ok(Some(Released::ToOwner { folio, .. })) = fa.put(f) else {
+        panic!("a balloon folio goes to its owner")
+    };
+    assert_eq!(folio.frozen_refs(), 0);
+    let f = folio
+        .unfreeze(NonZeroU32::new(REFCOUNT_MAX).unwrap())
+        .ok()
+        .unwrap();
+    let e = Some(FrameError::RefcountSaturated { pfn: p });
+    assert_eq!(pa.get_folio(p, |_| ()).err(), e);
+    assert_eq!(f.try_clone().err(), e);
+    assert_eq!(f.refcount(), REFCOUNT_MAX);
+    let Ok(z) = f.freeze(REFCOUNT_MAX) else {
+        panic!("freeze at the ceiling")
+    };
+    fa.free_frozen_folio(z).unwrap();
+    assert_eq!(fa.count(FrameType::Free), 16);
+    fa.check_consistency().unwrap();
+}
+
+/// A table handle kept past the table's free cannot touch the next table
+/// that gets the same frame (and the same, reused, descriptor).
+#[test]
+fn stale_table_handle_cannot_touch_the_next_table() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = alloc(pa, &[]);
+    let t1 = fa.alloc_page_table().unwrap();
+    let p = t1.pfn();
+    let stale = pa.page_table(p).unwrap();
+    fa.free_page_table(t1).unwrap();
+    let t2 = fa.alloc_page_table().unwrap();
+    assert_eq!(t2.pfn(), p);
+    assert!(core::ptr::eq(t2.desc(), stale.desc()), "descriptor reused");
+    assert_eq!(stale.inc_valid(), Err(FrameError::StaleHandle { pfn: p }));
+    assert_eq!(stale.dec_valid(), Err(FrameError::StaleHandle { pfn: p }));
+    assert_eq!(t2.valid(), 0);
+    assert_eq!(
+        fa.free_page_table(stale),
+        Err(FrameError::StaleHandle { pfn: p })
+    );
+    assert_eq!(fa.count(FrameType::PageTable), 1);
+    assert_eq!(t2.inc_valid(), Ok(1));
+    // A handle to a table whose frame became something else is stale too.
+    t2.dec_valid().unwrap();
+    let stale = pa.page_table(p).unwrap();
+    fa.offline(p, 0).unwrap();
+    assert_eq!(stale.inc_valid(), Err(FrameError::StaleHandle { pfn: p }));
+    assert_eq!(
+        fa.free_page_table(stale),
+        Err(FrameError::StaleHandle { pfn: p })
+    );
+    assert_eq!(fa.count(FrameType::Offline), 1);
+    fa.check_consistency().unwrap();
+}
+
+/// `free_frozen(pfn, 0)` must not hand out the allocator's own memory: a
+/// frame holding descriptor-cache chunks, or the page array.
+#[test]
+fn free_frozen_refuses_descriptor_and_page_array_frames() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = FrameAllocator::new(
+        pa,
+        FakeLinear::default(),
+        &[ReservedRange {
+            range: PfnRange::new(Pfn(0x10f), Pfn(0x110)),
+            kind: ReservedKind::PageArray,
+        }],
+    )
+    .unwrap();
+    let f = fa.alloc_folio(0, Owner::Buddy).unwrap();
+    let chunk = *fa.mem.frames.keys().next().unwrap();
+    for (p, kind) in [
+        (Pfn(chunk), ReservedKind::DescriptorCache),
+        (Pfn(0x10f), ReservedKind::PageArray),
+    ] {
+        assert_eq!(
+            fa.free_frozen(p, 0),
+            Err(FrameError::Reserved { pfn: p, kind })
+        );
+        // SAFETY: refused, so nothing is given back.
+        let r = unsafe { fa.unreserve(PfnRange::new(p, Pfn(p.0 + 1)), kind) };
+        assert_eq!(r, Err(FrameError::Reserved { pfn: p, kind }));
+        assert_eq!(pa.word(p).unwrap().frame_type(), Some(FrameType::Reserved));
+    }
+    assert_eq!(fa.count(FrameType::Reserved), 2);
+    let _ = fa.put(f).unwrap();
+    fa.check_consistency().unwrap();
+}
+
+/// Poisoning a free frame must not put the poison descriptor on that frame
+/// (descriptor growth takes a frame from the hot cache first).
+#[test]
+fn poisoning_a_free_frame_never_puts_metadata_on_it() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = FrameAllocator::new(pa, FakeLinear::default(), &[]).unwrap();
+    let victim = fa.alloc_frozen(0, FrozenKind::Guard).unwrap();
+    fa.free_frozen(victim, 0).unwrap();
+    assert!(pa.word(victim).unwrap().is_free_cached());
+    assert_eq!(fa.poison(victim), Ok(Poisoned::WasFree));
+    assert_eq!(
+        pa.word(victim).unwrap().frame_type(),
+        Some(FrameType::HwPoison)
+    );
+    assert!(pa.poisoned_original(victim).unwrap().frame_type() == Some(FrameType::Free));
+    assert!(
+        !fa.mem.frames.contains_key(&victim.0),
+        "the poisoned frame became descriptor memory"
+    );
+    let d = pa.word(victim).unwrap().desc_addr();
+    assert_ne!(fa.mem.frame_holding(d), Some(victim));
+    assert_eq!(fa.count(FrameType::HwPoison), 1);
+    assert_eq!(fa.count(FrameType::Reserved), 1);
+    fa.check_consistency().unwrap();
+}
+
+/// `offline`/`retype_frozen` of a poisoned page table with valid entries
+/// must still be refused.
+#[test]
+fn retyping_a_poisoned_non_empty_table_is_refused() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = alloc(pa, &[]);
+    let t = fa.alloc_page_table().unwrap();
+    let p = t.pfn();
+    t.inc_valid().unwrap();
+    assert_eq!(fa.poison(p), Ok(Poisoned::InUse(FrameType::PageTable)));
+    assert_eq!(
+        fa.offline(p, 0),
+        Err(FrameError::PageTableNotEmpty { pfn: p, valid: 1 })
+    );
+    assert_eq!(
+        fa.retype_frozen(p, 0, FrozenKind::Guard),
+        Err(FrameError::PageTableNotEmpty { pfn: p, valid: 1 })
+    );
+    assert_eq!(
+        fa.free_frozen(p, 0),
+        Err(FrameError::PageTableNotEmpty { pfn: p, valid: 1 })
+    );
+    assert_eq!(fa.count(FrameType::HwPoison), 1);
+    assert_eq!(fa.stats().live_descs[2], 1);
+    fa.check_consistency().unwrap();
+}
+
+/// `alloc_*_at` must not fail (and lose the frame) when descriptor growth
+/// would take the very frame asked for.
+#[test]
+fn alloc_at_survives_descriptor_growth_taking_that_frame() {
+    for kind in [None, Some(FrozenKind::PageTable), Some(FrozenKind::Slab)] {
+        let (pa, _) = setup(&[(0x100, 0x110)]);
+        let mut fa = FrameAllocator::new(pa, FakeLinear::default(), &[]).unwrap();
+        // A fresh array is one order-4 block: growth would split it and
+        // take its first frame, 0x100.
+        match kind {
+            None => {
+                let f = fa.alloc_folio_at(Pfn(0x100), 0, Owner::Buddy).unwrap();
+                assert_eq!(f.pfn(), Pfn(0x100));
+                let _ = fa.put(f).unwrap();
+            }
+            Some(k) => {
+                fa.alloc_frozen_at(Pfn(0x100), 0, k).unwrap();
+                assert_ne!(
+                    pa.word(Pfn(0x100)).unwrap().frame_type(),
+                    Some(FrameType::Reserved)
+                );
+                fa.free_frozen(Pfn(0x100), 0).unwrap();
+            }
+        }
+        assert!(!fa.mem.frames.contains_key(&0x100), "{kind:?}");
+        assert_eq!(fa.count(FrameType::Reserved), 1);
+        assert_eq!(fa.count(FrameType::Free), 15);
+        fa.check_consistency().unwrap();
+    }
+}
+
+/// Head PFNs at or above 2^41 do not fit the folio descriptor: the page
+/// array refuses such ranges; the highest PFN below still round-trips.
+#[test]
+fn pfns_above_the_descriptor_field_are_refused() {
+    let top = 1u64 << 41;
+    let bad = [PfnRange::new(Pfn(top - 4), Pfn(top + 4))];
+    assert!(words_needed(&bad).is_err());
+    let mut s: Vec<core::sync::atomic::AtomicU64> = (0..8)
+        .map(|_| core::sync::atomic::AtomicU64::new(0))
+        .collect();
+    assert!(PageArray::<CoreAtomics>::new(&mut s, &bad).is_err());
+    let (pa, _) = setup(&[(top - 4, top)]);
+    let mut fa = alloc(pa, &[]);
+    let f = fa.alloc_folio_at(Pfn(top - 1), 0, Owner::Buddy).unwrap();
+    assert_eq!(f.pfn(), Pfn(top - 1));
+    let g = pa.get_folio(Pfn(top - 1), |_| ()).unwrap();
+    assert_eq!(g.pfn(), Pfn(top - 1));
+    assert!(fa.put(g).unwrap().is_none());
+    assert!(matches!(
+        fa.put(f),
+        Ok(Some(Released::Freed { pfn, order: 0 })) if pfn == Pfn(top - 1)
+    ));
+}
+
+/// Adjacent RAM ranges are one stretch of memory: an order-9 allocation
+/// fits 512 contiguous free frames that two given ranges cover.
+#[test]
+fn adjacent_ranges_are_merged() {
+    let (pa, _) = setup(&[(0x300, 0x400), (0x200, 0x300)]);
+    let mut fa = alloc(pa, &[]);
+    assert_eq!(pa.ranges().count(), 1);
+    let f = fa.alloc_folio(9, Owner::Buddy).unwrap();
+    assert_eq!(f.pfn(), Pfn(0x200));
+    let _ = fa.put(f).unwrap();
+    fa.drain_cache();
+    assert_eq!(fa.free_blocks(9), 1);
+    fa.check_consistency().unwrap();
+}
+
+/// A frame poisoned while free is poisoned, not free, to every operation.
+#[test]
+fn a_frame_poisoned_while_free_reports_hwpoisoned() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = alloc(pa, &[]);
+    let p = Pfn(0x105);
+    assert_eq!(fa.poison(p), Ok(Poisoned::WasFree));
+    let e = Some(FrameError::HwPoisoned { pfn: p });
+    assert_eq!(fa.free_frozen(p, 0).err(), e);
+    assert_eq!(fa.offline(p, 0).err(), e);
+    assert_eq!(fa.online(p, 0, Owner::Buddy).err(), e);
+    assert_eq!(fa.alloc_frozen_at(p, 0, FrozenKind::Guard).err(), e);
+    assert_eq!(fa.alloc_folio_at(p, 0, Owner::Buddy).err(), e);
+    assert_eq!(
+        fa.alloc_frozen_at(Pfn(0x104), 2, FrozenKind::Offline).err(),
+        e
+    );
+    assert_eq!(
+        fa.reserve(PfnRange::new(Pfn(0x104), Pfn(0x108)), ReservedKind::Other)
+            .err(),
+        e
+    );
+    assert_eq!(pa.get_folio(p, |_| ()).err(), e);
+    assert_eq!(fa.count(FrameType::HwPoison), 1);
+    fa.check_consistency().unwrap();
+}
+
+/// The hot cache must not serve a request aligned beyond its order.
+#[test]
+fn hot_cache_does_not_serve_aligned_requests() {
+    let (pa, _) = setup(&[(0x1000, 0x1100)]);
+    let mut fa = alloc(pa, &[]);
+    // Put an unaligned order-0 block on top of the hot cache.
+    let a = fa.alloc_frozen(0, FrozenKind::Guard).unwrap();
+    let b = fa.alloc_frozen(0, FrozenKind::Guard).unwrap();
+    assert_eq!(b.0 % 64, 1);
+    fa.free_frozen(b, 0).unwrap();
+    assert!(pa.word(b).unwrap().is_free_cached());
+    let f = fa.alloc_folio_aligned(0, 6, Owner::Buddy).unwrap();
+    assert_eq!(f.pfn().0 % 64, 0, "{:?}", f.pfn());
+    let g = fa.alloc_frozen_aligned(0, 5, FrozenKind::Guard).unwrap();
+    assert_eq!(g.0 % 32, 0, "{g:?}");
+    fa.free_frozen(g, 0).unwrap();
+    fa.free_frozen(a, 0).unwrap();
+    let _ = fa.put(f).unwrap();
+    fa.check_consistency().unwrap();
+}
+
+/// An alignment above [`MAX_ORDER`] is an invalid order, like an order is.
+#[test]
+fn alignment_above_max_order_is_refused() {
+    let (pa, _) = setup(&[(0, 0x100)]);
+    let mut fa = alloc(pa, &[]);
+    for align in [MAX_ORDER + 1, 40, 63, 64, 200] {
+        let e = Some(FrameError::InvalidOrder { order: align });
+        assert_eq!(fa.alloc_folio_aligned(0, align, Owner::Buddy).err(), e);
+        assert_eq!(
+            fa.alloc_frozen_aligned(0, align, FrozenKind::Guard).err(),
+            e
+        );
+    }
+    assert_eq!(fa.count(FrameType::Free), 0x100);
+    fa.check_consistency().unwrap();
+}
+
+/// Merging stops exactly at [`MAX_ORDER`]: two order-18 buddies stay two
+/// blocks, and two order-17 halves merge back into order 18.
+#[test]
+#[cfg_attr(miri, ignore)] // 2^19 words; the same paths run in smaller tests.
+fn merges_stop_at_max_order() {
+    let (pa, _) = setup(&[(1 << 19, 1 << 20)]);
+    let mut fa = alloc(pa, &[]);
+    assert_eq!(fa.free_blocks(MAX_ORDER), 2);
+    let a = fa.alloc_frozen(MAX_ORDER - 1, FrozenKind::Offline).unwrap();
+    let b = fa.alloc_frozen(MAX_ORDER - 1, FrozenKind::Offline).unwrap();
+    assert_eq!(a.0 ^ b.0, 1 << (MAX_ORDER - 1));
+    assert_eq!(fa.free_blocks(MAX_ORDER), 1);
+    fa.free_frozen(b, MAX_ORDER - 1).unwrap();
+    fa.free_frozen(a, MAX_ORDER - 1).unwrap();
+    assert_eq!(fa.free_blocks(MAX_ORDER), 2);
+    assert_eq!(fa.free_blocks(MAX_ORDER - 1), 0);
+    let c = fa.alloc_frozen(0, FrozenKind::Guard).unwrap();
+    fa.free_frozen(c, 0).unwrap();
+    fa.drain_cache();
+    assert_eq!(fa.free_blocks(MAX_ORDER), 2);
+    fa.check_consistency().unwrap();
+}
+
+/// Freed blocks merge with both buddies, lower and upper, and the
+/// consistency check says so when two free buddies are left unmerged.
+#[test]
+fn frees_merge_with_both_buddies() {
+    let (pa, _) = setup(&[(0x400, 0x800)]);
+    let mut fa = alloc(pa, &[]);
+    // Order 4 is above the hot caches: frees go straight to the buddy.
+    let blocks: Vec<Pfn> = (0..4)
+        .map(|_| fa.alloc_frozen(4, FrozenKind::Guard).unwrap())
+        .collect();
+    // Free the upper buddies first, then the lower ones, and the reverse.
+    for &i in &[1usize, 0, 2, 3] {
+        fa.free_frozen(blocks[i], 4).unwrap();
+        fa.check_consistency().unwrap();
+    }
+    assert_eq!(fa.free_blocks(10), 1);
+    // An unmerged pair of free buddies is an inconsistency.
+    let (pa, _) = setup(&[(0x400, 0x440)]);
+    let mut fa = alloc(pa, &[]);
+    let x = fa.alloc_frozen(5, FrozenKind::Guard).unwrap();
+    let y = fa.alloc_frozen(5, FrozenKind::Guard).unwrap();
+    assert_eq!((x, y), (Pfn(0x400), Pfn(0x420)));
+    fa.free_frozen(x, 5).unwrap();
+    fa.free_frozen(y, 5).unwrap();
+    fa.check_consistency().unwrap();
+    // Split the order-6 block by hand into two free order-5 heads.
+    let w = pa.load(0);
+    fa.lists.unlink(pa, 0, w, 6);
+    fa.lists.push(pa, 0x20, 5);
+    fa.lists.push(pa, 0, 5);
+    let e = fa.check_consistency().unwrap_err();
+    assert_eq!(e.pfn, Pfn(0x400));
+    assert_eq!(e.what, Inconsistency::NotMerged);
+}
+
+/// A free folio descriptor whose count is not 0 (raised through the raw
+/// descriptor API after its folio was freed) is corrupt: the allocator
+/// refuses it with a typed error and never hands it out.
+#[test]
+fn corrupt_free_descriptor_is_not_reused() {
+    let (pa, _) = setup(&[(0x100, 0x110)]);
+    let mut fa = alloc(pa, &[]);
+    let f = fa.alloc_folio(0, Owner::Buddy).unwrap();
+    let d = f.desc();
+    assert!(fa.put(f).unwrap().is_some());
+    assert_eq!(d.unfreeze(5), Ok(()));
+    assert!(matches!(
+        fa.alloc_folio(0, Owner::Buddy).err(),
+        Some(FrameError::Corrupt { .. })
+    ));
+    let g = fa.alloc_folio(0, Owner::Buddy).unwrap();
+    assert!(!core::ptr::eq(g.desc(), d));
+    assert_eq!(g.refcount(), 1);
+    let _ = fa.put(g).unwrap();
+    fa.check_consistency().unwrap();
 }

@@ -14,10 +14,14 @@
 //!   allows the size change;
 //! * whole-run permission changes and access-flag clears are done in place,
 //!   then one TLBI pass covers the run;
+//! * a rewrite that unfolds or re-forms a run, splits a block or collapses
+//!   a table keeps the access/dirty state of every old entry in every new
+//!   one (see the module documentation of `stage1`);
 //! * input is validated before the first descriptor write; tables needed for
-//!   splits are allocated before anything changes, and a `map` that runs out
-//!   of table memory half way is rolled back, so an `Err` leaves the tables
-//!   as they were.
+//!   splits are allocated before anything changes (a walk never skips a
+//!   block it cannot split), and a `map` that runs out of table memory half
+//!   way is rolled back, so an out-of-memory `Err` leaves the tables as they
+//!   were.
 //!
 //! The engine never allocates from a heap: recursion depth is at most four
 //! levels and every per-operation buffer is a small array on the stack.
@@ -29,7 +33,7 @@ use super::descriptor::{
 };
 use super::error::Stage1Error;
 use super::flush::{invalidate, TlbDebt};
-use super::hardware::{Features, TableMemory, TranslationHw};
+use super::hardware::{Features, TableMemory, TableMemoryError, TranslationHw};
 use super::unit::{MappingSummary, MappingUnit};
 use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 
@@ -105,28 +109,45 @@ enum LeafOp {
 const STASH: usize = 4;
 /// Freed tables waiting for the TLBI that makes freeing them safe.
 const FREE_BATCH: usize = 16;
+/// Runs unfolded or re-formed in place, re-read after the TLBI.
+const REGATHER_BATCH: usize = 8;
+
+/// Where an entry lives: (table, index, level).
+type EntryAt = (PhysAddr, usize, u8);
 
 /// Per-operation state: TLB debt, tables to free, pre-allocated split tables.
 struct OpCtx {
     debt: TlbDebt,
-    frees: [PhysAddr; FREE_BATCH],
+    /// Each with the entry (table, index, level) of the block that replaced
+    /// it in place, if any: its state is re-read into the block after the TLBI.
+    frees: [(PhysAddr, Option<EntryAt>); FREE_BATCH],
     nfree: usize,
     stash: [PhysAddr; STASH],
     nstash: usize,
     wrote: bool,
     limit: MappingUnit,
+    /// Why the walk could not do all of its work (a table it needed).
+    error: Option<Stage1Error>,
+    /// Groups (table, first index, level) converted in place (FEAT_BBM
+    /// level 2): until the TLBI completes, a walker may still record access
+    /// or dirty state through the old run in any of their entries.
+    regather: [EntryAt; REGATHER_BATCH],
+    nregather: usize,
 }
 
 impl OpCtx {
     const fn new(limit: MappingUnit) -> Self {
         Self {
             debt: TlbDebt::NONE,
-            frees: [PhysAddr(0); FREE_BATCH],
+            frees: [(PhysAddr(0), None); FREE_BATCH],
             nfree: 0,
             stash: [PhysAddr(0); STASH],
             nstash: 0,
             wrote: false,
             limit,
+            error: None,
+            regather: [(PhysAddr(0), 0, 0); REGATHER_BATCH],
+            nregather: 0,
         }
     }
 }
@@ -140,7 +161,16 @@ pub struct Stage1<P: TableMemory + TranslationHw> {
     root: PhysAddr,
     va_size: VaSize,
     features: Features,
+    /// A walker may use the tree (see [`Stage1::set_live`]).
+    live: bool,
+    /// First table-memory failure of the running operation (a count that
+    /// could not be read or changed, a free refused); reported at its end.
+    fault: Option<TableMemoryError>,
 }
+
+/// What [`Stage1::valid_count`] returns for a count it could not read:
+/// neither 0 (the table would be freed) nor 512 (it would be collapsed).
+pub(super) const COUNT_UNKNOWN: u32 = u32::MAX;
 
 /// `[i0, i1)`: entries of a table at `level` based at `base` overlapping `[s, e)`.
 #[inline]
@@ -166,6 +196,11 @@ pub(super) fn run_eligible(run: &[Descriptor; CONT_ENTRIES], level: u8) -> bool 
     run.iter().enumerate().skip(1).all(|(k, d)| {
         d.is_leaf(level) && d.run_key() == key && d.output(level).0 == oa0 + k as u64 * size
     })
+}
+
+/// True when all 16 entries of a group are leaves with the Contiguous bit.
+fn is_run(group: &[Descriptor; CONT_ENTRIES], level: u8) -> bool {
+    group.iter().all(|d| d.is_leaf(level) && d.is_contiguous())
 }
 
 /// True when replacing live `old` by live `new` changes the output address,
@@ -196,17 +231,51 @@ fn absorb(new: Descriptor, seen: Descriptor, found: Descriptor, level: u8) -> De
 }
 
 impl<P: TableMemory + TranslationHw> Stage1<P> {
-    /// Creates an empty tree (allocates the root table).
-    pub fn new(mut platform: P, va_size: VaSize, features: Features) -> Result<Self, Stage1Error> {
-        let root = platform
-            .alloc_table()
-            .ok_or(Stage1Error::OutOfTableMemory)?;
+    /// Creates an empty tree (allocates the root table) that a walker may
+    /// use from the start: every rewrite of a valid entry is a
+    /// compare-and-swap, so access/dirty updates of the hardware
+    /// (FEAT_HAFDBS) are never lost.
+    pub fn new(platform: P, va_size: VaSize, features: Features) -> Result<Self, Stage1Error> {
+        let mut s = Self::new_detached(platform, va_size, features)?;
+        s.live = true;
+        Ok(s)
+    }
+
+    /// Creates an empty tree that no walker uses yet: it is not in any
+    /// TTBR, or translation is off. Until [`Stage1::set_live`], every
+    /// descriptor is written with a plain store: with the MMU off, data
+    /// accesses are Device-nGnRnE, and exclusives or atomics on Device
+    /// memory are IMPLEMENTATION DEFINED (Arm ARM B2.9, "Exclusive access
+    /// instructions and Shareable memory locations"). TLB maintenance is
+    /// issued as usual, so the tree is correct whenever it goes live.
+    pub fn new_detached(
+        mut platform: P,
+        va_size: VaSize,
+        features: Features,
+    ) -> Result<Self, Stage1Error> {
+        let root = platform.alloc_table()?;
         Ok(Self {
             platform,
             root,
             va_size,
             features,
+            live: false,
+            fault: None,
         })
+    }
+
+    /// Marks the tree live: call it before its root goes into a TTBR of a
+    /// translation regime that is (or is about to be) enabled. From then on
+    /// the hardware may update descriptors, so rewrites are compare-and-swaps.
+    #[inline]
+    pub fn set_live(&mut self) {
+        self.live = true;
+    }
+
+    /// True when a walker may use the tree (see [`Stage1::new_detached`]).
+    #[inline]
+    pub fn is_live(&self) -> bool {
+        self.live
     }
 
     /// Physical address of the root table (for TTBR0_EL1.BADDR).
@@ -293,10 +362,19 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         .map_err(Descriptor)
     }
 
+    /// The valid-entry count of `table`, or [`COUNT_UNKNOWN`] (and the
+    /// failure noted for the end of the operation) when the provider
+    /// cannot tell.
     #[inline]
     pub(super) fn valid_count(&mut self, table: PhysAddr) -> u32 {
         // SAFETY: as in `read`; a zero delta only reads the count.
-        unsafe { self.platform.adjust_valid(table, 0) }
+        match unsafe { self.platform.adjust_valid(table, 0) } {
+            Ok(n) => n,
+            Err(e) => {
+                self.note(e);
+                COUNT_UNKNOWN
+            }
+        }
     }
 
     #[inline]
@@ -304,9 +382,41 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         if delta != 0 {
             // SAFETY: as in `read`; `delta` is the exact change of valid
             // entries the caller just wrote, so the count stays in 0..=512.
-            unsafe {
-                self.platform.adjust_valid(table, delta);
+            if let Err(e) = unsafe { self.platform.adjust_valid(table, delta) } {
+                self.note(e);
             }
+        }
+    }
+
+    /// Returns a table to the provider; a refusal is noted.
+    ///
+    /// # Safety
+    ///
+    /// As for [`TableMemory::free_table`].
+    unsafe fn release(&mut self, table: PhysAddr) {
+        // SAFETY: forwarded from the caller.
+        if let Err(e) = unsafe { self.platform.free_table(table) } {
+            self.note(e);
+        }
+    }
+
+    /// Forgets a noted failure (the linter reports them as findings).
+    pub(super) fn clear_fault(&mut self) {
+        self.fault = None;
+    }
+
+    /// Keeps the first table-memory failure of an operation.
+    fn note(&mut self, e: TableMemoryError) {
+        if self.fault.is_none() {
+            self.fault = Some(e);
+        }
+    }
+
+    /// `Ok(v)`, or the table-memory failure noted during the operation.
+    fn reported<T>(&mut self, v: T) -> Result<T, Stage1Error> {
+        match self.fault.take() {
+            None => Ok(v),
+            Some(e) => Err(Stage1Error::TableMemory(e)),
         }
     }
 
@@ -459,7 +569,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     }
                 }
                 self.finish(&mut ctx);
-                Ok(())
+                self.reported(())
             }
             Err(at) => {
                 // Everything below `at` was written by this call, at its
@@ -469,7 +579,9 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     self.modify_level(&mut ctx, &LeafOp::Unmap, root, start, 0, s, at, true);
                 }
                 self.finish(&mut ctx);
-                Err(Stage1Error::OutOfTableMemory)
+                let e = ctx.error.unwrap_or(Stage1Error::OutOfTableMemory);
+                self.reported(())?;
+                Err(e)
             }
         }
     }
@@ -499,13 +611,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let mut chain = [PhysAddr(0); 3];
         for k in 0..need {
             match self.platform.alloc_table() {
-                Some(t) => chain[k] = t,
-                None => {
+                Ok(t) => chain[k] = t,
+                Err(e) => {
                     for t in &chain[..k] {
                         // SAFETY: allocated above and never linked.
-                        unsafe { self.platform.free_table(*t) };
+                        unsafe { self.release(*t) };
                     }
-                    return Err(Stage1Error::OutOfTableMemory);
+                    self.reported(())?;
+                    return Err(e.into());
                 }
             }
         }
@@ -536,7 +649,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             self.platform.dsb_ishst();
             self.platform.isb();
         }
-        Ok(())
+        self.reported(())
     }
 
     /// Unmaps `[va, va + len)`; every page must be mapped. Tables that
@@ -574,7 +687,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let (root, start) = (self.root, self.va_size.start_level());
         self.modify_level(&mut ctx, &LeafOp::Refold, root, start, 0, s, e, true);
         self.finish(&mut ctx);
-        Ok(())
+        self.reported(())
     }
 
     /// Translates `va`: output address, attributes, and access/dirty ORed
@@ -685,19 +798,22 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let needed = self.splits_needed(s, e);
         while ctx.nstash < needed {
             match self.platform.alloc_table() {
-                Some(t) => {
+                Ok(t) => {
                     ctx.stash[ctx.nstash] = t;
                     ctx.nstash += 1;
                 }
-                None => {
+                Err(e) => {
                     self.finish(&mut ctx);
-                    return Err(Stage1Error::OutOfTableMemory);
+                    self.reported(())?;
+                    return Err(e.into());
                 }
             }
         }
         self.modify_level(&mut ctx, &op, root, start, 0, s, e, true);
         self.finish(&mut ctx);
-        Ok(())
+        let short = ctx.error;
+        self.reported(())?;
+        short.map_or(Ok(()), Err)
     }
 
     /// Tables needed to split the blocks that `[s, e)` covers only partly.
@@ -730,40 +846,92 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             self.platform.dsb_ishst();
             self.platform.isb();
         }
+        self.regather(ctx);
         self.free_deferred(ctx);
         for i in 0..ctx.nstash {
             // SAFETY: stash tables were allocated by this operation and
             // never linked into the tree, so nothing can cache them.
-            unsafe { self.platform.free_table(ctx.stash[i]) };
+            unsafe { self.release(ctx.stash[i]) };
         }
         ctx.nstash = 0;
     }
 
+    /// After the TLBI: ORs the state found in the leaves of each group
+    /// converted in place into all of them (rule 3).
+    fn regather(&mut self, ctx: &mut OpCtx) {
+        let mut wrote = false;
+        for r in 0..ctx.nregather {
+            let (table, first, level) = ctx.regather[r];
+            let (mut young, mut dirty) = (false, false);
+            for k in 0..CONT_ENTRIES {
+                let d = self.read(table, first + k);
+                if d.is_leaf(level) {
+                    young |= d.is_young();
+                    dirty |= d.is_dirty();
+                }
+            }
+            for k in 0..CONT_ENTRIES {
+                wrote |= self.spread_live(table, first + k, level, young, dirty);
+            }
+        }
+        ctx.nregather = 0;
+        if wrote {
+            self.platform.dsb_ishst();
+        }
+    }
+
     fn free_deferred(&mut self, ctx: &mut OpCtx) {
+        let mut wrote = false;
         for i in 0..ctx.nfree {
+            let (table, parent) = ctx.frees[i];
+            if let Some((pt, pi, level)) = parent {
+                // Rule 3: walkers may have written through the old table
+                // until the TLBI that precedes this completed.
+                let (young, dirty) = self.table_state(table, level + 1);
+                wrote |= self.spread_live(pt, pi, level, young, dirty);
+            }
+        }
+        if wrote {
+            self.platform.dsb_ishst();
+        }
+        for i in 0..ctx.nfree {
+            let (table, _) = ctx.frees[i];
             // A table discarded whole (a full table collapsed into a block)
-            // still counts its entries: the frame provider wants 0.
-            // SAFETY: the table is still ours until free_table below.
-            let left = unsafe { self.platform.adjust_valid(ctx.frees[i], 0) };
+            // still counts its entries: the frame provider wants 0. A count
+            // that cannot be read or zeroed keeps the table out of the
+            // provider's hands (lost, never reused) and fails the operation.
+            let left = self.valid_count(table);
+            if left == COUNT_UNKNOWN {
+                continue;
+            }
             if left != 0 {
-                // SAFETY: as above; brings the count to exactly 0.
-                unsafe { self.platform.adjust_valid(ctx.frees[i], -(left as i32)) };
+                // SAFETY: the table is still ours until it is freed below;
+                // brings the count to exactly 0.
+                if let Err(e) = unsafe { self.platform.adjust_valid(table, -(left as i32)) } {
+                    self.note(e);
+                    continue;
+                }
             }
             // SAFETY: the descriptor pointing at this table was cleared or
             // replaced and the TLB debt covering it (non-last-level TLBI) was
             // settled before we got here (`finish`, `defer_free`), or the
             // table was never linked (split then collapsed again).
-            unsafe { self.platform.free_table(ctx.frees[i]) };
+            unsafe { self.release(table) };
         }
         ctx.nfree = 0;
     }
 
     fn defer_free(&mut self, ctx: &mut OpCtx, table: PhysAddr) {
+        self.defer_free_from(ctx, table, None);
+    }
+
+    fn defer_free_from(&mut self, ctx: &mut OpCtx, table: PhysAddr, parent: Option<EntryAt>) {
         if ctx.nfree == FREE_BATCH {
             ctx.debt.settle(&mut self.platform, self.features);
+            self.regather(ctx);
             self.free_deferred(ctx);
         }
-        ctx.frees[ctx.nfree] = table;
+        ctx.frees[ctx.nfree] = (table, parent);
         ctx.nfree += 1;
     }
 
@@ -824,9 +992,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             let child = if let DescriptorKind::Table(next) = d.kind(level) {
                 next
             } else {
-                let Some(next) = self.platform.alloc_table() else {
-                    self.adjust(table, added);
-                    return Err(cs);
+                let next = match self.platform.alloc_table() {
+                    Ok(next) => next,
+                    Err(e) => {
+                        self.adjust(table, added);
+                        ctx.error = Some(e.into());
+                        return Err(cs);
+                    }
                 };
                 self.write(table, i, Descriptor::table(next));
                 added += 1;
@@ -918,11 +1090,16 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     }
                     DescriptorKind::Leaf if covered => new[k] = self.apply(op, d, level),
                     DescriptorKind::Leaf if !matches!(op, LeafOp::Refold) => {
-                        let Some(t) = self.take_split_table(ctx) else {
-                            // Unreachable: `splits_needed` pre-allocated one
-                            // table per partly covered block. Leave it alone
-                            // rather than corrupt the tree.
-                            continue;
+                        let t = match self.take_split_table(ctx) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                // `splits_needed` allocated one table per
+                                // partly covered block, so this is not
+                                // reached; if it were, the block stays
+                                // whole and the operation fails.
+                                ctx.error.get_or_insert(e);
+                                continue;
+                            }
                         };
                         self.fill_split(t, d, level);
                         self.modify_level(ctx, op, t, level + 1, ev, cs, ce, false);
@@ -948,9 +1125,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 }
             }
             let gva = base + ((g as u64) << sh);
-            self.write_group(ctx, op, table, level, gva, &old, &mut new, live);
-            for t in to_free.into_iter().flatten() {
-                self.defer_free(ctx, t);
+            let collapsed = self.write_group(ctx, op, table, level, gva, &old, &mut new, live);
+            for (k, t) in to_free.into_iter().enumerate() {
+                if let Some(t) = t {
+                    let parent = (collapsed & (1 << k) != 0).then_some((table, g + k, level));
+                    self.defer_free_from(ctx, t, parent);
+                }
             }
             g += CONT_ENTRIES;
         }
@@ -1020,14 +1200,16 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         })
     }
 
-    fn take_split_table(&mut self, ctx: &mut OpCtx) -> Option<PhysAddr> {
+    /// A table for splitting a block: from the stash `modify` filled, so
+    /// that running out of table memory is found before anything changes.
+    fn take_split_table(&mut self, ctx: &mut OpCtx) -> Result<PhysAddr, Stage1Error> {
         if ctx.nstash > 0 {
             ctx.nstash -= 1;
-            Some(ctx.stash[ctx.nstash])
-        } else {
-            debug_assert!(false, "splits_needed undercounted");
-            self.platform.alloc_table()
+            return Ok(ctx.stash[ctx.nstash]);
         }
+        // Only if `splits_needed` missed a split (a bug): try once more,
+        // and fail the operation rather than skip part of its range.
+        self.platform.alloc_table().map_err(Stage1Error::from)
     }
 
     /// The new value of a covered leaf.
@@ -1130,6 +1312,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         mut cur: Descriptor,
         mut new: Descriptor,
     ) -> Descriptor {
+        if !self.live {
+            // No walker: nothing can change the entry behind our back.
+            self.write(table, index, new);
+            return cur;
+        }
         loop {
             match self.cas(table, index, cur, new) {
                 Ok(()) => return cur,
@@ -1153,19 +1340,62 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         if new.is_table(level) && found.is_leaf(level) {
             let young = found.is_young() && !seen.is_young();
             let dirty = found.is_dirty() && !seen.is_dirty();
-            if young || dirty {
-                let t = new.table_address();
-                for i in 0..ENTRIES {
-                    let d = self.read(t, i);
-                    if d.is_leaf(level + 1) {
-                        let nd = d.with_state(d.is_young() || young, d.is_dirty() || dirty);
-                        self.write(t, i, nd);
-                    }
-                }
-            }
-            return new;
+            return self.spread(new, young, dirty, level);
         }
         absorb(new, seen, found, level)
+    }
+
+    /// ORs `young`/`dirty` into `d`, a new entry at `level` not yet written:
+    /// into the leaf itself, or into every leaf below a new (unlinked) table.
+    fn spread(&mut self, d: Descriptor, young: bool, dirty: bool, level: u8) -> Descriptor {
+        if !(young || dirty) {
+            return d;
+        }
+        if d.is_leaf(level) {
+            return d.with_state(d.is_young() || young, d.is_dirty() || dirty);
+        }
+        if d.is_table(level) {
+            let t = d.table_address();
+            for i in 0..ENTRIES {
+                let c = self.read(t, i);
+                let n = self.spread(c, young, dirty, level + 1);
+                if n != c {
+                    self.write(t, i, n);
+                }
+            }
+        }
+        d
+    }
+
+    /// ORs `young`/`dirty` into the live entry `index` of `table` (a leaf,
+    /// or every leaf below a table) with compare-and-swap: a state upgrade
+    /// only, which needs no TLB maintenance.
+    /// Returns whether anything was written.
+    fn spread_live(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        level: u8,
+        young: bool,
+        dirty: bool,
+    ) -> bool {
+        if !(young || dirty) {
+            return false;
+        }
+        let c = self.read(table, index);
+        let mut wrote = false;
+        if c.is_leaf(level) {
+            let n = c.with_state(c.is_young() || young, c.is_dirty() || dirty);
+            if n != c {
+                self.replace_live(table, index, level, c, n);
+                wrote = true;
+            }
+        } else if c.is_table(level) {
+            for i in 0..ENTRIES {
+                wrote |= self.spread_live(c.table_address(), i, level + 1, young, dirty);
+            }
+        }
+        wrote
     }
 
     /// True when the break of a live entry may be skipped under FEAT_BBM
@@ -1196,7 +1426,8 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// written (rule 4/6) -- unless FEAT_BBM level 2 covers the change, in
     /// which case they are rewritten in place. In-place changes add to the
     /// operation's TLB debt; changes touching a contiguous run add the whole
-    /// run (rule 7).
+    /// run (rule 7). Returns the entries where a table was replaced by a
+    /// block in place: their old tables must be re-read after the TLBI.
     #[allow(clippy::too_many_arguments)]
     fn write_group(
         &mut self,
@@ -1208,7 +1439,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         old: &[Descriptor; CONT_ENTRIES],
         new: &mut [Descriptor; CONT_ENTRIES],
         live: bool,
-    ) {
+    ) -> u16 {
         let size = level_size(level);
         let mut delta = 0i32;
         if !live {
@@ -1219,7 +1450,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 }
             }
             self.adjust(table, delta);
-            return;
+            return 0;
         }
         let first = gva_index(gva, level);
         let mut cur = *old;
@@ -1246,6 +1477,17 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 }
             }
         }
+        // Rule 3: a run that is unfolded or re-formed hands the access and
+        // dirty state of every old entry to every new one (the hardware may
+        // have recorded a write to any page of a run in any of its entries).
+        let convert = level >= 1 && is_run(old, level) != is_run(new, level);
+        let (mut young, mut dirty) = (false, false);
+        if convert {
+            for d in old.iter().filter(|d| d.is_leaf(level)) {
+                young |= d.is_young();
+                dirty |= d.is_dirty();
+            }
+        }
         if brk != 0 && !bbm2 {
             let (mut walk, mut finest) = (false, level);
             for k in 0..CONT_ENTRIES {
@@ -1253,6 +1495,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     continue;
                 }
                 let found = self.replace_live(table, first + k, level, old[k], Descriptor::INVALID);
+                if convert && found.is_leaf(level) {
+                    // Exact: an invalid entry gets no hardware update.
+                    young |= found.is_young();
+                    dirty |= found.is_dirty();
+                }
                 new[k] = self.carry_state(new[k], old[k], found, level);
                 if old[k].is_table(level) {
                     walk = true;
@@ -1275,23 +1522,52 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             );
             self.platform.dsb_ish();
             ctx.wrote = true;
+            // Rule 3: a table replaced by a block may have been written
+            // through until the TLBI completed; its leaves are final now.
+            for k in 0..CONT_ENTRIES {
+                if brk & (1 << k) != 0 && old[k].is_table(level) && new[k].is_leaf(level) {
+                    let (young, dirty) = self.table_state(old[k].table_address(), level + 1);
+                    new[k] = self.spread(new[k], young, dirty, level);
+                }
+            }
         }
+        if convert {
+            for d in new.iter_mut() {
+                *d = self.spread(*d, young, dirty, level);
+            }
+        }
+        // Rule 7: a cached copy of any entry of a run may translate any page
+        // of the run, so in-place changes of a run are paid for once, over
+        // the whole run, below.
+        let run_group = level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous());
         let mut in_place = false;
+        let mut collapsed = 0u16;
+        let (mut late_young, mut late_dirty) = (false, false);
         for k in 0..CONT_ENTRIES {
             if new[k] == cur[k] {
                 continue;
             }
             let ev = gva + k as u64 * size;
             if cur[k].is_valid() {
-                self.replace_live(table, first + k, level, cur[k], new[k]);
+                let found = self.replace_live(table, first + k, level, cur[k], new[k]);
+                if convert && found.is_leaf(level) {
+                    // In place (FEAT_BBM level 2): the hardware may have
+                    // updated an entry after the gather above, also one
+                    // that is now unmapped, so `regather` cannot see it.
+                    late_young |= found.is_young() && !young;
+                    late_dirty |= found.is_dirty() && !dirty;
+                }
                 in_place = true;
+                if cur[k].is_table(level) && new[k].is_leaf(level) {
+                    collapsed |= 1 << k;
+                }
                 if cur[k].is_table(level) {
                     if new[k].is_valid() {
                         ctx.debt.add(ev, size, level + 1, level, true);
                     } else {
                         ctx.debt.add_walk(ev);
                     }
-                } else {
+                } else if !run_group {
                     ctx.debt.add(ev, size, level, level, false);
                 }
             } else {
@@ -1300,11 +1576,46 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             delta += new[k].is_valid() as i32 - cur[k].is_valid() as i32;
             ctx.wrote = true;
         }
-        if in_place && level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous()) {
+        for (k, d) in new.iter().enumerate() {
+            if d.is_valid() {
+                self.spread_live(table, first + k, level, late_young, late_dirty);
+            }
+        }
+        if in_place && run_group {
             let run = size * CONT_ENTRIES as u64;
             ctx.debt.add(gva, run, level, level, false);
         }
+        if in_place && convert {
+            // In place (FEAT_BBM level 2): the hardware may update any
+            // entry through the old run until the TLBI has completed, also
+            // entries already rewritten above; `regather` picks that up.
+            if ctx.nregather == REGATHER_BATCH {
+                ctx.debt.settle(&mut self.platform, self.features);
+                self.regather(ctx);
+                self.free_deferred(ctx);
+            }
+            ctx.regather[ctx.nregather] = (table, first, level);
+            ctx.nregather += 1;
+        }
         self.adjust(table, delta);
+        collapsed
+    }
+
+    /// Access and dirty state ORed over every leaf below `table` at `level`.
+    fn table_state(&self, table: PhysAddr, level: u8) -> (bool, bool) {
+        let (mut young, mut dirty) = (false, false);
+        for i in 0..ENTRIES {
+            let d = self.read(table, i);
+            if d.is_leaf(level) {
+                young |= d.is_young();
+                dirty |= d.is_dirty();
+            } else if d.is_table(level) {
+                let (y, w) = self.table_state(d.table_address(), level + 1);
+                young |= y;
+                dirty |= w;
+            }
+        }
+        (young, dirty)
     }
 }
 

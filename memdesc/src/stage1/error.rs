@@ -6,6 +6,8 @@
 
 use core::fmt;
 
+use super::hardware::TableMemoryError;
+
 /// Why a stage-1 operation was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage1Error {
@@ -42,6 +44,21 @@ pub enum Stage1Error {
     ExecutableDevice,
     /// The table-memory provider had no frame left; nothing was changed.
     OutOfTableMemory,
+    /// The table-memory provider failed otherwise. When it refused a frame
+    /// up front nothing was changed; when a valid-entry count update or a
+    /// free failed, the operation finished its TLB maintenance, kept every
+    /// table whose count it could not trust, and the provider's counts may
+    /// now disagree with the tables (the linter reports where).
+    TableMemory(TableMemoryError),
+}
+
+impl From<TableMemoryError> for Stage1Error {
+    fn from(e: TableMemoryError) -> Self {
+        match e {
+            TableMemoryError::OutOfMemory => Self::OutOfTableMemory,
+            e => Self::TableMemory(e),
+        }
+    }
 }
 
 impl fmt::Display for Stage1Error {
@@ -56,6 +73,7 @@ impl fmt::Display for Stage1Error {
             Self::WriteAndExecute => write!(f, "writable and executable mapping refused (W^X)"),
             Self::ExecutableDevice => write!(f, "executable Device memory refused"),
             Self::OutOfTableMemory => write!(f, "out of translation table memory"),
+            Self::TableMemory(e) => write!(f, "translation table memory failed: {e:?}"),
         }
     }
 }

@@ -19,7 +19,7 @@
 use core::cell::Cell;
 
 use super::descriptor::{level_shift, Descriptor, CONT_ENTRIES, ENTRIES};
-use super::hardware::{Features, TableMemory, TlbiScope, TranslationHw};
+use super::hardware::{Features, TableMemory, TableMemoryError, TlbiScope, TranslationHw};
 use crate::addr::{PhysAddr, VirtAddr};
 
 /// Physical address of the first fake frame (frame `n` is at base + n * 4 KiB).
@@ -33,6 +33,9 @@ const INVALIDATED: u8 = 3;
 /// so a TLB may hold it for the whole run (D8.6.1), not only its own page.
 const RUN: u8 = 0x80;
 const NONE: u32 = u32::MAX;
+
+/// An entry of a table frame: (table, index).
+type Entry = (PhysAddr, usize);
 
 #[derive(Clone, Copy, Debug)]
 struct FrameMeta {
@@ -70,6 +73,11 @@ impl FrameMeta {
 pub struct FakeFrame {
     entries: [u64; ENTRIES],
     state: [u8; ENTRIES],
+    /// For a stale Contiguous entry: the pages of its run a TLBI has
+    /// covered so far (bit p: page p of the 16). A cached copy of one entry
+    /// of a run may translate any page of the run (D8.6.1), so it is gone
+    /// only when all 16 were invalidated.
+    cover: [u16; ENTRIES],
     meta: FrameMeta,
 }
 
@@ -79,6 +87,7 @@ impl FakeFrame {
         Self {
             entries: [0; ENTRIES],
             state: [CLEAN; ENTRIES],
+            cover: [0; ENTRIES],
             meta: FrameMeta::EMPTY,
         }
     }
@@ -249,7 +258,14 @@ pub struct FakePlatform<'a> {
     violation_count: u64,
     stores_unsynced: bool,
     allocs_left: Option<u64>,
-    race: Option<(PhysAddr, usize, bool)>,
+    /// Just before the next compare-and-swap on (table, index): the
+    /// hardware accesses through entry (table, index) of the second pair.
+    race: Option<(Entry, Entry, bool)>,
+    /// Just before the next TLBI: the hardware accesses through this entry.
+    race_tlbi: Option<(PhysAddr, usize, bool)>,
+    swaps: u64,
+    busy: bool,
+    race_effect: Option<(bool, bool)>,
 }
 
 impl<'a> FakePlatform<'a> {
@@ -283,6 +299,10 @@ impl<'a> FakePlatform<'a> {
             stores_unsynced: false,
             allocs_left: None,
             race: None,
+            race_tlbi: None,
+            swaps: 0,
+            busy: false,
+            race_effect: None,
         }
     }
 
@@ -349,6 +369,13 @@ impl<'a> FakePlatform<'a> {
         self.peak_in_use
     }
 
+    /// While `busy`, every allocation, free and valid-count access fails
+    /// with [`TableMemoryError::Busy`] (as the firmware's provider does
+    /// when it is re-entered); descriptor accesses still work.
+    pub fn set_busy(&mut self, busy: bool) {
+        self.busy = busy;
+    }
+
     /// Lets only `n` more allocations succeed (`None`: unlimited).
     pub fn set_alloc_limit(&mut self, n: Option<u64>) {
         self.allocs_left = n;
@@ -356,14 +383,38 @@ impl<'a> FakePlatform<'a> {
 
     /// Plays the hardware (FEAT_HAFDBS): an access through entry `index` of
     /// `table` sets AF, and a write to a DBM entry clears AP\[2\]. Not counted.
-    pub fn hw_touch(&mut self, table: PhysAddr, index: usize, write: bool) {
+    ///
+    /// Returns whether the access happened and whether it was a write: the
+    /// hardware updates only a valid leaf, and records a write only where
+    /// DBM allows it (otherwise the write faults and does not happen).
+    pub fn hw_touch(&mut self, table: PhysAddr, index: usize, write: bool) -> (bool, bool) {
         let f = self.frame(table);
         let d = Descriptor(self.frames[f].entries[index]);
+        // The counting fake tracks no levels: any valid entry will do.
+        let leaf = if self.recording {
+            d.is_leaf(self.frames[f].meta.level)
+        } else {
+            d.is_valid()
+        };
+        if !leaf {
+            // The hardware never updates an invalid or table descriptor.
+            return (false, false);
+        }
         let mut n = d.with(Descriptor::AF, true);
-        if write && d.has(Descriptor::DBM) {
+        let written = write && d.has(Descriptor::DBM);
+        if written {
             n = n.with(Descriptor::AP_READ_ONLY, false);
         }
         self.frames[f].entries[index] = n.bits();
+        (true, written)
+    }
+
+    /// What the last race that fired did ([`FakePlatform::hw_touch`]'s
+    /// result), since the last call; pending races are dropped.
+    pub fn take_race_effect(&mut self) -> Option<(bool, bool)> {
+        self.race = None;
+        self.race_tlbi = None;
+        self.race_effect.take()
     }
 
     /// Plays a hardware race: just before the next compare-and-swap on entry
@@ -371,7 +422,33 @@ impl<'a> FakePlatform<'a> {
     /// through it, as [`FakePlatform::hw_touch`]. The swap then fails and the
     /// engine must carry the new access/dirty state into what it writes.
     pub fn race_next_swap(&mut self, table: PhysAddr, index: usize, write: bool) {
-        self.race = Some((table, index, write));
+        self.race = Some(((table, index), (table, index), write));
+    }
+
+    /// Like [`FakePlatform::race_next_swap`], but the hardware goes through
+    /// another entry, `touch`: for instance a leaf of a table whose parent
+    /// entry the engine is about to swap (a walker that read the parent
+    /// before the swap can still use the old table).
+    pub fn race_next_swap_touching(&mut self, swap: Entry, touch: Entry, write: bool) {
+        self.race = Some((swap, touch, write));
+    }
+
+    /// Plays the hardware just before the next TLBI: an access through
+    /// entry `index` of `table` (as [`FakePlatform::hw_touch`]), as a
+    /// walker may do until the TLBI has completed.
+    pub fn race_next_tlbi(&mut self, table: PhysAddr, index: usize, write: bool) {
+        self.race_tlbi = Some((table, index, write));
+    }
+
+    /// Compare-and-swap attempts since creation.
+    pub fn swaps(&self) -> u64 {
+        self.swaps
+    }
+
+    fn tlbi_race(&mut self) {
+        if let Some((t, i, write)) = self.race_tlbi.take() {
+            self.race_effect = Some(self.hw_touch(t, i, write));
+        }
     }
 
     #[inline]
@@ -411,6 +488,10 @@ impl<'a> FakePlatform<'a> {
     fn set_state(&mut self, f: usize, i: usize, st: u8) {
         let fr = &mut self.frames[f];
         let was = fr.state[i];
+        if st & !RUN == STALE || st & !RUN == STALE_WALK {
+            // A new stale copy: earlier TLBIs did not remove it.
+            fr.cover[i] = 0;
+        }
         if was == CLEAN && st != CLEAN {
             fr.meta.unclean += 1;
         } else if was != CLEAN && st == CLEAN {
@@ -533,6 +614,9 @@ impl<'a> FakePlatform<'a> {
                     self.attach(n.table_address(), va, level + 1, f, i);
                 }
             }
+            // Setting AF or the dirty state needs no TLB maintenance: a
+            // stale copy only makes the hardware set them again.
+            (true, true) if state_upgrade(o, n, level) => {}
             (true, true) if old != new => {
                 let (ot, nt) = (o.is_table(level), n.is_table(level));
                 let type_change = if !ot && !nt {
@@ -543,6 +627,16 @@ impl<'a> FakePlatform<'a> {
                     ot && nt
                 };
                 let size_change = ot != nt || (!ot && o.is_contiguous() != n.is_contiguous());
+                // A block <-> table change in place is only a size change
+                // when every leaf below the table translates as the block
+                // did: same output, memory type, shareability, nG.
+                let type_change = type_change
+                    || (!ot
+                        && nt
+                        && !self.same_translation(n.table_address(), level + 1, o, level))
+                    || (ot
+                        && !nt
+                        && !self.same_translation(o.table_address(), level + 1, n, level));
                 if type_change || (size_change && self.features.bbm_level < 2) {
                     self.violation(BbmViolation::LiveChangeNeedsBreak {
                         va,
@@ -566,6 +660,38 @@ impl<'a> FakePlatform<'a> {
         }
     }
 
+    /// True when every valid leaf below `table` (at `level`) translates as
+    /// the leaf `block` at `block_level` does: output address, AttrIndx,
+    /// SH and nG.
+    fn same_translation(
+        &self,
+        table: PhysAddr,
+        level: u8,
+        block: Descriptor,
+        block_level: u8,
+    ) -> bool {
+        let f = self.frame(table);
+        let oa = block.output(block_level).0;
+        let key = Descriptor::ATTR_INDX_MASK | Descriptor::SH_MASK | Descriptor::NG;
+        let sh = level_shift(level);
+        (0..ENTRIES).all(|i| {
+            let d = Descriptor(self.frames[f].entries[i]);
+            let at = oa + ((i as u64) << sh);
+            if d.is_table(level) {
+                self.same_translation(
+                    d.table_address(),
+                    level + 1,
+                    block.with_output(PhysAddr(at)),
+                    level,
+                )
+            } else if d.is_leaf(level) {
+                d.output(level).0 == at && (d.bits() ^ block.bits()) & key == 0
+            } else {
+                true
+            }
+        })
+    }
+
     fn tlbi_covering(&mut self, lo: u64, hi: u64, scope: Option<TlbiScope>) {
         if !self.recording {
             return;
@@ -583,10 +709,16 @@ impl<'a> FakePlatform<'a> {
             if hi <= m.base_va || lo >= end {
                 continue;
             }
-            let i0 = (lo.max(m.base_va) - m.base_va) >> sh;
-            let i1 = ((hi.min(end) - 1 - m.base_va) >> sh) + 1;
-            for i in i0 as usize..i1 as usize {
-                let st = self.frames[f].state[i] & !RUN;
+            let i0 = ((lo.max(m.base_va) - m.base_va) >> sh) as usize;
+            let i1 = (((hi.min(end) - 1 - m.base_va) >> sh) + 1) as usize;
+            // Stale run entries of the groups touched count too.
+            let (w0, w1) = (
+                i0 & !(CONT_ENTRIES - 1),
+                i1.next_multiple_of(CONT_ENTRIES).min(ENTRIES),
+            );
+            for i in w0..w1 {
+                let raw = self.frames[f].state[i];
+                let st = raw & !RUN;
                 let hit = match scope {
                     None => st == STALE || st == STALE_WALK,
                     Some(s) => {
@@ -594,7 +726,24 @@ impl<'a> FakePlatform<'a> {
                             || (st == STALE_WALK && !s.last_level_only && s.level.is_none())
                     }
                 };
-                if hit {
+                if !hit {
+                    continue;
+                }
+                let gone = if raw & RUN != 0 {
+                    let g = i & !(CONT_ENTRIES - 1);
+                    let mut mask = 0u16;
+                    for p in 0..CONT_ENTRIES {
+                        let plo = m.base_va + (((g + p) as u64) << sh);
+                        if plo < hi && plo + (1 << sh) > lo {
+                            mask |= 1 << p;
+                        }
+                    }
+                    self.frames[f].cover[i] |= mask;
+                    self.frames[f].cover[i] == u16::MAX
+                } else {
+                    (i0..i1).contains(&i)
+                };
+                if gone {
                     self.set_state(f, i, INVALIDATED);
                 }
             }
@@ -618,6 +767,18 @@ impl<'a> FakePlatform<'a> {
     }
 }
 
+/// True when `n` is the leaf `o` with only AF, the hardware dirty state
+/// (AP\[2\] cleared under DBM) or the software dirty bit newly set.
+fn state_upgrade(o: Descriptor, n: Descriptor, level: u8) -> bool {
+    let state = Descriptor::AF | Descriptor::AP_READ_ONLY | Descriptor::SW_DIRTY;
+    let gained = n.bits() & !o.bits();
+    let lost = o.bits() & !n.bits();
+    o.is_leaf(level)
+        && (o.bits() ^ n.bits()) & !state == 0
+        && gained & !(Descriptor::AF | Descriptor::SW_DIRTY) == 0
+        && (lost == 0 || (lost == Descriptor::AP_READ_ONLY && o.has(Descriptor::DBM)))
+}
+
 fn run_flag(d: Descriptor, level: u8) -> u8 {
     if d.is_leaf(level) && d.is_contiguous() {
         RUN
@@ -631,10 +792,13 @@ fn run_flag(d: Descriptor, level: u8) -> u8 {
 // access is bounds-checked safe Rust on host memory, and the fake is
 // single-threaded, so plain loads/stores are atomic with respect to it.
 unsafe impl TableMemory for FakePlatform<'_> {
-    fn alloc_table(&mut self) -> Option<PhysAddr> {
+    fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError> {
+        if self.busy {
+            return Err(TableMemoryError::Busy);
+        }
         if let Some(n) = self.allocs_left.as_mut() {
             if *n == 0 {
-                return None;
+                return Err(TableMemoryError::OutOfMemory);
             }
             *n -= 1;
         }
@@ -646,7 +810,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
             self.high_water += 1;
             self.high_water - 1
         } else {
-            return None;
+            return Err(TableMemoryError::OutOfMemory);
         };
         let fr = &mut self.frames[f];
         fr.entries = [0; ENTRIES];
@@ -667,10 +831,13 @@ unsafe impl TableMemory for FakePlatform<'_> {
             m.level = self.root_level;
         }
         self.record(Event::Alloc(pa));
-        Some(pa)
+        Ok(pa)
     }
 
-    unsafe fn free_table(&mut self, table: PhysAddr) {
+    unsafe fn free_table(&mut self, table: PhysAddr) -> Result<(), TableMemoryError> {
+        if self.busy {
+            return Err(TableMemoryError::Busy);
+        }
         let f = self.frame(table);
         if self.recording {
             let m = self.frames[f].meta;
@@ -697,6 +864,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
         self.in_use -= 1;
         self.counters.frees += 1;
         self.record(Event::Free(table));
+        Ok(())
     }
 
     #[inline]
@@ -744,10 +912,11 @@ unsafe impl TableMemory for FakePlatform<'_> {
         current: u64,
         new: u64,
     ) -> Result<(), u64> {
-        if let Some((t, i, write)) = self.race {
-            if t == table && i == index {
+        self.swaps += 1;
+        if let Some((swap, (t, i), write)) = self.race {
+            if swap == (table, index) {
                 self.race = None;
-                self.hw_touch(table, index, write);
+                self.race_effect = Some(self.hw_touch(t, i, write));
             }
         }
         let f = self.frame(table);
@@ -760,29 +929,44 @@ unsafe impl TableMemory for FakePlatform<'_> {
     }
 
     #[inline]
-    unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32) -> u32 {
+    unsafe fn adjust_valid(
+        &mut self,
+        table: PhysAddr,
+        delta: i32,
+    ) -> Result<u32, TableMemoryError> {
+        if self.busy {
+            return Err(TableMemoryError::Busy);
+        }
         let f = self.frame(table);
         let m = &mut self.frames[f].meta;
-        m.valid = m.valid.wrapping_add_signed(delta);
-        m.valid
+        match m.valid.checked_add_signed(delta) {
+            Some(n) if n as usize <= ENTRIES => {
+                m.valid = n;
+                Ok(n)
+            }
+            _ => Err(TableMemoryError::CountOutOfRange { table }),
+        }
     }
 }
 
 impl TranslationHw for FakePlatform<'_> {
     #[inline]
     fn tlbi_va(&mut self, va: VirtAddr, scope: TlbiScope) {
+        self.tlbi_race();
         self.counters.tlbi_va += 1;
         self.record(Event::TlbiVa { va, scope });
         self.tlbi_covering(va.0, va.0 + 1, Some(scope));
     }
 
     fn tlbi_va_range(&mut self, va: VirtAddr, len: u64, scope: TlbiScope) {
+        self.tlbi_race();
         self.counters.tlbi_range += 1;
         self.record(Event::TlbiRange { va, len, scope });
         self.tlbi_covering(va.0, va.0 + len, Some(scope));
     }
 
     fn tlbi_all(&mut self) {
+        self.tlbi_race();
         self.counters.tlbi_all += 1;
         self.record(Event::TlbiAll);
         self.tlbi_covering(0, u64::MAX, None);

@@ -85,6 +85,34 @@ pub trait TranslationHw {
     fn isb(&mut self);
 }
 
+/// Why the table-memory provider failed a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableMemoryError {
+    /// No table frame is left.
+    OutOfMemory,
+    /// The provider is in use (re-entered, for example from an exception
+    /// handler that interrupted it).
+    Busy,
+    /// The provider cannot serve requests (not initialised, or it failed
+    /// in a way none of the other variants names).
+    Unavailable,
+    /// `table` is not a table frame the provider handed out.
+    NotATable {
+        /// The address given.
+        table: PhysAddr,
+    },
+    /// The valid-entry count of `table` would leave `0..=512`.
+    CountOutOfRange {
+        /// The table.
+        table: PhysAddr,
+    },
+    /// The provider refused to take `table` back.
+    FreeRefused {
+        /// The table.
+        table: PhysAddr,
+    },
+}
+
 /// Translation table memory: frames for tables, and descriptor access.
 ///
 /// Every descriptor read and write of the engine goes through here, so a
@@ -106,10 +134,17 @@ pub trait TranslationHw {
 /// 3. `compare_exchange_entry` is an atomic compare-and-swap (hardware may
 ///    update AF/AP\[2\] of live entries concurrently under FEAT_HAFDBS).
 pub unsafe trait TableMemory {
-    /// Allocates a zeroed table frame; `None` when none is left.
-    fn alloc_table(&mut self) -> Option<PhysAddr>;
+    /// Allocates a zeroed table frame.
+    ///
+    /// # Errors
+    ///
+    /// [`TableMemoryError::OutOfMemory`] when none is left; any other
+    /// variant when the provider cannot serve the request.
+    fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError>;
 
-    /// Returns a table frame to the provider.
+    /// Returns a table frame to the provider. On an error the frame is
+    /// lost to the engine (it never uses it again) and the error reaches
+    /// the caller of the operation.
     ///
     /// # Safety
     ///
@@ -118,7 +153,7 @@ pub unsafe trait TableMemory {
     /// its valid-entry count is 0 (the engine zeroes the count of a table it
     /// discards whole, such as a full table collapsed into a block), and it
     /// is not used again.
-    unsafe fn free_table(&mut self, table: PhysAddr);
+    unsafe fn free_table(&mut self, table: PhysAddr) -> Result<(), TableMemoryError>;
 
     /// Reads entry `index` of `table`.
     ///
@@ -174,11 +209,14 @@ pub unsafe trait TableMemory {
 
     /// Adds `delta` to the valid-entry count of `table` and returns the new
     /// count (`delta == 0` reads it). The engine frees a non-root table when
-    /// its count drops to zero.
+    /// its count drops to zero, so a count that cannot be read or changed
+    /// must be an error, never a made-up value: the engine then keeps the
+    /// table and reports the error.
     ///
     /// # Safety
     ///
     /// `table` came from `alloc_table` and was not freed; the count never
     /// leaves `0..=512` when the engine is the only writer.
-    unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32) -> u32;
+    unsafe fn adjust_valid(&mut self, table: PhysAddr, delta: i32)
+        -> Result<u32, TableMemoryError>;
 }

@@ -13,7 +13,7 @@ use super::attributes::MemoryKind;
 use super::descriptor::{
     level_shift, level_size, Descriptor, DescriptorKind, CONT_ENTRIES, ENTRIES,
 };
-use super::engine::Stage1;
+use super::engine::{Stage1, COUNT_UNKNOWN};
 use super::hardware::{TableMemory, TranslationHw};
 use super::unit::MappingUnit;
 use crate::addr::{PhysAddr, VirtAddr};
@@ -48,6 +48,8 @@ pub enum Rule {
         /// Valid entries found.
         actual: u32,
     },
+    /// The table-memory provider could not report the valid-entry count.
+    ValidCountUnreadable,
     /// A non-root table with no valid entry is still linked.
     EmptyTable,
     /// Advisory: 16 entries eligible for a run are not folded (rule 8).
@@ -71,6 +73,7 @@ impl Rule {
             Self::BlockOutputMisaligned => "block-output-misaligned",
             Self::UnknownMemoryAttribute => "unknown-memory-attribute",
             Self::ValidCountMismatch { .. } => "valid-count-mismatch",
+            Self::ValidCountUnreadable => "valid-count-unreadable",
             Self::EmptyTable => "empty-table",
             Self::MissedFold => "missed-fold",
             Self::MissedCollapse => "missed-collapse",
@@ -106,6 +109,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
             sink(v);
         });
+        self.clear_fault();
         errors
     }
 
@@ -179,7 +183,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
         }
         let recorded = self.valid_count(table);
-        if recorded != actual {
+        if recorded == COUNT_UNKNOWN {
+            sink(Violation {
+                va: VirtAddr(base),
+                level,
+                rule: Rule::ValidCountUnreadable,
+            });
+        } else if recorded != actual {
             sink(Violation {
                 va: VirtAddr(base),
                 level,

@@ -10,9 +10,11 @@
 //! the sequence of stores, TLBIs and barriers.
 //!
 //! On target the hal implements [`TableMemory`] and [`TranslationHw`] on one
-//! object, builds `Stage1::new(platform, VaSize::Bits48, features)`, maps,
-//! programs MAIR_EL1 = [`MAIR_VALUE`], TCR_EL1.T0SZ = [`VaSize::t0sz`]
-//! (TG0 = 4 KiB, IPS >= 48 bits, HA/HD when [`Features::hafdbs`]) and
+//! object, builds `Stage1::new_detached(platform, VaSize::Bits48, features)`
+//! (plain stores while no walker can see the tree), maps, calls
+//! [`Stage1::set_live`], programs MAIR_EL1 = [`MAIR_VALUE`], TCR_EL1.T0SZ =
+//! [`VaSize::t0sz`] of [`Stage1::va_size`] (the one place the VA size is
+//! chosen; TG0 = 4 KiB, IPS >= 48 bits, HA/HD when [`Features::hafdbs`]) and
 //! TTBR0_EL1 = [`Stage1::root`], and turns the MMU on. Tables written with
 //! the data cache off must be cleaned to the point of coherency (or TCR's
 //! IRGN0/ORGN0 set to non-cacheable) before the MMU walks them.
@@ -34,11 +36,22 @@
 //!   records a write, so writable entries are AP\[2\] = 0 with bit 55 set:
 //!   conservatively dirty.
 //! * Hardware changes AF and AP\[2\] of live entries behind the engine's back,
-//!   so every rewrite of a live entry is a compare-and-swap; when it fails,
-//!   the AF/dirty the hardware set are carried into the new value (or into
-//!   every leaf of a new split table) and the swap retried. Reads gather AF
-//!   and dirty over all 16 entries of a run (the hardware updates only the
-//!   entry it used).
+//!   so once the tree is live ([`Stage1::set_live`]) every rewrite of a
+//!   valid entry is a compare-and-swap; when it fails, the AF/dirty the
+//!   hardware set are carried into the new value (or into every leaf of a
+//!   new split table) and the swap retried. Reads gather AF and dirty over
+//!   all 16 entries of a run: the hardware may record an access to any page
+//!   of a run in any one of its entries.
+//! * So every rewrite that unfolds or re-forms a run ORs the state of all
+//!   its old entries into every new entry (and into every leaf of a table
+//!   that replaces one of them): gathered from the values the break cleared
+//!   (exact: an invalid entry gets no update), or, in place under FEAT_BBM
+//!   level 2, from the entries before the rewrite and once more after the
+//!   TLBI, since a walker may still use the old run until then. A table
+//!   collapsed into a block is re-read after the TLBI the same way (before
+//!   the block is written on the break path, into the block before the
+//!   table is freed on the in-place path). Setting AF or the dirty state is
+//!   an upgrade that needs no TLB maintenance.
 //!
 //! # Valid-entry counts
 //!
@@ -47,7 +60,10 @@
 //! descriptor of the table frame, in the fake next to the frame. The engine
 //! adjusts it on every store that changes validity, frees a table when it
 //! reaches zero and only scans a table for a block collapse when it is 512.
-//! The linter cross-checks it against the table.
+//! A count the platform cannot read or change is an error
+//! ([`TableMemoryError`]): the engine then neither frees nor collapses that
+//! table and the operation returns [`Stage1Error::TableMemory`]. The linter
+//! cross-checks the count against the table.
 
 pub mod attributes;
 pub mod descriptor;
@@ -67,6 +83,6 @@ pub use attributes::{Attributes, MemoryKind, Shareability, MAIR_VALUE};
 pub use descriptor::Descriptor;
 pub use engine::{Stage1, Translation, VaSize};
 pub use error::Stage1Error;
-pub use hardware::{Features, TableMemory, TlbiScope, TranslationHw};
+pub use hardware::{Features, TableMemory, TableMemoryError, TlbiScope, TranslationHw};
 pub use lint::{Rule, Violation};
 pub use unit::{MappingSummary, MappingUnit};

@@ -1,6 +1,8 @@
 //! Unit tests of the stage-1 engine against the recording fake: one test
-//! per operation with exact descriptor-write, TLBI and barrier counts, and
-//! the break-before-make order (Arm ARM DDI 0487, D8.6.1, D8.14).
+//! per operation with budgets (upper bounds) for descriptor writes, TLBIs
+//! and barriers, and the break-before-make order (Arm ARM DDI 0487, D8.6.1,
+//! D8.14). Correctness (TLBI coverage, barriers, ordering) is checked by the
+//! fake's checker on every store, so the counts only bound the cost.
 
 // A panic is how a test reports failure.
 #![allow(clippy::unwrap_used)]
@@ -61,6 +63,39 @@ fn check(s: &mut Stage1<FakePlatform<'_>>) {
         p.violations().collect::<Vec<_>>()
     );
     assert_eq!(p.unflushed(), 0, "stale TLB state left behind");
+}
+
+/// Fails when `what` cost more than `budget`.
+#[track_caller]
+fn within(what: &str, actual: u64, budget: u64) {
+    assert!(
+        actual <= budget,
+        "{what}: {actual} over the budget of {budget}"
+    );
+}
+
+/// Break-before-make order in `log`: every store before the first
+/// `DSB ISH` clears an entry, a TLBI comes between, and every store after
+/// it writes a valid entry into an invalid one.
+fn assert_break_then_make(log: &[Event]) {
+    let ish = log.iter().position(|e| *e == Event::DsbIsh).unwrap();
+    let (before, after) = log.split_at(ish);
+    assert!(before.iter().any(Event::is_tlbi), "{log:?}");
+    let stores = |l: &[Event]| -> Vec<(u64, u64)> {
+        l.iter()
+            .filter_map(|e| match e {
+                Event::Write { old, new, .. } => Some((*old, *new)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(stores(before).iter().all(|&(_, new)| new == 0), "{log:?}");
+    let made = stores(after);
+    assert!(!made.is_empty());
+    assert!(
+        made.iter().all(|&(old, new)| old == 0 && new != 0),
+        "{log:?}"
+    );
 }
 
 fn va(x: u64) -> VirtAddr {
@@ -192,23 +227,16 @@ fn partial_change_unfolds_with_break_before_make() {
         s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!(c.writes, 32, "{c:?}");
+        within("writes", c.writes, 32);
         let tlbis = if f.tlbi_range { 1 } else { 16 };
-        assert_eq!(c.tlbi(), tlbis);
-        assert_eq!(c.dsb_ish, 1);
-        let log = s.platform().log().to_vec();
+        within("TLBIs", c.tlbi(), tlbis);
+        within("DSB ISH", c.dsb_ish, 1);
         // clear all 16 -> DSB ISHST -> TLBI pass -> DSB ISH -> 16 writes.
-        assert!(log[..16]
+        let log = s.platform().log().to_vec();
+        assert_break_then_make(&log);
+        assert!(log
             .iter()
-            .all(|e| matches!(e, Event::Write { new: 0, .. })));
-        assert_eq!(log[16], Event::DsbIshst);
-        assert!(log[17..17 + tlbis as usize].iter().all(Event::is_tlbi));
-        let after = 17 + tlbis as usize;
-        assert_eq!(log[after], Event::DsbIsh);
-        assert!(log[after + 1..after + 17]
-            .iter()
-            .all(|e| matches!(e, Event::Write { old: 0, new, .. } if *new != 0 && new & Descriptor::CONT == 0)));
-        assert_eq!(&log[after + 17..], &[Event::DsbIshst, Event::Isb]);
+            .all(|e| !matches!(e, Event::Write { new, .. } if new & Descriptor::CONT != 0)));
         assert_eq!(s.summary().count(MappingUnit::Page4K), 16);
         assert_eq!(
             s.query(va(G1 + 5 * K4)).unwrap().attributes,
@@ -224,7 +252,9 @@ fn partial_change_unfolds_with_break_before_make() {
         s.protect(va(G1 + 5 * K4), K4, Attributes::DATA).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.tlbi(), c.dsb_ish), (32, tlbis, 1));
+        within("refold writes", c.writes, 32);
+        within("refold TLBIs", c.tlbi(), tlbis);
+        within("refold DSB ISH", c.dsb_ish, 1);
         assert_eq!(s.summary().count(MappingUnit::Cont64K), 1);
     }
 }
@@ -238,11 +268,14 @@ fn bbm_level2_changes_size_in_place() {
     s.protect(va(G1), K4, Attributes::RODATA).unwrap();
     check(&mut s);
     let c = s.platform().counters();
-    assert_eq!((c.writes, c.tlbi_range, c.dsb_ish), (16, 1, 1));
+    within("writes", c.writes, 16);
+    within("TLBIs", c.tlbi(), 1);
+    within("DSB ISH", c.dsb_ish, 1);
+    // In place: no entry is ever invalid.
     let log = s.platform().log();
-    assert!(log[..16]
+    assert!(log
         .iter()
-        .all(|e| matches!(e, Event::Write { old, new, .. } if *old != 0 && *new != 0)));
+        .all(|e| !matches!(e, Event::Write { old, new, .. } if *old == 0 || *new == 0)));
     // A memory-type change still breaks, FEAT_BBM or not.
     s.platform_mut().reset_counters();
     let nc = Attributes {
@@ -265,12 +298,13 @@ fn whole_run_downgrade_is_in_place() {
         s.wrprotect(va(G1), K64).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.dsb_ish), (16, 1));
-        assert_eq!(c.tlbi(), if f.tlbi_range { 1 } else { 16 });
+        within("writes", c.writes, 16);
+        within("DSB ISH", c.dsb_ish, 1);
+        within("TLBIs", c.tlbi(), if f.tlbi_range { 1 } else { 16 });
         let log = s.platform().log();
-        assert!(log[..16]
+        assert!(log
             .iter()
-            .all(|e| matches!(e, Event::Write { new, .. } if new & Descriptor::CONT != 0)));
+            .all(|e| !matches!(e, Event::Write { new, .. } if new & Descriptor::CONT == 0)));
         let t = s.query(va(G1)).unwrap();
         assert_eq!((t.unit, t.attributes.write), (MappingUnit::Cont64K, false));
     }
@@ -451,8 +485,9 @@ fn young_clear_covers_the_run_in_place() {
         assert!(s.test_and_clear_young(va(G1 + 3 * K4)).unwrap());
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.dsb_ish), (16, 1));
-        assert_eq!(c.tlbi(), if f.tlbi_range { 1 } else { 16 });
+        within("writes", c.writes, 16);
+        within("DSB ISH", c.dsb_ish, 1);
+        within("TLBIs", c.tlbi(), if f.tlbi_range { 1 } else { 16 });
         s.platform_mut().reset_counters();
         assert!(!s.test_and_clear_young(va(G1)).unwrap());
         assert_eq!(s.platform().counters().writes, 0);
@@ -540,9 +575,9 @@ fn checker_catches_bbm_mistakes() {
     }
 }
 
-/// Exact costs of the common operations, both TLBI paths.
+/// Budgets of the common operations, both TLBI paths.
 #[test]
-fn exact_costs_of_common_operations() {
+fn common_operations_stay_within_budget() {
     for f in [NO_BBM, RANGE] {
         let per_run = if f.tlbi_range { 1 } else { 16 };
         let mut b = bufs(16);
@@ -554,22 +589,26 @@ fn exact_costs_of_common_operations() {
         s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!(
-            (c.writes, c.tlbi(), c.dsb_ishst, c.dsb_ish, c.isb),
-            (16, 0, 1, 0, 1)
-        );
+        within("fresh run writes", c.writes, 16);
+        within("fresh run TLBIs", c.tlbi(), 0);
+        within("fresh run DSB ISHST", c.dsb_ishst, 1);
+        within("fresh run DSB ISH", c.dsb_ish, 0);
+        within("fresh run ISB", c.isb, 1);
         // Unmapping the whole run: 16 clears, one TLBI pass, one DSB ISH.
         s.platform_mut().reset_counters();
         s.unmap(va(G1), K64).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.tlbi(), c.dsb_ish), (16, per_run, 1));
+        within("unmap writes", c.writes, 16);
+        within("unmap TLBIs", c.tlbi(), per_run);
+        within("unmap DSB ISH", c.dsb_ish, 1);
         // A 2 MiB block: one store.
         s.platform_mut().reset_counters();
         s.map(va(G1 + 4 * M2), pa(2 * G1), M2, Attributes::DATA)
             .unwrap();
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.allocs), (1, 0));
+        within("block writes", c.writes, 1);
+        within("block tables", c.allocs, 0);
         // 2 MiB of plain pages, then refold: the table collapses straight
         // into a block (clear, TLBI, DSB, block), no run folding first.
         s.map_limited(
@@ -584,8 +623,11 @@ fn exact_costs_of_common_operations() {
         s.refold(va(3 * G1), M2).unwrap();
         check(&mut s);
         let c = s.platform().counters();
-        assert_eq!((c.writes, c.frees, c.dsb_ish), (2, 1, 1));
-        assert_eq!(c.tlbi(), 1, "range TLBI or TLBI ALL for 512 pages");
+        within("collapse writes", c.writes, 2);
+        within("collapse DSB ISH", c.dsb_ish, 1);
+        // Range TLBI, or TLBI ALL for 512 pages.
+        within("collapse TLBIs", c.tlbi(), 1);
+        assert_eq!(c.frees, 1, "the collapsed table is freed");
         assert_eq!(s.summary().count(MappingUnit::Block2M), 2);
     }
 }
@@ -629,5 +671,524 @@ fn hardware_updates_racing_with_the_engine_are_kept() {
         for p in [0, 1, 99, 101, 511] {
             assert!(s.query(va(G1 + p * K4)).unwrap().dirty, "page {p}");
         }
+    }
+}
+
+/// Every page still mapped in `[base, base + pages * K4)` reads `want`
+/// (young and dirty), page by page.
+fn assert_all_state(s: &Stage1<FakePlatform<'_>>, base: u64, pages: u64, step: u64, what: &str) {
+    for p in 0..pages {
+        if let Ok(q) = s.query(va(base + p * step)) {
+            assert!(q.young && q.dirty, "{what}: page {p} lost its state: {q:?}");
+        }
+    }
+}
+
+/// Issue 8, item 1: the hardware marks entry 9 of a 64 KiB run dirty (it may
+/// use any entry of a run); a partial change must carry that state into
+/// every entry it writes, on the break-before-make and the BBM level 2 path.
+#[test]
+fn splitting_a_run_keeps_its_access_and_dirty_state() {
+    type Op = fn(&mut Stage1<FakePlatform<'_>>) -> Result<(), Stage1Error>;
+    let ops: [(&str, Op); 3] = [
+        ("protect page 5", |s| {
+            s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA)
+        }),
+        ("unmap page 9", |s| s.unmap(va(G1 + 9 * K4), K4)),
+        ("wrprotect pages 2-4", |s| {
+            s.wrprotect(va(G1 + 2 * K4), 3 * K4)
+        }),
+    ];
+    for f in [RANGE, Features::ALL] {
+        for (what, op) in ops {
+            let mut b = bufs(16);
+            let mut s = engine(&mut b, f, VaSize::Bits48);
+            s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+            // Start from clean and old, so only the hardware's update counts.
+            assert!(s.test_and_clear_young(va(G1)).unwrap());
+            let (t, i, _) = s.leaf_entry(va(G1 + 9 * K4)).unwrap();
+            s.platform_mut().hw_touch(t, i, true);
+            op(&mut s).unwrap();
+            check(&mut s);
+            assert_eq!(s.summary().count(MappingUnit::Cont64K), 0, "{what}");
+            assert_all_state(&s, G1, 16, K4, &format!("{what}, {f:?}"));
+        }
+    }
+}
+
+/// The same for a 32 MiB run of 2 MiB blocks: the block split by a partial
+/// change gets the run's state in every page, the other blocks too.
+#[test]
+fn splitting_a_block_run_keeps_its_access_and_dirty_state() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(M32), pa(M32), M32, Attributes::DATA).unwrap();
+        assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
+        assert!(s.test_and_clear_young(va(M32)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(M32 + 9 * M2)).unwrap();
+        s.platform_mut().hw_touch(t, i, true);
+        s.unmap(va(M32 + 5 * M2 + 7 * K4), K4).unwrap();
+        check(&mut s);
+        assert_all_state(&s, M32, 16, M2, &format!("blocks, {f:?}"));
+        assert_all_state(&s, M32 + 5 * M2, 512, K4, &format!("split block, {f:?}"));
+    }
+}
+
+/// Item 1 with a race: the hardware marks entry 12 dirty while the engine
+/// is rewriting the run (just before its compare-and-swap on entry 12, when
+/// entries 0-11 may already hold their new values).
+#[test]
+fn state_set_while_a_run_is_rewritten_reaches_every_entry() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        assert!(s.test_and_clear_young(va(G1)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(G1 + 12 * K4)).unwrap();
+        s.platform_mut().race_next_swap(t, i, true);
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        assert_all_state(&s, G1, 16, K4, &format!("{f:?}"));
+    }
+}
+
+/// The table entry at `level` on the walk of `va` (its table and index).
+fn entry_at(s: &Stage1<FakePlatform<'_>>, v: u64, level: u8) -> (PhysAddr, usize) {
+    let mut table = s.root();
+    let mut l = s.va_size().start_level();
+    loop {
+        let index = ((v >> (12 + 9 * (3 - l as u32))) & 511) as usize;
+        if l == level {
+            return (table, index);
+        }
+        table = Descriptor(unsafe_read(s, table, index)).table_address();
+        l += 1;
+    }
+}
+
+/// Issue 8, item 2: a table collapsing into a block keeps a write the
+/// hardware makes through one of its leaves after the engine scanned them:
+/// just before the parent entry is swapped, or while the TLBI is running.
+#[test]
+fn collapse_keeps_writes_made_after_the_scan() {
+    for f in [RANGE, Features::ALL] {
+        for at_tlbi in [false, true] {
+            for by_map in [false, true] {
+                let mut b = bufs(16);
+                let mut s = engine(&mut b, f, VaSize::Bits48);
+                let limit = MappingUnit::Page4K;
+                s.map_limited(va(M2), pa(M2), M2, Attributes::DATA, limit)
+                    .unwrap();
+                if by_map {
+                    s.unmap(va(M2 + 7 * K4), K4).unwrap();
+                }
+                assert!(!s.query(va(M2)).unwrap().dirty);
+                let (t, i, _) = s.leaf_entry(va(M2 + 100 * K4)).unwrap();
+                if at_tlbi {
+                    s.platform_mut().race_next_tlbi(t, i, true);
+                } else {
+                    let parent = entry_at(&s, M2, 2);
+                    s.platform_mut()
+                        .race_next_swap_touching(parent, (t, i), true);
+                }
+                if by_map {
+                    s.map_limited(
+                        va(M2 + 7 * K4),
+                        pa(M2 + 7 * K4),
+                        K4,
+                        Attributes::DATA,
+                        MappingUnit::LARGEST,
+                    )
+                    .unwrap();
+                } else {
+                    s.refold(va(M2), M2).unwrap();
+                }
+                check(&mut s);
+                let q = s.query(va(M2)).unwrap();
+                assert_eq!(q.unit, MappingUnit::Block2M);
+                assert!(
+                    q.dirty,
+                    "{f:?} at_tlbi {at_tlbi} by_map {by_map}: write lost"
+                );
+            }
+        }
+    }
+}
+
+/// Issue 8, item 4: while no walker can use the tree (it is being built
+/// before TTBR0 and the MMU are set up, when data accesses may be Device
+/// memory), every descriptor is written with a plain store.
+#[test]
+fn a_detached_tree_is_written_without_compare_and_swap() {
+    for f in [NO_BBM, Features::ALL] {
+        let mut b = bufs(32);
+        let p = FakePlatform::new(&mut b.frames, &mut b.log, f, 0);
+        let mut s = Stage1::new_detached(p, VaSize::Bits48, f).unwrap();
+        assert!(!s.is_live());
+        s.map(va(G1), pa(G1), M2, Attributes::DATA).unwrap();
+        s.map(va(2 * G1), pa(2 * G1), K64, Attributes::DATA)
+            .unwrap();
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        s.protect(va(2 * G1 + 5 * K4), K4, Attributes::RODATA)
+            .unwrap();
+        s.unmap(va(2 * G1 + 9 * K4), K4).unwrap();
+        s.wrprotect(va(G1), K64).unwrap();
+        assert!(s.test_and_clear_young(va(G1 + M2 - K4)).unwrap());
+        s.protect(va(G1), M2, Attributes::DATA).unwrap();
+        check(&mut s);
+        assert_eq!(s.summary().count(MappingUnit::Block2M), 1);
+        assert_eq!(s.platform().swaps(), 0, "{f:?}");
+        // Live: rewrites of valid entries are compare-and-swaps again.
+        s.set_live();
+        assert!(s.is_live());
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        assert!(s.platform().swaps() > 0);
+        // The default is the safe one.
+        let mut b = bufs(4);
+        let p = FakePlatform::new(&mut b.frames, &mut b.log, f, 0);
+        assert!(Stage1::new(p, VaSize::Bits48, f).unwrap().is_live());
+    }
+}
+
+/// Every descriptor of the tree, in walk order (to compare whole trees).
+fn dump(s: &Stage1<FakePlatform<'_>>) -> Vec<(u8, usize, u64)> {
+    fn walk(s: &Stage1<FakePlatform<'_>>, t: PhysAddr, level: u8, out: &mut Vec<(u8, usize, u64)>) {
+        for i in 0..512 {
+            let d = Descriptor(unsafe_read(s, t, i));
+            if d.is_valid() {
+                out.push((level, i, if d.is_table(level) { 3 } else { d.bits() }));
+                if d.is_table(level) {
+                    walk(s, d.table_address(), level + 1, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(s, s.root(), s.va_size().start_level(), &mut out);
+    out
+}
+
+/// A 16 GiB run of 1 GiB blocks at 16 GiB and a 32 MiB run of 2 MiB blocks
+/// at 32 GiB + 32 MiB.
+fn two_runs(b: &mut Bufs, f: Features) -> Stage1<FakePlatform<'_>> {
+    let mut s = engine(b, f, VaSize::Bits48);
+    s.map(va(16 * G1), pa(16 * G1), 16 * G1, Attributes::DATA)
+        .unwrap();
+    s.map(va(32 * G1 + M32), pa(M32), M32, Attributes::DATA)
+        .unwrap();
+    s
+}
+
+/// Issue 8, item 3: an operation that must split partly covered blocks
+/// (1 GiB, 2 MiB, at one or both ends, inside contiguous runs of blocks)
+/// either gets every table it needs or fails with OutOfTableMemory and
+/// changes nothing. For each case the tables the operation allocates with
+/// unlimited memory are counted; one fewer must be refused cleanly.
+#[test]
+fn a_split_without_table_memory_fails_and_changes_nothing() {
+    type Op = fn(&mut Stage1<FakePlatform<'_>>, u64, u64) -> Result<(), Stage1Error>;
+    let ops: [Op; 3] = [
+        |s, a, n| s.unmap(va(a), n),
+        |s, a, n| s.protect(va(a), n, Attributes::RODATA),
+        |s, a, n| s.wrprotect(va(a), n),
+    ];
+    // Start and length of the changed range, relative to the 16 GiB run at
+    // 16 GiB (1 GiB blocks), then to the 32 MiB run at 32 GiB + 32 MiB.
+    let cases = [
+        (3 * G1 + 5 * M2 + 3 * K4, K4),
+        (3 * G1 + 5 * M2, M2 + K4),
+        (3 * G1 + 5 * M2 + K4, 2 * G1),
+        (3 * G1 + K4, G1 - 2 * K4),
+        (3 * G1 + M2, G1 - 2 * M2),
+        (G1 - K4, 2 * K4),
+        (G1 - M2, M2 + K4),
+    ];
+    let mut max_need = 0;
+    for f in [NO_BBM, Features::ALL] {
+        for (o, op) in ops.iter().enumerate() {
+            for (c, &(off, len)) in cases.iter().enumerate() {
+                for base in [16 * G1, 32 * G1 + M32] {
+                    let (off, len) = if base == 16 * G1 {
+                        (off, len)
+                    } else {
+                        (off % M32, len.min(M32 - off % M32))
+                    };
+                    let mut b = bufs(32);
+                    let mut s = two_runs(&mut b, f);
+                    let a0 = s.platform().counters().allocs;
+                    op(&mut s, base + off, len).unwrap();
+                    check(&mut s);
+                    let need = s.platform().counters().allocs - a0;
+                    assert!(
+                        need >= (base == 16 * G1) as u64 && need <= 4,
+                        "{need} for case {c}"
+                    );
+                    max_need = max_need.max(need);
+                    for limit in 0..need {
+                        let what =
+                            format!("{f:?} op {o} case {c} base {base:#x} limit {limit}/{need}");
+                        let mut b = bufs(32);
+                        let mut s = two_runs(&mut b, f);
+                        let before = dump(&s);
+                        let tables = s.platform().tables_in_use();
+                        s.platform_mut().set_alloc_limit(Some(limit));
+                        s.platform_mut().reset_counters();
+                        assert_eq!(
+                            op(&mut s, base + off, len),
+                            Err(Stage1Error::OutOfTableMemory),
+                            "{what}"
+                        );
+                        assert_eq!(s.platform().counters().writes, 0, "{what}");
+                        assert_eq!(dump(&s), before, "{what}");
+                        assert_eq!(s.platform().tables_in_use(), tables, "{what}");
+                        check(&mut s);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(max_need, 4, "both ends split twice");
+}
+
+/// Issue 8, item 17 (engine side): a table-memory provider that fails
+/// (here: busy) is a typed error, never "out of memory" and never a made-up
+/// count; a table whose count cannot be read is never freed or collapsed.
+#[test]
+fn table_memory_failures_are_reported_and_never_free_a_live_table() {
+    for f in [NO_BBM, Features::ALL] {
+        let busy = Err(Stage1Error::TableMemory(TableMemoryError::Busy));
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), 3 * K4, Attributes::DATA).unwrap();
+        s.map(va(2 * G1), pa(2 * G1), M2, Attributes::DATA).unwrap();
+        s.map_limited(
+            va(3 * G1),
+            pa(3 * G1),
+            M2,
+            Attributes::DATA,
+            MappingUnit::Page4K,
+        )
+        .unwrap();
+        let tables = s.platform().tables_in_use();
+        let before = dump(&s);
+        s.platform_mut().set_busy(true);
+        s.platform_mut().reset_counters();
+        // Needs a new table, a split table, a count: refused before any write.
+        assert_eq!(s.map(va(4 * G1), pa(0), K4, Attributes::DATA), busy);
+        assert_eq!(s.map(va(4 * G1), pa(0), 8 * M2, Attributes::DATA), busy);
+        assert_eq!(s.protect(va(2 * G1), K4, Attributes::RODATA), busy);
+        assert_eq!(s.platform().counters().writes, 0);
+        assert_eq!(dump(&s), before);
+        // A count that cannot be read: runs may fold (that needs no count),
+        // but the table is not collapsed.
+        assert_eq!(s.refold(va(3 * G1), M2), busy);
+        assert_eq!(s.query(va(3 * G1)).unwrap().unit, MappingUnit::Cont64K);
+        // The page is unmapped, but the table and its other pages stay.
+        assert_eq!(s.unmap(va(G1 + K4), K4), busy);
+        s.platform_mut().set_busy(false);
+        assert_eq!(s.platform().tables_in_use(), tables);
+        assert_eq!(s.platform().counters().frees, 0);
+        assert!(s.query(va(G1 + K4)).is_err());
+        for p in [0, 2] {
+            assert_eq!(s.query(va(G1 + p * K4)).unwrap().output, pa(G1 + p * K4));
+        }
+        // The linter shows the count the provider could not update.
+        let mut found = Vec::new();
+        s.lint(&mut |v| found.push(v.rule));
+        found.retain(|r| !r.is_advisory());
+        assert_eq!(
+            found,
+            [Rule::ValidCountMismatch {
+                recorded: 3,
+                actual: 2
+            }]
+        );
+        // While busy the linter reports unreadable counts, not mismatches.
+        s.platform_mut().set_busy(true);
+        let mut found = Vec::new();
+        s.lint(&mut |v| found.push(v.rule));
+        assert!(
+            found.iter().all(|r| *r == Rule::ValidCountUnreadable),
+            "{found:?}"
+        );
+        assert!(!found.is_empty());
+        s.platform_mut().set_busy(false);
+        assert_eq!(s.refold(va(3 * G1), M2), Ok(()));
+        assert_eq!(s.query(va(3 * G1)).unwrap().unit, MappingUnit::Block2M);
+    }
+}
+
+/// Issue 8, item 5: changing the memory type of part of a block splits it
+/// with break-before-make even under FEAT_BBM level 2 (only a pure size
+/// change may be done in place), and the checker sees a table whose leaves
+/// translate differently from the block it replaced in place.
+#[test]
+fn memory_type_change_inside_a_block_breaks_even_with_bbm2() {
+    let nc = Attributes {
+        kind: MemoryKind::NormalNonCacheable,
+        ..Attributes::DATA
+    };
+    for (l, size) in [(2, M2), (1, G1)] {
+        for to in [nc, Attributes::DEVICE] {
+            let mut b = bufs(16);
+            let mut s = engine(&mut b, Features::ALL, VaSize::Bits48);
+            s.map(va(G1), pa(G1), size, Attributes::DATA).unwrap();
+            let (t, i) = entry_at(&s, G1, l);
+            let block = unsafe_read(&s, t, i);
+            s.platform_mut().reset_counters();
+            s.protect(va(G1 + 3 * K4), K4, to).unwrap();
+            check(&mut s);
+            assert_eq!(s.query(va(G1 + 3 * K4)).unwrap().attributes, to);
+            let cleared = s.platform().log().iter().any(|e| {
+                matches!(e, Event::Write { table, index, old, new: 0 }
+                    if *table == t && *index as usize == i && *old == block)
+            });
+            assert!(cleared, "level {l} block split in place for {to:?}");
+        }
+    }
+    // The checker catches an in-place split that changes the type.
+    let mut frames = vec![FakeFrame::new(); 4];
+    let mut log = vec![Event::Isb; 64];
+    let mut p = FakePlatform::new(&mut frames, &mut log, Features::ALL, 2);
+    let root = p.alloc_table().unwrap();
+    let split = p.alloc_table().unwrap();
+    let block = Descriptor(0b01 | Descriptor::AF | M2);
+    // SAFETY: both tables are allocated, indices < 512.
+    unsafe {
+        p.write_entry(root, 1, block.bits());
+        for k in 0..512 {
+            let page = Descriptor(0b11 | Descriptor::AF | (M2 + k * K4));
+            let page = if k == 3 {
+                page.with(1 << 2, true)
+            } else {
+                page
+            };
+            p.write_entry(split, k as usize, page.bits());
+        }
+        p.write_entry(root, 1, Descriptor::table(split).bits());
+    }
+    assert!(matches!(
+        p.violations().next(),
+        Some(fake::BbmViolation::LiveChangeNeedsBreak { .. })
+    ));
+}
+
+/// Issue 8, item 5: the access flag the hardware sets between the engine's
+/// read and its compare-and-swap is kept (not only the dirty state), for
+/// in-place changes of a run and of a block.
+#[test]
+fn racing_access_flag_is_kept() {
+    for f in [RANGE, Features::ALL] {
+        for len in [K64, M2] {
+            let mut b = bufs(16);
+            let mut s = engine(&mut b, f, VaSize::Bits48);
+            s.map(va(M2), pa(M2), len, Attributes::DATA).unwrap();
+            assert!(s.test_and_clear_young(va(M2)).unwrap());
+            let (t, i, _) = s.leaf_entry(va(M2 + 3 * K4)).unwrap();
+            s.platform_mut().race_next_swap(t, i, false);
+            s.wrprotect(va(M2), len).unwrap();
+            check(&mut s);
+            let q = s.query(va(M2)).unwrap();
+            assert!(q.young && !q.attributes.write, "{f:?} {len:#x}: {q:?}");
+        }
+    }
+}
+
+/// Issue 8, item 5: one operation changing leaves of two levels in place
+/// (a 2 MiB block and a 64 KiB run) must invalidate both: a TTL level hint
+/// of 3 would leave the block's TLB entries in place.
+#[test]
+fn mixed_level_changes_invalidate_both_levels() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(M2), pa(M2), M2 + K64, Attributes::DATA).unwrap();
+        let sum = s.summary();
+        assert_eq!(
+            (
+                sum.count(MappingUnit::Block2M),
+                sum.count(MappingUnit::Cont64K)
+            ),
+            (1, 1)
+        );
+        s.wrprotect(va(M2), M2 + K64).unwrap();
+        // The checker: no TLB entry of either level is left behind.
+        check(&mut s);
+        assert!(!s.query(va(M2)).unwrap().attributes.write);
+    }
+}
+
+/// Item 1 on the BBM level 2 path: until the TLBI completes, a walker may
+/// still use the old run and record a write in any of its (now rewritten)
+/// entries; the engine re-reads the run after the TLBI.
+#[test]
+fn state_set_before_the_tlbi_of_an_in_place_unfold_reaches_every_entry() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        assert!(s.test_and_clear_young(va(G1)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(G1 + 12 * K4)).unwrap();
+        s.platform_mut().race_next_tlbi(t, i, true);
+        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+        check(&mut s);
+        if f.bbm_level >= 2 {
+            assert_all_state(&s, G1, 16, K4, &format!("{f:?}"));
+        }
+    }
+}
+
+/// The checker: a cached copy of one entry of a contiguous run may
+/// translate any page of the run, so a TLBI of that entry's page alone does
+/// not remove it; TLBIs over all 16 pages do.
+#[test]
+fn checker_wants_the_whole_run_invalidated() {
+    let mut frames = vec![FakeFrame::new(); 4];
+    let mut log = vec![Event::Isb; 64];
+    let mut p = FakePlatform::new(&mut frames, &mut log, NO_BBM, 3);
+    let root = p.alloc_table().unwrap();
+    let scope = TlbiScope {
+        last_level_only: true,
+        level: Some(3),
+    };
+    let run =
+        |k: u64| (Descriptor(0b11 | Descriptor::AF | Descriptor::CONT | (K64 + k * K4))).bits();
+    // SAFETY: `root` is allocated, indices < 512.
+    unsafe {
+        for k in 0..16 {
+            p.write_entry(root, 16 + k as usize, run(k));
+        }
+        p.write_entry(root, 21, run(5) | Descriptor::AP_READ_ONLY);
+    }
+    p.dsb_ishst();
+    p.tlbi_va(VirtAddr(K64 + 5 * K4), scope);
+    p.dsb_ish();
+    assert!(p.unflushed() > 0, "one page of the run is not enough");
+    for k in 0..16 {
+        p.tlbi_va(VirtAddr(K64 + k * K4), scope);
+    }
+    p.dsb_ish();
+    assert_eq!(p.unflushed(), 0);
+    assert_eq!(p.violation_count(), 0);
+}
+
+/// Item 1, found by the model test: the hardware records a write to page 2
+/// of a run in entry 3 just before the engine unmaps pages 3-15; pages 0-2
+/// keep that state (entry 3 itself is gone, so only the value the
+/// compare-and-swap found still shows it).
+#[test]
+fn state_recorded_in_an_entry_being_unmapped_is_kept() {
+    for f in [RANGE, Features::ALL] {
+        let mut b = bufs(16);
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        assert!(s.test_and_clear_young(va(G1)).unwrap());
+        let (t, i, _) = s.leaf_entry(va(G1 + 3 * K4)).unwrap();
+        s.platform_mut().race_next_swap(t, i, true);
+        s.unmap(va(G1 + 3 * K4), 13 * K4).unwrap();
+        check(&mut s);
+        assert_all_state(&s, G1, 3, K4, &format!("{f:?}"));
     }
 }

@@ -96,6 +96,7 @@ fn one(cpu: &'static str, elf: &Path, decoder: &Decoder) -> Result<Run, String> 
         echo: false,
         stop_when: Some(&record),
         on_started: Some(&driver),
+        paused: false,
     };
     let b = boot(&m, elf, decoder, &opts);
     let _ = std::fs::remove_file(&path);

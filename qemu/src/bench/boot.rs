@@ -45,6 +45,7 @@ pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
             echo: false,
             stop_when: Some(&ready),
             on_started: None,
+            paused: false,
         };
         let b = boot(&machine, elf, &decoder, &opts)?;
         if b.ending != Ending::Stopped {
