@@ -4,6 +4,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod balloon;
 pub mod demo;
 pub mod interrupts;
 pub mod mm;

@@ -13,14 +13,7 @@ extern "C" fn main() -> ! {
         defmt::error!("demo workload failed: {}", defmt::Debug2Format(&e));
     }
     defmt::info!("ready");
-    loop {
-        aarch64_wfi();
-    }
-}
-
-fn aarch64_wfi() {
-    // SAFETY: WFI has no memory effects; it only idles the core until an event.
-    unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) }
+    firmware::balloon::run(&platform)
 }
 
 #[panic_handler]

@@ -15,6 +15,7 @@
 //! needs no global state, so a fault anywhere else is still a crash.
 
 use crate::esr;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 core::arch::global_asm!(
     r#"
@@ -354,6 +355,31 @@ fn fixup_for(frame: &Frame) -> Option<(u64, u32)> {
     })
 }
 
+/// What a fault annotator says about a faulting address, if anything.
+pub type FaultNote = fn(far: u64) -> Option<&'static str>;
+
+/// The annotator's address (0: none).
+static ANNOTATOR: AtomicU64 = AtomicU64::new(0);
+
+/// Installs `f` to add a line about the faulting address to every abort
+/// report (the firmware says whether the frame is ballooned). `f` runs in
+/// the exception handler: it must not take locks or fault.
+pub fn set_fault_note(f: FaultNote) {
+    ANNOTATOR.store(f as usize as u64, Ordering::SeqCst);
+}
+
+fn fault_note(far: u64) -> Option<&'static str> {
+    let a = ANNOTATOR.load(Ordering::SeqCst);
+    if a == 0 {
+        return None;
+    }
+    // SAFETY: a non-zero value was stored by `set_fault_note` from a
+    // `FaultNote` function pointer, and function pointers round-trip
+    // through usize.
+    let f: FaultNote = unsafe { core::mem::transmute::<usize, FaultNote>(a as usize) };
+    f(far)
+}
+
 /// Prints the decoded report for an exception.
 pub fn report(kind: u64, frame: &Frame) {
     let ec = esr::exception_class(frame.esr);
@@ -392,6 +418,9 @@ pub fn report(kind: u64, frame: &Frame) {
                 access
             ),
             None => defmt::error!("  cause: {=str} on {=str}", a.kind.name(), access),
+        }
+        if let Some(note) = fault_note(frame.far) {
+            defmt::error!("  FAR frame: {=str}", note);
         }
     }
     defmt::error!(

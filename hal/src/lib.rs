@@ -37,6 +37,8 @@ pub mod semihost;
 pub mod timer;
 #[cfg(hw)]
 pub mod uart;
+#[cfg(hw)]
+pub mod virtio;
 
 /// Reads the device tree the loader left for us: the address in x0 if it holds
 /// a DTB, else the board's fallback address. The blob is validated before any

@@ -8,6 +8,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod addr;
+pub mod balloon;
 pub mod frames;
 pub mod layout;
 pub mod stage1;

@@ -4,11 +4,12 @@
 //!   builds the firmware, makes sure QEMU >= 10 is installed, boots `virt`
 //!   and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
-//! - `cargo qemu bench <memdesc|translation|boot|all>` prints JSON lines.
+//! - `cargo qemu bench <memdesc|translation|boot|balloon|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
 //! - `cargo qemu setup` only installs what the others would (the Rust target,
 //!   QEMU); CI calls it before its lint gates.
 
+mod balloon;
 mod bench;
 mod boot;
 mod cargo;
@@ -29,7 +30,8 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]
-  cargo qemu bench <memdesc|translation|boot|all>
+  cargo qemu bench <memdesc|translation|boot|balloon|all>
+  cargo qemu balloon SIZE [--qmp PATH]   (a running `cargo qemu run`'s guest to SIZE)
   cargo qemu runner ELF
   cargo qemu setup";
 
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Some("runner") => cmd_runner(&args[1..]),
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => cmd_bench(&args[1..]),
+        Some("balloon") => balloon::cmd_balloon(&args[1..]),
         Some("setup") => cmd_setup(),
         _ => Err(USAGE.to_string()),
     };
@@ -132,13 +135,18 @@ fn boot_interactive(
     );
     let ready = |l: &log::LogLine| l.message == "ready";
     let qmp_report = || match qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)) {
-        Ok(mut q) => match q.query_balloon() {
-            Ok(actual) => println!(
-                "host: QMP connected; balloon reports the guest at {} MiB",
-                actual >> 20
-            ),
-            Err(e) => println!("host: QMP connected; query-balloon: {e}"),
-        },
+        Ok(mut q) => {
+            match q.query_balloon() {
+                Ok(actual) => println!(
+                    "host: QMP connected; balloon reports the guest at {} MiB",
+                    actual >> 20
+                ),
+                Err(e) => println!("host: QMP connected; query-balloon: {e}"),
+            }
+            if !exit_when_ready {
+                balloon::console(&mut q, &qmp_path);
+            }
+        }
         Err(e) => println!("host: QMP unavailable: {e}"),
     };
     let opts = BootOptions {
@@ -279,6 +287,10 @@ fn cmd_bench(args: &[String]) -> Result<ExitCode, String> {
         "memdesc" => bench::memdesc::run(),
         "translation" => bench::translation::run(),
         "boot" => boot_bench()?,
+        "balloon" => {
+            setup::ensure_qemu()?;
+            bench::balloon::run(&cargo::build_firmware()?)?
+        }
         "all" => {
             let mut r = bench::memdesc::run();
             r.extend(bench::translation::run());

@@ -158,6 +158,8 @@ enum Check {
     Embedded(TestCase),
     /// A system test of the firmware binary.
     System(SystemTest),
+    /// A QMP-driven balloon system test of the firmware binary.
+    Balloon(crate::balloon::Scenario),
 }
 
 struct Job {
@@ -405,6 +407,8 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
                 paused: false,
             }
         }
+        // Its own boot: QMP, a driver thread and its own verdict.
+        Check::Balloon(which) => return crate::balloon::system_test(m, elf, decoder, *which),
         Check::System(st) => BootOptions {
             semihosting_args,
             append: st.append,
@@ -427,6 +431,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
     let b = b?;
     let verdict = match &job.check {
         Check::Embedded(case) => judge_embedded(b.ending, case.should_panic),
+        Check::Balloon(_) => Ok(()),
         Check::System(st) => match (st.exit, b.ending) {
             (None, Ending::Stopped) => Ok(()),
             (Some(want), Ending::Exited(got)) if want == got => Ok(()),
@@ -525,6 +530,47 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 elf: fw_idx,
                 check: Check::System(*st),
             });
+        }
+    }
+    {
+        use crate::balloon::Scenario::*;
+        let on = |cpu, el| Machine {
+            cpu,
+            el,
+            ..Machine::default()
+        };
+        for (name, which, machine) in [
+            ("balloon_1g_to_512m_and_back", RoundTrip, on("max", 1)),
+            (
+                "balloon_1g_to_512m_and_back",
+                RoundTrip,
+                on("cortex-a53", 1),
+            ),
+            ("balloon_1g_to_512m_and_back", RoundTrip, on("max", 2)),
+            (
+                "balloon_touch_of_ballooned_frame_faults",
+                TouchFaults,
+                on("max", 1),
+            ),
+            ("balloon_deflate_on_oom", OomDeflates, on("max", 1)),
+            ("balloon_100_random_cycles", Cycles(100, 1), on("max", 1)),
+            // No FEAT_BBM level 2: the firmware moves in whole 2 MiB chunks.
+            (
+                "balloon_100_random_cycles",
+                Cycles(100, 2),
+                on("cortex-a53", 1),
+            ),
+        ] {
+            let full = format!("system::{name}");
+            if matches(&args.filters, &full) {
+                jobs.push(Job {
+                    id: jobs.len(),
+                    full_name: full,
+                    machine,
+                    elf: fw_idx,
+                    check: Check::Balloon(which),
+                });
+            }
         }
     }
 

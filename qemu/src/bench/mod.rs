@@ -3,6 +3,7 @@
 //! Every record has `bench`, `metric`, `value`, `unit`; when a peer was measured
 //! in the same run it also has `peer`, `peer_value` and `ratio`.
 
+pub mod balloon;
 pub mod boot;
 pub mod memdesc;
 pub mod translation;

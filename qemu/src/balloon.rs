@@ -1,0 +1,681 @@
+//! The balloon's system test, driven over QMP: boot a 1 GiB guest, balloon
+//! it to 512 MiB and back, and check that `query-balloon` reaches each
+//! target and that the firmware's settle report (frame accounting, linter,
+//! TLB footprint) is clean each time.
+
+use crate::boot::{boot, BootOptions, Ending};
+use crate::log::{Decoder, LogLine};
+use crate::machine::Machine;
+use crate::qmp::{Qmp, SocketIo};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const PAGE: u64 = 4096;
+
+/// What one balloon move showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// Guest size asked for, bytes.
+    pub target: u64,
+    /// Time from the QMP command to `query-balloon` showing the target.
+    pub took: Duration,
+    /// The firmware's settle line.
+    pub settled: String,
+}
+
+/// Parses a settle line into (actual pages, frames ok, lint, TLB entries,
+/// boot optimum).
+pub fn parse_settled(line: &str) -> Option<(u64, bool, u64, u64, u64)> {
+    let after = |key: &str| -> Option<&str> {
+        let i = line.find(key)? + key.len();
+        Some(&line[i..])
+    };
+    let num = |key: &str| -> Option<u64> {
+        let s = after(key)?;
+        let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        s[..end].parse().ok()
+    };
+    let actual = num("balloon settled: actual ")?;
+    let frames_ok = after("frames ")?.starts_with("ok");
+    Some((
+        actual,
+        frames_ok,
+        num("lint ")?,
+        num("TLB entries ")?,
+        num("boot optimum ")?,
+    ))
+}
+
+pub(crate) fn wait_line(
+    seen: &Mutex<Vec<String>>,
+    from: usize,
+    pred: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> Result<(usize, String), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(lines) = seen.lock() {
+            if let Some((i, l)) = lines.iter().enumerate().skip(from).find(|(_, l)| pred(l)) {
+                return Ok((i, l.clone()));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err("timed out waiting for the firmware's log".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_actual(q: &mut Qmp<SocketIo>, target: u64, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        if actual == target {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "query-balloon stuck at {} MiB, target {} MiB",
+                actual >> 20,
+                target >> 20
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Which balloon system test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Touch all RAM, balloon to half and back: `query-balloon` reaches each
+    /// target, QEMU's resident memory drops by most of the ballooned
+    /// amount, `guest-stats` carry the firmware's figures, and each settle
+    /// report is clean (frames, linter; TLB footprint back at the optimum).
+    RoundTrip,
+    /// Balloon a little, then the firmware reads a ballooned frame: the
+    /// crash report says the frame is ballooned.
+    TouchFaults,
+    /// Balloon nearly all RAM, then the firmware allocates until it runs
+    /// out: deflate-on-OOM gives pages back, the allocation succeeds, every
+    /// frame is accounted for and the host sees the guest grow.
+    OomDeflates,
+    /// This many moves to random sizes (repeatable) in steps of this many
+    /// MiB, then back to all of RAM: every settle report clean, 0 frames
+    /// lost, footprint back.
+    Cycles(u32, u64),
+}
+
+impl Scenario {
+    fn append(self) -> &'static str {
+        match self {
+            Scenario::RoundTrip => "balloon.touch",
+            Scenario::TouchFaults => "selftest=balloon-touch",
+            Scenario::OomDeflates => "selftest=balloon-oom",
+            Scenario::Cycles(..) => "",
+        }
+    }
+}
+
+/// The QOM path of the balloon device (QEMU names an anonymous `-device`
+/// `/machine/peripheral-anon/device[N]`).
+fn balloon_qom_path(q: &mut Qmp<SocketIo>) -> Result<String, String> {
+    let base = "/machine/peripheral-anon";
+    let list = q
+        .execute("qom-list", Some(json!({ "path": base })))
+        .map_err(|e| e.to_string())?;
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| {
+            p.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.contains("virtio-balloon"))
+        })
+        .and_then(|p| p.get("name").and_then(Value::as_str))
+        .map(|n| format!("{base}/{n}"))
+        .ok_or_else(|| format!("no balloon under {base}: {list}"))
+}
+
+/// Turns on stats polling and waits for the first report; returns
+/// (free, total) bytes.
+fn guest_stats(q: &mut Qmp<SocketIo>) -> Result<(u64, u64), String> {
+    let path = balloon_qom_path(q)?;
+    q.execute(
+        "qom-set",
+        Some(json!({ "path": path, "property": "guest-stats-polling-interval", "value": 1 })),
+    )
+    .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut first: Option<u64> = None;
+    loop {
+        let v = q
+            .execute(
+                "qom-get",
+                Some(json!({ "path": path, "property": "guest-stats" })),
+            )
+            .map_err(|e| e.to_string())?;
+        let stat = |k: &str| {
+            v.get("stats")
+                .and_then(|s| s.get(k))
+                .and_then(Value::as_u64)
+        };
+        let updated = v.get("last-update").and_then(Value::as_u64).unwrap_or(0);
+        // The first report may be the buffer posted at boot: wait for one
+        // the firmware filled after the move.
+        let fresh = *first.get_or_insert(updated) != updated;
+        if let (true, Some(free), Some(total)) =
+            (fresh, stat("stat-free-memory"), stat("stat-total-memory"))
+        {
+            return Ok((free, total));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no guest stats after 10 s: {v}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `n` guest sizes between an eighth of RAM and all of it, in `step` MiB steps,
+/// no two in a row equal (QEMU raises no config change for the same
+/// target), then all of RAM. A fixed LCG: the same list every run.
+fn random_targets(ram: u64, n: u32, step: u64) -> Vec<u64> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let (lo, span) = ((ram / 8) >> 20, (ram - ram / 8) >> 20);
+    let mut out: Vec<u64> = Vec::new();
+    while out.len() < n as usize {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mib = (lo + (x >> 33) % span) / step * step;
+        if out.last() != Some(&(mib << 20)) && mib << 20 != ram {
+            out.push(mib << 20);
+        }
+    }
+    out.push(ram);
+    out
+}
+
+/// What the driver thread found.
+#[derive(Debug, Default)]
+struct Findings {
+    moves: Vec<Move>,
+    /// QEMU's resident memory (KiB) before and after each move.
+    rss: Vec<Option<u64>>,
+    /// Guest-reported free and total memory (bytes) while ballooned.
+    stats: Option<(u64, u64)>,
+    /// The deflate-on-OOM report and `query-balloon` after it.
+    oom: Option<(String, u64)>,
+}
+
+fn scenario(
+    q: &mut Qmp<SocketIo>,
+    qmp_path: &Path,
+    seen: &Mutex<Vec<String>>,
+    ram: u64,
+    which: Scenario,
+) -> Result<Findings, String> {
+    let (mut from, _) = wait_line(
+        seen,
+        0,
+        |l| l.starts_with("balloon: up"),
+        Duration::from_secs(120),
+    )?;
+    let mut f = Findings::default();
+    if which == Scenario::TouchFaults {
+        q.balloon(ram - (64 << 20)).map_err(|e| e.to_string())?;
+        wait_line(
+            seen,
+            from,
+            |l| l.contains("FAR frame:"),
+            Duration::from_secs(60),
+        )?;
+        return Ok(f);
+    }
+    if which == Scenario::OomDeflates {
+        let small = 64 << 20;
+        q.balloon(small).map_err(|e| e.to_string())?;
+        let (_, line) = wait_line(
+            seen,
+            from,
+            |l| l.starts_with("balloon: deflate-on-OOM"),
+            Duration::from_secs(120),
+        )?;
+        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        f.oom = Some((line, actual));
+        return Ok(f);
+    }
+    f.rss.push(qemu_rss_kib(qmp_path));
+    let targets = match which {
+        Scenario::Cycles(n, step) => random_targets(ram, n, step),
+        _ => vec![ram / 2, ram],
+    };
+    for target in targets {
+        let t0 = Instant::now();
+        q.balloon(target).map_err(|e| e.to_string())?;
+        wait_actual(q, target, Duration::from_secs(120))?;
+        let took = t0.elapsed();
+        let pages = (ram - target) / PAGE;
+        let want = format!("balloon settled: actual {pages} pages");
+        let (i, settled) = wait_line(
+            seen,
+            from,
+            |l| l.starts_with(&want),
+            Duration::from_secs(60),
+        )?;
+        from = i + 1;
+        f.rss.push(qemu_rss_kib(qmp_path));
+        if target < ram && which == Scenario::RoundTrip {
+            f.stats = Some(guest_stats(q)?);
+        }
+        f.moves.push(Move {
+            target,
+            took,
+            settled,
+        });
+    }
+    Ok(f)
+}
+
+/// Boots `elf` on `m` with QMP and runs `which`; `Ok(wall time)` or why it
+/// failed, with the transcript.
+pub fn system_test(
+    m: &Machine,
+    elf: &Path,
+    decoder: &Decoder,
+    which: Scenario,
+) -> Result<Duration, String> {
+    let qmp_path = std::env::temp_dir().join(format!(
+        "cargo-qemu-balloon-{}-{}-{}.qmp",
+        std::process::id(),
+        // No commas: QEMU's option parser splits -qmp's argument at them.
+        format!("{which:?}").replace(|c: char| !c.is_ascii_alphanumeric(), ""),
+        m.label().replace(' ', "-")
+    ));
+    let ram = m.mem_bytes();
+    let seen = Mutex::new(Vec::<String>::new());
+    let result: Mutex<Option<Result<Findings, String>>> = Mutex::new(None);
+    let record = |l: &LogLine| {
+        if let Ok(mut s) = seen.lock() {
+            s.push(l.message.clone());
+        }
+        false
+    };
+    let drive = || {
+        let r = match Qmp::connect(&qmp_path, Duration::from_secs(10)) {
+            Ok(mut q) => {
+                let r = scenario(&mut q, &qmp_path, &seen, ram, which);
+                // Ends the boot either way (QEMU exits 0 on `quit`).
+                if which != Scenario::TouchFaults {
+                    let _ = q.execute("quit", None);
+                }
+                r
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Ok(mut slot) = result.lock() {
+            *slot = Some(r);
+        }
+    };
+    let opts = BootOptions {
+        semihosting_args: vec![format!("entry_el={}", m.el), format!("mem_bytes={}", ram)],
+        append: Some(which.append()),
+        qmp: Some(&qmp_path),
+        timeout: Duration::from_secs(300),
+        echo: false,
+        stop_when: Some(&record),
+        on_started: Some(&drive),
+        paused: false,
+    };
+    let b = boot(m, elf, decoder, &opts);
+    let _ = std::fs::remove_file(&qmp_path);
+    let b = b?;
+    let found = result
+        .into_inner()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Err("the QMP driver did not finish".into()));
+    let verdict = found.and_then(|f| match which {
+        Scenario::TouchFaults => {
+            if b.ending != Ending::Exited(hal::exit::CRASH) {
+                return Err(format!("expected the crash exit, got {:?}", b.ending));
+            }
+            if !b.logged("FAR frame: ballooned") {
+                return Err("the crash report does not say the frame is ballooned".into());
+            }
+            Ok(())
+        }
+        Scenario::OomDeflates => {
+            let (line, actual) = f.oom.ok_or("no deflate-on-OOM report")?;
+            println!("  {line}; query-balloon {} MiB", actual >> 20);
+            let gave: u64 = line
+                .strip_prefix("balloon: deflate-on-OOM gave back ")
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if gave == 0
+                || !line.contains("frames ok")
+                || !line.contains("lint 0")
+                || !line.contains("Ok(())")
+            {
+                return Err(format!("deflate-on-OOM report not clean: {line}"));
+            }
+            if actual <= 64 << 20 {
+                return Err(format!("the host does not see the guest grow: {actual}"));
+            }
+            Ok(())
+        }
+        Scenario::RoundTrip => judge_round_trip(&b.ending, &f, ram, true),
+        Scenario::Cycles(..) => judge_round_trip(&b.ending, &f, ram, false),
+    });
+    verdict
+        .map(|()| b.elapsed)
+        .map_err(|e| format!("{e}\n{}", b.transcript()))
+}
+
+fn judge_round_trip(
+    ending: &Ending,
+    f: &Findings,
+    ram: u64,
+    host_checks: bool,
+) -> Result<(), String> {
+    if !matches!(ending, Ending::Exited(0)) {
+        return Err(format!("QEMU ended {ending:?} instead of quitting"));
+    }
+    for (k, mv) in f.moves.iter().enumerate() {
+        let (actual, ok, lint, tlb, optimum) = parse_settled(&mv.settled)
+            .ok_or_else(|| format!("unparsable settle line {:?}", mv.settled))?;
+        let rss = |i: usize| f.rss.get(i).copied().flatten().map(|k| k >> 10);
+        if host_checks || k + 1 == f.moves.len() {
+            println!(
+                "  balloon to {} MiB: {:.2} s, {} pages ballooned, QEMU RSS {:?} -> {:?} MiB",
+                mv.target >> 20,
+                mv.took.as_secs_f64(),
+                actual,
+                rss(k),
+                rss(k + 1)
+            );
+        }
+        if !ok {
+            return Err(format!("frames lost: {}", mv.settled));
+        }
+        if lint != 0 {
+            return Err(format!("linter: {}", mv.settled));
+        }
+        if k == f.moves.len() - 1 && tlb != optimum {
+            return Err(format!(
+                "TLB footprint not back at the optimum: {}",
+                mv.settled
+            ));
+        }
+    }
+    if !host_checks {
+        println!("  {} moves, every settle report clean", f.moves.len());
+        return Ok(());
+    }
+    // QEMU really discarded the pages: most of the ballooned half is gone.
+    if let (Some(Some(before)), Some(Some(after))) = (f.rss.first(), f.rss.get(1)) {
+        let dropped = before.saturating_sub(*after) << 10;
+        if dropped < (ram / 2) * 3 / 4 {
+            return Err(format!(
+                "QEMU RSS dropped by {} MiB only (ballooned {} MiB)",
+                dropped >> 20,
+                ram >> 21
+            ));
+        }
+    } else {
+        return Err("QEMU's resident memory could not be read".into());
+    }
+    let (free, total) = f.stats.ok_or("no guest stats")?;
+    println!(
+        "  guest-stats: free {} MiB, total {} MiB",
+        free >> 20,
+        total >> 20
+    );
+    // Half of RAM is ballooned: free memory is below half.
+    if total > ram || total < ram / 2 || free == 0 || free > ram / 2 {
+        return Err(format!(
+            "implausible guest stats: free {free}, total {total}"
+        ));
+    }
+    Ok(())
+}
+
+/// The newest `cargo qemu run` QMP socket in the temp directory.
+fn newest_socket() -> Option<PathBuf> {
+    let dir = std::env::temp_dir();
+    std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("cargo-qemu-") && n.ends_with(".qmp") && !n.contains("balloon")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max()
+        .map(|(_, p)| p)
+}
+
+/// Resident memory (kB) of the QEMU process serving `qmp_path`, found by
+/// its command line.
+pub fn qemu_rss_kib(qmp_path: &Path) -> Option<u64> {
+    let needle = qmp_path.to_string_lossy().into_owned();
+    for e in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            return line.split_whitespace().nth(1)?.parse().ok();
+        }
+    }
+    None
+}
+
+/// Sets the target, shows `actual` moving until it reaches `size` (or 120 s
+/// pass), then the time, the rate and QEMU's resident memory before and
+/// after. Returns where `actual` ended.
+fn move_to(
+    q: &mut Qmp<SocketIo>,
+    path: &Path,
+    size: u64,
+    before: u64,
+    rss_before: Option<u64>,
+) -> Result<u64, String> {
+    println!(
+        "balloon: guest at {} MiB, target {} MiB",
+        before >> 20,
+        size >> 20
+    );
+    let t0 = Instant::now();
+    q.balloon(size).map_err(|e| e.to_string())?;
+    let mut last = before;
+    let actual = loop {
+        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        if actual != last {
+            println!("  actual {} MiB / target {} MiB", actual >> 20, size >> 20);
+            last = actual;
+        }
+        if actual == size {
+            break actual;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            println!("  not there after 120 s (the guest's floor, or no driver?)");
+            break actual;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t0.elapsed();
+    let pages = before.abs_diff(actual) / PAGE;
+    println!(
+        "balloon: {} MiB in {:.3} s ({:.0} pages/s)",
+        actual >> 20,
+        took.as_secs_f64(),
+        pages as f64 / took.as_secs_f64().max(1e-9)
+    );
+    if let (Some(a), Some(b)) = (rss_before, qemu_rss_kib(path)) {
+        println!(
+            "QEMU resident memory: {} MiB before, {} MiB after",
+            a >> 10,
+            b >> 10
+        );
+    }
+    Ok(actual)
+}
+
+/// Turns guest-stats polling on (1 s) and prints the latest figures.
+fn print_stats(q: &mut Qmp<SocketIo>) -> Result<(), String> {
+    let path = balloon_qom_path(q)?;
+    q.execute(
+        "qom-set",
+        Some(json!({ "path": path, "property": "guest-stats-polling-interval", "value": 1 })),
+    )
+    .map_err(|e| e.to_string())?;
+    let v = q
+        .execute(
+            "qom-get",
+            Some(json!({ "path": path, "property": "guest-stats" })),
+        )
+        .map_err(|e| e.to_string())?;
+    let stats = v
+        .get("stats")
+        .and_then(Value::as_object)
+        .ok_or("no stats")?;
+    for (k, val) in stats {
+        match val.as_i64() {
+            Some(n) if n >= 0 && k.ends_with("memory") => println!("  {k}: {} MiB", n >> 20),
+            Some(n) if n >= 0 => println!("  {k}: {n}"),
+            _ => {}
+        }
+    }
+    println!(
+        "  (last update {}; polling every 1 s from now on)",
+        v.get("last-update").and_then(Value::as_u64).unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// Reads one line from stdin if one arrives within 250 ms: `Ok(None)` on
+/// timeout, `Err(())` at end of input.
+fn stdin_line() -> Result<Option<String>, ()> {
+    let mut fds = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fds, 1, 250) };
+    if n <= 0 {
+        return Ok(None);
+    }
+    let mut line = String::new();
+    match std::io::stdin().read_line(&mut line) {
+        Ok(0) | Err(_) => Err(()),
+        Ok(_) => Ok(Some(line)),
+    }
+}
+
+/// The console of `cargo qemu run`: commands typed on the terminal, run
+/// against QEMU over QMP, until QEMU goes away or input ends.
+pub fn console(q: &mut Qmp<SocketIo>, path: &Path) {
+    println!("host: console ready: `balloon SIZE` (e.g. 512M), `info balloon`, `stats`, `help`");
+    loop {
+        let line = match stdin_line() {
+            Err(()) => return,
+            Ok(None) => {
+                if q.query_balloon().is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(l)) => l,
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let r = match words.as_slice() {
+            [] => Ok(()),
+            ["balloon", size] => match crate::machine::parse_size(size).filter(|&b| b > 0) {
+                Some(size) => q
+                    .query_balloon()
+                    .map_err(|e| e.to_string())
+                    .and_then(|before| move_to(q, path, size, before, qemu_rss_kib(path)))
+                    .map(drop),
+                None => Err(format!("not a size: {size}")),
+            },
+            ["info", "balloon"] => q.query_balloon().map_err(|e| e.to_string()).map(|a| {
+                println!(
+                    "balloon: guest at {} MiB; QEMU resident {} MiB",
+                    a >> 20,
+                    qemu_rss_kib(path).unwrap_or(0) >> 10
+                )
+            }),
+            ["stats"] => print_stats(q),
+            ["help"] => {
+                println!("  balloon SIZE | info balloon | stats | help");
+                Ok(())
+            }
+            _ => Err(format!("unknown command {:?} (try help)", line.trim())),
+        };
+        if let Err(e) = r {
+            println!("host: {e}");
+        }
+    }
+}
+
+/// `cargo qemu balloon SIZE [--qmp PATH]`: sets the running guest's target
+/// size and shows the balloon moving until `query-balloon` reaches it.
+pub fn cmd_balloon(args: &[String]) -> Result<std::process::ExitCode, String> {
+    let mut size = None;
+    let mut qmp_path = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--qmp" => {
+                i += 1;
+                qmp_path = Some(PathBuf::from(args.get(i).ok_or("--qmp needs a path")?));
+            }
+            s => {
+                size = Some(
+                    crate::machine::parse_size(s)
+                        .filter(|&b| b > 0)
+                        .ok_or_else(|| {
+                            format!("SIZE is a guest size like 512M or 1G, not {s:?}")
+                        })?,
+                )
+            }
+        }
+        i += 1;
+    }
+    let size = size.ok_or("usage: cargo qemu balloon SIZE [--qmp PATH]")?;
+    let path = qmp_path
+        .or_else(newest_socket)
+        .ok_or("no running `cargo qemu run` found (give --qmp PATH)")?;
+    let mut q = Qmp::connect(&path, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let before = q.query_balloon().map_err(|e| e.to_string())?;
+    let rss_before = qemu_rss_kib(&path);
+    println!("balloon: QMP {}", path.display());
+    let actual = move_to(&mut q, &path, size, before, rss_before)?;
+    println!("(the firmware's log shows the settle line: frames, linter, TLB footprint)");
+    Ok(if actual == size {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settle_lines_parse() {
+        let l = "balloon settled: actual 131072 pages in 812 ms; offline 131072; frames ok; lint 0; TLB entries 420 (boot optimum 154); 5 batches, 5 notifications, 513 descriptors";
+        assert_eq!(parse_settled(l), Some((131072, true, 0, 420, 154)));
+        let bad = l.replace("frames ok", "frames LOST");
+        assert_eq!(parse_settled(&bad).map(|p| p.1), Some(false));
+        assert_eq!(parse_settled("ready"), None);
+    }
+}
