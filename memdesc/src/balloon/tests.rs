@@ -654,6 +654,8 @@ fn map_failure_on_deflate_keeps_frames_ballooned() {
     assert_eq!(r.env.fa.count(FrameType::Offline), 0);
 }
 
+// Volume test: minutes under Miri; the small tests post and re-post stats there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn stats_come_from_the_allocator_and_are_reposted() {
     let mut r = rig(16, QEMU);
