@@ -204,6 +204,8 @@ fn minimum_chunk_order_moves_in_whole_2m_chunks() {
     assert_eq!(r.settle().actual, 0);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn fragmented_memory_falls_back_to_64k_chunks() {
     let mut r = rig(16, QEMU);
@@ -276,6 +278,8 @@ fn descriptors_hold_at_most_256_pfns_and_batches_fill_the_queue() {
     assert_eq!(writes, vec![0, 32_512, 40_000]);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn must_tell_host_defers_reuse_until_the_ack() {
     for mth in [true, false] {
@@ -339,6 +343,8 @@ fn actual_is_written_at_start_even_if_the_device_kept_one() {
     assert!(i_ok < i_act);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn floor_keeps_the_reserve_whatever_the_host_asks() {
     let cfg = BalloonConfig {
@@ -373,6 +379,8 @@ fn floor_keeps_the_reserve_whatever_the_host_asks() {
     assert_eq!(r.env.fa.count(FrameType::Free), 4096 - 1);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn deflate_on_oom_gives_back_enough_and_holds() {
     let mut r = rig(16, QEMU | DEFLATE_ON_OOM);
@@ -404,6 +412,8 @@ fn deflate_on_oom_gives_back_enough_and_holds() {
     assert_eq!(s.actual, 100);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn without_deflate_on_oom_ballooned_pages_stay() {
     let mut r = rig(16, QEMU);
@@ -431,6 +441,8 @@ fn without_deflate_on_oom_ballooned_pages_stay() {
     r.check();
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn deflate_on_oom_with_must_tell_host_waits_for_the_ack() {
     let mut r = rig(16, QEMU | DEFLATE_ON_OOM | MUST_TELL_HOST);
@@ -483,6 +495,8 @@ fn unknown_used_id_resets_and_loses_nothing() {
     }
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn wrong_used_length_resets_and_loses_nothing() {
     let mut r = rig(32, QEMU | MUST_TELL_HOST);
@@ -525,6 +539,8 @@ fn bad_stats_used_is_caught() {
     r.check();
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn device_needs_reset_is_honoured() {
     let mut r = rig(32, QEMU);
@@ -589,6 +605,8 @@ fn flapping_target_is_reported_once_and_loses_nothing() {
     assert_eq!(r.settle().actual, 700);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn unmap_failure_frees_the_chunk_and_keeps_the_rest() {
     let mut r = rig(32, QEMU);
@@ -608,6 +626,8 @@ fn unmap_failure_frees_the_chunk_and_keeps_the_rest() {
     assert_eq!(r.settle().actual, 2000);
 }
 
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn map_failure_on_deflate_keeps_frames_ballooned() {
     let mut r = rig(32, QEMU | MUST_TELL_HOST);
@@ -634,6 +654,8 @@ fn map_failure_on_deflate_keeps_frames_ballooned() {
     assert_eq!(r.env.fa.count(FrameType::Offline), 0);
 }
 
+// Volume test: minutes under Miri; the small tests post and re-post stats there.
+#[cfg_attr(miri, ignore)]
 #[test]
 fn stats_come_from_the_allocator_and_are_reposted() {
     let mut r = rig(16, QEMU);
