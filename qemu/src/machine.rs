@@ -4,9 +4,15 @@ use crate::fdt::DtbPatch;
 use std::path::Path;
 use std::process::Command;
 
-/// One way of booting the `virt` board.
+/// One way of booting a board model (`virt` by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Machine {
+    /// Board (`hal::board` name): `virt`, `raspi3b`, `raspi4b`,
+    /// `imx8mp-evk`, `xlnx-zcu102`.
+    pub board: &'static str,
+    /// Boot a board model without the device tree the tool makes for it
+    /// (memory then comes from the board's own source or default).
+    pub without_dtb: bool,
     /// `-cpu` model: `max` (FEAT_HAFDBS, range TLBI, BBM 2) or `cortex-a53`.
     pub cpu: &'static str,
     /// `-m` size, as QEMU takes it (`512M`, `1G`, `4G`).
@@ -24,6 +30,8 @@ pub struct Machine {
 impl Default for Machine {
     fn default() -> Self {
         Self {
+            board: "virt",
+            without_dtb: false,
             cpu: "max",
             mem: "1G",
             el: 1,
@@ -33,18 +41,85 @@ impl Default for Machine {
     }
 }
 
+/// The board models besides `virt`, as `--board` takes them.
+pub const BOARD_MODELS: &[&str] = &["raspi3b", "raspi4b", "imx8mp-evk", "xlnx-zcu102"];
+
+/// The Pi firmware (and QEMU's raspi models) give the ARM cores only the
+/// memory below the VideoCore's share, whatever the board has.
+const RASPI_ARM_MEMORY: u64 = 0x3c00_0000;
+
 impl Machine {
+    /// The default way of booting `board` (an ELF, as QEMU loads it): its
+    /// CPU and RAM, entered at `el` (which the model must support, see
+    /// [`Machine::entry_els`]).
+    pub fn board(board: &'static str, el: u8) -> Self {
+        let (cpu, mem) = match board {
+            "raspi3b" => ("cortex-a53", "1G"),
+            "raspi4b" => ("cortex-a72", "2G"),
+            "imx8mp-evk" | "xlnx-zcu102" => ("cortex-a53", "1G"),
+            _ => ("max", "1G"),
+        };
+        Self {
+            board,
+            cpu,
+            mem,
+            el,
+            ..Self::default()
+        }
+    }
+
+    /// The entry ELs an ELF can get on `board`'s QEMU model: raspi enters
+    /// at EL3 only; the EVK at EL3, or at EL2 with its EL3 switched off;
+    /// the ZCU102 at EL1, EL2 (`virtualization=on`) or EL3 (`secure=on`).
+    pub fn entry_els(board: &str) -> &'static [u8] {
+        match board {
+            "raspi3b" | "raspi4b" => &[3],
+            "imx8mp-evk" => &[3, 2],
+            _ => &[1, 2, 3],
+        }
+    }
+
+    /// True for `virt` (QEMU makes its device tree and balloon device).
+    pub fn is_virt(&self) -> bool {
+        self.board == "virt"
+    }
+
     /// Bytes of RAM `mem` stands for.
     pub fn mem_bytes(&self) -> u64 {
         parse_size(self.mem).unwrap_or(0)
     }
 
+    /// Bytes of RAM the firmware should find on this machine.
+    pub fn expected_ram_bytes(&self) -> u64 {
+        match self.board {
+            "raspi3b" | "raspi4b" => RASPI_ARM_MEMORY,
+            _ => self.mem_bytes(),
+        }
+    }
+
+    /// The PSCI conduit the model offers at this entry EL, if any (none
+    /// when the image enters at EL3, none at all on raspi).
+    pub fn psci_method(&self) -> Option<&'static str> {
+        match (self.board, self.el) {
+            (_, 3) | ("raspi3b" | "raspi4b", _) => None,
+            ("virt", 1) => Some("hvc"),
+            _ => Some("smc"),
+        }
+    }
+
     /// Short label for test output, e.g. `el2 max 1G`.
     pub fn label(&self) -> String {
-        match self.dtb {
+        let mut s = match self.dtb {
             Some(p) => format!("el{} {} {} dtb={}", self.el, self.cpu, self.mem, p.name()),
             None => format!("el{} {} {}", self.el, self.cpu, self.mem),
+        };
+        if !self.is_virt() {
+            s = format!("{} {s}", self.board);
+            if self.without_dtb {
+                s.push_str(" no-dtb");
+            }
         }
+        s
     }
 
     /// The command that makes QEMU write the device tree this machine would
@@ -89,6 +164,9 @@ impl Machine {
         machine_option: Option<&str>,
         dtb: Option<&Path>,
     ) -> Command {
+        if !self.is_virt() {
+            return self.build_board(elf, semihosting_args, append, qmp, machine_option, dtb);
+        }
         let mut machine = String::from("virt");
         match self.el {
             3 => machine.push_str(",secure=on"),
@@ -119,26 +197,91 @@ impl Machine {
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
-        let mut semi = String::from("enable=on,target=native");
-        for a in semihosting_args {
-            // QEMU's option parser escapes a comma by doubling it.
-            semi.push_str(",arg=");
-            semi.push_str(&a.replace(',', ",,"));
-        }
-        cmd.args(["-semihosting-config", &semi]);
-        if let Some(append) = append {
-            cmd.args(["-append", append]);
-        }
-        if let Some(qmp) = qmp {
-            cmd.arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        }
-        if let Some(dtb) = dtb {
-            cmd.arg("-dtb").arg(dtb);
-        }
-        cmd.arg("-kernel").arg(elf);
+        tail(&mut cmd, elf, semihosting_args, append, qmp, dtb);
         cmd
     }
+
+    /// A board model: its fixed CPUs, `-smp 4`, the console UART wired to
+    /// stdio (the Pi's mini-UART and the EVK's UART2 are QEMU's second
+    /// serial port), no display or audio.
+    fn build_board(
+        &self,
+        elf: &Path,
+        semihosting_args: &[String],
+        append: Option<&str>,
+        qmp: Option<&Path>,
+        machine_option: Option<&str>,
+        dtb: Option<&Path>,
+    ) -> Command {
+        let mut machine = String::from(self.board);
+        if self.board == "xlnx-zcu102" {
+            match self.el {
+                3 => machine.push_str(",secure=on"),
+                2 => machine.push_str(",virtualization=on"),
+                _ => {}
+            }
+        }
+        if let Some(opt) = machine_option {
+            machine.push(',');
+            machine.push_str(&opt.replace(',', ",,"));
+        }
+        let mut cmd = Command::new(crate::setup::QEMU);
+        cmd.args(["-M", &machine, "-m", self.mem, "-smp", "4"]);
+        if self.board == "imx8mp-evk" && self.el == 2 {
+            // Without EL3 the model enters at EL2 and offers PSCI over SMC,
+            // the only way its secondaries can be started.
+            cmd.args(["-global", "cortex-a53-arm-cpu.has_el3=off"]);
+        }
+        cmd.args(["-nodefaults", "-display", "none", "-monitor", "none"]);
+        if self.board == "xlnx-zcu102" {
+            cmd.args(["-audio", "none"]);
+        }
+        if console_is_second_serial(self.board) {
+            cmd.args(["-serial", "null"]);
+        }
+        cmd.args(["-serial", "stdio"]);
+        if self.icount {
+            cmd.args(["-icount", "shift=0"]);
+        }
+        tail(&mut cmd, elf, semihosting_args, append, qmp, dtb);
+        cmd
+    }
+}
+
+/// The board's console is QEMU's serial1: the Pi's mini-UART (serial0 is
+/// the PL011) and the EVK's UART2 (serial0 is UART1).
+fn console_is_second_serial(board: &str) -> bool {
+    matches!(board, "raspi3b" | "raspi4b" | "imx8mp-evk")
+}
+
+/// Semihosting, command line, QMP, device tree and the image: the same on
+/// every machine.
+fn tail(
+    cmd: &mut Command,
+    elf: &Path,
+    semihosting_args: &[String],
+    append: Option<&str>,
+    qmp: Option<&Path>,
+    dtb: Option<&Path>,
+) {
+    let mut semi = String::from("enable=on,target=native");
+    for a in semihosting_args {
+        // QEMU's option parser escapes a comma by doubling it.
+        semi.push_str(",arg=");
+        semi.push_str(&a.replace(',', ",,"));
+    }
+    cmd.args(["-semihosting-config", &semi]);
+    if let Some(append) = append {
+        cmd.args(["-append", append]);
+    }
+    if let Some(qmp) = qmp {
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
+    if let Some(dtb) = dtb {
+        cmd.arg("-dtb").arg(dtb);
+    }
+    cmd.arg("-kernel").arg(elf);
 }
 
 /// Parses `512M`, `1G`, `4096` (MiB) like QEMU's `-m`.
