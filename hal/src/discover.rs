@@ -137,9 +137,9 @@ pub fn discover() -> Result<Discovered, DtbError> {
         Some(f) => f,
         None => {
             let mailbox = match b.memory_source {
-                // SAFETY: the board names its own mailbox block; nothing
-                // else uses it at boot.
                 MemorySource::VideoCoreMailbox { base } => {
+                    // SAFETY: the board names its own mailbox block;
+                    // nothing else uses it at boot.
                     match unsafe { crate::mailbox::arm_memory(base) } {
                         Ok(r) => Some(r),
                         Err(e) => {

@@ -349,6 +349,69 @@ mod tests {
         assert!(!a.iter().any(|x| x.contains("virtio-net")));
     }
 
+    /// Each board model reads the board's real console, gets its DTB and
+    /// its EL options; virt's pinned line is untouched by any of it.
+    #[test]
+    fn board_command_lines() {
+        let line = |m: &Machine| {
+            args(&m.command_with_dtb(Path::new("fw.elf"), &[], None, None, Path::new("b.dtb")))
+        };
+        let pi = line(&Machine::board("raspi4b", 3));
+        assert_eq!(&pi[..6], &["-M", "raspi4b", "-m", "2G", "-smp", "4"]);
+        let serial: Vec<&str> = pi
+            .windows(2)
+            .filter(|w| w[0] == "-serial")
+            .map(|w| w[1].as_str())
+            .collect();
+        // serial0 (PL011) to nothing, serial1 (mini-UART) to stdio.
+        assert_eq!(serial, ["null", "stdio"]);
+        assert!(!pi.iter().any(|a| a == "-cpu" || a.contains("virtio")));
+        let evk = line(&Machine::board("imx8mp-evk", 2));
+        assert!(evk
+            .windows(2)
+            .any(|w| w == ["-global", "cortex-a53-arm-cpu.has_el3=off"]));
+        assert!(!line(&Machine::board("imx8mp-evk", 3))
+            .iter()
+            .any(|a| a.contains("has_el3")));
+        let zcu = line(&Machine::board("xlnx-zcu102", 2));
+        assert!(zcu.contains(&"xlnx-zcu102,virtualization=on".to_string()));
+        assert!(zcu.windows(2).any(|w| w == ["-audio", "none"]));
+        let serial: Vec<&str> = zcu
+            .windows(2)
+            .filter(|w| w[0] == "-serial")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(serial, ["stdio"]);
+        assert!(
+            line(&Machine::board("xlnx-zcu102", 3)).contains(&"xlnx-zcu102,secure=on".to_string())
+        );
+        let at = zcu.iter().position(|a| a == "-dtb").expect("-dtb");
+        assert_eq!(zcu[at + 1], "b.dtb");
+        assert_eq!(zcu.last().map(String::as_str), Some("fw.elf"));
+    }
+
+    #[test]
+    fn board_facts() {
+        assert_eq!(
+            Machine::board("raspi3b", 3).expected_ram_bytes(),
+            0x3c00_0000
+        );
+        assert_eq!(
+            Machine::board("xlnx-zcu102", 1).expected_ram_bytes(),
+            1 << 30
+        );
+        assert_eq!(Machine::board("raspi4b", 3).psci_method(), None);
+        assert_eq!(Machine::board("imx8mp-evk", 3).psci_method(), None);
+        assert_eq!(Machine::board("imx8mp-evk", 2).psci_method(), Some("smc"));
+        assert_eq!(Machine::board("xlnx-zcu102", 1).psci_method(), Some("smc"));
+        assert_eq!(Machine::default().psci_method(), Some("hvc"));
+        for b in BOARD_MODELS {
+            assert!(hal::board::by_name(b).is_some(), "{b}");
+            assert!(!Machine::entry_els(b).is_empty());
+            assert!(Machine::board(b, 3).label().starts_with(b));
+        }
+    }
+
     #[test]
     fn el_selects_machine_options() {
         let m = Machine {

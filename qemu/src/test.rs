@@ -888,6 +888,36 @@ mod tests {
         assert_eq!(machines_for("virt", "other", "x"), vec![Machine::default()]);
     }
 
+    /// Every board model runs the boot, platform and mmu suites at each
+    /// entry EL its model has, and the board system tests.
+    #[test]
+    fn matrix_covers_every_board_model() {
+        for &b in crate::machine::BOARD_MODELS {
+            for suite in ["boot", "platform", "mmu"] {
+                let els: Vec<u8> = machines_for(b, suite, "any").iter().map(|m| m.el).collect();
+                assert_eq!(els, Machine::entry_els(b), "{b} {suite}");
+                assert!(machines_for(b, suite, "any").iter().all(|m| m.board == b));
+            }
+            assert!(machines_for(b, "platform", "virt_tree_contents").is_empty());
+            let sys: Vec<&str> = system_tests_for(b).iter().map(|p| p.test.name).collect();
+            for name in [
+                "ready_on_board",
+                "reentry_with_mmu_and_caches_on",
+                "crash_report_and_exit_code",
+            ] {
+                assert!(sys.contains(&name), "{b}: {name}");
+            }
+            assert!(system_tests_for(b).iter().all(|p| p.machine.board == b));
+        }
+        let zcu: Vec<u64> = machines_for("xlnx-zcu102", "platform", "memory_matches_qemu")
+            .iter()
+            .map(Machine::mem_bytes)
+            .collect();
+        assert!(zcu.contains(&(4 << 30)), "the split DDR is exercised");
+        // virt runs no board-only test.
+        assert!(system_tests_for("virt").iter().all(|p| p.machine.is_virt()));
+    }
+
     #[test]
     fn guest_power_off_needs_the_shutdown_event() {
         use serde_json::json;
