@@ -14,6 +14,7 @@ mod boot;
 mod cargo;
 mod elf;
 mod fdt;
+mod image;
 mod log;
 mod machine;
 mod qmp;
@@ -31,6 +32,7 @@ const USAGE: &str = "usage:
   cargo qemu test [FILTER…] [--board NAME] [--host-only] [--no-host] [-j N]
   cargo qemu bench <memdesc|translation|boot|all> [--board NAME]
   boards: virt (default), raspi3b, raspi4b, imx8mp-evk, xlnx-zcu102
+  cargo qemu image --board NAME --out DIR
   cargo qemu runner ELF
   cargo qemu setup";
 
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => cmd_bench(&args[1..]),
         Some("setup") => cmd_setup(),
+        Some("image") => cmd_image(&args[1..]),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -208,6 +211,27 @@ fn boot_interactive(
     }
     println!("qemu: {:?} after {:.1}s", b.ending, b.elapsed.as_secs_f64());
     Ok(ending_code(b.ending))
+}
+
+fn cmd_image(args: &[String]) -> Result<ExitCode, String> {
+    let (board, args) = take_board_option(args)?;
+    let board = board.ok_or("image needs --board NAME (a real board, not virt)")?;
+    let mut out: Option<PathBuf> = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--out" => out = Some(PathBuf::from(value(&args, &mut i, "--out")?)),
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
+        }
+        i += 1;
+    }
+    let out = out.ok_or("image needs --out DIR")?;
+    let elf = cargo::build_firmware(board)?;
+    let written = image::write(board, &elf, &out)?;
+    for f in &written.files {
+        println!("image: wrote {}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_setup() -> Result<ExitCode, String> {

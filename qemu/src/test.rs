@@ -193,6 +193,9 @@ struct Job {
     machine: Machine,
     elf: usize,
     check: Check,
+    /// Boot this file instead of the ELF (a board image), decoding with
+    /// the ELF's defmt table.
+    kernel: Option<PathBuf>,
 }
 
 /// A boot of the firmware binary with an expected ending.
@@ -218,6 +221,9 @@ struct SystemTest {
     mem: Option<&'static str>,
     /// Boot a board model without the tool's device tree.
     without_dtb: bool,
+    /// Boot what `cargo qemu image` writes, the way the real board's loader
+    /// starts it (at EL2; the Pi's raw kernel8.img with the DTB in x0).
+    image: bool,
 }
 
 /// Where a system test runs.
@@ -245,6 +251,7 @@ const SYSTEM: SystemTest = SystemTest {
     on: On::Virt,
     mem: None,
     without_dtb: false,
+    image: false,
 };
 
 /// System tests of the firmware on the board models.
@@ -315,6 +322,35 @@ const BOARD_SYSTEM_TESTS: &[SystemTest] = &[
         must_log: &["memory from the board default (no DTB)", "ready"],
         on: On::BoardsAt(&["imx8mp-evk", "xlnx-zcu102"], 2),
         without_dtb: true,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "image_boots_like_the_board",
+        // The raw kernel8.img, entered at EL2 with the DTB in x0 (QEMU puts
+        // it at 128 MiB, like the Pi firmware's), secondaries in the stub's
+        // spin table.
+        must_log: &[
+            "entered at EL2",
+            "memory from the DTB at 0x8000000 (x0)",
+            "MMU on",
+            "ready",
+        ],
+        on: On::Boards(&["raspi3b", "raspi4b"]),
+        image: true,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "image_boots_like_the_board",
+        // memfw.elf as U-Boot's bootelf starts it: at EL2 (U-Boot passes no
+        // DTB pointer; the tree is at the start of RAM).
+        must_log: &[
+            "entered at EL2",
+            "memory from the DTB at",
+            "MMU on",
+            "ready",
+        ],
+        on: On::Boards(&["imx8mp-evk", "xlnx-zcu102"]),
+        image: true,
         ..SYSTEM
     },
     SystemTest {
@@ -651,22 +687,42 @@ fn add_board_jobs(
                     machine,
                     elf: idx,
                     check: Check::Embedded(case.clone()),
+                    kernel: None,
                 });
             }
         }
     }
     let firmware = crate::cargo::build_firmware(board)?;
     let fw_idx = elfs.len();
+    // The board's image, written where `cargo qemu image` would put it.
+    let image_kernel = if board == "virt" {
+        None
+    } else {
+        let dir = firmware.with_file_name(format!("image-{board}"));
+        let written = crate::image::write(board, &firmware, &dir)?;
+        let name = if board.starts_with("raspi") {
+            "kernel8.img"
+        } else {
+            "memfw.elf"
+        };
+        written.files.into_iter().find(|f| f.ends_with(name))
+    };
     elfs.push(("firmware".into(), firmware));
     for st in system_tests_for(board) {
         let full = format!("system::{}", st.test.name);
         if matches(&args.filters, &full) {
+            let kernel = if st.test.image {
+                Some(image_kernel.clone().ok_or("no board image was written")?)
+            } else {
+                None
+            };
             jobs.push(Job {
                 id: jobs.len(),
                 full_name: full,
                 machine: st.machine,
                 elf: fw_idx,
                 check: Check::System(st.test),
+                kernel,
             });
         }
     }
@@ -696,7 +752,20 @@ fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
         return out;
     }
     for st in BOARD_SYSTEM_TESTS {
+        let on_board = match st.on {
+            On::Virt => false,
+            On::Boards(bs) | On::BoardsAt(bs, _) => bs.contains(&board),
+        };
+        if st.image && on_board {
+            // The Pi firmware and U-Boot both hand over at EL2.
+            out.push(PlannedSystemTest {
+                test: *st,
+                machine: Machine::board(board, 2),
+            });
+            continue;
+        }
         let els: Vec<u8> = match st.on {
+            _ if st.image => continue,
             On::Virt => continue,
             On::Boards(bs) if bs.contains(&board) => Machine::entry_els(board).to_vec(),
             On::BoardsAt(bs, el) if bs.contains(&board) => {
@@ -787,7 +856,8 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 let Some(job) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
                     return;
                 };
-                let verdict = run_job(&job, &elfs[job.elf].1, &decoders[job.elf]);
+                let kernel = job.kernel.as_deref().unwrap_or(&elfs[job.elf].1);
+                let verdict = run_job(&job, kernel, &decoders[job.elf]);
                 let Ok(mut r) = results.lock() else { return };
                 match verdict {
                     Ok(t) => {
