@@ -34,8 +34,9 @@ pub fn run(bootargs: Option<&str>) {
             }
             Some("reenter") if hal::boot::entry_x1() == REENTRY_MARK => {
                 defmt::info!(
-                    "selftest: second entry, MMU and caches were on: {=bool}",
-                    hal::boot::entered_with_mmu_or_caches_on()
+                    "selftest: second entry, MMU and caches were on: {=bool}, off before Rust code: {=bool}",
+                    hal::boot::entered_with_mmu_or_caches_on(),
+                    hal::boot::sctlr_at_rust_entry() & 0b101 == 0
                 );
             }
             Some("reenter") => reenter(),

@@ -189,6 +189,13 @@ static ENTRY_EL: AtomicU8 = AtomicU8::new(0);
 static DTB_HINT: AtomicU64 = AtomicU64::new(0);
 static ENTRY_SCTLR: AtomicU64 = AtomicU64::new(0);
 static ENTRY_X1: AtomicU64 = AtomicU64::new(0);
+static RUST_ENTRY_SCTLR: AtomicU64 = AtomicU64::new(0);
+
+/// SCTLR_ELx of the entry EL as the first Rust code saw it: the entry
+/// path must have turned the MMU and caches off by then.
+pub fn sctlr_at_rust_entry() -> u64 {
+    RUST_ENTRY_SCTLR.load(Ordering::Relaxed)
+}
 
 /// SCTLR_ELx of the entry EL as the loader left it (before the entry
 /// path turned the MMU and caches off).
@@ -241,6 +248,12 @@ extern "C" fn hal_drop_to_el1(dtb: u64, entry_el: u64, sctlr: u64, x1: u64) -> !
     DTB_HINT.store(dtb, Ordering::Relaxed);
     ENTRY_SCTLR.store(sctlr, Ordering::Relaxed);
     ENTRY_X1.store(x1, Ordering::Relaxed);
+    let now = match entry_el {
+        3 => SCTLR_EL3.get(),
+        2 => SCTLR_EL2.get(),
+        _ => SCTLR_EL1.get(),
+    };
+    RUST_ENTRY_SCTLR.store(now, Ordering::Relaxed);
     SCTLR_EL1.set(SCTLR_EL1_RESET);
     let target = _start_el1 as *const () as u64;
     match entry_el {

@@ -375,7 +375,7 @@ const REENTRY: SystemTest = SystemTest {
     append: Some("selftest=reenter"),
     must_log: &[
         "entering the image at",
-        "second entry, MMU and caches were on: true",
+        "second entry, MMU and caches were on: true, off before Rust code: true",
         "MMU on",
         "ready",
     ],
