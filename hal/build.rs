@@ -10,10 +10,17 @@ fn main() {
     }
     println!("cargo::rustc-cfg=hw");
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let board = if env::var("CARGO_FEATURE_BOARD_VIRT").is_ok() {
-        "virt"
-    } else {
-        panic!("select a board feature")
+    let boards: Vec<&str> = ["virt", "raspi3b", "raspi4b", "imx8mp-evk", "xlnx-zcu102"]
+        .into_iter()
+        .filter(|b| {
+            let feature = format!("CARGO_FEATURE_BOARD_{}", b.to_uppercase().replace('-', "_"));
+            env::var(feature).is_ok()
+        })
+        .collect();
+    let board = match boards.as_slice() {
+        [one] => *one,
+        [] => panic!("select a board feature (board-virt, board-raspi4b, ...)"),
+        many => panic!("select exactly one board feature, not {many:?}"),
     };
     let memory = fs::read_to_string(format!("link/{board}.ld")).expect("board MEMORY script");
     let sections = fs::read_to_string("link/sections.ld").expect("sections script");

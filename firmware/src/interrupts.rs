@@ -47,23 +47,9 @@ impl defmt::Format for InterruptsError {
     }
 }
 
-/// The validated boot device tree as bytes.
+/// The boot device tree as bytes.
 fn boot_blob() -> Result<&'static [u8], IrqDtError> {
-    let addr = hal::boot_dtb_address();
-    // SAFETY: `boot_dtb_address` returns RAM holding a DTB header (8 bytes
-    // readable), identity mapped; the blob is never written.
-    let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
-    let size = hal::dtb::claimed_size(header).map_err(IrqDtError::Dtb)?;
-    if size > 2 << 20 {
-        return Err(IrqDtError::Dtb(hal::dtb::DtbError::Truncated {
-            have: 2 << 20,
-            need: size,
-        }));
-    }
-    // SAFETY: as `hal::boot_dtb`: the loader placed `size` (at most 2 MiB)
-    // bytes of DTB at `addr` in RAM, which is identity mapped and never
-    // written; the device-tree functions validate it before reading.
-    Ok(unsafe { core::slice::from_raw_parts(addr as *const u8, size) })
+    hal::irq::secure::boot_blob()
 }
 
 /// Finds the GIC and the timer in the boot device tree, maps the GIC and

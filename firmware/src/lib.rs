@@ -27,13 +27,30 @@ pub fn init() -> Platform<'static> {
         hal::boot::entry_el(),
         hal::boot::current_el()
     );
-    let mut platform = match hal::boot_dtb() {
-        Ok(p) => p,
+    let found = match hal::discover::discover() {
+        Ok(d) => d,
         Err(e) => {
             defmt::error!("device tree unusable: {}", e);
             hal::power::exit(hal::exit::BAD_DTB)
         }
     };
+    match found.source {
+        hal::discover::Source::DtbInX0 => {
+            defmt::info!("memory from the DTB at {=u64:#x} (x0)", found.dtb_addr)
+        }
+        hal::discover::Source::DtbAtRamStart => defmt::info!(
+            "memory from the DTB at {=u64:#x} (start of RAM)",
+            found.dtb_addr
+        ),
+        hal::discover::Source::VideoCoreMailbox => {
+            defmt::info!("memory from the VideoCore mailbox (no DTB)")
+        }
+        hal::discover::Source::BoardDefault => {
+            defmt::info!("memory from the board default (no DTB)")
+        }
+    }
+    let dtb_addr = found.dtb_addr;
+    let mut platform = found.platform;
     if let Err(e) = mm::discover_memory(&mut platform) {
         fail(e)
     }
@@ -55,7 +72,7 @@ pub fn init() -> Platform<'static> {
         platform.virtio_mmio().len(),
         platform.psci
     );
-    if let Err(e) = init_memory(&platform) {
+    if let Err(e) = init_memory(&platform, dtb_addr) {
         fail(e)
     }
     platform
@@ -77,11 +94,11 @@ fn fail(e: mm::MmError) -> ! {
     hal::power::exit(hal::exit::CRASH)
 }
 
-fn init_memory(platform: &Platform<'static>) -> Result<(), mm::MmError> {
+fn init_memory(platform: &Platform<'static>, dtb_addr: u64) -> Result<(), mm::MmError> {
     // Spans are timed with no logging inside them: console output waits on
     // the host, so only log-free spans repeat exactly under -icount.
     let t0 = hal::timer::ticks();
-    let frames = mm::init_frames(platform, hal::boot_dtb_address())?;
+    let frames = mm::init_frames(platform, dtb_addr)?;
     let t1 = hal::timer::ticks();
     defmt::info!(
         "page array: {=u64} frames, {=u64} KiB at {=u64:#x} (8 bytes/frame); {=u64} MiB free",

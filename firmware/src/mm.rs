@@ -9,6 +9,7 @@
 //! and a re-entrant use is a typed error, never aliasing.
 
 use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hal::dtb::Platform;
 use hal::image::Span;
@@ -72,8 +73,13 @@ impl From<Stage1Error> for MmError {
 }
 
 /// A global initialised once, then used exclusively through [`Global::with`].
+///
+/// Its empty state is all zero bytes, so it lives in BSS: a firmware entered
+/// a second time without being reloaded (U-Boot `go` on an image already in
+/// memory, the re-entry self-test) starts with every global empty again.
 pub struct Global<T> {
-    value: UnsafeCell<Option<T>>,
+    value: UnsafeCell<MaybeUninit<T>>,
+    present: AtomicBool,
     busy: AtomicBool,
 }
 
@@ -85,34 +91,47 @@ impl<T> Global<T> {
     /// An empty cell.
     pub const fn new() -> Self {
         Self {
-            value: UnsafeCell::new(None),
+            value: UnsafeCell::new(MaybeUninit::uninit()),
+            present: AtomicBool::new(false),
             busy: AtomicBool::new(false),
         }
     }
 
     /// Stores the value; fails if one is there already.
     pub fn set(&self, v: T) -> Result<(), MmError> {
-        self.with_slot(|slot| match slot {
-            Some(_) => Err(MmError::AlreadyInitialised),
-            None => {
-                *slot = Some(v);
-                Ok(())
+        self.exclusive(|value, present| {
+            if *present {
+                return Err(MmError::AlreadyInitialised);
             }
+            value.write(v);
+            *present = true;
+            Ok(())
         })?
     }
 
     /// Runs `f` with exclusive access to the value.
     pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, MmError> {
-        self.with_slot(|slot| slot.as_mut().map(f).ok_or(MmError::NotInitialised))?
+        self.exclusive(|value, present| {
+            if !*present {
+                return Err(MmError::NotInitialised);
+            }
+            // SAFETY: `present` is set only after `value` was written.
+            Ok(f(unsafe { value.assume_init_mut() }))
+        })?
     }
 
-    fn with_slot<R>(&self, f: impl FnOnce(&mut Option<T>) -> R) -> Result<R, MmError> {
+    fn exclusive<R>(
+        &self,
+        f: impl FnOnce(&mut MaybeUninit<T>, &mut bool) -> R,
+    ) -> Result<R, MmError> {
         if self.busy.swap(true, Ordering::Acquire) {
             return Err(MmError::Busy);
         }
+        let mut present = self.present.load(Ordering::Relaxed);
         // SAFETY: `busy` was false and is now ours: nobody else holds a
         // reference into `value` until we clear it below.
-        let r = f(unsafe { &mut *self.value.get() });
+        let r = f(unsafe { &mut *self.value.get() }, &mut present);
+        self.present.store(present, Ordering::Relaxed);
         self.busy.store(false, Ordering::Release);
         Ok(r)
     }

@@ -32,6 +32,14 @@ pub fn run(bootargs: Option<&str>) {
                 defmt::info!("selftest: powering off");
                 hal::power::poweroff();
             }
+            Some("reenter") if hal::boot::entry_x1() == REENTRY_MARK => {
+                defmt::info!(
+                    "selftest: second entry, MMU and caches were on: {=bool}, off before Rust code: {=bool}",
+                    hal::boot::entered_with_mmu_or_caches_on(),
+                    hal::boot::sctlr_at_rust_entry() & 0b101 == 0
+                );
+            }
+            Some("reenter") => reenter(),
             Some("panic") => {
                 defmt::warn!("selftest: panicking on purpose");
                 panic!("selftest panic");
@@ -41,6 +49,34 @@ pub fn run(bootargs: Option<&str>) {
             Some(other) => defmt::warn!("selftest: unknown test {=str}", other),
             None => {}
         }
+    }
+}
+
+/// x1 of the second entry, so the re-entered firmware does not re-enter
+/// again (a loader passes 0).
+pub const REENTRY_MARK: u64 = 0x5245_454e_5452_5921;
+
+/// Enters the firmware again at its entry point the way U-Boot's `go` and
+/// `bootelf` do: at this EL, with the MMU and caches on and x0 = the DTB.
+fn reenter() -> ! {
+    let entry = hal::image::whole().start;
+    let dtb = hal::boot::dtb_hint();
+    defmt::info!(
+        "selftest: entering the image at {=u64:#x} again with the MMU and caches on",
+        entry
+    );
+    hal::uart::CONSOLE.flush();
+    // SAFETY: not a return path: the entry code cleans and turns off the
+    // caches and MMU, zeroes BSS and boots again from scratch at this EL;
+    // nothing of this run is used afterwards. x0/x1 are what it takes.
+    unsafe {
+        core::arch::asm!(
+            "br {e}",
+            e = in(reg) entry,
+            in("x0") dtb,
+            in("x1") REENTRY_MARK,
+            options(noreturn)
+        )
     }
 }
 

@@ -14,15 +14,72 @@ core::arch::global_asm!(
     r#"
 .section .text.boot, "ax"
 .global _start
+// The Linux arm64 Image header (Documentation/arch/arm64/booting.rst), so
+// the raw image (kernel8.img) boots like a kernel: a loader honours
+// text_offset 0 (the image at RAM base + 2 MiB, our link address) and
+// starts at offset 0, which branches over the header.
 _start:
-    // x0 may carry the DTB address (Linux boot protocol); keep it.
+    b       _start_code             // code0
+    .long   0                       // code1
+    .quad   0                       // text_offset
+    .quad   __image_size            // image_size (with BSS and stacks)
+    .quad   0xa                     // flags: little-endian, 4 KiB pages, anywhere
+    .quad   0                       // res2
+    .quad   0                       // res3
+    .quad   0                       // res4
+    .ascii  "ARM\x64"               // magic
+    .long   0                       // res5 (no PE header)
+
+_start_code:
+    // x0 may carry the DTB address (Linux boot protocol); keep it, and x1
+    // (0 from a loader; the re-entry self-test marks its second entry).
     mov     x19, x0
-    // Park every core but the first (MPIDR Aff0..Aff2 all zero).
+    mov     x22, x1
+    // Park every core but the first (MPIDR Aff0..Aff2 all zero) before any
+    // memory is touched: on raspi's ELF boot all four start here at once.
     mrs     x1, mpidr_el1
     and     x1, x1, #0xffffff
     cbnz    x1, 9f
     mrs     x20, CurrentEL
     ubfx    x20, x20, #2, #2
+    // Entered with the MMU or caches on (U-Boot's bootelf and go): clean
+    // and invalidate the data caches to the PoC by set/way while they are
+    // still on, then turn MMU and caches off (Arm ARM D7.5.9, D8.2.1).
+    // No store happens in between, so nothing can be left dirty behind.
+    cmp     x20, #3
+    b.ne    10f
+    mrs     x21, sctlr_el3
+    b       12f
+10: cmp     x20, #2
+    b.ne    11f
+    mrs     x21, sctlr_el2
+    b       12f
+11: mrs     x21, sctlr_el1
+12: mov     x1, #((1 << 0) | (1 << 2))  // SCTLR.M | SCTLR.C
+    tst     x21, x1
+    b.eq    20f
+    bl      hal_clean_invalidate_dcache_all_asm
+    mov     x1, #((1 << 0) | (1 << 2) | (1 << 12))  // M | C | I
+    bic     x2, x21, x1
+    cmp     x20, #3
+    b.ne    13f
+    msr     sctlr_el3, x2
+    isb
+    tlbi    alle3
+    b       15f
+13: cmp     x20, #2
+    b.ne    14f
+    msr     sctlr_el2, x2
+    isb
+    tlbi    alle2
+    b       15f
+14: msr     sctlr_el1, x2
+    isb
+    tlbi    vmalle1
+15: ic      iallu
+    dsb     sy
+    isb
+20:
     // FP/SIMD must be untrapped before any Rust code runs: rustc emits SIMD
     // for aarch64-unknown-none. CPTR_EL3.TFP (bit 10) = 0; CPTR_EL2 with
     // E2H = 0: RES1 bits 13:12 and 9:0, TFP = 0.
@@ -50,9 +107,53 @@ _start:
     b       3b
 4:  mov     x0, x19
     mov     x1, x20
+    mov     x2, x21
+    mov     x3, x22
     bl      hal_drop_to_el1
 9:  wfe
     b       9b
+
+// Clean and invalidate every data/unified cache level up to the LoC by
+// set/way (DC CISW; CLIDR_EL1, CSSELR_EL1, CCSIDR_EL1 without FEAT_CCIDX).
+// Uses x0-x11 only and no memory: the entry path calls it with no stack.
+hal_clean_invalidate_dcache_all_asm:
+    dsb     sy
+    mrs     x0, clidr_el1
+    ubfx    x3, x0, #24, #3         // LoC
+    lsl     x3, x3, #1              // LoC * 2 (CSSELR level field)
+    cbz     x3, 35f
+    mov     x10, #0                 // level << 1
+30: add     x2, x10, x10, lsr #1    // level * 3
+    lsr     x1, x0, x2
+    and     x1, x1, #7              // Ctype of this level
+    cmp     x1, #2
+    b.lt    34f                     // no data or unified cache
+    msr     csselr_el1, x10
+    isb
+    mrs     x1, ccsidr_el1
+    and     x2, x1, #7
+    add     x2, x2, #4              // log2(line bytes)
+    ubfx    x4, x1, #3, #10         // ways - 1
+    clz     w5, w4                  // way field shift
+    ubfx    x7, x1, #13, #15        // sets - 1
+31: mov     x9, x4
+32: lsl     x6, x9, x5
+    orr     x11, x10, x6
+    lsl     x6, x7, x2
+    orr     x11, x11, x6
+    dc      cisw, x11
+    subs    x9, x9, #1
+    b.ge    32b
+    subs    x7, x7, #1
+    b.ge    31b
+34: add     x10, x10, #2
+    cmp     x3, x10
+    b.gt    30b
+35: mov     x10, #0
+    msr     csselr_el1, x10
+    dsb     sy
+    isb
+    ret
 
 // Entered at EL1 (by eret or directly) with x0 = DTB hint, x1 = entry EL.
 .global _start_el1
@@ -86,6 +187,32 @@ const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 
 static ENTRY_EL: AtomicU8 = AtomicU8::new(0);
 static DTB_HINT: AtomicU64 = AtomicU64::new(0);
+static ENTRY_SCTLR: AtomicU64 = AtomicU64::new(0);
+static ENTRY_X1: AtomicU64 = AtomicU64::new(0);
+static RUST_ENTRY_SCTLR: AtomicU64 = AtomicU64::new(0);
+
+/// SCTLR_ELx of the entry EL as the first Rust code saw it: the entry
+/// path must have turned the MMU and caches off by then.
+pub fn sctlr_at_rust_entry() -> u64 {
+    RUST_ENTRY_SCTLR.load(Ordering::Relaxed)
+}
+
+/// SCTLR_ELx of the entry EL as the loader left it (before the entry
+/// path turned the MMU and caches off).
+pub fn entry_sctlr() -> u64 {
+    ENTRY_SCTLR.load(Ordering::Relaxed)
+}
+
+/// True when the loader entered us with the MMU or the data cache on
+/// (SCTLR_ELx.M or .C), which the entry path cleaned and turned off.
+pub fn entered_with_mmu_or_caches_on() -> bool {
+    entry_sctlr() & 0b101 != 0
+}
+
+/// x1 as the loader passed it (0 under the Linux boot protocol).
+pub fn entry_x1() -> u64 {
+    ENTRY_X1.load(Ordering::Relaxed)
+}
 
 /// The exception level the core was entered at (1, 2 or 3).
 pub fn entry_el() -> u8 {
@@ -141,9 +268,17 @@ fn configure_el2_for_el1() {
 }
 
 #[no_mangle]
-extern "C" fn hal_drop_to_el1(dtb: u64, entry_el: u64) -> ! {
+extern "C" fn hal_drop_to_el1(dtb: u64, entry_el: u64, sctlr: u64, x1: u64) -> ! {
     ENTRY_EL.store(entry_el as u8, Ordering::Relaxed);
     DTB_HINT.store(dtb, Ordering::Relaxed);
+    ENTRY_SCTLR.store(sctlr, Ordering::Relaxed);
+    ENTRY_X1.store(x1, Ordering::Relaxed);
+    let now = match entry_el {
+        3 => SCTLR_EL3.get(),
+        2 => SCTLR_EL2.get(),
+        _ => SCTLR_EL1.get(),
+    };
+    RUST_ENTRY_SCTLR.store(now, Ordering::Relaxed);
     SCTLR_EL1.set(SCTLR_EL1_RESET);
     let target = _start_el1 as *const () as u64;
     match entry_el {

@@ -33,9 +33,9 @@ pub const MAX_VIRTIO: usize = 32;
 /// The largest blob the boot path reads: the loader leaves it below the
 /// image, which is linked 2 MiB into RAM.
 pub const MAX_DTB_SIZE: usize = 2 << 20;
-/// Capacity of [`MmioWindows`]: the console plus one window per transport,
-/// so no window can be dropped.
-pub const MAX_MMIO_WINDOWS: usize = 1 + MAX_VIRTIO;
+/// Capacity of [`MmioWindows`]: the console, up to four board device pages,
+/// and one window per transport, so no window can be dropped.
+pub const MAX_MMIO_WINDOWS: usize = 1 + 4 + MAX_VIRTIO;
 
 /// Why a device tree was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +132,13 @@ impl Regions {
         }
     }
 
-    fn push(&mut self, r: Region) -> Result<(), DtbError> {
+    /// An empty list.
+    pub const fn empty() -> Self {
+        Self::new()
+    }
+
+    /// Appends `r`; [`DtbError::TooMany`] when full.
+    pub fn push(&mut self, r: Region) -> Result<(), DtbError> {
         let slot = self.items.get_mut(self.len).ok_or(DtbError::TooMany)?;
         *slot = r;
         self.len += 1;
@@ -231,6 +237,30 @@ pub struct Platform<'a> {
     pub psci: Option<PsciConduit>,
     /// Size of the blob in bytes (`totalsize`), to reserve it.
     pub total_size: usize,
+}
+
+impl Platform<'static> {
+    /// A platform known without a device tree (a board source or the
+    /// board's default): `memory`, nothing reserved, no devices, no
+    /// bootargs, no PSCI, no blob.
+    pub fn without_dtb(memory: &[Region]) -> Result<Self, DtbError> {
+        let mut p = Platform {
+            memory: Regions::new(),
+            reserved: Regions::new(),
+            virtio: [VirtioMmio::default(); MAX_VIRTIO],
+            virtio_len: 0,
+            bootargs: None,
+            psci: None,
+            total_size: 0,
+        };
+        for &m in memory {
+            p.memory.push(m)?;
+        }
+        if p.memory.total() == 0 {
+            return Err(DtbError::NoMemory);
+        }
+        Ok(p)
+    }
 }
 
 impl Platform<'_> {
@@ -589,8 +619,8 @@ impl Platform<'_> {
         Ok(())
     }
 
-    /// The page-granular MMIO windows to map: the board's console and every
-    /// virtio-mmio transport, merged so that no page appears twice.
+    /// The page-granular MMIO windows to map: the board's console, the other
+    /// device pages the board names, and every virtio-mmio transport, merged so that no page appears twice.
     pub fn mmio_windows(&self, board: &Board) -> Result<MmioWindows, DtbError> {
         let mut w = MmioWindows {
             items: [Region::default(); MAX_MMIO_WINDOWS],
@@ -600,6 +630,9 @@ impl Platform<'_> {
             base: board.uart_base,
             size: PAGE,
         })?;
+        for &m in board.mmio {
+            w.add(m)?;
+        }
         for v in self.virtio_mmio() {
             w.add(v.region)?;
         }

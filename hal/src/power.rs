@@ -1,7 +1,9 @@
 //! Power-off and exit: PSCI SYSTEM_OFF (Arm DEN 0022, PSCI 1.x, 5.10) through
-//! the conduit the device tree names, and semihosting SYS_EXIT (Arm IHI 0096,
-//! "Semihosting for AArch32 and AArch64", 6.5) for test outcomes.
+//! the conduit the device tree (or the board) names, else the board's own
+//! power-off (BCM2835 PM watchdog, i.MX SNVS), and semihosting SYS_EXIT (Arm
+//! IHI 0096, "Semihosting for AArch32 and AArch64", 6.5) for test outcomes.
 
+use crate::board::PowerOff;
 use crate::dtb::PsciConduit;
 use core::sync::atomic::{AtomicU8, Ordering};
 
@@ -37,19 +39,56 @@ pub fn poweroff() -> ! {
     match conduit {
         HVC => defmt::info!("power off: PSCI SYSTEM_OFF over HVC"),
         SMC => defmt::info!("power off: PSCI SYSTEM_OFF over SMC"),
-        _ => defmt::info!("power off: no PSCI in the device tree; semihosting exit"),
+        _ => match crate::board::CURRENT.power_off {
+            PowerOff::BcmWatchdog { .. } => {
+                defmt::info!("power off: no PSCI; BCM2835 PM watchdog halt")
+            }
+            PowerOff::Snvs { .. } => defmt::info!("power off: no PSCI; i.MX SNVS LPCR power-down"),
+            PowerOff::Psci => {
+                defmt::info!("power off: no PSCI in the device tree; semihosting exit")
+            }
+        },
     }
     crate::uart::CONSOLE.flush();
     let returned = match conduit {
         HVC => smccc::psci::system_off::<smccc::Hvc>(),
         SMC => smccc::psci::system_off::<smccc::Smc>(),
-        _ => semihosting::process::exit(crate::exit::SUCCESS),
+        _ => {
+            board_power_off();
+            semihosting::process::exit(crate::exit::SUCCESS)
+        }
     };
     match returned {
         Err(e) => defmt::error!("PSCI SYSTEM_OFF failed ({=i64})", psci_code(e)),
         Ok(()) => defmt::error!("PSCI SYSTEM_OFF returned success, but the machine is still on"),
     }
     exit(crate::exit::POWEROFF_FAILED)
+}
+
+/// The board's own power-off; returns if the machine is still on after it.
+fn board_power_off() {
+    match crate::board::CURRENT.power_off {
+        PowerOff::BcmWatchdog { pm_base } => {
+            const PASSWORD: u32 = 0x5a00_0000;
+            // SAFETY: the board names its PM block; RSTS (+0x20) partition
+            // 0x555 is "halt" to the Pi firmware, WDOG (+0x24) a 10-tick
+            // timeout, RSTC (+0x1C) WRCFG = full reset: the SoC resets into
+            // the halt the firmware (and QEMU) treats as power-off.
+            unsafe {
+                core::ptr::write_volatile((pm_base + 0x20) as *mut u32, PASSWORD | 0x555);
+                core::ptr::write_volatile((pm_base + 0x24) as *mut u32, PASSWORD | 10);
+                core::ptr::write_volatile((pm_base + 0x1c) as *mut u32, PASSWORD | 0x20);
+            }
+        }
+        PowerOff::Snvs { base } => {
+            // SAFETY: the board names its SNVS block; LPCR (+0x38) DP_EN
+            // (bit 5) | TOP (bit 6) asks the PMIC to switch off.
+            unsafe { core::ptr::write_volatile((base + 0x38) as *mut u32, 0x60) }
+        }
+        PowerOff::Psci => return,
+    }
+    // Give the power-off time to take effect before falling back.
+    crate::timer::delay_us(100_000);
 }
 
 fn psci_code(e: smccc::psci::Error) -> i64 {

@@ -10,9 +10,13 @@ pub fn ticks() -> u64 {
     CNTPCT_EL0.get()
 }
 
-/// Counter frequency in Hz (as the loader programmed CNTFRQ_EL0).
+/// Counter frequency in Hz (as the loader programmed CNTFRQ_EL0; the
+/// board's nominal frequency when the loader left it 0).
 pub fn frequency() -> u64 {
-    CNTFRQ_EL0.get()
+    match CNTFRQ_EL0.get() {
+        0 => crate::board::CURRENT.timer_hz,
+        f => f,
+    }
 }
 
 /// Microseconds since reset; 0 if CNTFRQ_EL0 was never programmed.

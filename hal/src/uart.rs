@@ -145,9 +145,8 @@ impl Pl011 {
     }
 }
 
-/// The console UART of the current board.
-// SAFETY: the board table names the console PL011's base; nothing else drives it.
-pub static CONSOLE: Pl011 = unsafe { Pl011::new(crate::board::CURRENT.uart_base) };
+/// The console UART of the current board (see [`crate::console`]).
+pub use crate::console::CONSOLE;
 
 /// Initialises the console.
 pub fn init() {

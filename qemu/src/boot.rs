@@ -110,6 +110,9 @@ pub fn boot(
             patch,
             &std::env::temp_dir(),
         )?)),
+        None if !machine.is_virt() && !machine.without_dtb => Some(TempFile(
+            crate::fdt::board_dtb(machine, &std::env::temp_dir())?,
+        )),
         None => None,
     };
     let mut cmd = match &dtb {

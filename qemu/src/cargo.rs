@@ -90,9 +90,24 @@ fn run_json(args: &[&str]) -> Result<Vec<Artifact>, String> {
     Ok(found)
 }
 
-/// Builds the bootable firmware and returns its ELF.
-pub fn build_firmware() -> Result<PathBuf, String> {
-    let arts = run_json(&[
+/// Cargo arguments selecting `board` (`virt` is the default feature).
+fn board_args(board: &str) -> Vec<String> {
+    if board == "virt" {
+        Vec::new()
+    } else {
+        vec![
+            "--no-default-features".into(),
+            "--features".into(),
+            format!("firmware/board-{board}"),
+        ]
+    }
+}
+
+/// Builds the bootable firmware for `board` and returns its ELF. Cargo
+/// puts every board's binary at the same path, so each board's copy is
+/// kept beside it as `firmware-<board>` (what is returned).
+pub fn build_firmware(board: &str) -> Result<PathBuf, String> {
+    let mut args: Vec<String> = [
         "build",
         "-p",
         "firmware",
@@ -100,22 +115,38 @@ pub fn build_firmware() -> Result<PathBuf, String> {
         "firmware",
         "--profile",
         FIRMWARE_PROFILE,
-    ])?;
-    arts.into_iter()
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(board_args(board));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let arts = run_json(&refs)?;
+    let path = arts
+        .into_iter()
         .find(|a| a.name == "firmware" && !a.test)
         .map(|a| a.path)
-        .ok_or_else(|| "cargo built no firmware ELF".into())
+        .ok_or_else(|| "cargo built no firmware ELF".to_string())?;
+    let kept = path.with_file_name(format!("firmware-{board}"));
+    std::fs::copy(&path, &kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+    Ok(kept)
 }
 
-/// Builds every on-target test suite and returns (suite name, ELF).
-pub fn build_tests() -> Result<Vec<Artifact>, String> {
-    let arts = run_json(&[
+/// Builds every on-target test suite for `board` and returns (suite name,
+/// ELF). Test binaries have a per-feature hash in their name, so boards
+/// never overwrite each other's.
+pub fn build_tests(board: &str) -> Result<Vec<Artifact>, String> {
+    let mut args: Vec<String> = [
         "test",
         "-p",
         "firmware",
         "--profile",
         TEST_PROFILE,
         "--no-run",
-    ])?;
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(board_args(board));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let arts = run_json(&refs)?;
     Ok(arts.into_iter().filter(|a| a.test).collect())
 }

@@ -376,6 +376,46 @@ pub fn hostile_dtb(
     Ok(out)
 }
 
+/// The device tree a board model needs, since only `virt` generates one:
+/// root cells, a memory node (QEMU rewrites it with the RAM it models),
+/// `/chosen` (QEMU writes `bootargs` there) and, where the model has PSCI
+/// at this entry EL, `/psci` with its conduit. Written to `dir`; returns
+/// the file's path.
+pub fn board_dtb(machine: &Machine, dir: &Path) -> Result<PathBuf, String> {
+    let board = hal::board::by_name(machine.board)
+        .ok_or_else(|| format!("unknown board {}", machine.board))?;
+    let mut root = Node::new("")
+        .with("#address-cells", cell(2))
+        .with("#size-cells", cell(2))
+        .with("model", format!("memfw {}\0", board.name).into_bytes());
+    root.children.push(
+        Node::new(&format!("memory@{:x}", board.ram_base))
+            .with("device_type", b"memory\0".to_vec())
+            .with("reg", reg(&[(board.ram_base, machine.mem_bytes())])),
+    );
+    root.children.push(Node::new("chosen"));
+    if let Some(method) = machine.psci_method() {
+        root.children.push(
+            Node::new("psci")
+                .with("compatible", b"arm,psci-1.0\0".to_vec())
+                .with("method", format!("{method}\0").into_bytes()),
+        );
+    }
+    let tree = Tree {
+        reservations: Vec::new(),
+        boot_cpuid: 0,
+        root,
+    };
+    let out = dir.join(format!(
+        "cargo-qemu-{}-{}-{}.dtb",
+        std::process::id(),
+        board.name,
+        unique()
+    ));
+    std::fs::write(&out, tree.to_bytes()).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(out)
+}
+
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);

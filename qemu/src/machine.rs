@@ -4,9 +4,15 @@ use crate::fdt::DtbPatch;
 use std::path::Path;
 use std::process::Command;
 
-/// One way of booting the `virt` board.
+/// One way of booting a board model (`virt` by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Machine {
+    /// Board (`hal::board` name): `virt`, `raspi3b`, `raspi4b`,
+    /// `imx8mp-evk`, `xlnx-zcu102`.
+    pub board: &'static str,
+    /// Boot a board model without the device tree the tool makes for it
+    /// (memory then comes from the board's own source or default).
+    pub without_dtb: bool,
     /// `-cpu` model: `max` (FEAT_HAFDBS, range TLBI, BBM 2) or `cortex-a53`.
     pub cpu: &'static str,
     /// `-m` size, as QEMU takes it (`512M`, `1G`, `4G`).
@@ -27,6 +33,8 @@ pub struct Machine {
 impl Default for Machine {
     fn default() -> Self {
         Self {
+            board: "virt",
+            without_dtb: false,
             cpu: "max",
             mem: "1G",
             el: 1,
@@ -37,10 +45,70 @@ impl Default for Machine {
     }
 }
 
+/// The board models besides `virt`, as `--board` takes them.
+pub const BOARD_MODELS: &[&str] = &["raspi3b", "raspi4b", "imx8mp-evk", "xlnx-zcu102"];
+
+/// The Pi firmware (and QEMU's raspi models) give the ARM cores only the
+/// memory below the VideoCore's share, whatever the board has.
+const RASPI_ARM_MEMORY: u64 = 0x3c00_0000;
+
 impl Machine {
+    /// The default way of booting `board` (an ELF, as QEMU loads it): its
+    /// CPU and RAM, entered at `el` (which the model must support, see
+    /// [`Machine::entry_els`]).
+    pub fn board(board: &'static str, el: u8) -> Self {
+        let (cpu, mem) = match board {
+            "raspi3b" => ("cortex-a53", "1G"),
+            "raspi4b" => ("cortex-a72", "2G"),
+            "imx8mp-evk" | "xlnx-zcu102" => ("cortex-a53", "1G"),
+            _ => ("max", "1G"),
+        };
+        Self {
+            board,
+            cpu,
+            mem,
+            el,
+            ..Self::default()
+        }
+    }
+
+    /// The entry ELs an ELF can get on `board`'s QEMU model: raspi enters
+    /// at EL3 only; the EVK at EL3, or at EL2 with its EL3 switched off;
+    /// the ZCU102 at EL1, EL2 (`virtualization=on`) or EL3 (`secure=on`).
+    pub fn entry_els(board: &str) -> &'static [u8] {
+        match board {
+            "raspi3b" | "raspi4b" => &[3],
+            "imx8mp-evk" => &[3, 2],
+            _ => &[1, 2, 3],
+        }
+    }
+
+    /// True for `virt` (QEMU makes its device tree and balloon device).
+    pub fn is_virt(&self) -> bool {
+        self.board == "virt"
+    }
+
     /// Bytes of RAM `mem` stands for.
     pub fn mem_bytes(&self) -> u64 {
         parse_size(self.mem).unwrap_or(0)
+    }
+
+    /// Bytes of RAM the firmware should find on this machine.
+    pub fn expected_ram_bytes(&self) -> u64 {
+        match self.board {
+            "raspi3b" | "raspi4b" => RASPI_ARM_MEMORY,
+            _ => self.mem_bytes(),
+        }
+    }
+
+    /// The PSCI conduit the model offers at this entry EL, if any (none
+    /// when the image enters at EL3, none at all on raspi).
+    pub fn psci_method(&self) -> Option<&'static str> {
+        match (self.board, self.el) {
+            (_, 3) | ("raspi3b" | "raspi4b", _) => None,
+            ("virt", 1) => Some("hvc"),
+            _ => Some("smc"),
+        }
     }
 
     /// Short label for test output, e.g. `el2 max 1G` (`… gicv3` on GICv3).
@@ -50,7 +118,7 @@ impl Machine {
         } else {
             format!(" gicv{}", self.gic_version)
         };
-        match self.dtb {
+        let mut s = match self.dtb {
             Some(p) => format!(
                 "el{} {} {}{gic} dtb={}",
                 self.el,
@@ -59,7 +127,14 @@ impl Machine {
                 p.name()
             ),
             None => format!("el{} {} {}{gic}", self.el, self.cpu, self.mem),
+        };
+        if !self.is_virt() {
+            s = format!("{} {s}", self.board);
+            if self.without_dtb {
+                s.push_str(" no-dtb");
+            }
         }
+        s
     }
 
     /// The command that makes QEMU write the device tree this machine would
@@ -104,6 +179,9 @@ impl Machine {
         machine_option: Option<&str>,
         dtb: Option<&Path>,
     ) -> Command {
+        if !self.is_virt() {
+            return self.build_board(elf, semihosting_args, append, qmp, machine_option, dtb);
+        }
         let mut machine = String::from("virt");
         match self.el {
             3 => machine.push_str(",secure=on"),
@@ -137,26 +215,91 @@ impl Machine {
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
-        let mut semi = String::from("enable=on,target=native");
-        for a in semihosting_args {
-            // QEMU's option parser escapes a comma by doubling it.
-            semi.push_str(",arg=");
-            semi.push_str(&a.replace(',', ",,"));
-        }
-        cmd.args(["-semihosting-config", &semi]);
-        if let Some(append) = append {
-            cmd.args(["-append", append]);
-        }
-        if let Some(qmp) = qmp {
-            cmd.arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        }
-        if let Some(dtb) = dtb {
-            cmd.arg("-dtb").arg(dtb);
-        }
-        cmd.arg("-kernel").arg(elf);
+        tail(&mut cmd, elf, semihosting_args, append, qmp, dtb);
         cmd
     }
+
+    /// A board model: its fixed CPUs, `-smp 4`, the console UART wired to
+    /// stdio (the Pi's mini-UART and the EVK's UART2 are QEMU's second
+    /// serial port), no display or audio.
+    fn build_board(
+        &self,
+        elf: &Path,
+        semihosting_args: &[String],
+        append: Option<&str>,
+        qmp: Option<&Path>,
+        machine_option: Option<&str>,
+        dtb: Option<&Path>,
+    ) -> Command {
+        let mut machine = String::from(self.board);
+        if self.board == "xlnx-zcu102" {
+            match self.el {
+                3 => machine.push_str(",secure=on"),
+                2 => machine.push_str(",virtualization=on"),
+                _ => {}
+            }
+        }
+        if let Some(opt) = machine_option {
+            machine.push(',');
+            machine.push_str(&opt.replace(',', ",,"));
+        }
+        let mut cmd = Command::new(crate::setup::QEMU);
+        cmd.args(["-M", &machine, "-m", self.mem, "-smp", "4"]);
+        if self.board == "imx8mp-evk" && self.el == 2 {
+            // Without EL3 the model enters at EL2 and offers PSCI over SMC,
+            // the only way its secondaries can be started.
+            cmd.args(["-global", "cortex-a53-arm-cpu.has_el3=off"]);
+        }
+        cmd.args(["-nodefaults", "-display", "none", "-monitor", "none"]);
+        if self.board == "xlnx-zcu102" {
+            cmd.args(["-audio", "none"]);
+        }
+        if console_is_second_serial(self.board) {
+            cmd.args(["-serial", "null"]);
+        }
+        cmd.args(["-serial", "stdio"]);
+        if self.icount {
+            cmd.args(["-icount", "shift=0"]);
+        }
+        tail(&mut cmd, elf, semihosting_args, append, qmp, dtb);
+        cmd
+    }
+}
+
+/// The board's console is QEMU's serial1: the Pi's mini-UART (serial0 is
+/// the PL011) and the EVK's UART2 (serial0 is UART1).
+fn console_is_second_serial(board: &str) -> bool {
+    matches!(board, "raspi3b" | "raspi4b" | "imx8mp-evk")
+}
+
+/// Semihosting, command line, QMP, device tree and the image: the same on
+/// every machine.
+fn tail(
+    cmd: &mut Command,
+    elf: &Path,
+    semihosting_args: &[String],
+    append: Option<&str>,
+    qmp: Option<&Path>,
+    dtb: Option<&Path>,
+) {
+    let mut semi = String::from("enable=on,target=native");
+    for a in semihosting_args {
+        // QEMU's option parser escapes a comma by doubling it.
+        semi.push_str(",arg=");
+        semi.push_str(&a.replace(',', ",,"));
+    }
+    cmd.args(["-semihosting-config", &semi]);
+    if let Some(append) = append {
+        cmd.args(["-append", append]);
+    }
+    if let Some(qmp) = qmp {
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
+    if let Some(dtb) = dtb {
+        cmd.arg("-dtb").arg(dtb);
+    }
+    cmd.arg("-kernel").arg(elf);
 }
 
 /// Parses `512M`, `1G`, `4096` (MiB) like QEMU's `-m`.
@@ -222,6 +365,69 @@ mod tests {
         assert_eq!(a[at + 1], "shift=0");
         // No device QEMU would need a ROM file for, however the line is built.
         assert!(!a.iter().any(|x| x.contains("virtio-net")));
+    }
+
+    /// Each board model reads the board's real console, gets its DTB and
+    /// its EL options; virt's pinned line is untouched by any of it.
+    #[test]
+    fn board_command_lines() {
+        let line = |m: &Machine| {
+            args(&m.command_with_dtb(Path::new("fw.elf"), &[], None, None, Path::new("b.dtb")))
+        };
+        let pi = line(&Machine::board("raspi4b", 3));
+        assert_eq!(&pi[..6], &["-M", "raspi4b", "-m", "2G", "-smp", "4"]);
+        let serial: Vec<&str> = pi
+            .windows(2)
+            .filter(|w| w[0] == "-serial")
+            .map(|w| w[1].as_str())
+            .collect();
+        // serial0 (PL011) to nothing, serial1 (mini-UART) to stdio.
+        assert_eq!(serial, ["null", "stdio"]);
+        assert!(!pi.iter().any(|a| a == "-cpu" || a.contains("virtio")));
+        let evk = line(&Machine::board("imx8mp-evk", 2));
+        assert!(evk
+            .windows(2)
+            .any(|w| w == ["-global", "cortex-a53-arm-cpu.has_el3=off"]));
+        assert!(!line(&Machine::board("imx8mp-evk", 3))
+            .iter()
+            .any(|a| a.contains("has_el3")));
+        let zcu = line(&Machine::board("xlnx-zcu102", 2));
+        assert!(zcu.contains(&"xlnx-zcu102,virtualization=on".to_string()));
+        assert!(zcu.windows(2).any(|w| w == ["-audio", "none"]));
+        let serial: Vec<&str> = zcu
+            .windows(2)
+            .filter(|w| w[0] == "-serial")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(serial, ["stdio"]);
+        assert!(
+            line(&Machine::board("xlnx-zcu102", 3)).contains(&"xlnx-zcu102,secure=on".to_string())
+        );
+        let at = zcu.iter().position(|a| a == "-dtb").expect("-dtb");
+        assert_eq!(zcu[at + 1], "b.dtb");
+        assert_eq!(zcu.last().map(String::as_str), Some("fw.elf"));
+    }
+
+    #[test]
+    fn board_facts() {
+        assert_eq!(
+            Machine::board("raspi3b", 3).expected_ram_bytes(),
+            0x3c00_0000
+        );
+        assert_eq!(
+            Machine::board("xlnx-zcu102", 1).expected_ram_bytes(),
+            1 << 30
+        );
+        assert_eq!(Machine::board("raspi4b", 3).psci_method(), None);
+        assert_eq!(Machine::board("imx8mp-evk", 3).psci_method(), None);
+        assert_eq!(Machine::board("imx8mp-evk", 2).psci_method(), Some("smc"));
+        assert_eq!(Machine::board("xlnx-zcu102", 1).psci_method(), Some("smc"));
+        assert_eq!(Machine::default().psci_method(), Some("hvc"));
+        for b in BOARD_MODELS {
+            assert!(hal::board::by_name(b).is_some(), "{b}");
+            assert!(!Machine::entry_els(b).is_empty());
+            assert!(Machine::board(b, 3).label().starts_with(b));
+        }
     }
 
     #[test]

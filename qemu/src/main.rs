@@ -1,8 +1,8 @@
 //! `cargo qemu …`: the host side of the firmware.
 //!
-//! - `cargo qemu run [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--append ARGS]`
-//!   builds the firmware, makes sure QEMU >= 10 is installed, boots `virt`
-//!   and shows the decoded log.
+//! - `cargo qemu run [--board B] [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--append ARGS]`
+//!   builds the firmware for board B (default `virt`), makes sure QEMU >= 10
+//!   is installed, boots B's QEMU model and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
 //! - `cargo qemu bench <memdesc|translation|boot|balloon|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
@@ -15,6 +15,7 @@ mod boot;
 mod cargo;
 mod elf;
 mod fdt;
+mod image;
 mod log;
 mod machine;
 mod qmp;
@@ -28,10 +29,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage:
-  cargo qemu run [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--append \"ARGS\"]
-  cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]
-  cargo qemu bench <memdesc|translation|boot|balloon|all>
+  cargo qemu run [--board NAME] [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--append \"ARGS\"]
+  cargo qemu test [FILTER…] [--board NAME] [--host-only] [--no-host] [-j N]
+  cargo qemu bench <memdesc|translation|boot|balloon|all> [--board NAME]
   cargo qemu balloon SIZE [--qmp PATH]   (a running `cargo qemu run`'s guest to SIZE)
+  cargo qemu image --board NAME --out DIR
+  boards: virt (default), raspi3b, raspi4b, imx8mp-evk, xlnx-zcu102
   cargo qemu runner ELF
   cargo qemu setup";
 
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Some("bench") => cmd_bench(&args[1..]),
         Some("balloon") => balloon::cmd_balloon(&args[1..]),
         Some("setup") => cmd_setup(),
+        Some("image") => cmd_image(&args[1..]),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -75,8 +79,47 @@ fn ending_code(ending: Ending) -> ExitCode {
     }
 }
 
+/// `--board NAME`: `virt` or one of [`machine::BOARD_MODELS`].
+fn board_name(name: &str) -> Result<&'static str, String> {
+    std::iter::once(&"virt")
+        .chain(machine::BOARD_MODELS)
+        .find(|b| **b == name)
+        .copied()
+        .ok_or_else(|| {
+            format!(
+                "--board takes virt, {}, not {name:?}",
+                machine::BOARD_MODELS.join(", ")
+            )
+        })
+}
+
+/// Finds `--board NAME` anywhere in `args` (so other options can refine the
+/// board's machine), removing it; `virt` when absent.
+fn take_board(args: &[String]) -> Result<(&'static str, Vec<String>), String> {
+    let (board, rest) = take_board_option(args)?;
+    Ok((board.unwrap_or("virt"), rest))
+}
+
+/// [`take_board`], `None` when `--board` is absent.
+fn take_board_option(args: &[String]) -> Result<(Option<&'static str>, Vec<String>), String> {
+    let mut rest = Vec::new();
+    let mut board = None;
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--board" {
+            board = Some(board_name(value(args, &mut i, "--board")?)?);
+        } else {
+            rest.push(args[i].clone());
+        }
+        i += 1;
+    }
+    Ok((board, rest))
+}
+
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
-    let mut machine = Machine::default();
+    let (board, args) = take_board(args)?;
+    let args = args.as_slice();
+    let mut machine = Machine::board(board, Machine::entry_els(board)[0]);
     let mut exit_when_ready = false;
     let mut append: Option<String> = None;
     let mut i = 0;
@@ -97,6 +140,13 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
                     "2" => 2,
                     "3" => 3,
                     other => return Err(format!("--el takes 1, 2 or 3, not {other:?}")),
+                };
+                if !Machine::entry_els(board).contains(&machine.el) {
+                    return Err(format!(
+                        "{board}'s QEMU model enters an ELF at EL{:?}, not EL{}",
+                        Machine::entry_els(board),
+                        machine.el
+                    ));
                 }
             }
             "--gic" => {
@@ -112,7 +162,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         i += 1;
     }
     setup::ensure_qemu()?;
-    let elf = cargo::build_firmware()?;
+    let elf = cargo::build_firmware(board)?;
     boot_interactive(&machine, &elf, append.as_deref(), exit_when_ready)
 }
 
@@ -128,13 +178,15 @@ fn boot_interactive(
     let decoder = log::Decoder::new(&bytes)?;
     let qmp_path = std::env::temp_dir().join(format!("cargo-qemu-{}.qmp", std::process::id()));
     println!(
-        "qemu: booting {} on virt [{}], QMP at {}",
+        "qemu: booting {} on {} [{}], QMP at {}",
         elf.display(),
+        machine.board,
         machine.label(),
         qmp_path.display()
     );
     let ready = |l: &log::LogLine| l.message == "ready";
     let qmp_report = || match qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)) {
+        Ok(_) if !machine.is_virt() => println!("host: QMP connected (no balloon on this board)"),
         Ok(mut q) => {
             match q.query_balloon() {
                 Ok(actual) => println!(
@@ -152,7 +204,7 @@ fn boot_interactive(
     let opts = BootOptions {
         semihosting_args: vec![
             format!("entry_el={}", machine.el),
-            format!("mem_bytes={}", machine.mem_bytes()),
+            format!("mem_bytes={}", machine.expected_ram_bytes()),
         ],
         append,
         qmp: Some(&qmp_path),
@@ -174,6 +226,27 @@ fn boot_interactive(
     }
     println!("qemu: {:?} after {:.1}s", b.ending, b.elapsed.as_secs_f64());
     Ok(ending_code(b.ending))
+}
+
+fn cmd_image(args: &[String]) -> Result<ExitCode, String> {
+    let (board, args) = take_board_option(args)?;
+    let board = board.ok_or("image needs --board NAME (a real board, not virt)")?;
+    let mut out: Option<PathBuf> = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--out" => out = Some(PathBuf::from(value(&args, &mut i, "--out")?)),
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
+        }
+        i += 1;
+    }
+    let out = out.ok_or("image needs --out DIR")?;
+    let elf = cargo::build_firmware(board)?;
+    let written = image::write(board, &elf, &out)?;
+    for f in &written.files {
+        println!("image: wrote {}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_setup() -> Result<ExitCode, String> {
@@ -246,6 +319,9 @@ fn cmd_runner(args: &[String]) -> Result<ExitCode, String> {
 
 fn cmd_test(args: &[String]) -> Result<ExitCode, String> {
     let mut t = test::TestArgs::default();
+    let (board, args) = take_board_option(args)?;
+    let args = args.as_slice();
+    t.board = board;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -275,26 +351,27 @@ fn cmd_test(args: &[String]) -> Result<ExitCode, String> {
     })
 }
 
-fn boot_bench() -> Result<Vec<bench::Record>, String> {
+fn boot_bench(board: &'static str) -> Result<Vec<bench::Record>, String> {
     setup::ensure_qemu()?;
-    let elf = cargo::build_firmware()?;
-    bench::boot::run(&elf)
+    let elf = cargo::build_firmware(board)?;
+    bench::boot::run(&elf, board)
 }
 
 fn cmd_bench(args: &[String]) -> Result<ExitCode, String> {
+    let (board, args) = take_board(args)?;
     let which = args.first().map(String::as_str).unwrap_or("all");
     let records = match which {
         "memdesc" => bench::memdesc::run(),
         "translation" => bench::translation::run(),
-        "boot" => boot_bench()?,
+        "boot" => boot_bench(board)?,
         "balloon" => {
             setup::ensure_qemu()?;
-            bench::balloon::run(&cargo::build_firmware()?)?
+            bench::balloon::run(&cargo::build_firmware("virt")?)?
         }
         "all" => {
             let mut r = bench::memdesc::run();
             r.extend(bench::translation::run());
-            r.extend(boot_bench()?);
+            r.extend(boot_bench(board)?);
             r
         }
         other => return Err(format!("unknown benchmark {other}\n{USAGE}")),

@@ -45,6 +45,8 @@ pub struct TestArgs {
     pub host_only: bool,
     /// Parallel QEMU instances (default: available cores).
     pub jobs: Option<usize>,
+    /// Only this board (`--board`); `None` runs `virt` and every board model.
+    pub board: Option<&'static str>,
 }
 
 /// Parses one `test result: ok. 12 passed; 0 failed; 1 ignored; ...` line.
@@ -110,9 +112,50 @@ fn gic(el: u8, gic_version: u8) -> Machine {
     }
 }
 
-/// Which machines each suite (or test) runs on. First matching row wins;
-/// `None` for the test matches every test of the suite.
-fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
+/// Which machines each suite (or test) runs on for `board`. On a board
+/// model: every entry EL its QEMU model gives an ELF, the RAM sizes the
+/// board can have for `memory_matches_qemu` (the ZCU102's 4 GiB is split
+/// across its two DDR windows), and nothing for virt-only tests.
+fn machines_for(board: &'static str, suite: &str, test: &str) -> Vec<Machine> {
+    if board == "virt" {
+        return virt_machines_for(suite, test);
+    }
+    let at_every_el = || -> Vec<Machine> {
+        Machine::entry_els(board)
+            .iter()
+            .map(|&el| Machine::board(board, el))
+            .collect()
+    };
+    match (suite, test) {
+        ("platform", "virt_tree_contents") => vec![],
+        // QEMU's i.MX UART model ignores UTS.LOOP: the bytes go out on the
+        // line (into the defmt stream) instead of coming back.
+        ("boot", "uart_loopback") if board == "imx8mp-evk" => vec![],
+        ("platform", "memory_matches_qemu") => match board {
+            "xlnx-zcu102" => ["1G", "4G"]
+                .into_iter()
+                .map(|mem| Machine {
+                    mem,
+                    ..Machine::board(board, 1)
+                })
+                .collect(),
+            "imx8mp-evk" => ["512M", "2G"]
+                .into_iter()
+                .map(|mem| Machine {
+                    mem,
+                    ..Machine::board(board, 2)
+                })
+                .collect(),
+            _ => at_every_el(),
+        },
+        ("boot" | "platform" | "mmu", _) => at_every_el(),
+        _ => vec![],
+    }
+}
+
+/// The `virt` rows. First matching row wins; `_` for the test matches
+/// every test of the suite.
+fn virt_machines_for(suite: &str, test: &str) -> Vec<Machine> {
     let m = |cpu, mem, el| Machine {
         cpu,
         mem,
@@ -169,6 +212,9 @@ struct Job {
     machine: Machine,
     elf: usize,
     check: Check,
+    /// Boot this file instead of the ELF (a board image), decoding with
+    /// the ELF's defmt table.
+    kernel: Option<PathBuf>,
 }
 
 /// A boot of the firmware binary with an expected ending.
@@ -188,7 +234,29 @@ struct SystemTest {
     /// (`SHUTDOWN` with reason `guest-shutdown`): a semihosting exit, which
     /// also ends QEMU with status 0, sends no such event.
     guest_shutdown: bool,
+    /// Which machines run it.
+    on: On,
+    /// `-m` instead of the machine's default.
+    mem: Option<&'static str>,
+    /// Boot a board model without the tool's device tree.
+    without_dtb: bool,
+    /// Boot what `cargo qemu image` writes, the way the real board's loader
+    /// starts it (at EL2; the Pi's raw kernel8.img with the DTB in x0).
+    image: bool,
 }
+
+/// Where a system test runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum On {
+    /// QEMU virt, once, at `machine_el` with `cpu`.
+    Virt,
+    /// Each of these board models, at every entry EL it supports.
+    Boards(&'static [&'static str]),
+    /// Each of these board models at the EL given (skipped where unsupported).
+    BoardsAt(&'static [&'static str], u8),
+}
+
+const ALL_BOARDS: &[&str] = crate::machine::BOARD_MODELS;
 
 const SYSTEM: SystemTest = SystemTest {
     name: "",
@@ -199,9 +267,142 @@ const SYSTEM: SystemTest = SystemTest {
     exit: None,
     must_log: &["ready"],
     guest_shutdown: false,
+    on: On::Virt,
+    mem: None,
+    without_dtb: false,
+    image: false,
+};
+
+/// System tests of the firmware on the board models.
+const BOARD_SYSTEM_TESTS: &[SystemTest] = &[
+    SystemTest {
+        on: On::BoardsAt(ALL_BOARDS, 2),
+        ..REENTRY
+    },
+    SystemTest {
+        name: "ready_on_board",
+        must_log: &["memory from the DTB at", "MMU on", "ready"],
+        on: On::Boards(ALL_BOARDS),
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "crash_report_and_exit_code",
+        append: Some("selftest=data-abort"),
+        exit: Some(hal::exit::CRASH),
+        must_log: &["Data abort from the same EL"],
+        on: On::Boards(ALL_BOARDS),
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "stack_overflow_hits_guard_page",
+        append: Some("selftest=stack-overflow"),
+        exit: Some(hal::exit::CRASH),
+        must_log: &["translation fault at level 3 on write"],
+        on: On::BoardsAt(ALL_BOARDS, 3),
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "log_survives_fault_mid_frame",
+        append: Some("selftest=nested-log"),
+        must_log: &["outer frame: before-after fault true"],
+        on: On::BoardsAt(ALL_BOARDS, 3),
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "panic_exit_code",
+        append: Some("selftest=panic"),
+        exit: Some(hal::exit::PANIC),
+        must_log: &["panic: panicked at", "selftest panic"],
+        on: On::BoardsAt(ALL_BOARDS, 3),
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "poweroff_board",
+        append: Some("selftest=poweroff"),
+        exit: Some(hal::exit::SUCCESS),
+        must_log: &["power off:"],
+        guest_shutdown: true,
+        on: On::Boards(ALL_BOARDS),
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "no_dtb_memory_from_videocore_mailbox",
+        must_log: &[
+            "memory from the VideoCore mailbox (no DTB)",
+            "RAM      0x000000000..0x03c000000 (960 MiB)",
+            "ready",
+        ],
+        on: On::Boards(&["raspi3b", "raspi4b"]),
+        without_dtb: true,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "no_dtb_memory_from_board_default",
+        must_log: &["memory from the board default (no DTB)", "ready"],
+        on: On::BoardsAt(&["imx8mp-evk", "xlnx-zcu102"], 2),
+        without_dtb: true,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "image_boots_like_the_board",
+        // The raw kernel8.img, entered at EL2 with the DTB in x0 (QEMU puts
+        // it at 128 MiB, like the Pi firmware's), secondaries in the stub's
+        // spin table.
+        must_log: &[
+            "entered at EL2",
+            "memory from the DTB at 0x8000000 (x0)",
+            "MMU on",
+            "ready",
+        ],
+        on: On::Boards(&["raspi3b", "raspi4b"]),
+        image: true,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "image_boots_like_the_board",
+        // memfw.elf as U-Boot's bootelf starts it: at EL2 (U-Boot passes no
+        // DTB pointer; the tree is at the start of RAM).
+        must_log: &[
+            "entered at EL2",
+            "memory from the DTB at",
+            "MMU on",
+            "ready",
+        ],
+        on: On::Boards(&["imx8mp-evk", "xlnx-zcu102"]),
+        image: true,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "zcu102_4g_memory_node_is_split",
+        mem: Some("4G"),
+        must_log: &[
+            "is wrong on xlnx-zcu102: RAM above 0x80000000 is at 0x800000000",
+            "RAM      0x800000000..0x880000000 (2048 MiB)",
+            "page array: 1048576 frames",
+            "ready",
+        ],
+        on: On::BoardsAt(&["xlnx-zcu102"], 1),
+        ..SYSTEM
+    },
+];
+
+/// The second entry of `selftest=reenter`: U-Boot's `go`/`bootelf` leave
+/// the MMU and caches on, so the firmware entered that way must clean and
+/// turn them off, then boot to ready.
+const REENTRY: SystemTest = SystemTest {
+    name: "reentry_with_mmu_and_caches_on",
+    append: Some("selftest=reenter"),
+    must_log: &[
+        "entering the image at",
+        "second entry, MMU and caches were on: true, off before Rust code: true",
+        "MMU on",
+        "ready",
+    ],
+    ..SYSTEM
 };
 
 const SYSTEM_TESTS: &[SystemTest] = &[
+    REENTRY,
     SystemTest {
         name: "ready_el1_max",
         ..SYSTEM
@@ -360,7 +561,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
     let m = &job.machine;
     let mut semihosting_args = vec![
         format!("entry_el={}", m.el),
-        format!("mem_bytes={}", m.mem_bytes()),
+        format!("mem_bytes={}", m.expected_ram_bytes()),
         format!("cpu={}", m.cpu),
         format!("gic={}", m.gic_version),
     ];
@@ -478,15 +679,15 @@ pub fn run(args: &TestArgs) -> Tally {
     tally
 }
 
-/// The on-target and system tests.
-fn run_target(args: &TestArgs) -> Result<Tally, String> {
-    let mut tally = Tally::default();
-    crate::setup::ensure_qemu()?;
-    println!("== building on-target tests and firmware");
-    let mut elfs: Vec<(String, PathBuf)> = Vec::new();
-    let mut jobs = Vec::new();
-    let mut skipped = Vec::new();
-    for art in crate::cargo::build_tests()? {
+/// Builds `board`'s test suites and firmware and queues their jobs.
+fn add_board_jobs(
+    board: &'static str,
+    args: &TestArgs,
+    elfs: &mut Vec<(String, PathBuf)>,
+    jobs: &mut Vec<Job>,
+    skipped: &mut Vec<String>,
+) -> Result<(), String> {
+    for art in crate::cargo::build_tests(board)? {
         let bytes = std::fs::read(&art.path).map_err(|e| format!("{}: {e}", art.path.display()))?;
         let cases = read_tests(&bytes).map_err(|e| format!("{}: {e}", art.path.display()))?;
         let idx = elfs.len();
@@ -497,42 +698,58 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 continue;
             }
             if case.ignored {
-                skipped.push(full);
+                if board == "virt" {
+                    skipped.push(full);
+                }
                 continue;
             }
-            for machine in machines_for(&art.name, &case.name) {
+            for machine in machines_for(board, &art.name, &case.name) {
                 jobs.push(Job {
                     id: jobs.len(),
                     full_name: full.clone(),
                     machine,
                     elf: idx,
                     check: Check::Embedded(case.clone()),
+                    kernel: None,
                 });
             }
         }
     }
-    let firmware = crate::cargo::build_firmware()?;
+    let firmware = crate::cargo::build_firmware(board)?;
     let fw_idx = elfs.len();
+    // The board's image, written where `cargo qemu image` would put it.
+    let image_kernel = if board == "virt" {
+        None
+    } else {
+        let dir = firmware.with_file_name(format!("image-{board}"));
+        let written = crate::image::write(board, &firmware, &dir)?;
+        let name = if board.starts_with("raspi") {
+            "kernel8.img"
+        } else {
+            "memfw.elf"
+        };
+        written.files.into_iter().find(|f| f.ends_with(name))
+    };
     elfs.push(("firmware".into(), firmware));
-    for st in SYSTEM_TESTS {
-        let full = format!("system::{}", st.name);
+    for st in system_tests_for(board) {
+        let full = format!("system::{}", st.test.name);
         if matches(&args.filters, &full) {
-            let machine = Machine {
-                cpu: st.cpu,
-                el: st.machine_el,
-                dtb: st.dtb,
-                ..Machine::default()
+            let kernel = if st.test.image {
+                Some(image_kernel.clone().ok_or("no board image was written")?)
+            } else {
+                None
             };
             jobs.push(Job {
                 id: jobs.len(),
                 full_name: full,
-                machine,
+                machine: st.machine,
                 elf: fw_idx,
-                check: Check::System(*st),
+                check: Check::System(st.test),
+                kernel,
             });
         }
     }
-    {
+    if board == "virt" {
         use crate::balloon::Scenario::*;
         let on = |cpu, el| Machine {
             cpu,
@@ -569,9 +786,100 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                     machine,
                     elf: fw_idx,
                     check: Check::Balloon(which),
+                    kernel: None,
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// A system test with the machine it boots.
+struct PlannedSystemTest {
+    test: SystemTest,
+    machine: Machine,
+}
+
+/// The system tests for `board`, each with its machine.
+fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
+    let mut out = Vec::new();
+    if board == "virt" {
+        for st in SYSTEM_TESTS {
+            let machine = Machine {
+                cpu: st.cpu,
+                el: st.machine_el,
+                dtb: st.dtb,
+                mem: st.mem.unwrap_or(Machine::default().mem),
+                ..Machine::default()
+            };
+            out.push(PlannedSystemTest { test: *st, machine });
+        }
+        return out;
+    }
+    for st in BOARD_SYSTEM_TESTS {
+        let on_board = match st.on {
+            On::Virt => false,
+            On::Boards(bs) | On::BoardsAt(bs, _) => bs.contains(&board),
+        };
+        if st.image && on_board {
+            // The Pi firmware and U-Boot both hand over at EL2.
+            out.push(PlannedSystemTest {
+                test: *st,
+                machine: Machine::board(board, 2),
+            });
+            continue;
+        }
+        let els: Vec<u8> = match st.on {
+            _ if st.image => continue,
+            On::Virt => continue,
+            On::Boards(bs) if bs.contains(&board) => Machine::entry_els(board).to_vec(),
+            On::BoardsAt(bs, el) if bs.contains(&board) => {
+                if Machine::entry_els(board).contains(&el) {
+                    vec![el]
+                } else {
+                    // The nearest EL the model has (raspi: only EL3).
+                    Machine::entry_els(board)[..1].to_vec()
+                }
+            }
+            _ => continue,
+        };
+        for el in els {
+            let base = Machine::board(board, el);
+            // Power-off needs PSCI or a board power-off register; the
+            // ZCU102 entered at EL3 has neither (no TF-A, PMU not modelled).
+            let can_power_off = base.psci_method().is_some()
+                || hal::board::by_name(board)
+                    .is_some_and(|b| b.power_off != hal::board::PowerOff::Psci);
+            if st.guest_shutdown && !can_power_off {
+                continue;
+            }
+            let machine = Machine {
+                mem: st.mem.unwrap_or(base.mem),
+                without_dtb: st.without_dtb,
+                ..base
+            };
+            out.push(PlannedSystemTest { test: *st, machine });
+        }
+    }
+    out
+}
+
+/// The on-target and system tests.
+fn run_target(args: &TestArgs) -> Result<Tally, String> {
+    let mut tally = Tally::default();
+    crate::setup::ensure_qemu()?;
+    let boards: Vec<&'static str> = match args.board {
+        Some(b) => vec![b],
+        None => std::iter::once("virt")
+            .chain(crate::machine::BOARD_MODELS.iter().copied())
+            .collect(),
+    };
+    let mut elfs: Vec<(String, PathBuf)> = Vec::new();
+    let mut jobs = Vec::new();
+    let mut skipped = Vec::new();
+    for &board in &boards {
+        println!("== building on-target tests and firmware for {board}");
+        add_board_jobs(board, args, &mut elfs, &mut jobs, &mut skipped)?;
     }
 
     let decoders: Vec<Decoder> = elfs
@@ -613,7 +921,8 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 let Some(job) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
                     return;
                 };
-                let verdict = run_job(&job, &elfs[job.elf].1, &decoders[job.elf]);
+                let kernel = job.kernel.as_deref().unwrap_or(&elfs[job.elf].1);
+                let verdict = run_job(&job, kernel, &decoders[job.elf]);
                 let Ok(mut r) = results.lock() else { return };
                 match verdict {
                     Ok(t) => {
@@ -701,7 +1010,7 @@ mod tests {
 
     #[test]
     fn irq_suite_runs_on_both_gics_at_every_el() {
-        let ms = machines_for("irq", "anything");
+        let ms = machines_for("virt", "irq", "anything");
         for gic in [2, 3] {
             for el in [1, 2, 3] {
                 assert!(ms.iter().any(|m| m.gic_version == gic && m.el == el));
@@ -709,23 +1018,55 @@ mod tests {
         }
         // Every other suite stays on QEMU's default GICv2.
         for suite in ["boot", "platform", "mmu", "other"] {
-            assert!(machines_for(suite, "x").iter().all(|m| m.gic_version == 2));
+            assert!(machines_for("virt", suite, "x")
+                .iter()
+                .all(|m| m.gic_version == 2));
         }
     }
 
     #[test]
     fn matrix_covers_every_el_and_both_cpus_for_boot() {
-        let ms = machines_for("boot", "anything");
+        let ms = machines_for("virt", "boot", "anything");
         for el in 1..=3 {
             assert!(ms.iter().any(|m| m.el == el));
         }
         assert!(ms.iter().any(|m| m.cpu == "cortex-a53"));
-        let mem: Vec<u64> = machines_for("platform", "memory_matches_qemu")
+        let mem: Vec<u64> = machines_for("virt", "platform", "memory_matches_qemu")
             .iter()
             .map(Machine::mem_bytes)
             .collect();
         assert_eq!(mem, vec![512 << 20, 1 << 30, 4 << 30]);
-        assert_eq!(machines_for("other", "x"), vec![Machine::default()]);
+        assert_eq!(machines_for("virt", "other", "x"), vec![Machine::default()]);
+    }
+
+    /// Every board model runs the boot, platform and mmu suites at each
+    /// entry EL its model has, and the board system tests.
+    #[test]
+    fn matrix_covers_every_board_model() {
+        for &b in crate::machine::BOARD_MODELS {
+            for suite in ["boot", "platform", "mmu"] {
+                let els: Vec<u8> = machines_for(b, suite, "any").iter().map(|m| m.el).collect();
+                assert_eq!(els, Machine::entry_els(b), "{b} {suite}");
+                assert!(machines_for(b, suite, "any").iter().all(|m| m.board == b));
+            }
+            assert!(machines_for(b, "platform", "virt_tree_contents").is_empty());
+            let sys: Vec<&str> = system_tests_for(b).iter().map(|p| p.test.name).collect();
+            for name in [
+                "ready_on_board",
+                "reentry_with_mmu_and_caches_on",
+                "crash_report_and_exit_code",
+            ] {
+                assert!(sys.contains(&name), "{b}: {name}");
+            }
+            assert!(system_tests_for(b).iter().all(|p| p.machine.board == b));
+        }
+        let zcu: Vec<u64> = machines_for("xlnx-zcu102", "platform", "memory_matches_qemu")
+            .iter()
+            .map(Machine::mem_bytes)
+            .collect();
+        assert!(zcu.contains(&(4 << 30)), "the split DDR is exercised");
+        // virt runs no board-only test.
+        assert!(system_tests_for("virt").iter().all(|p| p.machine.is_virt()));
     }
 
     #[test]
@@ -768,7 +1109,7 @@ mod tests {
             .must_log
             .iter()
             .all(|t| !"selftest: panicking on purpose".contains(t)));
-        let spread = machines_for("mmu", "every_virtio_window_is_mapped_device");
+        let spread = machines_for("virt", "mmu", "every_virtio_window_is_mapped_device");
         assert!(spread.iter().any(|m| m.dtb == Some(DtbPatch::SpreadVirtio)));
     }
 

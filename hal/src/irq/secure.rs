@@ -33,21 +33,35 @@ pub enum HandoverError {
     RedistributorLayout,
 }
 
-fn boot_blob() -> Result<&'static [u8], IrqDtError> {
-    let addr = crate::boot_dtb_address();
-    // SAFETY: `boot_dtb_address` returns RAM holding a DTB header; with the
-    // MMU off all of RAM is accessible and 8 bytes are read.
-    let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 8) };
-    let size = crate::dtb::claimed_size(header).map_err(IrqDtError::Dtb)?;
-    if size > 2 << 20 {
-        return Err(IrqDtError::Dtb(crate::dtb::DtbError::Truncated {
-            have: 2 << 20,
-            need: size,
-        }));
-    }
-    // SAFETY: the loader placed `size` (at most 2 MiB) bytes of DTB at
-    // `addr` in RAM, never written; it is validated before it is read.
-    Ok(unsafe { core::slice::from_raw_parts(addr as *const u8, size) })
+/// The boot DTB as bytes (x0 if it holds a header, else the board's
+/// fallback address), not yet validated; works with the MMU off or on (RAM
+/// identity mapped).
+pub fn boot_blob() -> Result<&'static [u8], IrqDtError> {
+    let b = &crate::board::CURRENT;
+    let hint = crate::boot::dtb_hint();
+    let header_ok = |addr: u64| {
+        // SAFETY: only non-zero, 8-byte aligned addresses at or above the
+        // board's RAM base are read (x0 from a loader points into RAM when
+        // it points at a DTB at all); the MMU is off and 8 bytes are read.
+        addr != 0
+            && addr >= b.ram_base
+            && addr.is_multiple_of(8)
+            && crate::dtb::blob_size(
+                unsafe { core::slice::from_raw_parts(addr as *const u8, 8) },
+                crate::dtb::MAX_DTB_SIZE,
+            )
+            .is_ok()
+    };
+    // A DTB at physical address 0 (RAM at 0) cannot be a slice here; such
+    // boards (the Pis) have no Secure GIC set-up to do from a tree.
+    let addr = [hint, b.dtb_fallback]
+        .into_iter()
+        .find(|&a| header_ok(a))
+        .ok_or(IrqDtError::NoController)?;
+    // SAFETY: `addr` holds a DTB header in RAM that the loader placed and
+    // nothing writes; `dtb_blob_at` reads at most MAX_DTB_SIZE bytes, and
+    // the blob is validated before it is read.
+    unsafe { crate::dtb_blob_at(addr) }.map_err(IrqDtError::Dtb)
 }
 
 /// Gives every interrupt of the GIC the boot device tree names to the

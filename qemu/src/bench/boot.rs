@@ -26,16 +26,23 @@ pub fn durations_ns(message: &str) -> Vec<u64> {
 
 /// Boots the firmware with 1 GiB and 4 GiB of RAM and reports the bring-up
 /// spans the firmware logged.
-pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
+pub fn run(elf: &Path, board: &'static str) -> Result<Vec<Record>, String> {
     let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
     let decoder = Decoder::new(&bytes)?;
     let ready = |l: &LogLine| l.message == "ready";
     let mut out = Vec::new();
-    for mem in ["1G", "4G"] {
+    let base = Machine::board(board, Machine::entry_els(board)[0]);
+    // The raspi models have fixed RAM; the others boot with 1 and 4 GiB.
+    let mems: &[&'static str] = if board.starts_with("raspi") {
+        &[base.mem]
+    } else {
+        &["1G", "4G"]
+    };
+    for &mem in mems {
         let machine = Machine {
             mem,
             icount: true,
-            ..Machine::default()
+            ..base.clone()
         };
         let opts = BootOptions {
             semihosting_args: vec![],
@@ -64,8 +71,14 @@ pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
             return Err(format!("unexpected bring-up line: {}", line.message));
         };
         let note = format!(
-            "QEMU virt -cpu max -m {mem} -icount shift=0 (1 ns per guest instruction); timed by the firmware with CNTPCT"
+            "QEMU {board} -cpu {} -m {mem} -icount shift=0 (1 ns per guest instruction); timed by the firmware with CNTPCT",
+            machine.cpu
         );
+        let mem = if board == "virt" {
+            mem.to_string()
+        } else {
+            format!("{board}_{mem}")
+        };
         out.push(
             Record::new(
                 "boot",

@@ -1,0 +1,183 @@
+//! `cargo qemu image --board NAME --out DIR`: what goes on a real board.
+//!
+//! - Raspberry Pi 3B/4B: `kernel8.img`, the firmware as a raw image that
+//!   starts with the arm64 Image header (hal/src/boot.rs), `config.txt`
+//!   (64-bit, UART on, load address pinned to the link address) and a
+//!   README naming the boot firmware files to copy from the Raspberry Pi
+//!   firmware release. The Pi firmware (and QEMU's raw boot) loads it at
+//!   `kernel_address` and enters at EL2 with the DTB in x0.
+//! - i.MX 8M Plus EVK, ZCU102: `memfw.elf` and a U-Boot script `boot.cmd`
+//!   that loads it from the SD card and starts it with `bootelf`
+//!   (`boot.scr` too when `mkimage` is installed).
+
+use object::{Object, ObjectSegment};
+use std::path::{Path, PathBuf};
+
+/// The raw image of `elf`: its loadable bytes from the lowest load
+/// address, zero-filled between segments (BSS is not included; the arm64
+/// header's `image_size` covers it). Returns (load address, bytes).
+pub fn raw_image(elf: &[u8]) -> Result<(u64, Vec<u8>), String> {
+    let file = object::File::parse(elf).map_err(|e| format!("not an ELF: {e}"))?;
+    let mut segs = Vec::new();
+    for seg in file.segments() {
+        let data = seg.data().map_err(|e| e.to_string())?;
+        if !data.is_empty() {
+            segs.push((seg.address(), data));
+        }
+    }
+    let base = segs
+        .iter()
+        .map(|s| s.0)
+        .min()
+        .ok_or("no loadable segment")?;
+    let end = segs
+        .iter()
+        .map(|(a, d)| a + d.len() as u64)
+        .max()
+        .unwrap_or(base);
+    let mut out = vec![0u8; (end - base) as usize];
+    for (a, d) in segs {
+        let at = (a - base) as usize;
+        out[at..at + d.len()].copy_from_slice(d);
+    }
+    if out.get(0x38..0x3c) != Some(b"ARM\x64".as_slice()) {
+        return Err("the image has no arm64 header at its start".into());
+    }
+    Ok((base, out))
+}
+
+/// The Pi's config.txt.
+pub fn config_txt(board: &str, load: u64) -> String {
+    format!(
+        "# memfw for {board}\n\
+         arm_64bit=1\n\
+         # The mini-UART on GPIO14/15 (header pins 8/10) at 115200 8N1, its\n\
+         # clock fixed so the baud rate holds.\n\
+         enable_uart=1\n\
+         kernel=kernel8.img\n\
+         # The address the image is linked for; the arm64 header says the same.\n\
+         kernel_address={load:#x}\n"
+    )
+}
+
+/// The Pi's README: which boot firmware files to copy.
+pub fn pi_readme(board: &str) -> String {
+    let files = if board == "raspi3b" {
+        "bootcode.bin, start.elf, fixup.dat, bcm2710-rpi-3-b.dtb"
+    } else {
+        "start4.elf, fixup4.dat, bcm2711-rpi-4-b.dtb"
+    };
+    format!(
+        "memfw for {board}\n\n\
+         Format a micro-SD card with one FAT32 partition and copy to it:\n\
+         - from the Raspberry Pi firmware release (github.com/raspberrypi/firmware,\n\
+           directory boot/): {files}\n\
+         - from here: kernel8.img, config.txt\n\n\
+         Console: a 3.3 V USB-serial adapter on GPIO14 (TXD, pin 8), GPIO15 (RXD,\n\
+         pin 10) and GND (pin 6), 115200 8N1. The log is a binary defmt stream:\n\
+         decode it with `defmt-print -e firmware-{board}.elf` (the ELF is next to\n\
+         this file).\n"
+    )
+}
+
+/// The U-Boot script for the EVK or the ZCU102.
+pub fn boot_cmd(board: &str) -> String {
+    // SD card device and a staging address clear of the image's link
+    // address (bootelf copies the segments there).
+    let (mmc, staging) = if board == "imx8mp-evk" {
+        ("1:1", "0x48000000")
+    } else {
+        ("0:1", "0x10000000")
+    };
+    format!(
+        "# memfw for {board}: load the ELF from the SD card's first partition\n\
+         # and start it at U-Boot's EL (EL2), MMU and caches as U-Boot left them.\n\
+         setenv memfw_staging {staging}\n\
+         load mmc {mmc} ${{memfw_staging}} memfw.elf\n\
+         bootelf ${{memfw_staging}}\n"
+    )
+}
+
+/// What `image` wrote.
+#[derive(Debug)]
+pub struct Written {
+    /// Files in the output directory.
+    pub files: Vec<PathBuf>,
+}
+
+/// Writes the image for `board` from its firmware `elf` into `out`.
+pub fn write(board: &str, elf: &Path, out: &Path) -> Result<Written, String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+    let mut files = Vec::new();
+    let mut put = |name: &str, data: &[u8]| -> Result<(), String> {
+        let p = out.join(name);
+        std::fs::write(&p, data).map_err(|e| format!("{}: {e}", p.display()))?;
+        files.push(p);
+        Ok(())
+    };
+    match board {
+        "raspi3b" | "raspi4b" => {
+            let (load, raw) = raw_image(&bytes)?;
+            put("kernel8.img", &raw)?;
+            put("config.txt", config_txt(board, load).as_bytes())?;
+            put("README.txt", pi_readme(board).as_bytes())?;
+            put(&format!("firmware-{board}.elf"), &bytes)?;
+        }
+        "imx8mp-evk" | "xlnx-zcu102" => {
+            put("memfw.elf", &bytes)?;
+            put("boot.cmd", boot_cmd(board).as_bytes())?;
+            let cmd = out.join("boot.cmd");
+            let scr = out.join("boot.scr");
+            let made = std::process::Command::new("mkimage")
+                .args(["-A", "arm64", "-O", "linux", "-T", "script", "-C", "none"])
+                .args(["-n", "memfw"])
+                .arg("-d")
+                .arg(&cmd)
+                .arg(&scr)
+                .output();
+            match made {
+                Ok(o) if o.status.success() => files.push(scr),
+                Ok(o) => println!(
+                    "image: mkimage failed, no boot.scr: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(_) => println!(
+                    "image: mkimage not installed (u-boot-tools), no boot.scr; run `source` on boot.cmd's lines by hand"
+                ),
+            }
+        }
+        other => return Err(format!("no image format for board {other}")),
+    }
+    Ok(Written { files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_name_the_files_they_load() {
+        for b in ["imx8mp-evk", "xlnx-zcu102"] {
+            let s = boot_cmd(b);
+            assert!(s.contains("load mmc") && s.contains("memfw.elf"), "{s}");
+            assert!(s.contains("bootelf ${memfw_staging}"), "{s}");
+        }
+        let c = config_txt("raspi4b", 0x20_0000);
+        for line in [
+            "arm_64bit=1",
+            "enable_uart=1",
+            "kernel=kernel8.img",
+            "kernel_address=0x200000",
+        ] {
+            assert!(c.lines().any(|l| l == line), "{line}");
+        }
+        assert!(pi_readme("raspi3b").contains("bootcode.bin"));
+        assert!(pi_readme("raspi4b").contains("start4.elf"));
+    }
+
+    #[test]
+    fn raw_image_needs_the_arm64_header() {
+        assert!(raw_image(b"not an elf").is_err());
+    }
+}
