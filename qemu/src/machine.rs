@@ -19,6 +19,10 @@ pub struct Machine {
     /// Boot with QEMU's own device tree changed this way (`-dtb`), to test
     /// how the firmware takes a hostile tree.
     pub dtb: Option<DtbPatch>,
+    /// QEMU serves semihosting (`HLT #0xF000`). When false it is off, so the
+    /// instruction traps and the firmware speaks the console protocol
+    /// (`console_proto`), as on a real board without a debugger.
+    pub semihosting: bool,
 }
 
 impl Default for Machine {
@@ -29,6 +33,7 @@ impl Default for Machine {
             el: 1,
             icount: false,
             dtb: None,
+            semihosting: true,
         }
     }
 }
@@ -41,10 +46,15 @@ impl Machine {
 
     /// Short label for test output, e.g. `el2 max 1G`.
     pub fn label(&self) -> String {
-        match self.dtb {
-            Some(p) => format!("el{} {} {} dtb={}", self.el, self.cpu, self.mem, p.name()),
-            None => format!("el{} {} {}", self.el, self.cpu, self.mem),
+        let mut l = format!("el{} {} {}", self.el, self.cpu, self.mem);
+        if let Some(p) = self.dtb {
+            l.push_str(" dtb=");
+            l.push_str(p.name());
         }
+        if !self.semihosting {
+            l.push_str(" semihosting=off console-protocol");
+        }
+        l
     }
 
     /// The command that makes QEMU write the device tree this machine would
@@ -119,13 +129,19 @@ impl Machine {
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
-        let mut semi = String::from("enable=on,target=native");
-        for a in semihosting_args {
-            // QEMU's option parser escapes a comma by doubling it.
-            semi.push_str(",arg=");
-            semi.push_str(&a.replace(',', ",,"));
+        if self.semihosting {
+            let mut semi = String::from("enable=on,target=native");
+            for a in semihosting_args {
+                // QEMU's option parser escapes a comma by doubling it.
+                semi.push_str(",arg=");
+                semi.push_str(&a.replace(',', ",,"));
+            }
+            cmd.args(["-semihosting-config", &semi]);
+        } else {
+            // HLT #0xF000 is then an undefined instruction; the command line
+            // goes over the console (boot.rs) instead.
+            cmd.args(["-semihosting-config", "enable=off"]);
         }
-        cmd.args(["-semihosting-config", &semi]);
         if let Some(append) = append {
             cmd.args(["-append", append]);
         }
@@ -204,6 +220,36 @@ mod tests {
         assert_eq!(a[at + 1], "shift=0");
         // No device QEMU would need a ROM file for, however the line is built.
         assert!(!a.iter().any(|x| x.contains("virtio-net")));
+    }
+
+    #[test]
+    fn semihosting_off_replaces_only_the_semihosting_option() {
+        let on = Machine::default();
+        let off = Machine {
+            semihosting: false,
+            ..Machine::default()
+        };
+        let words = ["run_addr".to_string(), "1".to_string()];
+        let a_on = args(&on.command(Path::new("fw.elf"), &words, None, None));
+        let a_off = args(&off.command(Path::new("fw.elf"), &words, None, None));
+        let at = a_off
+            .iter()
+            .position(|x| x == "-semihosting-config")
+            .expect("given");
+        assert_eq!(a_off[at + 1], "enable=off");
+        assert!(!a_off.iter().any(|x| x.contains("run_addr")));
+        // Everything else is the same command line.
+        let strip = |mut v: Vec<String>| {
+            let i = v
+                .iter()
+                .position(|x| x == "-semihosting-config")
+                .expect("given");
+            v.drain(i..i + 2);
+            v
+        };
+        assert_eq!(strip(a_on), strip(a_off));
+        assert!(off.label().contains("semihosting=off"));
+        assert!(!on.label().contains("semihosting"));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 mod bench;
 mod boot;
 mod cargo;
+mod console_proto;
 mod elf;
 mod fdt;
 mod log;

@@ -110,16 +110,27 @@ fn machines_for(suite: &str, test: &str) -> Vec<Machine> {
         el,
         ..Machine::default()
     };
+    // Semihosting off: every semihosting call goes over the console
+    // protocol, as on a board without a debugger (hardware in the loop).
+    let console = |cpu, mem, el| Machine {
+        semihosting: false,
+        ..m(cpu, mem, el)
+    };
     match (suite, test) {
         ("boot", _) => vec![
             m("max", "1G", 1),
             m("max", "1G", 2),
             m("max", "1G", 3),
             m("cortex-a53", "1G", 1),
+            console("max", "1G", 1),
         ],
-        ("platform", "memory_matches_qemu") => {
-            vec![m("max", "512M", 1), m("max", "1G", 1), m("max", "4G", 1)]
-        }
+        ("platform", "memory_matches_qemu") => vec![
+            m("max", "512M", 1),
+            m("max", "1G", 1),
+            m("max", "4G", 1),
+            console("max", "1G", 1),
+        ],
+        ("platform", _) => vec![Machine::default(), console("max", "1G", 1)],
         ("mmu", "every_virtio_window_is_mapped_device") => vec![
             Machine::default(),
             Machine {
@@ -644,10 +655,29 @@ mod tests {
         assert!(ms.iter().any(|m| m.cpu == "cortex-a53"));
         let mem: Vec<u64> = machines_for("platform", "memory_matches_qemu")
             .iter()
+            .filter(|m| m.semihosting)
             .map(Machine::mem_bytes)
             .collect();
         assert_eq!(mem, vec![512 << 20, 1 << 30, 4 << 30]);
         assert_eq!(machines_for("other", "x"), vec![Machine::default()]);
+    }
+
+    /// The boot and platform suites also run with semihosting off, over the
+    /// console protocol, with a label that says so.
+    #[test]
+    fn boot_and_platform_run_over_the_console_protocol() {
+        for (suite, test) in [
+            ("boot", "runs_at_el1"),
+            ("platform", "memory_matches_qemu"),
+            ("platform", "virt_tree_contents"),
+        ] {
+            let ms = machines_for(suite, test);
+            let console: Vec<_> = ms.iter().filter(|m| !m.semihosting).collect();
+            assert_eq!(console.len(), 1, "{suite}::{test}");
+            assert!(console[0].label().contains("semihosting=off"));
+            assert!(ms.iter().any(|m| m.semihosting), "{suite}::{test}");
+        }
+        assert!(machines_for("mmu", "x").iter().all(|m| m.semihosting));
     }
 
     #[test]
