@@ -180,6 +180,8 @@ struct SystemTest {
     /// (`SHUTDOWN` with reason `guest-shutdown`): a semihosting exit, which
     /// also ends QEMU with status 0, sends no such event.
     guest_shutdown: bool,
+    /// QEMU serves semihosting; false: the console protocol carries it.
+    semihosting: bool,
 }
 
 const SYSTEM: SystemTest = SystemTest {
@@ -191,6 +193,7 @@ const SYSTEM: SystemTest = SystemTest {
     exit: None,
     must_log: &["ready"],
     guest_shutdown: false,
+    semihosting: true,
 };
 
 const SYSTEM_TESTS: &[SystemTest] = &[
@@ -244,6 +247,24 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         exit: Some(hal::exit::SUCCESS),
         must_log: &["PSCI SYSTEM_OFF over SMC"],
         guest_shutdown: true,
+        ..SYSTEM
+    },
+    // Semihosting off: the crash report (defmt) and the exit status, sent
+    // from inside the exception handler, come over the console protocol.
+    SystemTest {
+        name: "crash_report_and_exit_code_over_console",
+        append: Some("selftest=data-abort"),
+        exit: Some(hal::exit::CRASH),
+        must_log: &["Data abort from the same EL"],
+        semihosting: false,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "panic_exit_code_over_console",
+        append: Some("selftest=panic"),
+        exit: Some(hal::exit::PANIC),
+        must_log: &["panic: panicked at", "selftest panic"],
+        semihosting: false,
         ..SYSTEM
     },
     SystemTest {
@@ -509,6 +530,7 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
                 cpu: st.cpu,
                 el: st.machine_el,
                 dtb: st.dtb,
+                semihosting: st.semihosting,
                 ..Machine::default()
             };
             jobs.push(Job {
