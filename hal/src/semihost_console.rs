@@ -500,7 +500,9 @@ mod tests {
         v
     }
 
-    fn receive_all(rx: &mut Receiver, bytes: &[u8]) -> Vec<Result<(u8, u8, Vec<u8>), FrameError>> {
+    type Received = Result<(u8, u8, Vec<u8>), FrameError>;
+
+    fn receive_all(rx: &mut Receiver, bytes: &[u8]) -> Vec<Received> {
         let mut got = Vec::new();
         for &b in bytes {
             if let Some(r) = rx.push(b) {
