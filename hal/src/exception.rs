@@ -433,6 +433,11 @@ pub fn report(kind: u64, frame: &Frame) {
 #[no_mangle]
 extern "C" fn hal_exception(kind: u64, frame: &mut Frame) {
     let synchronous_here = kind == 0 || kind == 4;
+    // Semihosting without a debugger: an undefined HLT #0xF000, served over
+    // the console (semihost_console.rs).
+    if synchronous_here && crate::semihost_console::serve(frame) {
+        return;
+    }
     if let Some((fixup, flags)) = synchronous_here.then(|| fixup_for(frame)).flatten() {
         if flags & entry::QUIET != 0 {
             defmt::info!(

@@ -45,6 +45,7 @@ pub mod mmu;
 pub mod power;
 #[cfg(hw)]
 pub mod semihost;
+pub mod semihost_console;
 #[cfg(hw)]
 pub mod timer;
 #[cfg(hw)]

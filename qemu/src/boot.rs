@@ -2,9 +2,10 @@
 //! exit, on a timeout, or when a log line says we have seen enough; never
 //! leave the emulator running behind us.
 
+use crate::console_proto::{answer, Action, DemuxReader, Piece};
 use crate::log::{Decoder, LogLine};
 use crate::machine::Machine;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
     /// QEMU exited with this status (the semihosting exit code, or 0 after
-    /// PSCI SYSTEM_OFF).
+    /// PSCI SYSTEM_OFF), or, with semihosting off, the firmware reported
+    /// this status in a console-protocol EXIT (QEMU then killed).
     Exited(i32),
     /// QEMU was killed by a signal (Ctrl-C, or killed from outside).
     Signalled(i32),
@@ -62,7 +64,8 @@ impl Boot {
 
 /// Options for [`boot`].
 pub struct BootOptions<'a> {
-    /// Words for the semihosting command line.
+    /// Words for the semihosting command line (served over the console
+    /// when the machine has semihosting off).
     pub semihosting_args: Vec<String>,
     /// Kernel command line (`/chosen/bootargs`).
     pub append: Option<&'a str>,
@@ -88,6 +91,22 @@ struct TempFile(std::path::PathBuf);
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What the console reader threads report to the boot loop.
+enum Event {
+    Line(LogLine),
+    /// The firmware's console-protocol EXIT (semihosting off).
+    Exit(i32),
+}
+
+fn host_line(message: String) -> LogLine {
+    LogLine {
+        level: "HOST".into(),
+        timestamp: String::new(),
+        message,
+        location: None,
     }
 }
 
@@ -124,9 +143,16 @@ pub fn boot(
     if opts.paused {
         cmd.arg("-S");
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    // Semihosting off: the host answers the firmware's console requests on
+    // QEMU's stdin (the UART's receive side), like a serial port.
+    let console = !machine.semihosting;
+    cmd.stdin(if console {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only affects
     // the child: if this tool dies (Ctrl-C, kill), the kernel kills QEMU too.
     unsafe {
@@ -143,11 +169,52 @@ pub fn boot(
         .map_err(|e| format!("cannot start {}: {e}", crate::setup::QEMU))?;
     let stdout = child.stdout.take().ok_or("no stdout pipe")?;
     let mut stderr_pipe = child.stderr.take().ok_or("no stderr pipe")?;
+    let mut stdin = child.stdin.take();
+    let cmdline = opts.semihosting_args.join(" ");
     let deadline = start + opts.timeout;
 
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel::<LogLine>();
-        scope.spawn(move || decoder.decode_stream(stdout, |line| drop(tx.send(line))));
+        let (tx, rx) = mpsc::channel::<Event>();
+        if console {
+            let ptx = tx.clone();
+            let cmdline = &cmdline;
+            let on_piece = move |p: Piece| {
+                let event = match p {
+                    Piece::Message(m) => match answer(&m, cmdline) {
+                        Action::Reply(bytes) => {
+                            let sent = stdin
+                                .as_mut()
+                                .map(|s| s.write_all(&bytes).and_then(|()| s.flush()));
+                            match sent {
+                                Some(Ok(())) => return,
+                                _ => Event::Line(host_line("cannot answer on the console".into())),
+                            }
+                        }
+                        Action::Output(text) => Event::Line(LogLine {
+                            level: "PRINT".into(),
+                            timestamp: String::new(),
+                            message: text,
+                            location: None,
+                        }),
+                        Action::Exit(code) => Event::Exit(code),
+                        Action::Ignore(why) => Event::Line(host_line(why)),
+                    },
+                    Piece::Rejected(e) => Event::Line(host_line(format!(
+                        "(corrupt console frame rejected: {e:?})"
+                    ))),
+                    Piece::Defmt(_) => return,
+                };
+                let _ = ptx.send(event);
+            };
+            let reader = DemuxReader::new(stdout, on_piece);
+            scope.spawn(move || {
+                decoder.decode_stream(reader, |line| drop(tx.send(Event::Line(line))))
+            });
+        } else {
+            scope.spawn(move || {
+                decoder.decode_stream(stdout, |line| drop(tx.send(Event::Line(line))))
+            });
+        }
         let stderr_thread = scope.spawn(move || {
             let mut s = String::new();
             let _ = stderr_pipe.read_to_string(&mut s);
@@ -166,7 +233,14 @@ pub fn boot(
                 break;
             }
             match rx.recv_timeout(deadline - now) {
-                Ok(line) => {
+                Ok(Event::Exit(code)) => {
+                    // The firmware waits for a reset after its EXIT; the
+                    // host ends the board (here: QEMU) as semihosting would.
+                    kill(&mut child);
+                    ending = Some(Ending::Exited(code));
+                    break;
+                }
+                Ok(Event::Line(line)) => {
                     if opts.echo {
                         println!("{line}");
                     }
@@ -183,7 +257,10 @@ pub fn boot(
             }
         }
         // Drain what the decoder already had.
-        lines.extend(rx.try_iter());
+        lines.extend(rx.try_iter().filter_map(|e| match e {
+            Event::Line(l) => Some(l),
+            Event::Exit(_) => None,
+        }));
         let ending = match ending {
             Some(e) => e,
             None => {

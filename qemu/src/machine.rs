@@ -28,6 +28,10 @@ pub struct Machine {
     /// Boot with QEMU's own device tree changed this way (`-dtb`), to test
     /// how the firmware takes a hostile tree.
     pub dtb: Option<DtbPatch>,
+    /// QEMU serves semihosting (`HLT #0xF000`). When false it is off, so the
+    /// instruction traps and the firmware speaks the console protocol
+    /// (`console_proto`), as on a real board without a debugger.
+    pub semihosting: bool,
 }
 
 impl Default for Machine {
@@ -41,6 +45,7 @@ impl Default for Machine {
             icount: false,
             gic_version: 2,
             dtb: None,
+            semihosting: true,
         }
     }
 }
@@ -134,6 +139,9 @@ impl Machine {
                 s.push_str(" no-dtb");
             }
         }
+        if !self.semihosting {
+            s.push_str(" semihosting=off console-protocol");
+        }
         s
     }
 
@@ -215,7 +223,15 @@ impl Machine {
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
-        tail(&mut cmd, elf, semihosting_args, append, qmp, dtb);
+        tail(
+            &mut cmd,
+            elf,
+            semihosting_args,
+            append,
+            qmp,
+            dtb,
+            self.semihosting,
+        );
         cmd
     }
 
@@ -261,7 +277,15 @@ impl Machine {
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
-        tail(&mut cmd, elf, semihosting_args, append, qmp, dtb);
+        tail(
+            &mut cmd,
+            elf,
+            semihosting_args,
+            append,
+            qmp,
+            dtb,
+            self.semihosting,
+        );
         cmd
     }
 }
@@ -281,14 +305,21 @@ fn tail(
     append: Option<&str>,
     qmp: Option<&Path>,
     dtb: Option<&Path>,
+    semihosting: bool,
 ) {
-    let mut semi = String::from("enable=on,target=native");
-    for a in semihosting_args {
-        // QEMU's option parser escapes a comma by doubling it.
-        semi.push_str(",arg=");
-        semi.push_str(&a.replace(',', ",,"));
+    if semihosting {
+        let mut semi = String::from("enable=on,target=native");
+        for a in semihosting_args {
+            // QEMU's option parser escapes a comma by doubling it.
+            semi.push_str(",arg=");
+            semi.push_str(&a.replace(',', ",,"));
+        }
+        cmd.args(["-semihosting-config", &semi]);
+    } else {
+        // HLT #0xF000 is then an undefined instruction; the command line
+        // goes over the console (boot.rs) instead.
+        cmd.args(["-semihosting-config", "enable=off"]);
     }
-    cmd.args(["-semihosting-config", &semi]);
     if let Some(append) = append {
         cmd.args(["-append", append]);
     }
@@ -428,6 +459,36 @@ mod tests {
             assert!(!Machine::entry_els(b).is_empty());
             assert!(Machine::board(b, 3).label().starts_with(b));
         }
+    }
+
+    #[test]
+    fn semihosting_off_replaces_only_the_semihosting_option() {
+        let on = Machine::default();
+        let off = Machine {
+            semihosting: false,
+            ..Machine::default()
+        };
+        let words = ["run_addr".to_string(), "1".to_string()];
+        let a_on = args(&on.command(Path::new("fw.elf"), &words, None, None));
+        let a_off = args(&off.command(Path::new("fw.elf"), &words, None, None));
+        let at = a_off
+            .iter()
+            .position(|x| x == "-semihosting-config")
+            .expect("given");
+        assert_eq!(a_off[at + 1], "enable=off");
+        assert!(!a_off.iter().any(|x| x.contains("run_addr")));
+        // Everything else is the same command line.
+        let strip = |mut v: Vec<String>| {
+            let i = v
+                .iter()
+                .position(|x| x == "-semihosting-config")
+                .expect("given");
+            v.drain(i..i + 2);
+            v
+        };
+        assert_eq!(strip(a_on), strip(a_off));
+        assert!(off.label().contains("semihosting=off"));
+        assert!(!on.label().contains("semihosting"));
     }
 
     #[test]

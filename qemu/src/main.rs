@@ -13,6 +13,7 @@ mod balloon;
 mod bench;
 mod boot;
 mod cargo;
+mod console_proto;
 mod elf;
 mod fdt;
 mod image;

@@ -162,15 +162,27 @@ fn virt_machines_for(suite: &str, test: &str) -> Vec<Machine> {
         el,
         ..Machine::default()
     };
+    // Semihosting off: every semihosting call goes over the console
+    // protocol, as on a board without a debugger (hardware in the loop).
+    let console = |cpu, mem, el| Machine {
+        semihosting: false,
+        ..m(cpu, mem, el)
+    };
     match (suite, test) {
         ("boot", _) => vec![
             m("max", "1G", 1),
             m("max", "1G", 2),
             m("max", "1G", 3),
             m("cortex-a53", "1G", 1),
+            console("max", "1G", 1),
         ],
         ("platform", "memory_matches_qemu") => {
-            vec![m("max", "512M", 1), m("max", "1G", 1), m("max", "4G", 1)]
+            vec![
+                m("max", "512M", 1),
+                m("max", "1G", 1),
+                m("max", "4G", 1),
+                console("max", "1G", 1),
+            ]
         }
         ("irq", _) => vec![
             gic(1, 2),
@@ -180,6 +192,7 @@ fn virt_machines_for(suite: &str, test: &str) -> Vec<Machine> {
             gic(3, 2),
             gic(3, 3),
         ],
+        ("platform", _) => vec![Machine::default(), console("max", "1G", 1)],
         ("mmu", "every_virtio_window_is_mapped_device") => vec![
             Machine::default(),
             Machine {
@@ -243,6 +256,8 @@ struct SystemTest {
     /// Boot what `cargo qemu image` writes, the way the real board's loader
     /// starts it (at EL2; the Pi's raw kernel8.img with the DTB in x0).
     image: bool,
+    /// QEMU serves semihosting; false: the console protocol carries it.
+    semihosting: bool,
 }
 
 /// Where a system test runs.
@@ -271,6 +286,7 @@ const SYSTEM: SystemTest = SystemTest {
     mem: None,
     without_dtb: false,
     image: false,
+    semihosting: true,
 };
 
 /// System tests of the firmware on the board models.
@@ -453,6 +469,24 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         exit: Some(hal::exit::SUCCESS),
         must_log: &["PSCI SYSTEM_OFF over SMC"],
         guest_shutdown: true,
+        ..SYSTEM
+    },
+    // Semihosting off: the crash report (defmt) and the exit status, sent
+    // from inside the exception handler, come over the console protocol.
+    SystemTest {
+        name: "crash_report_and_exit_code_over_console",
+        append: Some("selftest=data-abort"),
+        exit: Some(hal::exit::CRASH),
+        must_log: &["Data abort from the same EL"],
+        semihosting: false,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "panic_exit_code_over_console",
+        append: Some("selftest=panic"),
+        exit: Some(hal::exit::PANIC),
+        must_log: &["panic: panicked at", "selftest panic"],
+        semihosting: false,
         ..SYSTEM
     },
     SystemTest {
@@ -810,6 +844,7 @@ fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
                 el: st.machine_el,
                 dtb: st.dtb,
                 mem: st.mem.unwrap_or(Machine::default().mem),
+                semihosting: st.semihosting,
                 ..Machine::default()
             };
             out.push(PlannedSystemTest { test: *st, machine });
@@ -1033,6 +1068,7 @@ mod tests {
         assert!(ms.iter().any(|m| m.cpu == "cortex-a53"));
         let mem: Vec<u64> = machines_for("virt", "platform", "memory_matches_qemu")
             .iter()
+            .filter(|m| m.semihosting)
             .map(Machine::mem_bytes)
             .collect();
         assert_eq!(mem, vec![512 << 20, 1 << 30, 4 << 30]);
@@ -1067,6 +1103,26 @@ mod tests {
         assert!(zcu.contains(&(4 << 30)), "the split DDR is exercised");
         // virt runs no board-only test.
         assert!(system_tests_for("virt").iter().all(|p| p.machine.is_virt()));
+    }
+
+    /// The boot and platform suites also run with semihosting off, over the
+    /// console protocol, with a label that says so.
+    #[test]
+    fn boot_and_platform_run_over_the_console_protocol() {
+        for (suite, test) in [
+            ("boot", "runs_at_el1"),
+            ("platform", "memory_matches_qemu"),
+            ("platform", "virt_tree_contents"),
+        ] {
+            let ms = machines_for("virt", suite, test);
+            let console: Vec<_> = ms.iter().filter(|m| !m.semihosting).collect();
+            assert_eq!(console.len(), 1, "{suite}::{test}");
+            assert!(console[0].label().contains("semihosting=off"));
+            assert!(ms.iter().any(|m| m.semihosting), "{suite}::{test}");
+        }
+        assert!(machines_for("virt", "mmu", "x")
+            .iter()
+            .all(|m| m.semihosting));
     }
 
     #[test]
