@@ -40,7 +40,7 @@ pub unsafe trait BalloonEnv {
     /// Maps `[pfn, pfn + pages)` again as normal memory.
     fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// Re-folds runs and blocks over `[pfn, pfn + pages)` (holes allowed)
-    /// after a deflate (DESIGN.md stage-1 rule 8).
+    /// after a deflate (docs/architecture.md, stage-1 rule 8).
     fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// The running address of frame `pfn` (see the trait's safety section).
     fn frame(&mut self, pfn: Pfn) -> NonNull<u8>;

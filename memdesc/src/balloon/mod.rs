@@ -1,4 +1,4 @@
-//! The virtio-balloon policy (issue 9; DESIGN.md "virtio-balloon facts"):
+//! The virtio-balloon policy (docs/architecture.md, "The balloon"):
 //! ballooned frames are Offline frames (frozen at zero, no descriptor, no
 //! refcount), recorded in PFN arrays in frames of their own, unmapped from
 //! the firmware's own map while the host has them.

@@ -1,5 +1,5 @@
 //! Host tests of the balloon policy against the recording fake device and
-//! environment: every rule of issue 9 that needs no hardware.
+//! environment: every rule of the balloon that needs no hardware.
 
 use super::device::feature::*;
 use super::fake::*;

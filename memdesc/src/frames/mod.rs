@@ -1,5 +1,5 @@
 //! Physical frames: the memdesc page array, its descriptors and refcounts,
-//! and the buddy frame allocator (issue 3; DESIGN.md "memdesc word").
+//! and the buddy frame allocator (docs/architecture.md, "The page array").
 //!
 //! - [`PageArray`] ([`page_array`]): one 8-byte [`Word`] per
 //!   frame of a set of RAM ranges; storage handed in by the caller

@@ -1,5 +1,5 @@
 //! Folio references: `try_get`/`put`/`freeze`/`unfreeze` as typed handles, and
-//! the speculative `pfn -> folio` lookup (DESIGN.md, "memdesc word").
+//! the speculative `pfn -> folio` lookup (docs/architecture.md, "The page array").
 //!
 //! The lookup is lock-free and races with frees and reuse by design:
 //! load word -> `try_get` (increment unless zero) -> reload word -> if it

@@ -386,7 +386,7 @@ fn consistency_check_catches_a_bad_cached_block_tail() {
     assert_eq!(e.what, Inconsistency::CachedBlockBadTail);
 }
 
-// ---- issue 8: scenarios found by review ---------------------------------------
+// ---- scenarios found by an adversarial review ------------------------------
 
 /// A `put` on a folio whose count is frozen at 0 must not wrap the count
 /// (to u32::MAX, after which a lookup would hand out a frozen folio).

@@ -1,5 +1,5 @@
-//! The memdesc word: one 64-bit value per physical frame (DESIGN.md,
-//! "memdesc word").
+//! The memdesc word: one 64-bit value per physical frame (docs/architecture.md,
+//! "The page array").
 //!
 //! ```text
 //!  63                                    4 3    0
@@ -12,8 +12,7 @@
 //! +----------------+----------------+---+-+------+
 //! ```
 //!
-//! Free words use their own dense layout (this is a refinement of DESIGN.md,
-//! which only shows the first two): bit 4 says head (1) or not (0) of a free
+//! Free words use their own dense layout: bit 4 says head (1) or not (0) of a free
 //! block (a non-head is a tail, all other bits 0, or, with bit 5 set, the
 //! first frame of a block parked in a hot cache, see [`Word::is_free_cached`]),
 //! bits 5..=9 of a head hold the block order, and two 27-bit page-array indexes

@@ -4,7 +4,7 @@
 //! Arm ARM DDI 0487: D8.2 (translation table walk, 4 KiB granule, 48- and
 //! 39-bit input ranges), D8.3 (descriptors), D8.4.3/D8.4.6 (access flag,
 //! dirty state), D8.6.1 (the Contiguous bit) and D8.14 (break-before-make,
-//! FEAT_BBM). The rules applied are the "Stage-1 rules" of DESIGN.md:
+//! FEAT_BBM). The rules applied are the rules of docs/architecture.md ("Stage-1 translation"):
 //!
 //! * every operation picks the largest legal unit (1 GiB / 2 MiB blocks,
 //!   16-entry contiguous runs at levels 1-3, pages) and folds a run or

@@ -1,5 +1,5 @@
 //! The table linter: walks a whole tree and reports every breach of the
-//! stage-1 rules of DESIGN.md as data.
+//! stage-1 rules of docs/architecture.md as data.
 //!
 //! Arm ARM DDI 0487: D8.3 (descriptor formats, RES0 fields, block output
 //! address alignment), D8.4 (permissions: W^X, no executable Device memory)

@@ -4,7 +4,7 @@
 //!
 //! Arm ARM DDI 0487, chapter D8 ("The AArch64 Virtual Memory System
 //! Architecture"): 4 KiB granule, 48-bit (start level 0) or 39-bit (start
-//! level 1) input range, 48-bit output. DESIGN.md "Stage-1 rules" 1-8 are
+//! level 1) input range, 48-bit output. The rules 1-8 of docs/architecture.md are
 //! what the engine ([`Stage1`]) does, what the linter ([`Stage1::lint`])
 //! checks on a tree, and what the fake ([`fake::FakePlatform`]) checks on
 //! the sequence of stores, TLBIs and barriers.
