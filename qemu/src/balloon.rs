@@ -627,29 +627,7 @@ pub fn console(q: &mut Qmp<SocketIo>, path: &Path) {
 
 /// `cargo qemu balloon SIZE [--qmp PATH]`: sets the running guest's target
 /// size and shows the balloon moving until `query-balloon` reaches it.
-pub fn cmd_balloon(args: &[String]) -> Result<std::process::ExitCode, String> {
-    let mut size = None;
-    let mut qmp_path = None;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--qmp" => {
-                i += 1;
-                qmp_path = Some(PathBuf::from(args.get(i).ok_or("--qmp needs a path")?));
-            }
-            s => {
-                size = Some(
-                    crate::machine::parse_size(s)
-                        .filter(|&b| b > 0)
-                        .ok_or_else(|| {
-                            format!("SIZE is a guest size like 512M or 1G, not {s:?}")
-                        })?,
-                )
-            }
-        }
-        i += 1;
-    }
-    let size = size.ok_or("usage: cargo qemu balloon SIZE [--qmp PATH]")?;
+pub fn cmd_balloon(size: u64, qmp_path: Option<PathBuf>) -> Result<std::process::ExitCode, String> {
     let path = qmp_path
         .or_else(newest_socket)
         .ok_or("no running `cargo qemu run` found (give --qmp PATH)")?;

@@ -5,6 +5,7 @@
 
 use crate::boot::{boot, BootOptions, Ending};
 use crate::elf::{read_tests, TestCase};
+use crate::error::{Error, Result};
 use crate::fdt::DtbPatch;
 use crate::log::Decoder;
 use crate::machine::Machine;
@@ -720,10 +721,13 @@ fn add_board_jobs(
     elfs: &mut Vec<(String, PathBuf)>,
     jobs: &mut Vec<Job>,
     skipped: &mut Vec<String>,
-) -> Result<(), String> {
-    for art in crate::cargo::build_tests(board)? {
-        let bytes = std::fs::read(&art.path).map_err(|e| format!("{}: {e}", art.path.display()))?;
-        let cases = read_tests(&bytes).map_err(|e| format!("{}: {e}", art.path.display()))?;
+) -> Result<()> {
+    for art in crate::cargo::build_tests(board).map_err(Error::Build)? {
+        let bytes = std::fs::read(&art.path).map_err(Error::io(&art.path))?;
+        let cases = read_tests(&bytes).map_err(|e| Error::Elf {
+            path: art.path.clone(),
+            what: e.to_string(),
+        })?;
         let idx = elfs.len();
         elfs.push((art.name.clone(), art.path.clone()));
         for case in cases {
@@ -749,14 +753,14 @@ fn add_board_jobs(
             }
         }
     }
-    let firmware = crate::cargo::build_firmware(board)?;
+    let firmware = crate::cargo::build_firmware(board).map_err(Error::Build)?;
     let fw_idx = elfs.len();
     // The board's image, written where `cargo qemu image` would put it.
     let image_kernel = if board == "virt" {
         None
     } else {
         let dir = firmware.with_file_name(format!("image-{board}"));
-        let written = crate::image::write(board, &firmware, &dir)?;
+        let written = crate::image::write(board, &firmware, &dir).map_err(Error::Image)?;
         let name = if board.starts_with("raspi") {
             "kernel8.img"
         } else {
@@ -769,7 +773,11 @@ fn add_board_jobs(
         let full = format!("system::{}", st.test.name);
         if matches(&args.filters, &full) {
             let kernel = if st.test.image {
-                Some(image_kernel.clone().ok_or("no board image was written")?)
+                Some(
+                    image_kernel
+                        .clone()
+                        .ok_or_else(|| Error::Image("no board image was written".into()))?,
+                )
             } else {
                 None
             };
@@ -900,9 +908,9 @@ fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
 }
 
 /// The on-target and system tests.
-fn run_target(args: &TestArgs) -> Result<Tally, String> {
+fn run_target(args: &TestArgs) -> Result<Tally> {
     let mut tally = Tally::default();
-    crate::setup::ensure_qemu()?;
+    crate::setup::ensure_qemu().map_err(Error::Setup)?;
     let boards: Vec<&'static str> = match args.board {
         Some(b) => vec![b],
         None => std::iter::once("virt")
@@ -917,16 +925,32 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
         add_board_jobs(board, args, &mut elfs, &mut jobs, &mut skipped)?;
     }
 
+    let target = run_jobs(&elfs, jobs, &skipped, args.jobs)?;
+    tally.add(target);
+    Ok(tally)
+}
+
+/// Runs `jobs` on `jobs_in_parallel` workers (default: the available
+/// cores), printing one `test NAME [MACHINE] ... ok|FAILED` line per job,
+/// then the decoded log of each failure, then the `on-target:` tally.
+/// `cargo qemu test` and the target runner both come through here.
+fn run_jobs(
+    elfs: &[(String, PathBuf)],
+    jobs: Vec<Job>,
+    skipped: &[String],
+    jobs_in_parallel: Option<usize>,
+) -> Result<Tally> {
     let decoders: Vec<Decoder> = elfs
         .iter()
         .map(|(_, p)| {
-            std::fs::read(p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| Decoder::new(&b))
+            let bytes = std::fs::read(p).map_err(Error::io(p))?;
+            Decoder::new(&bytes).map_err(|what| Error::Elf {
+                path: p.clone(),
+                what,
+            })
         })
-        .collect::<Result<_, _>>()?;
-    let n_jobs = args
-        .jobs
+        .collect::<Result<_>>()?;
+    let n_jobs = jobs_in_parallel
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -938,7 +962,7 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
         jobs.len(),
         n_jobs
     );
-    for s in &skipped {
+    for s in skipped {
         println!("test {s} ... ignored");
     }
 
@@ -986,7 +1010,9 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
             });
         }
     });
-    let (target, failures) = results.into_inner().map_err(|_| "a test worker panicked")?;
+    let (target, failures) = results
+        .into_inner()
+        .map_err(|_| Error::Qemu("a test worker panicked".into()))?;
     if !failures.is_empty() {
         println!("\nfailures:\n");
         for f in &failures {
@@ -997,8 +1023,51 @@ fn run_target(args: &TestArgs) -> Result<Tally, String> {
         "on-target: {} passed, {} failed, {} skipped",
         target.passed, target.failed, target.skipped
     );
-    tally.add(target);
-    Ok(tally)
+    Ok(target)
+}
+
+/// The target runner's job: every test of one embedded-test ELF on
+/// `machine`, through [`run_jobs`]; the suite is the ELF's name without
+/// cargo's hash.
+pub fn run_elf(elf: &std::path::Path, machine: Machine) -> Result<Tally> {
+    let bytes = std::fs::read(elf).map_err(Error::io(elf))?;
+    let cases = read_tests(&bytes).map_err(|e| Error::Elf {
+        path: elf.to_path_buf(),
+        what: e.to_string(),
+    })?;
+    let stem = elf
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let suite = suite_name(&stem).to_string();
+    let mut jobs = Vec::new();
+    let mut skipped = Vec::new();
+    for case in cases {
+        let full = format!("{suite}::{}", case.name);
+        if case.ignored {
+            skipped.push(full);
+            continue;
+        }
+        jobs.push(Job {
+            id: jobs.len(),
+            full_name: full,
+            machine: machine.clone(),
+            elf: 0,
+            check: Check::Embedded(case),
+            kernel: None,
+        });
+    }
+    run_jobs(&[(suite, elf.to_path_buf())], jobs, &skipped, Some(1))
+}
+
+/// `boot-0123abcd` (cargo's test binary name) -> `boot`.
+fn suite_name(stem: &str) -> &str {
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            name
+        }
+        _ => stem,
+    }
 }
 
 #[cfg(test)]
@@ -1167,6 +1236,14 @@ mod tests {
             .all(|t| !"selftest: panicking on purpose".contains(t)));
         let spread = machines_for("virt", "mmu", "every_virtio_window_is_mapped_device");
         assert!(spread.iter().any(|m| m.dtb == Some(DtbPatch::SpreadVirtio)));
+    }
+
+    #[test]
+    fn suite_names_drop_cargos_hash() {
+        assert_eq!(suite_name("boot-0123456789abcdef"), "boot");
+        assert_eq!(suite_name("hal-tests-0123456789abcdef"), "hal-tests");
+        assert_eq!(suite_name("firmware"), "firmware");
+        assert_eq!(suite_name("x-y"), "x-y");
     }
 
     #[test]

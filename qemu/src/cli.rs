@@ -1,0 +1,334 @@
+//! The command line, parsed by `clap` (derive). Values are checked here
+//! (board names, ELs, sizes); what depends on two options together (an EL
+//! the board's model cannot enter at) is checked by the command.
+
+use crate::error::{Error, Result};
+use crate::machine::{self, Machine};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// `cargo qemu`: build the firmware, boot it on QEMU, run its tests.
+#[derive(Debug, Parser)]
+#[command(name = "cargo qemu", bin_name = "cargo qemu")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Build the firmware, boot it on a QEMU model and show the decoded log.
+    Run(RunArgs),
+    /// Every test: host tests, then on-target tests under QEMU.
+    Test(TestCli),
+    /// Benchmarks, as JSON lines.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum, default_value = "all")]
+        which: BenchWhich,
+        /// Board for the boot benchmark.
+        #[arg(long, value_parser = parse_board, default_value = "virt")]
+        board: &'static str,
+    },
+    /// Drive a running `cargo qemu run`'s balloon to SIZE over QMP.
+    Balloon {
+        /// Guest size, like 512M or 1G.
+        #[arg(value_parser = parse_nonzero_size)]
+        size: u64,
+        /// The instance's QMP socket (default: the newest one).
+        #[arg(long)]
+        qmp: Option<PathBuf>,
+    },
+    /// Write what goes on a real board.
+    Image {
+        /// A real board (not virt).
+        #[arg(long, value_parser = parse_real_board)]
+        board: &'static str,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The cargo target runner: boot an ELF, or run a test ELF's tests.
+    Runner {
+        /// The ELF cargo built.
+        elf: PathBuf,
+        /// What cargo passes after it (ignored).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Only install what the other commands need (the Rust target, QEMU).
+    Setup,
+}
+
+/// `cargo qemu run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Board whose build and QEMU model to use.
+    #[arg(long, value_parser = parse_board, default_value = "virt")]
+    pub board: &'static str,
+    /// Exit 0 as soon as the firmware logs `ready`.
+    #[arg(long)]
+    pub exit_when_ready: bool,
+    /// CPU model (max, cortex-a53, cortex-a72, …).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// RAM size, like 512M, 1G or 4G.
+    #[arg(long, value_parser = parse_mem)]
+    pub mem: Option<String>,
+    /// Entry exception level.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub el: Option<u8>,
+    /// Interrupt controller version on virt.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(2..=3))]
+    pub gic: Option<u8>,
+    /// Kernel command line (`/chosen/bootargs`).
+    #[arg(long)]
+    pub append: Option<String>,
+}
+
+impl RunArgs {
+    /// The machine these options describe; an EL the board's model cannot
+    /// enter an ELF at is a usage error.
+    pub fn machine(&self) -> Result<Machine> {
+        let board = self.board;
+        let els = Machine::entry_els(board);
+        let el = self.el.unwrap_or(els[0]);
+        if !els.contains(&el) {
+            return Err(Error::Usage(format!(
+                "{board}'s QEMU model enters an ELF at EL{els:?}, not EL{el}"
+            )));
+        }
+        let mut m = Machine::board(board, el);
+        if let Some(cpu) = &self.cpu {
+            m.cpu = leak(cpu);
+        }
+        if let Some(mem) = &self.mem {
+            m.mem = leak(mem);
+        }
+        if let Some(gic) = self.gic {
+            m.gic_version = gic;
+        }
+        Ok(m)
+    }
+}
+
+/// `cargo qemu test` options.
+#[derive(Debug, Args, Default)]
+pub struct TestCli {
+    /// Substrings of `suite::test`; a test runs if its name contains any
+    /// (also passed to the host `cargo test`).
+    pub filters: Vec<String>,
+    /// Only this board's on-target runs (default: virt and every board model).
+    #[arg(long, value_parser = parse_board)]
+    pub board: Option<&'static str>,
+    /// Only the host tests.
+    #[arg(long, conflicts_with = "no_host")]
+    pub host_only: bool,
+    /// Skip the host tests.
+    #[arg(long)]
+    pub no_host: bool,
+    /// Parallel QEMU instances (default: available cores).
+    #[arg(short = 'j', long = "jobs")]
+    pub jobs: Option<usize>,
+}
+
+impl TestCli {
+    /// What `test::run` takes.
+    pub fn to_test_args(&self) -> crate::test::TestArgs {
+        crate::test::TestArgs {
+            filters: self.filters.clone(),
+            no_host: self.no_host,
+            host_only: self.host_only,
+            jobs: self.jobs,
+            board: self.board,
+        }
+    }
+}
+
+/// `cargo qemu bench WHICH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchWhich {
+    /// Page array and frame allocator against buddy_system_allocator.
+    Memdesc,
+    /// The stage-1 engine against aarch64-paging.
+    Translation,
+    /// Memory bring-up timed by the firmware under QEMU.
+    Boot,
+    /// Balloon inflate/deflate rates over QMP.
+    Balloon,
+    /// memdesc, translation and boot.
+    All,
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+/// `--board NAME`: `virt` or one of [`machine::BOARD_MODELS`].
+pub fn parse_board(name: &str) -> std::result::Result<&'static str, String> {
+    std::iter::once(&"virt")
+        .chain(machine::BOARD_MODELS)
+        .find(|b| **b == name)
+        .copied()
+        .ok_or_else(|| {
+            format!(
+                "takes virt, {}, not {name:?}",
+                machine::BOARD_MODELS.join(", ")
+            )
+        })
+}
+
+/// A board with a real counterpart (for `image` and the serial runner).
+fn parse_real_board(name: &str) -> std::result::Result<&'static str, String> {
+    match parse_board(name)? {
+        "virt" => Err("takes a real board, not virt".into()),
+        b => Ok(b),
+    }
+}
+
+fn parse_mem(s: &str) -> std::result::Result<String, String> {
+    match machine::parse_size(s) {
+        Some(b) if b > 0 => Ok(s.to_string()),
+        _ => Err(format!("takes a size like 512M, 1G or 4G, not {s:?}")),
+    }
+}
+
+fn parse_nonzero_size(s: &str) -> std::result::Result<u64, String> {
+    machine::parse_size(s)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("is a guest size like 512M or 1G, not {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cargo-qemu").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn host_only_and_no_host_together_are_rejected() {
+        let e = parse(&["test", "--host-only", "--no-host"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
+        let e = parse(&["test", "--no-host", "boot", "--host-only"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
+        assert!(parse(&["test", "--host-only"]).is_ok());
+        assert!(parse(&["test", "--no-host"]).is_ok());
+    }
+
+    #[test]
+    fn test_options_and_filters() {
+        let Cmd::Test(t) = parse(&["test", "boot::", "--board", "raspi3b", "-j", "3", "mmu"])
+            .expect("parses")
+            .cmd
+        else {
+            panic!("not test");
+        };
+        assert_eq!(t.filters, ["boot::", "mmu"]);
+        assert_eq!(t.board, Some("raspi3b"));
+        assert_eq!(t.jobs, Some(3));
+        assert!(!t.host_only && !t.no_host);
+        let a = t.to_test_args();
+        assert_eq!(a.board, Some("raspi3b"));
+        assert_eq!(a.filters, ["boot::", "mmu"]);
+        let Cmd::Test(t) = parse(&["test", "--jobs", "1"]).expect("parses").cmd else {
+            panic!("not test");
+        };
+        assert_eq!((t.jobs, t.board), (Some(1), None));
+        assert!(parse(&["test", "-j", "many"]).is_err());
+        assert!(parse(&["test", "--frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn boards_are_checked() {
+        assert!(parse(&["test", "--board", "raspi5"]).is_err());
+        for b in ["virt", "raspi3b", "raspi4b", "imx8mp-evk", "xlnx-zcu102"] {
+            assert!(parse(&["run", "--board", b]).is_ok(), "{b}");
+        }
+        // image needs a real board and an output directory.
+        assert!(parse(&["image", "--board", "virt", "--out", "d"]).is_err());
+        assert!(parse(&["image", "--board", "raspi3b"]).is_err());
+        assert!(parse(&["image", "--board", "raspi3b", "--out", "d"]).is_ok());
+    }
+
+    #[test]
+    fn run_options_make_the_machine() {
+        let Cmd::Run(r) = parse(&[
+            "run",
+            "--cpu",
+            "cortex-a53",
+            "--mem",
+            "512M",
+            "--el",
+            "2",
+            "--gic",
+            "3",
+        ])
+        .expect("parses")
+        .cmd
+        else {
+            panic!("not run");
+        };
+        let m = r.machine().expect("valid");
+        assert_eq!(
+            (m.cpu, m.mem, m.el, m.gic_version),
+            ("cortex-a53", "512M", 2, 3)
+        );
+        assert!(parse(&["run", "--el", "4"]).is_err());
+        assert!(parse(&["run", "--gic", "4"]).is_err());
+        assert!(parse(&["run", "--mem", "0"]).is_err());
+        assert!(parse(&["run", "--mem", "lots"]).is_err());
+        // raspi's model enters an ELF at EL3 only: a usage error, not a boot.
+        let Cmd::Run(r) = parse(&["run", "--board", "raspi3b", "--el", "1"])
+            .expect("parses")
+            .cmd
+        else {
+            panic!("not run");
+        };
+        assert!(matches!(r.machine(), Err(Error::Usage(_))));
+        let Cmd::Run(r) = parse(&["run", "--board", "raspi3b"]).expect("parses").cmd else {
+            panic!("not run");
+        };
+        assert_eq!(r.machine().expect("valid").el, 3);
+    }
+
+    #[test]
+    fn bench_balloon_runner_setup() {
+        let Cmd::Bench { which, board } = parse(&["bench"]).expect("parses").cmd else {
+            panic!("not bench");
+        };
+        assert_eq!((which, board), (BenchWhich::All, "virt"));
+        let Cmd::Bench { which, board } = parse(&["bench", "boot", "--board", "xlnx-zcu102"])
+            .expect("parses")
+            .cmd
+        else {
+            panic!("not bench");
+        };
+        assert_eq!((which, board), (BenchWhich::Boot, "xlnx-zcu102"));
+        assert!(parse(&["bench", "nothing"]).is_err());
+        let Cmd::Balloon { size, qmp } = parse(&["balloon", "512M", "--qmp", "/tmp/q"])
+            .expect("parses")
+            .cmd
+        else {
+            panic!("not balloon");
+        };
+        assert_eq!(size, 512 << 20);
+        assert_eq!(qmp, Some(PathBuf::from("/tmp/q")));
+        assert!(parse(&["balloon", "0"]).is_err());
+        assert!(parse(&["balloon"]).is_err());
+        // cargo may pass more words after the ELF.
+        let Cmd::Runner { elf, .. } = parse(&["runner", "t.elf", "--nocapture", "x"])
+            .expect("parses")
+            .cmd
+        else {
+            panic!("not runner");
+        };
+        assert_eq!(elf, PathBuf::from("t.elf"));
+        assert!(matches!(parse(&["setup"]).expect("parses").cmd, Cmd::Setup));
+        assert!(parse(&[]).is_err());
+    }
+}
