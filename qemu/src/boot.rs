@@ -4,11 +4,13 @@
 
 use crate::console_proto::{answer, Action, DemuxReader, Piece};
 use crate::log::{Decoder, LogLine};
-use crate::machine::Machine;
+use crate::machine::{Console, Machine};
+use crate::serial::PortSpec;
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -115,7 +117,9 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Boots `elf` on `machine` and waits for the boot to end.
+/// Boots `elf` on `machine` and waits for the boot to end. The console is
+/// QEMU's stdio, or (`machine.console`) a pty or socket opened as a serial
+/// port, exactly as a real board's would be.
 pub fn boot(
     machine: &Machine,
     elf: &Path,
@@ -134,24 +138,67 @@ pub fn boot(
         )),
         None => None,
     };
+    // A console on a pty or socket gets a path of its own for this boot.
+    let mut machine = machine.clone();
+    let tmp = |ext: &str| {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        std::env::temp_dir().join(format!(
+            "cargo-qemu-{}-{}.{ext}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    };
+    let port_spec = match &mut machine.console {
+        Console::Stdio => None,
+        Console::Pty(p) => {
+            if p.as_os_str().is_empty() {
+                *p = tmp("pty");
+            }
+            Some(PortSpec::Tty {
+                path: p.clone(),
+                baud: crate::serial::DEFAULT_BAUD,
+            })
+        }
+        Console::UnixSocket(p) => {
+            if p.as_os_str().is_empty() {
+                *p = tmp("sock");
+            }
+            Some(PortSpec::Unix(p.clone()))
+        }
+    };
+    let _port_file = match &machine.console {
+        Console::Pty(p) | Console::UnixSocket(p) => Some(TempFile(p.clone())),
+        Console::Stdio => None,
+    };
+    // A pty drops what the guest sends before the host has opened it:
+    // start paused and resume over QMP once the port is open.
+    let own_qmp = matches!(machine.console, Console::Pty(_)) && opts.qmp.is_none();
+    let own_qmp_path = own_qmp.then(|| tmp("qmp"));
+    let _qmp_file = own_qmp_path.clone().map(TempFile);
+    let qmp = opts.qmp.or(own_qmp_path.as_deref());
     let mut cmd = match &dtb {
         Some(file) => {
-            machine.command_with_dtb(elf, &opts.semihosting_args, opts.append, opts.qmp, &file.0)
+            machine.command_with_dtb(elf, &opts.semihosting_args, opts.append, qmp, &file.0)
         }
-        None => machine.command(elf, &opts.semihosting_args, opts.append, opts.qmp),
+        None => machine.command(elf, &opts.semihosting_args, opts.append, qmp),
     };
-    if opts.paused {
+    if opts.paused || own_qmp {
         cmd.arg("-S");
     }
     // Semihosting off: the host answers the firmware's console requests on
-    // QEMU's stdin (the UART's receive side), like a serial port.
+    // the UART's receive side (QEMU's stdin, or the port), like a serial port.
     let console = !machine.semihosting;
-    cmd.stdin(if console {
+    let stdio_console = port_spec.is_none();
+    cmd.stdin(if console && stdio_console {
         Stdio::piped()
     } else {
         Stdio::null()
     })
-    .stdout(Stdio::piped())
+    .stdout(if stdio_console {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
     .stderr(Stdio::piped());
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only affects
     // the child: if this tool dies (Ctrl-C, kill), the kernel kills QEMU too.
@@ -164,25 +211,141 @@ pub fn boot(
         });
     }
     let start = Instant::now();
+    let deadline = start + opts.timeout;
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", crate::setup::QEMU))?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let mut stderr_pipe = child.stderr.take().ok_or("no stderr pipe")?;
-    let mut stdin = child.stdin.take();
-    let cmdline = opts.semihosting_args.join(" ");
-    let deadline = start + opts.timeout;
+    let stderr_pipe = child.stderr.take().ok_or("no stderr pipe")?;
+    let (rx, tx, stop): (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>, _) = match &port_spec
+    {
+        None => {
+            let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+            let stdin = child.stdin.take();
+            (
+                Box::new(stdout),
+                stdin.map(|s| Box::new(s) as Box<dyn Write + Send>),
+                None,
+            )
+        }
+        Some(spec) => {
+            let port = match crate::serial::open(spec, deadline.min(start + PORT_WAIT)) {
+                Ok(p) => p,
+                Err(e) => {
+                    kill(&mut child);
+                    return Err(e.to_string());
+                }
+            };
+            if let Some(path) = &own_qmp_path {
+                let resumed = crate::qmp::Qmp::connect(path, Duration::from_secs(10))
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut q| q.execute("cont", None).map_err(|e| e.to_string()));
+                if let Err(e) = resumed {
+                    kill(&mut child);
+                    return Err(format!("QMP cont: {e}"));
+                }
+            }
+            (Box::new(port.rx), Some(port.tx), Some(port.stop))
+        }
+    };
+    let mut target = QemuTarget { child, stop };
+    let (ending, lines, stderr) = session(
+        rx,
+        tx,
+        console,
+        Some(stderr_pipe),
+        decoder,
+        opts,
+        deadline,
+        &mut target,
+    );
+    if let Some(s) = &target.stop {
+        s.store(true, Ordering::Relaxed);
+    }
+    Ok(Boot {
+        ending,
+        lines,
+        stderr,
+        elapsed: start.elapsed(),
+    })
+}
 
+/// How long a QEMU model may take to create its console's pty or socket.
+const PORT_WAIT: Duration = Duration::from_secs(20);
+
+/// What runs the firmware: a QEMU process, or a real board.
+pub trait Target {
+    /// End the run now (kill QEMU; reset or power-cycle the board).
+    fn end(&mut self);
+    /// The console closed by itself: how did the run end? Bounded by
+    /// `deadline` (then [`Ending::TimedOut`] after ending it).
+    fn wait_ended(&mut self, deadline: Instant) -> Ending;
+}
+
+/// A QEMU process; `stop` ends the console reader of a port.
+struct QemuTarget {
+    child: Child,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Target for QemuTarget {
+    fn end(&mut self) {
+        kill(&mut self.child);
+        if let Some(s) = &self.stop {
+            s.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn wait_ended(&mut self, deadline: Instant) -> Ending {
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    break match (status.code(), status.signal()) {
+                        (Some(c), _) => Ending::Exited(c),
+                        (None, Some(sig)) => Ending::Signalled(sig),
+                        _ => Ending::Exited(-1),
+                    };
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    self.end();
+                    break Ending::TimedOut;
+                }
+            }
+        }
+    }
+}
+
+/// One run on a board's console, whatever carries it (QEMU's stdio, a
+/// pty, a socket, a USB-serial adapter): decodes the defmt stream from
+/// `rx`, answers console-protocol requests on `tx` when
+/// `console_protocol`, and stops at the firmware's EXIT, at a `stop_when`
+/// line or at `deadline` by ending the `target`; when the console closes
+/// by itself, the target says how the run ended. Returns the ending, the
+/// log lines and what `stderr` (QEMU's) held.
+#[allow(clippy::too_many_arguments)]
+pub fn session(
+    rx: Box<dyn Read + Send>,
+    mut tx: Option<Box<dyn Write + Send>>,
+    console_protocol: bool,
+    stderr: Option<std::process::ChildStderr>,
+    decoder: &Decoder,
+    opts: &BootOptions<'_>,
+    deadline: Instant,
+    target: &mut dyn Target,
+) -> (Ending, Vec<LogLine>, String) {
+    let cmdline = opts.semihosting_args.join(" ");
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel::<Event>();
-        if console {
-            let ptx = tx.clone();
+        let (tx_ev, rx_ev) = mpsc::channel::<Event>();
+        if console_protocol {
+            let ptx = tx_ev.clone();
             let cmdline = &cmdline;
             let on_piece = move |p: Piece| {
                 let event = match p {
                     Piece::Message(m) => match answer(&m, cmdline) {
                         Action::Reply(bytes) => {
-                            let sent = stdin
+                            let sent = tx
                                 .as_mut()
                                 .map(|s| s.write_all(&bytes).and_then(|()| s.flush()));
                             match sent {
@@ -206,18 +369,20 @@ pub fn boot(
                 };
                 let _ = ptx.send(event);
             };
-            let reader = DemuxReader::new(stdout, on_piece);
+            let reader = DemuxReader::new(rx, on_piece);
             scope.spawn(move || {
-                decoder.decode_stream(reader, |line| drop(tx.send(Event::Line(line))))
+                decoder.decode_stream(reader, |line| drop(tx_ev.send(Event::Line(line))))
             });
         } else {
             scope.spawn(move || {
-                decoder.decode_stream(stdout, |line| drop(tx.send(Event::Line(line))))
+                decoder.decode_stream(rx, |line| drop(tx_ev.send(Event::Line(line))))
             });
         }
         let stderr_thread = scope.spawn(move || {
             let mut s = String::new();
-            let _ = stderr_pipe.read_to_string(&mut s);
+            if let Some(mut pipe) = stderr {
+                let _ = pipe.read_to_string(&mut s);
+            }
             s
         });
         if let Some(f) = opts.on_started {
@@ -228,15 +393,15 @@ pub fn boot(
         loop {
             let now = Instant::now();
             if now >= deadline {
-                kill(&mut child);
+                target.end();
                 ending = Some(Ending::TimedOut);
                 break;
             }
-            match rx.recv_timeout(deadline - now) {
+            match rx_ev.recv_timeout(deadline - now) {
                 Ok(Event::Exit(code)) => {
                     // The firmware waits for a reset after its EXIT; the
-                    // host ends the board (here: QEMU) as semihosting would.
-                    kill(&mut child);
+                    // host ends the board (QEMU: kills it) as semihosting would.
+                    target.end();
                     ending = Some(Ending::Exited(code));
                     break;
                 }
@@ -247,7 +412,7 @@ pub fn boot(
                     let stop = opts.stop_when.is_some_and(|f| f(&line));
                     lines.push(line);
                     if stop {
-                        kill(&mut child);
+                        target.end();
                         ending = Some(Ending::Stopped);
                         break;
                     }
@@ -257,40 +422,89 @@ pub fn boot(
             }
         }
         // Drain what the decoder already had.
-        lines.extend(rx.try_iter().filter_map(|e| match e {
+        lines.extend(rx_ev.try_iter().filter_map(|e| match e {
             Event::Line(l) => Some(l),
             Event::Exit(_) => None,
         }));
-        let ending = match ending {
-            Some(e) => e,
-            None => {
-                // stdout closed: QEMU is exiting; bound the wait by the deadline.
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(status)) => {
-                            break match (status.code(), status.signal()) {
-                                (Some(c), _) => Ending::Exited(c),
-                                (None, Some(sig)) => Ending::Signalled(sig),
-                                _ => Ending::Exited(-1),
-                            };
-                        }
-                        Ok(None) if Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(5))
-                        }
-                        _ => {
-                            kill(&mut child);
-                            break Ending::TimedOut;
-                        }
-                    }
-                }
-            }
-        };
+        // The stream closed first: the target knows how the run ended.
+        let ending = ending.unwrap_or_else(|| target.wait_ended(deadline));
         let stderr = stderr_thread.join().unwrap_or_default();
-        Ok(Boot {
-            ending,
-            lines,
-            stderr,
-            elapsed: start.elapsed(),
-        })
+        (ending, lines, stderr)
+    })
+}
+
+/// A real board on a serial line: a run ends when the host stops reading
+/// (the next test's power cycle, or the loader, resets the board).
+struct BoardTarget {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Target for BoardTarget {
+    fn end(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn wait_ended(&mut self, _deadline: Instant) -> Ending {
+        // The line closed under us (a socket's far end went away): the
+        // board is gone, not finished.
+        self.end();
+        Ending::Stopped
+    }
+}
+
+/// Runs `elf` on a real board over its console `port`, with semihosting
+/// over the console. `power_cycle` is a shell command that brings the board
+/// up in the test (it sees `MEMFW_ELF` and `MEMFW_BOARD`); a tty is opened
+/// before it runs, so nothing the board says first is lost, a socket after.
+pub fn boot_board(
+    board: &str,
+    port: &PortSpec,
+    power_cycle: Option<&str>,
+    elf: &Path,
+    decoder: &Decoder,
+    opts: &BootOptions<'_>,
+) -> Result<Boot, String> {
+    let start = Instant::now();
+    let deadline = start + opts.timeout;
+    let open =
+        || crate::serial::open(port, deadline.min(start + PORT_WAIT)).map_err(|e| e.to_string());
+    let tty = matches!(port, PortSpec::Tty { .. });
+    let mut early = if tty { Some(open()?) } else { None };
+    if let Some(cmd) = power_cycle {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("MEMFW_ELF", elf)
+            .env("MEMFW_BOARD", board)
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| format!("--power-cycle {cmd:?}: {e}"))?;
+        if !status.success() {
+            return Err(format!("--power-cycle {cmd:?} failed ({status})"));
+        }
+    }
+    let port = match early.take() {
+        Some(p) => p,
+        None => open()?,
+    };
+    let mut target = BoardTarget {
+        stop: port.stop.clone(),
+    };
+    let (ending, lines, stderr) = session(
+        Box::new(port.rx),
+        Some(port.tx),
+        true,
+        None,
+        decoder,
+        opts,
+        deadline,
+        &mut target,
+    );
+    target.end();
+    Ok(Boot {
+        ending,
+        lines,
+        stderr,
+        elapsed: start.elapsed(),
     })
 }

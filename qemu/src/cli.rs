@@ -132,18 +132,45 @@ pub struct TestCli {
     /// Parallel QEMU instances (default: available cores).
     #[arg(short = 'j', long = "jobs")]
     pub jobs: Option<usize>,
+    /// Run the on-target suites on a real board over its console instead:
+    /// a tty (`/dev/ttyUSB0`), `unix:PATH` or `tcp:HOST:PORT`. Needs --board.
+    #[arg(long, requires = "board", conflicts_with = "host_only")]
+    pub serial: Option<String>,
+    /// Line speed of --serial's tty.
+    #[arg(long, requires = "serial", default_value_t = crate::serial::DEFAULT_BAUD)]
+    pub baud: u32,
+    /// Shell command run before each test to power-cycle the board into the
+    /// test (`MEMFW_ELF` and `MEMFW_BOARD` are set for it).
+    #[arg(long, requires = "serial")]
+    pub power_cycle: Option<String>,
 }
 
 impl TestCli {
-    /// What `test::run` takes.
-    pub fn to_test_args(&self) -> crate::test::TestArgs {
-        crate::test::TestArgs {
+    /// What `test::run` takes; a bad --serial value or virt with it is a
+    /// usage error.
+    pub fn to_test_args(&self) -> Result<crate::test::TestArgs> {
+        let serial = match &self.serial {
+            None => None,
+            Some(_) if self.board == Some("virt") => {
+                return Err(Error::Usage(
+                    "--serial takes a real board's --board, not virt".into(),
+                ))
+            }
+            Some(s) => Some(crate::test::SerialBoard {
+                port: crate::serial::PortSpec::parse(s, self.baud)
+                    .map_err(|e| Error::Usage(format!("--serial {e}")))?,
+                power_cycle: self.power_cycle.clone(),
+                model_pidfile: None,
+            }),
+        };
+        Ok(crate::test::TestArgs {
             filters: self.filters.clone(),
             no_host: self.no_host,
             host_only: self.host_only,
             jobs: self.jobs,
             board: self.board,
-        }
+            serial,
+        })
     }
 }
 
@@ -232,7 +259,7 @@ mod tests {
         assert_eq!(t.board, Some("raspi3b"));
         assert_eq!(t.jobs, Some(3));
         assert!(!t.host_only && !t.no_host);
-        let a = t.to_test_args();
+        let a = t.to_test_args().expect("valid");
         assert_eq!(a.board, Some("raspi3b"));
         assert_eq!(a.filters, ["boot::", "mmu"]);
         let Cmd::Test(t) = parse(&["test", "--jobs", "1"]).expect("parses").cmd else {
@@ -241,6 +268,86 @@ mod tests {
         assert_eq!((t.jobs, t.board), (Some(1), None));
         assert!(parse(&["test", "-j", "many"]).is_err());
         assert!(parse(&["test", "--frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn serial_options() {
+        let t = |args: &[&str]| match parse(args).map(|c| c.cmd) {
+            Ok(Cmd::Test(t)) => Ok(t),
+            Ok(_) => panic!("not test"),
+            Err(e) => Err(e.kind()),
+        };
+        let a = t(&["test", "--board", "raspi3b", "--serial", "/dev/ttyUSB0"])
+            .expect("parses")
+            .to_test_args()
+            .expect("valid");
+        let s = a.serial.expect("serial");
+        assert_eq!(
+            s.port,
+            crate::serial::PortSpec::Tty {
+                path: "/dev/ttyUSB0".into(),
+                baud: 115_200
+            }
+        );
+        assert_eq!(s.power_cycle, None);
+        let a = t(&[
+            "test",
+            "--board",
+            "imx8mp-evk",
+            "--serial",
+            "/dev/ttyUSB2",
+            "--baud",
+            "921600",
+            "--power-cycle",
+            "relay 3 cycle",
+        ])
+        .expect("parses")
+        .to_test_args()
+        .expect("valid");
+        let s = a.serial.expect("serial");
+        assert!(matches!(
+            s.port,
+            crate::serial::PortSpec::Tty { baud: 921_600, .. }
+        ));
+        assert_eq!(s.power_cycle.as_deref(), Some("relay 3 cycle"));
+        // --serial needs a board, and a real one; --baud and
+        // --power-cycle need --serial; --host-only runs nothing on a board.
+        assert_eq!(
+            t(&["test", "--serial", "/dev/ttyUSB0"]).unwrap_err(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert!(matches!(
+            t(&["test", "--board", "virt", "--serial", "/dev/ttyUSB0"])
+                .expect("parses")
+                .to_test_args(),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(
+            t(&["test", "--board", "raspi3b", "--serial", "/dev/x", "--baud", "7"])
+                .expect("parses")
+                .to_test_args(),
+            Err(Error::Usage(_))
+        ));
+        assert_eq!(
+            t(&["test", "--baud", "9600"]).unwrap_err(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            t(&["test", "--power-cycle", "x"]).unwrap_err(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            t(&[
+                "test",
+                "--board",
+                "raspi3b",
+                "--serial",
+                "/dev/x",
+                "--host-only"
+            ])
+            .unwrap_err(),
+            ErrorKind::ArgumentConflict
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub enum Error {
     /// QEMU could not be started or driven.
     #[error("qemu: {0}")]
     Qemu(String),
+    /// The serial port, its socket or the board's power control failed.
+    #[error("serial: {0}")]
+    Serial(String),
     /// Writing a board image failed.
     #[error("image: {0}")]
     Image(String),

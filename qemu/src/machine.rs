@@ -32,6 +32,52 @@ pub struct Machine {
     /// instruction traps and the firmware speaks the console protocol
     /// (`console_proto`), as on a real board without a debugger.
     pub semihosting: bool,
+    /// Where the board's console goes: QEMU's stdio, or a pty or socket
+    /// the host opens as it would a board's serial port.
+    pub console: Console,
+}
+
+/// How the console UART reaches the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Console {
+    /// QEMU's stdin and stdout.
+    #[default]
+    Stdio,
+    /// `-chardev pty` with a link to the pty at this path (empty: the boot
+    /// picks a temporary one); the host opens it as a tty.
+    Pty(std::path::PathBuf),
+    /// `-chardev socket,server=on,wait=on` at this path (empty: a
+    /// temporary one); the host connects to it.
+    UnixSocket(std::path::PathBuf),
+}
+
+impl Console {
+    /// The `-chardev` option and the `-serial` value for this console.
+    fn qemu_args(&self) -> (Option<String>, String) {
+        match self {
+            Self::Stdio => (None, "stdio".into()),
+            Self::Pty(p) => (
+                Some(format!("pty,id=con,path={}", p.display())),
+                "chardev:con".into(),
+            ),
+            Self::UnixSocket(p) => (
+                Some(format!(
+                    "socket,id=con,path={},server=on,wait=on",
+                    p.display()
+                )),
+                "chardev:con".into(),
+            ),
+        }
+    }
+}
+
+/// `-chardev …` (if any) and `-serial …` for the console.
+fn serial_args(cmd: &mut Command, console: &Console) {
+    let (chardev, serial) = console.qemu_args();
+    if let Some(c) = chardev {
+        cmd.args(["-chardev", &c]);
+    }
+    cmd.args(["-serial", &serial]);
 }
 
 impl Default for Machine {
@@ -46,6 +92,7 @@ impl Default for Machine {
             gic_version: 2,
             dtb: None,
             semihosting: true,
+            console: Console::Stdio,
         }
     }
 }
@@ -142,6 +189,11 @@ impl Machine {
         if !self.semihosting {
             s.push_str(" semihosting=off console-protocol");
         }
+        match self.console {
+            Console::Stdio => {}
+            Console::Pty(_) => s.push_str(" serial=pty"),
+            Console::UnixSocket(_) => s.push_str(" serial=unix-socket"),
+        }
         s
     }
 
@@ -214,7 +266,8 @@ impl Machine {
         // port is named explicitly; a binary defmt stream must not pass
         // through -nographic's escape handling.
         cmd.args(["-nodefaults", "-nic", "none"]);
-        cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
+        cmd.args(["-display", "none", "-monitor", "none"]);
+        serial_args(&mut cmd, &self.console);
         cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
         cmd.args([
             "-device",
@@ -273,7 +326,7 @@ impl Machine {
         if console_is_second_serial(self.board) {
             cmd.args(["-serial", "null"]);
         }
-        cmd.args(["-serial", "stdio"]);
+        serial_args(&mut cmd, &self.console);
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
@@ -437,6 +490,47 @@ mod tests {
         let at = zcu.iter().position(|a| a == "-dtb").expect("-dtb");
         assert_eq!(zcu[at + 1], "b.dtb");
         assert_eq!(zcu.last().map(String::as_str), Some("fw.elf"));
+    }
+
+    /// A console on a pty or socket replaces exactly the board's console
+    /// port (the Pi's second serial port stays behind the null first one).
+    #[test]
+    fn console_on_a_pty_or_socket() {
+        let serial = |m: &Machine| {
+            let a = args(&m.command(Path::new("fw.elf"), &[], None, None));
+            let c: Vec<String> = a
+                .windows(2)
+                .filter(|w| w[0] == "-serial" || w[0] == "-chardev")
+                .map(|w| format!("{} {}", w[0], w[1]))
+                .collect();
+            c
+        };
+        let pi = Machine {
+            console: Console::Pty("/tmp/p".into()),
+            semihosting: false,
+            ..Machine::board("raspi3b", 3)
+        };
+        assert_eq!(
+            serial(&pi),
+            [
+                "-serial null",
+                "-chardev pty,id=con,path=/tmp/p",
+                "-serial chardev:con"
+            ]
+        );
+        assert!(pi.label().ends_with("console-protocol serial=pty"));
+        let zcu = Machine {
+            console: Console::UnixSocket("/tmp/s".into()),
+            ..Machine::board("xlnx-zcu102", 1)
+        };
+        assert_eq!(
+            serial(&zcu),
+            [
+                "-chardev socket,id=con,path=/tmp/s,server=on,wait=on",
+                "-serial chardev:con"
+            ]
+        );
+        assert_eq!(serial(&Machine::default()), ["-serial stdio"]);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! - `cargo qemu run [--board B] [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--append ARGS]`
 //!   builds the firmware for board B (default `virt`), makes sure QEMU >= 10
 //!   is installed, boots B's QEMU model and shows the decoded log.
-//! - `cargo qemu test [FILTER…] [--host-only | --no-host] [-j N]` runs every test.
+//! - `cargo qemu test [FILTER…] [--host-only | --no-host] [-j N]` runs every test;
+//!   `--board B --serial PORT [--baud N] [--power-cycle CMD]` runs the
+//!   on-target suites on a real board over its console.
 //! - `cargo qemu bench <memdesc|translation|boot|balloon|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
 //! - `cargo qemu setup` only installs what the others would (the Rust target,
@@ -25,6 +27,7 @@ mod image;
 mod log;
 mod machine;
 mod qmp;
+mod serial;
 mod setup;
 mod test;
 
@@ -197,7 +200,7 @@ fn summary(tally: test::Tally) -> ExitCode {
 }
 
 fn cmd_test(t: TestCli) -> Result<ExitCode> {
-    Ok(summary(test::run(&t.to_test_args())))
+    Ok(summary(test::run(&t.to_test_args()?)))
 }
 
 fn boot_bench(board: &'static str) -> Result<Vec<bench::Record>> {

@@ -8,7 +8,7 @@ use crate::elf::{read_tests, TestCase};
 use crate::error::{Error, Result};
 use crate::fdt::DtbPatch;
 use crate::log::Decoder;
-use crate::machine::Machine;
+use crate::machine::{Console, Machine};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -48,6 +48,20 @@ pub struct TestArgs {
     pub jobs: Option<usize>,
     /// Only this board (`--board`); `None` runs `virt` and every board model.
     pub board: Option<&'static str>,
+    /// Run the on-target suites on a real board over this console.
+    pub serial: Option<SerialBoard>,
+}
+
+/// A real board on a serial line (`--serial`).
+#[derive(Debug, Clone)]
+pub struct SerialBoard {
+    /// Its console.
+    pub port: crate::serial::PortSpec,
+    /// The command that power-cycles it into the next test (`--power-cycle`).
+    pub power_cycle: Option<String>,
+    /// A file where `power_cycle` leaves the pid of a QEMU model it
+    /// started, ended after the test (the CI proof of this path).
+    pub model_pidfile: Option<PathBuf>,
 }
 
 /// Parses one `test result: ok. 12 passed; 0 failed; 1 ignored; ...` line.
@@ -121,6 +135,38 @@ fn machines_for(board: &'static str, suite: &str, test: &str) -> Vec<Machine> {
     if board == "virt" {
         return virt_machines_for(suite, test);
     }
+    let mut ms = board_machines_for(board, suite, test);
+    // The serial path, proven on the models: semihosting off, the console
+    // on a pty or socket that the host opens as it would a board's serial
+    // port (`serial::open`), once per test at the model's first entry EL.
+    let serial = SERIAL_PROOF
+        .iter()
+        .find(|(b, suites, _)| *b == board && suites.contains(&suite));
+    if let (Some((_, _, console)), Some(first)) = (serial, ms.first()) {
+        let m = Machine {
+            semihosting: false,
+            console: console(),
+            ..first.clone()
+        };
+        ms.push(m);
+    }
+    ms
+}
+
+/// Boards whose serial path `cargo qemu test` proves, the suites it runs
+/// that way, and the console each uses (raspi3b a pty as a tty, the
+/// U-Boot-style ZCU102 a Unix socket as a lab's network port would be).
+#[allow(clippy::type_complexity)]
+const SERIAL_PROOF: &[(&str, &[&str], fn() -> Console)] = &[
+    ("raspi3b", &["boot", "platform", "mmu"], || {
+        Console::Pty(PathBuf::new())
+    }),
+    ("xlnx-zcu102", &["boot", "platform"], || {
+        Console::UnixSocket(PathBuf::new())
+    }),
+];
+
+fn board_machines_for(board: &'static str, suite: &str, test: &str) -> Vec<Machine> {
     let at_every_el = || -> Vec<Machine> {
         Machine::entry_els(board)
             .iter()
@@ -229,6 +275,8 @@ struct Job {
     /// Boot this file instead of the ELF (a board image), decoding with
     /// the ELF's defmt table.
     kernel: Option<PathBuf>,
+    /// Run on this real board instead of QEMU.
+    serial: Option<SerialBoard>,
 }
 
 /// A boot of the firmware binary with an expected ending.
@@ -660,7 +708,22 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
             paused: qmp_path.is_some(),
         },
     };
-    let b = boot(m, elf, decoder, &opts);
+    let _model = job
+        .serial
+        .as_ref()
+        .and_then(|s| s.model_pidfile.clone())
+        .map(ModelPid);
+    let b = match &job.serial {
+        Some(board) => crate::boot::boot_board(
+            m.board,
+            &board.port,
+            board.power_cycle.as_deref(),
+            elf,
+            decoder,
+            &opts,
+        ),
+        None => boot(m, elf, decoder, &opts),
+    };
     if let Some(p) = &qmp_path {
         let _ = std::fs::remove_file(p);
     }
@@ -714,6 +777,163 @@ pub fn run(args: &TestArgs) -> Tally {
     tally
 }
 
+/// A real board over its serial console: every test of the suites the
+/// board's model runs, once each, with semihosting off. The board is
+/// taken to enter at EL2, as the Pi firmware and U-Boot hand over.
+fn add_serial_jobs(
+    board: &'static str,
+    serial: &SerialBoard,
+    args: &TestArgs,
+    elfs: &mut Vec<(String, PathBuf)>,
+    jobs: &mut Vec<Job>,
+    skipped: &mut Vec<String>,
+) -> Result<()> {
+    for art in crate::cargo::build_tests(board).map_err(Error::Build)? {
+        let bytes = std::fs::read(&art.path).map_err(Error::io(&art.path))?;
+        let cases = read_tests(&bytes).map_err(|e| Error::Elf {
+            path: art.path.clone(),
+            what: e.to_string(),
+        })?;
+        let idx = elfs.len();
+        elfs.push((art.name.clone(), art.path.clone()));
+        for case in cases {
+            let full = format!("{}::{}", art.name, case.name);
+            if !matches(&args.filters, &full) {
+                continue;
+            }
+            if case.ignored {
+                skipped.push(full);
+                continue;
+            }
+            if board_machines_for(board, &art.name, &case.name).is_empty() {
+                continue;
+            }
+            jobs.push(Job {
+                id: jobs.len(),
+                full_name: full,
+                machine: real_board(board),
+                elf: idx,
+                check: Check::Embedded(case),
+                kernel: None,
+                serial: Some(serial.clone()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Ends the QEMU model a `--power-cycle` command started (its pid in the
+/// file), when the test is over.
+struct ModelPid(PathBuf);
+
+impl Drop for ModelPid {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) with a pid our own command started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for ext in ["pid", "sock", "dtb"] {
+            let _ = std::fs::remove_file(self.0.with_extension(ext));
+        }
+    }
+}
+
+/// Single-quotes `s` for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The `--power-cycle` command a user would write for a QEMU board model:
+/// start the model on `$MEMFW_ELF` in the background with its console on
+/// the Unix socket `sock` (QEMU waits for the host to connect), and note
+/// its pid in `pidfile`.
+fn model_power_cycle(model: &Machine, dtb: &std::path::Path, pidfile: &std::path::Path) -> String {
+    let marker = "@MEMFW_ELF@";
+    let cmd = model.command_with_dtb(std::path::Path::new(marker), &[], None, None, dtb);
+    let mut words = vec![sh_quote(&cmd.get_program().to_string_lossy())];
+    for a in cmd.get_args() {
+        let a = a.to_string_lossy();
+        words.push(if a == marker {
+            "\"$MEMFW_ELF\"".to_string()
+        } else {
+            sh_quote(&a)
+        });
+    }
+    format!(
+        "{} </dev/null >/dev/null 2>&1 & echo $! > {}",
+        words.join(" "),
+        sh_quote(&pidfile.to_string_lossy())
+    )
+}
+
+/// The serial runner's real-board path (`--serial unix:PATH --power-cycle
+/// CMD`) against a board model: the command starts the model on each test
+/// ELF, the host connects to its console socket afterwards.
+fn power_cycle_proof_jobs(
+    board: &'static str,
+    elfs: &[(String, PathBuf)],
+    jobs: &mut Vec<Job>,
+    args: &TestArgs,
+) -> Result<()> {
+    let Some(boot_idx) = elfs.iter().position(|(n, _)| n == "boot") else {
+        return Ok(());
+    };
+    let bytes = std::fs::read(&elfs[boot_idx].1).map_err(Error::io(&elfs[boot_idx].1))?;
+    let cases = read_tests(&bytes).map_err(|e| Error::Elf {
+        path: elfs[boot_idx].1.clone(),
+        what: e.to_string(),
+    })?;
+    for name in ["runs_at_el1", "bss_is_zeroed", "data_abort_report"] {
+        let full = format!("serial::power_cycle::boot::{name}");
+        let Some(case) = cases.iter().find(|c| c.name == name) else {
+            continue;
+        };
+        if !matches(&args.filters, &full) {
+            continue;
+        }
+        let id = jobs.len();
+        let tmp = |ext: &str| {
+            std::env::temp_dir().join(format!("cargo-qemu-{}-pc{id}.{ext}", std::process::id()))
+        };
+        let sock = tmp("sock");
+        let model = Machine {
+            semihosting: false,
+            console: Console::UnixSocket(sock.clone()),
+            ..Machine::board(board, Machine::entry_els(board)[0])
+        };
+        let made = crate::fdt::board_dtb(&model, &std::env::temp_dir()).map_err(Error::Qemu)?;
+        let dtb = tmp("dtb");
+        std::fs::rename(&made, &dtb).map_err(Error::io(&dtb))?;
+        let pidfile = tmp("pid");
+        jobs.push(Job {
+            id,
+            full_name: full,
+            machine: model.clone(),
+            elf: boot_idx,
+            check: Check::Embedded(case.clone()),
+            kernel: None,
+            serial: Some(SerialBoard {
+                port: crate::serial::PortSpec::Unix(sock),
+                power_cycle: Some(model_power_cycle(&model, &dtb, &pidfile)),
+                model_pidfile: Some(pidfile),
+            }),
+        });
+    }
+    Ok(())
+}
+
+/// What the tests are told about a real board: entered at EL2, its RAM as
+/// the model's, semihosting off.
+fn real_board(board: &'static str) -> Machine {
+    Machine {
+        semihosting: false,
+        ..Machine::board(board, 2)
+    }
+}
+
 /// Builds `board`'s test suites and firmware and queues their jobs.
 fn add_board_jobs(
     board: &'static str,
@@ -749,9 +969,13 @@ fn add_board_jobs(
                     elf: idx,
                     check: Check::Embedded(case.clone()),
                     kernel: None,
+                    serial: None,
                 });
             }
         }
+    }
+    if board == "raspi3b" {
+        power_cycle_proof_jobs(board, elfs, jobs, args)?;
     }
     let firmware = crate::cargo::build_firmware(board).map_err(Error::Build)?;
     let fw_idx = elfs.len();
@@ -788,6 +1012,7 @@ fn add_board_jobs(
                 elf: fw_idx,
                 check: Check::System(st.test),
                 kernel,
+                serial: None,
             });
         }
     }
@@ -829,6 +1054,7 @@ fn add_board_jobs(
                     elf: fw_idx,
                     check: Check::Balloon(which),
                     kernel: None,
+                    serial: None,
                 });
             }
         }
@@ -920,6 +1146,14 @@ fn run_target(args: &TestArgs) -> Result<Tally> {
     let mut elfs: Vec<(String, PathBuf)> = Vec::new();
     let mut jobs = Vec::new();
     let mut skipped = Vec::new();
+    if let (Some(serial), Some(board)) = (&args.serial, args.board) {
+        println!(
+            "== building on-target tests for {board} (serial: {:?})",
+            serial.port
+        );
+        add_serial_jobs(board, serial, args, &mut elfs, &mut jobs, &mut skipped)?;
+        return run_jobs(&elfs, jobs, &skipped, Some(1));
+    }
     for &board in &boards {
         println!("== building on-target tests and firmware for {board}");
         add_board_jobs(board, args, &mut elfs, &mut jobs, &mut skipped)?;
@@ -1055,6 +1289,7 @@ pub fn run_elf(elf: &std::path::Path, machine: Machine) -> Result<Tally> {
             elf: 0,
             check: Check::Embedded(case),
             kernel: None,
+            serial: None,
         });
     }
     run_jobs(&[(suite, elf.to_path_buf())], jobs, &skipped, Some(1))
@@ -1150,7 +1385,11 @@ mod tests {
     fn matrix_covers_every_board_model() {
         for &b in crate::machine::BOARD_MODELS {
             for suite in ["boot", "platform", "mmu"] {
-                let els: Vec<u8> = machines_for(b, suite, "any").iter().map(|m| m.el).collect();
+                let els: Vec<u8> = machines_for(b, suite, "any")
+                    .iter()
+                    .filter(|m| m.console == Console::Stdio)
+                    .map(|m| m.el)
+                    .collect();
                 assert_eq!(els, Machine::entry_els(b), "{b} {suite}");
                 assert!(machines_for(b, suite, "any").iter().all(|m| m.board == b));
             }
@@ -1192,6 +1431,52 @@ mod tests {
         assert!(machines_for("virt", "mmu", "x")
             .iter()
             .all(|m| m.semihosting));
+    }
+
+    /// raspi3b and the ZCU102 run their suites over a serial port too
+    /// (semihosting off, a pty and a socket), once per test.
+    #[test]
+    fn serial_path_runs_on_raspi3b_and_zcu102() {
+        for (board, suites, kind) in [
+            ("raspi3b", &["boot", "platform", "mmu"][..], "serial=pty"),
+            (
+                "xlnx-zcu102",
+                &["boot", "platform"][..],
+                "serial=unix-socket",
+            ),
+        ] {
+            for suite in suites {
+                let serial: Vec<Machine> = machines_for(board, suite, "t")
+                    .into_iter()
+                    .filter(|m| m.console != Console::Stdio)
+                    .collect();
+                assert_eq!(serial.len(), 1, "{board} {suite}");
+                assert!(!serial[0].semihosting);
+                assert!(serial[0].label().ends_with(kind), "{}", serial[0].label());
+            }
+        }
+        assert!(machines_for("raspi4b", "boot", "t")
+            .iter()
+            .all(|m| m.console == Console::Stdio));
+        assert!(machines_for("xlnx-zcu102", "platform", "virt_tree_contents").is_empty());
+    }
+
+    #[test]
+    fn power_cycle_command_for_a_model() {
+        let m = Machine {
+            semihosting: false,
+            console: Console::UnixSocket("/tmp/c.sock".into()),
+            ..Machine::board("raspi3b", 3)
+        };
+        let cmd = model_power_cycle(
+            &m,
+            std::path::Path::new("/tmp/b.dtb"),
+            std::path::Path::new("/tmp/p"),
+        );
+        assert!(cmd.contains("'-kernel' \"$MEMFW_ELF\""), "{cmd}");
+        assert!(cmd.contains("'socket,id=con,path=/tmp/c.sock,server=on,wait=on'"));
+        assert!(cmd.ends_with("& echo $! > '/tmp/p'"));
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
     }
 
     #[test]
