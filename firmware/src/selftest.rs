@@ -32,6 +32,10 @@ pub fn run(bootargs: Option<&str>) {
                 defmt::info!("selftest: powering off");
                 hal::power::poweroff();
             }
+            Some("reset") => {
+                defmt::info!("selftest: resetting");
+                hal::power::reset();
+            }
             Some("reenter") if hal::boot::entry_x1() == REENTRY_MARK => {
                 defmt::info!(
                     "selftest: second entry, MMU and caches were on: {=bool}, off before Rust code: {=bool}",

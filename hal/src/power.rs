@@ -65,6 +65,52 @@ pub fn poweroff() -> ! {
     exit(crate::exit::POWEROFF_FAILED)
 }
 
+/// Resets the machine, as the host needs between tests on a real board
+/// (the board comes back in its boot firmware and the resident image):
+/// PSCI SYSTEM_RESET (DEN 0022, 5.11) when the tree named a conduit,
+/// otherwise the board's own reset (the BCM2835 PM watchdog's full reset
+/// on the Pi). Where neither exists, or the reset returns, it says so and
+/// ends the run with [`crate::exit::POWEROFF_FAILED`]; the host's per-test
+/// timeout and `--power-cycle` are then what resets the board.
+pub fn reset() -> ! {
+    let conduit = CONDUIT.load(Ordering::Relaxed);
+    match conduit {
+        HVC => defmt::info!("reset: PSCI SYSTEM_RESET over HVC"),
+        SMC => defmt::info!("reset: PSCI SYSTEM_RESET over SMC"),
+        _ => match crate::board::CURRENT.power_off {
+            PowerOff::BcmWatchdog { .. } => {
+                defmt::info!("reset: no PSCI; BCM2835 PM watchdog reset")
+            }
+            _ => defmt::error!("reset: no PSCI and no board reset known"),
+        },
+    }
+    crate::uart::CONSOLE.flush();
+    let returned = match conduit {
+        HVC => smccc::psci::system_reset::<smccc::Hvc>(),
+        SMC => smccc::psci::system_reset::<smccc::Smc>(),
+        _ => {
+            if let PowerOff::BcmWatchdog { pm_base } = crate::board::CURRENT.power_off {
+                const PASSWORD: u32 = 0x5a00_0000;
+                // SAFETY: the board names its PM block; RSTS (+0x20)
+                // partition 0 is "boot normally" to the Pi firmware, WDOG
+                // (+0x24) a 10-tick timeout, RSTC (+0x1C) WRCFG = full reset.
+                unsafe {
+                    core::ptr::write_volatile((pm_base + 0x20) as *mut u32, PASSWORD);
+                    core::ptr::write_volatile((pm_base + 0x24) as *mut u32, PASSWORD | 10);
+                    core::ptr::write_volatile((pm_base + 0x1c) as *mut u32, PASSWORD | 0x20);
+                }
+                crate::timer::delay_us(100_000);
+            }
+            Ok(())
+        }
+    };
+    match returned {
+        Err(e) => defmt::error!("PSCI SYSTEM_RESET failed ({=i64})", psci_code(e)),
+        Ok(()) => defmt::error!("reset returned, but the machine is still running"),
+    }
+    exit(crate::exit::POWEROFF_FAILED)
+}
+
 /// The board's own power-off; returns if the machine is still on after it.
 fn board_power_off() {
     match crate::board::CURRENT.power_off {

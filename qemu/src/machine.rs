@@ -35,6 +35,9 @@ pub struct Machine {
     /// Where the board's console goes: QEMU's stdio, or a pty or socket
     /// the host opens as it would a board's serial port.
     pub console: Console,
+    /// `-no-reboot`: a guest reset ends QEMU (QMP SHUTDOWN, reason
+    /// guest-reset) instead of rebooting the image.
+    pub no_reboot: bool,
 }
 
 /// How the console UART reaches the host.
@@ -93,6 +96,7 @@ impl Default for Machine {
             dtb: None,
             semihosting: true,
             console: Console::Stdio,
+            no_reboot: false,
         }
     }
 }
@@ -276,6 +280,9 @@ impl Machine {
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
+        if self.no_reboot {
+            cmd.arg("-no-reboot");
+        }
         tail(
             &mut cmd,
             elf,
@@ -329,6 +336,9 @@ impl Machine {
         serial_args(&mut cmd, &self.console);
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
+        }
+        if self.no_reboot {
+            cmd.arg("-no-reboot");
         }
         tail(
             &mut cmd,

@@ -307,6 +307,9 @@ struct SystemTest {
     image: bool,
     /// QEMU serves semihosting; false: the console protocol carries it.
     semihosting: bool,
+    /// The guest resets the machine: booted with `-no-reboot`, QEMU must
+    /// report over QMP a `SHUTDOWN` with reason `guest-reset`.
+    reset: bool,
 }
 
 /// Where a system test runs.
@@ -336,6 +339,7 @@ const SYSTEM: SystemTest = SystemTest {
     without_dtb: false,
     image: false,
     semihosting: true,
+    reset: false,
 };
 
 /// System tests of the firmware on the board models.
@@ -387,6 +391,15 @@ const BOARD_SYSTEM_TESTS: &[SystemTest] = &[
         exit: Some(hal::exit::SUCCESS),
         must_log: &["power off:"],
         guest_shutdown: true,
+        on: On::Boards(ALL_BOARDS),
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "reset_board",
+        append: Some("selftest=reset"),
+        exit: Some(0),
+        must_log: &["reset: "],
+        reset: true,
         on: On::Boards(ALL_BOARDS),
         ..SYSTEM
     },
@@ -520,6 +533,23 @@ const SYSTEM_TESTS: &[SystemTest] = &[
         guest_shutdown: true,
         ..SYSTEM
     },
+    SystemTest {
+        name: "reset_psci_hvc",
+        append: Some("selftest=reset"),
+        exit: Some(0),
+        must_log: &["reset: PSCI SYSTEM_RESET over HVC"],
+        reset: true,
+        ..SYSTEM
+    },
+    SystemTest {
+        name: "reset_psci_smc_from_el2_entry",
+        append: Some("selftest=reset"),
+        machine_el: 2,
+        exit: Some(0),
+        must_log: &["reset: PSCI SYSTEM_RESET over SMC"],
+        reset: true,
+        ..SYSTEM
+    },
     // Semihosting off: the crash report (defmt) and the exit status, sent
     // from inside the exception handler, come over the console protocol.
     SystemTest {
@@ -638,6 +668,15 @@ pub fn guest_powered_off(events: &[(String, serde_json::Value)]) -> bool {
     })
 }
 
+/// True when QEMU reported that the guest reset the machine (PSCI
+/// SYSTEM_RESET, a watchdog) under `-no-reboot`.
+pub fn guest_reset(events: &[(String, serde_json::Value)]) -> bool {
+    events.iter().any(|(name, data)| {
+        name == "SHUTDOWN"
+            && data.get("reason").and_then(serde_json::Value::as_str) == Some("guest-reset")
+    })
+}
+
 /// Boots one job and judges it: `Ok(wall time)` or the reason it failed
 /// followed by its decoded log.
 fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Duration, String> {
@@ -652,11 +691,9 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
     // System tests that must see the guest power off watch QMP events: QEMU
     // starts paused, and the watcher resumes it once connected.
     let qmp_path = match &job.check {
-        Check::System(st) if st.guest_shutdown => Some(std::env::temp_dir().join(format!(
-            "cargo-qemu-test-{}-{}.qmp",
-            std::process::id(),
-            job.id
-        ))),
+        Check::System(st) if st.guest_shutdown || st.reset => Some(std::env::temp_dir().join(
+            format!("cargo-qemu-test-{}-{}.qmp", std::process::id(), job.id),
+        )),
         _ => None,
     };
     let events = Mutex::new(Vec::<(String, serde_json::Value)>::new());
@@ -742,7 +779,15 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
         })
         .and_then(|()| {
             let events = events.lock().map(|e| e.clone()).unwrap_or_default();
-            if !st.guest_shutdown || guest_powered_off(&events) {
+            if st.reset {
+                if guest_reset(&events) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "QEMU saw no guest reset (QMP SHUTDOWN, reason guest-reset); events: {events:?}"
+                    ))
+                }
+            } else if !st.guest_shutdown || guest_powered_off(&events) {
                 Ok(())
             } else {
                 Err(format!(
@@ -1079,6 +1124,7 @@ fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
                 dtb: st.dtb,
                 mem: st.mem.unwrap_or(Machine::default().mem),
                 semihosting: st.semihosting,
+                no_reboot: st.reset,
                 ..Machine::default()
             };
             out.push(PlannedSystemTest { test: *st, machine });
@@ -1122,9 +1168,18 @@ fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
             if st.guest_shutdown && !can_power_off {
                 continue;
             }
+            // A reset needs PSCI or the Pi's watchdog.
+            let can_reset = base.psci_method().is_some()
+                || hal::board::by_name(board).is_some_and(|b| {
+                    matches!(b.power_off, hal::board::PowerOff::BcmWatchdog { .. })
+                });
+            if st.reset && !can_reset {
+                continue;
+            }
             let machine = Machine {
                 mem: st.mem.unwrap_or(base.mem),
                 without_dtb: st.without_dtb,
+                no_reboot: st.reset,
                 ..base
             };
             out.push(PlannedSystemTest { test: *st, machine });
@@ -1492,6 +1547,16 @@ mod tests {
             json!({"guest": false, "reason": "host-signal"})
         )]));
         assert!(!guest_powered_off(&[]));
+        let reset = [(
+            "SHUTDOWN".to_string(),
+            json!({"guest": true, "reason": "guest-reset"}),
+        )];
+        assert!(guest_reset(&reset));
+        assert!(!guest_powered_off(&reset));
+        assert!(!guest_reset(&[(
+            "SHUTDOWN".into(),
+            json!({"guest": true, "reason": "guest-shutdown"})
+        )]));
     }
 
     #[test]
