@@ -1487,7 +1487,20 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 young |= d.is_young();
                 dirty |= d.is_dirty();
             }
+            // Before any break: a new table may lie inside the range the
+            // break unmaps (the tree maps its own table frames), so every
+            // new entry and table is complete before the window opens.
+            for d in new.iter_mut() {
+                *d = self.spread(*d, young, dirty, level);
+            }
         }
+        // State the hardware set after the gather above, found by a swap:
+        // for the whole group (`late_*`) or for one new table (`carry`).
+        // Written into the live entries after the make, as an upgrade that
+        // needs no TLB maintenance, never into a table during the window.
+        let (mut late_young, mut late_dirty) = (false, false);
+        let mut carry = [(false, false); CONT_ENTRIES];
+        let mut collapsed = 0u16;
         if brk != 0 && !bbm2 {
             let (mut walk, mut finest) = (false, level);
             for k in 0..CONT_ENTRIES {
@@ -1497,13 +1510,27 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 let found = self.replace_live(table, first + k, level, old[k], Descriptor::INVALID);
                 if convert && found.is_leaf(level) {
                     // Exact: an invalid entry gets no hardware update.
-                    young |= found.is_young();
-                    dirty |= found.is_dirty();
+                    late_young |= found.is_young() && !young;
+                    late_dirty |= found.is_dirty() && !dirty;
                 }
-                new[k] = self.carry_state(new[k], old[k], found, level);
+                if new[k].is_table(level) && found.is_leaf(level) {
+                    carry[k] = (
+                        found.is_young() && !old[k].is_young(),
+                        found.is_dirty() && !old[k].is_dirty(),
+                    );
+                } else {
+                    new[k] = absorb(new[k], old[k], found, level);
+                }
                 if old[k].is_table(level) {
                     walk = true;
                     finest = level + 1;
+                    if new[k].is_leaf(level) {
+                        // Rule 3: the old table may have been written
+                        // through until the TLBI completed; it is re-read
+                        // into the block after the make (`free_deferred`),
+                        // not here: it may lie inside the range unmapped now.
+                        collapsed |= 1 << k;
+                    }
                 }
                 cur[k] = Descriptor::INVALID;
                 delta -= 1;
@@ -1522,27 +1549,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             );
             self.platform.dsb_ish();
             ctx.wrote = true;
-            // Rule 3: a table replaced by a block may have been written
-            // through until the TLBI completed; its leaves are final now.
-            for k in 0..CONT_ENTRIES {
-                if brk & (1 << k) != 0 && old[k].is_table(level) && new[k].is_leaf(level) {
-                    let (young, dirty) = self.table_state(old[k].table_address(), level + 1);
-                    new[k] = self.spread(new[k], young, dirty, level);
-                }
-            }
-        }
-        if convert {
-            for d in new.iter_mut() {
-                *d = self.spread(*d, young, dirty, level);
-            }
         }
         // Rule 7: a cached copy of any entry of a run may translate any page
         // of the run, so in-place changes of a run are paid for once, over
         // the whole run, below.
         let run_group = level >= 1 && (old[0].is_contiguous() || new[0].is_contiguous());
         let mut in_place = false;
-        let mut collapsed = 0u16;
-        let (mut late_young, mut late_dirty) = (false, false);
         for k in 0..CONT_ENTRIES {
             if new[k] == cur[k] {
                 continue;
@@ -1578,7 +1590,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         }
         for (k, d) in new.iter().enumerate() {
             if d.is_valid() {
-                self.spread_live(table, first + k, level, late_young, late_dirty);
+                let (young, dirty) = carry[k];
+                self.spread_live(
+                    table,
+                    first + k,
+                    level,
+                    late_young || young,
+                    late_dirty || dirty,
+                );
             }
         }
         if in_place && run_group {

@@ -228,6 +228,15 @@ pub enum BbmViolation {
         /// The table.
         table: PhysAddr,
     },
+    /// The engine read or wrote a descriptor of `table` while the tree did
+    /// not translate the VA it reaches that table at (a translation fault
+    /// on a CPU; see [`FakePlatform::set_table_window`]).
+    TableAccessUnmapped {
+        /// The table.
+        table: PhysAddr,
+        /// The VA of the access.
+        va: VirtAddr,
+    },
     /// A table was freed with a non-zero valid-entry count (the page array
     /// refuses to free such a page-table frame, so on target it would leak).
     FreedWithValidCount {
@@ -254,8 +263,13 @@ pub struct FakePlatform<'a> {
     log_dropped: u64,
     counters: Counters,
     reads: Cell<u64>,
-    violations: [Option<BbmViolation>; 8],
-    violation_count: u64,
+    violations: Cell<[Option<BbmViolation>; 8]>,
+    violation_count: Cell<u64>,
+    /// VA at which the engine reaches table frame 0 through the tree it
+    /// edits (frame n at `va + n * 4 KiB`), if the tree maps its own tables.
+    table_window: Option<u64>,
+    /// Frame index of the root table.
+    root_frame: u32,
     stores_unsynced: bool,
     allocs_left: Option<u64>,
     /// Just before the next compare-and-swap on (table, index): the
@@ -294,8 +308,10 @@ impl<'a> FakePlatform<'a> {
             log_dropped: 0,
             counters: Counters::default(),
             reads: Cell::new(0),
-            violations: [None; 8],
-            violation_count: 0,
+            violations: Cell::new([None; 8]),
+            violation_count: Cell::new(0),
+            table_window: None,
+            root_frame: NONE,
             stores_unsynced: false,
             allocs_left: None,
             race: None,
@@ -341,12 +357,23 @@ impl<'a> FakePlatform<'a> {
 
     /// Violations found by the checker (the first eight are kept).
     pub fn violations(&self) -> impl Iterator<Item = BbmViolation> + '_ {
-        self.violations.iter().flatten().copied()
+        self.violations.get().into_iter().flatten()
     }
 
     /// Number of violations found by the checker.
     pub fn violation_count(&self) -> u64 {
-        self.violation_count
+        self.violation_count.get()
+    }
+
+    /// Models a tree that maps its own table frames, as the firmware's
+    /// identity map of RAM does: from now on table frame n is reached at
+    /// `va + n * 4 KiB` through the tree itself, and every descriptor
+    /// access of the engine whose VA that tree does not translate (for
+    /// instance inside a block cleared by break-before-make) is recorded
+    /// as [`BbmViolation::TableAccessUnmapped`]: on a CPU it is a
+    /// translation fault. `None` turns the check off.
+    pub fn set_table_window(&mut self, va: Option<VirtAddr>) {
+        self.table_window = va.map(|v| v.0);
     }
 
     /// Entries whose old translation may still be cached, plus one if
@@ -477,12 +504,46 @@ impl<'a> FakePlatform<'a> {
         }
     }
 
-    fn violation(&mut self, v: BbmViolation) {
-        let n = self.violation_count as usize;
-        if n < self.violations.len() {
-            self.violations[n] = Some(v);
+    fn violation(&self, v: BbmViolation) {
+        let n = self.violation_count.get() as usize;
+        let mut kept = self.violations.get();
+        if n < kept.len() {
+            kept[n] = Some(v);
+            self.violations.set(kept);
         }
-        self.violation_count += 1;
+        self.violation_count.set(n as u64 + 1);
+    }
+
+    /// With a table window set: records a descriptor access to `table`
+    /// whose VA the tree does not translate right now.
+    fn check_reachable(&self, table: PhysAddr) {
+        let Some(window) = self.table_window else {
+            return;
+        };
+        if !self.recording || self.root_frame == NONE {
+            return;
+        }
+        let va = window + table.0.wrapping_sub(FAKE_TABLE_BASE);
+        let mut f = self.root_frame as usize;
+        let mut level = self.root_level;
+        let translated = loop {
+            let d = Descriptor(self.frames[f].entries[((va >> level_shift(level)) & 511) as usize]);
+            if d.is_table(level) {
+                f = (d.table_address().0.wrapping_sub(FAKE_TABLE_BASE) >> 12) as usize;
+                level += 1;
+                if f >= self.high_water {
+                    break false;
+                }
+            } else {
+                break d.is_leaf(level);
+            }
+        };
+        if !translated {
+            self.violation(BbmViolation::TableAccessUnmapped {
+                table,
+                va: VirtAddr(va),
+            });
+        }
     }
 
     fn set_state(&mut self, f: usize, i: usize, st: u8) {
@@ -825,6 +886,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
         let pa = PhysAddr(FAKE_TABLE_BASE + ((f as u64) << 12));
         if self.recording && !self.root_set {
             self.root_set = true;
+            self.root_frame = f as u32;
             let m = &mut self.frames[f].meta;
             m.mapped = true;
             m.live = true;
@@ -870,12 +932,14 @@ unsafe impl TableMemory for FakePlatform<'_> {
     #[inline]
     unsafe fn read_entry(&self, table: PhysAddr, index: usize) -> u64 {
         self.reads.set(self.reads.get() + 1);
+        self.check_reachable(table);
         let f = ((table.0 - FAKE_TABLE_BASE) >> 12) as usize;
         self.frames[f].entries[index]
     }
 
     #[inline]
     unsafe fn write_entry(&mut self, table: PhysAddr, index: usize, value: u64) {
+        self.check_reachable(table);
         let f = self.frame(table);
         self.store(f, index, value);
     }
@@ -888,6 +952,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
         step: u64,
         count: usize,
     ) {
+        self.check_reachable(table);
         let f = self.frame(table);
         if self.recording {
             for k in 0..count {
@@ -919,6 +984,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
                 self.race_effect = Some(self.hw_touch(t, i, write));
             }
         }
+        self.check_reachable(table);
         let f = self.frame(table);
         let found = self.frames[f].entries[index];
         if found != current {

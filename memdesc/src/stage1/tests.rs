@@ -1192,3 +1192,64 @@ fn state_recorded_in_an_entry_being_unmapped_is_kept() {
         assert_all_state(&s, G1, 3, K4, &format!("{f:?}"));
     }
 }
+
+/// Without FEAT_BBM level 2, splitting a block of a live 32 MiB run breaks
+/// the whole run. When the run maps the engine's own table frames (as the
+/// firmware's identity map of RAM does), nothing may touch a table inside
+/// it between the break and the make: the new level-3 table must be built
+/// and filled before the break, and the collapse back into a block must
+/// re-read the old table only after the make.
+#[test]
+fn split_and_collapse_of_a_run_holding_its_own_tables() {
+    let mut b = bufs(64);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    let run = 4 * G1 + M32;
+    // Frames 0..=2 (root, level 1, level 2) lie in the 2 MiB block below
+    // the run, frame 3 (the split table) at the run's first page.
+    s.map(va(run - M2), pa(run - M2), M2, Attributes::DATA)
+        .unwrap();
+    s.map(va(run), pa(run), M32, Attributes::DATA).unwrap();
+    assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
+    assert_eq!(s.platform().tables_in_use(), 3);
+    s.platform_mut().set_table_window(Some(va(run - 3 * K4)));
+    let page = run + 5 * M2 + K64;
+    s.unmap(va(page), K4).unwrap();
+    check(&mut s);
+    assert!(s.query(va(page)).is_err());
+    assert_eq!(s.platform().tables_in_use(), 4);
+    // The refold collapses the table at the run's first page back into
+    // the block it maps and re-forms the run: both break the whole run.
+    s.map(va(page), pa(page), K4, Attributes::DATA).unwrap();
+    check(&mut s);
+    assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
+    assert_eq!(s.platform().tables_in_use(), 3);
+    let t = s.query(va(page)).unwrap();
+    assert_eq!((t.output, t.unit), (pa(page), MappingUnit::Cont32M));
+    assert!(t.young && t.dirty);
+}
+
+/// As above with FEAT_HAFDBS: a write the hardware records in the block
+/// just before the break reaches the new table's leaves (and, the run
+/// being unfolded, every entry of the group) after the make, still without
+/// touching a table inside the broken run.
+#[test]
+fn split_of_a_run_holding_its_own_tables_keeps_a_racing_write() {
+    let mut b = bufs(64);
+    let mut s = engine(&mut b, RANGE, VaSize::Bits48);
+    let run = 4 * G1 + M32;
+    s.map(va(run - M2), pa(run - M2), M2, Attributes::DATA)
+        .unwrap();
+    s.map(va(run), pa(run), M32, Attributes::DATA).unwrap();
+    s.platform_mut().set_table_window(Some(va(run - 3 * K4)));
+    let block = run + 5 * M2;
+    assert!(!s.query(va(block)).unwrap().dirty);
+    let (t, i, level) = s.leaf_entry(va(block)).unwrap();
+    assert_eq!(level, 2);
+    s.platform_mut().race_next_swap(t, i, true);
+    s.unmap(va(block + K64), K4).unwrap();
+    assert_eq!(s.platform_mut().take_race_effect(), Some((true, true)));
+    check(&mut s);
+    assert!(s.query(va(block + M2 - K4)).unwrap().dirty);
+    assert!(s.query(va(block)).unwrap().dirty);
+    assert!(s.query(va(run)).unwrap().dirty);
+}
