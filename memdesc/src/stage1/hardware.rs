@@ -4,7 +4,7 @@
 //! Arm ARM DDI 0487, D8.13 (TLB maintenance: TLBI by VA, last-level, TTL
 //! level hint, range TLBI with FEAT_TLBIRANGE) and D8.14 (break-before-make,
 //! FEAT_BBM). The `hal` crate implements both traits on target; the fakes in
-//! [`super::fake`] implement them on the host and record what happened.
+//! `stage1::fake` (feature `testing`) implement them on the host and record what happened.
 
 use crate::addr::{PhysAddr, VirtAddr};
 

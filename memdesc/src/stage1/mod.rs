@@ -6,7 +6,7 @@
 //! Architecture"): 4 KiB granule, 48-bit (start level 0) or 39-bit (start
 //! level 1) input range, 48-bit output. The rules 1-8 of docs/architecture.md are
 //! what the engine ([`Stage1`]) does, what the linter ([`Stage1::lint`])
-//! checks on a tree, and what the fake ([`fake::FakePlatform`]) checks on
+//! checks on a tree, and what the fake (`fake::FakePlatform`, feature `testing`) checks on
 //! the sequence of stores, TLBIs and barriers.
 //!
 //! On target the hal implements [`TableMemory`] and [`TranslationHw`] on one
@@ -69,6 +69,7 @@ pub mod attributes;
 pub mod descriptor;
 pub mod engine;
 pub mod error;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod flush;
 pub mod hardware;

@@ -105,7 +105,7 @@ enum LeafOp {
 /// A stage-1 translation table tree and the platform it lives on.
 ///
 /// `P` provides table memory and TLB maintenance; on target that is the hal's
-/// MMU object, on the host a [`super::fake::FakePlatform`].
+/// MMU object, on the host the fake of `stage1::fake` (feature `testing`).
 pub struct Stage1<P: TableMemory + TranslationHw> {
     platform: P,
     root: PhysAddr,
@@ -195,7 +195,9 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     }
 
     /// The platform, mutably (tests use it to reset counters or to play the
-    /// hardware's part on the fake).
+    /// hardware's part on the fake). A test hook: only with the `testing`
+    /// feature.
+    #[cfg(any(test, feature = "testing"))]
     #[inline]
     pub fn platform_mut(&mut self) -> &mut P {
         &mut self.platform
@@ -592,9 +594,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         Ok(young)
     }
 
-    /// Where the leaf translating `va` lives: (table, index, level). For
-    /// on-target tests that inspect what the hardware did to an entry, and
-    /// for the fake's [`super::fake::FakePlatform::hw_touch`].
+    /// Where the leaf translating `va` lives: (table, index, level), for
+    /// the fake's [`super::fake::FakePlatform::hw_touch`]. A test hook:
+    /// only with the `testing` feature.
+    #[cfg(any(test, feature = "testing"))]
     pub fn leaf_entry(&self, va: VirtAddr) -> Option<(PhysAddr, usize, u8)> {
         self.find_leaf(va.0).map(|l| (l.table, l.index, l.level))
     }
