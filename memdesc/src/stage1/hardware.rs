@@ -142,9 +142,15 @@ pub unsafe trait TableMemory {
     /// variant when the provider cannot serve the request.
     fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError>;
 
-    /// Returns a table frame to the provider. On an error the frame is
-    /// lost to the engine (it never uses it again) and the error reaches
-    /// the caller of the operation.
+    /// Returns a table frame to the provider.
+    ///
+    /// # Errors
+    ///
+    /// Any [`TableMemoryError`] but `OutOfMemory` when the provider cannot
+    /// take it back ([`TableMemoryError::NotATable`],
+    /// [`TableMemoryError::FreeRefused`], ...). The frame is then lost to
+    /// the engine (it never uses it again) and the error reaches the caller
+    /// of the operation.
     ///
     /// # Safety
     ///
@@ -194,7 +200,11 @@ pub unsafe trait TableMemory {
     }
 
     /// Atomically replaces entry `index` with `new` if it still holds
-    /// `current`; otherwise returns the value found.
+    /// `current`.
+    ///
+    /// # Errors
+    ///
+    /// The value found when it is not `current` (nothing was written).
     ///
     /// # Safety
     ///
@@ -212,6 +222,12 @@ pub unsafe trait TableMemory {
     /// its count drops to zero, so a count that cannot be read or changed
     /// must be an error, never a made-up value: the engine then keeps the
     /// table and reports the error.
+    ///
+    /// # Errors
+    ///
+    /// [`TableMemoryError::CountOutOfRange`] when the count would leave
+    /// `0..=512`, [`TableMemoryError::NotATable`] for a frame that is not a
+    /// table, any other variant when the provider cannot serve the request.
     ///
     /// # Safety
     ///

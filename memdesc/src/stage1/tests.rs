@@ -175,11 +175,11 @@ fn bad_input_is_typed_and_changes_nothing() {
     );
     assert_eq!(
         e(s.map(va(0x800), pa(0), K4, Attributes::DATA)),
-        Stage1Error::Unaligned { value: 0x800 }
+        Stage1Error::UnalignedVa { va: va(0x800) }
     );
     assert_eq!(
         e(s.map(va(0), pa(0x10), K4, Attributes::DATA)),
-        Stage1Error::Unaligned { value: 0x10 }
+        Stage1Error::UnalignedPa { pa: pa(0x10) }
     );
     assert_eq!(
         e(s.map(va(0), pa(0), 0, Attributes::DATA)),
@@ -187,29 +187,34 @@ fn bad_input_is_typed_and_changes_nothing() {
     );
     assert_eq!(
         e(s.map(va(1 << 39), pa(0), K4, Attributes::DATA)),
-        Stage1Error::VaOutOfRange { va: 1 << 39 }
+        Stage1Error::VaOutOfRange { va: va(1 << 39) }
     );
     assert_eq!(
         e(s.map(va(0), pa((1 << 48) - K4), 2 * K4, Attributes::DATA)),
-        Stage1Error::PaOutOfRange { pa: (1 << 48) - K4 }
+        Stage1Error::PaOutOfRange {
+            pa: pa((1 << 48) - K4)
+        }
     );
     assert_eq!(
         e(s.map(va(M2 - K4), pa(0), 2 * K4, Attributes::DATA)),
-        Stage1Error::AlreadyMapped { va: M2 }
+        Stage1Error::AlreadyMapped { va: va(M2) }
     );
     assert_eq!(
         e(s.unmap(va(M2), M2 + K4)),
-        Stage1Error::NotMapped { va: 2 * M2 }
+        Stage1Error::NotMapped { va: va(2 * M2) }
     );
     assert_eq!(e(s.protect(va(M2), K4, wx)), Stage1Error::WriteAndExecute);
-    assert_eq!(e(s.wrprotect(va(0), K4)), Stage1Error::NotMapped { va: 0 });
+    assert_eq!(
+        e(s.wrprotect(va(0), K4)),
+        Stage1Error::NotMapped { va: va(0) }
+    );
     assert_eq!(
         s.query(va(0)).unwrap_err(),
-        Stage1Error::NotMapped { va: 0 }
+        Stage1Error::NotMapped { va: va(0) }
     );
     assert_eq!(
         s.test_and_clear_young(va(0)).unwrap_err(),
-        Stage1Error::NotMapped { va: 0 }
+        Stage1Error::NotMapped { va: va(0) }
     );
     let c = s.platform().counters();
     assert_eq!((c.writes, c.tlbi(), c.dsb(), c.allocs), (0, 0, 0, 0));

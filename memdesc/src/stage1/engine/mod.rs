@@ -7,10 +7,10 @@
 //! permissions and access/dirty state, D8.6.1 the Contiguous bit, D8.16
 //! break-before-make); rules 1-8 of docs/architecture.md. The parts:
 //!
-//! * [`cursor`]: where a walk stands and the walks (lookup, scans, the two
+//! * `cursor`: where a walk stands and the walks (lookup, scans, the two
 //!   phases of `map`, the group-by-group rewrite of the other operations);
-//! * [`fold`]: when entries form a run or a table can become a block;
-//! * [`rewrite`]: writing a group live (break-before-make or in place),
+//! * `fold`: when entries form a run or a table can become a block;
+//! * `rewrite`: writing a group live (break-before-make or in place),
 //!   keeping access/dirty state, and what waits for the TLBI.
 //!
 //! Input is validated before the first descriptor write; tables needed for
@@ -127,6 +127,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// use from the start: every rewrite of a valid entry is a
     /// compare-and-swap, so access/dirty updates of the hardware
     /// (FEAT_HAFDBS) are never lost.
+    ///
+    /// # Errors
+    ///
+    /// [`Stage1Error::OutOfTableMemory`] or [`Stage1Error::TableMemory`]
+    /// when no root table can be allocated.
     pub fn new(platform: P, va_size: VaSize, features: Features) -> Result<Self, Stage1Error> {
         let mut s = Self::new_detached(platform, va_size, features)?;
         s.live = true;
@@ -140,6 +145,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// memory are IMPLEMENTATION DEFINED (Arm ARM B2.9, "Exclusive access
     /// instructions and Shareable memory locations"). TLB maintenance is
     /// issued as usual, so the tree is correct whenever it goes live.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Stage1::new`].
     pub fn new_detached(
         mut platform: P,
         va_size: VaSize,
@@ -329,14 +338,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             return Err(Stage1Error::EmptyRange);
         }
         if !va.is_aligned(PAGE_SIZE) {
-            return Err(Stage1Error::Unaligned { value: va.0 });
+            return Err(Stage1Error::UnalignedVa { va });
         }
         if !len.is_multiple_of(PAGE_SIZE) {
-            return Err(Stage1Error::Unaligned { value: len });
+            return Err(Stage1Error::UnalignedLength { len });
         }
         match va.0.checked_add(len) {
             Some(end) if end <= self.va_size.limit() => Ok((va.0, end)),
-            _ => Err(Stage1Error::VaOutOfRange { va: va.0 }),
+            _ => Err(Stage1Error::VaOutOfRange { va }),
         }
     }
 
@@ -350,6 +359,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// Maps `[va, va + len)` to `[pa, pa + len)` with the largest units the
     /// alignment allows. Fails without changing anything if any page of the
     /// range is already mapped.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Stage1::map_limited`].
     pub fn map(
         &mut self,
         va: VirtAddr,
@@ -364,6 +377,21 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// [`MappingUnit::Page4K`] for memory that will be unmapped page by page).
     /// The limit applies to this call; a later operation that finds a run or
     /// table eligible may still fold it.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is changed on any of these:
+    ///
+    /// * [`Stage1Error::EmptyRange`], [`Stage1Error::UnalignedVa`],
+    ///   [`Stage1Error::UnalignedPa`], [`Stage1Error::UnalignedLength`];
+    /// * [`Stage1Error::VaOutOfRange`] / [`Stage1Error::PaOutOfRange`] when the
+    ///   range leaves the input range or the 48-bit output range;
+    /// * [`Stage1Error::WriteAndExecute`], [`Stage1Error::ExecutableDevice`];
+    /// * [`Stage1Error::AlreadyMapped`] with the first mapped page;
+    /// * [`Stage1Error::OutOfTableMemory`] (what was mapped is rolled back).
+    ///
+    /// [`Stage1Error::TableMemory`] when the provider failed otherwise (see
+    /// that variant for what then holds).
     pub fn map_limited(
         &mut self,
         va: VirtAddr,
@@ -374,18 +402,20 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     ) -> Result<(), Stage1Error> {
         let (start, end) = self.check_va(va, len)?;
         if !pa.is_aligned(PAGE_SIZE) {
-            return Err(Stage1Error::Unaligned { value: pa.0 });
+            return Err(Stage1Error::UnalignedPa { pa });
         }
         match pa.0.checked_add(len) {
             Some(end) if end <= 1 << OA_BITS => {}
-            _ => return Err(Stage1Error::PaOutOfRange { pa: pa.0 }),
+            _ => return Err(Stage1Error::PaOutOfRange { pa }),
         }
         attrs.validate()?;
         if len == PAGE_SIZE {
             return self.map_page(start, pa.0, &attrs, limit);
         }
         if let Some(mapped) = self.first_where(&self.cursor(start, end), true) {
-            return Err(Stage1Error::AlreadyMapped { va: mapped });
+            return Err(Stage1Error::AlreadyMapped {
+                va: VirtAddr(mapped),
+            });
         }
         let mut ctx = OpCtx::new(limit);
         let offset = pa.0.wrapping_sub(start);
@@ -440,7 +470,9 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     table = next;
                     level += 1;
                 }
-                DescriptorKind::Leaf => return Err(Stage1Error::AlreadyMapped { va }),
+                DescriptorKind::Leaf => {
+                    return Err(Stage1Error::AlreadyMapped { va: VirtAddr(va) })
+                }
                 _ => break,
             }
         }
@@ -490,6 +522,15 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
 
     /// Unmaps `[va, va + len)`; every page must be mapped. Tables that
     /// become empty are freed.
+    ///
+    /// # Errors
+    ///
+    /// [`Stage1Error::EmptyRange`], [`Stage1Error::UnalignedVa`],
+    /// [`Stage1Error::UnalignedLength`], [`Stage1Error::VaOutOfRange`] for a bad
+    /// range and [`Stage1Error::NotMapped`] with the first page of it that is
+    /// not mapped; [`Stage1Error::OutOfTableMemory`] when a block that must be
+    /// split finds no table frame. On these nothing is changed.
+    /// [`Stage1Error::TableMemory`] when the provider failed otherwise.
     pub fn unmap(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
         self.modify(va, len, LeafOp::Unmap)
     }
@@ -498,6 +539,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// Access and dirty state are kept. A permission-only change of whole
     /// runs and blocks is done in place; a memory-type change, or a change to
     /// part of a run or block, breaks first.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Stage1::unmap`], and [`Stage1Error::WriteAndExecute`] or
+    /// [`Stage1Error::ExecutableDevice`] for refused attributes.
     pub fn protect(
         &mut self,
         va: VirtAddr,
@@ -510,6 +556,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
 
     /// Makes `[va, va + len)` read-only, keeping every entry's dirty state
     /// (moved to the software dirty bit, as Linux's `pte_wrprotect`).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Stage1::unmap`].
     pub fn wrprotect(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
         self.modify(va, len, LeafOp::WriteProtect)
     }
@@ -517,6 +567,13 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// Folds every run and collapses every table in `[va, va + len)` (widened
     /// to the runs and tables it touches) that has become eligible, e.g.
     /// after balloon deflate (rule 8). Holes are allowed.
+    ///
+    /// # Errors
+    ///
+    /// [`Stage1Error::EmptyRange`], [`Stage1Error::UnalignedVa`],
+    /// [`Stage1Error::UnalignedLength`], [`Stage1Error::VaOutOfRange`] for a bad
+    /// range; [`Stage1Error::TableMemory`] when a valid-entry count or a free
+    /// failed (the tables stay a correct translation).
     pub fn refold(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
         let (start, end) = self.check_va(va, len)?;
         let mut ctx = OpCtx::new(MappingUnit::LARGEST);
@@ -529,10 +586,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// Translates `va`: output address, attributes, and access/dirty ORed
     /// over the whole contiguous run (the hardware updates only the entry it
     /// used, rule 3).
+    ///
+    /// # Errors
+    ///
+    /// [`Stage1Error::NotMapped`] when no leaf translates `va`.
     pub fn query(&self, va: VirtAddr) -> Result<Translation, Stage1Error> {
-        let leaf = self
-            .find_leaf(va.0)
-            .ok_or(Stage1Error::NotMapped { va: va.0 })?;
+        let leaf = self.find_leaf(va.0).ok_or(Stage1Error::NotMapped { va })?;
         let (d, level) = (leaf.descriptor, leaf.level);
         let size = level_size(level);
         let contiguous = d.is_contiguous();
@@ -546,8 +605,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
         }
         let unit = MappingUnit::of_leaf(level, contiguous);
-        let attributes =
-            Attributes::from_descriptor(d).ok_or(Stage1Error::NotMapped { va: va.0 })?;
+        let attributes = Attributes::from_descriptor(d).ok_or(Stage1Error::NotMapped { va })?;
         Ok(Translation {
             output: PhysAddr(d.output(level).0 + (va.0 & (size - 1))),
             attributes,
@@ -564,10 +622,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     ///
     /// Without FEAT_HAFDBS the next access takes an Access flag fault, which
     /// the caller's fault handler must answer (as on Linux without HA).
+    ///
+    /// # Errors
+    ///
+    /// [`Stage1Error::NotMapped`] when no leaf translates `va`.
     pub fn test_and_clear_young(&mut self, va: VirtAddr) -> Result<bool, Stage1Error> {
-        let leaf = self
-            .find_leaf(va.0)
-            .ok_or(Stage1Error::NotMapped { va: va.0 })?;
+        let leaf = self.find_leaf(va.0).ok_or(Stage1Error::NotMapped { va })?;
         let (table, level) = (leaf.table, leaf.level);
         let size = level_size(level);
         let mut ctx = OpCtx::new(MappingUnit::LARGEST);
@@ -616,7 +676,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     fn modify(&mut self, va: VirtAddr, len: u64, op: LeafOp) -> Result<(), Stage1Error> {
         let (start, end) = self.check_va(va, len)?;
         if let Some(hole) = self.first_where(&self.cursor(start, end), false) {
-            return Err(Stage1Error::NotMapped { va: hole });
+            return Err(Stage1Error::NotMapped { va: VirtAddr(hole) });
         }
         let mut ctx = OpCtx::new(MappingUnit::LARGEST);
         let needed = self.splits_needed(start, end);

@@ -1,11 +1,11 @@
 //! Host fakes of [`TableMemory`] and [`TranslationHw`] for tests and
 //! benchmarks (the `testing` feature): translation tables in host memory
-//! ([`memory`]), a model of what TLBs and walk caches may still hold with
-//! a break-before-make checker ([`tlb`]), and an operation log with
-//! counters ([`log`]).
+//! (`memory`), a model of what TLBs and walk caches may still hold with
+//! a break-before-make checker (`tlb`), and an operation log with
+//! counters (`log`).
 //!
 //! The checker enforces Arm ARM DDI 0487, D8.16 (break-before-make) and
-//! D8.13 (TLB maintenance ordering and coverage); see [`tlb`]. No heap:
+//! D8.13 (TLB maintenance ordering and coverage); see `tlb`. No heap:
 //! the caller lends the frames and the log buffer, and tests or benchmarks
 //! allocate them with `vec!`. [`FakePlatform::counting`] is the fast
 //! variant for benchmarks: counters only, no log, no checker.
@@ -175,7 +175,7 @@ impl<'a> FakePlatform<'a> {
     }
 
     /// While `busy`, every allocation, free and valid-count access fails
-    /// with [`TableMemoryError::Busy`] (as the firmware's provider does
+    /// with [`TableMemoryError::Busy`](crate::stage1::TableMemoryError::Busy) (as the firmware's provider does
     /// when it is re-entered); descriptor accesses still work.
     pub fn set_busy(&mut self, busy: bool) {
         self.busy = busy;
