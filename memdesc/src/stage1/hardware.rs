@@ -63,7 +63,10 @@ pub struct TlbiScope {
 
 /// TLB maintenance and barriers for the translation regime the engine edits.
 ///
-/// All operations are Inner Shareable broadcasts on target. The engine calls
+/// All operations must be the Inner Shareable forms on target (`...IS`,
+/// `DSB ISH`/`ISHST`): they reach the TLBs and walk caches of every core,
+/// and the engine relies on that when it frees a table frame or reports an
+/// unmap done (a `TlbSettled` proof is only as good as these). The engine calls
 /// `dsb_ishst` between descriptor stores and the TLBIs that depend on them,
 /// `dsb_ish` to wait for TLBI completion, and `isb` at the end of an
 /// operation.

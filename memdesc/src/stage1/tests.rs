@@ -1258,3 +1258,76 @@ fn split_of_a_run_holding_its_own_tables_keeps_a_racing_write() {
     assert!(s.query(va(block)).unwrap().dirty);
     assert!(s.query(va(run)).unwrap().dirty);
 }
+
+/// Issue 12 groundwork: a table frame goes back to the provider only after
+/// the TLB maintenance that stops every walker using it: after the store
+/// that unlinked it, a TLBI that also removes walk-cache entries (not
+/// last-level only) and then a `DSB ISH` (which waits for the TLBI on every
+/// core of the Inner Shareable domain). Checked on the log for frees at the
+/// end of an operation, frees in the middle of one (more tables than a free
+/// batch holds) and tables collapsed into a block, with and without range
+/// TLBI and FEAT_BBM level 2.
+#[test]
+fn table_frames_are_freed_only_after_a_walk_tlbi_and_dsb() {
+    /// Checks the order in `log`; returns how many linked tables were freed.
+    fn freed_after_maintenance(log: &[Event]) -> usize {
+        let mut checked = 0;
+        for (at, e) in log.iter().enumerate() {
+            let Event::Free(table) = *e else { continue };
+            let linked = Descriptor::table(table);
+            let Some(unlinked) = log[..at].iter().rposition(|e| {
+                matches!(*e, Event::Write { old, new, .. } if old == linked.bits() && new != old)
+            }) else {
+                continue; // never linked: no walker can have used it
+            };
+            let after = &log[unlinked..at];
+            let tlbi = after
+                .iter()
+                .position(|e| match e {
+                    Event::TlbiAll => true,
+                    Event::TlbiVa { scope, .. } | Event::TlbiRange { scope, .. } => {
+                        !scope.last_level_only
+                    }
+                    _ => false,
+                })
+                .unwrap_or_else(|| panic!("{table:?} freed without a walk TLBI"));
+            assert!(
+                after[tlbi..].contains(&Event::DsbIsh),
+                "{table:?} freed before DSB ISH completed its TLBI"
+            );
+            checked += 1;
+        }
+        checked
+    }
+    for f in [NO_BBM, RANGE, Features::ALL] {
+        let mut b = Bufs {
+            frames: vec![FakeFrame::new(); 64],
+            log: vec![Event::Isb; 1 << 16],
+        };
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        // 20 level-3 tables (more than one free batch), unmapped at once.
+        let base = 4 * G1;
+        s.map_limited(
+            va(base),
+            pa(base),
+            20 * M2,
+            Attributes::DATA,
+            MappingUnit::Page4K,
+        )
+        .unwrap();
+        s.platform_mut().reset_counters();
+        s.unmap(va(base), 20 * M2).unwrap();
+        check(&mut s);
+        assert_eq!(s.platform().log_dropped(), 0);
+        assert!(freed_after_maintenance(s.platform().log()) >= 20, "{f:?}");
+        // A table collapsed into a block: split a block, then make the
+        // page like the others again (the table folds back at once).
+        s.map(va(base), pa(base), M2, Attributes::DATA).unwrap();
+        s.protect(va(base), K4, Attributes::RODATA).unwrap();
+        s.platform_mut().reset_counters();
+        s.protect(va(base), K4, Attributes::DATA).unwrap();
+        check(&mut s);
+        assert_eq!(s.summary().count(MappingUnit::Block2M), 1, "{f:?}");
+        assert_eq!(freed_after_maintenance(s.platform().log()), 1, "{f:?}");
+    }
+}
