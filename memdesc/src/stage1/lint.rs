@@ -210,17 +210,17 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         &mut self,
         table: PhysAddr,
         level: u8,
-        gva: u64,
-        g: usize,
+        group_va: u64,
+        first: usize,
         sink: &mut dyn FnMut(Violation),
     ) {
         let mut run = [Descriptor::INVALID; CONT_ENTRIES];
         for (k, d) in run.iter_mut().enumerate() {
-            *d = self.read(table, g + k);
+            *d = self.read(table, first + k);
         }
         let report = |sink: &mut dyn FnMut(Violation), rule| {
             sink(Violation {
-                va: VirtAddr(gva),
+                va: VirtAddr(group_va),
                 level,
                 rule,
             })
