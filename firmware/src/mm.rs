@@ -619,7 +619,9 @@ pub fn map_device(base: u64, size: u64) -> Result<(), MmError> {
     let end = base
         .checked_add(size)
         .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
-        .ok_or(MmError::Stage1(Stage1Error::PaOutOfRange { pa: base }))?;
+        .ok_or(MmError::Stage1(Stage1Error::PaOutOfRange {
+            pa: PhysAddr(base),
+        }))?;
     STAGE1.with(|s1| {
         s1.map(
             VirtAddr(start),

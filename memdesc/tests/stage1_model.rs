@@ -309,7 +309,7 @@ impl Model<'_> {
                 let want = if a.validate().is_err() {
                     Err(Stage1Error::WriteAndExecute)
                 } else if let Some(m) = self.first_mapped(p, n) {
-                    Err(Stage1Error::AlreadyMapped { va: va(m).0 })
+                    Err(Stage1Error::AlreadyMapped { va: va(m) })
                 } else {
                     for k in 0..n {
                         let dirty = !self.f.hafdbs && a.write;
@@ -334,7 +334,7 @@ impl Model<'_> {
                     return Ok(());
                 }
                 let want = match self.first_hole(p, n) {
-                    Some(h) => Err(Stage1Error::NotMapped { va: va(h).0 }),
+                    Some(h) => Err(Stage1Error::NotMapped { va: va(h) }),
                     None => {
                         for k in p..p + n {
                             self.shadow.remove(&k);
@@ -356,7 +356,7 @@ impl Model<'_> {
                 let want = if a.validate().is_err() {
                     Err(Stage1Error::WriteAndExecute)
                 } else if let Some(h) = self.first_hole(p, n) {
-                    Err(Stage1Error::NotMapped { va: va(h).0 })
+                    Err(Stage1Error::NotMapped { va: va(h) })
                 } else {
                     for k in p..p + n {
                         let e = self.shadow.get_mut(&k).unwrap();
@@ -376,7 +376,7 @@ impl Model<'_> {
                     return Ok(());
                 }
                 let want = match self.first_hole(p, n) {
-                    Some(h) => Err(Stage1Error::NotMapped { va: va(h).0 }),
+                    Some(h) => Err(Stage1Error::NotMapped { va: va(h) }),
                     None => {
                         for k in p..p + n {
                             self.shadow.get_mut(&k).unwrap().attrs.write = false;
@@ -391,7 +391,7 @@ impl Model<'_> {
             Op::Young { page } => {
                 let got = self.s.test_and_clear_young(va(page));
                 if !self.shadow.contains_key(&page) {
-                    prop_assert_eq!(got, Err(Stage1Error::NotMapped { va: va(page).0 }));
+                    prop_assert_eq!(got, Err(Stage1Error::NotMapped { va: va(page) }));
                     refused = true;
                 } else {
                     // The engine clears the whole unit; so does the model.
@@ -463,7 +463,7 @@ impl Model<'_> {
                 }
                 let q = self.s.query(va(page));
                 match self.shadow.get(&page) {
-                    None => prop_assert_eq!(q, Err(Stage1Error::NotMapped { va: va(page).0 })),
+                    None => prop_assert_eq!(q, Err(Stage1Error::NotMapped { va: va(page) })),
                     Some(e) => {
                         let q = q.unwrap();
                         prop_assert_eq!(q.output, PhysAddr(e.pa), "page {}", page);

@@ -141,6 +141,11 @@ impl Attributes {
     };
 
     /// Checks the request: W^X and no executable Device memory.
+    ///
+    /// # Errors
+    ///
+    /// [`Stage1Error::WriteAndExecute`] for a writable and executable request,
+    /// [`Stage1Error::ExecutableDevice`] for executable Device memory.
     pub const fn validate(&self) -> Result<(), Stage1Error> {
         if self.write && self.execute {
             return Err(Stage1Error::WriteAndExecute);

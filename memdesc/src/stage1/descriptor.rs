@@ -99,9 +99,6 @@ impl Descriptor {
     /// (write-protect keeps dirty here) and writable entries without FEAT_HAFDBS.
     pub const SW_DIRTY: u64 = 1 << 55;
 
-    /// Bits that hardware may change on its own (FEAT_HAFDBS): AF, and AP\[2\] when DBM is set.
-    pub const HW_MANAGED: u64 = Self::AF | Self::AP_READ_ONLY;
-
     /// Raw bits.
     #[inline]
     pub const fn bits(self) -> u64 {

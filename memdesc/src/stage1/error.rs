@@ -1,42 +1,56 @@
-//! Errors of the stage-1 engine: bad caller input and exhausted table memory.
+//! [`Stage1Error`]: why a stage-1 operation was refused (bad caller input,
+//! exhausted or failing table memory).
 //!
+//! Arm ARM DDI 0487, D8.2 (input and output address sizes, 4 KiB
+//! alignment) and D8.4 (permissions: W^X, no executable Device memory).
 //! Every operation validates before it writes a descriptor (or rolls back),
-//! so an `Err` means the translation tables are unchanged (Arm ARM DDI 0487,
-//! D8 gives the constraints checked here: alignment, VA/OA size, W^X).
+//! so an `Err` other than [`Stage1Error::TableMemory`] means the tables are
+//! unchanged.
 
 use core::fmt;
 
 use super::hardware::TableMemoryError;
+use crate::addr::{PhysAddr, VirtAddr};
 
 /// Why a stage-1 operation was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage1Error {
-    /// An address or length is not a multiple of 4 KiB.
-    Unaligned {
-        /// The offending value.
-        value: u64,
+    /// The virtual address is not a multiple of 4 KiB.
+    UnalignedVa {
+        /// The address given.
+        va: VirtAddr,
+    },
+    /// The physical (output) address is not a multiple of 4 KiB.
+    UnalignedPa {
+        /// The address given.
+        pa: PhysAddr,
+    },
+    /// The length is not a multiple of 4 KiB.
+    UnalignedLength {
+        /// The length given.
+        len: u64,
     },
     /// The length is zero.
     EmptyRange,
     /// The virtual range leaves the translated input range (TTBR0, 2^VA bits).
     VaOutOfRange {
         /// Start of the refused range.
-        va: u64,
+        va: VirtAddr,
     },
     /// The output range leaves the 48-bit output address space.
     PaOutOfRange {
         /// Start of the refused range.
-        pa: u64,
+        pa: PhysAddr,
     },
     /// `map` over a page that is already mapped.
     AlreadyMapped {
         /// First mapped page found in the range.
-        va: u64,
+        va: VirtAddr,
     },
     /// `unmap`/`protect`/`query` of a page that is not mapped.
     NotMapped {
         /// First unmapped page found in the range.
-        va: u64,
+        va: VirtAddr,
     },
     /// A writable and executable mapping was requested (W^X).
     WriteAndExecute,
@@ -64,12 +78,16 @@ impl From<TableMemoryError> for Stage1Error {
 impl fmt::Display for Stage1Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Unaligned { value } => write!(f, "{value:#x} is not 4 KiB aligned"),
+            Self::UnalignedVa { va } => write!(f, "VA {:#x} is not 4 KiB aligned", va.0),
+            Self::UnalignedPa { pa } => write!(f, "PA {:#x} is not 4 KiB aligned", pa.0),
+            Self::UnalignedLength { len } => write!(f, "length {len:#x} is not 4 KiB aligned"),
             Self::EmptyRange => write!(f, "empty range"),
-            Self::VaOutOfRange { va } => write!(f, "VA range at {va:#x} exceeds the input range"),
-            Self::PaOutOfRange { pa } => write!(f, "PA range at {pa:#x} exceeds 48 bits"),
-            Self::AlreadyMapped { va } => write!(f, "{va:#x} is already mapped"),
-            Self::NotMapped { va } => write!(f, "{va:#x} is not mapped"),
+            Self::VaOutOfRange { va } => {
+                write!(f, "VA range at {:#x} exceeds the input range", va.0)
+            }
+            Self::PaOutOfRange { pa } => write!(f, "PA range at {:#x} exceeds 48 bits", pa.0),
+            Self::AlreadyMapped { va } => write!(f, "{:#x} is already mapped", va.0),
+            Self::NotMapped { va } => write!(f, "{:#x} is not mapped", va.0),
             Self::WriteAndExecute => write!(f, "writable and executable mapping refused (W^X)"),
             Self::ExecutableDevice => write!(f, "executable Device memory refused"),
             Self::OutOfTableMemory => write!(f, "out of translation table memory"),

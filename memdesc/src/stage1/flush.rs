@@ -58,8 +58,22 @@ pub fn invalidate<H: TranslationHw + ?Sized>(
 }
 
 /// Live entries changed but not yet invalidated: one merged VA span.
-#[derive(Clone, Copy, Debug)]
-#[must_use = "a TLB debt must be settled before the operation returns"]
+///
+/// A token, neither `Copy` nor `Clone`: the engine's walks take the debt
+/// by value and return it, so dropping it on the floor is an
+/// `unused_must_use` warning (an error under the CI's `-D warnings`), and
+/// only [`TlbDebt::settle`] consumes it.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use memdesc::stage1::flush::TlbDebt;
+/// fn rewrite() -> TlbDebt {
+///     TlbDebt::NONE
+/// }
+/// rewrite(); // a debt dropped: does not compile
+/// ```
+#[derive(Debug)]
+#[must_use = "a TLB debt must be passed on or settled before the operation returns"]
 pub struct TlbDebt {
     lo: u64,
     hi: u64,
@@ -119,10 +133,12 @@ impl TlbDebt {
         self.any = true;
     }
 
-    /// Pays the debt: `DSB ISHST`, one TLBI pass, `DSB ISH`.
-    pub fn settle<H: TranslationHw + ?Sized>(&mut self, hw: &mut H, features: Features) {
+    /// Pays the debt: `DSB ISHST`, one TLBI pass, `DSB ISH` (nothing when
+    /// nothing is due). The returned proof is what freeing an unlinked
+    /// table waits for.
+    pub fn settle<H: TranslationHw + ?Sized>(self, hw: &mut H, features: Features) -> TlbSettled {
         if !self.any {
-            return;
+            return TlbSettled(());
         }
         hw.dsb_ishst();
         invalidate(
@@ -135,6 +151,12 @@ impl TlbDebt {
             self.walk,
         );
         hw.dsb_ish();
-        *self = Self::NONE;
+        TlbSettled(())
     }
 }
+
+/// Proof that a [`TlbDebt`] was settled: every TLBI for the entries it
+/// recorded was issued and a `DSB ISH` has waited for them on every core of
+/// the Inner Shareable domain. Only [`TlbDebt::settle`] makes one.
+#[derive(Debug)]
+pub struct TlbSettled(());

@@ -4,7 +4,7 @@
 //! Arm ARM DDI 0487, D8.13 (TLB maintenance: TLBI by VA, last-level, TTL
 //! level hint, range TLBI with FEAT_TLBIRANGE) and D8.14 (break-before-make,
 //! FEAT_BBM). The `hal` crate implements both traits on target; the fakes in
-//! [`super::fake`] implement them on the host and record what happened.
+//! `stage1::fake` (feature `testing`) implement them on the host and record what happened.
 
 use crate::addr::{PhysAddr, VirtAddr};
 
@@ -63,7 +63,10 @@ pub struct TlbiScope {
 
 /// TLB maintenance and barriers for the translation regime the engine edits.
 ///
-/// All operations are Inner Shareable broadcasts on target. The engine calls
+/// All operations must be the Inner Shareable forms on target (`...IS`,
+/// `DSB ISH`/`ISHST`): they reach the TLBs and walk caches of every core,
+/// and the engine relies on that when it frees a table frame or reports an
+/// unmap done (a `TlbSettled` proof is only as good as these). The engine calls
 /// `dsb_ishst` between descriptor stores and the TLBIs that depend on them,
 /// `dsb_ish` to wait for TLBI completion, and `isb` at the end of an
 /// operation.
@@ -142,9 +145,15 @@ pub unsafe trait TableMemory {
     /// variant when the provider cannot serve the request.
     fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError>;
 
-    /// Returns a table frame to the provider. On an error the frame is
-    /// lost to the engine (it never uses it again) and the error reaches
-    /// the caller of the operation.
+    /// Returns a table frame to the provider.
+    ///
+    /// # Errors
+    ///
+    /// Any [`TableMemoryError`] but `OutOfMemory` when the provider cannot
+    /// take it back ([`TableMemoryError::NotATable`],
+    /// [`TableMemoryError::FreeRefused`], ...). The frame is then lost to
+    /// the engine (it never uses it again) and the error reaches the caller
+    /// of the operation.
     ///
     /// # Safety
     ///
@@ -194,7 +203,11 @@ pub unsafe trait TableMemory {
     }
 
     /// Atomically replaces entry `index` with `new` if it still holds
-    /// `current`; otherwise returns the value found.
+    /// `current`.
+    ///
+    /// # Errors
+    ///
+    /// The value found when it is not `current` (nothing was written).
     ///
     /// # Safety
     ///
@@ -212,6 +225,12 @@ pub unsafe trait TableMemory {
     /// its count drops to zero, so a count that cannot be read or changed
     /// must be an error, never a made-up value: the engine then keeps the
     /// table and reports the error.
+    ///
+    /// # Errors
+    ///
+    /// [`TableMemoryError::CountOutOfRange`] when the count would leave
+    /// `0..=512`, [`TableMemoryError::NotATable`] for a frame that is not a
+    /// table, any other variant when the provider cannot serve the request.
     ///
     /// # Safety
     ///

@@ -5,7 +5,8 @@
 //! address alignment), D8.4 (permissions: W^X, no executable Device memory)
 //! and D8.6.1 (Contiguous bit: 16 entries, aligned output, consecutive
 //! addresses, identical attributes, all or none of the group). Rules 4-7
-//! are about ordering over time and are checked by [`super::fake`] instead.
+//! are about ordering over time and are checked by the fake's break-before-make checker
+//! (`stage1::fake`, feature `testing`) instead.
 //! It only reads descriptors, so the firmware can run it on target after
 //! any operation and log what it finds.
 
@@ -209,17 +210,17 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         &mut self,
         table: PhysAddr,
         level: u8,
-        gva: u64,
-        g: usize,
+        group_va: u64,
+        first: usize,
         sink: &mut dyn FnMut(Violation),
     ) {
         let mut run = [Descriptor::INVALID; CONT_ENTRIES];
         for (k, d) in run.iter_mut().enumerate() {
-            *d = self.read(table, g + k);
+            *d = self.read(table, first + k);
         }
         let report = |sink: &mut dyn FnMut(Violation), rule| {
             sink(Violation {
-                va: VirtAddr(gva),
+                va: VirtAddr(group_va),
                 level,
                 rule,
             })

@@ -175,11 +175,11 @@ fn bad_input_is_typed_and_changes_nothing() {
     );
     assert_eq!(
         e(s.map(va(0x800), pa(0), K4, Attributes::DATA)),
-        Stage1Error::Unaligned { value: 0x800 }
+        Stage1Error::UnalignedVa { va: va(0x800) }
     );
     assert_eq!(
         e(s.map(va(0), pa(0x10), K4, Attributes::DATA)),
-        Stage1Error::Unaligned { value: 0x10 }
+        Stage1Error::UnalignedPa { pa: pa(0x10) }
     );
     assert_eq!(
         e(s.map(va(0), pa(0), 0, Attributes::DATA)),
@@ -187,29 +187,34 @@ fn bad_input_is_typed_and_changes_nothing() {
     );
     assert_eq!(
         e(s.map(va(1 << 39), pa(0), K4, Attributes::DATA)),
-        Stage1Error::VaOutOfRange { va: 1 << 39 }
+        Stage1Error::VaOutOfRange { va: va(1 << 39) }
     );
     assert_eq!(
         e(s.map(va(0), pa((1 << 48) - K4), 2 * K4, Attributes::DATA)),
-        Stage1Error::PaOutOfRange { pa: (1 << 48) - K4 }
+        Stage1Error::PaOutOfRange {
+            pa: pa((1 << 48) - K4)
+        }
     );
     assert_eq!(
         e(s.map(va(M2 - K4), pa(0), 2 * K4, Attributes::DATA)),
-        Stage1Error::AlreadyMapped { va: M2 }
+        Stage1Error::AlreadyMapped { va: va(M2) }
     );
     assert_eq!(
         e(s.unmap(va(M2), M2 + K4)),
-        Stage1Error::NotMapped { va: 2 * M2 }
+        Stage1Error::NotMapped { va: va(2 * M2) }
     );
     assert_eq!(e(s.protect(va(M2), K4, wx)), Stage1Error::WriteAndExecute);
-    assert_eq!(e(s.wrprotect(va(0), K4)), Stage1Error::NotMapped { va: 0 });
+    assert_eq!(
+        e(s.wrprotect(va(0), K4)),
+        Stage1Error::NotMapped { va: va(0) }
+    );
     assert_eq!(
         s.query(va(0)).unwrap_err(),
-        Stage1Error::NotMapped { va: 0 }
+        Stage1Error::NotMapped { va: va(0) }
     );
     assert_eq!(
         s.test_and_clear_young(va(0)).unwrap_err(),
-        Stage1Error::NotMapped { va: 0 }
+        Stage1Error::NotMapped { va: va(0) }
     );
     let c = s.platform().counters();
     assert_eq!((c.writes, c.tlbi(), c.dsb(), c.allocs), (0, 0, 0, 0));
@@ -1190,5 +1195,139 @@ fn state_recorded_in_an_entry_being_unmapped_is_kept() {
         s.unmap(va(G1 + 3 * K4), 13 * K4).unwrap();
         check(&mut s);
         assert_all_state(&s, G1, 3, K4, &format!("{f:?}"));
+    }
+}
+
+/// Without FEAT_BBM level 2, splitting a block of a live 32 MiB run breaks
+/// the whole run. When the run maps the engine's own table frames (as the
+/// firmware's identity map of RAM does), nothing may touch a table inside
+/// it between the break and the make: the new level-3 table must be built
+/// and filled before the break, and the collapse back into a block must
+/// re-read the old table only after the make.
+#[test]
+fn split_and_collapse_of_a_run_holding_its_own_tables() {
+    let mut b = bufs(64);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    let run = 4 * G1 + M32;
+    // Frames 0..=2 (root, level 1, level 2) lie in the 2 MiB block below
+    // the run, frame 3 (the split table) at the run's first page.
+    s.map(va(run - M2), pa(run - M2), M2, Attributes::DATA)
+        .unwrap();
+    s.map(va(run), pa(run), M32, Attributes::DATA).unwrap();
+    assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
+    assert_eq!(s.platform().tables_in_use(), 3);
+    s.platform_mut().set_table_window(Some(va(run - 3 * K4)));
+    let page = run + 5 * M2 + K64;
+    s.unmap(va(page), K4).unwrap();
+    check(&mut s);
+    assert!(s.query(va(page)).is_err());
+    assert_eq!(s.platform().tables_in_use(), 4);
+    // The refold collapses the table at the run's first page back into
+    // the block it maps and re-forms the run: both break the whole run.
+    s.map(va(page), pa(page), K4, Attributes::DATA).unwrap();
+    check(&mut s);
+    assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
+    assert_eq!(s.platform().tables_in_use(), 3);
+    let t = s.query(va(page)).unwrap();
+    assert_eq!((t.output, t.unit), (pa(page), MappingUnit::Cont32M));
+    assert!(t.young && t.dirty);
+}
+
+/// As above with FEAT_HAFDBS: a write the hardware records in the block
+/// just before the break reaches the new table's leaves (and, the run
+/// being unfolded, every entry of the group) after the make, still without
+/// touching a table inside the broken run.
+#[test]
+fn split_of_a_run_holding_its_own_tables_keeps_a_racing_write() {
+    let mut b = bufs(64);
+    let mut s = engine(&mut b, RANGE, VaSize::Bits48);
+    let run = 4 * G1 + M32;
+    s.map(va(run - M2), pa(run - M2), M2, Attributes::DATA)
+        .unwrap();
+    s.map(va(run), pa(run), M32, Attributes::DATA).unwrap();
+    s.platform_mut().set_table_window(Some(va(run - 3 * K4)));
+    let block = run + 5 * M2;
+    assert!(!s.query(va(block)).unwrap().dirty);
+    let (t, i, level) = s.leaf_entry(va(block)).unwrap();
+    assert_eq!(level, 2);
+    s.platform_mut().race_next_swap(t, i, true);
+    s.unmap(va(block + K64), K4).unwrap();
+    assert_eq!(s.platform_mut().take_race_effect(), Some((true, true)));
+    check(&mut s);
+    assert!(s.query(va(block + M2 - K4)).unwrap().dirty);
+    assert!(s.query(va(block)).unwrap().dirty);
+    assert!(s.query(va(run)).unwrap().dirty);
+}
+
+/// Issue 12 groundwork: a table frame goes back to the provider only after
+/// the TLB maintenance that stops every walker using it: after the store
+/// that unlinked it, a TLBI that also removes walk-cache entries (not
+/// last-level only) and then a `DSB ISH` (which waits for the TLBI on every
+/// core of the Inner Shareable domain). Checked on the log for frees at the
+/// end of an operation, frees in the middle of one (more tables than a free
+/// batch holds) and tables collapsed into a block, with and without range
+/// TLBI and FEAT_BBM level 2.
+#[test]
+fn table_frames_are_freed_only_after_a_walk_tlbi_and_dsb() {
+    /// Checks the order in `log`; returns how many linked tables were freed.
+    fn freed_after_maintenance(log: &[Event]) -> usize {
+        let mut checked = 0;
+        for (at, e) in log.iter().enumerate() {
+            let Event::Free(table) = *e else { continue };
+            let linked = Descriptor::table(table);
+            let Some(unlinked) = log[..at].iter().rposition(|e| {
+                matches!(*e, Event::Write { old, new, .. } if old == linked.bits() && new != old)
+            }) else {
+                continue; // never linked: no walker can have used it
+            };
+            let after = &log[unlinked..at];
+            let tlbi = after
+                .iter()
+                .position(|e| match e {
+                    Event::TlbiAll => true,
+                    Event::TlbiVa { scope, .. } | Event::TlbiRange { scope, .. } => {
+                        !scope.last_level_only
+                    }
+                    _ => false,
+                })
+                .unwrap_or_else(|| panic!("{table:?} freed without a walk TLBI"));
+            assert!(
+                after[tlbi..].contains(&Event::DsbIsh),
+                "{table:?} freed before DSB ISH completed its TLBI"
+            );
+            checked += 1;
+        }
+        checked
+    }
+    for f in [NO_BBM, RANGE, Features::ALL] {
+        let mut b = Bufs {
+            frames: vec![FakeFrame::new(); 64],
+            log: vec![Event::Isb; 1 << 16],
+        };
+        let mut s = engine(&mut b, f, VaSize::Bits48);
+        // 20 level-3 tables (more than one free batch), unmapped at once.
+        let base = 4 * G1;
+        s.map_limited(
+            va(base),
+            pa(base),
+            20 * M2,
+            Attributes::DATA,
+            MappingUnit::Page4K,
+        )
+        .unwrap();
+        s.platform_mut().reset_counters();
+        s.unmap(va(base), 20 * M2).unwrap();
+        check(&mut s);
+        assert_eq!(s.platform().log_dropped(), 0);
+        assert!(freed_after_maintenance(s.platform().log()) >= 20, "{f:?}");
+        // A table collapsed into a block: split a block, then make the
+        // page like the others again (the table folds back at once).
+        s.map(va(base), pa(base), M2, Attributes::DATA).unwrap();
+        s.protect(va(base), K4, Attributes::RODATA).unwrap();
+        s.platform_mut().reset_counters();
+        s.protect(va(base), K4, Attributes::DATA).unwrap();
+        check(&mut s);
+        assert_eq!(s.summary().count(MappingUnit::Block2M), 1, "{f:?}");
+        assert_eq!(freed_after_maintenance(s.platform().log()), 1, "{f:?}");
     }
 }
