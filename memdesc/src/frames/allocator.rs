@@ -80,6 +80,44 @@ pub struct FrameAllocator<'a, M: DescMemory, A: Atomics = CoreAtomics> {
     pub(super) chunks: u64,
 }
 
+/// Writes `w` to every frame of `[idx, idx + 2^order)` of `pa`.
+#[inline(always)]
+pub(super) fn fill<A: Atomics>(pa: &PageArray<'_, A>, idx: usize, order: u8, w: Word) {
+    // One release fence instead of a release store per frame: a reader
+    // that acquires any of these words sees the descriptor's contents.
+    // Pairs with the Acquire load of the word in `PageArray::load`
+    // (`get_folio`'s first load).
+    A::fence(Ordering::Release);
+    for c in pa.cells(idx, 1usize << order) {
+        c.store(w.raw(), Ordering::Relaxed);
+    }
+}
+
+/// Makes the taken block `[idx, idx + 2^order)` a folio of `owner` with the
+/// free descriptor `d` (count checked 0): descriptor first, then the words.
+/// Counting is the caller's.
+#[inline(always)]
+pub(super) fn publish_folio_words<A: Atomics>(
+    pa: &PageArray<'_, A>,
+    d: &'static FolioDesc<A>,
+    idx: usize,
+    pfn: u64,
+    order: u8,
+    owner: Owner,
+) -> FolioRef<A> {
+    d.init(Pfn(pfn), order, owner);
+    // Cannot fail: the descriptor's count was checked 0 when it left its
+    // cache, and no `try_get` raises a zero count.
+    let _ = d.unfreeze(1);
+    fill(
+        pa,
+        idx,
+        order,
+        Word::with_desc(FrameType::Folio, desc_addr(d)),
+    );
+    FolioRef::counted(d)
+}
+
 #[inline(always)]
 pub(super) fn check_order(order: u8) -> Result<(), FrameError> {
     if order > MAX_ORDER {
@@ -304,19 +342,6 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.get_desc(|s| &mut s.poison)
     }
 
-    /// Writes `w` to every frame of `[idx, idx + 2^order)`.
-    #[inline(always)]
-    pub(super) fn fill(&self, idx: usize, order: u8, w: Word) {
-        // One release fence instead of a release store per frame: a reader
-        // that acquires any of these words sees the descriptor's contents.
-        // Pairs with the Acquire load of the word in `PageArray::load`
-        // (`get_folio`'s first load).
-        A::fence(Ordering::Release);
-        for c in self.pa.cells(idx, 1usize << order) {
-            c.store(w.raw(), Ordering::Relaxed);
-        }
-    }
-
     /// Gives a whole allocation back to the buddy. Frames that are HwPoison
     /// stay so when `poisoned` is set. Returns the frames freed.
     #[inline]
@@ -516,15 +541,11 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         owner: Owner,
     ) -> FolioRef<A> {
-        d.init(Pfn(pfn), order, owner);
-        // Cannot fail: `get_folio_desc` checked the count is 0, and no
-        // `try_get` raises a zero count.
-        let _ = d.unfreeze(1);
-        self.fill(idx, order, Word::with_desc(FrameType::Folio, desc_addr(d)));
+        let r = publish_folio_words(self.pa, d, idx, pfn, order, owner);
         let n = 1u64 << order;
         self.by_type[FrameType::Free.index()] -= n;
         self.by_type[FrameType::Folio.index()] += n;
-        FolioRef::counted(d)
+        r
     }
 
     /// Drops a reference; on the last one, releases the folio (see

@@ -7,7 +7,7 @@ use super::atomics::Atomics;
 use super::buddy::MAX_ORDER;
 use super::desc::FolioDesc;
 use super::desc_cache::{desc_at, DescMemory};
-use super::hot_cache::HOT_MAX_ORDER;
+use super::hot_cache::{HotCache, HOT_MAX_ORDER};
 use super::word::{FrameType, NO_LINK};
 use crate::addr::Pfn;
 
@@ -74,6 +74,18 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// The first violated invariant, as a [`ConsistencyError`] naming the
     /// frame and the [`Inconsistency`].
     pub fn check_consistency(&self) -> Result<(), ConsistencyError> {
+        self.check_with(&[], &self.by_type)
+    }
+
+    /// [`check_consistency`](Self::check_consistency) with hot caches held
+    /// outside this allocator (the per-CPU caches of an
+    /// [`SmpFrameAllocator`](super::SmpFrameAllocator)) and the per-type
+    /// counts including their frames.
+    pub(super) fn check_with(
+        &self,
+        extra: &[&HotCache],
+        by_type: &[u64; FrameType::COUNT],
+    ) -> Result<(), ConsistencyError> {
         let pa = self.pa;
         let err = |idx: usize, what| ConsistencyError {
             pfn: pa.pfn_of(idx).unwrap_or(Pfn(u64::MAX)),
@@ -126,11 +138,12 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
                 }
             }
         }
+        let caches = || core::iter::once(&self.hot).chain(extra.iter().copied());
         for o in 0..=HOT_MAX_ORDER {
-            if cached[o as usize] != self.hot.len(o) {
+            if cached[o as usize] != caches().map(|c| c.len(o)).sum::<usize>() {
                 return Err(err(0, Inconsistency::HotCacheMismatch));
             }
-            for &i in self.hot.entries(o) {
+            for &i in caches().flat_map(|c| c.entries(o)) {
                 let i = i as usize;
                 let w = pa.load(i);
                 if !w.is_free_cached() || w.free_cached_order() != o {
@@ -139,7 +152,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
                 check_free_block(i, o, true)?;
             }
         }
-        if counts != self.by_type {
+        if counts != *by_type {
             return Err(err(0, Inconsistency::TypeCountMismatch));
         }
         let mut free_frames = 0u64;
@@ -187,7 +200,9 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             }
             free_frames += n << o;
         }
-        if free_frames + self.hot.frames() != self.by_type[FrameType::Free.index()] {
+        if free_frames + caches().map(HotCache::frames).sum::<u64>()
+            != by_type[FrameType::Free.index()]
+        {
             return Err(err(0, Inconsistency::FreeFrameCountMismatch));
         }
         Ok(())

@@ -75,6 +75,7 @@ pub mod owner;
 pub mod page_array;
 pub mod placement;
 pub mod refcount;
+pub mod smp;
 pub mod word;
 
 #[cfg(test)]
@@ -98,6 +99,7 @@ pub use owner::Owner;
 pub use page_array::{bytes_needed, words_needed, PageArray, PfnRange, MAX_RANGES};
 pub use placement::ReservedRange;
 pub use refcount::{FolioRef, FreezeError, FrozenFolio, LastRef, PageTableFrame, UnfreezeError};
+pub use smp::{PcpStats, SmpError, SmpFrameAllocator, PCP_BATCH, PCP_DESCS, PCP_HIGH};
 pub use word::{FrameType, ReservedKind, Word, MAX_FRAMES, NO_LINK};
 
 pub use crate::addr::Pfn;
