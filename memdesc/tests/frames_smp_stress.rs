@@ -91,12 +91,12 @@ fn threads_allocate_free_across_cpus_look_up_poison_and_offline() {
             let (s, tags, handoff, poisoned) = (&s, &tags, &handoff, &poisoned);
             sc.spawn(move || {
                 let cpu = FixedCpu::new(c as u32);
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1) * 0x1234_5678);
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((c as u64 + 1) * 0x1234_5678));
                 let mut live: Vec<(FolioRef, u64)> = Vec::new();
                 let mut offline: Vec<Pfn> = Vec::new();
                 for step in 0..steps {
                     let r = rng.next();
-                    let tag = ((c as u64) << 32) | step as u64 + 1;
+                    let tag = ((c as u64) << 32) | (step as u64 + 1);
                     match (r >> 8) % 100 {
                         // Allocate.
                         0..=44 if live.len() < 64 => {
@@ -212,7 +212,7 @@ fn a_frame_freed_on_every_other_cpu_comes_back_exactly_once() {
             sc.spawn(move || {
                 let cpu = FixedCpu::new(c as u32);
                 for i in 0..5_000u64 {
-                    let tag = ((c as u64) << 32) | i + 1;
+                    let tag = ((c as u64) << 32) | (i + 1);
                     if let Ok(f) = s.alloc_folio(&cpu, 0, Owner::Buddy) {
                         tags.claim(&f, tag);
                         queues[(c + 1) % CPUS].lock().unwrap().push((f, tag));
