@@ -12,5 +12,6 @@ pub mod balloon;
 pub mod frames;
 pub mod layout;
 pub mod stage1;
+pub mod sync;
 
 pub use addr::{Pfn, PhysAddr, VirtAddr, PAGE_SHIFT, PAGE_SIZE};

@@ -14,34 +14,13 @@ use super::desc_cache::{desc_addr, desc_at, DescCache, DescMemory};
 use super::error::FrameError;
 use super::hot_cache::{HotCache, HOT_MAX_ORDER};
 use super::owner::Owner;
-use super::page_array::{PageArray, PfnRange, Section};
-use super::refcount::{FolioRef, FrozenFolio, LastRef, PageTableFrame};
-use super::word::{FrameType, ReservedKind, Word, MISC_FLAG_TAIL, NO_LINK};
+use super::page_array::{PageArray, Section};
+use super::placement::ReservedRange;
+use super::refcount::{FolioRef, FrozenFolio, LastRef};
+use super::word::{FrameType, ReservedKind, Word, MISC_FLAG_TAIL};
 use crate::addr::Pfn;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
-
-/// A range the allocator must never hand out, and why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReservedRange {
-    /// The frames (clipped to the page array; parts outside are ignored).
-    pub range: PfnRange,
-    /// Why.
-    pub kind: ReservedKind,
-}
-
-/// What a frozen (refcount 0) allocation is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FrozenKind {
-    /// A translation table: gets a [`PageTableDesc`] with a valid-entry count.
-    PageTable,
-    /// Slab backing: gets a [`SlabDesc`].
-    Slab,
-    /// Offline (ballooned): no descriptor.
-    Offline,
-    /// A guard frame: no descriptor.
-    Guard,
-}
 
 /// What [`FrameAllocator::release`] did with a folio whose last reference went.
 #[must_use]
@@ -87,75 +66,60 @@ impl FrameStats {
     }
 }
 
-/// What [`FrameAllocator::check_consistency`] found wrong.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Inconsistency {
-    /// A hot-cached block is misaligned or not inside one RAM range.
-    CachedBlockMisplaced,
-    /// A non-first frame of a hot-cached block is not a free tail.
-    CachedBlockBadTail,
-    /// A listed free block is misaligned or not inside one RAM range.
-    FreeBlockMisplaced,
-    /// A non-first frame of a listed free block is not a free tail.
-    FreeBlockBadTail,
-    /// A page-array index maps to no PFN.
-    BadIndex,
-    /// A PFN lies in no RAM range.
-    NoSection,
-    /// A hot-cached block of an order without a hot cache.
-    CachedOrderTooHigh,
-    /// A word with an unknown type tag.
-    UnknownTag,
-    /// A folio frame outside its descriptor's range.
-    FolioFrameOutsideDescriptor,
-    /// The hot-cached words disagree with the hot caches.
-    HotCacheMismatch,
-    /// A hot-cache entry is not a cached block of its order.
-    HotCacheEntryNotCachedBlock,
-    /// The per-type counts disagree with the words.
-    TypeCountMismatch,
-    /// A free-list link points outside the page array.
-    FreeLinkOutOfRange,
-    /// A free-list entry is not a free head of its list's order.
-    FreeListEntryNotHead,
-    /// A free head's `prev` link is not the previous entry.
-    BadPrevLink,
-    /// A listed free block's buddy is a listed free block of the same order (not fully merged).
-    NotMerged,
-    /// A free list has a cycle.
-    FreeListCycle,
-    /// A per-order free block count disagrees with its list.
-    FreeBlockCountMismatch,
-    /// The frames in the free lists and hot caches disagree with the Free count.
-    FreeFrameCountMismatch,
-}
-
-/// A frame-range consistency violation found by
-/// [`FrameAllocator::check_consistency`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConsistencyError {
-    /// Where.
-    pub pfn: Pfn,
-    /// What.
-    pub what: Inconsistency,
-}
-
 /// The buddy frame allocator over one [`PageArray`].
 pub struct FrameAllocator<'a, M: DescMemory, A: Atomics = CoreAtomics> {
     pub(crate) pa: &'a PageArray<'a, A>,
     pub(crate) mem: M,
     pub(crate) lists: FreeLists,
-    hot: HotCache,
+    pub(super) hot: HotCache,
     pub(crate) by_type: [u64; FrameType::COUNT],
     pub(crate) folios: DescCache<FolioDesc<A>, A>,
     pub(crate) tables: DescCache<PageTableDesc<A>, A>,
     pub(crate) slabs: DescCache<SlabDesc<A>, A>,
     pub(crate) poison: DescCache<HwPoisonDesc<A>, A>,
-    chunks: u64,
+    pub(super) chunks: u64,
+}
+
+/// Writes `w` to every frame of `[idx, idx + 2^order)` of `pa`.
+#[inline(always)]
+pub(super) fn fill<A: Atomics>(pa: &PageArray<'_, A>, idx: usize, order: u8, w: Word) {
+    // One release fence instead of a release store per frame: a reader
+    // that acquires any of these words sees the descriptor's contents.
+    // Pairs with the Acquire load of the word in `PageArray::load`
+    // (`get_folio`'s first load).
+    A::fence(Ordering::Release);
+    for c in pa.cells(idx, 1usize << order) {
+        c.store(w.raw(), Ordering::Relaxed);
+    }
+}
+
+/// Makes the taken block `[idx, idx + 2^order)` a folio of `owner` with the
+/// free descriptor `d` (count checked 0): descriptor first, then the words.
+/// Counting is the caller's.
+#[inline(always)]
+pub(super) fn publish_folio_words<A: Atomics>(
+    pa: &PageArray<'_, A>,
+    d: &'static FolioDesc<A>,
+    idx: usize,
+    pfn: u64,
+    order: u8,
+    owner: Owner,
+) -> FolioRef<A> {
+    d.init(Pfn(pfn), order, owner);
+    // Cannot fail: the descriptor's count was checked 0 when it left its
+    // cache, and no `try_get` raises a zero count.
+    let _ = d.unfreeze(1);
+    fill(
+        pa,
+        idx,
+        order,
+        Word::with_desc(FrameType::Folio, desc_addr(d)),
+    );
+    FolioRef::counted(d)
 }
 
 #[inline(always)]
-fn check_order(order: u8) -> Result<(), FrameError> {
+pub(super) fn check_order(order: u8) -> Result<(), FrameError> {
     if order > MAX_ORDER {
         Err(FrameError::InvalidOrder { order })
     } else {
@@ -166,6 +130,12 @@ fn check_order(order: u8) -> Result<(), FrameError> {
 impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// Takes over `pa`: every frame becomes free except those in `reserved`,
     /// which become `Reserved(kind)`. Descriptor memory comes from `mem`.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::ArrayInUse`] if another allocator already drives `pa`;
+    /// [`FrameError::NotFree`] if the page array's free lists are damaged
+    /// (a reserved frame that is Free but in no block).
     pub fn new(
         pa: &'a PageArray<'a, A>,
         mem: M,
@@ -270,7 +240,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// its order, else from the buddy (draining the caches and retrying
     /// before giving up). Its words are left for the caller to write.
     #[inline(always)]
-    fn take_block(&mut self, order: u8, align: u8) -> Result<(usize, u64), FrameError> {
+    pub(super) fn take_block(&mut self, order: u8, align: u8) -> Result<(usize, u64), FrameError> {
         if align <= order {
             if let Some(idx) = self.hot.pop(order) {
                 if let Some(pfn) = self.pa.pfn_of(idx) {
@@ -288,7 +258,12 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     /// Removes frame `pfn` (free) from its free block. Word left to the caller.
-    fn take_free_frame(&mut self, sec: &Section, idx: usize, pfn: u64) -> Result<(), FrameError> {
+    pub(super) fn take_free_frame(
+        &mut self,
+        sec: &Section,
+        idx: usize,
+        pfn: u64,
+    ) -> Result<(), FrameError> {
         let block = self
             .lists
             .find_block(self.pa, sec, idx, pfn)
@@ -367,21 +342,17 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.get_desc(|s| &mut s.poison)
     }
 
-    /// Writes `w` to every frame of `[idx, idx + 2^order)`.
-    #[inline(always)]
-    fn fill(&self, idx: usize, order: u8, w: Word) {
-        // One release fence instead of a release store per frame: a reader
-        // that acquires any of these words sees the descriptor's contents.
-        A::fence(Ordering::Release);
-        for c in self.pa.cells(idx, 1usize << order) {
-            c.store(w.raw(), Ordering::Relaxed);
-        }
-    }
-
     /// Gives a whole allocation back to the buddy. Frames that are HwPoison
     /// stay so when `poisoned` is set. Returns the frames freed.
     #[inline]
-    fn give_back(&mut self, sec: &Section, idx: usize, pfn: u64, order: u8, poisoned: bool) -> u64 {
+    pub(super) fn give_back(
+        &mut self,
+        sec: &Section,
+        idx: usize,
+        pfn: u64,
+        order: u8,
+        poisoned: bool,
+    ) -> u64 {
         let n = 1usize << order;
         if !poisoned {
             for c in &self.pa.cells(idx, n)[1..] {
@@ -521,48 +492,27 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         }
     }
 
-    /// Words and (maybe) descriptor for a frozen allocation of `kind`.
-    pub(crate) fn frozen_words(
-        &mut self,
-        order: u8,
-        kind: FrozenKind,
-    ) -> Result<(Word, Word), FrameError> {
-        Ok(match kind {
-            FrozenKind::PageTable => {
-                let d = self.get_table_desc()?;
-                d.init(order);
-                let w = Word::with_desc(FrameType::PageTable, desc_addr(d));
-                (w, w)
-            }
-            FrozenKind::Slab => {
-                let d = self.get_slab_desc()?;
-                d.init(order);
-                let w = Word::with_desc(FrameType::Slab, desc_addr(d));
-                (w, w)
-            }
-            FrozenKind::Offline | FrozenKind::Guard => {
-                let ty = if kind == FrozenKind::Offline {
-                    FrameType::Offline
-                } else {
-                    FrameType::Guard
-                };
-                (
-                    Word::misc(ty, 0, order, 0),
-                    Word::misc(ty, 0, order, MISC_FLAG_TAIL),
-                )
-            }
-        })
-    }
-
     // ---- folios -------------------------------------------------------------
 
     /// A folio of `2^order` frames, refcount 1, owned by `owner`.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::InvalidOrder`] above [`MAX_ORDER`]; [`FrameError::OutOfMemory`]
+    /// when no free block of the order exists (after draining the hot caches);
+    /// [`FrameError::OutOfDescriptors`] / [`FrameError::Corrupt`] from the
+    /// descriptor cache.
     #[inline]
     pub fn alloc_folio(&mut self, order: u8, owner: Owner) -> Result<FolioRef<A>, FrameError> {
         self.alloc_folio_aligned(order, order, owner)
     }
 
     /// A folio of `2^order` frames whose first PFN is aligned to `2^align`.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameAllocator::alloc_folio`], and [`FrameError::InvalidOrder`] for
+    /// an `align` above [`MAX_ORDER`].
     pub fn alloc_folio_aligned(
         &mut self,
         order: u8,
@@ -583,7 +533,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     #[inline(always)]
-    fn publish_folio(
+    pub(super) fn publish_folio(
         &mut self,
         d: &'static FolioDesc<A>,
         idx: usize,
@@ -591,38 +541,21 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         order: u8,
         owner: Owner,
     ) -> FolioRef<A> {
-        d.init(Pfn(pfn), order, owner);
-        // Cannot fail: `get_folio_desc` checked the count is 0, and no
-        // `try_get` raises a zero count.
-        let _ = d.unfreeze(1);
-        self.fill(idx, order, Word::with_desc(FrameType::Folio, desc_addr(d)));
+        let r = publish_folio_words(self.pa, d, idx, pfn, order, owner);
         let n = 1u64 << order;
         self.by_type[FrameType::Free.index()] -= n;
         self.by_type[FrameType::Folio.index()] += n;
-        FolioRef::counted(d)
-    }
-
-    /// A folio at exactly `[pfn, pfn + 2^order)`, which must be free.
-    pub fn alloc_folio_at(
-        &mut self,
-        pfn: Pfn,
-        order: u8,
-        owner: Owner,
-    ) -> Result<FolioRef<A>, FrameError> {
-        let (sec, idx) = self.take_at(pfn, order)?;
-        let d = match self.get_folio_desc() {
-            Ok(d) => d,
-            Err(e) => {
-                self.untake(&sec, idx, pfn.0, order);
-                return Err(e);
-            }
-        };
-        Ok(self.publish_folio(d, idx, pfn.0, order, owner))
+        r
     }
 
     /// Drops a reference; on the last one, releases the folio (see
     /// [`FrameAllocator::release`]). A count found at zero is
     /// [`FrameError::RefcountUnderflow`] (and stays zero).
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::RefcountUnderflow`] for a count found at zero; the errors
+    /// of [`FrameAllocator::release`] on the last reference.
     #[inline]
     pub fn put(&mut self, r: FolioRef<A>) -> Result<Option<Released<A>>, FrameError> {
         match r.put()? {
@@ -632,6 +565,12 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     /// The owner hook: a closed `match` on the folio's [`Owner`].
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::Corrupt`] or [`FrameError::NotAllocation`] when the
+    /// folio's frames no longer point at its descriptor (a corrupt page array);
+    /// nothing is freed then.
     #[inline]
     pub fn release(&mut self, last: LastRef<A>) -> Result<Released<A>, FrameError> {
         let d = last.desc;
@@ -651,6 +590,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     /// Frees a frozen folio's frames to the buddy (an owner done with it).
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameAllocator::release`].
     pub fn free_frozen_folio(&mut self, f: FrozenFolio<A>) -> Result<(), FrameError> {
         self.free_folio_desc(f.desc)
     }
@@ -673,394 +616,6 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         let freed = self.give_back(&sec, idx, pfn, order, poisoned);
         self.by_type[FrameType::Folio.index()] -= freed;
         self.folios.free(d);
-        Ok(())
-    }
-
-    // ---- frozen frames ------------------------------------------------------
-
-    /// `2^order` frames with refcount frozen at 0, typed by `kind`.
-    pub fn alloc_frozen(&mut self, order: u8, kind: FrozenKind) -> Result<Pfn, FrameError> {
-        self.alloc_frozen_aligned(order, order, kind)
-    }
-
-    /// As [`FrameAllocator::alloc_frozen`], first PFN aligned to `2^align`.
-    pub fn alloc_frozen_aligned(
-        &mut self,
-        order: u8,
-        align: u8,
-        kind: FrozenKind,
-    ) -> Result<Pfn, FrameError> {
-        check_order(order)?;
-        check_order(align)?;
-        let (head, tail) = self.frozen_words(order, kind)?;
-        let (idx, pfn) = match self.take_block(order, align) {
-            Ok(b) => b,
-            Err(e) => {
-                self.drop_desc(head);
-                return Err(e);
-            }
-        };
-        self.publish_frozen(idx, order, head, tail);
-        Ok(Pfn(pfn))
-    }
-
-    /// Frozen frames at exactly `[pfn, pfn + 2^order)`, which must be free.
-    pub fn alloc_frozen_at(
-        &mut self,
-        pfn: Pfn,
-        order: u8,
-        kind: FrozenKind,
-    ) -> Result<(), FrameError> {
-        let (sec, idx) = self.take_at(pfn, order)?;
-        let (head, tail) = match self.frozen_words(order, kind) {
-            Ok(w) => w,
-            Err(e) => {
-                self.untake(&sec, idx, pfn.0, order);
-                return Err(e);
-            }
-        };
-        self.publish_frozen(idx, order, head, tail);
-        Ok(())
-    }
-
-    fn publish_frozen(&mut self, idx: usize, order: u8, head: Word, tail: Word) {
-        A::fence(Ordering::Release);
-        let cells = self.pa.cells(idx, 1usize << order);
-        cells[0].store(head.raw(), Ordering::Relaxed);
-        for c in &cells[1..] {
-            c.store(tail.raw(), Ordering::Relaxed);
-        }
-        let n = 1u64 << order;
-        self.by_type[FrameType::Free.index()] -= n;
-        if let Some(t) = head.frame_type() {
-            self.by_type[t.index()] += n;
-        }
-    }
-
-    /// Frees a frozen allocation (page table, slab, offline, guard).
-    /// Poisoned frames in it stay poisoned. Reserved frames are not frozen
-    /// allocations ([`FrameError::Reserved`]); see [`FrameAllocator::unreserve`].
-    pub fn free_frozen(&mut self, pfn: Pfn, order: u8) -> Result<(), FrameError> {
-        let (sec, idx, head, poisoned) = self.check_allocation(pfn, order)?;
-        let ty = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
-        if ty == FrameType::Reserved {
-            return Err(FrameError::Reserved {
-                pfn,
-                kind: ReservedKind::from_subtype(head.subtype()),
-            });
-        }
-        Self::check_table_empty(pfn, head)?;
-        self.drop_desc(head);
-        let freed = self.give_back(&sec, idx, pfn.0, order, poisoned);
-        self.by_type[ty.index()] -= freed;
-        Ok(())
-    }
-
-    /// An empty translation table (order 0, valid count 0).
-    pub fn alloc_page_table(&mut self) -> Result<PageTableFrame<A>, FrameError> {
-        let pfn = self.alloc_frozen(0, FrozenKind::PageTable)?;
-        self.pa.page_table(pfn)
-    }
-
-    /// Frees a translation table; fails while it has valid entries, and for
-    /// a stale handle (the frame holds another table, or none, since).
-    pub fn free_page_table(&mut self, t: PageTableFrame<A>) -> Result<(), FrameError> {
-        t.check_current()?;
-        // The frame must still hold this table (its original word, if poisoned).
-        let now = self.pa.effective(self.pa.word(t.pfn())?);
-        if now != Word::with_desc(FrameType::PageTable, desc_addr(t.desc())) {
-            return Err(FrameError::StaleHandle { pfn: t.pfn() });
-        }
-        self.free_frozen(t.pfn(), 0)
-    }
-
-    /// `PageTableNotEmpty` when `head` (an allocation's head word, the
-    /// original one for a poisoned frame) is a table with valid entries.
-    pub(crate) fn check_table_empty(pfn: Pfn, head: Word) -> Result<(), FrameError> {
-        if head.frame_type() == Some(FrameType::PageTable) {
-            // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
-            let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
-            let valid = d.valid();
-            if valid != 0 {
-                return Err(FrameError::PageTableNotEmpty { pfn, valid });
-            }
-        }
-        Ok(())
-    }
-
-    // ---- reserved ranges ----------------------------------------------------
-
-    /// Takes `range` (all frames must be free) as `Reserved(kind)`.
-    pub fn reserve(&mut self, range: PfnRange, kind: ReservedKind) -> Result<(), FrameError> {
-        self.drain_cache();
-        for p in range.start.0..range.end.0 {
-            let w = self.pa.word(Pfn(p))?;
-            match w.frame_type() {
-                Some(FrameType::Free) => {}
-                Some(FrameType::HwPoison) => return Err(FrameError::HwPoisoned { pfn: Pfn(p) }),
-                _ => return Err(FrameError::NotFree { pfn: Pfn(p) }),
-            }
-        }
-        for p in range.start.0..range.end.0 {
-            let sec = *self
-                .pa
-                .section_of(p)
-                .ok_or(FrameError::NotManaged { pfn: Pfn(p) })?;
-            let idx = sec.index(p);
-            self.take_free_frame(&sec, idx, p)?;
-            self.pa
-                .store_release(idx, Word::misc(FrameType::Reserved, kind as u8, 0, 0));
-            self.by_type[FrameType::Free.index()] -= 1;
-            self.by_type[FrameType::Reserved.index()] += 1;
-        }
-        Ok(())
-    }
-
-    /// Gives `range`, reserved as `Reserved(kind)` (by [`FrameAllocator::new`]
-    /// or [`FrameAllocator::reserve`]), back to the allocator. Every frame
-    /// must be `Reserved(kind)`; the allocator's own memory
-    /// ([`ReservedKind::DescriptorCache`], [`ReservedKind::PageArray`]) is
-    /// never given back. Refused with [`FrameError::Reserved`] (or
-    /// `WrongType`, `HwPoisoned`, `NotManaged`) before anything changes.
-    ///
-    /// # Safety
-    ///
-    /// Nothing may use the memory of `range` any more (reserved frames are
-    /// the image, the device tree, MMIO holes...: the allocator cannot know
-    /// whether they are still in use); once given back, its frames are
-    /// handed out to new owners.
-    pub unsafe fn unreserve(
-        &mut self,
-        range: PfnRange,
-        kind: ReservedKind,
-    ) -> Result<(), FrameError> {
-        for p in range.start.0..range.end.0 {
-            let pfn = Pfn(p);
-            let w = self.pa.word(pfn)?;
-            match w.frame_type() {
-                Some(FrameType::Reserved) => {}
-                Some(FrameType::HwPoison) => return Err(FrameError::HwPoisoned { pfn }),
-                Some(found) => return Err(FrameError::WrongType { pfn, found }),
-                None => return Err(FrameError::Corrupt { pfn }),
-            }
-            let found = ReservedKind::from_subtype(w.subtype());
-            if found != kind
-                || matches!(
-                    found,
-                    ReservedKind::DescriptorCache | ReservedKind::PageArray
-                )
-            {
-                return Err(FrameError::Reserved { pfn, kind: found });
-            }
-        }
-        for p in range.start.0..range.end.0 {
-            let sec = *self
-                .pa
-                .section_of(p)
-                .ok_or(FrameError::NotManaged { pfn: Pfn(p) })?;
-            let idx = sec.index(p);
-            self.pa.store_relaxed(idx, Word::FREE_TAIL);
-            self.lists.free(self.pa, &sec, idx, p, 0);
-            self.by_type[FrameType::Reserved.index()] -= 1;
-            self.by_type[FrameType::Free.index()] += 1;
-        }
-        Ok(())
-    }
-
-    /// Takes the free range `[pfn, pfn + 2^order)` out of the buddy and
-    /// parks it (head word Reserved, not counted anywhere) so descriptor
-    /// growth can neither take it nor merge with it; the caller publishes
-    /// it or gives it back with [`FrameAllocator::untake`].
-    fn take_at(&mut self, pfn: Pfn, order: u8) -> Result<(Section, usize), FrameError> {
-        self.drain_cache();
-        let (sec, idx) = self.check_free_range(pfn, order)?;
-        self.take_free_block(&sec, idx, pfn.0, order);
-        self.pa.store_relaxed(idx, Word::RESERVED);
-        Ok((sec, idx))
-    }
-
-    /// Gives a range parked by [`FrameAllocator::take_at`] back to the buddy.
-    fn untake(&mut self, sec: &Section, idx: usize, pfn: u64, order: u8) {
-        self.pa.store_relaxed(idx, Word::FREE_TAIL);
-        self.lists.free(self.pa, sec, idx, pfn, order);
-    }
-
-    /// Checks that `[pfn, pfn + 2^order)` lies in one free block.
-    fn check_free_range(&self, pfn: Pfn, order: u8) -> Result<(Section, usize), FrameError> {
-        check_order(order)?;
-        if pfn.0 & ((1u64 << order) - 1) != 0 {
-            return Err(FrameError::Misaligned { pfn, order });
-        }
-        let sec = *self
-            .pa
-            .section_of(pfn.0)
-            .ok_or(FrameError::NotManaged { pfn })?;
-        if !sec.holds_block(pfn.0, order) {
-            return Err(FrameError::NotManaged { pfn: Pfn(sec.end) });
-        }
-        let idx = sec.index(pfn.0);
-        match self.lists.find_block(self.pa, &sec, idx, pfn.0) {
-            Some((_, hp, _, k)) if hp + (1u64 << k) >= pfn.0 + (1u64 << order) => Ok((sec, idx)),
-            _ => {
-                // Report the first frame that is not free.
-                for i in 0..1u64 << order {
-                    let w = self.pa.load_relaxed(idx + i as usize);
-                    let at = Pfn(pfn.0 + i);
-                    match w.frame_type() {
-                        Some(FrameType::Free) => {}
-                        Some(FrameType::HwPoison) => {
-                            return Err(FrameError::HwPoisoned { pfn: at })
-                        }
-                        _ => return Err(FrameError::NotFree { pfn: at }),
-                    }
-                }
-                Err(FrameError::NotFree { pfn })
-            }
-        }
-    }
-
-    /// Takes the (checked) free range `[pfn, pfn + 2^order)` out of its block.
-    fn take_free_block(&mut self, sec: &Section, idx: usize, pfn: u64, order: u8) {
-        if let Some(b) = self.lists.find_block(self.pa, sec, idx, pfn) {
-            let (mut hidx, mut hp, w, mut k) = b;
-            self.lists.unlink(self.pa, hidx, w, k);
-            while k > order {
-                k -= 1;
-                let half = hp + (1u64 << k);
-                let half_idx = hidx + (1usize << k);
-                if pfn >= half {
-                    self.lists.push(self.pa, hidx, k);
-                    hidx = half_idx;
-                    hp = half;
-                } else {
-                    self.lists.push(self.pa, half_idx, k);
-                }
-            }
-        }
-    }
-
-    // ---- checking -------------------------------------------------------------
-
-    /// Walks the whole page array and the free lists and checks every
-    /// invariant: counts per type and order, list links, tails, folio
-    /// coverage. O(frames); for tests and debug builds.
-    pub fn check_consistency(&self) -> Result<(), ConsistencyError> {
-        let pa = self.pa;
-        let err = |idx: usize, what| ConsistencyError {
-            pfn: pa.pfn_of(idx).unwrap_or(Pfn(u64::MAX)),
-            what,
-        };
-        // A free block (in a hot cache or a free list) starting at index
-        // `i`: aligned to its order, inside one RAM range, every other frame
-        // a free tail.
-        let check_free_block = |i: usize, o: u8, cached: bool| -> Result<(), ConsistencyError> {
-            let (misplaced, bad_tail) = if cached {
-                (
-                    Inconsistency::CachedBlockMisplaced,
-                    Inconsistency::CachedBlockBadTail,
-                )
-            } else {
-                (
-                    Inconsistency::FreeBlockMisplaced,
-                    Inconsistency::FreeBlockBadTail,
-                )
-            };
-            let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?.0;
-            let sec = pa.section_of(pfn).ok_or(err(i, Inconsistency::NoSection))?;
-            if pfn & ((1u64 << o) - 1) != 0 || !sec.holds_block(pfn, o) {
-                return Err(err(i, misplaced));
-            }
-            match (i + 1..i + (1usize << o)).find(|&t| !pa.load(t).is_free_tail()) {
-                Some(t) => Err(err(t, bad_tail)),
-                None => Ok(()),
-            }
-        };
-        let mut counts = [0u64; FrameType::COUNT];
-        let mut cached = [0usize; HOT_MAX_ORDER as usize + 1];
-        for i in 0..pa.len() {
-            let w = pa.load(i);
-            if w.is_free_cached() {
-                let o = w.free_cached_order();
-                if o > HOT_MAX_ORDER {
-                    return Err(err(i, Inconsistency::CachedOrderTooHigh));
-                }
-                cached[o as usize] += 1;
-            }
-            let t = w.frame_type().ok_or(err(i, Inconsistency::UnknownTag))?;
-            counts[t.index()] += 1;
-            if t == FrameType::Folio {
-                // SAFETY: Folio-tagged words hold folio descriptor addresses.
-                let d = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
-                let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?;
-                if pfn.0 < d.head().0 || pfn.0 >= d.head().0 + (1u64 << d.order()) {
-                    return Err(err(i, Inconsistency::FolioFrameOutsideDescriptor));
-                }
-            }
-        }
-        for o in 0..=HOT_MAX_ORDER {
-            if cached[o as usize] != self.hot.len(o) {
-                return Err(err(0, Inconsistency::HotCacheMismatch));
-            }
-            for &i in self.hot.entries(o) {
-                let i = i as usize;
-                let w = pa.load(i);
-                if !w.is_free_cached() || w.free_cached_order() != o {
-                    return Err(err(i, Inconsistency::HotCacheEntryNotCachedBlock));
-                }
-                check_free_block(i, o, true)?;
-            }
-        }
-        if counts != self.by_type {
-            return Err(err(0, Inconsistency::TypeCountMismatch));
-        }
-        let mut free_frames = 0u64;
-        for o in 0..=MAX_ORDER {
-            let mut idx = self.lists.head(o);
-            let mut prev = NO_LINK;
-            let mut n = 0u64;
-            while idx != NO_LINK {
-                let i = idx as usize;
-                if i >= pa.len() {
-                    return Err(err(0, Inconsistency::FreeLinkOutOfRange));
-                }
-                let w = pa.load(i);
-                if !w.is_free_head() || w.free_order() != o {
-                    return Err(err(i, Inconsistency::FreeListEntryNotHead));
-                }
-                if w.free_prev() != prev {
-                    return Err(err(i, Inconsistency::BadPrevLink));
-                }
-                check_free_block(i, o, false)?;
-                // Fully merged: no listed block has a listed free buddy of
-                // its own order (hot-cached blocks are left unmerged on
-                // purpose and have no head bit).
-                if o < MAX_ORDER {
-                    let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?.0;
-                    let buddy = pfn ^ (1u64 << o);
-                    if let Some(sec) = pa.section_of(pfn) {
-                        if sec.holds_block(buddy, o) {
-                            let bw = pa.load(sec.index(buddy));
-                            if bw.is_free_head() && bw.free_order() == o {
-                                return Err(err(i, Inconsistency::NotMerged));
-                            }
-                        }
-                    }
-                }
-                n += 1;
-                if n > pa.len() as u64 {
-                    return Err(err(i, Inconsistency::FreeListCycle));
-                }
-                prev = idx;
-                idx = w.free_next();
-            }
-            if n != self.lists.blocks[o as usize] {
-                return Err(err(0, Inconsistency::FreeBlockCountMismatch));
-            }
-            free_frames += n << o;
-        }
-        if free_frames + self.hot.frames() != self.by_type[FrameType::Free.index()] {
-            return Err(err(0, Inconsistency::FreeFrameCountMismatch));
-        }
         Ok(())
     }
 }

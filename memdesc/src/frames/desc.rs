@@ -96,6 +96,9 @@ impl<A: Atomics> FolioDesc<A> {
     /// Current refcount (a snapshot).
     #[inline]
     pub fn refcount(&self) -> u32 {
+        // Acquire: pairs with the Release half of `put`'s AcqRel and with
+        // `unfreeze`'s Release, so a caller that sees a count sees what the
+        // writer of that count did before.
         self.refcount.load(Ordering::Acquire)
     }
 
@@ -111,6 +114,10 @@ impl<A: Atomics> FolioDesc<A> {
             if n == REFCOUNT_MAX {
                 return Err(RefcountError::Saturated);
             }
+            // Acquire: pairs with the Release of `unfreeze` (the owner's
+            // writes to the folio and descriptor before publishing it) and
+            // with the Release half of `put`'s AcqRel. Failure Relaxed: the
+            // loop only retries with the value.
             match self
                 .refcount
                 .compare_exchange(n, n + 1, Ordering::Acquire, Ordering::Relaxed)
@@ -131,7 +138,10 @@ impl<A: Atomics> FolioDesc<A> {
                 return Err(RefcountError::Zero);
             }
             // AcqRel: the last putter must see every other holder's writes
-            // before the owner reuses the frames.
+            // before the owner reuses the frames. The Release half pairs
+            // with this same Acquire half in the last putter (and with
+            // `freeze`'s Acquire); the Acquire half pairs with the other
+            // holders' Release halves.
             match self
                 .refcount
                 .compare_exchange(n, n - 1, Ordering::AcqRel, Ordering::Relaxed)
@@ -149,6 +159,8 @@ impl<A: Atomics> FolioDesc<A> {
         if expected == 0 {
             return Err(self.refcount.load(Ordering::Relaxed));
         }
+        // Acquire: pairs with the Release half of the other holders' `put`s
+        // (their writes are done before the freezer owns the folio alone).
         self.refcount
             .compare_exchange(expected, 0, Ordering::Acquire, Ordering::Relaxed)
             .map(|_| ())
@@ -158,6 +170,9 @@ impl<A: Atomics> FolioDesc<A> {
     /// [`RefcountError::NotFrozen`] when the count is not zero.
     #[inline]
     pub(crate) fn unfreeze(&self, n: u32) -> Result<(), RefcountError> {
+        // Release: publishes the frozen owner's writes (and `init`'s fields)
+        // to whoever takes a reference next. Pairs with the Acquire of
+        // `try_get` and `refcount`.
         self.refcount
             .compare_exchange(0, n, Ordering::Release, Ordering::Relaxed)
             .map(|_| ())
@@ -185,18 +200,22 @@ impl<A: Atomics> FolioDesc<A> {
     /// Flags ([`FOLIO_HWPOISON`], user flags).
     #[inline]
     pub fn flags(&self) -> u32 {
+        // Acquire: pairs with the AcqRel of `set_flags` / `clear_flags`.
         self.flags.load(Ordering::Acquire)
     }
 
     /// Sets flag bits; returns the previous flags.
     #[inline]
     pub fn set_flags(&self, bits: u32) -> u32 {
+        // AcqRel: pairs with the Acquire of `flags` and with the other
+        // flag RMWs.
         self.flags.fetch_or(bits, Ordering::AcqRel)
     }
 
     /// Clears flag bits; returns the previous flags.
     #[inline]
     pub fn clear_flags(&self, bits: u32) -> u32 {
+        // AcqRel: as in `set_flags`.
         self.flags.fetch_and(!bits, Ordering::AcqRel)
     }
 }
@@ -273,18 +292,33 @@ impl<A: Atomics> PageTableDesc<A> {
     }
 
     /// One more valid entry; returns the new count. Fails above [`TABLE_ENTRIES`].
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::ValidCountOutOfRange`](super::FrameError::ValidCountOutOfRange)
+    /// above [`TABLE_ENTRIES`] (the count is left as it was).
     #[inline]
     pub fn inc_valid(&self) -> Result<u32, super::FrameError> {
         self.add_valid(1)
     }
 
     /// One valid entry fewer; returns the new count. Fails below zero.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::ValidCountOutOfRange`](super::FrameError::ValidCountOutOfRange)
+    /// below zero (the count is left as it was).
     #[inline]
     pub fn dec_valid(&self) -> Result<u32, super::FrameError> {
         self.sub_valid(1)
     }
 
     /// `n` more valid entries; returns the new count.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::ValidCountOutOfRange`](super::FrameError::ValidCountOutOfRange)
+    /// above [`TABLE_ENTRIES`] (the count is left as it was).
     pub fn add_valid(&self, n: u32) -> Result<u32, super::FrameError> {
         let old = self.valid.load(Ordering::Relaxed);
         match old.checked_add(n) {
@@ -297,6 +331,11 @@ impl<A: Atomics> PageTableDesc<A> {
     }
 
     /// `n` valid entries fewer; returns the new count.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::ValidCountOutOfRange`](super::FrameError::ValidCountOutOfRange)
+    /// below zero (the count is left as it was).
     pub fn sub_valid(&self, n: u32) -> Result<u32, super::FrameError> {
         let old = self.valid.load(Ordering::Relaxed);
         match old.checked_sub(n) {

@@ -28,6 +28,14 @@ pub enum Poisoned {
 
 impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// Marks frame `pfn` as hardware-poisoned.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`] outside the page array;
+    /// [`FrameError::AlreadyPoisoned`]; [`FrameError::Corrupt`] for a word
+    /// with an unknown tag or a free frame in no block;
+    /// [`FrameError::OutOfDescriptors`] when no hwpoison descriptor can be had
+    /// (the frame is left as it was).
     pub fn poison(&mut self, pfn: Pfn) -> Result<Poisoned, FrameError> {
         let pa = self.pa;
         let sec = *pa.section_of(pfn.0).ok_or(FrameError::NotManaged { pfn })?;

@@ -63,38 +63,43 @@
 pub mod allocator;
 pub mod atomics;
 pub mod buddy;
+pub mod consistency;
 pub mod desc;
 pub mod desc_cache;
 pub mod error;
+pub mod frozen;
 pub mod hot_cache;
 pub mod hwpoison;
 pub mod offline;
 pub mod owner;
 pub mod page_array;
+pub mod placement;
 pub mod refcount;
+pub mod smp;
 pub mod word;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 mod tests;
 
-pub use allocator::{
-    ConsistencyError, FrameAllocator, FrameStats, FrozenKind, Inconsistency, Released,
-    ReservedRange,
-};
+pub use allocator::{FrameAllocator, FrameStats, Released};
 pub use atomics::{AtomicCell, Atomics, CoreAtomics};
 pub use buddy::{MAX_ORDER, ORDERS};
+pub use consistency::{ConsistencyError, Inconsistency};
 pub use desc::{
     FolioDesc, HwPoisonDesc, PageTableDesc, RefcountError, SlabDesc, FOLIO_FLAG_USER_SHIFT,
     FOLIO_HWPOISON, PFN_LIMIT, REFCOUNT_MAX, TABLE_ENTRIES,
 };
 pub use desc_cache::{ChunkPool, DescChunk, DescMemory, LinearMap, CHUNK_SIZE};
 pub use error::{FrameError, LayoutError};
+pub use frozen::FrozenKind;
 pub use hot_cache::{HOT_CACHE_BLOCKS, HOT_MAX_ORDER};
 pub use hwpoison::Poisoned;
 pub use owner::Owner;
 pub use page_array::{bytes_needed, words_needed, PageArray, PfnRange, MAX_RANGES};
+pub use placement::ReservedRange;
 pub use refcount::{FolioRef, FreezeError, FrozenFolio, LastRef, PageTableFrame, UnfreezeError};
+pub use smp::{PcpStats, SmpError, SmpFrameAllocator, PCP_BATCH, PCP_DESCS, PCP_HIGH};
 pub use word::{FrameType, ReservedKind, Word, MAX_FRAMES, NO_LINK};
 
 pub use crate::addr::Pfn;

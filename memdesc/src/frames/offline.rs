@@ -9,11 +9,12 @@
 //! ([`FrameAllocator::free_frozen`]). `count(FrameType::Offline)` is the
 //! number of frames currently offline.
 
-use super::allocator::{FrameAllocator, FrozenKind};
+use super::allocator::FrameAllocator;
 use super::atomics::Atomics;
 use super::desc::FOLIO_HWPOISON;
 use super::desc_cache::{desc_addr, DescMemory};
 use super::error::FrameError;
+use super::frozen::FrozenKind;
 use super::owner::Owner;
 use super::refcount::{FolioRef, FrozenFolio};
 use super::word::{FrameType, Word, MISC_FLAG_TAIL};
@@ -21,12 +22,20 @@ use crate::addr::Pfn;
 
 impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// `2^order` free frames straight to Offline.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameAllocator::alloc_frozen`].
     pub fn alloc_offline(&mut self, order: u8) -> Result<Pfn, FrameError> {
         self.alloc_frozen(order, FrozenKind::Offline)
     }
 
     /// Turns the frozen allocation `[pfn, pfn + 2^order)` (page table without
     /// valid entries, slab, guard) into Offline frames.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameAllocator::retype_frozen`].
     pub fn offline(&mut self, pfn: Pfn, order: u8) -> Result<(), FrameError> {
         self.retype_frozen(pfn, order, FrozenKind::Offline)
     }
@@ -34,6 +43,14 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// Turns a frozen allocation into another frozen kind (Offline back to
     /// Guard, PageTable, ...). Descriptors are swapped as needed; poisoned
     /// frames stay poisoned.
+    ///
+    /// # Errors
+    ///
+    /// The allocation checks of [`FrameAllocator::free_frozen`];
+    /// [`FrameError::WrongType`] for reserved frames;
+    /// [`FrameError::PageTableNotEmpty`] for a table with valid entries;
+    /// [`FrameError::OutOfDescriptors`] when the new kind's descriptor cannot be
+    /// had. Nothing changes on error.
     pub fn retype_frozen(&mut self, pfn: Pfn, order: u8, to: FrozenKind) -> Result<(), FrameError> {
         let (_, idx, head, _) = self.check_allocation(pfn, order)?;
         let from = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
@@ -51,6 +68,11 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     }
 
     /// Turns a frozen folio into Offline frames; its descriptor is freed.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::Corrupt`] or [`FrameError::NotAllocation`] when the
+    /// folio's frames no longer point at its descriptor.
     pub fn offline_folio(&mut self, f: FrozenFolio<A>) -> Result<(), FrameError> {
         let d = f.desc;
         let (pfn, order) = (d.head(), d.order());
@@ -77,6 +99,12 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
 
     /// Brings the Offline allocation `[pfn, pfn + 2^order)` back as a folio
     /// with refcount 1, owned by `owner`.
+    ///
+    /// # Errors
+    ///
+    /// The allocation checks of [`FrameAllocator::free_frozen`];
+    /// [`FrameError::WrongType`] unless the allocation is Offline;
+    /// [`FrameError::OutOfDescriptors`] when no folio descriptor can be had.
     pub fn online(&mut self, pfn: Pfn, order: u8, owner: Owner) -> Result<FolioRef<A>, FrameError> {
         let (_, idx, head, _) = self.check_allocation(pfn, order)?;
         if head.frame_type() != Some(FrameType::Offline) {

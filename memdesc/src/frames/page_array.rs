@@ -71,11 +71,20 @@ impl PfnRange {
 }
 
 /// Words (= frames) the page array for `ranges` needs.
+///
+/// # Errors
+///
+/// A [`LayoutError`] for too many, inverted, overlapping or too high
+/// ranges, or more frames than one array can link.
 pub fn words_needed(ranges: &[PfnRange]) -> Result<u64, LayoutError> {
     Ok(sorted_sections(ranges)?.1)
 }
 
 /// Bytes of storage the page array for `ranges` needs (8 per frame).
+///
+/// # Errors
+///
+/// As [`words_needed`].
 pub fn bytes_needed(ranges: &[PfnRange]) -> Result<u64, LayoutError> {
     Ok(words_needed(ranges)? * core::mem::size_of::<u64>() as u64)
 }
@@ -183,6 +192,10 @@ impl<'a, A: Atomics> PageArray<'a, A> {
     /// [`Reserved`](super::FrameType::Reserved). Ranges may come in any order
     /// and must not overlap; empty ones are ignored, adjacent ones merged.
     /// Every PFN must be below [`PFN_LIMIT`](super::PFN_LIMIT).
+    ///
+    /// # Errors
+    ///
+    /// As [`words_needed`], and [`LayoutError::StorageTooSmall`].
     pub fn new(storage: &'a mut [A::U64], ranges: &[PfnRange]) -> Result<Self, LayoutError> {
         let (sections, total, nsections) = sorted_sections(ranges)?;
         if (storage.len() as u64) < total {
@@ -264,6 +277,10 @@ impl<'a, A: Atomics> PageArray<'a, A> {
     }
 
     /// The current word of `pfn` (acquire load).
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`] for a PFN outside the array.
     #[inline]
     pub fn word(&self, pfn: Pfn) -> Result<Word, FrameError> {
         let idx = self.index_of(pfn).ok_or(FrameError::NotManaged { pfn })?;
@@ -279,6 +296,9 @@ impl<'a, A: Atomics> PageArray<'a, A> {
     /// Acquire load of the word at `idx`.
     #[inline(always)]
     pub(crate) fn load(&self, idx: usize) -> Word {
+        // Acquire: pairs with `store_release` and with the Release fences
+        // of `FrameAllocator::fill` and `publish_frozen`, so the descriptor
+        // a word points to is seen initialised.
         Word::from_raw(self.words[idx].load(Ordering::Acquire))
     }
 
@@ -297,11 +317,14 @@ impl<'a, A: Atomics> PageArray<'a, A> {
     /// Release store (publishes a descriptor to speculative readers).
     #[inline(always)]
     pub(crate) fn store_release(&self, idx: usize, w: Word) {
+        // Release: pairs with the Acquire of `load`.
         self.words[idx].store(w.raw(), Ordering::Release)
     }
 
     /// Marks the array as driven by one allocator; false if it already was.
     pub(crate) fn claim(&self) -> bool {
+        // AcqRel: one RMW decides the one claimer; it pairs with itself (a
+        // second claimer's Acquire sees the first's Release).
         !self.claimed.swap(true, Ordering::AcqRel)
     }
 }

@@ -100,8 +100,11 @@ impl<A: Atomics> FolioRef<A> {
         self.desc.refcount()
     }
 
-    /// Another reference to the same folio; fails with
-    /// [`FrameError::Frozen`] if someone froze the count meanwhile, or
+    /// Another reference to the same folio.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::Frozen`] if the count was frozen meanwhile;
     /// [`FrameError::RefcountSaturated`] at [`REFCOUNT_MAX`](super::REFCOUNT_MAX).
     #[inline]
     pub fn try_clone(&self) -> Result<Self, FrameError> {
@@ -115,6 +118,10 @@ impl<A: Atomics> FolioRef<A> {
     /// at zero (someone froze the folio counting this reference in, then
     /// unfroze it without) is [`FrameError::RefcountUnderflow`] and is left
     /// at zero.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::RefcountUnderflow`] for a count found at zero.
     #[inline]
     pub fn put(self) -> Result<Option<LastRef<A>>, FrameError> {
         match self.desc.put() {
@@ -126,6 +133,11 @@ impl<A: Atomics> FolioRef<A> {
     /// Freezes the count: compare-exchange `expected -> 0`, where `expected`
     /// includes this reference. On success the caller owns the folio
     /// exclusively (no `try_get` can succeed until it is unfrozen).
+    ///
+    /// # Errors
+    ///
+    /// A [`FreezeError`] holding the reference back and the count found when
+    /// it is not `expected`.
     pub fn freeze(self, expected: u32) -> Result<FrozenFolio<A>, FreezeError<A>> {
         match self.desc.freeze(expected) {
             Ok(()) => Ok(FrozenFolio {
@@ -214,6 +226,11 @@ impl<A: Atomics> FrozenFolio<A> {
     /// exactly `expected`: any other `n` is refused
     /// ([`FrameError::RefcountMismatch`]). A folio handed to its owner by
     /// its last `put` takes any `n`.
+    ///
+    /// # Errors
+    ///
+    /// An [`UnfreezeError`] holding the frozen folio back:
+    /// [`FrameError::RefcountMismatch`] for the wrong `n`.
     #[inline]
     pub fn unfreeze(self, n: NonZeroU32) -> Result<FolioRef<A>, UnfreezeError<A>> {
         let pfn = self.pfn();
@@ -270,6 +287,10 @@ impl<A: Atomics> PageTableFrame<A> {
     }
 
     /// Ok while the frame still holds the table this handle was made for.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::StaleHandle`] once the frame holds another table or none.
     #[inline]
     pub fn check_current(&self) -> Result<(), FrameError> {
         if self.desc.generation() == self.generation {
@@ -294,12 +315,22 @@ impl<A: Atomics> PageTableFrame<A> {
         self.desc.valid()
     }
     /// One more valid entry; returns the new count.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::StaleHandle`] (see [`PageTableFrame::check_current`]);
+    /// [`FrameError::ValidCountOutOfRange`] above the table's entries.
     #[inline]
     pub fn inc_valid(&self) -> Result<u32, FrameError> {
         self.check_current()?;
         self.desc.inc_valid()
     }
     /// One valid entry fewer; returns the new count.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::StaleHandle`] (see [`PageTableFrame::check_current`]);
+    /// [`FrameError::ValidCountOutOfRange`] below zero.
     #[inline]
     pub fn dec_valid(&self) -> Result<u32, FrameError> {
         self.check_current()?;
@@ -338,6 +369,11 @@ impl<A: Atomics> PageArray<'_, A> {
     /// retry path drops the last reference of a folio that was freed and
     /// reused under it, `release` receives it (take the allocator lock there
     /// and call [`FrameAllocator::release`](super::FrameAllocator::release)).
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`] outside the array; see above for a frame
+    /// that is not a live folio.
     pub fn get_folio(
         &self,
         pfn: Pfn,
@@ -370,6 +406,11 @@ impl<A: Atomics> PageArray<'_, A> {
     }
 
     /// The translation-table frame at `pfn`.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`]; the type error of a frame that is not a
+    /// page table ([`FrameError::WrongType`], [`FrameError::Free`], ...).
     pub fn page_table(&self, pfn: Pfn) -> Result<PageTableFrame<A>, FrameError> {
         let w = self.word(pfn)?;
         if w.frame_type() != Some(FrameType::PageTable) {
@@ -381,6 +422,11 @@ impl<A: Atomics> PageArray<'_, A> {
     }
 
     /// The slab descriptor of frame `pfn`.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`]; the type error of a frame that is not slab
+    /// backing.
     pub fn slab(&self, pfn: Pfn) -> Result<&'static SlabDesc<A>, FrameError> {
         let w = self.word(pfn)?;
         if w.frame_type() != Some(FrameType::Slab) {
@@ -393,6 +439,11 @@ impl<A: Atomics> PageArray<'_, A> {
 
     /// The word a poisoned frame had before (or belongs to now, if its
     /// allocation changed type since).
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`]; [`FrameError::WrongType`] (or
+    /// [`FrameError::Corrupt`]) for a frame that is not HwPoison.
     pub fn poisoned_original(&self, pfn: Pfn) -> Result<Word, FrameError> {
         let w = self.word(pfn)?;
         if w.frame_type() != Some(FrameType::HwPoison) {

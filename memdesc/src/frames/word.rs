@@ -56,6 +56,17 @@ const _: () = assert!(core::mem::size_of::<core::sync::atomic::AtomicU64>() == 8
 const _: () = assert!(FREE_PREV_SHIFT + LINK_BITS == 64);
 
 /// What a frame is used for: the low four bits of its word.
+///
+/// The other classifications refine one frame type each; none overlaps
+/// another:
+///
+/// | frame type | refined by | where it lives |
+/// |---|---|---|
+/// | `Reserved` | [`ReservedKind`]: why it is kept from the allocator | the word's subtype |
+/// | `Free` | order, hot-cached or listed | the word |
+/// | `Folio` | [`Owner`](super::Owner): who gets it at refcount zero | the [`FolioDesc`](super::FolioDesc) |
+/// | `PageTable`, `Slab`, `Offline`, `Guard` | are the four [`FrozenKind`](super::FrozenKind)s (allocations with no refcount) | the type itself |
+/// | `HwPoison` | the frame's previous word | the [`HwPoisonDesc`](super::HwPoisonDesc) |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum FrameType {
