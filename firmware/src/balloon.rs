@@ -9,14 +9,14 @@
 //! against the balloon's PFN arrays), the linter and the TLB footprint; the
 //! host's system test reads that line.
 
+#![deny(unsafe_code)]
+
 use crate::mm::{Frames, BOOT_MAP, FRAMES, STAGE1};
-use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use hal::dtb::Platform;
-use hal::virtio::balloon::{IdentityDma, VirtioBalloon};
-use hal::virtio::virtio_drivers::{BufferDirection, Hal, PhysAddr as DmaAddr};
-use memdesc::balloon::{Balloon, BalloonConfig, BalloonEnv, BalloonError, Op, Status};
-use memdesc::frames::{FrameType, FrozenKind, LinearMap, PageArray};
+use hal::virtio::balloon::VirtioBalloon;
+use hal::virtio::linear::{FirmwareMemory, LinearDma, LinearEnv};
+use memdesc::balloon::{Balloon, BalloonConfig, BalloonError, Op, Status};
+use memdesc::frames::FrameType;
 use memdesc::stage1::Attributes;
 use memdesc::{Pfn, VirtAddr, PAGE_SIZE};
 
@@ -25,137 +25,22 @@ pub const RESERVE_PAGES: u64 = 4096;
 /// Poll interval while nothing moves.
 const IDLE_POLL_US: u64 = 2000;
 
-/// Frames the virtqueues use (Slab frames, like the balloon's own arrays).
-static DMA_FRAMES: AtomicU64 = AtomicU64::new(0);
+/// The firmware's allocator and stage-1 map, for the hal's balloon memory.
+pub struct FirmwareMem;
 
-/// The page array, for the fault note (read without the allocator's lock:
-/// a fault may happen while it is held).
-static PAGE_ARRAY: AtomicPtr<PageArray<'static>> = AtomicPtr::new(core::ptr::null_mut());
-
-/// The crash report's line about a faulting address: says when the frame
-/// is ballooned (Offline: the host has it, the firmware unmapped it).
-fn fault_note(far: u64) -> Option<&'static str> {
-    let pa = PAGE_ARRAY.load(Ordering::Acquire);
-    // SAFETY: set once from the allocator's `&'static PageArray`; the page
-    // array is shared and its words are atomics, safe to read anywhere.
-    let pa = unsafe { pa.as_ref() }?;
-    match pa.word(Pfn(far / PAGE_SIZE)).ok()?.frame_type()? {
-        FrameType::Offline => Some("ballooned (Offline: given to the host, unmapped)"),
-        FrameType::Free => Some("free (owned by the frame allocator)"),
-        _ => None,
-    }
-}
-
-/// Writes every free frame once, so that QEMU's resident memory holds the
-/// guest's RAM and a balloon inflate visibly gives it back (QEMU counts
-/// only pages the guest wrote). Every free block is taken (as a transient
-/// frozen allocation, largest first), filled, chained through its first
-/// word, then all are freed again. Returns the frames touched.
-pub fn touch_free_memory() -> u64 {
-    const END: u64 = u64::MAX;
-    let mut head = END;
-    let mut touched = 0;
-    for order in [9u8, 4, 0] {
-        while let Ok(Ok(pfn)) = FRAMES.with(|fa| fa.alloc_frozen(order, FrozenKind::Guard)) {
-            let pa = pfn.addr().0;
-            // SAFETY: the frames were just allocated to us and are identity
-            // mapped read-write; the first word links to the previous block.
-            unsafe {
-                core::ptr::write_bytes(pa as *mut u8, 0x5a, (PAGE_SIZE << order) as usize);
-                core::ptr::write(pa as *mut u64, head);
-            }
-            head = (pfn.0 << 8) | order as u64;
-            touched += 1u64 << order;
-        }
-    }
-    while head != END {
-        let (pfn, order) = (Pfn(head >> 8), (head & 0xff) as u8);
-        // SAFETY: a block we allocated and linked above, still ours.
-        let next = unsafe { core::ptr::read(pfn.addr().0 as *const u64) };
-        let _ = FRAMES.with(|fa| fa.free_frozen(pfn, order));
-        head = next;
-    }
-    touched
-}
-
-fn order_of(pages: usize) -> u8 {
-    pages.max(1).next_power_of_two().trailing_zeros() as u8
-}
-
-/// Virtqueue memory from the frame allocator, identity mapped.
-pub struct FirmwareDma;
-
-// SAFETY: dma_alloc returns zeroed, page-aligned frames of our own that
-// nothing else uses until dma_dealloc; RAM is identity mapped, so the
-// pointer is valid at the physical address; share/unshare are identity and
-// do nothing.
-unsafe impl Hal for FirmwareDma {
-    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (DmaAddr, NonNull<u8>) {
-        let order = order_of(pages);
-        match FRAMES.with(|fa| fa.alloc_frozen(order, FrozenKind::Slab)) {
-            Ok(Ok(pfn)) => {
-                let pa = pfn.addr().0;
-                let bytes = (PAGE_SIZE << order) as usize;
-                // SAFETY: the frames were just allocated to us and are
-                // identity mapped read-write.
-                unsafe { core::ptr::write_bytes(pa as *mut u8, 0, bytes) };
-                DMA_FRAMES.fetch_add(1 << order, Ordering::Relaxed);
-                (
-                    pa,
-                    NonNull::new(pa as *mut u8).unwrap_or(NonNull::dangling()),
-                )
-            }
-            _ => (0, NonNull::dangling()),
-        }
-    }
-
-    unsafe fn dma_dealloc(paddr: DmaAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
-        let order = order_of(pages);
-        match FRAMES.with(|fa| fa.free_frozen(Pfn(paddr / PAGE_SIZE), order)) {
-            Ok(Ok(())) => {
-                DMA_FRAMES.fetch_sub(1 << order, Ordering::Relaxed);
-                0
-            }
-            _ => -1,
-        }
-    }
-
-    unsafe fn mmio_phys_to_virt(paddr: DmaAddr, _size: usize) -> NonNull<u8> {
-        NonNull::new(paddr as *mut u8).unwrap_or(NonNull::dangling())
-    }
-
-    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> DmaAddr {
-        buffer.as_ptr().cast::<u8>() as u64
-    }
-
-    unsafe fn unshare(_paddr: DmaAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
-}
-
-// SAFETY: `share` is the identity and `unshare` does nothing (above); the
-// policy's buffers are its own Slab frames, identity mapped.
-unsafe impl IdentityDma for FirmwareDma {}
-
-/// The firmware side of the policy: the global allocator and stage-1 map.
-pub struct FirmwareEnv;
-
-// SAFETY: RAM is identity mapped, so a frame's running address is its
-// physical address; Slab frames the policy allocated are its own; the
-// allocator is always the global one.
-unsafe impl BalloonEnv for FirmwareEnv {
-    type Mem = LinearMap;
-
-    fn with_frames<R>(&mut self, f: impl FnOnce(&mut Frames) -> R) -> Result<R, BalloonError> {
+impl FirmwareMemory for FirmwareMem {
+    fn with_frames<R>(f: impl FnOnce(&mut Frames) -> R) -> Result<R, BalloonError> {
         FRAMES.with(f).map_err(|_| BalloonError::FramesBusy)
     }
 
-    fn unmap(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
+    fn unmap(pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         STAGE1
             .with(|s| s.unmap(VirtAddr(pfn.addr().0), pages * PAGE_SIZE))
             .map_err(|_| BalloonError::FramesBusy)?
             .map_err(BalloonError::Map)
     }
 
-    fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
+    fn map(pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         STAGE1
             .with(|s| {
                 s.map(
@@ -169,17 +54,18 @@ unsafe impl BalloonEnv for FirmwareEnv {
             .map_err(BalloonError::Map)
     }
 
-    fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
+    fn refold(pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         STAGE1
             .with(|s| s.refold(VirtAddr(pfn.addr().0), pages * PAGE_SIZE))
             .map_err(|_| BalloonError::FramesBusy)?
             .map_err(BalloonError::Map)
     }
-
-    fn frame(&mut self, pfn: Pfn) -> NonNull<u8> {
-        NonNull::new(pfn.addr().0 as *mut u8).unwrap_or(NonNull::dangling())
-    }
 }
+
+/// The policy's environment: the hal's identity-mapped balloon memory.
+pub type FirmwareEnv = LinearEnv<FirmwareMem>;
+/// Virtqueue memory.
+pub type FirmwareDma = LinearDma<FirmwareMem>;
 
 fn now_ns() -> u64 {
     hal::timer::ticks_to_ns(hal::timer::ticks())
@@ -187,8 +73,7 @@ fn now_ns() -> u64 {
 
 fn idle_forever() -> ! {
     loop {
-        // SAFETY: WFI has no memory effects; it only idles the core.
-        unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) }
+        hal::irq::wait_for_interrupt();
     }
 }
 
@@ -210,7 +95,7 @@ pub struct SettleReport {
 
 /// Checks the frame accounting, the linter and the footprint.
 pub fn check(b: &Balloon) -> SettleReport {
-    let dma = DMA_FRAMES.load(Ordering::Relaxed);
+    let dma = hal::virtio::linear::dma_frames();
     let (consistent, offline, slab) = FRAMES
         .with(|fa| {
             (
@@ -243,15 +128,19 @@ pub fn check(b: &Balloon) -> SettleReport {
 /// ballooned frame once the balloon has settled with pages in it (the
 /// crash report then says the frame is ballooned).
 pub fn run(platform: &Platform<'static>) -> ! {
-    if let Ok(pa) = FRAMES.with(|fa| fa.page_array()) {
-        PAGE_ARRAY.store(core::ptr::from_ref(pa).cast_mut(), Ordering::Release);
-        hal::exception::set_fault_note(fault_note);
-    }
+    let mut env = match FirmwareEnv::new() {
+        Ok(e) => e,
+        Err(e) => {
+            defmt::error!("balloon: no usable memory: {}", e);
+            idle_forever()
+        }
+    };
+    hal::exception::set_fault_note(hal::virtio::linear::fault_note);
     let args = platform.bootargs.unwrap_or("");
     let has = |w: &str| args.split_ascii_whitespace().any(|a| a == w);
     if has("balloon.touch") {
         let t0 = now_ns();
-        let n = touch_free_memory();
+        let n = env.touch_free_memory();
         defmt::info!(
             "balloon: touched {=u64} free frames ({=u64} MiB) in {=u64} ms",
             n,
@@ -266,16 +155,14 @@ pub fn run(platform: &Platform<'static>) -> ! {
     } else {
         SelfTest::None
     };
-    // SAFETY: the boot map maps every virtio-mmio window Device-nGnRE and
-    // nothing else touches them; this runs once.
-    let (transport, node) =
-        match unsafe { hal::virtio::find(platform, hal::virtio::DEVICE_ID_BALLOON) } {
-            Ok(t) => t,
-            Err(e) => {
-                defmt::warn!("balloon: no device ({})", e);
-                idle_forever()
-            }
-        };
+    let transport = match hal::virtio::claim(platform, hal::virtio::DEVICE_ID_BALLOON) {
+        Ok(t) => t,
+        Err(e) => {
+            defmt::warn!("balloon: no device ({})", e);
+            idle_forever()
+        }
+    };
+    let node = transport.window();
     let mut dev = match VirtioBalloon::<FirmwareDma>::new(transport) {
         Ok(d) => d,
         Err(e) => {
@@ -283,7 +170,6 @@ pub fn run(platform: &Platform<'static>) -> ! {
             idle_forever()
         }
     };
-    let mut env = FirmwareEnv;
     // Without FEAT_BBM level 2 a block split of the live linear map breaks
     // the block first, and the engine may then write a table inside it:
     // move in whole 2 MiB chunks there (unmapping a block never splits).
@@ -429,10 +315,12 @@ fn serve(
                             "selftest: reading ballooned frame {=u64:#x} on purpose",
                             addr
                         );
-                        // SAFETY: not sound on purpose: the frame is unmapped,
-                        // the read faults and the handler ends the run.
-                        let v = unsafe { core::ptr::read_volatile(addr as *const u64) };
-                        defmt::error!("selftest: the read did not fault (got {=u64:#x})", v);
+                        match hal::virtio::read_unmapped_on_purpose(addr) {
+                            Some(v) => {
+                                defmt::error!("selftest: the read did not fault (got {=u64:#x})", v)
+                            }
+                            None => defmt::error!("selftest: the ballooned frame is mapped"),
+                        }
                     }
                 }
             }
