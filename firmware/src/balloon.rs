@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 use crate::mm::{Frames, BOOT_MAP, FRAMES, STAGE1};
+use core::sync::atomic::{AtomicU64, Ordering};
 use hal::dtb::Platform;
 use hal::virtio::balloon::VirtioBalloon;
 use hal::virtio::linear::{FirmwareMemory, LinearDma, LinearEnv};
@@ -22,8 +23,9 @@ use memdesc::{Pfn, VirtAddr, PAGE_SIZE};
 
 /// Free frames the balloon always leaves (16 MiB) on top of its table headroom.
 pub const RESERVE_PAGES: u64 = 4096;
-/// Poll interval while nothing moves.
-const IDLE_POLL_US: u64 = 2000;
+/// Poll interval when the balloon's interrupt could not be attached, and
+/// the retry delay after an error.
+const POLL_US: u64 = 2000;
 
 /// The firmware's allocator and stage-1 map, for the hal's balloon memory.
 pub struct FirmwareMem;
@@ -89,8 +91,25 @@ pub struct SettleReport {
     pub lint: usize,
     /// TLB entries the map needs now.
     pub tlb_entries: u64,
-    /// The boot map's optimum.
+    /// The optimum: the boot map's, plus what the device windows mapped
+    /// after boot (the GIC's) cost when the balloon started empty.
     pub boot_optimum: u64,
+}
+
+/// TLB entries of device windows mapped after the boot map (the GIC's),
+/// measured when the balloon starts.
+static LATER_DEVICE_ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+fn tlb_entries() -> u64 {
+    STAGE1
+        .with(|s| s.summary().tlb_entries())
+        .unwrap_or(u64::MAX)
+}
+
+fn boot_optimum() -> u64 {
+    BOOT_MAP
+        .with(|m| m.optimum.tlb_entries())
+        .unwrap_or(u64::MAX)
 }
 
 /// Checks the frame accounting, the linter and the footprint.
@@ -105,14 +124,12 @@ pub fn check(b: &Balloon) -> SettleReport {
             )
         })
         .unwrap_or((false, u64::MAX, u64::MAX));
-    let frames_ok = consistent && offline == b.offline_frames() && slab == b.own_frames() + dma;
+    let frames_ok = consistent
+        && offline == b.offline_frames() + b.reporting_frames()
+        && slab == b.own_frames() + dma;
     let lint = crate::mm::lint().unwrap_or(usize::MAX);
-    let tlb_entries = STAGE1
-        .with(|s| s.summary().tlb_entries())
-        .unwrap_or(u64::MAX);
-    let boot_optimum = BOOT_MAP
-        .with(|m| m.optimum.tlb_entries())
-        .unwrap_or(u64::MAX);
+    let tlb_entries = tlb_entries();
+    let boot_optimum = boot_optimum().saturating_add(LATER_DEVICE_ENTRIES.load(Ordering::Relaxed));
     SettleReport {
         frames_ok,
         offline,
@@ -179,6 +196,7 @@ pub fn run(platform: &Platform<'static>) -> ! {
     let mut b = Balloon::new(BalloonConfig {
         reserve_pages: RESERVE_PAGES,
         min_chunk_order: if bbm2 { 0 } else { 9 },
+        report_free: has("balloon.report"),
         ..BalloonConfig::DEFAULT
     });
     if let Err(e) = b.start(&mut dev, &mut env) {
@@ -191,7 +209,49 @@ pub fn run(platform: &Platform<'static>) -> ! {
         dev.offered(),
         b.features()
     );
-    serve(&mut b, &mut dev, &mut env, selftest)
+    let events = attach_interrupt(&dev, &node);
+    // The map holds the boot map (at its optimum) and the GIC's windows.
+    LATER_DEVICE_ENTRIES.store(
+        tlb_entries().saturating_sub(boot_optimum()),
+        Ordering::Relaxed,
+    );
+    serve(&mut b, &mut dev, &mut env, selftest, events)
+}
+
+/// Brings the GIC up and attaches the balloon's interrupt (from the device
+/// tree); `None` (the service loop then polls) if either fails.
+fn attach_interrupt(
+    dev: &VirtioBalloon<FirmwareDma>,
+    node: &hal::dtb::VirtioMmio,
+) -> Option<hal::virtio::irq::Events> {
+    let irqs = match crate::interrupts::init() {
+        Ok(i) => i,
+        Err(e) => {
+            defmt::warn!("balloon: no interrupts ({}), polling", e);
+            return None;
+        }
+    };
+    let irq = match irqs.device_interrupt("virtio,mmio", node.region.base) {
+        Ok(i) => i,
+        Err(e) => {
+            defmt::warn!("balloon: no interrupt in the device tree ({}), polling", e);
+            return None;
+        }
+    };
+    match dev.attach_interrupt(&irq) {
+        Ok(ev) => {
+            hal::irq::unmask_irqs();
+            defmt::info!(
+                "balloon: interrupt-driven, INTID {=u32}; the service loop sleeps in WFI",
+                irq.intid.raw()
+            );
+            Some(ev)
+        }
+        Err(e) => {
+            defmt::warn!("balloon: interrupt not attached ({}), polling", e);
+            None
+        }
+    }
 }
 
 /// What to do once the balloon has settled with pages in it.
@@ -250,17 +310,21 @@ fn serve(
     dev: &mut VirtioBalloon<FirmwareDma>,
     env: &mut FirmwareEnv,
     mut selftest: SelfTest,
+    events: Option<hal::virtio::irq::Events>,
 ) -> ! {
     let mut last: Status = b.status();
     let mut moving_since: Option<u64> = None;
     let mut last_err: Option<BalloonError> = None;
+    let mut last_reported = 0;
     defmt::info!(
         "balloon: up, target {=u32} pages, actual {=u32}",
         last.num_pages,
         last.actual
     );
     loop {
-        let _ = dev.ack_interrupt();
+        if events.is_none() {
+            let _ = dev.ack_interrupt();
+        }
         let now = now_ns();
         match b.service(dev, env, now) {
             Ok(_) => last_err = None,
@@ -272,6 +336,17 @@ fn serve(
             }
         }
         let s = b.status();
+        let rc = b.reporter().counters();
+        if rc.reported != last_reported && b.reporting_frames() == 0 {
+            last_reported = rc.reported;
+            defmt::info!(
+                "balloon: reported {=u64} free 2 MiB blocks ({=u64} MiB) to the host; {=u64} skipped as unused since; frames {=str}",
+                rc.reported,
+                rc.reported * 2,
+                rc.skipped_unused,
+                if check(b).frames_ok { "ok" } else { "LOST" }
+            );
+        }
         if s.num_pages != last.num_pages {
             defmt::info!(
                 "balloon: target {=u32} pages ({=u64} MiB)",
@@ -292,7 +367,7 @@ fn serve(
                 let r = check(b);
                 let c = b.counters();
                 defmt::info!(
-                    "balloon settled: actual {=u32} pages in {=u64} ms; offline {=u64}; frames {=str}; lint {=usize}; TLB entries {=u64} (boot optimum {=u64}); {=u64} batches, {=u64} notifications, {=u64} descriptors",
+                    "balloon settled: actual {=u32} pages in {=u64} ms; offline {=u64}; frames {=str}; lint {=usize}; TLB entries {=u64} (boot optimum {=u64}); {=u64} batches, {=u64} notifications, {=u64} descriptors, {=u64} interrupts",
                     s.actual,
                     (now_ns() - t0) / 1_000_000,
                     r.offline,
@@ -302,7 +377,8 @@ fn serve(
                     r.boot_optimum,
                     c.batches,
                     c.notifications,
-                    c.descriptors
+                    c.descriptors,
+                    events.as_ref().map_or(0, hal::virtio::irq::Events::count)
                 );
                 if selftest == SelfTest::DeflateOnOom && s.actual > 0 {
                     selftest = SelfTest::None;
@@ -326,8 +402,22 @@ fn serve(
             }
         }
         last = s;
-        if s.op == Op::Idle {
-            hal::timer::delay_us(IDLE_POLL_US);
+        match (&events, last_err) {
+            // Sleep in WFI until the device interrupts: a config change (new
+            // target) or a used buffer (a batch or the stats buffer back).
+            // The handler has acknowledged it already.
+            (Some(ev), None) => {
+                hal::irq::wait_until(|| ev.pending());
+                ev.take();
+            }
+            // An error may need another look without an interrupt (a config
+            // that read unstable, a busy allocator): retry after a while.
+            (Some(_), Some(_)) => hal::timer::delay_us(POLL_US),
+            (None, _) => {
+                if s.op == Op::Idle {
+                    hal::timer::delay_us(POLL_US);
+                }
+            }
         }
     }
 }
