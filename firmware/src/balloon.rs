@@ -9,153 +9,40 @@
 //! against the balloon's PFN arrays), the linter and the TLB footprint; the
 //! host's system test reads that line.
 
+#![deny(unsafe_code)]
+
 use crate::mm::{Frames, BOOT_MAP, FRAMES, STAGE1};
-use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 use hal::dtb::Platform;
-use hal::virtio::balloon::{IdentityDma, VirtioBalloon};
-use hal::virtio::virtio_drivers::{BufferDirection, Hal, PhysAddr as DmaAddr};
-use memdesc::balloon::{Balloon, BalloonConfig, BalloonEnv, BalloonError, Op, Status};
-use memdesc::frames::{FrameType, FrozenKind, LinearMap, PageArray};
+use hal::virtio::balloon::VirtioBalloon;
+use hal::virtio::linear::{FirmwareMemory, LinearDma, LinearEnv};
+use memdesc::balloon::{Balloon, BalloonConfig, BalloonError, Op, Status};
+use memdesc::frames::FrameType;
 use memdesc::stage1::Attributes;
 use memdesc::{Pfn, VirtAddr, PAGE_SIZE};
 
 /// Free frames the balloon always leaves (16 MiB) on top of its table headroom.
 pub const RESERVE_PAGES: u64 = 4096;
-/// Poll interval while nothing moves.
-const IDLE_POLL_US: u64 = 2000;
+/// Poll interval when the balloon's interrupt could not be attached, and
+/// the retry delay after an error.
+const POLL_US: u64 = 2000;
 
-/// Frames the virtqueues use (Slab frames, like the balloon's own arrays).
-static DMA_FRAMES: AtomicU64 = AtomicU64::new(0);
+/// The firmware's allocator and stage-1 map, for the hal's balloon memory.
+pub struct FirmwareMem;
 
-/// The page array, for the fault note (read without the allocator's lock:
-/// a fault may happen while it is held).
-static PAGE_ARRAY: AtomicPtr<PageArray<'static>> = AtomicPtr::new(core::ptr::null_mut());
-
-/// The crash report's line about a faulting address: says when the frame
-/// is ballooned (Offline: the host has it, the firmware unmapped it).
-fn fault_note(far: u64) -> Option<&'static str> {
-    let pa = PAGE_ARRAY.load(Ordering::Acquire);
-    // SAFETY: set once from the allocator's `&'static PageArray`; the page
-    // array is shared and its words are atomics, safe to read anywhere.
-    let pa = unsafe { pa.as_ref() }?;
-    match pa.word(Pfn(far / PAGE_SIZE)).ok()?.frame_type()? {
-        FrameType::Offline => Some("ballooned (Offline: given to the host, unmapped)"),
-        FrameType::Free => Some("free (owned by the frame allocator)"),
-        _ => None,
-    }
-}
-
-/// Writes every free frame once, so that QEMU's resident memory holds the
-/// guest's RAM and a balloon inflate visibly gives it back (QEMU counts
-/// only pages the guest wrote). Every free block is taken (as a transient
-/// frozen allocation, largest first), filled, chained through its first
-/// word, then all are freed again. Returns the frames touched.
-pub fn touch_free_memory() -> u64 {
-    const END: u64 = u64::MAX;
-    let mut head = END;
-    let mut touched = 0;
-    for order in [9u8, 4, 0] {
-        while let Ok(Ok(pfn)) = FRAMES.with(|fa| fa.alloc_frozen(order, FrozenKind::Guard)) {
-            let pa = pfn.addr().0;
-            // SAFETY: the frames were just allocated to us and are identity
-            // mapped read-write; the first word links to the previous block.
-            unsafe {
-                core::ptr::write_bytes(pa as *mut u8, 0x5a, (PAGE_SIZE << order) as usize);
-                core::ptr::write(pa as *mut u64, head);
-            }
-            head = (pfn.0 << 8) | order as u64;
-            touched += 1u64 << order;
-        }
-    }
-    while head != END {
-        let (pfn, order) = (Pfn(head >> 8), (head & 0xff) as u8);
-        // SAFETY: a block we allocated and linked above, still ours.
-        let next = unsafe { core::ptr::read(pfn.addr().0 as *const u64) };
-        let _ = FRAMES.with(|fa| fa.free_frozen(pfn, order));
-        head = next;
-    }
-    touched
-}
-
-fn order_of(pages: usize) -> u8 {
-    pages.max(1).next_power_of_two().trailing_zeros() as u8
-}
-
-/// Virtqueue memory from the frame allocator, identity mapped.
-pub struct FirmwareDma;
-
-// SAFETY: dma_alloc returns zeroed, page-aligned frames of our own that
-// nothing else uses until dma_dealloc; RAM is identity mapped, so the
-// pointer is valid at the physical address; share/unshare are identity and
-// do nothing.
-unsafe impl Hal for FirmwareDma {
-    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (DmaAddr, NonNull<u8>) {
-        let order = order_of(pages);
-        match FRAMES.with(|fa| fa.alloc_frozen(order, FrozenKind::Slab)) {
-            Ok(Ok(pfn)) => {
-                let pa = pfn.addr().0;
-                let bytes = (PAGE_SIZE << order) as usize;
-                // SAFETY: the frames were just allocated to us and are
-                // identity mapped read-write.
-                unsafe { core::ptr::write_bytes(pa as *mut u8, 0, bytes) };
-                DMA_FRAMES.fetch_add(1 << order, Ordering::Relaxed);
-                (
-                    pa,
-                    NonNull::new(pa as *mut u8).unwrap_or(NonNull::dangling()),
-                )
-            }
-            _ => (0, NonNull::dangling()),
-        }
-    }
-
-    unsafe fn dma_dealloc(paddr: DmaAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
-        let order = order_of(pages);
-        match FRAMES.with(|fa| fa.free_frozen(Pfn(paddr / PAGE_SIZE), order)) {
-            Ok(Ok(())) => {
-                DMA_FRAMES.fetch_sub(1 << order, Ordering::Relaxed);
-                0
-            }
-            _ => -1,
-        }
-    }
-
-    unsafe fn mmio_phys_to_virt(paddr: DmaAddr, _size: usize) -> NonNull<u8> {
-        NonNull::new(paddr as *mut u8).unwrap_or(NonNull::dangling())
-    }
-
-    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> DmaAddr {
-        buffer.as_ptr().cast::<u8>() as u64
-    }
-
-    unsafe fn unshare(_paddr: DmaAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
-}
-
-// SAFETY: `share` is the identity and `unshare` does nothing (above); the
-// policy's buffers are its own Slab frames, identity mapped.
-unsafe impl IdentityDma for FirmwareDma {}
-
-/// The firmware side of the policy: the global allocator and stage-1 map.
-pub struct FirmwareEnv;
-
-// SAFETY: RAM is identity mapped, so a frame's running address is its
-// physical address; Slab frames the policy allocated are its own; the
-// allocator is always the global one.
-unsafe impl BalloonEnv for FirmwareEnv {
-    type Mem = LinearMap;
-
-    fn with_frames<R>(&mut self, f: impl FnOnce(&mut Frames) -> R) -> Result<R, BalloonError> {
+impl FirmwareMemory for FirmwareMem {
+    fn with_frames<R>(f: impl FnOnce(&mut Frames) -> R) -> Result<R, BalloonError> {
         FRAMES.with(f).map_err(|_| BalloonError::FramesBusy)
     }
 
-    fn unmap(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
+    fn unmap(pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         STAGE1
             .with(|s| s.unmap(VirtAddr(pfn.addr().0), pages * PAGE_SIZE))
             .map_err(|_| BalloonError::FramesBusy)?
             .map_err(BalloonError::Map)
     }
 
-    fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
+    fn map(pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         STAGE1
             .with(|s| {
                 s.map(
@@ -169,17 +56,18 @@ unsafe impl BalloonEnv for FirmwareEnv {
             .map_err(BalloonError::Map)
     }
 
-    fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
+    fn refold(pfn: Pfn, pages: u64) -> Result<(), BalloonError> {
         STAGE1
             .with(|s| s.refold(VirtAddr(pfn.addr().0), pages * PAGE_SIZE))
             .map_err(|_| BalloonError::FramesBusy)?
             .map_err(BalloonError::Map)
     }
-
-    fn frame(&mut self, pfn: Pfn) -> NonNull<u8> {
-        NonNull::new(pfn.addr().0 as *mut u8).unwrap_or(NonNull::dangling())
-    }
 }
+
+/// The policy's environment: the hal's identity-mapped balloon memory.
+pub type FirmwareEnv = LinearEnv<FirmwareMem>;
+/// Virtqueue memory.
+pub type FirmwareDma = LinearDma<FirmwareMem>;
 
 fn now_ns() -> u64 {
     hal::timer::ticks_to_ns(hal::timer::ticks())
@@ -187,8 +75,7 @@ fn now_ns() -> u64 {
 
 fn idle_forever() -> ! {
     loop {
-        // SAFETY: WFI has no memory effects; it only idles the core.
-        unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) }
+        hal::irq::wait_for_interrupt();
     }
 }
 
@@ -204,13 +91,30 @@ pub struct SettleReport {
     pub lint: usize,
     /// TLB entries the map needs now.
     pub tlb_entries: u64,
-    /// The boot map's optimum.
+    /// The optimum: the boot map's, plus what the device windows mapped
+    /// after boot (the GIC's) cost when the balloon started empty.
     pub boot_optimum: u64,
+}
+
+/// TLB entries of device windows mapped after the boot map (the GIC's),
+/// measured when the balloon starts.
+static LATER_DEVICE_ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+fn tlb_entries() -> u64 {
+    STAGE1
+        .with(|s| s.summary().tlb_entries())
+        .unwrap_or(u64::MAX)
+}
+
+fn boot_optimum() -> u64 {
+    BOOT_MAP
+        .with(|m| m.optimum.tlb_entries())
+        .unwrap_or(u64::MAX)
 }
 
 /// Checks the frame accounting, the linter and the footprint.
 pub fn check(b: &Balloon) -> SettleReport {
-    let dma = DMA_FRAMES.load(Ordering::Relaxed);
+    let dma = hal::virtio::linear::dma_frames();
     let (consistent, offline, slab) = FRAMES
         .with(|fa| {
             (
@@ -220,14 +124,12 @@ pub fn check(b: &Balloon) -> SettleReport {
             )
         })
         .unwrap_or((false, u64::MAX, u64::MAX));
-    let frames_ok = consistent && offline == b.offline_frames() && slab == b.own_frames() + dma;
+    let frames_ok = consistent
+        && offline == b.offline_frames() + b.reporting_frames()
+        && slab == b.own_frames() + dma;
     let lint = crate::mm::lint().unwrap_or(usize::MAX);
-    let tlb_entries = STAGE1
-        .with(|s| s.summary().tlb_entries())
-        .unwrap_or(u64::MAX);
-    let boot_optimum = BOOT_MAP
-        .with(|m| m.optimum.tlb_entries())
-        .unwrap_or(u64::MAX);
+    let tlb_entries = tlb_entries();
+    let boot_optimum = boot_optimum().saturating_add(LATER_DEVICE_ENTRIES.load(Ordering::Relaxed));
     SettleReport {
         frames_ok,
         offline,
@@ -243,15 +145,19 @@ pub fn check(b: &Balloon) -> SettleReport {
 /// ballooned frame once the balloon has settled with pages in it (the
 /// crash report then says the frame is ballooned).
 pub fn run(platform: &Platform<'static>) -> ! {
-    if let Ok(pa) = FRAMES.with(|fa| fa.page_array()) {
-        PAGE_ARRAY.store(core::ptr::from_ref(pa).cast_mut(), Ordering::Release);
-        hal::exception::set_fault_note(fault_note);
-    }
+    let mut env = match FirmwareEnv::new() {
+        Ok(e) => e,
+        Err(e) => {
+            defmt::error!("balloon: no usable memory: {}", e);
+            idle_forever()
+        }
+    };
+    hal::exception::set_fault_note(hal::virtio::linear::fault_note);
     let args = platform.bootargs.unwrap_or("");
     let has = |w: &str| args.split_ascii_whitespace().any(|a| a == w);
     if has("balloon.touch") {
         let t0 = now_ns();
-        let n = touch_free_memory();
+        let n = env.touch_free_memory();
         defmt::info!(
             "balloon: touched {=u64} free frames ({=u64} MiB) in {=u64} ms",
             n,
@@ -266,16 +172,14 @@ pub fn run(platform: &Platform<'static>) -> ! {
     } else {
         SelfTest::None
     };
-    // SAFETY: the boot map maps every virtio-mmio window Device-nGnRE and
-    // nothing else touches them; this runs once.
-    let (transport, node) =
-        match unsafe { hal::virtio::find(platform, hal::virtio::DEVICE_ID_BALLOON) } {
-            Ok(t) => t,
-            Err(e) => {
-                defmt::warn!("balloon: no device ({})", e);
-                idle_forever()
-            }
-        };
+    let transport = match hal::virtio::claim(platform, hal::virtio::DEVICE_ID_BALLOON) {
+        Ok(t) => t,
+        Err(e) => {
+            defmt::warn!("balloon: no device ({})", e);
+            idle_forever()
+        }
+    };
+    let node = transport.window();
     let mut dev = match VirtioBalloon::<FirmwareDma>::new(transport) {
         Ok(d) => d,
         Err(e) => {
@@ -283,7 +187,6 @@ pub fn run(platform: &Platform<'static>) -> ! {
             idle_forever()
         }
     };
-    let mut env = FirmwareEnv;
     // Without FEAT_BBM level 2 a block split of the live linear map breaks
     // the block first, and the engine may then write a table inside it:
     // move in whole 2 MiB chunks there (unmapping a block never splits).
@@ -293,6 +196,7 @@ pub fn run(platform: &Platform<'static>) -> ! {
     let mut b = Balloon::new(BalloonConfig {
         reserve_pages: RESERVE_PAGES,
         min_chunk_order: if bbm2 { 0 } else { 9 },
+        report_free: has("balloon.report"),
         ..BalloonConfig::DEFAULT
     });
     if let Err(e) = b.start(&mut dev, &mut env) {
@@ -305,7 +209,49 @@ pub fn run(platform: &Platform<'static>) -> ! {
         dev.offered(),
         b.features()
     );
-    serve(&mut b, &mut dev, &mut env, selftest)
+    let events = attach_interrupt(&dev, &node);
+    // The map holds the boot map (at its optimum) and the GIC's windows.
+    LATER_DEVICE_ENTRIES.store(
+        tlb_entries().saturating_sub(boot_optimum()),
+        Ordering::Relaxed,
+    );
+    serve(&mut b, &mut dev, &mut env, selftest, events)
+}
+
+/// Brings the GIC up and attaches the balloon's interrupt (from the device
+/// tree); `None` (the service loop then polls) if either fails.
+fn attach_interrupt(
+    dev: &VirtioBalloon<FirmwareDma>,
+    node: &hal::dtb::VirtioMmio,
+) -> Option<hal::virtio::irq::Events> {
+    let irqs = match crate::interrupts::init() {
+        Ok(i) => i,
+        Err(e) => {
+            defmt::warn!("balloon: no interrupts ({}), polling", e);
+            return None;
+        }
+    };
+    let irq = match irqs.device_interrupt("virtio,mmio", node.region.base) {
+        Ok(i) => i,
+        Err(e) => {
+            defmt::warn!("balloon: no interrupt in the device tree ({}), polling", e);
+            return None;
+        }
+    };
+    match dev.attach_interrupt(&irq) {
+        Ok(ev) => {
+            hal::irq::unmask_irqs();
+            defmt::info!(
+                "balloon: interrupt-driven, INTID {=u32}; the service loop sleeps in WFI",
+                irq.intid.raw()
+            );
+            Some(ev)
+        }
+        Err(e) => {
+            defmt::warn!("balloon: interrupt not attached ({}), polling", e);
+            None
+        }
+    }
 }
 
 /// What to do once the balloon has settled with pages in it.
@@ -364,17 +310,21 @@ fn serve(
     dev: &mut VirtioBalloon<FirmwareDma>,
     env: &mut FirmwareEnv,
     mut selftest: SelfTest,
+    events: Option<hal::virtio::irq::Events>,
 ) -> ! {
     let mut last: Status = b.status();
     let mut moving_since: Option<u64> = None;
     let mut last_err: Option<BalloonError> = None;
+    let mut last_reported = 0;
     defmt::info!(
         "balloon: up, target {=u32} pages, actual {=u32}",
         last.num_pages,
         last.actual
     );
     loop {
-        let _ = dev.ack_interrupt();
+        if events.is_none() {
+            let _ = dev.ack_interrupt();
+        }
         let now = now_ns();
         match b.service(dev, env, now) {
             Ok(_) => last_err = None,
@@ -386,6 +336,17 @@ fn serve(
             }
         }
         let s = b.status();
+        let rc = b.reporter().counters();
+        if rc.reported != last_reported && b.reporting_frames() == 0 {
+            last_reported = rc.reported;
+            defmt::info!(
+                "balloon: reported {=u64} free 2 MiB blocks ({=u64} MiB) to the host; {=u64} skipped as unused since; frames {=str}",
+                rc.reported,
+                rc.reported * 2,
+                rc.skipped_unused,
+                if check(b).frames_ok { "ok" } else { "LOST" }
+            );
+        }
         if s.num_pages != last.num_pages {
             defmt::info!(
                 "balloon: target {=u32} pages ({=u64} MiB)",
@@ -406,7 +367,7 @@ fn serve(
                 let r = check(b);
                 let c = b.counters();
                 defmt::info!(
-                    "balloon settled: actual {=u32} pages in {=u64} ms; offline {=u64}; frames {=str}; lint {=usize}; TLB entries {=u64} (boot optimum {=u64}); {=u64} batches, {=u64} notifications, {=u64} descriptors",
+                    "balloon settled: actual {=u32} pages in {=u64} ms; offline {=u64}; frames {=str}; lint {=usize}; TLB entries {=u64} (boot optimum {=u64}); {=u64} batches, {=u64} notifications, {=u64} descriptors, {=u64} interrupts",
                     s.actual,
                     (now_ns() - t0) / 1_000_000,
                     r.offline,
@@ -416,7 +377,8 @@ fn serve(
                     r.boot_optimum,
                     c.batches,
                     c.notifications,
-                    c.descriptors
+                    c.descriptors,
+                    events.as_ref().map_or(0, hal::virtio::irq::Events::count)
                 );
                 if selftest == SelfTest::DeflateOnOom && s.actual > 0 {
                     selftest = SelfTest::None;
@@ -429,17 +391,33 @@ fn serve(
                             "selftest: reading ballooned frame {=u64:#x} on purpose",
                             addr
                         );
-                        // SAFETY: not sound on purpose: the frame is unmapped,
-                        // the read faults and the handler ends the run.
-                        let v = unsafe { core::ptr::read_volatile(addr as *const u64) };
-                        defmt::error!("selftest: the read did not fault (got {=u64:#x})", v);
+                        match hal::virtio::read_unmapped_on_purpose(addr) {
+                            Some(v) => {
+                                defmt::error!("selftest: the read did not fault (got {=u64:#x})", v)
+                            }
+                            None => defmt::error!("selftest: the ballooned frame is mapped"),
+                        }
                     }
                 }
             }
         }
         last = s;
-        if s.op == Op::Idle {
-            hal::timer::delay_us(IDLE_POLL_US);
+        match (&events, last_err) {
+            // Sleep in WFI until the device interrupts: a config change (new
+            // target) or a used buffer (a batch or the stats buffer back).
+            // The handler has acknowledged it already.
+            (Some(ev), None) => {
+                hal::irq::wait_until(|| ev.pending());
+                ev.take();
+            }
+            // An error may need another look without an interrupt (a config
+            // that read unstable, a busy allocator): retry after a while.
+            (Some(_), Some(_)) => hal::timer::delay_us(POLL_US),
+            (None, _) => {
+                if s.op == Op::Idle {
+                    hal::timer::delay_us(POLL_US);
+                }
+            }
         }
     }
 }

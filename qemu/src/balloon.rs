@@ -105,6 +105,15 @@ pub enum Scenario {
     /// MiB, then back to all of RAM: every settle report clean, 0 frames
     /// lost, footprint back.
     Cycles(u32, u64),
+    /// Balloon to half, then sit idle: QEMU's own CPU time over a few
+    /// seconds (from /proc/PID/stat) stays a small fraction of one core,
+    /// because the service loop sleeps in WFI; then back to all of RAM.
+    /// Both moves are interrupt-driven (the settle lines count them).
+    IdleCpu,
+    /// RAM written first, free page reporting on: QEMU's resident memory
+    /// drops without any inflate (the host discards the reported free
+    /// blocks), every frame accounted for; then half and back as usual.
+    Reporting,
 }
 
 impl Scenario {
@@ -113,7 +122,8 @@ impl Scenario {
             Scenario::RoundTrip => "balloon.touch",
             Scenario::TouchFaults => "selftest=balloon-touch",
             Scenario::OomDeflates => "selftest=balloon-oom",
-            Scenario::Cycles(..) => "",
+            Scenario::Cycles(..) | Scenario::IdleCpu => "",
+            Scenario::Reporting => "balloon.touch balloon.report",
         }
     }
 }
@@ -207,7 +217,17 @@ struct Findings {
     stats: Option<(u64, u64)>,
     /// The deflate-on-OOM report and `query-balloon` after it.
     oom: Option<(String, u64)>,
+    /// QEMU's CPU time over wall time while the ballooned guest was idle.
+    idle_cpu: Option<f64>,
+    /// The firmware's reporting line and QEMU's resident memory (KiB) after.
+    reported: Option<(String, Option<u64>)>,
 }
+
+/// Seconds the idle guest is watched for.
+const IDLE_WATCH: Duration = Duration::from_secs(4);
+/// The most of one host core an idle ballooned guest may cost QEMU (a
+/// polling loop costs all of it; WFI costs about nothing).
+pub const IDLE_CPU_BOUND: f64 = 0.10;
 
 fn scenario(
     q: &mut Qmp<SocketIo>,
@@ -246,12 +266,29 @@ fn scenario(
         f.oom = Some((line, actual));
         return Ok(f);
     }
+    if which == Scenario::Reporting {
+        let (i, line) = wait_line(
+            seen,
+            from,
+            |l| l.starts_with("balloon: reported"),
+            Duration::from_secs(60),
+        )?;
+        from = i + 1;
+        // QEMU discards each report as it comes: give the last ones a moment.
+        std::thread::sleep(Duration::from_millis(500));
+        f.reported = Some((line, qemu_rss_kib(qmp_path)));
+    }
     f.rss.push(qemu_rss_kib(qmp_path));
     let targets = match which {
         Scenario::Cycles(n, step) => random_targets(ram, n, step),
         _ => vec![ram / 2, ram],
     };
-    for target in targets {
+    for (k, target) in targets.into_iter().enumerate() {
+        if which == Scenario::IdleCpu && k == 1 {
+            // Let the last log lines drain, then watch QEMU sit idle.
+            std::thread::sleep(Duration::from_millis(500));
+            f.idle_cpu = Some(qemu_cpu_fraction(qmp_path, IDLE_WATCH)?);
+        }
         let t0 = Instant::now();
         q.balloon(target).map_err(|e| e.to_string())?;
         wait_actual(q, target, Duration::from_secs(120))?;
@@ -368,10 +405,63 @@ pub fn system_test(
         }
         Scenario::RoundTrip => judge_round_trip(&b.ending, &f, ram, true),
         Scenario::Cycles(..) => judge_round_trip(&b.ending, &f, ram, false),
+        Scenario::IdleCpu => judge_idle(&b, &f, ram),
+        Scenario::Reporting => judge_reporting(&b, &f, ram),
     });
     verdict
         .map(|()| b.elapsed)
         .map_err(|e| format!("{e}\n{}", b.transcript()))
+}
+
+fn judge_idle(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<(), String> {
+    judge_round_trip(&b.ending, f, ram, false)?;
+    let cpu = f.idle_cpu.ok_or("QEMU's CPU time was not measured")?;
+    println!(
+        "  idle ballooned guest: QEMU used {:.1}% of a core over {} s (bound {:.0}%)",
+        cpu * 100.0,
+        IDLE_WATCH.as_secs(),
+        IDLE_CPU_BOUND * 100.0
+    );
+    if cpu > IDLE_CPU_BOUND {
+        return Err(format!(
+            "an idle ballooned guest costs QEMU {:.1}% of a core",
+            cpu * 100.0
+        ));
+    }
+    if !b.logged("balloon: interrupt-driven") {
+        return Err("the balloon's interrupt was not attached".into());
+    }
+    for mv in &f.moves {
+        let irqs = interrupts_of(&mv.settled).unwrap_or(0);
+        if irqs == 0 {
+            return Err(format!("a move with no interrupt taken: {}", mv.settled));
+        }
+    }
+    Ok(())
+}
+
+fn judge_reporting(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<(), String> {
+    judge_round_trip(&b.ending, f, ram, false)?;
+    let (line, rss) = f.reported.as_ref().ok_or("no reporting line")?;
+    let rss_mib = rss.ok_or("QEMU's resident memory could not be read")? >> 10;
+    println!("  {line}; QEMU RSS then {rss_mib} MiB");
+    if !line.ends_with("frames ok") {
+        return Err(format!("frames lost while reporting: {line}"));
+    }
+    // RAM was written in full (about 1 GiB resident): most of it was free
+    // and reported, so the host let go of most of it.
+    if rss_mib << 20 > ram / 2 {
+        return Err(format!(
+            "QEMU still holds {rss_mib} MiB after free page reporting"
+        ));
+    }
+    Ok(())
+}
+
+/// The interrupt count at the end of a settle line.
+pub fn interrupts_of(line: &str) -> Option<u64> {
+    let s = line.strip_suffix(" interrupts")?;
+    s.rsplit(' ').next()?.parse().ok()
 }
 
 fn judge_round_trip(
@@ -458,9 +548,9 @@ fn newest_socket() -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-/// Resident memory (kB) of the QEMU process serving `qmp_path`, found by
+/// The /proc directory of the QEMU process serving `qmp_path`, found by
 /// its command line.
-pub fn qemu_rss_kib(qmp_path: &Path) -> Option<u64> {
+pub fn qemu_proc(qmp_path: &Path) -> Option<PathBuf> {
     let needle = qmp_path.to_string_lossy().into_owned();
     for e in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
         let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
@@ -468,12 +558,44 @@ pub fn qemu_rss_kib(qmp_path: &Path) -> Option<u64> {
         };
         let cmdline = String::from_utf8_lossy(&cmdline);
         if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
-            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            return line.split_whitespace().nth(1)?.parse().ok();
+            return Some(e.path());
         }
     }
     None
+}
+
+/// Resident memory (kB) of the QEMU process serving `qmp_path`.
+pub fn qemu_rss_kib(qmp_path: &Path) -> Option<u64> {
+    let status = std::fs::read_to_string(qemu_proc(qmp_path)?.join("status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// User plus system CPU time, in clock ticks, from a /proc/PID/stat line
+/// (fields 14 and 15, counted after the parenthesised command name, which
+/// may hold spaces).
+pub fn cpu_ticks_of_stat(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+}
+
+/// QEMU's CPU time over `watch` of wall time (1.0 = one core busy).
+pub fn qemu_cpu_fraction(qmp_path: &Path, watch: Duration) -> Result<f64, String> {
+    let dir = qemu_proc(qmp_path).ok_or("no QEMU process")?;
+    let ticks = || {
+        std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(cpu_ticks_of_stat)
+            .ok_or_else(|| format!("unreadable {}/stat", dir.display()))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (t0, w0) = (ticks()?, Instant::now());
+    std::thread::sleep(watch);
+    let (t1, w1) = (ticks()?, Instant::now());
+    Ok((t1.saturating_sub(t0)) as f64 / hz / (w1 - w0).as_secs_f64())
 }
 
 /// Sets the target, shows `actual` moving until it reaches `size` (or 120 s
@@ -655,5 +777,16 @@ mod tests {
         let bad = l.replace("frames ok", "frames LOST");
         assert_eq!(parse_settled(&bad).map(|p| p.1), Some(false));
         assert_eq!(parse_settled("ready"), None);
+        assert_eq!(interrupts_of(l), None);
+        let with_irqs = format!("{l}, 17 interrupts");
+        assert_eq!(interrupts_of(&with_irqs), Some(17));
+        assert_eq!(parse_settled(&with_irqs), Some((131072, true, 0, 420, 154)));
+    }
+
+    #[test]
+    fn cpu_ticks_come_from_fields_14_and_15() {
+        let stat = "4242 (qemu-system-aar ch64) S 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0";
+        assert_eq!(cpu_ticks_of_stat(stat), Some(281));
+        assert_eq!(cpu_ticks_of_stat("garbage"), None);
     }
 }

@@ -1068,6 +1068,10 @@ fn add_board_jobs(
             el,
             ..Machine::default()
         };
+        let gicv3 = Machine {
+            gic_version: 3,
+            ..Machine::default()
+        };
         for (name, which, machine) in [
             ("balloon_1g_to_512m_and_back", RoundTrip, on("max", 1)),
             (
@@ -1076,6 +1080,10 @@ fn add_board_jobs(
                 on("cortex-a53", 1),
             ),
             ("balloon_1g_to_512m_and_back", RoundTrip, on("max", 2)),
+            ("balloon_1g_to_512m_and_back", RoundTrip, gicv3.clone()),
+            ("balloon_idle_costs_no_host_cpu", IdleCpu, on("max", 1)),
+            ("balloon_idle_costs_no_host_cpu", IdleCpu, gicv3.clone()),
+            ("balloon_free_page_reporting", Reporting, on("max", 1)),
             (
                 "balloon_touch_of_ballooned_frame_faults",
                 TouchFaults,

@@ -67,6 +67,7 @@ struct Q<H: Hal> {
 /// A virtio-balloon device over virtio-mmio.
 pub struct VirtioBalloon<H: IdentityDma> {
     t: MmioTransport<'static>,
+    base: u64,
     offered: u64,
     features: u64,
     queues: [Option<Q<H>>; 4],
@@ -82,10 +83,12 @@ fn slot(q: Queue) -> usize {
 }
 
 impl<H: IdentityDma> VirtioBalloon<H> {
-    /// Brings the device behind `t` up to just before DRIVER_OK.
-    pub fn new(t: MmioTransport<'static>) -> Result<Self, DeviceError> {
+    /// Brings the device behind `c` up to just before DRIVER_OK.
+    pub fn new(c: super::Claimed) -> Result<Self, DeviceError> {
+        let base = c.window().region.base;
         let mut d = Self {
-            t,
+            t: c.transport,
+            base,
             offered: 0,
             features: 0,
             queues: [None, None, None, None],
@@ -97,6 +100,16 @@ impl<H: IdentityDma> VirtioBalloon<H> {
     /// The features the device offered.
     pub fn offered(&self) -> u64 {
         self.offered
+    }
+
+    /// Attaches the transport's interrupt (`irq`, from the device tree):
+    /// from now on its handler acknowledges InterruptStatus and records it
+    /// in the returned [`super::irq::Events`].
+    pub fn attach_interrupt(
+        &self,
+        irq: &crate::irq::Interrupt,
+    ) -> Result<super::irq::Events, super::irq::VirtioIrqError> {
+        super::irq::attach(self.base, irq)
     }
 
     /// Acknowledges the interrupt status (used-buffer and config-change

@@ -11,11 +11,14 @@
 //! reported as [`ProbeError::Legacy`].
 
 pub mod balloon;
+pub mod irq;
+pub mod linear;
 
 pub use virtio_drivers;
 
 use crate::dtb::{Platform, VirtioMmio};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion, VirtIOHeader};
 
 /// virtio device ID of the traditional memory balloon (virtio 1.2, 5).
@@ -39,6 +42,133 @@ pub enum ProbeError {
         /// Its register window.
         base: u64,
     },
+    /// The window is not mapped as Device memory at its own address.
+    NotMapped {
+        /// Its register window.
+        base: u64,
+    },
+    /// The device's transport was claimed already.
+    AlreadyClaimed {
+        /// Its register window.
+        base: u64,
+    },
+}
+
+/// Windows handed out by [`claim`] (a transport is used through one
+/// `MmioTransport` only).
+static CLAIMED: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+
+/// What `AT S1E1R` says about `va` (Arm ARM D8.14, PAR_EL1): `Some(attr)`
+/// (the MAIR-format attribute byte) when it translates to itself, `None`
+/// when it faults or goes elsewhere.
+fn identity_attr(va: u64) -> Option<u8> {
+    let par: u64;
+    // SAFETY: an address translation instruction reads the tables and
+    // writes PAR_EL1 only; it accesses no memory at `va` and cannot fault.
+    unsafe {
+        core::arch::asm!(
+            "at s1e1r, {va}",
+            "isb",
+            "mrs {par}, par_el1",
+            va = in(reg) va,
+            par = out(reg) par,
+            options(nostack, preserves_flags),
+        )
+    };
+    let pa = par & 0x0000_ffff_ffff_f000;
+    (par & 1 == 0 && pa == va & !0xfff).then_some((par >> 56) as u8)
+}
+
+/// Whether `[base, base + size)` is mapped as Device memory (MAIR
+/// attribute `0b0000_xx00`) at its own address, page by page.
+pub fn is_identity_device(base: u64, size: u64) -> bool {
+    let end = base.saturating_add(size.max(1));
+    let mut va = base & !0xfff;
+    while va < end {
+        match identity_attr(va) {
+            Some(attr) if attr & 0xf0 == 0 => {}
+            _ => return false,
+        }
+        va += 0x1000;
+    }
+    true
+}
+
+/// Whether `va` does not translate at all (a read of it faults).
+pub fn is_unmapped(va: u64) -> bool {
+    let par: u64;
+    // SAFETY: as in `identity_attr`.
+    unsafe {
+        core::arch::asm!(
+            "at s1e1r, {va}",
+            "isb",
+            "mrs {par}, par_el1",
+            va = in(reg) va,
+            par = out(reg) par,
+            options(nostack, preserves_flags),
+        )
+    };
+    par & 1 == 1
+}
+
+/// Reads the 64-bit word at `va` after checking that `va` is unmapped, so
+/// the read faults and the exception handler reports it and ends the run
+/// (a self-test of the crash report). Returns what was read if it did not
+/// fault, or `None` when `va` is mapped (nothing is read then).
+pub fn read_unmapped_on_purpose(va: u64) -> Option<u64> {
+    if !is_unmapped(va & !7) {
+        return None;
+    }
+    // SAFETY: `va` has no translation (checked just above with IRQs
+    // irrelevant: nothing maps it meanwhile on this core), so the read
+    // cannot touch memory; it takes a data abort whose handler reports it
+    // and exits.
+    Some(unsafe { core::ptr::read_volatile((va & !7) as *const u64) })
+}
+
+/// Opens the transport of the first modern virtio-mmio device whose
+/// device ID is `device_id`, after checking that every window it reads is
+/// mapped as Device memory at its own address; the returned transport's
+/// window is claimed, so a second `claim` of it is refused.
+pub fn claim(platform: &Platform<'_>, device_id: u32) -> Result<Claimed, ProbeError> {
+    for v in platform.virtio_mmio() {
+        if !is_identity_device(v.region.base, v.region.size.min(0x1000)) {
+            return Err(ProbeError::NotMapped {
+                base: v.region.base,
+            });
+        }
+    }
+    let claimed = |base: u64| CLAIMED.iter().any(|c| c.load(Ordering::Acquire) == base);
+    // SAFETY: every window is mapped Device memory (checked above); the
+    // windows already claimed are skipped below, and `find` only reads
+    // the header registers of the others, which no transport owns.
+    let (t, v) = unsafe { find_unclaimed(platform, device_id, &claimed) }?;
+    let slot = CLAIMED
+        .iter()
+        .find(|c| {
+            c.compare_exchange(0, v.region.base, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+        .ok_or(ProbeError::AlreadyClaimed {
+            base: v.region.base,
+        });
+    slot.map(|_| Claimed {
+        transport: t,
+        window: v,
+    })
+}
+
+/// A transport [`claim`] handed out: its window is used through it only.
+pub struct Claimed {
+    pub(crate) transport: MmioTransport<'static>,
+    window: VirtioMmio,
+}
+
+impl Claimed {
+    /// The transport's device-tree node (window, interrupt).
+    pub fn window(&self) -> VirtioMmio {
+        self.window
+    }
 }
 
 /// Opens the transport of the first modern virtio-mmio device whose device
@@ -54,8 +184,28 @@ pub unsafe fn find(
     platform: &Platform<'_>,
     device_id: u32,
 ) -> Result<(MmioTransport<'static>, VirtioMmio), ProbeError> {
+    // SAFETY: the caller's contract.
+    unsafe { find_unclaimed(platform, device_id, &|_| false) }
+}
+
+/// [`find`], skipping windows for which `skip` is true.
+///
+/// # Safety
+///
+/// As for [`find`], for the windows not skipped.
+unsafe fn find_unclaimed(
+    platform: &Platform<'_>,
+    device_id: u32,
+    skip: &dyn Fn(u64) -> bool,
+) -> Result<(MmioTransport<'static>, VirtioMmio), ProbeError> {
     let mut first_err = ProbeError::NotFound;
     for v in platform.virtio_mmio() {
+        if skip(v.region.base) {
+            first_err = ProbeError::AlreadyClaimed {
+                base: v.region.base,
+            };
+            continue;
+        }
         let Some(header) = NonNull::new(v.region.base as *mut VirtIOHeader) else {
             continue;
         };

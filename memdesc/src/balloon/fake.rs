@@ -116,6 +116,8 @@ pub struct FakeDevice {
     pub last_stats: Vec<(u16, u64)>,
     /// Whether a stats buffer was posted before DRIVER_OK.
     pub stats_before_driver_ok: bool,
+    /// First PFNs of the free page reports received, in order.
+    pub reports: Vec<u64>,
 }
 
 fn qi(q: Queue) -> usize {
@@ -149,6 +151,7 @@ impl FakeDevice {
             events: Vec::new(),
             last_stats: Vec::new(),
             stats_before_driver_ok: false,
+            reports: Vec::new(),
         };
         d.init_queues();
         d
@@ -228,6 +231,24 @@ impl FakeDevice {
     fn consume(&mut self, q: Queue, chain: &[Buffer]) {
         let world = self.world.borrow();
         for b in chain {
+            if q == Queue::Reporting {
+                let two_mib = 2 << 20;
+                if !b.device_writable {
+                    self.violations
+                        .push("report: device-readable buffer".into());
+                }
+                if b.addr.0 % two_mib != 0 || b.len as u64 % two_mib != 0 || b.len == 0 {
+                    self.violations.push(format!(
+                        "report: {:#x}+{:#x} not whole 2 MiB",
+                        b.addr.0, b.len
+                    ));
+                }
+                if world.unmapped.contains(&(b.addr.0 / PAGE_SIZE)) {
+                    self.violations.push("report of a ballooned frame".into());
+                }
+                self.reports.push(b.addr.0 / PAGE_SIZE);
+                continue;
+            }
             if b.device_writable {
                 self.violations
                     .push(format!("{q:?}: device-writable buffer"));

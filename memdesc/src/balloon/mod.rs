@@ -19,6 +19,7 @@ pub mod error;
 pub mod offline_ext;
 pub mod pfn_array;
 pub mod policy;
+pub mod reporting;
 pub mod stats;
 
 #[cfg(test)]
@@ -37,3 +38,4 @@ pub use pfn_array::{PfnArray, PFNS_PER_FRAME};
 pub use policy::{
     Balloon, BalloonConfig, Counters, Op, Status, MAX_PFNS_PER_DESC, PFNS_PER_CHAIN, TABLE_HEADROOM,
 };
+pub use reporting::{ReportCounters, Reporter, REPORT_ORDER, REPORT_PAGES};

@@ -108,6 +108,19 @@ impl PfnArray {
         Ok(u32::from_le(read_u32(env, page, i)))
     }
 
+    /// Overwrites entry `i` (must be `< len`).
+    pub fn set<E: BalloonEnv>(&mut self, env: &mut E, i: u64, v: u32) -> Result<(), BalloonError> {
+        if i >= self.len {
+            return Err(BalloonError::Corrupt {
+                pfn: Pfn(i),
+                what: "PFN array index out of range",
+            });
+        }
+        let page = self.page_pfn(env, i / PFNS_PER_FRAME)?;
+        write_u32(env, page, i, v);
+        Ok(())
+    }
+
     /// Device address of entry `i` (which must be within capacity).
     pub fn entry_addr<E: BalloonEnv>(&self, env: &mut E, i: u64) -> Result<PhysAddr, BalloonError> {
         let page = self.page_pfn(env, i / PFNS_PER_FRAME)?;

@@ -27,9 +27,12 @@ use super::device::{feature, BalloonDevice, Buffer, Queue, Used};
 use super::env::BalloonEnv;
 use super::error::BalloonError;
 use super::pfn_array::PfnArray;
+use super::reporting::Reporter;
 use super::stats;
 use crate::addr::Pfn;
 use crate::frames::{FolioRef, FrameError, FrameType, FrozenKind, Owner};
+
+mod compaction;
 
 /// PFNs per descriptor at most (Firecracker and cloud-hypervisor skip
 /// larger descriptors).
@@ -70,6 +73,9 @@ pub struct BalloonConfig {
     /// balloon then moves in whole 2 MiB chunks and stops up to 511 pages
     /// short of a target that is not a multiple of 512.
     pub min_chunk_order: u8,
+    /// Report free 2 MiB blocks on the reporting queue (when
+    /// PAGE_REPORTING is negotiated) each time the balloon is settled.
+    pub report_free: bool,
 }
 
 impl BalloonConfig {
@@ -82,6 +88,7 @@ impl BalloonConfig {
         flap_window_ns: 100_000_000,
         flap_changes: 8,
         min_chunk_order: 0,
+        report_free: false,
     };
 }
 
@@ -138,6 +145,10 @@ pub struct Counters {
     pub oom_pages: u64,
     /// Stats buffers returned by the device and re-posted.
     pub stats_reposts: u64,
+    /// Compactions by PFN done (a block freed by migrating chunks).
+    pub compactions: u64,
+    /// Ballooned frames migrated by compaction.
+    pub migrated: u64,
 }
 
 /// Where the balloon stands.
@@ -190,6 +201,7 @@ pub struct Balloon {
     flap_count: u32,
     flap_reported: bool,
     counters: Counters,
+    reporter: Reporter,
 }
 
 impl Balloon {
@@ -226,8 +238,22 @@ impl Balloon {
                 oom_events: 0,
                 oom_pages: 0,
                 stats_reposts: 0,
+                compactions: 0,
+                migrated: 0,
             },
+            reporter: Reporter::new(),
         }
+    }
+
+    /// Free page reporting state.
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
+    /// Frames Offline because a free page report is in flight (not in
+    /// the PFN arrays, not unmapped).
+    pub fn reporting_frames(&self) -> u64 {
+        self.reporter.in_flight_frames()
     }
 
     /// The configuration.
@@ -369,6 +395,12 @@ impl Balloon {
                 first.get_or_insert(e);
             }
         }
+        if self.cfg.report_free && self.has(feature::PAGE_REPORTING) && self.status().settled() {
+            let floor = self.cfg.reserve_pages + TABLE_HEADROOM;
+            if let Err(e) = self.reporter.report(dev, env, floor) {
+                first.get_or_insert(e);
+            }
+        }
         match first {
             None => Ok(self.status()),
             Some(e) => Err(e),
@@ -432,6 +464,8 @@ impl Balloon {
         self.nchains = 0;
         self.stats_id = None;
         dev.reset().map_err(BalloonError::ResetFailed)?;
+        // The reset device no longer holds the reports in flight.
+        self.reporter.void(env)?;
         self.bring_up(dev, env)
     }
 
@@ -443,6 +477,11 @@ impl Balloon {
         for q in [Queue::Inflate, Queue::Deflate] {
             while let Some(u) = dev.pop_used(q) {
                 self.on_used(dev, env, q, u)?;
+            }
+        }
+        if self.has(feature::PAGE_REPORTING) {
+            while let Some(u) = dev.pop_used(Queue::Reporting) {
+                self.reporter.on_used(env, u)?;
             }
         }
         if self.has(feature::STATS_VQ) {
@@ -542,7 +581,11 @@ impl Balloon {
         env: &mut E,
     ) -> Result<(), BalloonError> {
         let (goal, have) = (self.goal(), self.arr.len());
-        if goal > have {
+        if goal > have && self.reporter.in_flight_frames() > 0 {
+            // Free memory the host holds for a report comes back with its
+            // ack (one interrupt away): inflate then, not short of it now.
+            Ok(())
+        } else if goal > have {
             self.inflate(dev, env, goal - have)
         } else {
             self.floor_limited = false;
@@ -905,8 +948,11 @@ impl Balloon {
         Ok(done)
     }
 
-    /// A folio of `2^order` frames; when the allocator is out of memory and
-    /// DEFLATE_ON_OOM is negotiated, deflates enough for it and retries.
+    /// A folio of `2^order` frames. When the allocator cannot give one:
+    /// if enough frames are free and only the balloon's chunks fragment
+    /// them, compaction by PFN migrates the chunks out of a block
+    /// ([`Balloon::compact_for`]; the balloon keeps its size); otherwise,
+    /// when DEFLATE_ON_OOM is negotiated, deflates enough and retries.
     /// Returns the folio and the pages deflated for it.
     pub fn alloc_folio<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
@@ -918,6 +964,12 @@ impl Balloon {
         match env.with_frames(|fa| fa.alloc_folio(order, owner))? {
             Ok(f) => Ok((f, 0)),
             Err(e @ FrameError::OutOfMemory { .. }) => {
+                let free = env.with_frames(|fa| fa.count(FrameType::Free))?;
+                if free >= 1u64 << order && self.compact_for(dev, env, order)?.is_some() {
+                    if let Ok(f) = env.with_frames(|fa| fa.alloc_folio(order, owner))? {
+                        return Ok((f, 0));
+                    }
+                }
                 if !self.has(feature::DEFLATE_ON_OOM) {
                     return Err(e.into());
                 }

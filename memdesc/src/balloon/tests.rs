@@ -3,6 +3,7 @@
 
 use super::device::feature::*;
 use super::fake::*;
+use super::reporting::{REPORT_ORDER, REPORT_PAGES};
 use super::*;
 use crate::frames::testutil::{alloc, setup};
 use crate::frames::{FolioRef, FrameType, Owner};
@@ -86,7 +87,7 @@ impl Rig {
         fa.check_consistency().unwrap();
         assert_eq!(
             fa.count(FrameType::Offline),
-            self.b.offline_frames(),
+            self.b.offline_frames() + self.b.reporting_frames(),
             "offline frames"
         );
         assert_eq!(
@@ -738,6 +739,298 @@ fn stage1_unmaps_ballooned_frames_and_refolds_after_deflate() {
     assert_eq!(s1(&r).tlb_entries(), optimum.tlb_entries(), "{:?}", s1(&r));
 }
 
+fn reporting_rig(mib: u64) -> Rig {
+    let cfg = BalloonConfig {
+        report_free: true,
+        ..BalloonConfig::DEFAULT
+    };
+    rig_with(mib, QEMU | PAGE_REPORTING, cfg, |_| {})
+}
+
+/// Whole free 2 MiB blocks of the rig, by first PFN.
+fn free_2m_blocks(r: &mut Rig) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut pfn = BASE;
+    while pfn + REPORT_PAGES <= BASE + r.frames {
+        if r.env
+            .fa
+            .alloc_frozen_at(Pfn(pfn), REPORT_ORDER, crate::frames::FrozenKind::Guard)
+            .is_ok()
+        {
+            r.env.fa.free_frozen(Pfn(pfn), REPORT_ORDER).unwrap();
+            out.push(pfn);
+        }
+        pfn += REPORT_PAGES;
+    }
+    out
+}
+
+#[test]
+fn free_page_reporting_reports_each_free_2m_block_once_until_used() {
+    let mut r = reporting_rig(64);
+    r.dev.auto_ack = false;
+    let free = free_2m_blocks(&mut r);
+    assert!(free.len() >= 28, "{} free 2 MiB blocks", free.len());
+    r.step().unwrap();
+    let sent = r.dev.pending(Queue::Reporting);
+    assert!(sent > 0 && sent <= 32, "{sent} reports in one notification");
+    r.check();
+    // In flight: Offline, so the allocator cannot hand them out.
+    assert_eq!(r.b.reporting_frames(), sent as u64 * REPORT_PAGES);
+    let first = Pfn(free[0]);
+    assert!(r.b.reporter().is_in_flight(first));
+    assert!(r
+        .env
+        .fa
+        .alloc_frozen_at(first, 0, crate::frames::FrozenKind::Guard)
+        .is_err());
+    // Serving again before the ack reports nothing twice.
+    r.step().unwrap();
+    assert_eq!(r.dev.pending(Queue::Reporting), sent);
+    // Acked: free again, marked.
+    r.dev.process(Queue::Reporting);
+    for _ in 0..8 {
+        r.step().unwrap();
+        r.check();
+        r.dev.process(Queue::Reporting);
+    }
+    r.step().unwrap();
+    r.check();
+    let mut reports = r.dev.reports.clone();
+    reports.sort_unstable();
+    assert_eq!(reports, free, "every free block reported exactly once");
+    assert_eq!(r.b.reporter().counters().reported, free.len() as u64);
+    assert_eq!(r.b.reporting_frames(), 0);
+    assert!(r.dev.violations.is_empty(), "{:?}", r.dev.violations);
+    // Nothing is reported again while unused...
+    for _ in 0..3 {
+        r.step().unwrap();
+        r.dev.process(Queue::Reporting);
+    }
+    assert_eq!(r.dev.reports.len(), free.len());
+    // ...until it has been used: allocate across a reported block, let a
+    // scan see it in use, give it back: it is reported once more.
+    let f = r.env.fa.alloc_folio(9, Owner::Buddy).unwrap();
+    let used = f.pfn().0;
+    r.held.push(f);
+    r.step().unwrap();
+    r.check();
+    assert!(!r.b.reporter().is_reported(Pfn(used)));
+    let f = r.held.pop().unwrap();
+    r.env.fa.put(f).unwrap();
+    r.step().unwrap();
+    r.dev.process(Queue::Reporting);
+    r.step().unwrap();
+    r.check();
+    assert_eq!(r.dev.reports.len(), free.len() + 1);
+    assert_eq!(r.dev.reports.last(), Some(&used));
+}
+
+#[test]
+fn free_page_reporting_needs_the_feature_and_the_setting() {
+    let mut r = rig(64, QEMU | PAGE_REPORTING);
+    r.step().unwrap();
+    assert!(r.dev.reports.is_empty());
+    let cfg = BalloonConfig {
+        report_free: true,
+        ..BalloonConfig::DEFAULT
+    };
+    let mut r = rig_with(64, QEMU, cfg, |_| {});
+    r.step().unwrap();
+    assert!(r.dev.reports.is_empty());
+}
+
+#[test]
+fn free_page_reporting_leaves_ballooned_frames_alone() {
+    let mut r = reporting_rig(64);
+    r.target(4096);
+    r.settle();
+    for _ in 0..10 {
+        r.step().unwrap();
+        r.check();
+    }
+    assert!(!r.dev.reports.is_empty());
+    assert!(r.dev.violations.is_empty(), "{:?}", r.dev.violations);
+    let ballooned = r.entries();
+    for p in &r.dev.reports {
+        assert!(!ballooned.contains(&(*p as u32)));
+    }
+}
+
+#[test]
+fn bad_report_ack_or_reset_voids_reports_and_loses_nothing() {
+    let mut r = reporting_rig(64);
+    r.dev.auto_ack = false;
+    r.step().unwrap();
+    assert!(r.b.reporting_frames() > 0);
+    r.dev.bad_next = Some(BadUsed::UnknownId);
+    r.dev.process(Queue::Reporting);
+    let e = r.step().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BalloonError::UnknownUsedId {
+                queue: Queue::Reporting,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(resets(&r), 1);
+    r.check();
+    assert!(r.b.reporter().counters().voided > 0);
+    // And DEVICE_NEEDS_RESET with reports in flight.
+    r.step().unwrap();
+    assert!(r.b.reporting_frames() > 0);
+    r.dev.needs_reset = true;
+    assert_eq!(r.step().unwrap_err(), BalloonError::DeviceNeedsReset);
+    r.check();
+    // A too-long used length is a typed error too.
+    r.dev.bad_next = Some(BadUsed::WrongLength(u32::MAX));
+    r.dev.process(Queue::Reporting);
+    let e = r.step().unwrap_err();
+    assert!(matches!(e, BalloonError::WrongUsedLength { .. }), "{e:?}");
+    r.check();
+    // The balloon still works.
+    r.dev.auto_ack = true;
+    r.dev.process(Queue::Reporting);
+    r.target(2048);
+    assert_eq!(r.settle().actual, 2048);
+}
+
+/// A rig whose 2 MiB block `b` is half free, half ballooned in 64 KiB
+/// chunks (224 frames), with 320 free frames elsewhere and no whole free 2 MiB block.
+fn fragmented_rig(features: u64) -> (Rig, u64) {
+    let cfg = BalloonConfig {
+        reserve_pages: 0,
+        ..BalloonConfig::DEFAULT
+    };
+    let mut r = rig_with(16, features, cfg, |_| {});
+    while let Ok(f) = r.env.fa.alloc_folio(4, Owner::Buddy) {
+        r.held.push(f);
+    }
+    while let Ok(f) = r.env.fa.alloc_folio(0, Owner::Buddy) {
+        r.held.push(f);
+    }
+    r.held.sort_by_key(|f| f.pfn().0);
+    let in_block = |f: &FolioRef, b: u64| f.order() == 4 && f.pfn().0 / 512 == b / 512;
+    let b = (BASE..BASE + r.frames)
+        .step_by(512)
+        .find(|&b| r.held.iter().filter(|f| in_block(f, b)).count() == 32)
+        .unwrap();
+    let give_back = |r: &mut Rig, pick: &mut dyn FnMut(usize, &FolioRef) -> bool| {
+        let mut k = 0;
+        let mut i = 0;
+        while i < r.held.len() {
+            if pick(k, &r.held[i]) {
+                let f = r.held.remove(i);
+                r.env.fa.put(f).unwrap();
+            } else {
+                i += 1;
+            }
+            k += 1;
+        }
+    };
+    // Two free frames outside the block for the PFN arrays.
+    let i = r
+        .held
+        .iter()
+        .rposition(|f| f.order() == 4 && !in_block(f, b))
+        .unwrap();
+    let f = r.held.remove(i);
+    r.env.fa.put(f).unwrap();
+    for _ in 0..14 {
+        let f = r.env.fa.alloc_folio(0, Owner::Buddy).unwrap();
+        r.held.push(f);
+    }
+    // Even 64 KiB pieces of the block free, then ballooned.
+    give_back(&mut r, &mut |_, f| {
+        in_block(f, b) && (f.pfn().0 / 16) % 2 == 0
+    });
+    // 14 chunks: the floor (table headroom, array frames) keeps the rest.
+    r.target(224);
+    assert_eq!(r.settle().actual, 224);
+    assert!(r.entries().iter().all(|&p| p as u64 / 512 == b / 512));
+    // The odd ones free too: only the balloon's chunks fragment the block.
+    give_back(&mut r, &mut |_, f| in_block(f, b));
+    // Room elsewhere, scattered (every other 64 KiB piece of other blocks).
+    let mut outside = 0;
+    give_back(&mut r, &mut |_, f| {
+        let pick = outside < 20 && f.order() == 4 && (f.pfn().0 / 16) % 2 == 1;
+        if pick {
+            outside += 1;
+        }
+        pick
+    });
+    r.check();
+    assert!(r
+        .env
+        .fa
+        .alloc_frozen(9, crate::frames::FrozenKind::Guard)
+        .is_err());
+    (r, b)
+}
+
+#[test]
+fn compaction_by_pfn_migrates_ballooned_chunks_out_of_a_free_block() {
+    for features in [QEMU, QEMU | MUST_TELL_HOST] {
+        let (mut r, b) = fragmented_rig(features);
+        let descs = r.env.fa.stats().live_descs;
+        let (f, deflated) =
+            r.b.alloc_folio(&mut r.dev, &mut r.env, 9, Owner::Buddy)
+                .unwrap();
+        assert_eq!(f.pfn().0, b, "the folio is the compacted block");
+        assert_eq!(deflated, 0, "compaction keeps the balloon's size");
+        r.held.push(f);
+        r.check();
+        let c = r.b.counters();
+        assert_eq!((c.compactions, c.migrated, c.oom_events), (1, 224, 0));
+        assert_eq!(r.b.status().actual, 224);
+        assert_eq!(r.dev.actual, 224);
+        let e = r.entries();
+        assert_eq!(e.len(), 224);
+        assert!(e.iter().all(|&p| p as u64 / 512 != b / 512), "moved out");
+        assert_eq!(e, r.dev.host, "the host has the new frames, not the old");
+        // One new descriptor: the folio's. No Offline frame got one.
+        let mut after = r.env.fa.stats().live_descs;
+        after[0] -= 1;
+        assert_eq!(after, descs, "{features:#x}");
+        if features & MUST_TELL_HOST != 0 {
+            // Inflate of the replacements before the deflate of the old.
+            let first_deflate = r
+                .dev
+                .events
+                .iter()
+                .rposition(|e| matches!(e, DevEvent::Notify(Queue::Deflate, _)));
+            let last_inflate = r
+                .dev
+                .events
+                .iter()
+                .rposition(|e| matches!(e, DevEvent::Notify(Queue::Inflate, _)));
+            assert!(last_inflate < first_deflate);
+        }
+        // And it all deflates cleanly.
+        r.target(0);
+        assert_eq!(r.settle().actual, 0);
+    }
+}
+
+#[test]
+fn compaction_is_not_tried_when_memory_is_short() {
+    let (mut r, _) = fragmented_rig(QEMU);
+    // Ask for more than is free at all: no migration, a typed error.
+    let e =
+        r.b.alloc_folio(&mut r.dev, &mut r.env, 11, Owner::Buddy)
+            .err();
+    assert!(matches!(e, Some(BalloonError::Frames(_))), "{e:?}");
+    assert_eq!(r.b.counters().compactions, 0);
+    r.check();
+    // A block with something else in it does not qualify either.
+    let f = r.env.fa.alloc_folio(0, Owner::Buddy).unwrap();
+    r.held.push(f);
+    r.check();
+}
+
 mod property {
     use super::*;
     use proptest::prelude::*;
@@ -755,6 +1048,8 @@ mod property {
         NeedsReset,
         Unstable(u32),
         ReturnStats,
+        ProcessReports,
+        Compact(u8),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -770,6 +1065,8 @@ mod property {
             1 => Just(Step::NeedsReset),
             1 => (0u32..12).prop_map(Step::Unstable),
             1 => Just(Step::ReturnStats),
+            1 => Just(Step::ProcessReports),
+            1 => (4u8..11).prop_map(Step::Compact),
         ]
     }
 
@@ -782,11 +1079,13 @@ mod property {
             features in prop::sample::select(vec![
                 QEMU, QEMU | DEFLATE_ON_OOM, QEMU | MUST_TELL_HOST,
                 QEMU | MUST_TELL_HOST | DEFLATE_ON_OOM, VERSION_1,
+                QEMU | PAGE_REPORTING | DEFLATE_ON_OOM,
             ]),
             reserve in 0u64..600,
+            report_free in any::<bool>(),
             steps in prop::collection::vec(step(), 1..80),
         ) {
-            let cfg = BalloonConfig { reserve_pages: reserve, ..BalloonConfig::DEFAULT };
+            let cfg = BalloonConfig { reserve_pages: reserve, report_free, ..BalloonConfig::DEFAULT };
             let mut r = rig_with(16, features, cfg, |e| e.record = false);
             for s in steps {
                 match s {
@@ -828,6 +1127,16 @@ mod property {
                     Step::NeedsReset => r.dev.needs_reset = true,
                     Step::Unstable(n) => r.dev.unstable_reads = n,
                     Step::ReturnStats => r.dev.return_stats(),
+                    Step::ProcessReports => r.dev.process(Queue::Reporting),
+                    Step::Compact(o) => {
+                        let idle = r.b.status().op == Op::Idle;
+                        let (actual, entries) = (r.b.status().actual, r.b.status().entries);
+                        if let (true, Ok(Some(_))) = (idle, r.b.compact_for(&mut r.dev, &mut r.env, o)) {
+                            // Migration keeps the balloon's size.
+                            prop_assert_eq!(r.b.status().entries, entries);
+                            prop_assert!(r.b.status().actual == actual || r.b.status().actual as u64 == entries);
+                        }
+                    }
                 }
                 r.check();
                 // The balloon only ever takes frames above its floor (other
@@ -848,7 +1157,7 @@ mod property {
             }
             r.check();
             prop_assert_eq!(r.b.status().actual, 0);
-            prop_assert_eq!(r.env.fa.count(FrameType::Offline), 0);
+            prop_assert_eq!(r.env.fa.count(FrameType::Offline), r.b.reporting_frames());
         }
     }
 }

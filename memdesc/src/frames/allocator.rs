@@ -187,6 +187,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         self.pa
     }
 
+    /// The descriptor memory this allocator was built with (it says how a
+    /// frame is reached, e.g. [`LinearMap`]'s offset).
+    #[inline]
+    pub fn desc_memory(&self) -> &M {
+        &self.mem
+    }
+
     /// Frames of type `ty`.
     #[inline]
     pub fn count(&self, ty: FrameType) -> u64 {

@@ -1,0 +1,120 @@
+//! Interrupts of virtio-mmio transports (virtio 1.2, 4.2.2, 4.2.3.5): the
+//! device raises a level interrupt and says why in InterruptStatus (bit 0
+//! used buffer, bit 1 configuration change); the driver writes the bits it
+//! has seen to InterruptACK, which lowers the line.
+//!
+//! A transport's interrupt is attached with [`attach`]: one shared handler
+//! finds the transport by INTID, reads InterruptStatus and acknowledges
+//! exactly those bits in the handler (so a level interrupt cannot storm),
+//! and records them for the service loop in an [`Events`] handle, which
+//! the loop sleeps on with `hal::irq::wait_until(|| events.pending())`.
+
+use crate::irq::{Interrupt, Intid, IrqError};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// InterruptStatus bit: the device used a buffer.
+pub const USED_BUFFER: u32 = 1 << 0;
+/// InterruptStatus bit: the configuration changed.
+pub const CONFIG_CHANGE: u32 = 1 << 1;
+
+const FREE: u32 = u32::MAX;
+const SLOTS: usize = 4;
+
+struct Slot {
+    intid: AtomicU32,
+    base: AtomicU64,
+    events: AtomicU32,
+    count: AtomicU64,
+}
+
+static TABLE: [Slot; SLOTS] = [const {
+    Slot {
+        intid: AtomicU32::new(FREE),
+        base: AtomicU64::new(0),
+        events: AtomicU32::new(0),
+        count: AtomicU64::new(0),
+    }
+}; SLOTS];
+
+/// Why [`attach`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
+pub enum VirtioIrqError {
+    /// All transport slots are taken.
+    TableFull,
+    /// The GIC refused.
+    Irq(IrqError),
+}
+
+/// What a transport's interrupts said since the last [`Events::take`].
+#[derive(Debug)]
+pub struct Events {
+    slot: &'static Slot,
+}
+
+impl core::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+impl Events {
+    /// Whether an interrupt arrived that was not taken yet.
+    pub fn pending(&self) -> bool {
+        self.slot.events.load(Ordering::Acquire) != 0
+    }
+
+    /// The InterruptStatus bits seen since the last call, cleared.
+    pub fn take(&self) -> u32 {
+        self.slot.events.swap(0, Ordering::AcqRel)
+    }
+
+    /// Interrupts taken since [`attach`].
+    pub fn count(&self) -> u64 {
+        self.slot.count.load(Ordering::Relaxed)
+    }
+}
+
+fn on_irq(intid: Intid) {
+    let Some(s) = TABLE
+        .iter()
+        .find(|s| s.intid.load(Ordering::Acquire) == intid.raw())
+    else {
+        return;
+    };
+    let base = s.base.load(Ordering::Acquire);
+    // SAFETY: `base` is a transport window `attach` was given by its owner
+    // (claimed and mapped Device memory for good, see `super::claim`);
+    // InterruptStatus (0x60) and InterruptACK (0x64) are 32-bit registers
+    // whose read has no side effect and whose write only lowers the
+    // interrupt for the bits written, so using them here beside the
+    // transport's own accesses is harmless.
+    let status = unsafe {
+        let status = core::ptr::read_volatile((base + 0x60) as *const u32);
+        if status != 0 {
+            core::ptr::write_volatile((base + 0x64) as *mut u32, status);
+        }
+        status
+    };
+    s.count.fetch_add(1, Ordering::Relaxed);
+    s.events.fetch_or(status, Ordering::AcqRel);
+}
+
+/// Attaches `irq` (the transport's interrupt from the device tree) for the
+/// transport whose window starts at `base` and enables it.
+pub(crate) fn attach(base: u64, irq: &Interrupt) -> Result<Events, VirtioIrqError> {
+    let slot = TABLE
+        .iter()
+        .find(|s| {
+            s.intid
+                .compare_exchange(FREE, irq.intid.raw(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+        .ok_or(VirtioIrqError::TableFull)?;
+    slot.base.store(base, Ordering::Release);
+    slot.events.store(0, Ordering::Release);
+    if let Err(e) = crate::irq::attach(irq, on_irq) {
+        slot.intid.store(FREE, Ordering::Release);
+        return Err(VirtioIrqError::Irq(e));
+    }
+    Ok(Events { slot })
+}
