@@ -1,11 +1,11 @@
-//! Interrupt bring-up: the GIC and the generic timer from the device tree,
-//! the GIC's register windows mapped as device memory, and `hal::irq`
-//! initialised. A service loop then attaches its handlers and sleeps with
+//! Interrupt bring-up: the interrupt controller and the generic timer from
+//! the device tree (else the board description), the controller's register
+//! windows mapped as device memory, and `hal::irq` initialised. A service loop then attaches its handlers and sleeps with
 //! `hal::irq::wait_until`.
 
 use crate::mm::{self, MmError};
 use hal::irq::devicetree::{self, IrqDtError, TimerInterrupts};
-use hal::irq::{GicDescription, Interrupt, IrqError};
+use hal::irq::{ControllerSource, GicDescription, Interrupt, IrqError};
 
 /// What [`init`] found.
 #[derive(Debug, Clone, Copy)]
@@ -14,6 +14,8 @@ pub struct Interrupts {
     pub gic: GicDescription,
     /// The generic timer's interrupts.
     pub timer: TimerInterrupts,
+    /// Where both came from.
+    pub source: ControllerSource,
 }
 
 impl Interrupts {
@@ -52,27 +54,37 @@ fn boot_blob() -> Result<&'static [u8], IrqDtError> {
     hal::irq::secure::boot_blob()
 }
 
-/// Finds the GIC and the timer in the boot device tree, maps the GIC and
-/// brings it up (every interrupt disabled, IRQs still masked at the PE).
-/// Call once, after [`crate::init`] (the MMU must be on).
+/// Finds the interrupt controller and the timer (in the boot device tree,
+/// else in the board description), maps the controller and brings it up
+/// (every interrupt disabled, IRQs still masked at the PE). Call once,
+/// after [`crate::init`] (the MMU must be on).
 pub fn init() -> Result<Interrupts, InterruptsError> {
-    let blob = boot_blob().map_err(InterruptsError::DeviceTree)?;
-    let gic = devicetree::gic(blob).map_err(InterruptsError::DeviceTree)?;
-    let timer = devicetree::timer(blob, &gic).map_err(InterruptsError::DeviceTree)?;
+    let found = hal::irq::describe(boot_blob().ok(), &hal::board::CURRENT)
+        .map_err(InterruptsError::DeviceTree)?;
+    let (gic, timer) = (found.gic, found.timer);
     if hal::irq::version().is_some() {
         return Err(InterruptsError::Irq(IrqError::AlreadyInitialised));
     }
-    for r in gic.regions() {
+    for r in gic.regions().into_iter().flatten() {
         mm::map_device(r.base, r.size).map_err(InterruptsError::Map)?;
     }
     // SAFETY: both windows were just mapped Device-nGnRE at their physical
     // addresses, and nothing in the firmware but hal::irq touches the GIC.
     let version = unsafe { hal::irq::init(&gic) }.map_err(InterruptsError::Irq)?;
+    let from = match found.source {
+        ControllerSource::DeviceTree => "the device tree",
+        ControllerSource::Board => "the board description",
+    };
     defmt::info!(
-        "interrupts: {} at {=u64:#x}, timer INTID {=u32}",
+        "interrupts: {} at {=u64:#x} (from {=str}), timer INTID {=u32}",
         version,
-        gic.regions()[0].base,
+        gic.base(),
+        from,
         timer.physical.intid.raw()
     );
-    Ok(Interrupts { gic, timer })
+    Ok(Interrupts {
+        gic,
+        timer,
+        source: found.source,
+    })
 }

@@ -1,11 +1,13 @@
-//! Interrupt suite: the GIC from the device tree, the IRQ vector, dispatch
-//! by INTID, the generic timer's interrupt waking WFI, SGIs, unhandled and
-//! spurious interrupts, and the SIMD state an interrupt must not disturb.
-//! The host tool runs it on GICv2 (`-M virt`) and GICv3
-//! (`-M virt,gic-version=3`), entered at EL1, EL2 and EL3 (where the GIC has
-//! two security states and the boot hands it to the Non-secure world), and
-//! passes `gic=2|3` so the tests check what was found against what was
-//! asked for.
+//! Interrupt suite: the interrupt controller from the device tree (else the
+//! board description), the IRQ vector, dispatch by INTID, the generic
+//! timer's interrupt waking WFI, SGIs, unhandled and spurious interrupts,
+//! and the SIMD state an interrupt must not disturb. The host tool runs it
+//! on GICv2 (`-M virt`) and GICv3 (`-M virt,gic-version=3`), entered at EL1,
+//! EL2 and EL3 (where the GIC has two security states and the boot hands it
+//! to the Non-secure world), and on every board model at each EL it enters
+//! at: GIC-400 (Pi 4, ZCU102), GICv3 (i.MX 8M Plus), the BCM2836 local
+//! controller (Pi 3, SGIs as mailbox bits). It passes `gic=0|2|3` (0: the
+//! BCM2836) so the tests check what was found against the machine.
 #![no_std]
 #![no_main]
 
@@ -64,12 +66,34 @@ mod tests {
         }
     }
 
+    /// The controller found is the one the host booted, and the EL1
+    /// physical timer is PPI 14 (INTID 30), level. On virt both come from
+    /// QEMU's tree; on a board model (QEMU makes no tree there) from the
+    /// board description.
+    #[test]
+    fn controller_source_is_the_tree_on_virt_else_the_board(setup: Setup) {
+        let i = up(setup);
+        let virt = hal::board::CURRENT.name == "virt";
+        let want = if virt {
+            irq::ControllerSource::DeviceTree
+        } else {
+            irq::ControllerSource::Board
+        };
+        assert_eq!(i.source, want);
+        if !virt {
+            let board = hal::irq::describe(None, &hal::board::CURRENT).expect("board");
+            assert_eq!(i.gic, board.gic);
+            assert_eq!(i.timer, board.timer);
+        }
+    }
+
     /// The GIC found in the tree is the version the host asked QEMU for,
     /// and the tree's EL1 physical timer is PPI 14 (INTID 30), level.
     #[test]
     fn gic_version_and_timer_intid_match_the_machine(setup: Setup) {
         let i = up(setup);
         let expected = match hal::semihost::arg_u64("gic").expect("host passes gic") {
+            0 => GicVersion::Bcm2836Local,
             2 => GicVersion::V2,
             3 => GicVersion::V3,
             other => panic!("gic={} from the host", other),

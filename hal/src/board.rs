@@ -39,6 +39,31 @@ pub enum GicKind {
     Bcm2836Local { base: u64 },
 }
 
+/// The generic timer's interrupts as PPI numbers, the way a device tree's
+/// `arm,armv8-timer` node lists them (INTID = 16 + n). On the Pi 3, which
+/// has no GIC, the BCM2836 local controller's four timer sources are
+/// presented under these same INTIDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerPpis {
+    /// Secure EL1 physical timer.
+    pub secure_physical: u32,
+    /// Non-secure EL1 physical timer.
+    pub physical: u32,
+    /// EL1 virtual timer.
+    pub virtual_timer: u32,
+    /// EL2 physical timer.
+    pub hypervisor: u32,
+}
+
+/// The PPIs the Server Base System Architecture recommends and every board
+/// here uses (Linux `arm,armv8-timer` nodes: 13, 14, 11, 10).
+pub const SBSA_TIMER_PPIS: TimerPpis = TimerPpis {
+    secure_physical: 13,
+    physical: 14,
+    virtual_timer: 11,
+    hypervisor: 10,
+};
+
 /// How secondary cores get started once parked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Secondaries {
@@ -79,6 +104,12 @@ pub enum MemoryQuirk {
     /// (ZynqMP: 2 GiB low, then 0x8_0000_0000). A node claiming one range
     /// across `low_top` is split there.
     SplitDdr { low_top: u64, high_base: u64 },
+    /// A node that is exactly RAM base..`split` (the VideoCore's share
+    /// cut off) lists only the first GiB: QEMU's raspi4b writes it for its
+    /// 2 GiB, where a Pi 4's firmware lists the RAM above 1 GiB as a second
+    /// range. The range is used as it is (what lies above cannot be told
+    /// from it) and the board says so.
+    VideoCoreSplitOnly { split: u64 },
 }
 
 /// What generic code needs to know about a board.
@@ -101,6 +132,8 @@ pub struct Board {
     pub gic: GicKind,
     /// Nominal generic-timer frequency, used only when CNTFRQ_EL0 reads 0.
     pub timer_hz: u64,
+    /// The generic timer's interrupts, when the device tree names none.
+    pub timer_ppis: TimerPpis,
     /// Exception level the real board's loader enters at (Pi firmware and
     /// U-Boot: EL2).
     pub entry_el: u8,
@@ -145,6 +178,7 @@ pub const VIRT: Board = Board {
         redistributor: 0x080a_0000,
     },
     timer_hz: 62_500_000,
+    timer_ppis: SBSA_TIMER_PPIS,
     entry_el: 1,
     secondaries: Secondaries::Psci,
     power_off: PowerOff::Psci,
@@ -170,6 +204,7 @@ pub const RASPI3B: Board = Board {
     dtb_fallback: 0,
     gic: GicKind::Bcm2836Local { base: 0x4000_0000 },
     timer_hz: 19_200_000,
+    timer_ppis: SBSA_TIMER_PPIS,
     entry_el: 2,
     secondaries: Secondaries::SpinTable {
         release: [0xe0, 0xe8, 0xf0],
@@ -200,6 +235,7 @@ pub const RASPI4B: Board = Board {
         cpu_interface: 0xff84_2000,
     },
     timer_hz: 54_000_000,
+    timer_ppis: SBSA_TIMER_PPIS,
     entry_el: 2,
     secondaries: Secondaries::SpinTable {
         release: [0xe0, 0xe8, 0xf0],
@@ -209,7 +245,7 @@ pub const RASPI4B: Board = Board {
     },
     psci: None,
     memory_source: MemorySource::VideoCoreMailbox { base: 0xfe00_b000 },
-    memory_quirk: MemoryQuirk::None,
+    memory_quirk: MemoryQuirk::VideoCoreSplitOnly { split: 0x3c00_0000 },
     reserved: &[r(0, PAGE)],
     mmio: &[r(0xfe00_b000, PAGE), r(0xfe10_0000, PAGE)],
     device_windows: &[r(0xfc00_0000, 0x0400_0000)],
@@ -228,6 +264,7 @@ pub const IMX8MP_EVK: Board = Board {
         redistributor: 0x3888_0000,
     },
     timer_hz: 8_000_000,
+    timer_ppis: SBSA_TIMER_PPIS,
     entry_el: 2,
     secondaries: Secondaries::Psci,
     power_off: PowerOff::Snvs { base: 0x3037_0000 },
@@ -254,6 +291,7 @@ pub const XLNX_ZCU102: Board = Board {
         cpu_interface: 0xf902_0000,
     },
     timer_hz: 100_000_000,
+    timer_ppis: SBSA_TIMER_PPIS,
     entry_el: 2,
     secondaries: Secondaries::Psci,
     power_off: PowerOff::Psci,
@@ -288,6 +326,9 @@ pub enum MemoryCorrection {
         low: Region,
         high: Region,
     },
+    /// `claimed` is known to leave RAM out (see
+    /// [`MemoryQuirk::VideoCoreSplitOnly`]); it is kept as it is.
+    Incomplete { claimed: Region },
 }
 
 impl Board {
@@ -320,6 +361,12 @@ impl Board {
                         low,
                         high,
                     });
+                }
+                MemoryQuirk::VideoCoreSplitOnly { split }
+                    if memory.len() == 1 && m.base == self.ram_base && m.end() == split =>
+                {
+                    put(m, &mut n)?;
+                    note(MemoryCorrection::Incomplete { claimed: m });
                 }
                 _ => put(m, &mut n)?,
             }
@@ -384,6 +431,44 @@ mod tests {
         }
     }
 
+    /// QEMU's raspi4b node (0..0x3C00_0000 whatever the RAM) is kept and
+    /// reported; a node with RAM above 1 GiB, as a Pi 4's firmware writes
+    /// it, is not.
+    #[test]
+    fn raspi4b_videocore_split_only_node_is_reported() {
+        let mut out = [Region::default(); 4];
+        let mut notes = Vec::new();
+        let qemu = [r(0, 0x3c00_0000)];
+        let n = RASPI4B
+            .correct_memory(&qemu, &mut out, |c| notes.push(c))
+            .expect("fits");
+        assert_eq!(&out[..n], &qemu);
+        assert_eq!(
+            notes,
+            [MemoryCorrection::Incomplete {
+                claimed: r(0, 0x3c00_0000)
+            }]
+        );
+        notes.clear();
+        let firmware = [r(0, 0x3b40_0000), r(0x4000_0000, 0xbc00_0000)];
+        let n = RASPI4B
+            .correct_memory(&firmware, &mut out, |c| notes.push(c))
+            .expect("fits");
+        assert_eq!(&out[..n], &firmware);
+        let n = RASPI4B
+            .correct_memory(&[r(0, 0x3c00_0000), r(0x4000_0000, GIB)], &mut out, |c| {
+                notes.push(c)
+            })
+            .expect("fits");
+        assert_eq!(n, 2);
+        assert!(notes.is_empty());
+        // The Pi 3's 0..0x3C00_0000 is all of its ARM memory: no note.
+        RASPI3B
+            .correct_memory(&qemu, &mut out, |c| notes.push(c))
+            .expect("fits");
+        assert!(notes.is_empty());
+    }
+
     /// QEMU's zcu102 with -m 4G says 0..4 GiB; the board splits it.
     #[test]
     fn zcu102_memory_node_is_split_at_2g() {
@@ -405,6 +490,7 @@ mod tests {
             .correct_memory(&[r(0, 4 * GIB)], &mut out, |_| notes += 1)
             .expect("fits");
         assert_eq!(&out[..n], &[r(0, 4 * GIB)]);
+        assert_eq!(notes, 1);
         // Too many ranges for the output is None, not a panic.
         assert_eq!(
             XLNX_ZCU102.correct_memory(&[r(0, 4 * GIB)], &mut out[..1], |_| ()),

@@ -196,6 +196,12 @@ fn correct(p: &mut Platform<'_>) -> Result<(), DtbError> {
                 high.base,
                 high.end()
             ),
+            MemoryCorrection::Incomplete { claimed } => defmt::warn!(
+                "device tree memory {=u64:#x}..{=u64:#x} is incomplete on {=str}: it stops at the VideoCore split with nothing above 1 GiB (QEMU writes this whatever the RAM; a real board's firmware lists the rest); using it as it is",
+                claimed.base,
+                claimed.end(),
+                b.name
+            ),
         })
         .ok_or(DtbError::TooMany)?;
     let mut memory = Regions::empty();

@@ -6,9 +6,12 @@
 //!   README naming the boot firmware files to copy from the Raspberry Pi
 //!   firmware release. The Pi firmware (and QEMU's raw boot) loads it at
 //!   `kernel_address` and enters at EL2 with the DTB in x0.
-//! - i.MX 8M Plus EVK, ZCU102: `memfw.elf` and a U-Boot script `boot.cmd`
-//!   that loads it from the SD card and starts it with `bootelf`
-//!   (`boot.scr` too when `mkimage` is installed).
+//! - i.MX 8M Plus EVK, ZCU102: `memfw.elf`, a U-Boot script `boot.cmd`
+//!   that loads it from the SD card and starts it with `bootelf`, and
+//!   `boot.scr`, the same script as a legacy U-Boot script image, which
+//!   [`uimage`] writes (no `mkimage` needed).
+
+pub mod uimage;
 
 use object::{Object, ObjectSegment};
 use std::path::{Path, PathBuf};
@@ -127,25 +130,13 @@ pub fn write(board: &str, elf: &Path, out: &Path) -> Result<Written, String> {
         "imx8mp-evk" | "xlnx-zcu102" => {
             put("memfw.elf", &bytes)?;
             put("boot.cmd", boot_cmd(board).as_bytes())?;
-            let cmd = out.join("boot.cmd");
-            let scr = out.join("boot.scr");
-            let made = std::process::Command::new("mkimage")
-                .args(["-A", "arm64", "-O", "linux", "-T", "script", "-C", "none"])
-                .args(["-n", "memfw"])
-                .arg("-d")
-                .arg(&cmd)
-                .arg(&scr)
-                .output();
-            match made {
-                Ok(o) if o.status.success() => files.push(scr),
-                Ok(o) => println!(
-                    "image: mkimage failed, no boot.scr: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ),
-                Err(_) => println!(
-                    "image: mkimage not installed (u-boot-tools), no boot.scr; run `source` on boot.cmd's lines by hand"
-                ),
+            let scr = uimage::script(&format!("memfw {board}"), boot_cmd(board).as_bytes())
+                .map_err(|e| format!("boot.scr: {e:?}"))?;
+            // Read back the way U-Boot's `source` checks it.
+            if uimage::parse_script(&scr).ok() != Some(boot_cmd(board).as_bytes()) {
+                return Err("boot.scr does not read back as boot.cmd".into());
             }
+            put("boot.scr", &scr)?;
         }
         other => return Err(format!("no image format for board {other}")),
     }
@@ -174,6 +165,32 @@ mod tests {
         }
         assert!(pi_readme("raspi3b").contains("bootcode.bin"));
         assert!(pi_readme("raspi4b").contains("start4.elf"));
+    }
+
+    /// The EVK and ZCU102 images hold the ELF, boot.cmd and a boot.scr
+    /// that U-Boot's `source` accepts and that carries boot.cmd exactly.
+    #[test]
+    fn uboot_images_carry_a_valid_boot_scr() {
+        let dir = std::env::temp_dir().join(format!("memfw-image-test-{}", std::process::id()));
+        // Any ELF-shaped input will do: the U-Boot boards copy it as it is.
+        let elf = dir.join("in.elf");
+        std::fs::create_dir_all(&dir).expect("tmp");
+        std::fs::write(&elf, b"\x7fELF stand-in").expect("write");
+        for b in ["imx8mp-evk", "xlnx-zcu102"] {
+            let out = dir.join(b);
+            let w = write(b, &elf, &out).expect("writes");
+            let names: Vec<String> = w
+                .files
+                .iter()
+                .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names, ["memfw.elf", "boot.cmd", "boot.scr"], "{b}");
+            let scr = std::fs::read(out.join("boot.scr")).expect("boot.scr");
+            let cmd = std::fs::read(out.join("boot.cmd")).expect("boot.cmd");
+            assert_eq!(uimage::parse_script(&scr), Ok(&cmd[..]), "{b}");
+            assert_eq!(&scr[32..32 + 6], b"memfw ", "{b}: ih_name");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

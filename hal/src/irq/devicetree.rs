@@ -29,6 +29,10 @@ pub enum GicVersion {
     V2,
     /// GICv3 or GICv4 (`arm,gic-v3`): redistributors and system-register CPU interface.
     V3,
+    /// No GIC: the BCM2836 per-core local interrupt controller
+    /// (`brcm,bcm2836-l1-intc`, Raspberry Pi 3), which routes each core's
+    /// generic-timer outputs and mailboxes to its IRQ line.
+    Bcm2836Local,
 }
 
 /// The GIC's register frames, in the root's physical address space.
@@ -48,6 +52,11 @@ pub enum GicRegisters {
         distributor: Region,
         /// The first `#redistributor-regions` entry: contiguous GICR frames.
         redistributors: Region,
+    },
+    /// The BCM2836 ARM-local block (QA7 rev 3.4, from its base).
+    Bcm2836Local {
+        /// The block's registers (0x100 bytes).
+        local: Region,
     },
 }
 
@@ -69,20 +78,33 @@ impl GicDescription {
         match self.registers {
             GicRegisters::V2 { .. } => GicVersion::V2,
             GicRegisters::V3 { .. } => GicVersion::V3,
+            GicRegisters::Bcm2836Local { .. } => GicVersion::Bcm2836Local,
         }
     }
 
-    /// The register regions a driver touches, to map them as device memory.
-    pub const fn regions(&self) -> [Region; 2] {
+    /// The register regions a driver touches, to map them as device memory
+    /// (the first is the controller's main block; the second, when there is
+    /// one, its CPU interface or redistributors).
+    pub const fn regions(&self) -> [Option<Region>; 2] {
         match self.registers {
             GicRegisters::V2 {
                 distributor,
                 cpu_interface,
-            } => [distributor, cpu_interface],
+            } => [Some(distributor), Some(cpu_interface)],
             GicRegisters::V3 {
                 distributor,
                 redistributors,
-            } => [distributor, redistributors],
+            } => [Some(distributor), Some(redistributors)],
+            GicRegisters::Bcm2836Local { local } => [Some(local), None],
+        }
+    }
+
+    /// Base of the controller's main register block (GICD, or the BCM2836
+    /// local block).
+    pub const fn base(&self) -> u64 {
+        match self.regions()[0] {
+            Some(r) => r.base,
+            None => 0,
         }
     }
 }
@@ -154,6 +176,8 @@ pub enum IrqDtError {
     ForeignParent(u32),
     /// Neither the node nor any ancestor has an `interrupt-parent`.
     NoInterruptParent,
+    /// The board description names an INTID that does not exist.
+    Board(IntidError),
     /// Specifier `index` of the node's `interrupts` is bad.
     Specifier {
         /// Which specifier (0-based).

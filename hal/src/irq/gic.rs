@@ -10,6 +10,7 @@
 //! this PE (GICv3), and the priority mask (GICv3 resets ICC_PMR_EL1 to 0,
 //! which masks everything).
 
+use super::bcm2836::{LocalError, LocalIntc};
 use super::devicetree::{GicDescription, GicRegisters, Trigger};
 use super::intid::{Intid, IntidClass};
 use arm_gic::gicv2::GicV2;
@@ -54,12 +55,27 @@ pub enum GicError {
     /// Setting the enable bit did not stick (the GIC implements fewer
     /// interrupts than the INTID needs).
     CannotEnable(Intid),
+    /// The BCM2836 local controller serves cores 0-3; this core's MPIDR
+    /// Aff0 is another.
+    LocalCore(u64),
 }
 
-/// The GIC, whichever version the tree named.
+impl From<LocalError> for GicError {
+    fn from(e: LocalError) -> Self {
+        match e {
+            LocalError::Core(c) => Self::LocalCore(c),
+            LocalError::Unsupported(i) => Self::Unsupported(i),
+        }
+    }
+}
+
+/// The interrupt controller, whichever the tree or the board named: a GIC
+/// of either version, or the Pi 3's BCM2836 local controller (no GIC; see
+/// `bcm2836.rs` for how its sources map onto INTIDs).
 pub(super) enum Gic {
     V2(GicV2<'static>),
     V3(GicV3<'static>),
+    Local(LocalIntc),
 }
 
 fn window<T>(base: u64, size: u64) -> Result<NonNull<T>, GicError> {
@@ -154,10 +170,29 @@ impl Gic {
                 GicCpuInterface::set_priority_mask(PRIORITY_MASK);
                 Ok(Self::V3(gic))
             }
+            GicRegisters::Bcm2836Local { local } => {
+                // QA7 rev 3.4: the per-core registers end at 0x100.
+                if local.base == 0 || local.size < 0x100 {
+                    return Err(GicError::BadWindow {
+                        base: local.base,
+                        size: local.size,
+                    });
+                }
+                // SAFETY: the caller guarantees the window is the local
+                // block, mapped as Device memory and driven by us only.
+                let intc = unsafe { LocalIntc::new(local.base, our_affinity() & 0xff) }?;
+                Ok(Self::Local(intc))
+            }
         }
     }
 
     fn check(&self, intid: Intid) -> Result<IntId, GicError> {
+        if let Self::Local(_) = self {
+            return match super::bcm2836::source_of(intid) {
+                Some(_) => crate_intid(intid),
+                None => Err(GicError::Unsupported(intid)),
+            };
+        }
         let ok = matches!(
             (self, intid.class()),
             (
@@ -216,6 +251,8 @@ impl Gic {
                 }
                 gic.enable_interrupt(id, cpu, true).map_err(fail)
             }
+            // Timer outputs are level, SGIs edge-like: nothing to configure.
+            Self::Local(intc) => Ok(intc.enable(intid)?),
         }
     }
 
@@ -229,6 +266,7 @@ impl Gic {
             Self::V3(gic) => gic
                 .enable_interrupt(id, Some(0), false)
                 .map_err(|_| GicError::CannotEnable(intid)),
+            Self::Local(intc) => Ok(intc.disable(intid)?),
         }
     }
 
@@ -260,6 +298,7 @@ impl Gic {
                 GicCpuInterface::send_sgi(id, target, SgiTargetGroup::CurrentGroup1)
                     .map_err(|_| GicError::Unsupported(intid))
             }
+            Self::Local(intc) => Ok(intc.send_sgi_to_self(intid)?),
         }
     }
 }
@@ -271,8 +310,9 @@ pub(super) struct Acknowledged {
     /// reserved INTID), which is ended without dispatch.
     pub intid: Option<Intid>,
     /// The raw acknowledge value (GICv2 adds the source CPU of an SGI in
-    /// bits 12:10), written back unchanged at the end.
-    raw: IntId,
+    /// bits 12:10), written back unchanged at the end; `None` on the
+    /// BCM2836 local controller, which has no end of interrupt.
+    raw: Option<IntId>,
 }
 
 impl Gic {
@@ -289,19 +329,32 @@ impl Gic {
                 GicCpuInterface::get_and_acknowledge_interrupt(InterruptGroup::Group1)?,
                 0xff_ffff,
             ),
+            Self::Local(intc) => {
+                return intc.acknowledge().map(|intid| Acknowledged {
+                    intid: Some(intid),
+                    raw: None,
+                })
+            }
         };
         let intid = Intid::from_raw(u32::from(raw) & mask)
             .ok()
             .filter(|i| !i.is_special());
-        Some(Acknowledged { intid, raw })
+        Some(Acknowledged {
+            intid,
+            raw: Some(raw),
+        })
     }
 
     /// Ends an acknowledged interrupt: priority drop and deactivation
     /// (GICC_EOIR or ICC_EOIR1_EL1, EOImode 0).
     pub(super) fn end(&mut self, ack: Acknowledged) {
-        match self {
-            Self::V2(g) => g.end_interrupt(ack.raw, InterruptGroup::Group0),
-            Self::V3(_) => GicCpuInterface::end_interrupt(ack.raw, InterruptGroup::Group1),
+        match (self, ack.raw) {
+            (Self::V2(g), Some(raw)) => g.end_interrupt(raw, InterruptGroup::Group0),
+            (Self::V3(_), Some(raw)) => GicCpuInterface::end_interrupt(raw, InterruptGroup::Group1),
+            // The local controller's timer sources are level (the handler
+            // quieted the timer) and its mailbox bit was cleared on
+            // acknowledge: nothing to end.
+            _ => {}
         }
     }
 }

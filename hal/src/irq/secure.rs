@@ -10,7 +10,7 @@
 //! (GICD_CTLR.DS = 1), so the GIC has one security state, as under QEMU
 //! without `secure=on`.
 
-use super::devicetree::{self, GicRegisters, IrqDtError};
+use super::devicetree::{GicRegisters, IrqDtError};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Set once the handover succeeded: the Non-secure driver then accepts a
@@ -64,8 +64,8 @@ pub fn boot_blob() -> Result<&'static [u8], IrqDtError> {
     unsafe { crate::dtb_blob_at(addr) }.map_err(IrqDtError::Dtb)
 }
 
-/// Gives every interrupt of the GIC the boot device tree names to the
-/// Non-secure world.
+/// Gives every interrupt of the GIC the boot device tree (else the board
+/// description) names to the Non-secure world.
 ///
 /// # Safety
 ///
@@ -73,8 +73,11 @@ pub fn boot_blob() -> Result<&'static [u8], IrqDtError> {
 /// physical addresses), before anything else touches the GIC, on the one
 /// running core.
 pub unsafe fn hand_over_at_el3() -> Result<(), HandoverError> {
-    let desc = devicetree::gic(boot_blob().map_err(HandoverError::DeviceTree)?)
-        .map_err(HandoverError::DeviceTree)?;
+    // The tree's GIC, else the board's (a ZCU102 entered at EL3 has a
+    // GIC-400 with Security Extensions and no tree that says so).
+    let desc = super::source::describe(boot_blob().ok(), &crate::board::CURRENT)
+        .map_err(HandoverError::DeviceTree)?
+        .gic;
     match desc.registers {
         GicRegisters::V2 {
             distributor,
@@ -115,6 +118,9 @@ pub unsafe fn hand_over_at_el3() -> Result<(), HandoverError> {
             gic.gicd_set_control(arm_gic::gicv3::registers::GicdCtlr::DS);
             gic.gicd_barrier();
         }
+        // The BCM2836 local controller has no security states: IRQ or FIQ
+        // is chosen per source, and the Non-secure driver picks IRQ.
+        GicRegisters::Bcm2836Local { .. } => return Ok(()),
     }
     HANDED_OVER.store(true, Ordering::Relaxed);
     Ok(())
