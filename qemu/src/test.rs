@@ -942,7 +942,8 @@ fn power_cycle_proof_jobs(
     jobs: &mut Vec<Job>,
     args: &TestArgs,
 ) -> Result<()> {
-    let Some(boot_idx) = elfs.iter().position(|(n, _)| n == "boot") else {
+    // The last `boot` ELF built is this board's (virt's comes first).
+    let Some(boot_idx) = elfs.iter().rposition(|(n, _)| n == "boot") else {
         return Ok(());
     };
     let bytes = std::fs::read(&elfs[boot_idx].1).map_err(Error::io(&elfs[boot_idx].1))?;
