@@ -32,6 +32,13 @@ pub fn run(bootargs: Option<&str>) {
                 defmt::info!("selftest: powering off");
                 hal::power::poweroff();
             }
+            Some("hang") => {
+                defmt::warn!("selftest: hanging on purpose");
+                hal::uart::CONSOLE.flush();
+                loop {
+                    core::hint::spin_loop();
+                }
+            }
             Some("reset") => {
                 defmt::info!("selftest: resetting");
                 hal::power::reset();

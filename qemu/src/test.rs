@@ -310,6 +310,9 @@ struct SystemTest {
     image: bool,
     /// QEMU serves semihosting; false: the console protocol carries it.
     semihosting: bool,
+    /// The firmware hangs: the host must end it at this many seconds
+    /// (expected ending: timed out) with the log so far.
+    hang_timeout: Option<u64>,
     /// The guest resets the machine: booted with `-no-reboot`, QEMU must
     /// report over QMP a `SHUTDOWN` with reason `guest-reset`.
     reset: bool,
@@ -343,6 +346,7 @@ const SYSTEM: SystemTest = SystemTest {
     image: false,
     semihosting: true,
     reset: false,
+    hang_timeout: None,
 };
 
 /// System tests of the firmware on the board models.
@@ -410,6 +414,17 @@ const BOARD_SYSTEM_TESTS: &[SystemTest] = &[
         must_log: &["reset: "],
         reset: true,
         on: On::Boards(ALL_BOARDS),
+        ..SYSTEM
+    },
+    // A hang on the serial path (semihosting off, console on a pty): the
+    // host's per-test timeout ends it, and the run goes on.
+    SystemTest {
+        name: "hang_is_ended_by_the_timeout",
+        append: Some("selftest=hang"),
+        must_log: &["selftest: hanging on purpose"],
+        hang_timeout: Some(4),
+        semihosting: false,
+        on: On::Boards(&["raspi3b"]),
         ..SYSTEM
     },
     SystemTest {
@@ -757,9 +772,9 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
             semihosting_args,
             append: st.append,
             qmp: qmp_path.as_deref(),
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(st.hang_timeout.unwrap_or(60)),
             echo: false,
-            stop_when: if st.exit.is_none() {
+            stop_when: if st.exit.is_none() && st.hang_timeout.is_none() {
                 Some(&ready)
             } else {
                 None
@@ -792,6 +807,10 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
         Check::Embedded(case) => judge_embedded(b.ending, case.should_panic),
         Check::Balloon(_) => Ok(()),
         Check::System(st) => match (st.exit, b.ending) {
+            _ if st.hang_timeout.is_some() => match b.ending {
+                Ending::TimedOut => Ok(()),
+                other => Err(format!("expected a hang ended by the timeout, got {other:?}")),
+            },
             (None, Ending::Stopped) => Ok(()),
             (Some(want), Ending::Exited(got)) if want == got => Ok(()),
             (want, got) => Err(format!("expected {want:?} (None = ready), got {got:?}")),
@@ -946,7 +965,8 @@ fn power_cycle_proof_jobs(
     jobs: &mut Vec<Job>,
     args: &TestArgs,
 ) -> Result<()> {
-    let Some(boot_idx) = elfs.iter().position(|(n, _)| n == "boot") else {
+    // The last `boot` ELF built is this board's (virt's comes first).
+    let Some(boot_idx) = elfs.iter().rposition(|(n, _)| n == "boot") else {
         return Ok(());
     };
     let bytes = std::fs::read(&elfs[boot_idx].1).map_err(Error::io(&elfs[boot_idx].1))?;
@@ -1211,6 +1231,12 @@ fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
                 mem: st.mem.unwrap_or(base.mem),
                 without_dtb: st.without_dtb,
                 no_reboot: st.reset,
+                semihosting: st.semihosting,
+                console: if st.semihosting {
+                    Console::Stdio
+                } else {
+                    Console::Pty(PathBuf::new())
+                },
                 ..base
             };
             out.push(PlannedSystemTest { test: *st, machine });
