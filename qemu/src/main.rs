@@ -4,7 +4,7 @@
 //!   builds the firmware for board B (default `virt`), makes sure QEMU >= 10
 //!   is installed, boots B's QEMU model and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
-//! - `cargo qemu bench <memdesc|translation|boot|balloon|all>` prints JSON lines.
+//! - `cargo qemu bench <memdesc|smp|translation|boot|balloon|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
 //! - `cargo qemu setup` only installs what the others would (the Rust target,
 //!   QEMU); CI calls it before its lint gates.
@@ -32,7 +32,7 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   cargo qemu run [--board NAME] [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--board NAME] [--host-only] [--no-host] [-j N]
-  cargo qemu bench <memdesc|translation|boot|balloon|all> [--board NAME]
+  cargo qemu bench <memdesc|smp|translation|boot|balloon|all> [--board NAME]
   cargo qemu balloon SIZE [--qmp PATH]   (a running `cargo qemu run`'s guest to SIZE)
   cargo qemu image --board NAME --out DIR
   boards: virt (default), raspi3b, raspi4b, imx8mp-evk, xlnx-zcu102
@@ -363,6 +363,7 @@ fn cmd_bench(args: &[String]) -> Result<ExitCode, String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     let records = match which {
         "memdesc" => bench::memdesc::run(),
+        "smp" => bench::smp::run(),
         "translation" => bench::translation::run(),
         "boot" => boot_bench(board)?,
         "balloon" => {
@@ -371,6 +372,7 @@ fn cmd_bench(args: &[String]) -> Result<ExitCode, String> {
         }
         "all" => {
             let mut r = bench::memdesc::run();
+            r.extend(bench::smp::run());
             r.extend(bench::translation::run());
             r.extend(boot_bench(board)?);
             r
