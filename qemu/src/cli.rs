@@ -179,13 +179,16 @@ impl TestCli {
 pub enum BenchWhich {
     /// Page array and frame allocator against buddy_system_allocator.
     Memdesc,
+    /// The frame allocator shared by 1, 2, 4 and 8 host threads against
+    /// buddy_system_allocator's LockedFrameAllocator.
+    Smp,
     /// The stage-1 engine against aarch64-paging.
     Translation,
     /// Memory bring-up timed by the firmware under QEMU.
     Boot,
     /// Balloon inflate/deflate rates over QMP.
     Balloon,
-    /// memdesc, translation and boot.
+    /// memdesc, smp, translation and boot.
     All,
 }
 

@@ -6,7 +6,7 @@
 //! - `cargo qemu test [FILTER…] [--host-only | --no-host] [-j N]` runs every test;
 //!   `--board B --serial PORT [--baud N] [--power-cycle CMD]` runs the
 //!   on-target suites on a real board over its console.
-//! - `cargo qemu bench <memdesc|translation|boot|balloon|all>` prints JSON lines.
+//! - `cargo qemu bench <memdesc|smp|translation|boot|balloon|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
 //! - `cargo qemu setup` only installs what the others would (the Rust target,
 //!   QEMU); CI calls it before its lint gates.
@@ -212,6 +212,7 @@ fn boot_bench(board: &'static str) -> Result<Vec<bench::Record>> {
 fn cmd_bench(which: BenchWhich, board: &'static str) -> Result<ExitCode> {
     let records = match which {
         BenchWhich::Memdesc => bench::memdesc::run(),
+        BenchWhich::Smp => bench::smp::run(),
         BenchWhich::Translation => bench::translation::run(),
         BenchWhich::Boot => boot_bench(board)?,
         BenchWhich::Balloon => {
@@ -221,6 +222,7 @@ fn cmd_bench(which: BenchWhich, board: &'static str) -> Result<ExitCode> {
         }
         BenchWhich::All => {
             let mut r = bench::memdesc::run();
+            r.extend(bench::smp::run());
             r.extend(bench::translation::run());
             r.extend(boot_bench(board)?);
             r

@@ -46,12 +46,14 @@ use crate::sync::{CpuContext, CpuId, LockAtomics, LockError, LockStats, SpinGuar
 use core::fmt;
 use core::sync::atomic::Ordering;
 
-/// Blocks (and descriptors) moved between a CPU cache and the buddy at once.
-pub const PCP_BATCH: usize = 16;
+/// Blocks (and descriptors) moved between a CPU cache and the buddy at once
+/// (one buddy lock acquisition per this many fast-path calls at most).
+pub const PCP_BATCH: usize = 64;
 /// Blocks of one order a CPU cache holds before a free drains a batch.
 pub const PCP_HIGH: usize = HOT_CACHE_BLOCKS;
-/// Free folio descriptors a CPU keeps at most.
-pub const PCP_DESCS: usize = 64;
+/// Free folio descriptors a CPU keeps at most (a full stash gives back a
+/// batch, keeping the other half).
+pub const PCP_DESCS: usize = 2 * PCP_BATCH;
 
 /// Why an [`SmpFrameAllocator`] operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -32,12 +32,12 @@ use std::time::Instant;
 
 const BENCH: &str = "memdesc";
 const PEER: &str = "buddy_system_allocator::FrameAllocator";
-const BASE_PFN: u64 = 0x40000;
-const FRAMES: u64 = 1 << 18;
+pub(super) const BASE_PFN: u64 = 0x40000;
+pub(super) const FRAMES: u64 = 1 << 18;
 const REPS: usize = 21;
 
 /// Descriptor memory for the host: leaked, page-aligned chunks.
-struct HostDescMemory;
+pub(super) struct HostDescMemory;
 
 // SAFETY: every chunk is a fresh leaked box of one page-aligned `DescChunk`,
 // never freed or used by anything else.
@@ -47,9 +47,9 @@ unsafe impl DescMemory for HostDescMemory {
     }
 }
 
-type Ours = FrameAllocator<'static, HostDescMemory>;
+pub(super) type Ours = FrameAllocator<'static, HostDescMemory>;
 
-fn new_ours() -> Ours {
+pub(super) fn new_ours() -> Ours {
     let ranges = [PfnRange::new(Pfn(BASE_PFN), Pfn(BASE_PFN + FRAMES))];
     let n = words_needed(&ranges).expect("1 GiB fits a page array") as usize;
     let storage: &'static mut [AtomicU64] = Box::leak((0..n).map(|_| AtomicU64::new(0)).collect());
@@ -66,7 +66,7 @@ fn new_peer() -> PeerAllocator<19> {
 
 /// One step of a workload.
 #[derive(Clone, Copy)]
-enum Step {
+pub(super) enum Step {
     /// Allocate `2^order` frames.
     Alloc(u8),
     /// Free the live allocation at this index (always below the live count
@@ -86,7 +86,7 @@ impl Rng {
 }
 
 /// `rounds` times: `batch` order-0 allocations, then all freed in random order.
-fn order0_steps(batch: usize, rounds: usize) -> Vec<Step> {
+pub(super) fn order0_steps(batch: usize, rounds: usize) -> Vec<Step> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut v = Vec::with_capacity(2 * batch * rounds);
     for _ in 0..rounds {
@@ -116,7 +116,7 @@ fn mixed_order(r: u64) -> u8 {
 
 /// A random walk of allocations and frees around `live` live allocations,
 /// ending with everything freed.
-fn mixed_steps(steps: usize, live: usize) -> Vec<Step> {
+pub(super) fn mixed_steps(steps: usize, live: usize) -> Vec<Step> {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut v = Vec::with_capacity(steps + live * 2);
     let mut n = 0usize;
