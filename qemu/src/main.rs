@@ -32,7 +32,7 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   cargo qemu run [--board NAME] [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--board NAME] [--host-only] [--no-host] [-j N]
-  cargo qemu bench <memdesc|translation|boot|balloon|all> [--board NAME]
+  cargo qemu bench <memdesc|translation|boot|balloon|all> [--board NAME] (balloon: [--peer linux])
   cargo qemu balloon SIZE [--qmp PATH]   (a running `cargo qemu run`'s guest to SIZE)
   cargo qemu image --board NAME --out DIR
   boards: virt (default), raspi3b, raspi4b, imx8mp-evk, xlnx-zcu102
@@ -185,7 +185,13 @@ fn boot_interactive(
         machine.label(),
         qmp_path.display()
     );
-    let ready = |l: &log::LogLine| l.message == "ready";
+    // The balloon's lines also go to a file beside the QMP socket, where
+    // `cargo qemu balloon` from another terminal reads the settle report.
+    let balloon_log = std::sync::Mutex::new(balloon::open_log(&qmp_path));
+    let ready = |l: &log::LogLine| {
+        balloon::log_line(&balloon_log, &l.message);
+        exit_when_ready && l.message == "ready"
+    };
     let qmp_report = || match qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)) {
         Ok(_) if !machine.is_virt() => println!("host: QMP connected (no balloon on this board)"),
         Ok(mut q) => {
@@ -215,12 +221,13 @@ fn boot_interactive(
             Duration::from_secs(365 * 24 * 3600)
         },
         echo: true,
-        stop_when: if exit_when_ready { Some(&ready) } else { None },
+        stop_when: Some(&ready),
         on_started: Some(&qmp_report),
         paused: false,
     };
     let result = boot::boot(machine, elf, &decoder, &opts);
     let _ = std::fs::remove_file(&qmp_path);
+    let _ = std::fs::remove_file(balloon::log_path(&qmp_path));
     let b = result?;
     if !b.stderr.trim().is_empty() {
         eprintln!("{}", b.stderr.trim_end());
@@ -367,7 +374,7 @@ fn cmd_bench(args: &[String]) -> Result<ExitCode, String> {
         "boot" => boot_bench(board)?,
         "balloon" => {
             setup::ensure_qemu()?;
-            bench::balloon::run(&cargo::build_firmware("virt")?)?
+            bench::balloon::run(&cargo::build_firmware("virt")?, &args[1..])?
         }
         "all" => {
             let mut r = bench::memdesc::run();
