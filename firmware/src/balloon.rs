@@ -215,7 +215,75 @@ pub fn run(platform: &Platform<'static>) -> ! {
         tlb_entries().saturating_sub(boot_optimum()),
         Ordering::Relaxed,
     );
-    serve(&mut b, &mut dev, &mut env, selftest, events)
+    if SERVICE.set(Service { b, dev, env }).is_err() {
+        defmt::error!("balloon: started twice");
+        idle_forever()
+    }
+    serve(selftest, events)
+}
+
+/// The balloon, its device and its environment, in one place so that the
+/// firmware's general allocation path ([`alloc_folio`], [`alloc_frozen`])
+/// can deflate or compact on out-of-memory.
+pub struct Service {
+    b: Balloon,
+    dev: VirtioBalloon<FirmwareDma>,
+    env: FirmwareEnv,
+}
+
+static SERVICE: crate::mm::Global<Service> = crate::mm::Global::new();
+
+/// What an allocation through the general path cost the balloon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OomOutcome {
+    /// Pages deflated for it (deflate-on-OOM).
+    pub deflated: u64,
+}
+
+fn frames_then_balloon<T>(
+    order: u8,
+    direct: impl FnOnce(&mut Frames) -> Result<T, memdesc::frames::FrameError>,
+    via_balloon: impl FnOnce(&mut Service) -> Result<(T, u64), BalloonError>,
+) -> Result<(T, OomOutcome), BalloonError> {
+    use memdesc::frames::FrameError;
+    match FRAMES.with(direct) {
+        Ok(Ok(v)) => return Ok((v, OomOutcome { deflated: 0 })),
+        Ok(Err(FrameError::OutOfMemory { .. })) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(BalloonError::FramesBusy),
+    }
+    // Out of memory: the balloon compacts (its chunks out of a block) or,
+    // with DEFLATE_ON_OOM, deflates; busy or absent, it is a plain OOM.
+    match SERVICE.with(via_balloon) {
+        Ok(r) => r.map(|(v, deflated)| (v, OomOutcome { deflated })),
+        Err(_) => Err(BalloonError::Frames(FrameError::OutOfMemory { order })),
+    }
+}
+
+/// The firmware's general way to allocate a folio: straight from the
+/// allocator, and on out-of-memory through the balloon (compaction by PFN,
+/// then deflate-on-OOM when negotiated), then again.
+pub fn alloc_folio(
+    order: u8,
+    owner: memdesc::frames::Owner,
+) -> Result<(memdesc::frames::FolioRef, OomOutcome), BalloonError> {
+    frames_then_balloon(
+        order,
+        |fa| fa.alloc_folio(order, owner),
+        |sv| sv.b.alloc_folio(&mut sv.dev, &mut sv.env, order, owner),
+    )
+}
+
+/// As [`alloc_folio`], for frozen frames.
+pub fn alloc_frozen(
+    order: u8,
+    kind: memdesc::frames::FrozenKind,
+) -> Result<(Pfn, OomOutcome), BalloonError> {
+    frames_then_balloon(
+        order,
+        |fa| fa.alloc_frozen(order, kind),
+        |sv| sv.b.alloc_frozen(&mut sv.dev, &mut sv.env, order, kind),
+    )
 }
 
 /// Brings the GIC up and attaches the balloon's interrupt (from the device
@@ -268,18 +336,20 @@ enum SelfTest {
 /// Folios of 2 MiB at most held by the deflate-on-OOM self-test.
 const OOM_FOLIOS: usize = 64;
 
-fn oom_selftest(b: &mut Balloon, dev: &mut VirtioBalloon<FirmwareDma>, env: &mut FirmwareEnv) {
+fn oom_selftest() {
     let mut held: [Option<memdesc::frames::FolioRef>; OOM_FOLIOS] = [const { None }; OOM_FOLIOS];
-    let before = b.status().actual;
+    let status = || SERVICE.with(|sv| sv.b.status()).ok();
+    let before = status().map_or(0, |s| s.actual);
     let mut reclaimed = 0;
     let mut n = 0;
     let mut outcome: Result<(), BalloonError> = Ok(());
     while n < OOM_FOLIOS && reclaimed == 0 {
-        match b.alloc_folio(dev, env, 9, memdesc::frames::Owner::Buddy) {
+        // The firmware's general allocation path, not the balloon's own.
+        match alloc_folio(9, memdesc::frames::Owner::Buddy) {
             Ok((f, got)) => {
                 held[n] = Some(f);
                 n += 1;
-                reclaimed += got;
+                reclaimed += got.deflated;
             }
             Err(e) => {
                 outcome = Err(e);
@@ -287,58 +357,113 @@ fn oom_selftest(b: &mut Balloon, dev: &mut VirtioBalloon<FirmwareDma>, env: &mut
             }
         }
     }
-    let after = b.status().actual;
+    let after = status().map_or(0, |s| s.actual);
     for f in held.iter_mut().filter_map(Option::take) {
         let _ = FRAMES.with(|fa| fa.put(f).map(drop));
     }
-    let r = check(b);
+    let (r, events) = SERVICE
+        .with(|sv| (check(&sv.b), sv.b.counters().oom_events))
+        .unwrap_or((
+            SettleReport {
+                frames_ok: false,
+                offline: 0,
+                lint: usize::MAX,
+                tlb_entries: 0,
+                boot_optimum: 0,
+            },
+            0,
+        ));
     defmt::info!(
-        "balloon: deflate-on-OOM gave back {=u64} pages after {=usize} allocations of 2 MiB (actual {=u32} -> {=u32}, {=u64} OOM events); {}; frames {=str}; lint {=usize}",
+        "balloon: deflate-on-OOM gave back {=u64} pages after {=usize} allocations of 2 MiB through the general path (actual {=u32} -> {=u32}, {=u64} OOM events); {}; frames {=str}; lint {=usize}",
         reclaimed,
         n,
         before,
         after,
-        b.counters().oom_events,
+        events,
         defmt::Debug2Format(&outcome),
         if r.frames_ok { "ok" } else { "LOST" },
         r.lint
     );
 }
 
-fn serve(
-    b: &mut Balloon,
-    dev: &mut VirtioBalloon<FirmwareDma>,
-    env: &mut FirmwareEnv,
-    mut selftest: SelfTest,
-    events: Option<hal::virtio::irq::Events>,
-) -> ! {
-    let mut last: Status = b.status();
-    let mut moving_since: Option<u64> = None;
-    let mut last_err: Option<BalloonError> = None;
-    let mut last_reported = 0;
+/// The service loop's own state between rounds.
+struct LoopState {
+    last: Status,
+    moving_since: Option<u64>,
+    last_err: Option<BalloonError>,
+    last_reported: u64,
+    selftest: SelfTest,
+    irqs: u64,
+}
+
+fn serve(selftest: SelfTest, events: Option<hal::virtio::irq::Events>) -> ! {
+    let Ok(last) = SERVICE.with(|sv| sv.b.status()) else {
+        idle_forever()
+    };
+    let mut st = LoopState {
+        last,
+        moving_since: None,
+        last_err: None,
+        last_reported: 0,
+        selftest,
+        irqs: 0,
+    };
     defmt::info!(
         "balloon: up, target {=u32} pages, actual {=u32}",
         last.num_pages,
         last.actual
     );
     loop {
-        if events.is_none() {
+        st.irqs = events.as_ref().map_or(0, hal::virtio::irq::Events::count);
+        let polling = events.is_none();
+        let run_oom = SERVICE
+            .with(|sv| round(sv, &mut st, polling))
+            .unwrap_or(false);
+        if run_oom {
+            oom_selftest();
+        }
+        match (&events, st.last_err) {
+            // Sleep in WFI until the device interrupts: a config change (new
+            // target) or a used buffer (a batch or the stats buffer back).
+            // The handler has acknowledged it already.
+            (Some(ev), None) => {
+                hal::irq::wait_until(|| ev.pending());
+                ev.take();
+            }
+            // An error may need another look without an interrupt (a config
+            // that read unstable, a busy allocator): retry after a while.
+            (Some(_), Some(_)) => hal::timer::delay_us(POLL_US),
+            (None, _) => {
+                if st.last.op == Op::Idle {
+                    hal::timer::delay_us(POLL_US);
+                }
+            }
+        }
+    }
+}
+
+/// One round of service; true when the deflate-on-OOM self-test is due.
+fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> bool {
+    let Service { b, dev, env } = sv;
+    let mut run_oom = false;
+    {
+        if polling {
             let _ = dev.ack_interrupt();
         }
         let now = now_ns();
         match b.service(dev, env, now) {
-            Ok(_) => last_err = None,
+            Ok(_) => st.last_err = None,
             Err(e) => {
-                if last_err != Some(e) {
+                if st.last_err != Some(e) {
                     defmt::warn!("balloon: {}", defmt::Debug2Format(&e));
                 }
-                last_err = Some(e);
+                st.last_err = Some(e);
             }
         }
         let s = b.status();
         let rc = b.reporter().counters();
-        if rc.reported != last_reported && b.reporting_frames() == 0 {
-            last_reported = rc.reported;
+        if rc.reported != st.last_reported && b.reporting_frames() == 0 {
+            st.last_reported = rc.reported;
             defmt::info!(
                 "balloon: reported {=u64} free 2 MiB blocks ({=u64} MiB) to the host; {=u64} skipped as unused since; frames {=str}",
                 rc.reported,
@@ -347,15 +472,15 @@ fn serve(
                 if check(b).frames_ok { "ok" } else { "LOST" }
             );
         }
-        if s.num_pages != last.num_pages {
+        if s.num_pages != st.last.num_pages {
             defmt::info!(
                 "balloon: target {=u32} pages ({=u64} MiB)",
                 s.num_pages,
                 (s.num_pages as u64 * PAGE_SIZE) >> 20
             );
-            moving_since.get_or_insert(now);
+            st.moving_since.get_or_insert(now);
         }
-        if s.actual != last.actual {
+        if s.actual != st.last.actual {
             defmt::info!(
                 "balloon: actual {=u32} / target {=u64} pages",
                 s.actual,
@@ -363,7 +488,7 @@ fn serve(
             );
         }
         if s.settled() {
-            if let Some(t0) = moving_since.take() {
+            if let Some(t0) = st.moving_since.take() {
                 let r = check(b);
                 let c = b.counters();
                 defmt::info!(
@@ -378,13 +503,13 @@ fn serve(
                     c.batches,
                     c.notifications,
                     c.descriptors,
-                    events.as_ref().map_or(0, hal::virtio::irq::Events::count)
+                    st.irqs
                 );
-                if selftest == SelfTest::DeflateOnOom && s.actual > 0 {
-                    selftest = SelfTest::None;
-                    oom_selftest(b, dev, env);
+                if st.selftest == SelfTest::DeflateOnOom && s.actual > 0 {
+                    st.selftest = SelfTest::None;
+                    run_oom = true;
                 }
-                if selftest == SelfTest::TouchBallooned && s.actual > 0 {
+                if st.selftest == SelfTest::TouchBallooned && s.actual > 0 {
                     if let Ok(pfn) = b.entry(env, 0) {
                         let addr = pfn as u64 * PAGE_SIZE;
                         defmt::warn!(
@@ -401,23 +526,7 @@ fn serve(
                 }
             }
         }
-        last = s;
-        match (&events, last_err) {
-            // Sleep in WFI until the device interrupts: a config change (new
-            // target) or a used buffer (a batch or the stats buffer back).
-            // The handler has acknowledged it already.
-            (Some(ev), None) => {
-                hal::irq::wait_until(|| ev.pending());
-                ev.take();
-            }
-            // An error may need another look without an interrupt (a config
-            // that read unstable, a busy allocator): retry after a while.
-            (Some(_), Some(_)) => hal::timer::delay_us(POLL_US),
-            (None, _) => {
-                if s.op == Op::Idle {
-                    hal::timer::delay_us(POLL_US);
-                }
-            }
-        }
+        st.last = s;
     }
+    run_oom
 }

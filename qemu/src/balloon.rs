@@ -392,6 +392,7 @@ pub fn system_test(
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             if gave == 0
+                || !line.contains("through the general path")
                 || !line.contains("frames ok")
                 || !line.contains("lint 0")
                 || !line.contains("Ok(())")
@@ -598,6 +599,65 @@ pub fn qemu_cpu_fraction(qmp_path: &Path, watch: Duration) -> Result<f64, String
     Ok((t1.saturating_sub(t0)) as f64 / hz / (w1 - w0).as_secs_f64())
 }
 
+/// The file beside `qmp_path` that `cargo qemu run` writes the balloon's
+/// log lines to.
+pub fn log_path(qmp_path: &Path) -> PathBuf {
+    qmp_path.with_extension("balloon.log")
+}
+
+/// Creates the balloon log of a `cargo qemu run`.
+pub fn open_log(qmp_path: &Path) -> Option<std::fs::File> {
+    std::fs::File::create(log_path(qmp_path)).ok()
+}
+
+/// Appends `line` to the balloon log if it is one of the balloon's.
+pub fn log_line(log: &Mutex<Option<std::fs::File>>, line: &str) {
+    use std::io::Write;
+    if line.starts_with("balloon") {
+        if let Ok(mut g) = log.lock() {
+            if let Some(f) = g.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    }
+}
+
+/// The firmware's settle report for `actual` pages written to the balloon
+/// log after byte `from`, waiting up to `timeout` for it.
+fn settle_report(qmp_path: &Path, from: u64, pages: u64, timeout: Duration) -> Option<String> {
+    let want = format!("balloon settled: actual {pages} pages");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read(log_path(qmp_path)).ok()?;
+        let tail = String::from_utf8_lossy(text.get(from as usize..).unwrap_or(&[])).into_owned();
+        if let Some(l) = tail.lines().find(|l| l.starts_with(&want)) {
+            return Some(l.to_string());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One line for a person: the settle report's time, accounting and TLB
+/// footprint against the optimum.
+pub fn describe_settled(line: &str) -> Option<String> {
+    let (actual, ok, lint, tlb, optimum) = parse_settled(line)?;
+    let ms = line
+        .split(" pages in ")
+        .nth(1)?
+        .split(" ms")
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(format!(
+        "firmware: settled at {actual} pages in {ms} ms; frames {}; lint {lint}; TLB footprint {tlb} entries against an optimum of {optimum}{}",
+        if ok { "ok" } else { "LOST" },
+        if tlb == optimum { " (at the optimum)" } else { "" }
+    ))
+}
+
 /// Sets the target, shows `actual` moving until it reaches `size` (or 120 s
 /// pass), then the time, the rate and QEMU's resident memory before and
 /// after. Returns where `actual` ended.
@@ -613,13 +673,21 @@ fn move_to(
         before >> 20,
         size >> 20
     );
+    let log_from = std::fs::metadata(log_path(path)).map_or(0, |m| m.len());
     let t0 = Instant::now();
     q.balloon(size).map_err(|e| e.to_string())?;
     let mut last = before;
     let actual = loop {
         let actual = q.query_balloon().map_err(|e| e.to_string())?;
         if actual != last {
-            println!("  actual {} MiB / target {} MiB", actual >> 20, size >> 20);
+            let (moved, total) = (before.abs_diff(actual), before.abs_diff(size).max(1));
+            println!(
+                "  actual {} MiB / target {} MiB ({:.0}%, {:.2} s)",
+                actual >> 20,
+                size >> 20,
+                moved as f64 * 100.0 / total as f64,
+                t0.elapsed().as_secs_f64()
+            );
             last = actual;
         }
         if actual == size {
@@ -645,6 +713,21 @@ fn move_to(
             a >> 10,
             b >> 10
         );
+    }
+    let ram = q
+        .execute("query-memory-size-summary", None)
+        .ok()
+        .and_then(|v| v.get("base-memory").and_then(Value::as_u64))
+        .unwrap_or(0);
+    if ram > 0 {
+        let pages = ram.saturating_sub(actual) / PAGE;
+        match settle_report(path, log_from, pages, Duration::from_secs(5))
+            .as_deref()
+            .and_then(describe_settled)
+        {
+            Some(d) => println!("{d}"),
+            None => println!("firmware: no settle report (see the log of `cargo qemu run`)"),
+        }
     }
     Ok(actual)
 }
@@ -758,7 +841,6 @@ pub fn cmd_balloon(size: u64, qmp_path: Option<PathBuf>) -> Result<std::process:
     let rss_before = qemu_rss_kib(&path);
     println!("balloon: QMP {}", path.display());
     let actual = move_to(&mut q, &path, size, before, rss_before)?;
-    println!("(the firmware's log shows the settle line: frames, linter, TLB footprint)");
     Ok(if actual == size {
         std::process::ExitCode::SUCCESS
     } else {
@@ -781,6 +863,23 @@ mod tests {
         let with_irqs = format!("{l}, 17 interrupts");
         assert_eq!(interrupts_of(&with_irqs), Some(17));
         assert_eq!(parse_settled(&with_irqs), Some((131072, true, 0, 420, 154)));
+    }
+
+    #[test]
+    fn settle_reports_read_for_a_person() {
+        let l = "balloon settled: actual 131072 pages in 812 ms; offline 131072; frames ok; lint 0; TLB entries 154 (boot optimum 154); 5 batches, 5 notifications, 513 descriptors, 9 interrupts";
+        let d = describe_settled(l).unwrap();
+        assert!(
+            d.contains("812 ms")
+                && d.contains("154 entries against an optimum of 154 (at the optimum)"),
+            "{d}"
+        );
+        let log = Mutex::new(None);
+        log_line(&log, "balloon settled");
+        assert_eq!(
+            log_path(Path::new("/tmp/x.qmp")),
+            PathBuf::from("/tmp/x.balloon.log")
+        );
     }
 
     #[test]

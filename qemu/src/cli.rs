@@ -31,6 +31,9 @@ pub enum Cmd {
         /// Board for the boot benchmark.
         #[arg(long, value_parser = parse_board, default_value = "virt")]
         board: &'static str,
+        /// Also run the same steps on a peer in the same run (balloon: `linux`).
+        #[arg(long, value_enum)]
+        peer: Option<Peer>,
     },
     /// Drive a running `cargo qemu run`'s balloon to SIZE over QMP.
     Balloon {
@@ -172,6 +175,13 @@ impl TestCli {
             serial,
         })
     }
+}
+
+/// `cargo qemu bench balloon --peer NAME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// Linux's virtio_balloon (Debian's arm64 kernel, a busybox initramfs).
+    Linux,
 }
 
 /// `cargo qemu bench WHICH`.
@@ -408,11 +418,19 @@ mod tests {
 
     #[test]
     fn bench_balloon_runner_setup() {
-        let Cmd::Bench { which, board } = parse(&["bench"]).expect("parses").cmd else {
+        let Cmd::Bench { which, board, peer } = parse(&["bench"]).expect("parses").cmd else {
             panic!("not bench");
         };
-        assert_eq!((which, board), (BenchWhich::All, "virt"));
-        let Cmd::Bench { which, board } = parse(&["bench", "boot", "--board", "xlnx-zcu102"])
+        assert_eq!((which, board, peer), (BenchWhich::All, "virt", None));
+        let Cmd::Bench { which, peer, .. } = parse(&["bench", "balloon", "--peer", "linux"])
+            .expect("parses")
+            .cmd
+        else {
+            panic!("not bench");
+        };
+        assert_eq!((which, peer), (BenchWhich::Balloon, Some(Peer::Linux)));
+        assert!(parse(&["bench", "balloon", "--peer", "bsd"]).is_err());
+        let Cmd::Bench { which, board, .. } = parse(&["bench", "boot", "--board", "xlnx-zcu102"])
             .expect("parses")
             .cmd
         else {

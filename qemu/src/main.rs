@@ -33,7 +33,7 @@ mod test;
 
 use boot::{BootOptions, Ending};
 use clap::Parser;
-use cli::{BenchWhich, Cli, Cmd, RunArgs, TestCli};
+use cli::{BenchWhich, Cli, Cmd, Peer, RunArgs, TestCli};
 use error::{Error, Result};
 use machine::Machine;
 use std::path::Path;
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Runner { elf, rest: _ } => cmd_runner(&elf),
         Cmd::Test(t) => cmd_test(t),
-        Cmd::Bench { which, board } => cmd_bench(which, board),
+        Cmd::Bench { which, board, peer } => cmd_bench(which, board, peer),
         Cmd::Balloon { size, qmp } => balloon::cmd_balloon(size, qmp).map_err(Error::Balloon),
         Cmd::Setup => cmd_setup(),
         Cmd::Image { board, out } => cmd_image(board, &out),
@@ -105,7 +105,13 @@ fn boot_interactive(
         machine.label(),
         qmp_path.display()
     );
-    let ready = |l: &log::LogLine| l.message == "ready";
+    // The balloon's lines also go to a file beside the QMP socket, where
+    // `cargo qemu balloon` from another terminal reads the settle report.
+    let balloon_log = std::sync::Mutex::new(balloon::open_log(&qmp_path));
+    let ready = |l: &log::LogLine| {
+        balloon::log_line(&balloon_log, &l.message);
+        exit_when_ready && l.message == "ready"
+    };
     let qmp_report = || match qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)) {
         Ok(_) if !machine.is_virt() => println!("host: QMP connected (no balloon on this board)"),
         Ok(mut q) => {
@@ -135,12 +141,13 @@ fn boot_interactive(
             Duration::from_secs(365 * 24 * 3600)
         },
         echo: true,
-        stop_when: if exit_when_ready { Some(&ready) } else { None },
+        stop_when: Some(&ready),
         on_started: Some(&qmp_report),
         paused: false,
     };
     let result = boot::boot(machine, elf, &decoder, &opts);
     let _ = std::fs::remove_file(&qmp_path);
+    let _ = std::fs::remove_file(balloon::log_path(&qmp_path));
     let b = result.map_err(Error::Qemu)?;
     if !b.stderr.trim().is_empty() {
         eprintln!("{}", b.stderr.trim_end());
@@ -209,7 +216,10 @@ fn boot_bench(board: &'static str) -> Result<Vec<bench::Record>> {
     bench::boot::run(&elf, board).map_err(Error::Bench)
 }
 
-fn cmd_bench(which: BenchWhich, board: &'static str) -> Result<ExitCode> {
+fn cmd_bench(which: BenchWhich, board: &'static str, peer: Option<Peer>) -> Result<ExitCode> {
+    if peer.is_some() && which != BenchWhich::Balloon {
+        return Err(Error::Usage("--peer linux applies to `cargo qemu bench balloon` only".into()));
+    }
     let records = match which {
         BenchWhich::Memdesc => bench::memdesc::run(),
         BenchWhich::Smp => bench::smp::run(),
@@ -218,7 +228,7 @@ fn cmd_bench(which: BenchWhich, board: &'static str) -> Result<ExitCode> {
         BenchWhich::Balloon => {
             setup::ensure_qemu().map_err(Error::Setup)?;
             let elf = cargo::build_firmware("virt").map_err(Error::Build)?;
-            bench::balloon::run(&elf).map_err(Error::Bench)?
+            bench::balloon::run(&elf, peer.is_some()).map_err(Error::Bench)?
         }
         BenchWhich::All => {
             let mut r = bench::memdesc::run();

@@ -73,6 +73,12 @@ pub struct VirtioBalloon<H: IdentityDma> {
     queues: [Option<Q<H>>; 4],
 }
 
+// SAFETY: the transport and queue pointers are used by one core only
+// (secondary cores are parked), and a `VirtioBalloon` moved into a global
+// is reached only through that global's exclusive access; the interrupt
+// handler touches only InterruptStatus/InterruptACK (hal::virtio::irq).
+unsafe impl<H: IdentityDma> Send for VirtioBalloon<H> {}
+
 fn slot(q: Queue) -> usize {
     match q {
         Queue::Inflate => 0,

@@ -237,7 +237,10 @@ impl FakeDevice {
                     self.violations
                         .push("report: device-readable buffer".into());
                 }
-                if b.addr.0 % two_mib != 0 || b.len as u64 % two_mib != 0 || b.len == 0 {
+                if !b.addr.0.is_multiple_of(two_mib)
+                    || !(b.len as u64).is_multiple_of(two_mib)
+                    || b.len == 0
+                {
                     self.violations.push(format!(
                         "report: {:#x}+{:#x} not whole 2 MiB",
                         b.addr.0, b.len

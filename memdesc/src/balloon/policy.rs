@@ -961,12 +961,36 @@ impl Balloon {
         order: u8,
         owner: Owner,
     ) -> Result<(FolioRef, u64), BalloonError> {
-        match env.with_frames(|fa| fa.alloc_folio(order, owner))? {
+        self.alloc_with(dev, env, order, |fa| fa.alloc_folio(order, owner))
+    }
+
+    /// Frozen frames (`2^order`, of `kind`), as [`Balloon::alloc_folio`]
+    /// does it: compaction, then deflate-on-OOM when negotiated.
+    pub fn alloc_frozen<D: BalloonDevice, E: BalloonEnv>(
+        &mut self,
+        dev: &mut D,
+        env: &mut E,
+        order: u8,
+        kind: FrozenKind,
+    ) -> Result<(Pfn, u64), BalloonError> {
+        self.alloc_with(dev, env, order, |fa| fa.alloc_frozen(order, kind))
+    }
+
+    fn alloc_with<D: BalloonDevice, E: BalloonEnv, T>(
+        &mut self,
+        dev: &mut D,
+        env: &mut E,
+        order: u8,
+        mut alloc: impl FnMut(
+            &mut crate::frames::FrameAllocator<'static, E::Mem>,
+        ) -> Result<T, FrameError>,
+    ) -> Result<(T, u64), BalloonError> {
+        match env.with_frames(&mut alloc)? {
             Ok(f) => Ok((f, 0)),
             Err(e @ FrameError::OutOfMemory { .. }) => {
                 let free = env.with_frames(|fa| fa.count(FrameType::Free))?;
                 if free >= 1u64 << order && self.compact_for(dev, env, order)?.is_some() {
-                    if let Ok(f) = env.with_frames(|fa| fa.alloc_folio(order, owner))? {
+                    if let Ok(f) = env.with_frames(&mut alloc)? {
                         return Ok((f, 0));
                     }
                 }
@@ -974,7 +998,7 @@ impl Balloon {
                     return Err(e.into());
                 }
                 let got = self.reclaim(dev, env, 1 << order)?;
-                let f = env.with_frames(|fa| fa.alloc_folio(order, owner))??;
+                let f = env.with_frames(&mut alloc)??;
                 Ok((f, got))
             }
             Err(e) => Err(e.into()),
