@@ -1506,6 +1506,14 @@ mod tests {
                 assert!(machines_for(b, suite, "any").iter().all(|m| m.board == b));
             }
             assert!(machines_for(b, "platform", "virt_tree_contents").is_empty());
+            // The generic-timer interrupt test runs on every board at every
+            // entry EL; virt's device tests do not.
+            let irq: Vec<u8> = machines_for(b, "irq", "timer_interrupt_wakes_wfi_once")
+                .iter()
+                .map(|m| m.el)
+                .collect();
+            assert_eq!(irq, Machine::entry_els(b), "{b} irq");
+            assert!(machines_for(b, "irq", "device_spi_is_routed_and_dispatched").is_empty());
             let sys: Vec<&str> = system_tests_for(b).iter().map(|p| p.test.name).collect();
             for name in [
                 "ready_on_board",
