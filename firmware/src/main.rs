@@ -2,11 +2,13 @@
 //! reports ready and serves until powered off.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
 use core::panic::PanicInfo;
 
-#[no_mangle]
-extern "C" fn main() -> ! {
+hal::entry!(main);
+
+fn main() -> ! {
     let platform = firmware::init();
     firmware::selftest::run(platform.bootargs);
     if let Err(e) = firmware::demo::run() {

@@ -326,9 +326,44 @@ extern "C" fn hal_el1_start(dtb: u64, entry_el: u64) -> ! {
     // again is harmless and covers the eret paths.
     ENTRY_EL.store(entry_el as u8, Ordering::Relaxed);
     DTB_HINT.store(dtb, Ordering::Relaxed);
+    crate::percpu::install(0);
     crate::uart::init();
     // SAFETY: `main` is the single entry point the final binary defines
     // (firmware's main.rs or embedded-test's harness); it takes no arguments
     // and never returns.
     unsafe { main() }
+}
+
+/// Enters the image at its entry point again the way U-Boot's `go` and
+/// `bootelf` do: at this EL, with the MMU and caches as they are, x0 = the
+/// DTB hint and x1 = `mark` (a loader passes 0). The entry path cleans and
+/// turns off the caches and MMU, zeroes BSS and boots from scratch; nothing
+/// of this run survives.
+pub fn reenter(mark: u64) -> ! {
+    let entry = crate::image::whole().start;
+    crate::uart::CONSOLE.flush();
+    // SAFETY: not a return path: the entry code takes only x0/x1 and sets
+    // everything else up from scratch; nothing of this run is used after.
+    unsafe {
+        core::arch::asm!(
+            "br {e}",
+            e = in(reg) entry,
+            in("x0") dtb_hint(),
+            in("x1") mark,
+            options(noreturn)
+        )
+    }
+}
+
+/// The stack pointer in use and SPSel (0: SP_EL0, the main thread's stack;
+/// 1: SP_ELx, the exception stack) where this is called.
+#[inline(always)]
+pub fn stack_pointer_and_spsel() -> (u64, u64) {
+    let (sp, spsel): (u64, u64);
+    // SAFETY: reads SP and SPSel; no side effects.
+    unsafe {
+        core::arch::asm!("mov {0}, sp", "mrs {1}, spsel", out(reg) sp, out(reg) spsel,
+            options(nomem, nostack, preserves_flags))
+    };
+    (sp, spsel)
 }

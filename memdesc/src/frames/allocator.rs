@@ -10,7 +10,7 @@
 use super::atomics::{AtomicCell, Atomics, CoreAtomics};
 use super::buddy::{FreeLists, MAX_ORDER, ORDERS};
 use super::desc::{Desc, FolioDesc, HwPoisonDesc, PageTableDesc, SlabDesc, FOLIO_HWPOISON};
-use super::desc_cache::{desc_addr, desc_at, DescCache, DescMemory};
+use super::desc_cache::{desc_of, desc_word, DescCache, DescMemory};
 use super::error::FrameError;
 use super::hot_cache::{HotCache, HOT_MAX_ORDER};
 use super::owner::Owner;
@@ -416,9 +416,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         for i in 0..1usize << order {
             let w = if i == 0 { head } else { tail };
             let cur = self.pa.load_relaxed(idx + i);
-            if cur.frame_type() == Some(FrameType::HwPoison) {
-                // SAFETY: HwPoison-tagged words hold hwpoison descriptor addresses.
-                let d: &HwPoisonDesc<A> = unsafe { desc_at(cur.desc_addr()) };
+            if let Some(d) = desc_of::<A, HwPoisonDesc<A>>(cur) {
                 d.init(w);
             } else {
                 self.pa.store_release(idx + i, w);
@@ -462,15 +460,12 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             FrameType::HwPoison => return Err(FrameError::HwPoisoned { pfn }),
             FrameType::Folio => return Err(FrameError::WrongType { pfn, found: ty }),
             FrameType::Slab | FrameType::PageTable => {
-                // SAFETY: Slab/PageTable-tagged words hold addresses of
-                // descriptors of that type from their caches.
-                let desc_order = unsafe {
-                    if ty == FrameType::Slab {
-                        desc_at::<A, SlabDesc<A>>(head.desc_addr()).order()
-                    } else {
-                        desc_at::<A, PageTableDesc<A>>(head.desc_addr()).order()
-                    }
-                };
+                let desc_order = if ty == FrameType::Slab {
+                    desc_of::<A, SlabDesc<A>>(head).map(|d| d.order())
+                } else {
+                    desc_of::<A, PageTableDesc<A>>(head).map(|d| d.order())
+                }
+                .ok_or(FrameError::Corrupt { pfn })?;
                 if desc_order != order {
                     return Err(FrameError::NotAllocation { pfn });
                 }
@@ -505,19 +500,11 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
 
     /// Frees the descriptor a (non-folio) head word points to, if any.
     pub(crate) fn drop_desc(&mut self, head: Word) {
-        match head.frame_type() {
-            Some(FrameType::PageTable) => {
-                // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
-                let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
-                d.retire();
-                self.tables.free(d);
-            }
-            Some(FrameType::Slab) => {
-                // SAFETY: Slab-tagged words hold slab descriptor addresses.
-                let d = unsafe { desc_at::<A, SlabDesc<A>>(head.desc_addr()) };
-                self.slabs.free(d);
-            }
-            _ => {}
+        if let Some(d) = desc_of::<A, PageTableDesc<A>>(head) {
+            d.retire();
+            self.tables.free(d);
+        } else if let Some(d) = desc_of::<A, SlabDesc<A>>(head) {
+            self.slabs.free(d);
         }
     }
 
@@ -531,13 +518,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             FrozenKind::PageTable => {
                 let d = self.get_table_desc()?;
                 d.init(order);
-                let w = Word::with_desc(FrameType::PageTable, desc_addr(d));
+                let w = desc_word(d);
                 (w, w)
             }
             FrozenKind::Slab => {
                 let d = self.get_slab_desc()?;
                 d.init(order);
-                let w = Word::with_desc(FrameType::Slab, desc_addr(d));
+                let w = desc_word(d);
                 (w, w)
             }
             FrozenKind::Offline | FrozenKind::Guard => {
@@ -595,7 +582,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         // Cannot fail: `get_folio_desc` checked the count is 0, and no
         // `try_get` raises a zero count.
         let _ = d.unfreeze(1);
-        self.fill(idx, order, Word::with_desc(FrameType::Folio, desc_addr(d)));
+        self.fill(idx, order, desc_word(d));
         let n = 1u64 << order;
         self.by_type[FrameType::Free.index()] -= n;
         self.by_type[FrameType::Folio.index()] += n;
@@ -664,7 +651,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             .section_of(pfn)
             .ok_or(FrameError::Corrupt { pfn: Pfn(pfn) })?;
         let idx = sec.index(pfn);
-        let expect = Word::with_desc(FrameType::Folio, desc_addr(d));
+        let expect = desc_word(d);
         let head = self.pa.effective(self.pa.load_relaxed(idx));
         if head != expect {
             return Err(FrameError::NotAllocation { pfn: Pfn(pfn) });
@@ -768,7 +755,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         t.check_current()?;
         // The frame must still hold this table (its original word, if poisoned).
         let now = self.pa.effective(self.pa.word(t.pfn())?);
-        if now != Word::with_desc(FrameType::PageTable, desc_addr(t.desc())) {
+        if now != desc_word(t.desc()) {
             return Err(FrameError::StaleHandle { pfn: t.pfn() });
         }
         self.free_frozen(t.pfn(), 0)
@@ -777,9 +764,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// `PageTableNotEmpty` when `head` (an allocation's head word, the
     /// original one for a poisoned frame) is a table with valid entries.
     pub(crate) fn check_table_empty(pfn: Pfn, head: Word) -> Result<(), FrameError> {
-        if head.frame_type() == Some(FrameType::PageTable) {
-            // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
-            let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
+        if let Some(d) = desc_of::<A, PageTableDesc<A>>(head) {
             let valid = d.valid();
             if valid != 0 {
                 return Err(FrameError::PageTableNotEmpty { pfn, valid });
@@ -989,8 +974,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             let t = w.frame_type().ok_or(err(i, Inconsistency::UnknownTag))?;
             counts[t.index()] += 1;
             if t == FrameType::Folio {
-                // SAFETY: Folio-tagged words hold folio descriptor addresses.
-                let d = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
+                let d = desc_of::<A, FolioDesc<A>>(w).ok_or(err(i, Inconsistency::UnknownTag))?;
                 let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?;
                 if pfn.0 < d.head().0 || pfn.0 >= d.head().0 + (1u64 << d.order()) {
                     return Err(err(i, Inconsistency::FolioFrameOutsideDescriptor));
