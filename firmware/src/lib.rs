@@ -11,6 +11,7 @@ pub mod demo;
 pub mod interrupts;
 pub mod mm;
 pub mod selftest;
+pub mod smp;
 
 use hal::dtb::Platform;
 

@@ -249,6 +249,13 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     regions.push(stack.start, stack.end, Attributes::DATA)?;
     let stack = hal::image::exception_stack();
     regions.push(stack.start, stack.end, Attributes::DATA)?;
+    // Every secondary core's stacks; their guard pages stay unmapped.
+    for cpu in 1..hal::percpu::MAX_CPUS {
+        if let Some([main, _, exception, _]) = hal::image::cpu_stacks(cpu) {
+            regions.push(main.start, main.end, Attributes::DATA)?;
+            regions.push(exception.start, exception.end, Attributes::DATA)?;
+        }
+    }
     let windows = p
         .mmio_windows(&hal::board::CURRENT)
         .map_err(MmError::DeviceTree)?;

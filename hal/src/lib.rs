@@ -53,6 +53,8 @@ pub mod power;
 pub mod semihost;
 pub mod semihost_console;
 #[cfg(hw)]
+pub mod smp;
+#[cfg(hw)]
 pub mod timer;
 #[cfg(hw)]
 pub mod uart;

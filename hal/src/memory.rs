@@ -361,8 +361,12 @@ pub fn enable_mmu(s1: &mut Stage1<IdentityTables>, probe: &Probe) -> Result<(), 
     check_span(s1, crate::image::text(), Attributes::TEXT)?;
     check_span(s1, crate::image::rodata(), Attributes::RODATA)?;
     check_span(s1, crate::image::data(), Attributes::DATA)?;
-    check_span(s1, crate::image::main_stack(), Attributes::DATA)?;
-    check_span(s1, crate::image::exception_stack(), Attributes::DATA)?;
+    for cpu in 0..crate::percpu::MAX_CPUS {
+        if let Some([main, _, exception, _]) = crate::image::cpu_stacks(cpu) {
+            check_span(s1, main, Attributes::DATA)?;
+            check_span(s1, exception, Attributes::DATA)?;
+        }
+    }
     let pa = crate::image::Span {
         start: PAGE_ARRAY_SPAN[0].load(Ordering::Relaxed),
         end: PAGE_ARRAY_SPAN[1].load(Ordering::Relaxed),

@@ -1,6 +1,6 @@
 //! `cargo qemu …`: the host side of the firmware.
 //!
-//! - `cargo qemu run [--board B] [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--append ARGS]`
+//! - `cargo qemu run [--board B] [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--smp N] [--append ARGS]`
 //!   builds the firmware for board B (default `virt`), makes sure QEMU >= 10
 //!   is installed, boots B's QEMU model and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only] [--no-host] [-j N]` runs every test.
@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage:
-  cargo qemu run [--board NAME] [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--append \"ARGS\"]
+  cargo qemu run [--board NAME] [--exit-when-ready] [--cpu max|cortex-a53|…] [--mem 1G] [--el 1|2|3] [--gic 2|3] [--smp 1-8] [--append \"ARGS\"]
   cargo qemu test [FILTER…] [--board NAME] [--host-only] [--no-host] [-j N]
   cargo qemu bench <memdesc|translation|boot|balloon|all> [--board NAME]
   cargo qemu balloon SIZE [--qmp PATH]   (a running `cargo qemu run`'s guest to SIZE)
@@ -155,6 +155,12 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
                     "2" => 2,
                     "3" => 3,
                     other => return Err(format!("--gic takes 2 or 3, not {other:?}")),
+                }
+            }
+            "--smp" => {
+                machine.smp = match value(args, &mut i, "--smp")?.parse() {
+                    Ok(n @ 1..=8) => n,
+                    _ => return Err("--smp takes 1 to 8".to_string()),
                 }
             }
             "--append" => append = Some(value(args, &mut i, "--append")?.to_string()),

@@ -55,9 +55,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         let d = f.desc;
         let (pfn, order) = (d.head(), d.order());
         let idx = self.pa.index_of(pfn).ok_or(FrameError::Corrupt { pfn })?;
-        if self.pa.effective(self.pa.load_relaxed(idx))
-            != desc_word(d)
-        {
+        if self.pa.effective(self.pa.load_relaxed(idx)) != desc_word(d) {
             return Err(FrameError::NotAllocation { pfn });
         }
         let healthy = self.rewrite(
