@@ -47,18 +47,18 @@ pub struct DemoReport {
 fn frames<R>(
     f: impl FnOnce(&mut crate::mm::Frames) -> Result<R, FrameError>,
 ) -> Result<R, MmError> {
-    FRAMES.with(f)?.map_err(MmError::Frames)
+    Ok(FRAMES.try_with(f)?)
 }
 
 fn unit_at(va: u64) -> Result<MappingUnit, MmError> {
-    Ok(STAGE1.with(|s| s.query(VirtAddr(va)))??.unit)
+    Ok(STAGE1.try_with(|s| s.query(VirtAddr(va)))?.unit)
 }
 
 fn free_count() -> Result<u64, MmError> {
-    FRAMES.with(|fa| {
+    Ok(FRAMES.with(|fa| {
         fa.drain_cache();
         fa.count(FrameType::Free)
-    })
+    })?)
 }
 
 /// Runs the workload, logging each step.
@@ -87,7 +87,7 @@ pub fn run() -> Result<DemoReport, MmError> {
         .as_ref()
         .map(|f| f.pfn())
         .ok_or(MmError::NotInitialised)?;
-    let spec = FRAMES.with(|fa| fa.page_array().get_folio(Pfn(head.0 + 3), |_| ()))??;
+    let spec = FRAMES.try_with(|fa| fa.page_array().get_folio(Pfn(head.0 + 3), |_| ()))?;
     let speculative_refcount = spec.refcount();
     defmt::info!(
         "demo: speculative lookup of pfn {=u64:#x} (tail of a 64 KiB folio): refcount {=u32}",
@@ -111,7 +111,7 @@ pub fn run() -> Result<DemoReport, MmError> {
 
     // A live mapping of the 2 MiB folio, built page by page, then folded.
     let pa = block.pfn().addr().0;
-    STAGE1.with(|s| {
+    STAGE1.try_with(|s| {
         s.map_limited(
             VirtAddr(DEMO_VA),
             PhysAddr(pa),
@@ -119,35 +119,35 @@ pub fn run() -> Result<DemoReport, MmError> {
             Attributes::DATA,
             MappingUnit::Page4K,
         )
-    })??;
+    })?;
     let unit_page_by_page = unit_at(DEMO_VA)?;
-    STAGE1.with(|s| s.refold(VirtAddr(DEMO_VA), BLOCK))??;
+    STAGE1.try_with(|s| s.refold(VirtAddr(DEMO_VA), BLOCK))?;
     let unit_refolded = unit_at(DEMO_VA)?;
     defmt::info!(
         "demo: 2 MiB mapped as {}, refolded into {}",
         defmt::Debug2Format(&unit_page_by_page),
         defmt::Debug2Format(&unit_refolded)
     );
-    // SAFETY: DEMO_VA..+2 MiB maps our folio read-write.
-    unsafe { core::ptr::write_volatile((DEMO_VA + 0x1234 * 8) as *mut u64, 0xfeed) };
+    // DEMO_VA..+2 MiB (in the scratch window) maps our folio read-write.
+    hal::memory::scratch_write_u64(DEMO_VA + 0x1234 * 8, 0xfeed).map_err(MmError::Scratch)?;
 
     // One read-only page in the middle: break-before-make unfold, then undo.
     let page = DEMO_VA + 37 * 4096;
-    STAGE1.with(|s| s.protect(VirtAddr(page), 4096, Attributes::RODATA))??;
+    STAGE1.try_with(|s| s.protect(VirtAddr(page), 4096, Attributes::RODATA))?;
     let unit_after_partial_change = unit_at(page + 4096)?;
-    STAGE1.with(|s| s.protect(VirtAddr(page), 4096, Attributes::DATA))??;
+    STAGE1.try_with(|s| s.protect(VirtAddr(page), 4096, Attributes::DATA))?;
     let unit_after_undo = unit_at(DEMO_VA)?;
     defmt::info!(
         "demo: one page made read-only -> neighbour is a {}; undone -> {}",
         defmt::Debug2Format(&unit_after_partial_change),
         defmt::Debug2Format(&unit_after_undo)
     );
-    // SAFETY: still mapped read-write to our folio.
-    let back = unsafe { core::ptr::read_volatile((DEMO_VA + 0x1234 * 8) as *const u64) };
+    // Still mapped read-write to our folio.
+    let back = hal::memory::scratch_read_u64(DEMO_VA + 0x1234 * 8).map_err(MmError::Scratch)?;
     if back != 0xfeed {
         defmt::error!("demo: data changed across unfold/refold: {=u64:#x}", back);
     }
-    STAGE1.with(|s| s.unmap(VirtAddr(DEMO_VA), BLOCK))??;
+    STAGE1.try_with(|s| s.unmap(VirtAddr(DEMO_VA), BLOCK))?;
 
     // hwpoison one in-use frame: it never returns to the allocator.
     let victim = small[1].take().ok_or(MmError::NotInitialised)?;

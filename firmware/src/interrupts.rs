@@ -3,9 +3,10 @@
 //! windows mapped as device memory, and `hal::irq` initialised. A service loop then attaches its handlers and sleeps with
 //! `hal::irq::wait_until`.
 
-use crate::mm::{self, MmError};
+use crate::mm::MmError;
 use hal::irq::devicetree::{self, IrqDtError, TimerInterrupts};
 use hal::irq::{ControllerSource, GicDescription, Interrupt, IrqError};
+use hal::memory::GicInitError;
 
 /// What [`init`] found.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +36,11 @@ pub enum InterruptsError {
     DeviceTree(IrqDtError),
     /// Mapping the GIC's registers failed.
     Map(MmError),
+    /// A GIC register window overlaps RAM.
+    WindowInRam {
+        /// The window's base.
+        base: u64,
+    },
     /// The GIC refused.
     Irq(IrqError),
 }
@@ -45,6 +51,9 @@ impl defmt::Format for InterruptsError {
             Self::DeviceTree(e) => defmt::write!(f, "device tree: {}", e),
             Self::Map(e) => defmt::write!(f, "mapping the GIC: {}", defmt::Debug2Format(e)),
             Self::Irq(e) => defmt::write!(f, "GIC: {}", e),
+            Self::WindowInRam { base } => {
+                defmt::write!(f, "GIC window at {=u64:#x} overlaps RAM", base)
+            }
         }
     }
 }
@@ -65,12 +74,11 @@ pub fn init() -> Result<Interrupts, InterruptsError> {
     if hal::irq::version().is_some() {
         return Err(InterruptsError::Irq(IrqError::AlreadyInitialised));
     }
-    for r in gic.regions().into_iter().flatten() {
-        mm::map_device(r.base, r.size).map_err(InterruptsError::Map)?;
-    }
-    // SAFETY: both windows were just mapped Device-nGnRE at their physical
-    // addresses, and nothing in the firmware but hal::irq touches the GIC.
-    let version = unsafe { hal::irq::init(&gic) }.map_err(InterruptsError::Irq)?;
+    let version = hal::memory::init_interrupts(&gic).map_err(|e| match e {
+        GicInitError::WindowInRam { base } => InterruptsError::WindowInRam { base },
+        GicInitError::Map(e) => InterruptsError::Map(e.into()),
+        GicInitError::Irq(e) => InterruptsError::Irq(e),
+    })?;
     let from = match found.source {
         ControllerSource::DeviceTree => "the device tree",
         ControllerSource::Board => "the board description",

@@ -2,12 +2,17 @@
 //! reports ready and serves until powered off.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
 use core::panic::PanicInfo;
 
-#[no_mangle]
-extern "C" fn main() -> ! {
+hal::entry!(main);
+
+fn main() -> ! {
     let platform = firmware::init();
+    firmware::smp::start(&platform);
+    // Nothing for the secondaries to do in this binary: they idle in WFI.
+    hal::smp::sleep_when_idle();
     firmware::selftest::run(platform.bootargs);
     if let Err(e) = firmware::demo::run() {
         defmt::error!("demo workload failed: {}", defmt::Debug2Format(&e));

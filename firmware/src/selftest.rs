@@ -2,10 +2,8 @@
 //! (`/chosen/bootargs`), so the host tool can check end to end that a crash
 //! produces the decoded report and the crash exit code.
 
-/// An address no stage-1 regime maps and no physical address space reaches:
-/// with the MMU off it is beyond every PARange, with it on it is outside
-/// TTBR0's input range.
-pub const UNMAPPED: u64 = 0xffff_ffff_ffff_0000;
+/// An address nothing maps or backs (see [`hal::exception::UNMAPPED`]).
+pub const UNMAPPED: u64 = hal::exception::UNMAPPED;
 
 /// Runs the self-test named in `bootargs`, if any. Returns when none is asked for.
 pub fn run(bootargs: Option<&str>) {
@@ -14,9 +12,7 @@ pub fn run(bootargs: Option<&str>) {
         match word.strip_prefix("selftest=") {
             Some("data-abort") => {
                 defmt::warn!("selftest: reading {=u64:#x} on purpose", UNMAPPED);
-                // SAFETY: not sound on purpose: the read must fault, and the
-                // vector handler ends the run with the crash report.
-                let v = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+                let v = hal::exception::crash_on_unmapped_read();
                 defmt::error!("selftest: the read did not fault (got {=u64:#x})", v);
             }
             Some("stack-overflow") => {
@@ -70,25 +66,11 @@ pub const REENTRY_MARK: u64 = 0x5245_454e_5452_5921;
 /// Enters the firmware again at its entry point the way U-Boot's `go` and
 /// `bootelf` do: at this EL, with the MMU and caches on and x0 = the DTB.
 fn reenter() -> ! {
-    let entry = hal::image::whole().start;
-    let dtb = hal::boot::dtb_hint();
     defmt::info!(
         "selftest: entering the image at {=u64:#x} again with the MMU and caches on",
-        entry
+        hal::image::whole().start
     );
-    hal::uart::CONSOLE.flush();
-    // SAFETY: not a return path: the entry code cleans and turns off the
-    // caches and MMU, zeroes BSS and boots again from scratch at this EL;
-    // nothing of this run is used afterwards. x0/x1 are what it takes.
-    unsafe {
-        core::arch::asm!(
-            "br {e}",
-            e = in(reg) entry,
-            in("x0") dtb,
-            in("x1") REENTRY_MARK,
-            options(noreturn)
-        )
-    }
+    hal::boot::reenter(REENTRY_MARK)
 }
 
 /// Recurses with a page-sized frame until the guard page under the main stack
@@ -110,9 +92,7 @@ struct FaultsWhileFormatting;
 impl defmt::Format for FaultsWhileFormatting {
     fn format(&self, f: defmt::Formatter<'_>) {
         defmt::write!(f, "before-");
-        // SAFETY: UNMAPPED is mapped nowhere and backed by nothing, so the
-        // read has no effect; it faults and the probe returns the fault.
-        let fault = unsafe { hal::exception::probe_read_u64(UNMAPPED) };
+        let fault = hal::exception::probe_unmapped();
         defmt::write!(f, "after fault {=bool}", fault.is_err());
     }
 }

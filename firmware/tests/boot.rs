@@ -3,6 +3,7 @@
 //! `-cpu cortex-a53`.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
 #[cfg(test)]
 #[embedded_test::tests(default_timeout = 60)]
@@ -41,10 +42,11 @@ mod tests {
     /// BSS was zeroed before Rust ran.
     #[test]
     fn bss_is_zeroed() {
-        static mut ZERO: [u64; 64] = [0; 64];
-        // SAFETY: single-threaded test; reading a static through a raw pointer.
-        let z = unsafe { core::ptr::read_volatile(&raw const ZERO) };
-        assert!(z.iter().all(|&w| w == 0));
+        static ZERO: [core::sync::atomic::AtomicU64; 64] =
+            [const { core::sync::atomic::AtomicU64::new(0) }; 64];
+        assert!(ZERO
+            .iter()
+            .all(|w| w.load(core::sync::atomic::Ordering::Relaxed) == 0));
     }
 
     /// The main thread runs on SP_EL0, inside the main stack region.
@@ -54,10 +56,7 @@ mod tests {
             static __main_stack_bottom: u8;
             static __main_stack_top: u8;
         }
-        let sp: u64;
-        let spsel: u64;
-        // SAFETY: reads SP and SPSel; no side effects.
-        unsafe { core::arch::asm!("mov {0}, sp", "mrs {1}, spsel", out(reg) sp, out(reg) spsel) };
+        let (sp, spsel) = hal::boot::stack_pointer_and_spsel();
         let (lo, hi) = (
             &raw const __main_stack_bottom as u64,
             &raw const __main_stack_top as u64,
@@ -72,9 +71,7 @@ mod tests {
         extern "C" {
             static __vectors: u8;
         }
-        let vbar: u64;
-        // SAFETY: reads VBAR_EL1; no side effects.
-        unsafe { core::arch::asm!("mrs {0}, vbar_el1", out(reg) vbar) };
+        let vbar = hal::exception::vbar();
         assert_eq!(vbar, &raw const __vectors as u64);
         assert_eq!(vbar % 2048, 0);
     }
@@ -106,9 +103,7 @@ mod tests {
     /// A deliberate data abort is caught with the right class, address and cause.
     #[test]
     fn data_abort_report() {
-        // SAFETY: UNMAPPED is backed by nothing: the read has no effect.
-        let fault = unsafe { hal::exception::probe_read_u64(firmware::selftest::UNMAPPED) }
-            .expect_err("the read must fault");
+        let fault = hal::exception::probe_unmapped().expect_err("the read must fault");
         assert_eq!(fault.class_name(), "Data abort from the same EL");
         let abort = fault.abort().expect("an abort");
         assert!(!abort.write);
@@ -117,6 +112,8 @@ mod tests {
 
     static mut PROBED: u64 = 0x1234_5678_9abc_def0;
 
+    // The probes' own contract (raw access to our own RAM) is what is tested.
+    #[allow(unsafe_code)]
     extern "C" fn bump_probed() {
         // SAFETY: single-threaded test; no reference to PROBED is live.
         unsafe { PROBED += 1 };
@@ -125,6 +122,7 @@ mod tests {
     /// Probes that do not fault behave like the plain access: the read
     /// returns the value, the write lands, the call runs and returns.
     #[test]
+    #[allow(unsafe_code)] // tests the unsafe probe primitives themselves
     fn probes_without_fault_are_plain_accesses() {
         let addr = &raw mut PROBED as u64;
         // SAFETY: PROBED is our own RAM; no reference to it is live.
@@ -146,9 +144,7 @@ mod tests {
     /// it is unmapped) returns the fault, and the next access works.
     #[test]
     fn quiet_probe_returns_the_fault() {
-        // SAFETY: UNMAPPED is backed by nothing: the read has no effect.
-        let fault = unsafe { hal::exception::probe_read_u64_quiet(firmware::selftest::UNMAPPED) }
-            .expect_err("must fault");
+        let fault = hal::exception::probe_unmapped_quiet().expect_err("must fault");
         assert_eq!(fault.far, firmware::selftest::UNMAPPED);
         assert!(fault.abort().is_some_and(|a| !a.write));
     }

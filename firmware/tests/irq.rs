@@ -10,6 +10,7 @@
 //! BCM2836) so the tests check what was found against the machine.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
 #[cfg(test)]
 #[embedded_test::tests(default_timeout = 30)]
@@ -247,12 +248,14 @@ mod tests {
     static RTC_RUNS: AtomicU32 = AtomicU32::new(0);
     static RTC_INTID: AtomicU32 = AtomicU32::new(u32::MAX);
 
+    #[allow(unsafe_code)] // a test-only device poke; the GIC driver is hal's
     fn rtc_write(reg: u64, value: u32) {
         // SAFETY: a PL031 register inside the page the test mapped as
         // device memory; writes to it only affect the RTC.
         unsafe { core::ptr::write_volatile((PL031 + reg) as *mut u32, value) }
     }
 
+    #[allow(unsafe_code)] // as rtc_write
     fn rtc_read(reg: u64) -> u32 {
         // SAFETY: as in rtc_write; reads have no side effect.
         unsafe { core::ptr::read_volatile((PL031 + reg) as *const u32) }
@@ -341,6 +344,7 @@ mod tests {
 
     static CLOBBERS: AtomicU32 = AtomicU32::new(0);
 
+    #[allow(unsafe_code)] // register clobbers are the point of the test
     fn clobbering_handler(_: Intid) {
         // SAFETY: only overwrites registers declared as clobbered.
         unsafe {
@@ -362,6 +366,7 @@ mod tests {
     /// code's caller-saved SIMD and general registers as they were, even
     /// when the handler overwrites them.
     #[test]
+    #[allow(unsafe_code)] // register contents across an IRQ are the point
     fn interrupt_preserves_interrupted_registers(setup: Setup) {
         up(setup);
         irq::mask_irqs();

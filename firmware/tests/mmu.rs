@@ -3,12 +3,14 @@
 //! `-cpu cortex-a53` (none of them), so both maintenance paths run for real.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
 #[cfg(test)]
 #[embedded_test::tests(default_timeout = 60)]
 mod tests {
     use firmware::mm::{FRAMES, STAGE1};
     use hal::esr::FaultKind;
+    use hal::memory::{scratch_read_u64, scratch_write_u64, ScratchError};
     use memdesc::frames::Owner;
     use memdesc::stage1::{Attributes, MappingUnit};
     use memdesc::{PhysAddr, VirtAddr};
@@ -31,13 +33,11 @@ mod tests {
     /// Maps a fresh, 64 KiB-aligned folio at TEST_VA; returns its PA.
     fn map_fresh_run() -> u64 {
         let folio = FRAMES
-            .with(|fa| fa.alloc_folio(4, Owner::Buddy))
-            .expect("frames")
+            .try_with(|fa| fa.alloc_folio(4, Owner::Buddy))
             .expect("64 KiB folio");
         let pa = folio.pfn().addr().0;
         STAGE1
-            .with(|s| s.map(VirtAddr(TEST_VA), PhysAddr(pa), RUN, Attributes::DATA))
-            .expect("stage-1")
+            .try_with(|s| s.map(VirtAddr(TEST_VA), PhysAddr(pa), RUN, Attributes::DATA))
             .expect("map");
         pa
     }
@@ -96,8 +96,7 @@ mod tests {
         }
         let uart = hal::board::CURRENT.uart_base;
         let t = STAGE1
-            .with(|s| s.query(VirtAddr(uart)))
-            .expect("stage-1")
+            .try_with(|s| s.query(VirtAddr(uart)))
             .expect("console mapped");
         assert_eq!(t.attributes, Attributes::DEVICE);
         assert_eq!(checked, p.virtio_mmio().len());
@@ -145,24 +144,19 @@ mod tests {
     #[test]
     fn linear_map_reads_and_writes() {
         let folio = FRAMES
-            .with(|fa| fa.alloc_folio(4, Owner::Buddy))
-            .expect("frames")
+            .try_with(|fa| fa.alloc_folio(4, Owner::Buddy))
             .expect("folio");
         let base = folio.pfn().addr().0;
         for i in 0..(RUN / 8) {
-            // SAFETY: the folio is ours and identity mapped read-write.
-            unsafe {
-                core::ptr::write_volatile((base + i * 8) as *mut u64, i ^ 0x5a5a_5a5a_0000_0000)
-            };
+            hal::memory::folio_write_u64(base + i * 8, i ^ 0x5a5a_5a5a_0000_0000)
+                .expect("our folio");
         }
         for i in 0..(RUN / 8) {
-            // SAFETY: as above.
-            let v = unsafe { core::ptr::read_volatile((base + i * 8) as *const u64) };
+            let v = hal::memory::folio_read_u64(base + i * 8).expect("our folio");
             assert_eq!(v, i ^ 0x5a5a_5a5a_0000_0000);
         }
         let t = STAGE1
-            .with(|s| s.query(VirtAddr(base + 0x3000)))
-            .expect("stage-1")
+            .try_with(|s| s.query(VirtAddr(base + 0x3000)))
             .expect("mapped");
         assert_eq!(t.output, PhysAddr(base + 0x3000));
         assert_eq!(t.attributes, Attributes::DATA);
@@ -172,10 +166,7 @@ mod tests {
     #[test]
     fn write_to_text_faults() {
         let target = hal::image::text().start + 0x40;
-        // SAFETY: text+0x40 is in the reset code, which never runs again,
-        // and no Rust reference covers it; mapped read-only, the write faults.
-        let fault = unsafe { hal::exception::probe_write_u64(target, 0) }
-            .expect_err("writing text must fault");
+        let fault = hal::memory::probe_write_expecting_fault(target, 0).expect("text is read-only");
         let abort = fault.abort().expect("an abort");
         assert_eq!(fault.class_name(), "Data abort from the same EL");
         assert!(
@@ -187,16 +178,16 @@ mod tests {
         assert_eq!(fault.far, target);
     }
 
-    static mut RET_IN_DATA: [u32; 4] = [0xd65f_03c0; 4]; // `ret`
+    // Atomics (interior mutability) keep it in .data, not .rodata.
+    static RET_IN_DATA: [core::sync::atomic::AtomicU32; 4] =
+        [const { core::sync::atomic::AtomicU32::new(0xd65f_03c0) }; 4]; // `ret`
 
     /// Executing from data is a permission fault on instruction fetch.
     #[test]
     fn execute_from_data_faults() {
-        let target = &raw mut RET_IN_DATA as u64;
-        // SAFETY: the target holds a `ret`, a function that may be called
-        // with no arguments; in a non-executable page its fetch faults.
+        let target = RET_IN_DATA.as_ptr() as u64;
         let fault =
-            unsafe { hal::exception::probe_call(target) }.expect_err("executing data must fault");
+            hal::memory::probe_call_expecting_fault(target).expect("data is not executable");
         let abort = fault.abort().expect("an abort");
         assert_eq!(fault.class_name(), "Instruction abort from the same EL");
         assert!(abort.instruction);
@@ -209,10 +200,8 @@ mod tests {
     }
 
     fn touch_faults_with_translation_fault(addr: u64) {
-        // SAFETY: a guard page holds no Rust object (nothing runs on it);
-        // it is unmapped, so the write faults.
-        let fault = unsafe { hal::exception::probe_write_u64(addr, 0xdead) }
-            .expect_err("touching a guard page must fault");
+        let fault = hal::memory::probe_write_expecting_fault(addr, 0xdead)
+            .expect("a guard page is unmapped");
         let abort = fault.abort().expect("an abort");
         assert!(
             matches!(abort.kind, FaultKind::Translation(3)),
@@ -243,15 +232,13 @@ mod tests {
         map_fresh_run();
         let q = |off: u64| {
             STAGE1
-                .with(|s| s.query(VirtAddr(TEST_VA + off)))
-                .expect("stage-1")
+                .try_with(|s| s.query(VirtAddr(TEST_VA + off)))
                 .expect("mapped")
         };
         assert_eq!(q(0).unit, MappingUnit::Cont64K);
         if hafdbs() {
             assert!(!q(0).dirty, "fresh mapping starts clean under FEAT_HAFDBS");
-            // SAFETY: TEST_VA..+64K maps our folio read-write.
-            unsafe { core::ptr::write_volatile((TEST_VA + 5 * 4096) as *mut u64, 1) };
+            scratch_write_u64(TEST_VA + 5 * 4096, 1).expect("mapped read-write");
             assert!(
                 q(0).dirty && q(10 * 4096).dirty,
                 "hardware dirty state on entry 5 is gathered over the run"
@@ -285,18 +272,16 @@ mod tests {
         assert_eq!(young(15 * 4096), Ok(false), "cleared across the whole run");
         let addr = TEST_VA + 9 * 4096;
         if hafdbs() {
-            // SAFETY: mapped read-write to our folio.
-            let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
+            scratch_read_u64(addr).expect("mapped read-write");
             assert_eq!(
                 young(0),
                 Ok(true),
                 "hardware AF on entry 9 is gathered over the run"
             );
         } else {
-            // SAFETY: RAM of our test folio, mapped with AF clear: the read
-            // faults (and would have no side effect if it did not).
-            let fault = unsafe { hal::exception::probe_read_u64(addr) }
-                .expect_err("AF clear without FEAT_HAFDBS must fault");
+            let Err(ScratchError::Fault(fault)) = scratch_read_u64(addr) else {
+                panic!("AF clear without FEAT_HAFDBS must fault");
+            };
             assert!(matches!(
                 fault.abort().map(|a| a.kind),
                 Some(FaultKind::AccessFlag(3))
@@ -318,31 +303,31 @@ mod tests {
         };
         let page = TEST_VA + 7 * 4096;
         STAGE1
-            .with(|s| s.protect(VirtAddr(page), 4096, Attributes::RODATA))
-            .expect("stage-1")
+            .try_with(|s| s.protect(VirtAddr(page), 4096, Attributes::RODATA))
             .expect("protect");
         assert_eq!(unit(0), Ok(MappingUnit::Page4K));
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
-        // SAFETY: our test folio's page, read-only now: the write faults
-        // (and would only change our own test data if it did not).
-        let fault = unsafe { hal::exception::probe_write_u64(page, 7) };
+        let fault = scratch_write_u64(page, 7);
         assert!(matches!(
-            fault.err().and_then(|f| f.abort()).map(|a| a.kind),
+            fault
+                .err()
+                .and_then(|f| match f {
+                    ScratchError::Fault(f) => f.abort(),
+                    _ => None,
+                })
+                .map(|a| a.kind),
             Some(FaultKind::Permission(3))
         ));
-        // SAFETY: page 8 is still writable.
-        unsafe { core::ptr::write_volatile((TEST_VA + 8 * 4096) as *mut u64, 8) };
+        scratch_write_u64(TEST_VA + 8 * 4096, 8).expect("page 8 is still writable");
         STAGE1
-            .with(|s| s.protect(VirtAddr(page), 4096, Attributes::DATA))
-            .expect("stage-1")
+            .try_with(|s| s.protect(VirtAddr(page), 4096, Attributes::DATA))
             .expect("protect");
         assert_eq!(
             unit(0),
             Ok(MappingUnit::Cont64K),
             "refolded after the change made the run eligible"
         );
-        // SAFETY: writable again.
-        unsafe { core::ptr::write_volatile(page as *mut u64, 7) };
+        scratch_write_u64(page, 7).expect("writable again");
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
     }
 
@@ -353,16 +338,13 @@ mod tests {
     #[test]
     fn dirty_survives_unfolding_a_run() {
         map_fresh_run();
-        // SAFETY: TEST_VA..+64K maps our folio read-write.
-        unsafe { core::ptr::write_volatile((TEST_VA + 5 * 4096) as *mut u64, 5) };
+        scratch_write_u64(TEST_VA + 5 * 4096, 5).expect("mapped read-write");
         STAGE1
-            .with(|s| s.protect(VirtAddr(TEST_VA + 9 * 4096), 4096, Attributes::RODATA))
-            .expect("stage-1")
+            .try_with(|s| s.protect(VirtAddr(TEST_VA + 9 * 4096), 4096, Attributes::RODATA))
             .expect("protect");
         for p in 0..16 {
             let q = STAGE1
-                .with(|s| s.query(VirtAddr(TEST_VA + p * 4096)))
-                .expect("stage-1")
+                .try_with(|s| s.query(VirtAddr(TEST_VA + p * 4096)))
                 .expect("mapped");
             assert_eq!(q.unit, MappingUnit::Page4K);
             assert!(q.dirty, "page {} lost the run's dirty state", p);

@@ -3,6 +3,7 @@
 //! rejects corrupt blobs, so they are embedded in the test image instead).
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
 #[cfg(test)]
 #[embedded_test::tests(default_timeout = 60)]
@@ -34,20 +35,13 @@ mod tests {
         assert!(p.virtio_mmio().iter().any(|v| v.region.base == 0x0a00_0000));
     }
 
-    fn aligned_copy(src: &[u8], buf: &mut [u64; 128]) -> usize {
-        let bytes = buf.len() * 8;
-        assert!(src.len() <= bytes);
-        for (i, b) in src.iter().enumerate() {
-            let word = &mut buf[i / 8];
-            *word = (*word & !(0xff << ((i % 8) * 8))) | ((*b as u64) << ((i % 8) * 8));
-        }
-        src.len()
-    }
+    /// A blob buffer with the 8-byte alignment a loader gives.
+    #[repr(C, align(8))]
+    struct Buf([u8; 1024]);
 
-    fn as_bytes(buf: &[u64; 128], len: usize) -> &[u8] {
-        // SAFETY: u64 has no padding; reading its bytes is sound and `len`
-        // is at most the buffer's size in bytes.
-        unsafe { core::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) }
+    fn aligned_copy(src: &[u8], buf: &mut Buf) -> usize {
+        buf.0[..src.len()].copy_from_slice(src);
+        src.len()
     }
 
     /// A good embedded blob parses on target with several banks.
@@ -74,11 +68,11 @@ mod tests {
     /// Bad magic is a typed error naming the magic found.
     #[test]
     fn bad_magic_is_typed_error() {
-        let mut buf = [0u64; 128];
+        let mut buf = Buf([0; 1024]);
         let n = aligned_copy(MULTI, &mut buf);
-        buf[0] ^= 0xff;
+        buf.0[0] ^= 0xff;
         assert!(matches!(
-            dtb::parse(as_bytes(&buf, n)),
+            dtb::parse(&buf.0[..n]),
             Err(DtbError::BadMagic(_))
         ));
     }
@@ -86,9 +80,9 @@ mod tests {
     /// An unbalanced structure block (END_NODE replaced by NOP) is rejected.
     #[test]
     fn unbalanced_structure_is_typed_error() {
-        let mut buf = [0u64; 128];
+        let mut buf = Buf([0; 1024]);
         let n = aligned_copy(MULTI, &mut buf);
-        let bytes = as_bytes(&buf, n);
+        let bytes = &buf.0[..n];
         let off_struct = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
         let size_struct = u32::from_be_bytes([bytes[36], bytes[37], bytes[38], bytes[39]]) as usize;
         // The last END_NODE sits just before the final END token.
@@ -127,9 +121,8 @@ mod tests {
     /// is read; the same bytes with their true size parse.
     #[test]
     fn oversized_dtb_is_reported_as_oversized() {
-        // SAFETY: a static, 8-byte aligned, never written; only its 8
-        // header bytes are read, since the claimed size is refused first.
-        let r = unsafe { hal::dtb_at(OVERSIZED.0.as_ptr() as u64) };
+        // Only the header is read: the claimed size is refused first.
+        let r = hal::dtb_in(&OVERSIZED.0);
         assert_eq!(
             r.err(),
             Some(DtbError::Oversized {
@@ -137,9 +130,7 @@ mod tests {
                 max: dtb::MAX_DTB_SIZE
             })
         );
-        // SAFETY: a static, 8-byte aligned, never written, and exactly as
-        // long as its header claims.
-        let blob = unsafe { hal::dtb_blob_at(MULTI_ALIGNED.0.as_ptr() as u64) }.expect("read");
+        let blob = hal::dtb_in(&MULTI_ALIGNED.0).expect("read");
         assert_eq!(blob.len(), MULTI.len());
         // Its banks need not fit this board, so parse without the board check.
         let p = dtb::parse(blob).expect("valid");

@@ -39,7 +39,7 @@ _start_code:
     // memory is touched: on raspi's ELF boot all four start here at once.
     mrs     x1, mpidr_el1
     and     x1, x1, #0xffffff
-    cbnz    x1, 9f
+    cbnz    x1, hal_holding_pen
     mrs     x20, CurrentEL
     ubfx    x20, x20, #2, #2
     // Entered with the MMU or caches on (U-Boot's bootelf and go): clean
@@ -113,6 +113,31 @@ _start_code:
 9:  wfe
     b       9b
 
+// A core other than the first, MMU off, at the entry EL: Aff0 below
+// MAX_CPUS (8) with Aff1 = Aff2 = 0 announces itself in HAL_PEN.arrived
+// and waits for an entry address in HAL_PEN.release (hal::smp), which it
+// enters with x0 = its index. Plain loads and stores only: with the MMU
+// off they are Device accesses, and the boot core cleans the lines it
+// shares with us to the point of coherency.
+hal_holding_pen:
+    tst     x1, #0xffff00
+    b.ne    8f
+    cmp     x1, #8
+    b.hs    8f
+    adrp    x2, HAL_PEN
+    add     x2, x2, :lo12:HAL_PEN
+    mov     x3, #1
+    str     x3, [x2, x1, lsl #3]
+    add     x2, x2, #64
+    dsb     sy
+5:  wfe
+    ldr     x3, [x2, x1, lsl #3]
+    cbz     x3, 5b
+    mov     x0, x1
+    br      x3
+8:  wfe
+    b       8b
+
 // Clean and invalidate every data/unified cache level up to the LoC by
 // set/way (DC CISW; CLIDR_EL1, CSSELR_EL1, CCSIDR_EL1 without FEAT_CCIDX).
 // Uses x0-x11 only and no memory: the entry path calls it with no stack.
@@ -172,6 +197,15 @@ _start_el1:
     isb
     bl      hal_el1_start
     b       9b
+
+// The holding pen's slots (hal::smp): arrived[8], then release[8]. In .data,
+// not .bss: parked cores write it before the boot core zeroes BSS.
+.pushsection .data.hal_pen, "aw"
+.balign 64
+.global HAL_PEN
+HAL_PEN:
+    .zero   128
+.popsection
 "#
 );
 
@@ -326,9 +360,44 @@ extern "C" fn hal_el1_start(dtb: u64, entry_el: u64) -> ! {
     // again is harmless and covers the eret paths.
     ENTRY_EL.store(entry_el as u8, Ordering::Relaxed);
     DTB_HINT.store(dtb, Ordering::Relaxed);
+    crate::percpu::install(0);
     crate::uart::init();
     // SAFETY: `main` is the single entry point the final binary defines
     // (firmware's main.rs or embedded-test's harness); it takes no arguments
     // and never returns.
     unsafe { main() }
+}
+
+/// Enters the image at its entry point again the way U-Boot's `go` and
+/// `bootelf` do: at this EL, with the MMU and caches as they are, x0 = the
+/// DTB hint and x1 = `mark` (a loader passes 0). The entry path cleans and
+/// turns off the caches and MMU, zeroes BSS and boots from scratch; nothing
+/// of this run survives.
+pub fn reenter(mark: u64) -> ! {
+    let entry = crate::image::whole().start;
+    crate::uart::CONSOLE.flush();
+    // SAFETY: not a return path: the entry code takes only x0/x1 and sets
+    // everything else up from scratch; nothing of this run is used after.
+    unsafe {
+        core::arch::asm!(
+            "br {e}",
+            e = in(reg) entry,
+            in("x0") dtb_hint(),
+            in("x1") mark,
+            options(noreturn)
+        )
+    }
+}
+
+/// The stack pointer in use and SPSel (0: SP_EL0, the main thread's stack;
+/// 1: SP_ELx, the exception stack) where this is called.
+#[inline(always)]
+pub fn stack_pointer_and_spsel() -> (u64, u64) {
+    let (sp, spsel): (u64, u64);
+    // SAFETY: reads SP and SPSel; no side effects.
+    unsafe {
+        core::arch::asm!("mov {0}, sp", "mrs {1}, spsel", out(reg) sp, out(reg) spsel,
+            options(nomem, nostack, preserves_flags))
+    };
+    (sp, spsel)
 }

@@ -27,7 +27,7 @@ const HEADER_LEN: usize = 40;
 const MAX_DEPTH: usize = 32;
 
 /// Capacity of each range list in [`Platform`].
-pub const MAX_RANGES: usize = 16;
+pub const MAX_RANGES: usize = memdesc::frames::MAX_RANGES;
 /// Capacity of the virtio-mmio transport list in [`Platform`].
 pub const MAX_VIRTIO: usize = 32;
 /// The largest blob the boot path reads: the loader leaves it below the

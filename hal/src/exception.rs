@@ -15,6 +15,7 @@
 //! needs no global state, so a fault anywhere else is still a crash.
 
 use crate::esr;
+use aarch64_cpu::registers::Readable;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 core::arch::global_asm!(
@@ -157,6 +158,8 @@ mod entry {
     pub const CALL: u32 = 1;
     /// Flag: log one line instead of the full report (memory probing).
     pub const QUIET: u32 = 0x100;
+    /// Flag: log nothing (scratch accesses that race an unmap on purpose).
+    pub const SILENT: u32 = 0x200;
 }
 
 /// One exception-table entry. Offsets are relative to the field's own
@@ -269,32 +272,53 @@ read_probe!(
     probe_read_u64_quiet,
     entry::ACCESS | entry::QUIET
 );
+read_probe!(
+    /// [`probe_read_u64`] that logs nothing when it faults.
+    probe_read_u64_silent,
+    entry::ACCESS | entry::SILENT
+);
 
-/// Writes `value` to the 64-bit word at `addr`, or returns the fault the
-/// write took (logged with the full crash report, marked as expected).
-///
-/// # Safety
-///
-/// If `addr` is writable the write happens: the caller guarantees it owns
-/// that memory (no Rust object or reference it would corrupt) or that it is
-/// a register it may write. `addr` is 8-byte aligned.
-#[inline(never)]
-pub unsafe fn probe_write_u64(addr: u64, value: u64) -> Result<(), CaughtFault> {
-    let (flag, esr, far, elr): (u64, u64, u64, u64);
-    // SAFETY: the caller's contract covers the write; a fault resumes at
-    // label 2 with x20 = 1 (registered in the exception table).
-    unsafe {
-        probe_asm!("str {v}, [{a}]", entry::ACCESS,
-            a = in(reg) addr,
-            v = in(reg) value,
-            inout("x20") 0u64 => flag,
-            lateout("x21") esr,
-            lateout("x22") far,
-            lateout("x23") elr,
-            options(nostack, preserves_flags));
-    }
-    probe_result(flag, esr, far, elr)
+macro_rules! write_probe {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        ///
+        /// If `addr` is writable the write happens: the caller guarantees it
+        /// owns that memory (no Rust object or reference it would corrupt)
+        /// or that it is a register it may write. `addr` is 8-byte aligned.
+        #[inline(never)]
+        pub unsafe fn $name(addr: u64, value: u64) -> Result<(), CaughtFault> {
+            let (flag, esr, far, elr): (u64, u64, u64, u64);
+            // SAFETY: the caller's contract covers the write; a fault
+            // resumes at label 2 with x20 = 1 (registered in the exception
+            // table).
+            unsafe {
+                probe_asm!("str {v}, [{a}]", $kind,
+                    a = in(reg) addr,
+                    v = in(reg) value,
+                    inout("x20") 0u64 => flag,
+                    lateout("x21") esr,
+                    lateout("x22") far,
+                    lateout("x23") elr,
+                    options(nostack, preserves_flags));
+            }
+            probe_result(flag, esr, far, elr)
+        }
+    };
 }
+
+write_probe!(
+    /// Writes `value` to the 64-bit word at `addr`, or returns the fault the
+    /// write took (logged with the full crash report, marked as expected).
+    probe_write_u64,
+    entry::ACCESS
+);
+write_probe!(
+    /// [`probe_write_u64`] that logs nothing when it faults.
+    probe_write_u64_silent,
+    entry::ACCESS | entry::SILENT
+);
 
 /// Calls the code at `addr` (AAPCS64, no arguments, no result), or returns
 /// the instruction abort its first fetch took (an address that is not
@@ -439,7 +463,9 @@ extern "C" fn hal_exception(kind: u64, frame: &mut Frame) {
         return;
     }
     if let Some((fixup, flags)) = synchronous_here.then(|| fixup_for(frame)).flatten() {
-        if flags & entry::QUIET != 0 {
+        if flags & entry::SILENT != 0 {
+            // Expected and counted by the caller; nothing to say.
+        } else if flags & entry::QUIET != 0 {
             defmt::info!(
                 "probe: {=str} at {=u64:#x} (FAR {=u64:#x})",
                 esr::class_name(esr::exception_class(frame.esr)),
@@ -459,4 +485,37 @@ extern "C" fn hal_exception(kind: u64, frame: &mut Frame) {
     }
     report(kind, frame);
     crate::power::exit(crate::exit::CRASH)
+}
+
+/// An address no stage-1 regime maps and no physical address space reaches:
+/// with the MMU off it is beyond every PARange, with it on it is outside
+/// TTBR0's input range. Reading it always faults and has no effect.
+pub const UNMAPPED: u64 = 0xffff_ffff_ffff_0000;
+
+/// Reads [`UNMAPPED`] through a probe: always the fault (logged with the
+/// full report, marked as expected).
+pub fn probe_unmapped() -> Result<u64, CaughtFault> {
+    // SAFETY: UNMAPPED is mapped nowhere and backed by nothing, so the read
+    // has no effect and aliases nothing; its fault comes back as a value.
+    unsafe { probe_read_u64(UNMAPPED) }
+}
+
+/// [`probe_unmapped`] with the fault logged in one line.
+pub fn probe_unmapped_quiet() -> Result<u64, CaughtFault> {
+    // SAFETY: as in probe_unmapped.
+    unsafe { probe_read_u64_quiet(UNMAPPED) }
+}
+
+/// Reads [`UNMAPPED`] with a plain load, not a probe: the fault is an
+/// unexpected exception, so the run ends with the crash report (the
+/// `selftest=data-abort` path). Returns only if the read did not fault.
+pub fn crash_on_unmapped_read() -> u64 {
+    // SAFETY: UNMAPPED is backed by nothing: the read has no effect; it
+    // faults and the vector handler ends the run with the crash report.
+    unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) }
+}
+
+/// VBAR_EL1: where this core takes exceptions.
+pub fn vbar() -> u64 {
+    aarch64_cpu::registers::VBAR_EL1.get()
 }

@@ -15,6 +15,7 @@ extern "C" {
     static __exception_stack_guard: u8;
     static __exception_stack_bottom: u8;
     static __exception_stack_top: u8;
+    static __secondary_stacks: u8;
     static __image_end: u8;
 }
 
@@ -105,4 +106,50 @@ pub fn exception_stack_guard() -> Span {
         start: addr!(__exception_stack_guard),
         end: addr!(__exception_stack_bottom),
     }
+}
+
+/// Bytes of one secondary core's stack slot (`link/sections.ld`): guard
+/// page, main stack, guard page, exception stack.
+pub const CPU_STACK_SLOT: u64 = 4096 + CPU_MAIN_STACK + 4096 + CPU_EXCEPTION_STACK;
+/// A secondary core's main stack (SP_EL0).
+pub const CPU_MAIN_STACK: u64 = 64 << 10;
+/// A secondary core's exception stack (SP_EL1).
+pub const CPU_EXCEPTION_STACK: u64 = 16 << 10;
+
+/// The stacks of core `index`: `(main, main guard, exception, exception
+/// guard)`. Core 0 has the boot stacks above; cores 1 to
+/// [`crate::percpu::MAX_CPUS`] - 1 have a slot each.
+pub fn cpu_stacks(index: usize) -> Option<[Span; 4]> {
+    if index == 0 {
+        return Some([
+            main_stack(),
+            main_stack_guard(),
+            exception_stack(),
+            exception_stack_guard(),
+        ]);
+    }
+    if index >= crate::percpu::MAX_CPUS {
+        return None;
+    }
+    let base = addr!(__secondary_stacks) + (index as u64 - 1) * CPU_STACK_SLOT;
+    let main = base + 4096;
+    let exc = main + CPU_MAIN_STACK + 4096;
+    Some([
+        Span {
+            start: main,
+            end: main + CPU_MAIN_STACK,
+        },
+        Span {
+            start: base,
+            end: main,
+        },
+        Span {
+            start: exc,
+            end: exc + CPU_EXCEPTION_STACK,
+        },
+        Span {
+            start: exc - 4096,
+            end: exc,
+        },
+    ])
 }

@@ -30,6 +30,8 @@ pub mod discover;
 #[cfg(hw)]
 pub mod exception;
 #[cfg(hw)]
+pub mod global;
+#[cfg(hw)]
 pub mod image;
 #[cfg(hw)]
 pub mod imx_uart;
@@ -38,14 +40,20 @@ mod logger;
 #[cfg(hw)]
 pub mod mailbox;
 #[cfg(hw)]
+pub mod memory;
+#[cfg(hw)]
 pub mod mini_uart;
 #[cfg(hw)]
 pub mod mmu;
+#[cfg(hw)]
+pub mod percpu;
 #[cfg(hw)]
 pub mod power;
 #[cfg(hw)]
 pub mod semihost;
 pub mod semihost_console;
+#[cfg(hw)]
+pub mod smp;
 #[cfg(hw)]
 pub mod timer;
 #[cfg(hw)]
@@ -93,4 +101,34 @@ pub unsafe fn dtb_at(addr: u64) -> Result<dtb::Platform<'static>, dtb::DtbError>
     // SAFETY: forwarded from the caller.
     let blob = unsafe { dtb_blob_at(addr) }?;
     dtb::parse_for_board(blob, &board::CURRENT)
+}
+
+/// Defines the firmware's `main`, the symbol the boot path calls on the boot
+/// core at EL1 once BSS, the stacks and the vectors are set up, as a call
+/// of `$f: fn() -> !`. (The symbol export is the only unsafe attribute
+/// a firmware binary needs; the macro keeps it out of crates that deny
+/// unsafe code.)
+#[macro_export]
+macro_rules! entry {
+    ($f:path) => {
+        // The boot path (hal::boot) calls exactly one `main`, defined here.
+        #[allow(unsafe_code)]
+        #[export_name = "main"]
+        extern "C" fn __hal_entry_main() -> ! {
+            let f: fn() -> ! = $f;
+            f()
+        }
+    };
+}
+
+/// [`dtb_blob_at`] for a blob already in memory as a slice: its header's
+/// `totalsize` bytes (at most [`dtb::MAX_DTB_SIZE`], else
+/// [`dtb::DtbError::Oversized`], decided from the header alone), not yet
+/// validated.
+pub fn dtb_in(blob: &[u8]) -> Result<&[u8], dtb::DtbError> {
+    let size = dtb::blob_size(blob, dtb::MAX_DTB_SIZE)?;
+    blob.get(..size).ok_or(dtb::DtbError::Truncated {
+        have: blob.len(),
+        need: size,
+    })
 }

@@ -1,16 +1,19 @@
 //! The defmt global logger: frames go out on the console PL011, timestamps
 //! come from the generic timer (defmt 1.x `global_logger` contract).
 //!
-//! Single core, so a critical section is "mask interrupts": `acquire` saves
-//! DAIF and masks everything, `release` restores it. A synchronous exception
-//! can still arrive while a frame is open (a fault in the middle of a log
-//! statement); if its handler logs, that nested frame is dropped whole —
-//! `acquire`, `write` and `release` all see the nesting depth — so the outer
-//! frame stays intact and the stream stays decodable.
+//! One core writes a frame at a time: `acquire` masks interrupts (saving
+//! DAIF) and takes the logger for this core (a compare-exchange of
+//! [`OWNER`] from "nobody" to this core's index, spinning while another
+//! core holds it); `release` gives it back and restores DAIF. A synchronous
+//! exception can still arrive on the owning core while a frame is open (a
+//! fault in the middle of a log statement); if its handler logs, that
+//! nested frame is dropped whole — `acquire`, `write` and `release` all see
+//! the nesting depth — so the outer frame stays intact and the stream stays
+//! decodable.
 
 use aarch64_cpu::registers::{Readable, Writeable, DAIF};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 #[defmt::global_logger]
 struct Logger;
@@ -21,14 +24,18 @@ struct State {
 }
 
 // SAFETY: the cells are touched only by the outermost acquire/write/release
-// (DEPTH == 1), which run with interrupts masked on the single core.
+// of the core that holds [`OWNER`], with interrupts masked there.
 unsafe impl Sync for State {}
 
 static STATE: State = State {
     encoder: UnsafeCell::new(defmt::Encoder::new()),
     saved_daif: UnsafeCell::new(0),
 };
-/// 0: no frame open; 1: a frame is being written; more: nested (dropped).
+const NOBODY: u32 = u32::MAX;
+/// The core whose frame is open, or [`NOBODY`]. Taken with Acquire, given
+/// back with Release: the next owner sees the encoder state as left.
+static OWNER: AtomicU32 = AtomicU32::new(NOBODY);
+/// Owner only: 1 while its frame is written; more: nested (dropped).
 static DEPTH: AtomicU8 = AtomicU8::new(0);
 
 fn out(bytes: &[u8]) {
@@ -36,18 +43,28 @@ fn out(bytes: &[u8]) {
 }
 
 // SAFETY: defmt's contract for these four functions is met: acquire/release
-// bracket every frame, a re-entrant frame is dropped instead of corrupting
-// the stream, and write/flush only run between them.
+// bracket every frame, one core at a time, a re-entrant frame is dropped
+// instead of corrupting the stream, and write/flush only run between them.
 unsafe impl defmt::Logger for Logger {
     fn acquire() {
         let daif = DAIF.get();
         DAIF.set(daif | (0xf << 6));
-        if DEPTH.fetch_add(1, Ordering::Acquire) != 0 {
-            // Nested (a log statement in an exception taken mid-frame): this
-            // frame is dropped; DAIF stays as the outer acquire saved it.
+        let me = crate::percpu::index() as u32;
+        if OWNER.load(Ordering::Relaxed) == me {
+            // Nested (a log statement in an exception taken mid-frame on
+            // this core): this frame is dropped; DAIF stays as the outer
+            // acquire saved it.
+            DEPTH.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        // SAFETY: DEPTH went 0 -> 1 with interrupts masked (see `State`).
+        while OWNER
+            .compare_exchange_weak(NOBODY, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        DEPTH.store(1, Ordering::Relaxed);
+        // SAFETY: this core owns the logger, interrupts masked (see `State`).
         unsafe {
             *STATE.saved_daif.get() = daif;
             (*STATE.encoder.get()).start_frame(out);
@@ -60,15 +77,16 @@ unsafe impl defmt::Logger for Logger {
 
     unsafe fn release() {
         if DEPTH.load(Ordering::Relaxed) > 1 {
-            DEPTH.fetch_sub(1, Ordering::Release);
+            DEPTH.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        // SAFETY: the outermost frame (DEPTH == 1), interrupts masked.
+        // SAFETY: the outermost frame of the owning core, interrupts masked.
         let daif = unsafe {
             (*STATE.encoder.get()).end_frame(out);
             *STATE.saved_daif.get()
         };
-        DEPTH.store(0, Ordering::Release);
+        DEPTH.store(0, Ordering::Relaxed);
+        OWNER.store(NOBODY, Ordering::Release);
         DAIF.set(daif);
     }
 

@@ -208,3 +208,14 @@ pub fn enabled() -> bool {
 pub fn input_bits() -> u32 {
     64 - TCR_EL1.read(TCR_EL1::T0SZ) as u32
 }
+
+/// This core's translation regime as programmed: MAIR_EL1, TCR_EL1,
+/// TTBR0_EL1 and SCTLR_EL1 (every core runs with the boot core's).
+pub fn regime() -> [u64; 4] {
+    [
+        MAIR_EL1.get(),
+        TCR_EL1.get(),
+        TTBR0_EL1.get(),
+        SCTLR_EL1.get(),
+    ]
+}

@@ -86,6 +86,9 @@ pub struct RunArgs {
     /// Interrupt controller version on virt.
     #[arg(long, value_parser = clap::value_parser!(u8).range(2..=3))]
     pub gic: Option<u8>,
+    /// Number of cores (QEMU `-smp`), 1 to 8.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub smp: Option<u8>,
     /// Kernel command line (`/chosen/bootargs`).
     #[arg(long)]
     pub append: Option<String>,
@@ -112,6 +115,9 @@ impl RunArgs {
         }
         if let Some(gic) = self.gic {
             m.gic_version = gic;
+        }
+        if let Some(smp) = self.smp {
+            m.smp = smp;
         }
         Ok(m)
     }

@@ -29,6 +29,9 @@ pub struct Machine {
     /// Boot with QEMU's own device tree changed this way (`-dtb`), to test
     /// how the firmware takes a hostile tree.
     pub dtb: Option<DtbPatch>,
+    /// vCPUs on `virt` (`-smp`; more than one runs multi-threaded TCG, one
+    /// host thread per vCPU). The board models always have their 4.
+    pub smp: u8,
     /// QEMU serves semihosting (`HLT #0xF000`). When false it is off, so the
     /// instruction traps and the firmware speaks the console protocol
     /// (`console_proto`), as on a real board without a debugger.
@@ -98,6 +101,7 @@ impl Default for Machine {
             semihosting: true,
             console: Console::Stdio,
             no_reboot: false,
+            smp: 1,
         }
     }
 }
@@ -143,6 +147,15 @@ impl Machine {
             "raspi3b" | "raspi4b" => &[3],
             "imx8mp-evk" => &[3, 2],
             _ => &[1, 2, 3],
+        }
+    }
+
+    /// vCPUs QEMU gives the guest: `smp` on `virt`, 4 on the board models.
+    pub fn vcpus(&self) -> u8 {
+        if self.is_virt() {
+            self.smp.max(1)
+        } else {
+            4
         }
     }
 
@@ -197,6 +210,9 @@ impl Machine {
             if self.without_dtb {
                 s.push_str(" no-dtb");
             }
+        }
+        if self.smp > 1 {
+            s.push_str(&format!(" smp{}", self.smp));
         }
         if !self.semihosting {
             s.push_str(" semihosting=off console-protocol");
@@ -269,9 +285,13 @@ impl Machine {
             machine.push_str(&opt.replace(',', ",,"));
         }
         let mut cmd = Command::new(crate::setup::QEMU);
+        let smp = self.smp.max(1).to_string();
         cmd.args([
-            "-M", &machine, "-cpu", self.cpu, "-m", self.mem, "-smp", "1",
+            "-M", &machine, "-cpu", self.cpu, "-m", self.mem, "-smp", &smp,
         ]);
+        if self.smp > 1 {
+            cmd.args(["-accel", "tcg,thread=multi"]);
+        }
         // Only the devices the firmware uses: no default NIC (its option ROM,
         // efi-virtio.rom, is in ipxe-qemu, which a --no-install-recommends
         // QEMU lacks), CD-ROM, parallel port, monitor or display. The serial
@@ -467,6 +487,26 @@ mod tests {
         assert_eq!(a[at + 1], "shift=0");
         // No device QEMU would need a ROM file for, however the line is built.
         assert!(!a.iter().any(|x| x.contains("virtio-net")));
+    }
+
+    /// `smp: 4` gives four vCPUs on host threads (multi-threaded TCG) and
+    /// says so in the label; one vCPU keeps the pinned line above.
+    #[test]
+    fn smp_runs_multi_threaded_tcg() {
+        let m = Machine {
+            smp: 4,
+            ..Machine::default()
+        };
+        let a = args(&m.command(Path::new("fw.elf"), &[], None, None));
+        let at = a.iter().position(|x| x == "-smp").expect("-smp");
+        assert_eq!(a[at + 1], "4");
+        let at = a.iter().position(|x| x == "-accel").expect("-accel");
+        assert_eq!(a[at + 1], "tcg,thread=multi");
+        assert!(m.label().ends_with(" smp4"), "{}", m.label());
+        assert_eq!(m.vcpus(), 4);
+        assert_eq!(Machine::board("raspi3b", 3).vcpus(), 4);
+        let one = args(&Machine::default().command(Path::new("fw.elf"), &[], None, None));
+        assert!(!one.iter().any(|x| x == "-accel"));
     }
 
     /// Each board model reads the board's real console, gets its DTB and

@@ -1,6 +1,6 @@
 //! `cargo qemu …`: the host side of the firmware.
 //!
-//! - `cargo qemu run [--board B] [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--append ARGS]`
+//! - `cargo qemu run [--board B] [--exit-when-ready] [--cpu C] [--mem M] [--el N] [--gic 2|3] [--smp N] [--append ARGS]`
 //!   builds the firmware for board B (default `virt`), makes sure QEMU >= 10
 //!   is installed, boots B's QEMU model and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only | --no-host] [-j N]` runs every test;

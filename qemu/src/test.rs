@@ -198,9 +198,14 @@ fn board_machines_for(board: &'static str, suite: &str, test: &str) -> Vec<Machi
         // virt's devices (virtio-mmio, the PL031) are not on the boards.
         ("irq", "virtio_transport_interrupts_resolve_to_spis")
         | ("irq", "device_spi_is_routed_and_dispatched") => vec![],
-        ("boot" | "platform" | "mmu" | "irq", _) => at_every_el(),
+        ("boot" | "platform" | "mmu" | "irq" | "smp", _) => at_every_el(),
         _ => vec![],
     }
+}
+
+/// `m` with four vCPUs.
+fn smp4(m: Machine) -> Machine {
+    Machine { smp: 4, ..m }
 }
 
 /// The `virt` rows. First matching row wins; `_` for the test matches
@@ -254,6 +259,14 @@ fn virt_machines_for(suite: &str, test: &str) -> Vec<Machine> {
             m("max", "1G", 1),
             m("cortex-a53", "1G", 1),
             m("neoverse-v1", "1G", 1),
+        ],
+        // Four vCPUs on host threads (multi-threaded TCG): PSCI over HVC
+        // (EL1) and SMC (EL2), the holding pen (EL3, no PSCI).
+        ("smp", _) => vec![
+            smp4(m("max", "1G", 1)),
+            smp4(m("cortex-a53", "1G", 1)),
+            smp4(m("max", "1G", 2)),
+            smp4(m("max", "1G", 3)),
         ],
         _ => vec![Machine::default()],
     }
@@ -724,6 +737,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
         format!("mem_bytes={}", m.expected_ram_bytes()),
         format!("cpu={}", m.cpu),
         format!("gic={}", m.gic_version),
+        format!("smp={}", m.vcpus()),
     ];
     let ready = |l: &crate::log::LogLine| l.message == "ready";
     // System tests that must see the guest power off watch QMP events: QEMU

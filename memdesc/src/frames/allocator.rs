@@ -10,7 +10,7 @@
 use super::atomics::{AtomicCell, Atomics, CoreAtomics};
 use super::buddy::{FreeLists, MAX_ORDER, ORDERS};
 use super::desc::{Desc, FolioDesc, HwPoisonDesc, PageTableDesc, SlabDesc, FOLIO_HWPOISON};
-use super::desc_cache::{desc_addr, desc_at, DescCache, DescMemory};
+use super::desc_cache::{desc_of, desc_word, DescCache, DescMemory};
 use super::error::FrameError;
 use super::hot_cache::{HotCache, HOT_MAX_ORDER};
 use super::owner::Owner;
@@ -113,7 +113,7 @@ pub(super) fn publish_folio_words<A: Atomics>(
         pa,
         idx,
         order,
-        Word::with_desc(FrameType::Folio, desc_addr(d)),
+        desc_word(d),
     );
     FolioRef::counted(d)
 }
@@ -394,9 +394,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         for i in 0..1usize << order {
             let w = if i == 0 { head } else { tail };
             let cur = self.pa.load_relaxed(idx + i);
-            if cur.frame_type() == Some(FrameType::HwPoison) {
-                // SAFETY: HwPoison-tagged words hold hwpoison descriptor addresses.
-                let d: &HwPoisonDesc<A> = unsafe { desc_at(cur.desc_addr()) };
+            if let Some(d) = desc_of::<A, HwPoisonDesc<A>>(cur) {
                 d.init(w);
             } else {
                 self.pa.store_release(idx + i, w);
@@ -440,15 +438,12 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             FrameType::HwPoison => return Err(FrameError::HwPoisoned { pfn }),
             FrameType::Folio => return Err(FrameError::WrongType { pfn, found: ty }),
             FrameType::Slab | FrameType::PageTable => {
-                // SAFETY: Slab/PageTable-tagged words hold addresses of
-                // descriptors of that type from their caches.
-                let desc_order = unsafe {
-                    if ty == FrameType::Slab {
-                        desc_at::<A, SlabDesc<A>>(head.desc_addr()).order()
-                    } else {
-                        desc_at::<A, PageTableDesc<A>>(head.desc_addr()).order()
-                    }
-                };
+                let desc_order = if ty == FrameType::Slab {
+                    desc_of::<A, SlabDesc<A>>(head).map(|d| d.order())
+                } else {
+                    desc_of::<A, PageTableDesc<A>>(head).map(|d| d.order())
+                }
+                .ok_or(FrameError::Corrupt { pfn })?;
                 if desc_order != order {
                     return Err(FrameError::NotAllocation { pfn });
                 }
@@ -483,19 +478,11 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
 
     /// Frees the descriptor a (non-folio) head word points to, if any.
     pub(crate) fn drop_desc(&mut self, head: Word) {
-        match head.frame_type() {
-            Some(FrameType::PageTable) => {
-                // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
-                let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
-                d.retire();
-                self.tables.free(d);
-            }
-            Some(FrameType::Slab) => {
-                // SAFETY: Slab-tagged words hold slab descriptor addresses.
-                let d = unsafe { desc_at::<A, SlabDesc<A>>(head.desc_addr()) };
-                self.slabs.free(d);
-            }
-            _ => {}
+        if let Some(d) = desc_of::<A, PageTableDesc<A>>(head) {
+            d.retire();
+            self.tables.free(d);
+        } else if let Some(d) = desc_of::<A, SlabDesc<A>>(head) {
+            self.slabs.free(d);
         }
     }
 
@@ -614,7 +601,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             .section_of(pfn)
             .ok_or(FrameError::Corrupt { pfn: Pfn(pfn) })?;
         let idx = sec.index(pfn);
-        let expect = Word::with_desc(FrameType::Folio, desc_addr(d));
+        let expect = desc_word(d);
         let head = self.pa.effective(self.pa.load_relaxed(idx));
         if head != expect {
             return Err(FrameError::NotAllocation { pfn: Pfn(pfn) });

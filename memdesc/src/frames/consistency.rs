@@ -6,7 +6,7 @@ use super::allocator::FrameAllocator;
 use super::atomics::Atomics;
 use super::buddy::MAX_ORDER;
 use super::desc::FolioDesc;
-use super::desc_cache::{desc_at, DescMemory};
+use super::desc_cache::{desc_of, DescMemory};
 use super::hot_cache::{HotCache, HOT_MAX_ORDER};
 use super::word::{FrameType, NO_LINK};
 use crate::addr::Pfn;
@@ -129,9 +129,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             }
             let t = w.frame_type().ok_or(err(i, Inconsistency::UnknownTag))?;
             counts[t.index()] += 1;
-            if t == FrameType::Folio {
-                // SAFETY: Folio-tagged words hold folio descriptor addresses.
-                let d = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
+            if let Some(d) = desc_of::<A, FolioDesc<A>>(w) {
                 let pfn = pa.pfn_of(i).ok_or(err(i, Inconsistency::BadIndex))?;
                 if pfn.0 < d.head().0 || pfn.0 >= d.head().0 + (1u64 << d.order()) {
                     return Err(err(i, Inconsistency::FolioFrameOutsideDescriptor));

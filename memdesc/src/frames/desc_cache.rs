@@ -18,6 +18,7 @@
 
 use super::atomics::{AtomicCell, Atomics};
 use super::desc::Desc;
+use super::word::Word;
 use crate::addr::{Pfn, PAGE_SIZE};
 use core::marker::PhantomData;
 use core::ptr::NonNull;
@@ -218,6 +219,27 @@ impl<A: Atomics, D: Desc<A>> DescCache<D, A> {
     }
 }
 
+/// The page-array word for descriptor `d`: tagged `D::TYPE`. Every
+/// descriptor word is made here, so a word's tag always names the type of
+/// the descriptor it points to, which is what [`desc_of`] relies on.
+#[inline(always)]
+pub(crate) fn desc_word<A: Atomics, D: Desc<A>>(d: &'static D) -> Word {
+    Word::with_desc(D::TYPE, desc_addr(d))
+}
+
+/// The descriptor `w` points to, if `w`'s type tag is `D::TYPE` (the one
+/// checked way from a word to its descriptor).
+#[inline(always)]
+pub(crate) fn desc_of<A: Atomics, D: Desc<A>>(w: Word) -> Option<&'static D> {
+    if w.frame_type() != Some(D::TYPE) {
+        return None;
+    }
+    // SAFETY: a word tagged `D::TYPE` is only ever made by `desc_word` from
+    // a `&'static D` handed out by a `DescCache<D, A>` (descriptor words are
+    // stored whole, never assembled from parts), so its address is such a D.
+    Some(unsafe { desc_at(w.desc_addr()) })
+}
+
 /// Turns a descriptor address from a word back into a reference.
 ///
 /// # Safety
@@ -225,7 +247,7 @@ impl<A: Atomics, D: Desc<A>> DescCache<D, A> {
 /// `addr` must be the address of a `D` created by a [`DescCache<D, A>`]
 /// (read from a word tagged `D::TYPE`, which only ever holds such addresses).
 #[inline(always)]
-pub(crate) unsafe fn desc_at<A: Atomics, D: Desc<A>>(addr: usize) -> &'static D {
+unsafe fn desc_at<A: Atomics, D: Desc<A>>(addr: usize) -> &'static D {
     let p: *const D = core::ptr::with_exposed_provenance(addr);
     // SAFETY: by the contract `p` points to an initialised D in 'static,
     // type-stable memory (never freed, never reused for another type), whose

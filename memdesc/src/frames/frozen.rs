@@ -7,7 +7,7 @@
 use super::allocator::{check_order, FrameAllocator};
 use super::atomics::{AtomicCell, Atomics};
 use super::desc::PageTableDesc;
-use super::desc_cache::{desc_addr, desc_at, DescMemory};
+use super::desc_cache::{desc_of, desc_word, DescMemory};
 use super::error::FrameError;
 use super::refcount::PageTableFrame;
 use super::word::{FrameType, ReservedKind, Word, MISC_FLAG_TAIL};
@@ -81,13 +81,13 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             FrozenKind::PageTable => {
                 let d = self.get_table_desc()?;
                 d.init(order);
-                let w = Word::with_desc(FrameType::PageTable, desc_addr(d));
+                let w = desc_word(d);
                 (w, w)
             }
             FrozenKind::Slab => {
                 let d = self.get_slab_desc()?;
                 d.init(order);
-                let w = Word::with_desc(FrameType::Slab, desc_addr(d));
+                let w = desc_word(d);
                 (w, w)
             }
             FrozenKind::Offline | FrozenKind::Guard => {
@@ -207,7 +207,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         t.check_current()?;
         // The frame must still hold this table (its original word, if poisoned).
         let now = self.pa.effective(self.pa.word(t.pfn())?);
-        if now != Word::with_desc(FrameType::PageTable, desc_addr(t.desc())) {
+        if now != desc_word(t.desc()) {
             return Err(FrameError::StaleHandle { pfn: t.pfn() });
         }
         self.free_frozen(t.pfn(), 0)
@@ -216,9 +216,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// `PageTableNotEmpty` when `head` (an allocation's head word, the
     /// original one for a poisoned frame) is a table with valid entries.
     pub(crate) fn check_table_empty(pfn: Pfn, head: Word) -> Result<(), FrameError> {
-        if head.frame_type() == Some(FrameType::PageTable) {
-            // SAFETY: PageTable-tagged words hold page-table descriptor addresses.
-            let d = unsafe { desc_at::<A, PageTableDesc<A>>(head.desc_addr()) };
+        if let Some(d) = desc_of::<A, PageTableDesc<A>>(head) {
             let valid = d.valid();
             if valid != 0 {
                 return Err(FrameError::PageTableNotEmpty { pfn, valid });

@@ -12,7 +12,7 @@
 use super::allocator::FrameAllocator;
 use super::atomics::Atomics;
 use super::desc::{FolioDesc, FOLIO_HWPOISON};
-use super::desc_cache::{desc_addr, desc_at, DescMemory};
+use super::desc_cache::{desc_of, desc_word, DescMemory};
 use super::error::FrameError;
 use super::word::{FrameType, Word};
 use crate::addr::Pfn;
@@ -66,7 +66,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
                 }
             };
             d.init(original);
-            pa.store_release(idx, Word::with_desc(FrameType::HwPoison, desc_addr(d)));
+            pa.store_release(idx, desc_word(d));
             self.by_type[FrameType::Free.index()] -= 1;
             self.by_type[FrameType::HwPoison.index()] += 1;
             return Ok(Poisoned::WasFree);
@@ -78,13 +78,11 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             self.poison.free(d);
             return Err(FrameError::Corrupt { pfn });
         };
-        if ty == FrameType::Folio {
-            // SAFETY: Folio-tagged words hold folio descriptor addresses.
-            let f = unsafe { desc_at::<A, FolioDesc<A>>(w.desc_addr()) };
+        if let Some(f) = desc_of::<A, FolioDesc<A>>(w) {
             f.set_flags(FOLIO_HWPOISON);
         }
         d.init(w);
-        pa.store_release(idx, Word::with_desc(FrameType::HwPoison, desc_addr(d)));
+        pa.store_release(idx, desc_word(d));
         self.by_type[ty.index()] -= 1;
         self.by_type[FrameType::HwPoison.index()] += 1;
         Ok(Poisoned::InUse(ty))

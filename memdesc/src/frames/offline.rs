@@ -12,7 +12,7 @@
 use super::allocator::FrameAllocator;
 use super::atomics::Atomics;
 use super::desc::FOLIO_HWPOISON;
-use super::desc_cache::{desc_addr, DescMemory};
+use super::desc_cache::{desc_word, DescMemory};
 use super::error::FrameError;
 use super::frozen::FrozenKind;
 use super::owner::Owner;
@@ -77,9 +77,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         let d = f.desc;
         let (pfn, order) = (d.head(), d.order());
         let idx = self.pa.index_of(pfn).ok_or(FrameError::Corrupt { pfn })?;
-        if self.pa.effective(self.pa.load_relaxed(idx))
-            != Word::with_desc(FrameType::Folio, desc_addr(d))
-        {
+        if self.pa.effective(self.pa.load_relaxed(idx)) != desc_word(d) {
             return Err(FrameError::NotAllocation { pfn });
         }
         let healthy = self.rewrite(
@@ -115,7 +113,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         }
         let d = self.get_folio_desc()?;
         d.init(pfn, order, owner);
-        let w = Word::with_desc(FrameType::Folio, desc_addr(d));
+        let w = desc_word(d);
         let healthy = self.rewrite(idx, order, w, w);
         if healthy != 1u64 << order {
             d.set_flags(FOLIO_HWPOISON);

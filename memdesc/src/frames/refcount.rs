@@ -15,7 +15,7 @@
 
 use super::atomics::{Atomics, CoreAtomics};
 use super::desc::{FolioDesc, HwPoisonDesc, PageTableDesc, RefcountError, SlabDesc};
-use super::desc_cache::desc_at;
+use super::desc_cache::desc_of;
 use super::error::FrameError;
 use super::owner::Owner;
 use super::page_array::PageArray;
@@ -382,12 +382,9 @@ impl<A: Atomics> PageArray<'_, A> {
         let idx = self.index_of(pfn).ok_or(FrameError::NotManaged { pfn })?;
         loop {
             let w = self.load(idx);
-            if w.frame_type() != Some(FrameType::Folio) {
+            let Some(desc) = desc_of::<A, FolioDesc<A>>(w) else {
                 return Err(not_folio(pfn, w));
-            }
-            // SAFETY: a Folio-tagged word only ever holds the address of a
-            // descriptor from the folio cache (type-stable, 'static).
-            let desc: &'static FolioDesc<A> = unsafe { desc_at(w.desc_addr()) };
+            };
             let got = desc.try_get();
             let again = self.load(idx);
             if again == w {
@@ -413,12 +410,8 @@ impl<A: Atomics> PageArray<'_, A> {
     /// page table ([`FrameError::WrongType`], [`FrameError::Free`], ...).
     pub fn page_table(&self, pfn: Pfn) -> Result<PageTableFrame<A>, FrameError> {
         let w = self.word(pfn)?;
-        if w.frame_type() != Some(FrameType::PageTable) {
-            return Err(not_folio(pfn, w));
-        }
-        // SAFETY: a PageTable-tagged word only holds page-table descriptor
-        // addresses from their type-stable cache.
-        Ok(PageTableFrame::new(pfn, unsafe { desc_at(w.desc_addr()) }))
+        let d = desc_of::<A, PageTableDesc<A>>(w).ok_or_else(|| not_folio(pfn, w))?;
+        Ok(PageTableFrame::new(pfn, d))
     }
 
     /// The slab descriptor of frame `pfn`.
@@ -429,12 +422,7 @@ impl<A: Atomics> PageArray<'_, A> {
     /// backing.
     pub fn slab(&self, pfn: Pfn) -> Result<&'static SlabDesc<A>, FrameError> {
         let w = self.word(pfn)?;
-        if w.frame_type() != Some(FrameType::Slab) {
-            return Err(not_folio(pfn, w));
-        }
-        // SAFETY: a Slab-tagged word only holds slab descriptor addresses
-        // from their type-stable cache.
-        Ok(unsafe { desc_at(w.desc_addr()) })
+        desc_of::<A, SlabDesc<A>>(w).ok_or_else(|| not_folio(pfn, w))
     }
 
     /// The word a poisoned frame had before (or belongs to now, if its
@@ -446,27 +434,19 @@ impl<A: Atomics> PageArray<'_, A> {
     /// [`FrameError::Corrupt`]) for a frame that is not HwPoison.
     pub fn poisoned_original(&self, pfn: Pfn) -> Result<Word, FrameError> {
         let w = self.word(pfn)?;
-        if w.frame_type() != Some(FrameType::HwPoison) {
-            return Err(match w.frame_type() {
-                Some(found) => FrameError::WrongType { pfn, found },
-                None => FrameError::Corrupt { pfn },
-            });
-        }
-        // SAFETY: a HwPoison-tagged word only holds hwpoison descriptor
-        // addresses from their type-stable cache.
-        let d: &HwPoisonDesc<A> = unsafe { desc_at(w.desc_addr()) };
+        let d = desc_of::<A, HwPoisonDesc<A>>(w).ok_or(match w.frame_type() {
+            Some(found) => FrameError::WrongType { pfn, found },
+            None => FrameError::Corrupt { pfn },
+        })?;
         Ok(d.original())
     }
 
     /// `w` itself, or for a poisoned frame the word it had before.
     #[inline]
     pub(crate) fn effective(&self, w: Word) -> Word {
-        if w.frame_type() == Some(FrameType::HwPoison) {
-            // SAFETY: as in `poisoned_original`.
-            let d: &HwPoisonDesc<A> = unsafe { desc_at(w.desc_addr()) };
-            d.original()
-        } else {
-            w
+        match desc_of::<A, HwPoisonDesc<A>>(w) {
+            Some(d) => d.original(),
+            None => w,
         }
     }
 }

@@ -33,7 +33,7 @@ use super::allocator::{publish_folio_words, FrameAllocator, FrameStats, Released
 use super::atomics::{AtomicCell, Atomics, CoreAtomics};
 use super::consistency::ConsistencyError;
 use super::desc::{FolioDesc, FOLIO_HWPOISON};
-use super::desc_cache::{desc_addr, DescMemory};
+use super::desc_cache::{desc_word, DescMemory};
 use super::error::FrameError;
 use super::frozen::FrozenKind;
 use super::hot_cache::{HotCache, HOT_CACHE_BLOCKS, HOT_MAX_ORDER};
@@ -397,7 +397,7 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
         if d.owner() == Owner::Buddy && order <= HOT_MAX_ORDER && d.flags() & FOLIO_HWPOISON == 0 {
             if let Some(idx) = self.pa.index_of(head) {
                 // We hold the last reference: the words are ours to read.
-                let expect = Word::with_desc(FrameType::Folio, desc_addr(d));
+                let expect = desc_word(d);
                 if self.pa.load_relaxed(idx) == expect {
                     match self.slot(cpu)?.lock(cpu) {
                         Ok(mut pcp) => {

@@ -333,7 +333,9 @@ impl Word {
 
     // ---- descriptor words ---------------------------------------------------
 
-    /// A word pointing at a descriptor at `addr` (16-byte aligned).
+    /// A word pointing at a descriptor at `addr` (16-byte aligned). Only
+    /// `desc_cache::desc_word` calls it (tests aside), with the type the
+    /// descriptor has: `desc_of` relies on the tag naming that type.
     #[inline]
     pub(crate) const fn with_desc(ty: FrameType, addr: usize) -> Self {
         Self(addr as u64 | ty as u64)

@@ -1,0 +1,532 @@
+//! SMP suite: the secondary cores come up (PSCI CPU_ON, or the holding pen
+//! when entered at EL3) with their own stacks, guard pages, exception
+//! stack, per-CPU data and the boot core's MMU setup; then stress on every
+//! core for a bounded time: allocation and frees across cores with
+//! lock-free speculative lookups racing them, and one core mapping and
+//! unmapping pages the others read (a reader faults or sees the page's own
+//! data, never a frame that was freed and reused). The allocator's
+//! consistency check, exact frame accounting and the linter end each test.
+//! The host runs it with `-smp 4` (multi-threaded TCG) on `-cpu max` and
+//! `cortex-a53`, and on the board models.
+#![no_std]
+#![no_main]
+#![deny(unsafe_code)]
+
+#[cfg(test)]
+#[embedded_test::tests(default_timeout = 60)]
+mod tests {
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use firmware::mm::{FRAMES, STAGE1};
+    use hal::global::Global;
+    use hal::memory::{folio_read_u64, folio_write_u64, scratch_read_u64, ScratchError};
+    use hal::percpu::MAX_CPUS;
+    use memdesc::frames::{FolioRef, FrameType, LastRef, Owner};
+    use memdesc::stage1::Attributes;
+    use memdesc::{Pfn, PhysAddr, VirtAddr};
+
+    /// How long each stress phase runs on every core.
+    const STRESS_US: u64 = 1_000_000;
+
+    #[init]
+    fn init() -> u32 {
+        let platform = firmware::init();
+        firmware::smp::start(&platform).online
+    }
+
+    /// Cores the machine should bring up: what the host started, except
+    /// where the model holds the secondaries in reset at EL3 (i.MX 8M Plus,
+    /// ZCU102), where only the boot core runs.
+    fn expected_online() -> u32 {
+        let smp = hal::semihost::arg_u64("smp").expect("host passes smp") as u32;
+        let held = hal::boot::entry_el() == 3
+            && matches!(hal::board::CURRENT.name, "imx8mp-evk" | "xlnx-zcu102");
+        if held {
+            1
+        } else {
+            smp
+        }
+    }
+
+    fn secondaries() -> impl Iterator<Item = usize> {
+        let online = hal::smp::online();
+        (1..MAX_CPUS).filter(move |&i| online & (1 << i) != 0)
+    }
+
+    /// Runs `job` on every online secondary and on this core, then waits.
+    fn on_every_core(job: fn(usize)) {
+        let mut tickets = [0u64; MAX_CPUS];
+        for i in secondaries() {
+            tickets[i] = hal::smp::run_on(i, job).expect("post job");
+        }
+        job(0);
+        for i in secondaries() {
+            assert!(
+                hal::smp::wait(i, tickets[i], 20_000_000),
+                "core {} did not finish",
+                i
+            );
+        }
+    }
+
+    /// A small xorshift, one stream per core.
+    struct Rng(u64);
+    impl Rng {
+        fn new(core: usize) -> Self {
+            Self(0x9e37_79b9_7f4a_7c15 ^ ((core as u64 + 1) << 17))
+        }
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    static DEADLINE_US: AtomicU64 = AtomicU64::new(0);
+    fn running() -> bool {
+        hal::timer::uptime_us() < DEADLINE_US.load(Ordering::Relaxed)
+    }
+    fn start_clock() {
+        DEADLINE_US.store(hal::timer::uptime_us() + STRESS_US, Ordering::Relaxed);
+    }
+
+    // ---- bring-up ---------------------------------------------------------
+
+    /// What a secondary saw of itself: index, SP, SPSel, VBAR, translation
+    /// regime, and whether a write to its own main-stack guard page faulted.
+    static SEEN: [[AtomicU64; 9]; MAX_CPUS] =
+        [const { [const { AtomicU64::new(0) }; 9] }; MAX_CPUS];
+
+    fn report_self(core: usize) {
+        let (sp, spsel) = hal::boot::stack_pointer_and_spsel();
+        let s = &SEEN[core];
+        s[0].store(hal::percpu::index() as u64, Ordering::Relaxed);
+        s[1].store(sp, Ordering::Relaxed);
+        s[2].store(spsel, Ordering::Relaxed);
+        s[3].store(hal::exception::vbar(), Ordering::Relaxed);
+        for (k, r) in hal::mmu::regime().iter().enumerate() {
+            s[4 + k].store(*r, Ordering::Relaxed);
+        }
+        let [_, guard, _, _] = hal::image::cpu_stacks(core).expect("a slot");
+        let faulted = hal::memory::probe_write_expecting_fault(guard.end - 8, 0)
+            .is_ok_and(|f| f.far == guard.end - 8);
+        s[8].store(faulted as u64, Ordering::Release);
+    }
+
+    /// Every core the machine has comes up at EL1, runs on its own stacks
+    /// (main on SP_EL0, guard page unmapped: a write there faults and is
+    /// handled on that core's own exception stack), finds its own per-CPU
+    /// slot through TPIDR_EL1, and has the boot core's vectors and
+    /// MAIR/TCR/TTBR0/SCTLR.
+    #[test]
+    fn every_core_comes_up_with_its_own_stacks(online: u32) {
+        assert_eq!(online, expected_online(), "cores online");
+        assert_eq!(hal::smp::online().count_ones(), online);
+        let boot = hal::mmu::regime();
+        for i in secondaries() {
+            let t = hal::smp::run_on(i, report_self).expect("post");
+            assert!(hal::smp::wait(i, t, 5_000_000), "core {} ran no job", i);
+            let s: [u64; 9] = core::array::from_fn(|k| SEEN[i][k].load(Ordering::Acquire));
+            let [main, _, _, _] = hal::image::cpu_stacks(i).expect("slot");
+            assert_eq!(s[0], i as u64, "per-CPU slot of core {}", i);
+            assert!(
+                main.start < s[1] && s[1] <= main.end,
+                "core {} SP {:#x}",
+                i,
+                s[1]
+            );
+            assert_eq!(s[2], 0, "core {} runs on SP_EL0", i);
+            assert_eq!(s[3], hal::exception::vbar());
+            assert_eq!(&s[4..8], &boot, "core {} translation regime", i);
+            assert_eq!(s[8], 1, "core {}: its guard page write did not fault", i);
+            assert_eq!(hal::percpu::of(i).map(|p| p.mpidr() & 0xff), Some(i as u64));
+        }
+        assert_eq!(hal::percpu::index(), 0);
+    }
+
+    // ---- allocation across cores -----------------------------------------
+
+    /// Folios handed from the core that allocated them to whichever core
+    /// frees them.
+    struct Handoff {
+        slots: [Option<(FolioRef, usize)>; 64],
+    }
+    static HANDOFF: Global<Handoff> = Global::new();
+    /// The PFN of a recently handed-off folio: other cores look it up
+    /// speculatively (lock-free) while it may be freed and reused.
+    static RECENT: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+    static ALLOCS: AtomicU64 = AtomicU64::new(0);
+    static CROSS_FREES: AtomicU64 = AtomicU64::new(0);
+    static SPEC_HITS: AtomicU64 = AtomicU64::new(0);
+    static SPEC_REFUSED: AtomicU64 = AtomicU64::new(0);
+    static ERRORS: AtomicU64 = AtomicU64::new(0);
+    static FIRST_ERROR: AtomicU64 = AtomicU64::new(0);
+
+    fn error(code: u64) {
+        if ERRORS.fetch_add(1, Ordering::Relaxed) == 0 {
+            FIRST_ERROR.store(code, Ordering::Relaxed);
+        }
+    }
+
+    fn put(f: FolioRef) {
+        if FRAMES.try_with(|fa| fa.put(f).map(drop)).is_err() {
+            error(1);
+        }
+    }
+
+    fn release(last: Option<LastRef>) {
+        if let Some(last) = last {
+            if FRAMES.try_with(|fa| fa.release(last).map(drop)).is_err() {
+                error(2);
+            }
+        }
+    }
+
+    /// Folios each core hands to the next core in the paired phase.
+    const PAIRED: usize = 4;
+    /// The paired phase uses the slots below; the random phase the rest.
+    const RANDOM_SLOTS: usize = MAX_CPUS * PAIRED;
+    static CORES: AtomicU64 = AtomicU64::new(1);
+    static ARRIVED: AtomicU64 = AtomicU64::new(0);
+
+    /// Paired phase: core `c` (of `n`, dense since all come up in order)
+    /// allocates `PAIRED` folios into its slots, and after every core has,
+    /// frees the folios core `c + 1` allocated.
+    fn paired_phase(core: usize) {
+        let n = CORES.load(Ordering::Relaxed) as usize;
+        for k in 0..PAIRED {
+            match FRAMES.try_with(|fa| fa.alloc_folio(0, Owner::Buddy)) {
+                Ok(f) => {
+                    ALLOCS.fetch_add(1, Ordering::Relaxed);
+                    if HANDOFF
+                        .with(|h| h.slots[core * PAIRED + k] = Some((f, core)))
+                        .is_err()
+                    {
+                        error(5);
+                    }
+                }
+                Err(_) => error(6),
+            }
+        }
+        ARRIVED.fetch_add(1, Ordering::AcqRel);
+        let t0 = hal::timer::uptime_us();
+        while ARRIVED.load(Ordering::Acquire) < n as u64 {
+            if hal::timer::uptime_us() - t0 > 10_000_000 {
+                error(7);
+                return;
+            }
+            core::hint::spin_loop();
+        }
+        let next = (core + 1) % n;
+        for k in 0..PAIRED {
+            let taken = HANDOFF
+                .with(|h| h.slots[next * PAIRED + k].take())
+                .ok()
+                .flatten();
+            match taken {
+                Some((f, from)) => {
+                    if from != core {
+                        CROSS_FREES.fetch_add(1, Ordering::Relaxed);
+                    }
+                    put(f);
+                }
+                None => error(8),
+            }
+        }
+    }
+
+    fn alloc_job(core: usize) {
+        paired_phase(core);
+        let mut rng = Rng::new(core);
+        let pa = FRAMES.with(|fa| fa.page_array()).expect("frames");
+        while running() {
+            let r = rng.next();
+            let order = [0u8, 0, 0, 1, 2, 3, 0, 5][(r & 7) as usize];
+            if let Ok(f) = FRAMES.try_with(|fa| fa.alloc_folio(order, Owner::Buddy)) {
+                {
+                    ALLOCS.fetch_add(1, Ordering::Relaxed);
+                    let base = f.pfn().addr().0;
+                    let tag = base ^ ((core as u64) << 56) ^ 0xa5;
+                    let ok = folio_write_u64(base, tag).is_ok() && folio_read_u64(base) == Ok(tag);
+                    if !ok {
+                        error(3);
+                    }
+                    RECENT[(r >> 8) as usize % 8].store(f.pfn().0, Ordering::Relaxed);
+                    if r & 0x10 != 0 {
+                        let left = HANDOFF.with(|h| {
+                            match h.slots[RANDOM_SLOTS..].iter_mut().find(|s| s.is_none()) {
+                                Some(slot) => {
+                                    *slot = Some((f, core));
+                                    None
+                                }
+                                None => Some(f),
+                            }
+                        });
+                        match left {
+                            Ok(Some(f)) => put(f),
+                            Ok(None) => {}
+                            Err(_) => error(4),
+                        }
+                    } else {
+                        put(f);
+                    }
+                }
+            }
+            // Free one a core handed off (possibly another core's).
+            let taken = HANDOFF
+                .with(|h| {
+                    let i = RANDOM_SLOTS + (r >> 20) as usize % (h.slots.len() - RANDOM_SLOTS);
+                    h.slots[i].take()
+                })
+                .ok()
+                .flatten();
+            if let Some((f, from)) = taken {
+                if from != core {
+                    CROSS_FREES.fetch_add(1, Ordering::Relaxed);
+                }
+                put(f);
+            }
+            // A speculative lookup, without the lock, of a frame that some
+            // core may be freeing or reusing right now.
+            let pfn = Pfn(RECENT[(r >> 32) as usize % 8].load(Ordering::Relaxed));
+            if pfn.0 != 0 {
+                let mut last = None;
+                match pa.get_folio(pfn, |l| last = Some(l)) {
+                    Ok(f) => {
+                        SPEC_HITS.fetch_add(1, Ordering::Relaxed);
+                        put(f);
+                    }
+                    Err(_) => {
+                        SPEC_REFUSED.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                release(last);
+            }
+        }
+    }
+
+    /// Frame accounting: (free, in folios, everything else the allocator
+    /// took for itself: page tables and descriptor-cache chunks, which it
+    /// keeps). Exact: a frame is in exactly one of the three or was never
+    /// free (image, DTB, page array).
+    fn accounting() -> (u64, u64, u64) {
+        FRAMES
+            .with(|fa| {
+                fa.drain_cache();
+                (
+                    fa.count(FrameType::Free),
+                    fa.count(FrameType::Folio),
+                    fa.count(FrameType::PageTable) + fa.count(FrameType::Reserved),
+                )
+            })
+            .expect("frames")
+    }
+
+    /// Every folio came back; whatever else left the free lists is page
+    /// tables or descriptor chunks the allocator kept.
+    fn assert_all_back(before: (u64, u64, u64)) {
+        let after = accounting();
+        assert_eq!(
+            after.1, before.1,
+            "folios outstanding: {:?} -> {:?}",
+            before, after
+        );
+        assert_eq!(
+            after.0 + after.2,
+            before.0 + before.2,
+            "frames lost: {:?} -> {:?}",
+            before,
+            after
+        );
+        FRAMES
+            .try_with(|fa| fa.check_consistency())
+            .expect("consistent");
+    }
+
+    /// Every core allocates mixed-order folios, writes and checks them,
+    /// hands half to a shared list that any core frees from, and looks up
+    /// recently handed-off frames speculatively without the lock. Afterwards
+    /// every frame is back, and the allocator's consistency check is clean.
+    #[test]
+    fn alloc_and_free_across_cores(online: u32) {
+        let before = accounting();
+        CORES.store(hal::smp::online().count_ones() as u64, Ordering::Relaxed);
+        HANDOFF
+            .set(Handoff {
+                slots: [const { None }; 64],
+            })
+            .expect("handoff list");
+        start_clock();
+        on_every_core(alloc_job);
+        let left = HANDOFF.with(|h| {
+            let mut n = [const { None }; 64];
+            core::mem::swap(&mut n, &mut h.slots);
+            n
+        });
+        for (f, _) in left.expect("handoff").into_iter().flatten() {
+            put(f);
+        }
+        assert_eq!(
+            ERRORS.load(Ordering::Relaxed),
+            0,
+            "first error {}",
+            FIRST_ERROR.load(Ordering::Relaxed)
+        );
+        let (allocs, cross) = (
+            ALLOCS.load(Ordering::Relaxed),
+            CROSS_FREES.load(Ordering::Relaxed),
+        );
+        defmt::info!(
+            "{=u32} cores: {=u64} allocations, {=u64} freed by another core, speculative lookups {=u64} hit / {=u64} refused, FRAMES lock waited {=u64} times",
+            online,
+            allocs,
+            cross,
+            SPEC_HITS.load(Ordering::Relaxed),
+            SPEC_REFUSED.load(Ordering::Relaxed),
+            FRAMES.contended()
+        );
+        assert!(allocs >= online as u64 * PAIRED as u64);
+        if online > 1 {
+            assert!(cross > 0, "no folio was freed by another core");
+        }
+        assert_all_back(before);
+    }
+
+    // ---- mapping while others read -----------------------------------------
+
+    /// Pages in the scratch window that the mapper churns.
+    const SLOTS: u64 = 64;
+    const CHURN_VA: u64 = hal::memory::SCRATCH_BASE + (1 << 30);
+    const POISON: u64 = 0xdead_dead_dead_dead;
+    fn tag(va: u64) -> u64 {
+        va ^ 0x5157_5157_0000_0000
+    }
+    static MAPPER_DONE: AtomicBool = AtomicBool::new(false);
+    static READS_OK: AtomicU64 = AtomicU64::new(0);
+    static READ_FAULTS: AtomicU64 = AtomicU64::new(0);
+    static BAD_READS: AtomicU64 = AtomicU64::new(0);
+    static BAD_VALUE: AtomicU64 = AtomicU64::new(0);
+
+    fn reader_job(core: usize) {
+        let mut rng = Rng::new(core);
+        while !MAPPER_DONE.load(Ordering::Relaxed) {
+            let r = rng.next();
+            let va = CHURN_VA + (r % SLOTS) * 4096 + ((r >> 16) % 8) * 8;
+            match scratch_read_u64(va) {
+                Ok(v) if v == tag(va & !0xfff) => {
+                    READS_OK.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(v) => {
+                    BAD_READS.fetch_add(1, Ordering::Relaxed);
+                    BAD_VALUE.store(v, Ordering::Relaxed);
+                }
+                Err(ScratchError::Fault(_)) => {
+                    READ_FAULTS.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(ScratchError::OutsideWindow { .. }) => {
+                    BAD_READS.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The boot core maps and unmaps single pages in the scratch window:
+    /// each fresh frame gets its page's tag before it is mapped, and POISON
+    /// after it is unmapped and before it is freed (and then reused for
+    /// another page with another tag). The other cores read random words
+    /// of those pages all the while: each read must fault or return the
+    /// page's own tag — never POISON or another page's tag, which only a
+    /// stale translation to a freed frame could give. Then the linter is
+    /// clean and every frame is back.
+    #[test]
+    fn unmap_while_other_cores_read(online: u32) {
+        let before = accounting();
+        let mut held: [Option<FolioRef>; SLOTS as usize] = [const { None }; SLOTS as usize];
+        let mut readers = [0u64; MAX_CPUS];
+        for i in secondaries() {
+            readers[i] = hal::smp::run_on(i, reader_job).expect("post reader");
+        }
+        start_clock();
+        let mut rng = Rng::new(0);
+        let (mut maps, mut unmaps) = (0u64, 0u64);
+        while running() {
+            let k = rng.next() % SLOTS;
+            let va = CHURN_VA + k * 4096;
+            match held[k as usize].take() {
+                Some(f) => {
+                    STAGE1
+                        .try_with(|s| s.unmap(VirtAddr(va), 4096))
+                        .expect("unmap");
+                    let pa = f.pfn().addr().0;
+                    for w in 0..8 {
+                        folio_write_u64(pa + w * 8, POISON).expect("our folio");
+                    }
+                    put(f);
+                    unmaps += 1;
+                }
+                None => {
+                    let f = FRAMES
+                        .try_with(|fa| fa.alloc_folio(0, Owner::Buddy))
+                        .expect("a frame");
+                    let pa = f.pfn().addr().0;
+                    for w in 0..8 {
+                        folio_write_u64(pa + w * 8, tag(va)).expect("our folio");
+                    }
+                    // The tag is visible before the entry that maps it.
+                    core::sync::atomic::fence(Ordering::SeqCst);
+                    STAGE1
+                        .try_with(|s| s.map(VirtAddr(va), PhysAddr(pa), 4096, Attributes::DATA))
+                        .expect("map");
+                    held[k as usize] = Some(f);
+                    maps += 1;
+                }
+            }
+        }
+        MAPPER_DONE.store(true, Ordering::Relaxed);
+        for i in secondaries() {
+            assert!(
+                hal::smp::wait(i, readers[i], 20_000_000),
+                "reader {} stuck",
+                i
+            );
+        }
+        for (k, f) in held.iter_mut().enumerate() {
+            if let Some(f) = f.take() {
+                STAGE1
+                    .try_with(|s| s.unmap(VirtAddr(CHURN_VA + k as u64 * 4096), 4096))
+                    .expect("unmap");
+                put(f);
+            }
+        }
+        let (ok, faults, bad) = (
+            READS_OK.load(Ordering::Relaxed),
+            READ_FAULTS.load(Ordering::Relaxed),
+            BAD_READS.load(Ordering::Relaxed),
+        );
+        defmt::info!(
+            "{=u32} cores: {=u64} maps, {=u64} unmaps; readers: {=u64} saw the page's data, {=u64} faulted, {=u64} saw another frame; STAGE1 lock waited {=u64} times",
+            online,
+            maps,
+            unmaps,
+            ok,
+            faults,
+            bad,
+            STAGE1.contended()
+        );
+        assert_eq!(
+            bad,
+            0,
+            "a reader saw {:#x}",
+            BAD_VALUE.load(Ordering::Relaxed)
+        );
+        assert!(maps > 50 && unmaps > 50);
+        if online > 1 {
+            assert!(
+                ok > 0 && faults > 0,
+                "readers saw both mapped and unmapped pages"
+            );
+        }
+        assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
+        assert_all_back(before);
+    }
+}

@@ -1,0 +1,641 @@
+//! The memory manager's hardware side, with every `unsafe` of it in one
+//! place: the page array's `'static` home in RAM, the frame allocator global
+//! ([`FRAMES`]), the stage-1 table memory (identity-mapped table frames from
+//! the allocator, entries read and written in place), the checked MMU
+//! switch-on, and the scratch window ([`SCRATCH_BASE`]) where callers map
+//! memory they only touch through faulting-safe probes.
+//!
+//! The firmware decides what to map and where; this module holds the
+//! invariants that make raw memory access sound.
+
+use crate::dtb::Platform;
+use crate::exception::CaughtFault;
+use crate::global::WithError;
+use crate::global::{Global, GlobalError};
+use crate::mmu::{Probe, Tlb};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use memdesc::frames::{
+    words_needed, FrameAllocator, FrameError, FrameType, LayoutError, LinearMap, PageArray,
+    PfnRange, ReservedKind, ReservedRange, MAX_RANGES,
+};
+use memdesc::layout::{find_hole, LayoutPlanError};
+use memdesc::stage1::{
+    Attributes, Stage1, Stage1Error, TableMemory, TableMemoryError, TlbiScope, TranslationHw,
+    VaSize,
+};
+use memdesc::{Pfn, PhysAddr, VirtAddr, PAGE_SIZE};
+
+/// The frame allocator as the firmware instantiates it: descriptors come
+/// from its own frames through the identity linear map.
+pub type Frames = FrameAllocator<'static, LinearMap>;
+
+/// The frame allocator.
+pub static FRAMES: Global<Frames> = Global::new();
+/// The stage-1 tables of the firmware's own address space (lock order:
+/// taken before [`FRAMES`], which the engine takes for table frames).
+pub static STAGE1: Global<Stage1<IdentityTables>> = Global::new();
+
+/// Why the page array or the frame allocator could not be set up, or the
+/// MMU not turned on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryError {
+    /// Set up twice.
+    AlreadyInitialised,
+    /// More RAM or reserved ranges than the fixed tables hold.
+    TooManyRanges,
+    /// RAM reaches into the scratch window (at or above [`SCRATCH_BASE`]).
+    RamAboveScratchBase {
+        /// The end of the offending range.
+        end: u64,
+    },
+    /// The page array could not be laid out.
+    Layout(LayoutError),
+    /// No room for the page array.
+    Plan(LayoutPlanError),
+    /// The frame allocator refused.
+    Frames(FrameError),
+    /// A global was not usable.
+    Global(GlobalError),
+    /// The tree would not map something the code uses from the moment the
+    /// MMU is on, as it is used (the address is given).
+    NotMappedForUse {
+        /// The first address found wrong.
+        va: u64,
+    },
+}
+
+impl From<GlobalError> for MemoryError {
+    fn from(e: GlobalError) -> Self {
+        Self::Global(e)
+    }
+}
+
+/// What [`init_frames`] set up, for the log and for tests.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameReport {
+    /// Frames the page array describes.
+    pub frames: u64,
+    /// Where its storage went.
+    pub storage: PhysAddr,
+    /// Its size in bytes.
+    pub storage_bytes: u64,
+    /// Frames free after reservations.
+    pub free: u64,
+}
+
+/// The page array needs a `'static` home before the allocator borrows it.
+struct PageArrayHome(
+    core::cell::UnsafeCell<Option<PageArray<'static>>>,
+    AtomicBool,
+);
+// SAFETY: written once, by the caller that won the flag's swap, then only
+// shared (`&'static PageArray` is Sync: its words are atomics).
+unsafe impl Sync for PageArrayHome {}
+static PAGE_ARRAY: PageArrayHome =
+    PageArrayHome(core::cell::UnsafeCell::new(None), AtomicBool::new(false));
+/// The page array's storage, `[start, end)` physical (0, 0 before init).
+static PAGE_ARRAY_SPAN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+fn span_range(s: crate::image::Span) -> PfnRange {
+    PfnRange::covering_phys(PhysAddr(s.start), s.len())
+}
+
+/// Builds the page array in a hole of the platform's RAM and the frame
+/// allocator over it ([`FRAMES`]), reserving the image (hal knows where it
+/// is), the DTB at `dtb_addr` (`p.total_size` bytes), the page array itself
+/// and every reserved region. Runs with the MMU off or on (RAM is identity
+/// mapped either way).
+pub fn init_frames(p: &Platform<'_>, dtb_addr: u64) -> Result<FrameReport, MemoryError> {
+    let mut ram = [PfnRange::new(Pfn(0), Pfn(0)); MAX_RANGES];
+    let mut nram = 0;
+    for r in p.memory.as_slice() {
+        if r.end() > SCRATCH_BASE {
+            return Err(MemoryError::RamAboveScratchBase { end: r.end() });
+        }
+        *ram.get_mut(nram).ok_or(MemoryError::TooManyRanges)? =
+            PfnRange::from_phys(PhysAddr(r.base), r.size);
+        nram += 1;
+    }
+    let ram = &ram[..nram];
+    let image = span_range(crate::image::whole());
+    let dtb = PfnRange::covering_phys(PhysAddr(dtb_addr), p.total_size as u64);
+
+    let mut avoid = [PfnRange::new(Pfn(0), Pfn(0)); MAX_RANGES + 2];
+    avoid[0] = image;
+    avoid[1] = dtb;
+    let mut navoid = 2;
+    for r in p.reserved.as_slice() {
+        *avoid.get_mut(navoid).ok_or(MemoryError::TooManyRanges)? =
+            PfnRange::covering_phys(PhysAddr(r.base), r.size);
+        navoid += 1;
+    }
+    let words = words_needed(ram).map_err(MemoryError::Layout)?;
+    let bytes = words * 8;
+    let pages = bytes.div_ceil(PAGE_SIZE);
+    let at = find_hole(ram, &avoid[..navoid], pages, 1, image.end).map_err(MemoryError::Plan)?;
+
+    if PAGE_ARRAY.1.swap(true, Ordering::AcqRel) {
+        return Err(MemoryError::AlreadyInitialised);
+    }
+    // SAFETY: find_hole returned `pages` frames of RAM that overlap neither
+    // the image, the DTB nor any reserved region, and nothing else uses RAM
+    // yet (the allocator that will hand out RAM is built below); RAM is
+    // identity mapped (or the MMU is off), `at` is page aligned (so 8-byte
+    // aligned for AtomicU64), and the slice lives forever because the
+    // allocator reserves these frames as `Reserved(PageArray)` below.
+    let storage: &'static mut [AtomicU64] =
+        unsafe { core::slice::from_raw_parts_mut(at.addr().0 as *mut AtomicU64, words as usize) };
+    let array = PageArray::new(storage, ram).map_err(MemoryError::Layout)?;
+    // SAFETY: guarded by the flag swapped above: this is the only write, and
+    // the `&'static` below is the only borrow ever made of the slot.
+    let array: &'static PageArray<'static> = unsafe {
+        let slot = &mut *PAGE_ARRAY.0.get();
+        slot.insert(array)
+    };
+    PAGE_ARRAY_SPAN[0].store(at.addr().0, Ordering::Relaxed);
+    PAGE_ARRAY_SPAN[1].store(at.addr().0 + pages * PAGE_SIZE, Ordering::Relaxed);
+
+    let mut reserved = [ReservedRange {
+        range: image,
+        kind: ReservedKind::Image,
+    }; MAX_RANGES + 3];
+    reserved[1] = ReservedRange {
+        range: dtb,
+        kind: ReservedKind::DeviceTree,
+    };
+    reserved[2] = ReservedRange {
+        range: PfnRange::new(at, Pfn(at.0 + pages)),
+        kind: ReservedKind::PageArray,
+    };
+    let mut nres = 3;
+    for r in &avoid[2..navoid] {
+        reserved[nres] = ReservedRange {
+            range: *r,
+            kind: ReservedKind::Other,
+        };
+        nres += 1;
+    }
+    // SAFETY: RAM is identity mapped read-write (before the MMU is on, all
+    // accesses are physical; after, the linear map covers all RAM) and frames
+    // handed to the descriptor caches are owned by the allocator.
+    let map = unsafe { LinearMap::new(0) };
+    let fa = FrameAllocator::new(array, map, &reserved[..nres]).map_err(MemoryError::Frames)?;
+    let free = fa.count(FrameType::Free);
+    FRAMES.set(fa)?;
+    Ok(FrameReport {
+        frames: array.len() as u64,
+        storage: at.addr(),
+        storage_bytes: bytes,
+        free,
+    })
+}
+
+/// Table memory from the frame allocator (page-table frames, valid counts in
+/// their descriptors) and TLB maintenance from [`Tlb`], for the firmware's
+/// own identity-mapped address space.
+pub struct IdentityTables {
+    tlb: Tlb,
+}
+
+impl IdentityTables {
+    /// Tables from [`FRAMES`], maintenance as the probed CPU allows.
+    pub fn new(probe: &Probe) -> Self {
+        Self {
+            tlb: Tlb::new(probe),
+        }
+    }
+}
+
+fn entry_ptr(table: PhysAddr, index: usize) -> *mut u64 {
+    (table.0 as *mut u64).wrapping_add(index)
+}
+
+/// The engine's view of a failed [`FRAMES`] access: re-entered (`Busy`) or
+/// not set up.
+fn frames_unavailable(e: GlobalError) -> TableMemoryError {
+    match e {
+        GlobalError::Busy => TableMemoryError::Busy,
+        _ => TableMemoryError::Unavailable,
+    }
+}
+
+// SAFETY: (the trait contract) tables are fresh page-table frames from the
+// buddy allocator, zeroed here, identity mapped (VA == PA) before and after
+// the MMU is on; entry accesses are aligned 64-bit volatile or atomic
+// accesses of entry `index < 512` of that frame only; the valid count lives
+// in the frame's page-table descriptor.
+unsafe impl TableMemory for IdentityTables {
+    fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError> {
+        let frame = FRAMES
+            .with(|fa| fa.alloc_page_table())
+            .map_err(frames_unavailable)?
+            .map_err(|e| match e {
+                FrameError::OutOfMemory { .. } | FrameError::OutOfDescriptors { .. } => {
+                    TableMemoryError::OutOfMemory
+                }
+                _ => TableMemoryError::Unavailable,
+            })?;
+        let pa = frame.pfn().addr();
+        for i in 0..512 {
+            // SAFETY: the frame was just allocated to us and is identity mapped.
+            unsafe { core::ptr::write_volatile(entry_ptr(pa, i), 0) };
+        }
+        Ok(pa)
+    }
+
+    unsafe fn free_table(&mut self, table: PhysAddr) -> Result<(), TableMemoryError> {
+        FRAMES
+            .with(|fa| {
+                let t = fa
+                    .page_array()
+                    .page_table(table.pfn())
+                    .map_err(|_| TableMemoryError::NotATable { table })?;
+                fa.free_page_table(t)
+                    .map_err(|_| TableMemoryError::FreeRefused { table })
+            })
+            .map_err(frames_unavailable)?
+    }
+
+    unsafe fn read_entry(&self, table: PhysAddr, index: usize) -> u64 {
+        // SAFETY: caller's contract: a live table frame and index < 512.
+        unsafe { core::ptr::read_volatile(entry_ptr(table, index)) }
+    }
+
+    unsafe fn write_entry(&mut self, table: PhysAddr, index: usize, value: u64) {
+        // SAFETY: caller's contract: a live table frame and index < 512.
+        unsafe { core::ptr::write_volatile(entry_ptr(table, index), value) }
+    }
+
+    unsafe fn compare_exchange_entry(
+        &mut self,
+        table: PhysAddr,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<(), u64> {
+        // SAFETY: caller's contract: a live, 8-byte aligned entry; the
+        // hardware walker updates AF/AP[2] with atomic accesses too, so an
+        // AtomicU64 view of the entry is the right model.
+        let atom = unsafe { AtomicU64::from_ptr(entry_ptr(table, index)) };
+        atom.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+            .map(drop)
+    }
+
+    unsafe fn adjust_valid(
+        &mut self,
+        table: PhysAddr,
+        delta: i32,
+    ) -> Result<u32, TableMemoryError> {
+        FRAMES
+            .with(|fa| {
+                let t = fa
+                    .page_array()
+                    .page_table(table.pfn())
+                    .map_err(|_| TableMemoryError::NotATable { table })?;
+                let count = match delta {
+                    0 => Ok(t.valid()),
+                    d if d > 0 => t.desc().add_valid(d as u32),
+                    d => t.desc().sub_valid(d.unsigned_abs()),
+                };
+                count.map_err(|_| TableMemoryError::CountOutOfRange { table })
+            })
+            .map_err(frames_unavailable)?
+    }
+}
+
+impl TranslationHw for IdentityTables {
+    fn tlbi_va(&mut self, va: VirtAddr, scope: TlbiScope) {
+        self.tlb.tlbi_va(va, scope)
+    }
+    fn tlbi_va_range(&mut self, va: VirtAddr, len: u64, scope: TlbiScope) {
+        self.tlb.tlbi_va_range(va, len, scope)
+    }
+    fn tlbi_all(&mut self) {
+        self.tlb.tlbi_all()
+    }
+    fn dsb_ishst(&mut self) {
+        self.tlb.dsb_ishst()
+    }
+    fn dsb_ish(&mut self) {
+        self.tlb.dsb_ish()
+    }
+    fn isb(&mut self) {
+        self.tlb.isb()
+    }
+}
+
+/// Checks that `va` is mapped at itself with `want`'s permissions.
+fn check_identity(
+    s1: &Stage1<IdentityTables>,
+    va: u64,
+    want: Attributes,
+) -> Result<(), MemoryError> {
+    let page = va & !(PAGE_SIZE - 1);
+    match s1.query(VirtAddr(page)) {
+        Ok(t) if t.output == PhysAddr(page) && t.attributes == want => Ok(()),
+        _ => Err(MemoryError::NotMappedForUse { va: page }),
+    }
+}
+
+fn check_span(
+    s1: &Stage1<IdentityTables>,
+    s: crate::image::Span,
+    want: Attributes,
+) -> Result<(), MemoryError> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    check_identity(s1, s.start, want)?;
+    check_identity(s1, s.end - 1, want)
+}
+
+/// Turns the MMU on with `s1`'s tree after checking that it maps, at their
+/// own addresses and with the permissions they are used with, the image's
+/// text, rodata and data, every core's stacks, the page array and the
+/// console; then marks the tree live. Must run once, on the boot core,
+/// with the MMU still off.
+pub fn enable_mmu(s1: &mut Stage1<IdentityTables>, probe: &Probe) -> Result<(), MemoryError> {
+    if crate::mmu::enabled() {
+        return Err(MemoryError::AlreadyInitialised);
+    }
+    check_span(s1, crate::image::text(), Attributes::TEXT)?;
+    check_span(s1, crate::image::rodata(), Attributes::RODATA)?;
+    check_span(s1, crate::image::data(), Attributes::DATA)?;
+    for cpu in 0..crate::percpu::MAX_CPUS {
+        if let Some([main, _, exception, _]) = crate::image::cpu_stacks(cpu) {
+            check_span(s1, main, Attributes::DATA)?;
+            check_span(s1, exception, Attributes::DATA)?;
+        }
+    }
+    let pa = crate::image::Span {
+        start: PAGE_ARRAY_SPAN[0].load(Ordering::Relaxed),
+        end: PAGE_ARRAY_SPAN[1].load(Ordering::Relaxed),
+    };
+    check_span(s1, pa, Attributes::DATA)?;
+    check_identity(s1, crate::board::CURRENT.uart_base, Attributes::DEVICE)?;
+    let root = s1.root();
+    let va_size: VaSize = s1.va_size();
+    s1.set_live();
+    // SAFETY: checked above: the tree maps the running text executable,
+    // rodata, data, both stacks, the page array and the console at their
+    // physical addresses with the permissions the code needs; the rest of
+    // RAM (table and descriptor frames) is the firmware's identity linear
+    // map. We are on the boot path with the MMU off (checked above).
+    unsafe { crate::mmu::enable(root.0, va_size, probe) };
+    Ok(())
+}
+
+/// Start of the scratch window: virtual addresses at or above it (up to
+/// 2^48) are never part of the identity map, since RAM must lie below it
+/// ([`init_frames`] refuses RAM that does not). No Rust object lives there,
+/// so whatever a caller maps there is memory it only touches through
+/// [`scratch_read_u64`] and [`scratch_write_u64`].
+pub const SCRATCH_BASE: u64 = 0x40_0000_0000;
+const SCRATCH_END: u64 = 1 << 48;
+
+/// Why a scratch access did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScratchError {
+    /// The address is not an aligned word inside the scratch window.
+    OutsideWindow {
+        /// The address given.
+        va: u64,
+    },
+    /// The access faulted (not mapped, or not writable).
+    Fault(CaughtFault),
+}
+
+fn scratch_check(va: u64) -> Result<(), ScratchError> {
+    if !(SCRATCH_BASE..SCRATCH_END).contains(&va) || !va.is_multiple_of(8) {
+        return Err(ScratchError::OutsideWindow { va });
+    }
+    Ok(())
+}
+
+/// Reads the word at `va` in the scratch window, or returns the fault the
+/// read took (logged in one line: expected, as when another core unmaps
+/// the page meanwhile).
+pub fn scratch_read_u64(va: u64) -> Result<u64, ScratchError> {
+    scratch_check(va)?;
+    // SAFETY: `va` is an aligned word of the scratch window, where no Rust
+    // object lives (RAM is mapped only below SCRATCH_BASE), so the read
+    // aliases no reference; a fault comes back as an error.
+    unsafe { crate::exception::probe_read_u64_silent(va) }.map_err(ScratchError::Fault)
+}
+
+/// Writes the word at `va` in the scratch window, or returns the fault the
+/// write took.
+pub fn scratch_write_u64(va: u64, value: u64) -> Result<(), ScratchError> {
+    scratch_check(va)?;
+    // SAFETY: as in scratch_read_u64: no Rust object lives in the window,
+    // so the write corrupts none; a fault comes back as an error.
+    unsafe { crate::exception::probe_write_u64_silent(va, value) }.map_err(ScratchError::Fault)
+}
+
+/// Maps `[base, base + size)`, rounded out to pages, at its physical address
+/// as Device-nGnRE execute-never memory in [`STAGE1`] (device windows found
+/// after boot, such as the GIC's).
+pub fn map_device(base: u64, size: u64) -> Result<(), WithError<Stage1Error>> {
+    let start = base & !(PAGE_SIZE - 1);
+    let end = base
+        .checked_add(size)
+        .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+        .ok_or(WithError::Op(Stage1Error::PaOutOfRange { pa: base }))?;
+    STAGE1.try_with(|s1| {
+        s1.map(
+            VirtAddr(start),
+            PhysAddr(start),
+            end - start,
+            Attributes::DEVICE,
+        )
+    })
+}
+
+/// Why [`init_interrupts`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GicInitError {
+    /// A register window overlaps RAM the page array describes.
+    WindowInRam {
+        /// The window's base.
+        base: u64,
+    },
+    /// Mapping a register window failed.
+    Map(WithError<Stage1Error>),
+    /// The GIC refused.
+    Irq(crate::irq::IrqError),
+}
+
+/// Maps `desc`'s register windows Device-nGnRE at their physical addresses
+/// and brings the GIC up ([`crate::irq::init`]). A window that overlaps RAM
+/// is refused (a device tree that says so is wrong, and the writes would
+/// land in memory the firmware uses).
+pub fn init_interrupts(
+    desc: &crate::irq::GicDescription,
+) -> Result<crate::irq::GicVersion, GicInitError> {
+    for r in desc.regions() {
+        let first = r.base / PAGE_SIZE;
+        let last = r.base.saturating_add(r.size.max(1) - 1) / PAGE_SIZE;
+        let in_ram = FRAMES
+            .with(|fa| (first..=last).any(|pfn| fa.page_array().contains(Pfn(pfn))))
+            .map_err(|e| GicInitError::Map(WithError::Global(e)))?;
+        if in_ram {
+            return Err(GicInitError::WindowInRam { base: r.base });
+        }
+        map_device(r.base, r.size).map_err(GicInitError::Map)?;
+    }
+    // SAFETY: every window was just mapped Device-nGnRE at its physical
+    // address and lies outside RAM; nothing but hal::irq touches the GIC
+    // (a second init is refused by it with AlreadyInitialised).
+    unsafe { crate::irq::init(desc) }.map_err(GicInitError::Irq)
+}
+
+/// Checks the RAM the device tree claims against the machine: each range's
+/// top is read under a fault guard, and a range whose top does not answer
+/// is cut to its backed prefix (or dropped); `report(range, backed)` is
+/// called for each range cut. The tree is checked against the board first
+/// (so no range covers a device window), and this runs before anything is
+/// placed in RAM.
+pub fn clamp_ram_to_backed(
+    p: &mut Platform<'_>,
+    mut report: impl FnMut(crate::dtb::Region, u64),
+) -> Result<(), crate::dtb::DtbError> {
+    p.check(&crate::board::CURRENT)?;
+    let mut i = 0;
+    while let Some(&r) = p.memory.as_slice().get(i) {
+        let backed = crate::memprobe::backed_prefix(r, |addr| {
+            // SAFETY: `addr` is an aligned word inside a RAM range of the
+            // device tree, which the board check above proved clear of
+            // every device window and virtio transport, so reading it has
+            // no side effect. It is one load, done before any other core
+            // runs: it cannot race a writer, and a word of the image, a
+            // stack or the DTB is only looked at, never changed.
+            unsafe { crate::exception::probe_read_u64_quiet(addr) }.is_ok()
+        });
+        if backed < r.size {
+            report(r, backed);
+            p.memory.shrink(i, backed);
+            if backed == 0 {
+                continue;
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Why a checked probe did not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeRefused {
+    /// The address is mapped with the permission the probe would use, so
+    /// the access would not fault and could corrupt what lives there.
+    WouldSucceed {
+        /// The address given.
+        va: u64,
+    },
+    /// The address is not 8-byte aligned.
+    Unaligned {
+        /// The address given.
+        va: u64,
+    },
+    /// [`STAGE1`] was not usable.
+    Global(GlobalError),
+}
+
+/// Writes `value` to `va` where [`STAGE1`] says no write can succeed (not
+/// mapped, or mapped read-only), and returns the fault it took (logged
+/// with the full report, marked as expected). The tree is held while the
+/// write runs, so no core makes the page writable meanwhile.
+pub fn probe_write_expecting_fault(va: u64, value: u64) -> Result<CaughtFault, ProbeRefused> {
+    if !va.is_multiple_of(8) {
+        return Err(ProbeRefused::Unaligned { va });
+    }
+    STAGE1
+        .with(|s1| {
+            if s1.query(VirtAddr(va)).is_ok_and(|t| t.attributes.write) {
+                return Err(ProbeRefused::WouldSucceed { va });
+            }
+            // SAFETY: the page is unmapped or read-only and stays so while
+            // we hold the tree, so the write faults and changes nothing.
+            match unsafe { crate::exception::probe_write_u64(va, value) } {
+                Err(f) => Ok(f),
+                Ok(()) => Err(ProbeRefused::WouldSucceed { va }),
+            }
+        })
+        .map_err(ProbeRefused::Global)?
+}
+
+/// Calls `va` where [`STAGE1`] says it is not executable, and returns the
+/// instruction abort its first fetch took.
+pub fn probe_call_expecting_fault(va: u64) -> Result<CaughtFault, ProbeRefused> {
+    if !va.is_multiple_of(4) {
+        return Err(ProbeRefused::Unaligned { va });
+    }
+    STAGE1
+        .with(|s1| {
+            if s1.query(VirtAddr(va)).is_ok_and(|t| t.attributes.execute) {
+                return Err(ProbeRefused::WouldSucceed { va });
+            }
+            // SAFETY: the page is not executable (WXN on, execute-never or
+            // unmapped) and stays so while we hold the tree, so the first
+            // fetch faults and nothing runs.
+            match unsafe { crate::exception::probe_call(va) } {
+                Err(f) => Ok(f),
+                Ok(()) => Err(ProbeRefused::WouldSucceed { va }),
+            }
+        })
+        .map_err(ProbeRefused::Global)?
+}
+
+/// Why a folio access did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FolioAccessError {
+    /// The address is not an aligned word.
+    Unaligned {
+        /// The address given.
+        pa: u64,
+    },
+    /// The page array does not say the frame is part of a folio.
+    NotAFolio {
+        /// The address given.
+        pa: u64,
+    },
+    /// [`FRAMES`] was not usable.
+    Global(GlobalError),
+}
+
+fn folio_check(pa: u64) -> Result<(), FolioAccessError> {
+    if !pa.is_multiple_of(8) {
+        return Err(FolioAccessError::Unaligned { pa });
+    }
+    let folio = FRAMES
+        .with(|fa| {
+            fa.page_array()
+                .word(PhysAddr(pa).pfn())
+                .is_ok_and(|w| w.frame_type() == Some(FrameType::Folio))
+        })
+        .map_err(FolioAccessError::Global)?;
+    if folio {
+        Ok(())
+    } else {
+        Err(FolioAccessError::NotAFolio { pa })
+    }
+}
+
+/// Reads the word at physical `pa` through the identity map, if the page
+/// array says its frame belongs to a folio: folios are data handed to
+/// users, which no Rust reference ever points into.
+pub fn folio_read_u64(pa: u64) -> Result<u64, FolioAccessError> {
+    folio_check(pa)?;
+    // SAFETY: an aligned word of a folio frame (checked above), identity
+    // mapped read-write like all RAM; folio memory is only ever accessed
+    // with volatile word accesses like this one, never through references.
+    Ok(unsafe { core::ptr::read_volatile(pa as *const u64) })
+}
+
+/// Writes the word at physical `pa`, as [`folio_read_u64`] reads it.
+pub fn folio_write_u64(pa: u64, value: u64) -> Result<(), FolioAccessError> {
+    folio_check(pa)?;
+    // SAFETY: as in folio_read_u64.
+    unsafe { core::ptr::write_volatile(pa as *mut u64, value) };
+    Ok(())
+}

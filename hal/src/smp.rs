@@ -1,0 +1,363 @@
+//! Secondary cores: how they are started, the path they take to EL1 with
+//! the boot core's MMU configuration, and the service loop they idle in.
+//!
+//! - With PSCI (the device tree's `/psci` conduit, present when the entry
+//!   EL is below it): `CPU_ON` (Arm DEN 0022, PSCI 1.1, 5.6) for MPIDR
+//!   affinity 0 = 1, 2, … until the firmware says `INVALID_PARAMETERS` (no
+//!   such core). A core enters [`secondary entry`](hal_secondary_entry) at the
+//!   entry EL with the MMU off.
+//! - Entered at EL3 there is no PSCI: every core the model starts at the
+//!   image entry (virt with `secure=on`, the Pis' ELF boot) waits in the
+//!   holding pen of `boot.rs`, announcing itself in `HAL_PEN`; the boot core
+//!   writes the entry address into the core's release slot and sends SEV.
+//!   A model that holds its secondaries in reset (i.MX 8M Plus and ZCU102 at
+//!   EL3) has nobody in the pen, which is logged.
+//!
+//! Each core runs at EL1 on its own stacks with guard pages (its slot of
+//! `link/sections.ld`), with its own exception stack (SP_EL1), `TPIDR_EL1`
+//! pointing at its [`crate::percpu::PerCpu`], and MAIR/TCR/TTBR0/SCTLR_EL1
+//! exactly as the boot core programmed them. It then waits for jobs
+//! ([`run_on`]) with WFE, or sleeps in WFI after [`sleep_when_idle`].
+
+use crate::dtb::PsciConduit;
+use crate::percpu::MAX_CPUS;
+use aarch64_cpu::registers::*;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+core::arch::global_asm!(
+    r#"
+.section .text.hal_secondary, "ax"
+// A secondary core, MMU off, at EL3, EL2 or EL1. Its index is MPIDR Aff0
+// (checked below MAX_CPUS by the caller that started it).
+.global hal_secondary_entry
+hal_secondary_entry:
+    mrs     x19, mpidr_el1
+    and     x19, x19, #0xff
+    mrs     x20, CurrentEL
+    ubfx    x20, x20, #2, #2
+    // FP/SIMD untrapped before any Rust code, as on the boot core.
+    cmp     x20, #3
+    b.ne    1f
+    msr     cptr_el3, xzr
+    b       2f
+1:  cmp     x20, #2
+    b.ne    2f
+    mov     x1, #0x33ff
+    msr     cptr_el2, x1
+2:  mov     x1, #(3 << 20)
+    msr     cpacr_el1, x1
+    isb
+    cmp     x20, #1
+    b.eq    5f
+    // EL2 (present at EL3 entry when implemented): EL1 is AArch64 and
+    // reaches the physical counter and timer.
+    cmp     x20, #2
+    b.eq    3f
+    mrs     x1, id_aa64pfr0_el1
+    ubfx    x1, x1, #8, #4
+    cbz     x1, 4f
+3:  mov     x1, #(1 << 31)          // HCR_EL2.RW
+    msr     hcr_el2, x1
+    mov     x1, #3                  // CNTHCTL_EL2.EL1PCTEN | EL1PCEN
+    msr     cnthctl_el2, x1
+    msr     cntvoff_el2, xzr
+4:  movz    x1, #0x0800
+    movk    x1, #0x30d0, lsl #16    // SCTLR_EL1 reset value, MMU off
+    msr     sctlr_el1, x1
+    adr     x2, 5f
+    mov     x1, #0x3c5              // EL1h, DAIF masked
+    cmp     x20, #3
+    b.ne    6f
+    mov     x3, #0x531              // SCR_EL3: NS, RES1 5:4, HCE, RW
+    msr     scr_el3, x3
+    msr     spsr_el3, x1
+    msr     elr_el3, x2
+    isb
+    eret
+6:  msr     spsr_el2, x1
+    msr     elr_el2, x2
+    isb
+    eret
+5:  // EL1. Stacks: slot (index - 1) of __secondary_stacks.
+    adrp    x2, __secondary_stacks
+    add     x2, x2, :lo12:__secondary_stacks
+    sub     x3, x19, #1
+    movz    x4, #{slot_lo}
+    movk    x4, #{slot_hi}, lsl #16
+    madd    x2, x3, x4, x2
+    add     x5, x2, #{main_top}     // main stack top
+    add     x6, x2, x4              // exception stack top (slot end)
+    msr     spsel, #1
+    mov     sp, x6
+    msr     sp_el0, x5
+    msr     spsel, #0
+    adrp    x2, __vectors
+    add     x2, x2, :lo12:__vectors
+    msr     vbar_el1, x2
+    // The boot core's translation regime (cleaned to the PoC before the
+    // start, so these reads with the MMU off see it).
+    adrp    x2, HAL_SMP_MMU
+    add     x2, x2, :lo12:HAL_SMP_MMU
+    ldp     x3, x4, [x2]
+    ldp     x5, x6, [x2, #16]
+    msr     mair_el1, x3
+    msr     tcr_el1, x4
+    msr     ttbr0_el1, x5
+    isb
+    tlbi    vmalle1
+    dsb     nsh
+    ic      iallu
+    dsb     nsh
+    isb
+    msr     sctlr_el1, x6
+    isb
+    mov     x0, x19
+    bl      hal_secondary_main
+7:  wfi
+    b       7b
+"#,
+    slot_lo = const (crate::image::CPU_STACK_SLOT & 0xffff),
+    slot_hi = const (crate::image::CPU_STACK_SLOT >> 16),
+    main_top = const (4096 + crate::image::CPU_MAIN_STACK),
+);
+
+extern "C" {
+    fn hal_secondary_entry();
+    /// The holding pen (`boot.rs`): `arrived[8]` then `release[8]`.
+    static HAL_PEN: [AtomicU64; 2 * MAX_CPUS];
+}
+
+/// MAIR, TCR, TTBR0 and SCTLR_EL1 of the boot core, for secondaries.
+#[no_mangle]
+static HAL_SMP_MMU: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// Cores that reached Rust code at EL1 (bit per index; the boot core's bit
+/// is set from the start).
+static ONLINE: AtomicU64 = AtomicU64::new(1);
+/// Per core: the job to run (a `fn(usize)` as usize), 0 when none.
+static JOBS: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+/// Per core: jobs finished.
+static DONE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Idle cores sleep in WFI instead of waiting for jobs with WFE.
+static SLEEP: AtomicBool = AtomicBool::new(false);
+
+/// Cleans and invalidates the cache lines of `[start, start + len)` to the
+/// point of coherency, for a core that reads them with its MMU off.
+fn clean_to_poc(start: u64, len: u64) {
+    let mut a = start & !63;
+    while a < start + len {
+        // SAFETY: DC CIVAC of a mapped address only writes back and drops a
+        // cache line; it changes no memory contents.
+        unsafe { core::arch::asm!("dc civac, {0}", in(reg) a, options(nostack, preserves_flags)) };
+        a += 64;
+    }
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
+}
+
+fn pen() -> &'static [AtomicU64; 2 * MAX_CPUS] {
+    // SAFETY: HAL_PEN is 16 naturally aligned u64 in .data (boot.rs),
+    // written by parked cores with plain stores and by us atomically; it
+    // lives forever.
+    unsafe { &HAL_PEN }
+}
+
+/// How one secondary fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
+pub enum CoreStart {
+    /// Not tried (index 0, or beyond the cores the machine has).
+    Absent,
+    /// Came up and runs the service loop.
+    Online,
+    /// PSCI refused CPU_ON with this error code.
+    PsciError(i64),
+    /// Started, but did not reach EL1 within the timeout.
+    Timeout,
+}
+
+/// What [`start_secondaries`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
+pub struct SmpReport {
+    /// How the cores were started.
+    pub method: StartMethod,
+    /// Per core index.
+    pub cores: [CoreStart; MAX_CPUS],
+    /// Cores online, the boot core included.
+    pub online: u32,
+}
+
+/// How secondaries were started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
+pub enum StartMethod {
+    /// PSCI CPU_ON over HVC.
+    PsciHvc,
+    /// PSCI CPU_ON over SMC.
+    PsciSmc,
+    /// Released from the holding pen (entered at EL3, no PSCI).
+    HoldingPen,
+    /// No way to start them here: they stay off (or parked).
+    None,
+}
+
+const START_TIMEOUT_US: u64 = 1_000_000;
+
+fn wait_online(index: usize) -> bool {
+    let t0 = crate::timer::uptime_us();
+    while ONLINE.load(Ordering::Acquire) & (1 << index) == 0 {
+        if crate::timer::uptime_us() - t0 > START_TIMEOUT_US {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+fn psci_code(e: smccc::psci::Error) -> i64 {
+    i64::from(e)
+}
+
+/// Starts every secondary core the machine has, by PSCI where the device
+/// tree names a conduit, else from the holding pen when entered at EL3.
+/// Call once, on the boot core, after the MMU is on. A core that fails
+/// (PSCI error, timeout) is reported and the others carry on.
+pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
+    let mut report = SmpReport {
+        method: StartMethod::None,
+        cores: [CoreStart::Absent; MAX_CPUS],
+        online: 1,
+    };
+    if ONLINE.load(Ordering::Acquire) != 1 || crate::percpu::index() != 0 {
+        report.online = ONLINE.load(Ordering::Acquire).count_ones();
+        return report;
+    }
+    report.cores[0] = CoreStart::Online;
+    HAL_SMP_MMU[0].store(MAIR_EL1.get(), Ordering::Relaxed);
+    HAL_SMP_MMU[1].store(TCR_EL1.get(), Ordering::Relaxed);
+    HAL_SMP_MMU[2].store(TTBR0_EL1.get(), Ordering::Relaxed);
+    HAL_SMP_MMU[3].store(SCTLR_EL1.get(), Ordering::Relaxed);
+    clean_to_poc(HAL_SMP_MMU.as_ptr() as u64, 32);
+    let entry = hal_secondary_entry as *const () as u64;
+    let boot_aff = MPIDR_EL1.get() & 0xff_00ff_ff00;
+    let entry_el = crate::boot::entry_el();
+    match (psci, entry_el) {
+        (Some(conduit), el) if el < 3 => {
+            report.method = match conduit {
+                PsciConduit::Hvc => StartMethod::PsciHvc,
+                PsciConduit::Smc => StartMethod::PsciSmc,
+            };
+            for (i, slot) in report.cores.iter_mut().enumerate().skip(1) {
+                let mpidr = boot_aff | i as u64;
+                let r = match conduit {
+                    PsciConduit::Hvc => smccc::psci::cpu_on::<smccc::Hvc>(mpidr, entry, i as u64),
+                    PsciConduit::Smc => smccc::psci::cpu_on::<smccc::Smc>(mpidr, entry, i as u64),
+                };
+                *slot = match r {
+                    Ok(()) if wait_online(i) => CoreStart::Online,
+                    Ok(()) => CoreStart::Timeout,
+                    // No core with this MPIDR: the machine has no more.
+                    Err(smccc::psci::Error::InvalidParameters) => break,
+                    Err(e) => CoreStart::PsciError(psci_code(e)),
+                };
+            }
+        }
+        (_, 3) => {
+            report.method = StartMethod::HoldingPen;
+            let pen = pen();
+            clean_to_poc(pen.as_ptr() as u64, 16 * 8);
+            for (i, slot) in report.cores.iter_mut().enumerate().skip(1) {
+                if pen[i].load(Ordering::Acquire) == 0 {
+                    continue;
+                }
+                pen[MAX_CPUS + i].store(entry, Ordering::Release);
+                clean_to_poc(pen.as_ptr() as u64, 16 * 8);
+                aarch64_cpu::asm::sev();
+                *slot = if wait_online(i) {
+                    CoreStart::Online
+                } else {
+                    CoreStart::Timeout
+                };
+            }
+        }
+        _ => {}
+    }
+    report.online = ONLINE.load(Ordering::Acquire).count_ones();
+    report
+}
+
+/// Cores online (bit per index).
+pub fn online() -> u64 {
+    ONLINE.load(Ordering::Acquire)
+}
+
+#[no_mangle]
+extern "C" fn hal_secondary_main(index: u64) -> ! {
+    let index = index as usize % MAX_CPUS;
+    crate::percpu::install(index);
+    // Pairs with the Acquire loads in wait_online / online.
+    ONLINE.fetch_or(1 << index, Ordering::Release);
+    service_loop(index)
+}
+
+fn service_loop(index: usize) -> ! {
+    loop {
+        let job = JOBS[index].swap(0, Ordering::Acquire);
+        if job != 0 {
+            // SAFETY: JOBS only ever holds 0 or a `fn(usize)` stored by
+            // `run_on`; function pointers round-trip through usize.
+            let f: fn(usize) = unsafe { core::mem::transmute::<usize, fn(usize)>(job) };
+            f(index);
+            // Pairs with the Acquire load in `wait`.
+            DONE[index].fetch_add(1, Ordering::Release);
+            aarch64_cpu::asm::sev();
+        } else if SLEEP.load(Ordering::Relaxed) {
+            aarch64_cpu::asm::wfi();
+        } else {
+            aarch64_cpu::asm::wfe();
+        }
+    }
+}
+
+/// Why a job could not be posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
+pub enum SmpError {
+    /// The core is not online (or is the caller).
+    NotOnline(usize),
+    /// The core still has a job pending.
+    Busy(usize),
+}
+
+/// Posts `job` to secondary `index`: it runs `job(index)` once, from its
+/// service loop. Returns the count [`wait`] waits for.
+pub fn run_on(index: usize, job: fn(usize)) -> Result<u64, SmpError> {
+    if index == crate::percpu::index() || online() & (1u64 << (index % 64)) == 0 {
+        return Err(SmpError::NotOnline(index));
+    }
+    let done = DONE[index].load(Ordering::Acquire);
+    JOBS[index]
+        .compare_exchange(0, job as usize, Ordering::Release, Ordering::Relaxed)
+        .map_err(|_| SmpError::Busy(index))?;
+    aarch64_cpu::asm::sev();
+    Ok(done + 1)
+}
+
+/// Waits until secondary `index` has finished `ticket` jobs ([`run_on`]'s
+/// result), or `timeout_us` passed; true when it finished.
+pub fn wait(index: usize, ticket: u64, timeout_us: u64) -> bool {
+    let t0 = crate::timer::uptime_us();
+    while DONE
+        .get(index)
+        .is_some_and(|d| d.load(Ordering::Acquire) < ticket)
+    {
+        if crate::timer::uptime_us() - t0 > timeout_us {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// From now on idle secondaries sleep in WFI (they no longer take jobs
+/// without an interrupt to wake them).
+pub fn sleep_when_idle() {
+    SLEEP.store(true, Ordering::Relaxed);
+    aarch64_cpu::asm::sev();
+}
