@@ -9,8 +9,6 @@
 //! against the balloon's PFN arrays), the linter and the TLB footprint; the
 //! host's system test reads that line.
 
-#![deny(unsafe_code)]
-
 use crate::mm::{Frames, BOOT_MAP, FRAMES, STAGE1};
 use core::sync::atomic::{AtomicU64, Ordering};
 use hal::dtb::Platform;
@@ -231,7 +229,7 @@ pub struct Service {
     env: FirmwareEnv,
 }
 
-static SERVICE: crate::mm::Global<Service> = crate::mm::Global::new();
+static SERVICE: hal::global::Global<Service> = hal::global::Global::new();
 
 /// What an allocation through the general path cost the balloon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

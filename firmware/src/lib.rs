@@ -4,8 +4,6 @@
 // Every raw memory or register access lives in `hal` behind a safe API.
 #![deny(unsafe_code)]
 
-// Temporary: the balloon driver's DMA and frame accesses move into hal.
-#[allow(unsafe_code)]
 pub mod balloon;
 pub mod demo;
 pub mod interrupts;

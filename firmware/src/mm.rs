@@ -99,7 +99,9 @@ impl From<MemoryError> for MmError {
             MemoryError::Plan(e) => Self::Plan(e),
             MemoryError::Frames(e) => Self::Frames(e),
             MemoryError::Global(e) => e.into(),
-            MemoryError::NotMappedForUse { va } => Self::Stage1(Stage1Error::NotMapped { va }),
+            MemoryError::NotMappedForUse { va } => {
+                Self::Stage1(Stage1Error::NotMapped { va: VirtAddr(va) })
+            }
         }
     }
 }

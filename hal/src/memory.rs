@@ -440,7 +440,9 @@ pub fn map_device(base: u64, size: u64) -> Result<(), WithError<Stage1Error>> {
     let end = base
         .checked_add(size)
         .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
-        .ok_or(WithError::Op(Stage1Error::PaOutOfRange { pa: base }))?;
+        .ok_or(WithError::Op(Stage1Error::PaOutOfRange {
+            pa: memdesc::PhysAddr(base),
+        }))?;
     STAGE1.try_with(|s1| {
         s1.map(
             VirtAddr(start),
@@ -472,7 +474,7 @@ pub enum GicInitError {
 pub fn init_interrupts(
     desc: &crate::irq::GicDescription,
 ) -> Result<crate::irq::GicVersion, GicInitError> {
-    for r in desc.regions() {
+    for r in desc.regions().into_iter().flatten() {
         let first = r.base / PAGE_SIZE;
         let last = r.base.saturating_add(r.size.max(1) - 1) / PAGE_SIZE;
         let in_ram = FRAMES

@@ -218,7 +218,9 @@ fn boot_bench(board: &'static str) -> Result<Vec<bench::Record>> {
 
 fn cmd_bench(which: BenchWhich, board: &'static str, peer: Option<Peer>) -> Result<ExitCode> {
     if peer.is_some() && which != BenchWhich::Balloon {
-        return Err(Error::Usage("--peer linux applies to `cargo qemu bench balloon` only".into()));
+        return Err(Error::Usage(
+            "--peer linux applies to `cargo qemu bench balloon` only".into(),
+        ));
     }
     let records = match which {
         BenchWhich::Memdesc => bench::memdesc::run(),

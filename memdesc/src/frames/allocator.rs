@@ -109,12 +109,7 @@ pub(super) fn publish_folio_words<A: Atomics>(
     // Cannot fail: the descriptor's count was checked 0 when it left its
     // cache, and no `try_get` raises a zero count.
     let _ = d.unfreeze(1);
-    fill(
-        pa,
-        idx,
-        order,
-        desc_word(d),
-    );
+    fill(pa, idx, order, desc_word(d));
     FolioRef::counted(d)
 }
 
