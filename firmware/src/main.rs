@@ -11,6 +11,12 @@ hal::entry!(main);
 fn main() -> ! {
     let platform = firmware::init();
     firmware::smp::start(&platform);
+    let bench = platform
+        .bootargs
+        .is_some_and(|a| a.split_ascii_whitespace().any(|w| w == "bench=smp"));
+    if bench {
+        firmware::smp::bench_alloc_free();
+    }
     // Nothing for the secondaries to do in this binary: they idle in WFI.
     hal::smp::sleep_when_idle();
     firmware::selftest::run(platform.bootargs);

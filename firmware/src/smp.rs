@@ -1,6 +1,10 @@
 //! Bringing the secondary cores up (`hal::smp`) and saying how it went.
 
+use crate::mm::FRAMES;
+use core::sync::atomic::{AtomicU64, Ordering};
+use hal::percpu::MAX_CPUS;
 use hal::smp::{CoreStart, SmpReport, StartMethod};
+use memdesc::frames::Owner;
 
 /// Starts every secondary core the machine has and logs, per core, whether
 /// it came up; a core that failed is reported and the others carry on.
@@ -36,4 +40,58 @@ pub fn start(platform: &hal::dtb::Platform<'_>) -> SmpReport {
         how
     );
     r
+}
+
+/// Guest time each core spends in [`bench_alloc_free`].
+const BENCH_US: u64 = 500_000;
+static BENCH_DEADLINE_US: AtomicU64 = AtomicU64::new(0);
+static BENCH_PAIRS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn bench_job(core: usize) {
+    let mut pairs = 0;
+    while hal::timer::uptime_us() < BENCH_DEADLINE_US.load(Ordering::Relaxed) {
+        match FRAMES.try_with(|fa| fa.alloc_folio(0, Owner::Buddy)) {
+            Ok(f) => {
+                if FRAMES.try_with(|fa| fa.put(f).map(drop)).is_err() {
+                    break;
+                }
+                pairs += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    BENCH_PAIRS[core].store(pairs, Ordering::Release);
+}
+
+/// The on-target half of `cargo qemu bench smp`: every online core
+/// allocates and frees order-0 folios for the same half second of guest
+/// time; logs `smp bench: N cores, P order-0 alloc+free pairs in T ns`.
+/// Run before [`hal::smp::sleep_when_idle`].
+pub fn bench_alloc_free() {
+    let online = hal::smp::online();
+    let t0 = hal::timer::ticks();
+    BENCH_DEADLINE_US.store(hal::timer::uptime_us() + BENCH_US, Ordering::Relaxed);
+    let mut tickets = [0u64; MAX_CPUS];
+    for (i, t) in tickets.iter_mut().enumerate().skip(1) {
+        if online & (1 << i) != 0 {
+            *t = hal::smp::run_on(i, bench_job).unwrap_or(0);
+        }
+    }
+    bench_job(0);
+    let mut cores = 1u32;
+    let mut pairs = BENCH_PAIRS[0].load(Ordering::Acquire);
+    for (i, &t) in tickets.iter().enumerate().skip(1) {
+        if t != 0 && hal::smp::wait(i, t, 10_000_000) {
+            cores += 1;
+            pairs += BENCH_PAIRS[i].load(Ordering::Acquire);
+        }
+    }
+    let ns = hal::timer::ticks_to_ns(hal::timer::ticks() - t0);
+    defmt::info!(
+        "smp bench: {=u32} cores, {=u64} order-0 alloc+free pairs in {=u64} ns (FRAMES lock waited {=u64} times)",
+        cores,
+        pairs,
+        ns,
+        FRAMES.contended()
+    );
 }

@@ -224,7 +224,13 @@ fn cmd_bench(which: BenchWhich, board: &'static str, peer: Option<Peer>) -> Resu
     }
     let records = match which {
         BenchWhich::Memdesc => bench::memdesc::run(),
-        BenchWhich::Smp => bench::smp::run(),
+        BenchWhich::Smp => {
+            let mut r = bench::smp::run();
+            setup::ensure_qemu().map_err(Error::Setup)?;
+            let elf = cargo::build_firmware("virt").map_err(Error::Build)?;
+            r.extend(bench::smp_target::run(&elf).map_err(Error::Bench)?);
+            r
+        }
         BenchWhich::Translation => bench::translation::run(),
         BenchWhich::Boot => boot_bench(board)?,
         BenchWhich::Balloon => {

@@ -7,6 +7,7 @@ pub mod balloon;
 pub mod boot;
 pub mod memdesc;
 pub mod smp;
+pub mod smp_target;
 pub mod translation;
 
 use serde::Serialize;
