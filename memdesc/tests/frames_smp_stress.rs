@@ -9,9 +9,9 @@
 
 use core::ptr::NonNull;
 use memdesc::frames::*;
-use memdesc::sync::{CpuId, FixedCpu};
+use memdesc::sync::{CpuId, FixedCpu, LockAtomics};
 use memdesc::Pfn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 struct Leak;
@@ -22,8 +22,29 @@ unsafe impl DescMemory for Leak {
     }
 }
 
+/// `core::sync::atomic` as shipped, except that a lock waiter yields to the
+/// OS scheduler: host threads, unlike firmware CPUs, get preempted, and a
+/// ticket lock's FIFO handover behind a preempted thread would spin away
+/// whole time slices on a loaded machine.
+struct HostAtomics;
+impl Atomics for HostAtomics {
+    type U32 = AtomicU32;
+    type U64 = AtomicU64;
+    fn fence(order: Ordering) {
+        std::sync::atomic::fence(order)
+    }
+}
+impl LockAtomics for HostAtomics {
+    type U32 = AtomicU32;
+    type U64 = AtomicU64;
+    fn relax() {
+        std::thread::yield_now()
+    }
+}
+
+type FolioRef = memdesc::frames::FolioRef<HostAtomics>;
 const CPUS: usize = 4;
-type Smp = SmpFrameAllocator<'static, Leak, CoreAtomics, CPUS>;
+type Smp = SmpFrameAllocator<'static, Leak, HostAtomics, CPUS>;
 
 const BASE: u64 = 0x8_0000;
 const FRAMES: u64 = 4096;
@@ -61,7 +82,8 @@ fn new_smp() -> Smp {
     let ranges = [PfnRange::new(Pfn(BASE), Pfn(BASE + FRAMES))];
     let n = words_needed(&ranges).unwrap() as usize;
     let storage: &'static mut [AtomicU64] = Box::leak((0..n).map(|_| AtomicU64::new(0)).collect());
-    let pa: &'static PageArray = Box::leak(Box::new(PageArray::new(storage, &ranges).unwrap()));
+    let pa: &'static PageArray<'static, HostAtomics> =
+        Box::leak(Box::new(PageArray::new(storage, &ranges).unwrap()));
     SmpFrameAllocator::new(FrameAllocator::new(pa, Leak, &[]).unwrap())
 }
 
