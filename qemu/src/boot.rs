@@ -248,11 +248,14 @@ pub fn boot(
         }
     };
     let mut target = QemuTarget { child, stop };
-    let (ending, lines, stderr) = session(
+    let link = ConsoleLink {
         rx,
         tx,
-        console,
-        Some(stderr_pipe),
+        console_protocol: console,
+        stderr: Some(stderr_pipe),
+    };
+    let (ending, lines, stderr) = session(
+        link,
         decoder,
         opts,
         deadline,
@@ -317,6 +320,18 @@ impl Target for QemuTarget {
     }
 }
 
+/// The two directions of a console and what else a [`session`] reads.
+pub struct ConsoleLink {
+    /// Bytes from the board (the defmt stream, maybe with console frames).
+    pub rx: Box<dyn Read + Send>,
+    /// Bytes to the board; `None` when nothing may be sent.
+    pub tx: Option<Box<dyn Write + Send>>,
+    /// Whether the stream carries semihosting-over-the-console frames.
+    pub console_protocol: bool,
+    /// QEMU's stderr, kept for the report.
+    pub stderr: Option<std::process::ChildStderr>,
+}
+
 /// One run on a board's console, whatever carries it (QEMU's stdio, a
 /// pty, a socket, a USB-serial adapter): decodes the defmt stream from
 /// `rx`, answers console-protocol requests on `tx` when
@@ -324,17 +339,19 @@ impl Target for QemuTarget {
 /// line or at `deadline` by ending the `target`; when the console closes
 /// by itself, the target says how the run ended. Returns the ending, the
 /// log lines and what `stderr` (QEMU's) held.
-#[allow(clippy::too_many_arguments)]
 pub fn session(
-    rx: Box<dyn Read + Send>,
-    mut tx: Option<Box<dyn Write + Send>>,
-    console_protocol: bool,
-    stderr: Option<std::process::ChildStderr>,
+    link: ConsoleLink,
     decoder: &Decoder,
     opts: &BootOptions<'_>,
     deadline: Instant,
     target: &mut dyn Target,
 ) -> (Ending, Vec<LogLine>, String) {
+    let ConsoleLink {
+        rx,
+        mut tx,
+        console_protocol,
+        stderr,
+    } = link;
     let cmdline = opts.semihosting_args.join(" ");
     std::thread::scope(|scope| {
         let (tx_ev, rx_ev) = mpsc::channel::<Event>();
@@ -490,11 +507,14 @@ pub fn boot_board(
     let mut target = BoardTarget {
         stop: port.stop.clone(),
     };
+    let link = ConsoleLink {
+        rx: Box::new(port.rx),
+        tx: Some(port.tx),
+        console_protocol: true,
+        stderr: None,
+    };
     let (ending, lines, stderr) = session(
-        Box::new(port.rx),
-        Some(port.tx),
-        true,
-        None,
+        link,
         decoder,
         opts,
         deadline,
