@@ -254,13 +254,7 @@ pub fn boot(
         console_protocol: console,
         stderr: Some(stderr_pipe),
     };
-    let (ending, lines, stderr) = session(
-        link,
-        decoder,
-        opts,
-        deadline,
-        &mut target,
-    );
+    let (ending, lines, stderr) = session(link, decoder, opts, deadline, &mut target);
     if let Some(s) = &target.stop {
         s.store(true, Ordering::Relaxed);
     }
@@ -513,13 +507,7 @@ pub fn boot_board(
         console_protocol: true,
         stderr: None,
     };
-    let (ending, lines, stderr) = session(
-        link,
-        decoder,
-        opts,
-        deadline,
-        &mut target,
-    );
+    let (ending, lines, stderr) = session(link, decoder, opts, deadline, &mut target);
     target.end();
     Ok(Boot {
         ending,
