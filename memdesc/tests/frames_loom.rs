@@ -18,96 +18,17 @@
 //!   `page_table` lookup (the `publish_frozen` fence).
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
-use core::ptr::NonNull;
-use loom::sync::atomic::Ordering;
+mod common;
+
+use common::leak::Leak;
+use common::loom_atomics::{LoomAtomics, LoomU64};
+use common::seen::Seen;
 use loom::sync::{Arc, Mutex};
 use memdesc::frames::*;
 use memdesc::Pfn;
 
-macro_rules! loom_cell {
-    ($name:ident, $atomic:ty, $int:ty) => {
-        struct $name($atomic);
-        impl AtomicCell<$int> for $name {
-            fn new(v: $int) -> Self {
-                Self(<$atomic>::new(v))
-            }
-            fn load(&self, o: Ordering) -> $int {
-                self.0.load(o)
-            }
-            fn store(&self, v: $int, o: Ordering) {
-                self.0.store(v, o)
-            }
-            fn compare_exchange(
-                &self,
-                c: $int,
-                n: $int,
-                s: Ordering,
-                f: Ordering,
-            ) -> Result<$int, $int> {
-                self.0.compare_exchange(c, n, s, f)
-            }
-            fn fetch_add(&self, v: $int, o: Ordering) -> $int {
-                self.0.fetch_add(v, o)
-            }
-            fn fetch_sub(&self, v: $int, o: Ordering) -> $int {
-                self.0.fetch_sub(v, o)
-            }
-            fn fetch_or(&self, v: $int, o: Ordering) -> $int {
-                self.0.fetch_or(v, o)
-            }
-            fn fetch_and(&self, v: $int, o: Ordering) -> $int {
-                self.0.fetch_and(v, o)
-            }
-        }
-    };
-}
-loom_cell!(LoomU32, loom::sync::atomic::AtomicU32, u32);
-loom_cell!(LoomU64, loom::sync::atomic::AtomicU64, u64);
-
-struct LoomAtomics;
-impl Atomics for LoomAtomics {
-    type U32 = LoomU32;
-    type U64 = LoomU64;
-    fn fence(order: Ordering) {
-        loom::sync::atomic::fence(order)
-    }
-}
-
-struct Leak;
-// SAFETY: every chunk is a fresh, leaked, page-aligned box.
-unsafe impl DescMemory for Leak {
-    fn chunk(&mut self) -> Option<NonNull<u8>> {
-        Some(NonNull::from(Box::leak(Box::new(DescChunk::ZERO))).cast())
-    }
-}
-
 type Alloc = FrameAllocator<'static, Leak, LoomAtomics>;
 type Shared = Arc<Mutex<Alloc>>;
-
-/// Outcome counters of one model, summed over all its interleavings.
-struct Seen<const N: usize>([std::sync::atomic::AtomicUsize; N]);
-
-impl<const N: usize> Seen<N> {
-    const fn new() -> Self {
-        Self([const { std::sync::atomic::AtomicUsize::new(0) }; N])
-    }
-    fn hit(&self, i: usize) {
-        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    /// Every outcome must have been reached, or the model proves nothing.
-    fn assert_all(&self, names: &str) {
-        let v: Vec<usize> = self
-            .0
-            .iter()
-            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            .collect();
-        eprintln!("loom outcomes [{names}]: {v:?}");
-        assert!(
-            v.iter().all(|&n| n > 0),
-            "unexplored outcome [{names}]: {v:?}"
-        );
-    }
-}
 
 /// A loom model run: exhaustive unless `bound` limits preemptions.
 fn model(bound: Option<usize>, f: impl Fn() + Sync + Send + 'static) {

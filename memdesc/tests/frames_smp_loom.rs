@@ -18,50 +18,20 @@
 
 mod common;
 
+use common::leak::Leak;
 use common::loom_atomics::{LoomAtomics, LoomU64};
+use common::seen::Seen;
 use core::num::NonZeroU32;
-use core::ptr::NonNull;
 use loom::sync::Arc;
 use memdesc::frames::*;
 use memdesc::sync::{CpuId, FixedCpu};
 use memdesc::Pfn;
-
-struct Leak;
-// SAFETY: every chunk is a fresh, leaked, page-aligned box.
-unsafe impl DescMemory for Leak {
-    fn chunk(&mut self) -> Option<NonNull<u8>> {
-        Some(NonNull::from(Box::leak(Box::new(DescChunk::ZERO))).cast())
-    }
-}
 
 type Smp = SmpFrameAllocator<'static, Leak, LoomAtomics, 2>;
 
 const BASE: u64 = 0x10;
 const CPU0: FixedCpu = FixedCpu::new(0);
 const CPU1: FixedCpu = FixedCpu::new(1);
-
-/// Outcome counters summed over all interleavings of one model.
-struct Seen<const N: usize>([std::sync::atomic::AtomicUsize; N]);
-impl<const N: usize> Seen<N> {
-    const fn new() -> Self {
-        Self([const { std::sync::atomic::AtomicUsize::new(0) }; N])
-    }
-    fn hit(&self, i: usize) {
-        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    fn assert_all(&self, names: &str) {
-        let v: Vec<usize> = self
-            .0
-            .iter()
-            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            .collect();
-        eprintln!("loom outcomes [{names}]: {v:?}");
-        assert!(
-            v.iter().all(|&n| n > 0),
-            "unexplored outcome [{names}]: {v:?}"
-        );
-    }
-}
 
 /// Exhaustive: no preemption bound.
 fn model(f: impl Fn() + Sync + Send + 'static) {

@@ -18,6 +18,7 @@ use memdesc::sync::{CpuId, FixedCpu, LockError, SpinLock};
 
 mod common;
 use common::loom_atomics::LoomAtomics;
+use common::seen::Seen;
 
 /// The protected data: a loom cell, so unsynchronised access is a race.
 struct Data(UnsafeCell<u32>);
@@ -32,29 +33,6 @@ impl Data {
 }
 
 type Lock = SpinLock<Data, LoomAtomics>;
-
-/// Outcome counters summed over all interleavings of one model.
-struct Seen<const N: usize>([std::sync::atomic::AtomicUsize; N]);
-impl<const N: usize> Seen<N> {
-    const fn new() -> Self {
-        Self([const { std::sync::atomic::AtomicUsize::new(0) }; N])
-    }
-    fn hit(&self, i: usize) {
-        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    fn assert_all(&self, names: &str) {
-        let v: Vec<usize> = self
-            .0
-            .iter()
-            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            .collect();
-        eprintln!("loom outcomes [{names}]: {v:?}");
-        assert!(
-            v.iter().all(|&n| n > 0),
-            "unexplored outcome [{names}]: {v:?}"
-        );
-    }
-}
 
 fn new_lock() -> Arc<Lock> {
     Arc::new(SpinLock::new(Data(UnsafeCell::new(0))))

@@ -403,20 +403,27 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// folio, not free); returns its section, index, head word (the
     /// original one if the head frame is poisoned) and whether any frame of
     /// it is poisoned.
+    /// The section of `pfn` when `order` is valid and `pfn` is aligned to
+    /// it; whether the whole block fits the section is the caller's check.
+    #[inline]
+    pub(crate) fn aligned_section(&self, pfn: Pfn, order: u8) -> Result<Section, FrameError> {
+        check_order(order)?;
+        if pfn.0 & ((1u64 << order) - 1) != 0 {
+            return Err(FrameError::Misaligned { pfn, order });
+        }
+        self.pa
+            .section_of(pfn.0)
+            .copied()
+            .ok_or(FrameError::NotManaged { pfn })
+    }
+
     #[inline]
     pub(crate) fn check_allocation(
         &self,
         pfn: Pfn,
         order: u8,
     ) -> Result<(Section, usize, Word, bool), FrameError> {
-        check_order(order)?;
-        if pfn.0 & ((1u64 << order) - 1) != 0 {
-            return Err(FrameError::Misaligned { pfn, order });
-        }
-        let sec = *self
-            .pa
-            .section_of(pfn.0)
-            .ok_or(FrameError::NotManaged { pfn })?;
+        let sec = self.aligned_section(pfn, order)?;
         if !sec.holds_block(pfn.0, order) {
             return Err(FrameError::NotAllocation { pfn });
         }

@@ -2,7 +2,7 @@
 //! `alloc_frozen_at`), reserved ranges (`reserve`, `unreserve`) and the
 //! range checks and block surgery they share.
 
-use super::allocator::{check_order, FrameAllocator};
+use super::allocator::FrameAllocator;
 use super::atomics::Atomics;
 use super::desc_cache::DescMemory;
 use super::error::FrameError;
@@ -178,14 +178,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
 
     /// Checks that `[pfn, pfn + 2^order)` lies in one free block.
     fn check_free_range(&self, pfn: Pfn, order: u8) -> Result<(Section, usize), FrameError> {
-        check_order(order)?;
-        if pfn.0 & ((1u64 << order) - 1) != 0 {
-            return Err(FrameError::Misaligned { pfn, order });
-        }
-        let sec = *self
-            .pa
-            .section_of(pfn.0)
-            .ok_or(FrameError::NotManaged { pfn })?;
+        let sec = self.aligned_section(pfn, order)?;
         if !sec.holds_block(pfn.0, order) {
             return Err(FrameError::NotManaged { pfn: Pfn(sec.end) });
         }

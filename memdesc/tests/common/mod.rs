@@ -1,3 +1,5 @@
 //! Helpers shared by the integration tests.
 
+pub mod leak;
 pub mod loom_atomics;
+pub mod seen;
