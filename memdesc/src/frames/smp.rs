@@ -394,19 +394,26 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
     ) -> Result<Released<A>, SmpError> {
         let d = last.desc;
         let (head, order) = (d.head(), d.order());
-        if d.owner() == Owner::Buddy && order <= HOT_MAX_ORDER && d.flags() & FOLIO_HWPOISON == 0 {
+        if d.owner() == Owner::Buddy && order <= HOT_MAX_ORDER {
             if let Some(idx) = self.pa.index_of(head) {
-                // We hold the last reference: the words are ours to read.
-                let expect = desc_word(d);
-                if self.pa.load_relaxed(idx) == expect {
-                    match self.slot(cpu)?.lock(cpu) {
-                        Ok(mut pcp) => {
+                match self.slot(cpu)?.lock(cpu) {
+                    Ok(mut pcp) => {
+                        // Checked under this CPU's cache lock: poisoning
+                        // runs under every cache lock (`with_exact`), so
+                        // between this check and the stores of
+                        // `free_cached` no frame of the folio can become
+                        // HwPoison (checked before the lock, a tail frame
+                        // poisoned meanwhile would be overwritten as Free).
+                        // We hold the last reference: the words are ours.
+                        if d.flags() & FOLIO_HWPOISON == 0
+                            && self.pa.load_relaxed(idx) == desc_word(d)
+                        {
                             self.free_cached(cpu, &mut pcp, d, idx, order)?;
                             return Ok(Released::Freed { pfn: head, order });
                         }
-                        Err(LockError::Reentrant { .. }) => {}
-                        Err(e) => return Err(e.into()),
                     }
+                    Err(LockError::Reentrant { .. }) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
