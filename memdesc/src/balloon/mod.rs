@@ -5,7 +5,7 @@
 //!
 //! - [`BalloonDevice`] ([`device`]): what the policy needs from the device;
 //!   the hal implements it over virtio-mmio, tests with a recording fake.
-//! - [`BalloonEnv`] ([`env`]): what it needs from the firmware: the frame
+//! - [`BalloonEnv`] ([`env`](mod@env)): what it needs from the firmware: the frame
 //!   allocator, unmap/map/refold of its own stage-1 map, frame memory.
 //! - [`Balloon`] ([`policy`]): inflate/deflate towards `num_pages`, chunk
 //!   preference, `actual`, stats, deflate-on-OOM, the floor, bad-device

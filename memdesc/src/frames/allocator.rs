@@ -183,7 +183,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     }
 
     /// The descriptor memory this allocator was built with (it says how a
-    /// frame is reached, e.g. [`LinearMap`]'s offset).
+    /// frame is reached, e.g. [`LinearMap`](super::LinearMap)'s offset).
     #[inline]
     pub fn desc_memory(&self) -> &M {
         &self.mem

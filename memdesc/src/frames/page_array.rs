@@ -191,7 +191,7 @@ impl<'a, A: Atomics> PageArray<'a, A> {
     /// [`words_needed`] words) and marks every frame
     /// [`Reserved`](super::FrameType::Reserved). Ranges may come in any order
     /// and must not overlap; empty ones are ignored, adjacent ones merged.
-    /// Every PFN must be below [`PFN_LIMIT`](super::PFN_LIMIT).
+    /// Every PFN must be below [`PFN_LIMIT`].
     ///
     /// # Errors
     ///

@@ -2,7 +2,7 @@
 //! blocks and folio descriptors in front of the buddy, which sits behind a
 //! [`SpinLock`] (docs/architecture.md, "Concurrency").
 //!
-//! - Each CPU has a [`HotCache`] of free blocks of orders
+//! - Each CPU has a cache of free blocks of orders
 //!   `0..=`[`HOT_MAX_ORDER`] and a stash of free folio descriptors, behind
 //!   its own lock, which only that CPU takes on the fast path (so it is
 //!   uncontended and its cache line stays local). Allocation pops from it;
