@@ -6,6 +6,7 @@
 //! set are dropped, so `init` must run before the first byte. Clocks and the
 //! baud rate are left as the boot loader set them.
 
+use crate::mmio::MmioBlock;
 use tock_registers::{
     interfaces::{ReadWriteable, Readable, Writeable},
     register_bitfields, register_structs,
@@ -57,12 +58,8 @@ register_structs! {
 
 /// A Cadence UART at a fixed MMIO address.
 pub struct CadenceUart {
-    regs: *const Registers,
+    regs: MmioBlock<Registers>,
 }
-
-// SAFETY: MMIO reached only through volatile tock-registers accessors; the
-// console is used with interrupts masked on one core.
-unsafe impl Sync for CadenceUart {}
 
 impl CadenceUart {
     /// # Safety
@@ -70,13 +67,13 @@ impl CadenceUart {
     /// mapped (or the MMU is off) and not driven by anything else.
     pub const unsafe fn new(base: u64) -> Self {
         Self {
-            regs: base as *const Registers,
+            // SAFETY: forwarded from the caller (this function's contract).
+            regs: unsafe { MmioBlock::new(base) },
         }
     }
 
     fn regs(&self) -> &Registers {
-        // SAFETY: `new`'s contract: `regs` points at a live UART block.
-        unsafe { &*self.regs }
+        &self.regs
     }
 
     /// 8N1, normal mode, transmitter and receiver enabled (TXEN first: the

@@ -5,6 +5,7 @@
 //! The boot loader (U-Boot) sets clocks and the baud rate; this driver only
 //! enables the UART, 8-bit words, transmitter and receiver.
 
+use crate::mmio::MmioBlock;
 use tock_registers::{
     interfaces::{ReadWriteable, Readable, Writeable},
     register_bitfields, register_structs,
@@ -70,12 +71,8 @@ register_structs! {
 
 /// An i.MX UART at a fixed MMIO address.
 pub struct ImxUart {
-    regs: *const Registers,
+    regs: MmioBlock<Registers>,
 }
-
-// SAFETY: MMIO reached only through volatile tock-registers accessors; the
-// console is used with interrupts masked on one core.
-unsafe impl Sync for ImxUart {}
 
 impl ImxUart {
     /// # Safety
@@ -83,13 +80,13 @@ impl ImxUart {
     /// mapped (or the MMU is off) and not driven by anything else.
     pub const unsafe fn new(base: u64) -> Self {
         Self {
-            regs: base as *const Registers,
+            // SAFETY: forwarded from the caller (this function's contract).
+            regs: unsafe { MmioBlock::new(base) },
         }
     }
 
     fn regs(&self) -> &Registers {
-        // SAFETY: `new`'s contract: `regs` points at a live UART block.
-        unsafe { &*self.regs }
+        &self.regs
     }
 
     /// UART on, 8-bit words, transmitter and receiver on, RTS ignored.

@@ -44,6 +44,8 @@ pub mod memory;
 #[cfg(hw)]
 pub mod mini_uart;
 #[cfg(hw)]
+pub mod mmio;
+#[cfg(hw)]
 pub mod mmu;
 #[cfg(hw)]
 pub mod percpu;

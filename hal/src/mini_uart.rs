@@ -6,6 +6,7 @@
 //! from the core clock; this driver only enables the block, 8-bit mode and
 //! the transmitter/receiver. The mini-UART has no loopback mode.
 
+use crate::mmio::MmioBlock;
 use tock_registers::{
     interfaces::{ReadWriteable, Readable, Writeable},
     register_bitfields, register_structs,
@@ -60,13 +61,8 @@ register_structs! {
 
 /// The mini-UART of an AUX block at a fixed MMIO address.
 pub struct MiniUart {
-    regs: *const Registers,
+    regs: MmioBlock<Registers>,
 }
-
-// SAFETY: the register block is MMIO reached only through volatile
-// tock-registers accessors; the console is used with interrupts masked on
-// one core, so sharing the handle is sound.
-unsafe impl Sync for MiniUart {}
 
 impl MiniUart {
     /// # Safety
@@ -74,13 +70,13 @@ impl MiniUart {
     /// the MMU is off) and not driven by anything else.
     pub const unsafe fn new(base: u64) -> Self {
         Self {
-            regs: base as *const Registers,
+            // SAFETY: forwarded from the caller (this function's contract).
+            regs: unsafe { MmioBlock::new(base) },
         }
     }
 
     fn regs(&self) -> &Registers {
-        // SAFETY: `new`'s contract: `regs` points at a live AUX block.
-        unsafe { &*self.regs }
+        &self.regs
     }
 
     /// Enables the mini-UART, 8 data bits, transmitter and receiver. The

@@ -4,6 +4,7 @@
 //! The console is the only user: blocking transmit, optional loopback for
 //! self-tests, receive polling.
 
+use crate::mmio::MmioBlock;
 use tock_registers::{
     interfaces::{ReadWriteable, Readable, Writeable},
     register_bitfields, register_structs,
@@ -69,13 +70,8 @@ register_structs! {
 
 /// A PL011 at a fixed MMIO address.
 pub struct Pl011 {
-    regs: *const Registers,
+    regs: MmioBlock<Registers>,
 }
-
-// SAFETY: the register block is MMIO; all access goes through volatile
-// tock-registers accessors, and the console is used with interrupts masked
-// (single core), so sharing the handle between contexts is sound.
-unsafe impl Sync for Pl011 {}
 
 impl Pl011 {
     /// # Safety
@@ -83,13 +79,13 @@ impl Pl011 {
     /// (or the MMU is off) and not used through any other driver.
     pub const unsafe fn new(base: u64) -> Self {
         Self {
-            regs: base as *const Registers,
+            // SAFETY: forwarded from the caller (this function's contract).
+            regs: unsafe { MmioBlock::new(base) },
         }
     }
 
     fn regs(&self) -> &Registers {
-        // SAFETY: `new`'s contract: `regs` points at a live PL011 block.
-        unsafe { &*self.regs }
+        &self.regs
     }
 
     /// 8N1 with FIFOs, transmit and receive enabled. The baud divisor is left
