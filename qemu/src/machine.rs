@@ -267,44 +267,13 @@ impl Machine {
         machine_option: Option<&str>,
         dtb: Option<&Path>,
     ) -> Command {
-        if !self.is_virt() {
-            return self.build_board(elf, semihosting_args, append, qmp, machine_option, dtb);
-        }
-        let mut machine = String::from("virt");
-        match self.el {
-            3 => machine.push_str(",secure=on"),
-            2 => machine.push_str(",virtualization=on"),
-            _ => {}
-        }
-        if self.gic_version != 2 {
-            machine.push_str(&format!(",gic-version={}", self.gic_version));
-        }
-        if let Some(opt) = machine_option {
-            // QEMU's option parser escapes a comma by doubling it.
-            machine.push(',');
-            machine.push_str(&opt.replace(',', ",,"));
-        }
+        let machine = self.machine_arg(machine_option);
         let mut cmd = Command::new(crate::setup::QEMU);
-        let smp = self.smp.max(1).to_string();
-        cmd.args([
-            "-M", &machine, "-cpu", self.cpu, "-m", self.mem, "-smp", &smp,
-        ]);
-        if self.smp > 1 {
-            cmd.args(["-accel", "tcg,thread=multi"]);
+        if self.is_virt() {
+            self.virt_devices(&mut cmd, &machine);
+        } else {
+            self.board_devices(&mut cmd, &machine);
         }
-        // Only the devices the firmware uses: no default NIC (its option ROM,
-        // efi-virtio.rom, is in ipxe-qemu, which a --no-install-recommends
-        // QEMU lacks), CD-ROM, parallel port, monitor or display. The serial
-        // port is named explicitly; a binary defmt stream must not pass
-        // through -nographic's escape handling.
-        cmd.args(["-nodefaults", "-nic", "none"]);
-        cmd.args(["-display", "none", "-monitor", "none"]);
-        serial_args(&mut cmd, &self.console);
-        cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
-        cmd.args([
-            "-device",
-            "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
-        ]);
         if self.icount {
             cmd.args(["-icount", "shift=0"]);
         }
@@ -323,32 +292,57 @@ impl Machine {
         cmd
     }
 
-    /// A board model: its fixed CPUs, `-smp 4`, the console UART wired to
-    /// stdio (the Pi's mini-UART and the EVK's UART2 are QEMU's second
-    /// serial port), no display or audio.
-    fn build_board(
-        &self,
-        elf: &Path,
-        semihosting_args: &[String],
-        append: Option<&str>,
-        qmp: Option<&Path>,
-        machine_option: Option<&str>,
-        dtb: Option<&Path>,
-    ) -> Command {
+    /// The `-M` value: the board, its EL option (`virt` and the ZCU102),
+    /// virt's GIC version, then `machine_option`.
+    fn machine_arg(&self, machine_option: Option<&str>) -> String {
         let mut machine = String::from(self.board);
-        if self.board == "xlnx-zcu102" {
+        if self.is_virt() || self.board == "xlnx-zcu102" {
             match self.el {
                 3 => machine.push_str(",secure=on"),
                 2 => machine.push_str(",virtualization=on"),
                 _ => {}
             }
         }
+        if self.is_virt() && self.gic_version != 2 {
+            machine.push_str(&format!(",gic-version={}", self.gic_version));
+        }
         if let Some(opt) = machine_option {
+            // QEMU's option parser escapes a comma by doubling it.
             machine.push(',');
             machine.push_str(&opt.replace(',', ",,"));
         }
-        let mut cmd = Command::new(crate::setup::QEMU);
-        cmd.args(["-M", &machine, "-m", self.mem, "-smp", "4"]);
+        machine
+    }
+
+    /// `virt`: CPU, RAM, vCPUs, the console and the balloon device.
+    fn virt_devices(&self, cmd: &mut Command, machine: &str) {
+        let smp = self.smp.max(1).to_string();
+        cmd.args([
+            "-M", machine, "-cpu", self.cpu, "-m", self.mem, "-smp", &smp,
+        ]);
+        if self.smp > 1 {
+            cmd.args(["-accel", "tcg,thread=multi"]);
+        }
+        // Only the devices the firmware uses: no default NIC (its option ROM,
+        // efi-virtio.rom, is in ipxe-qemu, which a --no-install-recommends
+        // QEMU lacks), CD-ROM, parallel port, monitor or display. The serial
+        // port is named explicitly; a binary defmt stream must not pass
+        // through -nographic's escape handling.
+        cmd.args(["-nodefaults", "-nic", "none"]);
+        cmd.args(["-display", "none", "-monitor", "none"]);
+        serial_args(cmd, &self.console);
+        cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
+        cmd.args([
+            "-device",
+            "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
+        ]);
+    }
+
+    /// A board model: its fixed CPUs, `-smp 4`, the console UART wired to
+    /// stdio (the Pi's mini-UART and the EVK's UART2 are QEMU's second
+    /// serial port), no display or audio.
+    fn board_devices(&self, cmd: &mut Command, machine: &str) {
+        cmd.args(["-M", machine, "-m", self.mem, "-smp", "4"]);
         if self.board == "imx8mp-evk" && self.el == 2 {
             // Without EL3 the model enters at EL2 and offers PSCI over SMC,
             // the only way its secondaries can be started.
@@ -361,23 +355,7 @@ impl Machine {
         if console_is_second_serial(self.board) {
             cmd.args(["-serial", "null"]);
         }
-        serial_args(&mut cmd, &self.console);
-        if self.icount {
-            cmd.args(["-icount", "shift=0"]);
-        }
-        if self.no_reboot {
-            cmd.arg("-no-reboot");
-        }
-        tail(
-            &mut cmd,
-            elf,
-            semihosting_args,
-            append,
-            qmp,
-            dtb,
-            self.semihosting,
-        );
-        cmd
+        serial_args(cmd, &self.console);
     }
 }
 

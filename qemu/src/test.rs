@@ -173,26 +173,23 @@ fn board_machines_for(board: &'static str, suite: &str, test: &str) -> Vec<Machi
             .map(|&el| Machine::board(board, el))
             .collect()
     };
+    let at_sizes = |el, sizes: [&'static str; 2]| -> Vec<Machine> {
+        sizes
+            .into_iter()
+            .map(|mem| Machine {
+                mem,
+                ..Machine::board(board, el)
+            })
+            .collect()
+    };
     match (suite, test) {
         ("platform", "virt_tree_contents") => vec![],
         // QEMU's i.MX UART model ignores UTS.LOOP: the bytes go out on the
         // line (into the defmt stream) instead of coming back.
         ("boot", "uart_loopback") if board == "imx8mp-evk" => vec![],
         ("platform", "memory_matches_qemu") => match board {
-            "xlnx-zcu102" => ["1G", "4G"]
-                .into_iter()
-                .map(|mem| Machine {
-                    mem,
-                    ..Machine::board(board, 1)
-                })
-                .collect(),
-            "imx8mp-evk" => ["512M", "2G"]
-                .into_iter()
-                .map(|mem| Machine {
-                    mem,
-                    ..Machine::board(board, 2)
-                })
-                .collect(),
+            "xlnx-zcu102" => at_sizes(1, ["1G", "4G"]),
+            "imx8mp-evk" => at_sizes(2, ["512M", "2G"]),
             _ => at_every_el(),
         },
         // virt's devices (virtio-mmio, the PL031) are not on the boards.
@@ -293,6 +290,63 @@ struct Job {
     kernel: Option<PathBuf>,
     /// Run on this real board instead of QEMU.
     serial: Option<SerialBoard>,
+}
+
+impl Job {
+    /// A job that boots ELF number `elf` itself on QEMU.
+    fn new(id: usize, full_name: String, machine: Machine, elf: usize, check: Check) -> Self {
+        Self {
+            id,
+            full_name,
+            machine,
+            elf,
+            check,
+            kernel: None,
+            serial: None,
+        }
+    }
+}
+
+/// The embedded-test cases in the ELF at `path`.
+fn read_cases(path: &std::path::Path) -> Result<Vec<TestCase>> {
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    read_tests(&bytes).map_err(|e| Error::Elf {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })
+}
+
+/// Builds `board`'s test suites, records each ELF in `elfs`, and calls
+/// `each(elf index, full name, case)` for every case the filters take.
+/// An ignored case is not passed on; it goes to `skipped` when
+/// `count_ignored`.
+fn for_each_suite_case(
+    board: &'static str,
+    args: &TestArgs,
+    elfs: &mut Vec<(String, PathBuf)>,
+    skipped: &mut Vec<String>,
+    count_ignored: bool,
+    mut each: impl FnMut(usize, &str, String, TestCase),
+) -> Result<()> {
+    for art in crate::cargo::build_tests(board).map_err(Error::Build)? {
+        let cases = read_cases(&art.path)?;
+        let idx = elfs.len();
+        elfs.push((art.name.clone(), art.path.clone()));
+        for case in cases {
+            let full = format!("{}::{}", art.name, case.name);
+            if !matches(&args.filters, &full) {
+                continue;
+            }
+            if case.ignored {
+                if count_ignored {
+                    skipped.push(full);
+                }
+                continue;
+            }
+            each(idx, &art.name, full, case);
+        }
+    }
+    Ok(())
 }
 
 /// A boot of the firmware binary with an expected ending.
@@ -889,38 +943,28 @@ fn add_serial_jobs(
     jobs: &mut Vec<Job>,
     skipped: &mut Vec<String>,
 ) -> Result<()> {
-    for art in crate::cargo::build_tests(board).map_err(Error::Build)? {
-        let bytes = std::fs::read(&art.path).map_err(Error::io(&art.path))?;
-        let cases = read_tests(&bytes).map_err(|e| Error::Elf {
-            path: art.path.clone(),
-            what: e.to_string(),
-        })?;
-        let idx = elfs.len();
-        elfs.push((art.name.clone(), art.path.clone()));
-        for case in cases {
-            let full = format!("{}::{}", art.name, case.name);
-            if !matches(&args.filters, &full) {
-                continue;
-            }
-            if case.ignored {
-                skipped.push(full);
-                continue;
-            }
-            if board_machines_for(board, &art.name, &case.name).is_empty() {
-                continue;
+    for_each_suite_case(
+        board,
+        args,
+        elfs,
+        skipped,
+        true,
+        |idx, suite, full, case| {
+            if board_machines_for(board, suite, &case.name).is_empty() {
+                return;
             }
             jobs.push(Job {
-                id: jobs.len(),
-                full_name: full,
-                machine: real_board(board),
-                elf: idx,
-                check: Check::Embedded(case),
-                kernel: None,
                 serial: Some(serial.clone()),
+                ..Job::new(
+                    jobs.len(),
+                    full,
+                    real_board(board),
+                    idx,
+                    Check::Embedded(case),
+                )
             });
-        }
-    }
-    Ok(())
+        },
+    )
 }
 
 /// Ends the QEMU model a `--power-cycle` command started (its pid in the
@@ -983,11 +1027,7 @@ fn power_cycle_proof_jobs(
     let Some(boot_idx) = elfs.iter().rposition(|(n, _)| n == "boot") else {
         return Ok(());
     };
-    let bytes = std::fs::read(&elfs[boot_idx].1).map_err(Error::io(&elfs[boot_idx].1))?;
-    let cases = read_tests(&bytes).map_err(|e| Error::Elf {
-        path: elfs[boot_idx].1.clone(),
-        what: e.to_string(),
-    })?;
+    let cases = read_cases(&elfs[boot_idx].1)?;
     for name in ["runs_at_el1", "bss_is_zeroed", "data_abort_report"] {
         let full = format!("serial::power_cycle::boot::{name}");
         let Some(case) = cases.iter().find(|c| c.name == name) else {
@@ -1011,17 +1051,18 @@ fn power_cycle_proof_jobs(
         std::fs::rename(&made, &dtb).map_err(Error::io(&dtb))?;
         let pidfile = tmp("pid");
         jobs.push(Job {
-            id,
-            full_name: full,
-            machine: model.clone(),
-            elf: boot_idx,
-            check: Check::Embedded(case.clone()),
-            kernel: None,
             serial: Some(SerialBoard {
                 port: crate::serial::PortSpec::Unix(sock),
                 power_cycle: Some(model_power_cycle(&model, &dtb, &pidfile)),
                 model_pidfile: Some(pidfile),
             }),
+            ..Job::new(
+                id,
+                full,
+                model.clone(),
+                boot_idx,
+                Check::Embedded(case.clone()),
+            )
         });
     }
     Ok(())
@@ -1044,38 +1085,26 @@ fn add_board_jobs(
     jobs: &mut Vec<Job>,
     skipped: &mut Vec<String>,
 ) -> Result<()> {
-    for art in crate::cargo::build_tests(board).map_err(Error::Build)? {
-        let bytes = std::fs::read(&art.path).map_err(Error::io(&art.path))?;
-        let cases = read_tests(&bytes).map_err(|e| Error::Elf {
-            path: art.path.clone(),
-            what: e.to_string(),
-        })?;
-        let idx = elfs.len();
-        elfs.push((art.name.clone(), art.path.clone()));
-        for case in cases {
-            let full = format!("{}::{}", art.name, case.name);
-            if !matches(&args.filters, &full) {
-                continue;
-            }
-            if case.ignored {
-                if board == "virt" {
-                    skipped.push(full);
-                }
-                continue;
-            }
-            for machine in machines_for(board, &art.name, &case.name) {
-                jobs.push(Job {
-                    id: jobs.len(),
-                    full_name: full.clone(),
+    // An ignored test is counted once, on virt.
+    let count_ignored = board == "virt";
+    for_each_suite_case(
+        board,
+        args,
+        elfs,
+        skipped,
+        count_ignored,
+        |idx, suite, full, case| {
+            for machine in machines_for(board, suite, &case.name) {
+                jobs.push(Job::new(
+                    jobs.len(),
+                    full.clone(),
                     machine,
-                    elf: idx,
-                    check: Check::Embedded(case.clone()),
-                    kernel: None,
-                    serial: None,
-                });
+                    idx,
+                    Check::Embedded(case.clone()),
+                ));
             }
-        }
-    }
+        },
+    )?;
     if board == "raspi3b" {
         power_cycle_proof_jobs(board, elfs, jobs, args)?;
     }
@@ -1108,13 +1137,8 @@ fn add_board_jobs(
                 None
             };
             jobs.push(Job {
-                id: jobs.len(),
-                full_name: full,
-                machine: st.machine,
-                elf: fw_idx,
-                check: Check::System(st.test),
                 kernel,
-                serial: None,
+                ..Job::new(jobs.len(), full, st.machine, fw_idx, Check::System(st.test))
             });
         }
     }
@@ -1157,15 +1181,13 @@ fn add_board_jobs(
         ] {
             let full = format!("system::{name}");
             if matches(&args.filters, &full) {
-                jobs.push(Job {
-                    id: jobs.len(),
-                    full_name: full,
+                jobs.push(Job::new(
+                    jobs.len(),
+                    full,
                     machine,
-                    elf: fw_idx,
-                    check: Check::Balloon(which),
-                    kernel: None,
-                    serial: None,
-                });
+                    fw_idx,
+                    Check::Balloon(which),
+                ));
             }
         }
     }
@@ -1390,11 +1412,7 @@ fn run_jobs(
 /// `machine`, through [`run_jobs`]; the suite is the ELF's name without
 /// cargo's hash.
 pub fn run_elf(elf: &std::path::Path, machine: Machine) -> Result<Tally> {
-    let bytes = std::fs::read(elf).map_err(Error::io(elf))?;
-    let cases = read_tests(&bytes).map_err(|e| Error::Elf {
-        path: elf.to_path_buf(),
-        what: e.to_string(),
-    })?;
+    let cases = read_cases(elf)?;
     let stem = elf
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -1408,15 +1426,13 @@ pub fn run_elf(elf: &std::path::Path, machine: Machine) -> Result<Tally> {
             skipped.push(full);
             continue;
         }
-        jobs.push(Job {
-            id: jobs.len(),
-            full_name: full,
-            machine: machine.clone(),
-            elf: 0,
-            check: Check::Embedded(case),
-            kernel: None,
-            serial: None,
-        });
+        jobs.push(Job::new(
+            jobs.len(),
+            full,
+            machine.clone(),
+            0,
+            Check::Embedded(case),
+        ));
     }
     run_jobs(&[(suite, elf.to_path_buf())], jobs, &skipped, Some(1))
 }
