@@ -21,7 +21,8 @@
 mod common;
 
 use common::leak::Leak;
-use common::loom_atomics::{LoomAtomics, LoomU64};
+use common::loom_atomics::LoomAtomics;
+use common::page_array::leaked_page_array_at;
 use common::seen::Seen;
 use loom::sync::{Arc, Mutex};
 use memdesc::frames::*;
@@ -39,10 +40,7 @@ fn model(bound: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
 
 /// A page array over `[0x10, 0x10 + frames)` and its allocator.
 fn setup(frames: u64) -> (&'static PageArray<'static, LoomAtomics>, Alloc) {
-    let ranges = [PfnRange::new(Pfn(0x10), Pfn(0x10 + frames))];
-    let storage: &'static mut [LoomU64] = Box::leak((0..frames).map(|_| LoomU64::new(0)).collect());
-    let pa: &'static PageArray<'static, LoomAtomics> =
-        Box::leak(Box::new(PageArray::new(storage, &ranges).unwrap()));
+    let pa = leaked_page_array_at(0x10, frames);
     (pa, FrameAllocator::new(pa, Leak, &[]).unwrap())
 }
 

@@ -10,11 +10,14 @@
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
 use core::ptr::NonNull;
-use core::sync::atomic::AtomicU64;
 use memdesc::frames::*;
 use memdesc::Pfn;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
+
+mod common;
+
+use common::page_array::leaked_page_array;
 
 /// Descriptor memory: leaked boxes, or (`from_frames`) frames the
 /// allocator takes from itself, mapped to leaked boxes.
@@ -74,10 +77,7 @@ impl Model {
             .iter()
             .map(|&(s, e)| PfnRange::new(Pfn(s), Pfn(e)))
             .collect();
-        let n = words_needed(&ranges).unwrap() as usize;
-        let storage: &'static mut [AtomicU64] =
-            Box::leak((0..n).map(|_| AtomicU64::new(0)).collect());
-        let pa: &'static PageArray = Box::leak(Box::new(PageArray::new(storage, &ranges).unwrap()));
+        let pa: &'static PageArray = leaked_page_array(&ranges);
         let fa = FrameAllocator::new(
             pa,
             Mem { from_frames },

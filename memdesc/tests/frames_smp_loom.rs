@@ -19,7 +19,8 @@
 mod common;
 
 use common::leak::Leak;
-use common::loom_atomics::{LoomAtomics, LoomU64};
+use common::loom_atomics::LoomAtomics;
+use common::page_array::leaked_page_array_at;
 use common::seen::Seen;
 use core::num::NonZeroU32;
 use loom::sync::Arc;
@@ -43,14 +44,7 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 }
 
 fn setup(frames: u64) -> Arc<Smp> {
-    let ranges = [PfnRange::new(Pfn(BASE), Pfn(BASE + frames))];
-    let storage: &'static mut [LoomU64] = Box::leak(
-        (0..frames)
-            .map(|_| <LoomU64 as AtomicCell<u64>>::new(0))
-            .collect(),
-    );
-    let pa: &'static PageArray<'static, LoomAtomics> =
-        Box::leak(Box::new(PageArray::new(storage, &ranges).unwrap()));
+    let pa = leaked_page_array_at::<LoomAtomics>(BASE, frames);
     Arc::new(SmpFrameAllocator::new(
         FrameAllocator::new(pa, Leak, &[]).unwrap(),
     ))

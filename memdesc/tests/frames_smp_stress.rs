@@ -7,20 +7,16 @@
 //! twice. At the end: the consistency check and exact frame accounting.
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
-use core::ptr::NonNull;
 use memdesc::frames::*;
 use memdesc::sync::{CpuId, FixedCpu, LockAtomics};
 use memdesc::Pfn;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-struct Leak;
-// SAFETY: every chunk is a fresh, leaked, page-aligned box.
-unsafe impl DescMemory for Leak {
-    fn chunk(&mut self) -> Option<NonNull<u8>> {
-        Some(NonNull::from(Box::leak(Box::new(DescChunk::ZERO))).cast())
-    }
-}
+mod common;
+
+use common::leak::Leak;
+use common::page_array::leaked_page_array_at;
 
 /// `core::sync::atomic` as shipped, except that a lock waiter yields to the
 /// OS scheduler: host threads, unlike firmware CPUs, get preempted, and a
@@ -79,11 +75,7 @@ impl Tags {
 }
 
 fn new_smp() -> Smp {
-    let ranges = [PfnRange::new(Pfn(BASE), Pfn(BASE + FRAMES))];
-    let n = words_needed(&ranges).unwrap() as usize;
-    let storage: &'static mut [AtomicU64] = Box::leak((0..n).map(|_| AtomicU64::new(0)).collect());
-    let pa: &'static PageArray<'static, HostAtomics> =
-        Box::leak(Box::new(PageArray::new(storage, &ranges).unwrap()));
+    let pa = leaked_page_array_at::<HostAtomics>(BASE, FRAMES);
     SmpFrameAllocator::new(FrameAllocator::new(pa, Leak, &[]).unwrap())
 }
 

@@ -219,6 +219,45 @@ impl Model<'_> {
         (p..p + n).find(|q| !self.shadow.contains_key(q))
     }
 
+    /// The model of an operation on mapped pages only: the engine's
+    /// `NotMapped` for the first hole in `[p, p + n)`, else `Ok` after
+    /// `update(shadow, page)` for each page.
+    fn each_mapped(
+        &mut self,
+        p: u64,
+        n: u64,
+        mut update: impl FnMut(&mut BTreeMap<u64, Shadow>, u64),
+    ) -> Result<(), Stage1Error> {
+        if let Some(h) = self.first_hole(p, n) {
+            return Err(Stage1Error::NotMapped { va: va(h) });
+        }
+        for k in p..p + n {
+            update(&mut self.shadow, k);
+        }
+        Ok(())
+    }
+
+    /// The end of every ranged operation on `[p, p + n)`: unless the engine
+    /// ran out of table memory while starved (then `None`), `want` (the
+    /// model's answer, updating the shadow when it expects success) must be
+    /// what the engine returned. Returns whether the engine refused.
+    fn judge(
+        &mut self,
+        op: Op,
+        (p, n): (u64, u64),
+        got: Result<(), Stage1Error>,
+        want: impl FnOnce(&mut Self) -> Result<(), Stage1Error>,
+        touched: &mut Vec<(u64, u64)>,
+    ) -> Result<Option<bool>, TestCaseError> {
+        if self.starved(got) {
+            return Ok(None);
+        }
+        let want = want(self);
+        prop_assert_eq!(got, want, "{:?}", op);
+        touched.push((p, n));
+        Ok(Some(want.is_err()))
+    }
+
     /// The entry through which the hardware records an access to `page`:
     /// with `via`, any entry of its contiguous run.
     fn entry_for(&self, page: u64, via: u8) -> (PhysAddr, usize) {
@@ -303,90 +342,74 @@ impl Model<'_> {
                 let a = attrs_of(attrs);
                 let pa = PA_BASE + p * PAGE + [0, PAGE, 16 * PAGE, 512 * PAGE][delta as usize];
                 let got = self.s.map(va(p), PhysAddr(pa), n * PAGE, a);
-                if self.starved(got) {
-                    return Ok(());
-                }
-                let want = if a.validate().is_err() {
-                    Err(Stage1Error::WriteAndExecute)
-                } else if let Some(m) = self.first_mapped(p, n) {
-                    Err(Stage1Error::AlreadyMapped { va: va(m) })
-                } else {
-                    for k in 0..n {
-                        let dirty = !self.f.hafdbs && a.write;
-                        let sh = Shadow {
-                            pa: pa + k * PAGE,
-                            attrs: a,
-                            young: true,
-                            dirty,
-                        };
-                        self.shadow.insert(p + k, sh);
-                    }
-                    Ok(())
-                };
-                prop_assert_eq!(got, want, "{:?}", op);
-                refused = want.is_err();
-                touched.push((p, n));
-            }
-            Op::Unmap { r } => {
-                let (p, n) = r.pages();
-                let got = self.s.unmap(va(p), n * PAGE);
-                if self.starved(got) {
-                    return Ok(());
-                }
-                let want = match self.first_hole(p, n) {
-                    Some(h) => Err(Stage1Error::NotMapped { va: va(h) }),
-                    None => {
-                        for k in p..p + n {
-                            self.shadow.remove(&k);
+                let want = |m: &mut Self| {
+                    if a.validate().is_err() {
+                        Err(Stage1Error::WriteAndExecute)
+                    } else if let Some(x) = m.first_mapped(p, n) {
+                        Err(Stage1Error::AlreadyMapped { va: va(x) })
+                    } else {
+                        for k in 0..n {
+                            let sh = Shadow {
+                                pa: pa + k * PAGE,
+                                attrs: a,
+                                young: true,
+                                dirty: !m.f.hafdbs && a.write,
+                            };
+                            m.shadow.insert(p + k, sh);
                         }
                         Ok(())
                     }
                 };
-                prop_assert_eq!(got, want, "{:?}", op);
-                refused = want.is_err();
-                touched.push((p, n));
+                let Some(r) = self.judge(op, (p, n), got, want, &mut touched)? else {
+                    return Ok(());
+                };
+                refused = r;
+            }
+            Op::Unmap { r } => {
+                let (p, n) = r.pages();
+                let got = self.s.unmap(va(p), n * PAGE);
+                let want = |m: &mut Self| {
+                    m.each_mapped(p, n, |shadow, k| {
+                        shadow.remove(&k);
+                    })
+                };
+                let Some(r) = self.judge(op, (p, n), got, want, &mut touched)? else {
+                    return Ok(());
+                };
+                refused = r;
             }
             Op::Protect { r, attrs } => {
                 let (p, n) = r.pages();
                 let a = attrs_of(attrs);
                 let got = self.s.protect(va(p), n * PAGE, a);
-                if self.starved(got) {
-                    return Ok(());
-                }
-                let want = if a.validate().is_err() {
-                    Err(Stage1Error::WriteAndExecute)
-                } else if let Some(h) = self.first_hole(p, n) {
-                    Err(Stage1Error::NotMapped { va: va(h) })
-                } else {
-                    for k in p..p + n {
-                        let e = self.shadow.get_mut(&k).unwrap();
-                        e.attrs = a;
-                        e.dirty |= !self.f.hafdbs && a.write;
+                let want = |m: &mut Self| {
+                    if a.validate().is_err() {
+                        return Err(Stage1Error::WriteAndExecute);
                     }
-                    Ok(())
+                    let dirty = !m.f.hafdbs && a.write;
+                    m.each_mapped(p, n, |shadow, k| {
+                        let e = shadow.get_mut(&k).unwrap();
+                        e.attrs = a;
+                        e.dirty |= dirty;
+                    })
                 };
-                prop_assert_eq!(got, want, "{:?}", op);
-                refused = want.is_err();
-                touched.push((p, n));
+                let Some(r) = self.judge(op, (p, n), got, want, &mut touched)? else {
+                    return Ok(());
+                };
+                refused = r;
             }
             Op::WrProtect { r } => {
                 let (p, n) = r.pages();
                 let got = self.s.wrprotect(va(p), n * PAGE);
-                if self.starved(got) {
-                    return Ok(());
-                }
-                let want = match self.first_hole(p, n) {
-                    Some(h) => Err(Stage1Error::NotMapped { va: va(h) }),
-                    None => {
-                        for k in p..p + n {
-                            self.shadow.get_mut(&k).unwrap().attrs.write = false;
-                        }
-                        Ok(())
-                    }
+                let want = |m: &mut Self| {
+                    m.each_mapped(p, n, |shadow, k| {
+                        shadow.get_mut(&k).unwrap().attrs.write = false;
+                    })
                 };
-                prop_assert_eq!(got, want, "{:?}", op);
-                refused = want.is_err();
-                touched.push((p, n));
+                let Some(r) = self.judge(op, (p, n), got, want, &mut touched)? else {
+                    return Ok(());
+                };
+                refused = r;
             }
             Op::Young { page } => {
                 let got = self.s.test_and_clear_young(va(page));

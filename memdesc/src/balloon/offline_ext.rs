@@ -57,8 +57,7 @@ mod tests {
 
     #[test]
     fn split_and_free_halves() {
-        let (pa, _) = setup(&[(0x400, 0x600)]);
-        let mut fa = alloc(pa, &[]);
+        let (_, mut fa) = fresh(&[(0x400, 0x600)]);
         let p = fa.alloc_offline(4).unwrap();
         assert_eq!(fa.offline_allocation_of(Pfn(p.0 + 5)).unwrap(), (p, 4));
         fa.split_offline(p, 4).unwrap();
@@ -82,8 +81,7 @@ mod tests {
 
     #[test]
     fn split_refuses_other_types_and_order_zero() {
-        let (pa, _) = setup(&[(0x400, 0x600)]);
-        let mut fa = alloc(pa, &[]);
+        let (_, mut fa) = fresh(&[(0x400, 0x600)]);
         let g = fa.alloc_frozen(2, FrozenKind::Guard).unwrap();
         assert!(matches!(
             fa.split_offline(g, 2),

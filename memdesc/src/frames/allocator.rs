@@ -166,8 +166,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                     let idx = sec.index(pfn);
                     if pa.load_relaxed(idx).frame_type() == Some(FrameType::Free) {
                         s.take_free_frame(sec, idx, pfn)?;
-                        s.by_type[FrameType::Free.index()] -= 1;
-                        s.by_type[FrameType::Reserved.index()] += 1;
+                        s.recount(FrameType::Free, FrameType::Reserved, 1);
                     }
                     pa.store_release(idx, Word::misc(FrameType::Reserved, r.kind as u8, 0, 0));
                 }
@@ -292,8 +291,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
                         0,
                     ),
                 );
-                self.by_type[FrameType::Free.index()] -= 1;
-                self.by_type[FrameType::Reserved.index()] += 1;
+                self.recount(FrameType::Free, FrameType::Reserved, 1);
                 self.chunks += 1;
                 Some(c)
             }
@@ -528,6 +526,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         Ok(self.publish_folio(d, idx, pfn, order, owner))
     }
 
+    /// Moves `n` frames from the count of `from` to that of `to`.
+    #[inline(always)]
+    pub(super) fn recount(&mut self, from: FrameType, to: FrameType, n: u64) {
+        self.by_type[from.index()] -= n;
+        self.by_type[to.index()] += n;
+    }
+
     #[inline(always)]
     pub(super) fn publish_folio(
         &mut self,
@@ -539,8 +544,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     ) -> FolioRef<A> {
         let r = publish_folio_words(self.pa, d, idx, pfn, order, owner);
         let n = 1u64 << order;
-        self.by_type[FrameType::Free.index()] -= n;
-        self.by_type[FrameType::Folio.index()] += n;
+        self.recount(FrameType::Free, FrameType::Folio, n);
         r
     }
 

@@ -38,8 +38,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// (the frame is left as it was).
     pub fn poison(&mut self, pfn: Pfn) -> Result<Poisoned, FrameError> {
         let pa = self.pa;
-        let sec = *pa.section_of(pfn.0).ok_or(FrameError::NotManaged { pfn })?;
-        let idx = sec.index(pfn.0);
+        let (sec, idx) = pa.managed(pfn)?;
         match pa.load_relaxed(idx).frame_type() {
             Some(FrameType::HwPoison) => return Err(FrameError::AlreadyPoisoned { pfn }),
             None => return Err(FrameError::Corrupt { pfn }),
@@ -67,8 +66,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             };
             d.init(original);
             pa.store_release(idx, desc_word(d));
-            self.by_type[FrameType::Free.index()] -= 1;
-            self.by_type[FrameType::HwPoison.index()] += 1;
+            self.recount(FrameType::Free, FrameType::HwPoison, 1);
             return Ok(Poisoned::WasFree);
         }
         // In use: growth only takes free frames, so this one stays as it is.
@@ -83,8 +81,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         }
         d.init(w);
         pa.store_release(idx, desc_word(d));
-        self.by_type[ty.index()] -= 1;
-        self.by_type[FrameType::HwPoison.index()] += 1;
+        self.recount(ty, FrameType::HwPoison, 1);
         Ok(Poisoned::InUse(ty))
     }
 }
@@ -97,8 +94,7 @@ mod tests {
 
     #[test]
     fn poison_free_frame_splits_block() {
-        let (pa, _) = setup(&[(0x1000, 0x1040)]);
-        let mut fa = alloc(pa, &[]);
+        let (pa, mut fa) = fresh(&[(0x1000, 0x1040)]);
         assert_eq!(fa.poison(Pfn(0x1011)), Ok(Poisoned::WasFree));
         assert_eq!(fa.count(FrameType::Free), 63);
         assert_eq!(fa.count(FrameType::HwPoison), 1);
@@ -123,8 +119,7 @@ mod tests {
 
     #[test]
     fn poisoned_folio_frame_never_returns() {
-        let (pa, _) = setup(&[(0x2000, 0x2010)]);
-        let mut fa = alloc(pa, &[]);
+        let (pa, mut fa) = fresh(&[(0x2000, 0x2010)]);
         let f = fa.alloc_folio(2, Owner::Buddy).unwrap();
         let head = f.pfn();
         let victim = Pfn(head.0 + 2);
@@ -137,16 +132,20 @@ mod tests {
         assert_eq!(g.refcount(), 2);
         assert!(fa.put(g).unwrap().is_none());
         assert!(matches!(fa.put(f), Ok(Some(Released::Freed { .. }))));
-        assert_eq!(fa.count(FrameType::Free), 15);
-        assert_eq!(fa.count(FrameType::Folio), 0);
-        assert_eq!(fa.count(FrameType::HwPoison), 1);
+        assert_counts(
+            &fa,
+            &[
+                (FrameType::Free, 15),
+                (FrameType::Folio, 0),
+                (FrameType::HwPoison, 1),
+            ],
+        );
         fa.check_consistency().unwrap();
     }
 
     #[test]
     fn poisoned_page_table_and_offline() {
-        let (pa, _) = setup(&[(0x3000, 0x3010)]);
-        let mut fa = alloc(pa, &[]);
+        let (_, mut fa) = fresh(&[(0x3000, 0x3010)]);
         let t = fa.alloc_page_table().unwrap();
         assert_eq!(
             fa.poison(t.pfn()),

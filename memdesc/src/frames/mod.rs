@@ -172,6 +172,26 @@ pub(crate) mod testutil {
         }
     }
 
+    /// The usual fixture: [`setup`] over `ranges` and [`alloc`] over it,
+    /// nothing reserved.
+    pub fn fresh(
+        ranges: &[(u64, u64)],
+    ) -> (
+        &'static PageArray<'static>,
+        FrameAllocator<'static, LeakMemory>,
+    ) {
+        let (pa, _) = setup(ranges);
+        (pa, alloc(pa, &[]))
+    }
+
+    /// `fa` counts each (frame type, frames) of `counts` exactly.
+    #[track_caller]
+    pub fn assert_counts<M: DescMemory>(fa: &FrameAllocator<'_, M>, counts: &[(FrameType, u64)]) {
+        for &(t, n) in counts {
+            assert_eq!(fa.count(t), n, "{t:?}");
+        }
+    }
+
     /// An allocator over `pa` with leaked-box descriptor memory.
     pub fn alloc(
         pa: &'static PageArray<'static>,

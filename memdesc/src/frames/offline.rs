@@ -140,8 +140,7 @@ mod tests {
 
     #[test]
     fn balloon_round_trip() {
-        let (pa, _) = setup(&[(0x100, 0x140)]);
-        let mut fa = alloc(pa, &[]);
+        let (pa, mut fa) = fresh(&[(0x100, 0x140)]);
         let p = fa.alloc_offline(2).unwrap();
         assert_eq!(fa.count(FrameType::Offline), 4);
         assert_eq!(
@@ -170,8 +169,7 @@ mod tests {
 
     #[test]
     fn retype_and_errors() {
-        let (pa, _) = setup(&[(0x100, 0x140)]);
-        let mut fa = alloc(pa, &[]);
+        let (_, mut fa) = fresh(&[(0x100, 0x140)]);
         let t = fa.alloc_page_table().unwrap();
         t.inc_valid().unwrap();
         assert!(matches!(

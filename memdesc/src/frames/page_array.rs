@@ -257,6 +257,19 @@ impl<'a, A: Atomics> PageArray<'a, A> {
             .find(|s| s.base <= idx && idx < s.base + (s.end - s.start))
     }
 
+    /// The section holding `pfn` and the page-array index of its word.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`] when `pfn` is in no range.
+    #[inline(always)]
+    pub(crate) fn managed(&self, pfn: Pfn) -> Result<(Section, usize), FrameError> {
+        let sec = *self
+            .section_of(pfn.0)
+            .ok_or(FrameError::NotManaged { pfn })?;
+        Ok((sec, sec.index(pfn.0)))
+    }
+
     /// Page-array index of `pfn`, `None` if it is in no range.
     #[inline]
     pub fn index_of(&self, pfn: Pfn) -> Option<usize> {

@@ -89,16 +89,11 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             }
         }
         for p in range.start.0..range.end.0 {
-            let sec = *self
-                .pa
-                .section_of(p)
-                .ok_or(FrameError::NotManaged { pfn: Pfn(p) })?;
-            let idx = sec.index(p);
+            let (sec, idx) = self.pa.managed(Pfn(p))?;
             self.take_free_frame(&sec, idx, p)?;
             self.pa
                 .store_release(idx, Word::misc(FrameType::Reserved, kind as u8, 0, 0));
-            self.by_type[FrameType::Free.index()] -= 1;
-            self.by_type[FrameType::Reserved.index()] += 1;
+            self.recount(FrameType::Free, FrameType::Reserved, 1);
         }
         Ok(())
     }
@@ -145,15 +140,10 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             }
         }
         for p in range.start.0..range.end.0 {
-            let sec = *self
-                .pa
-                .section_of(p)
-                .ok_or(FrameError::NotManaged { pfn: Pfn(p) })?;
-            let idx = sec.index(p);
+            let (sec, idx) = self.pa.managed(Pfn(p))?;
             self.pa.store_relaxed(idx, Word::FREE_TAIL);
             self.lists.free(self.pa, &sec, idx, p, 0);
-            self.by_type[FrameType::Reserved.index()] -= 1;
-            self.by_type[FrameType::Free.index()] += 1;
+            self.recount(FrameType::Reserved, FrameType::Free, 1);
         }
         Ok(())
     }

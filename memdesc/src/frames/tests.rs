@@ -39,8 +39,7 @@ fn new_with_holes_and_reserved() {
 
 #[test]
 fn folio_alloc_free_merges_back() {
-    let (pa, _) = setup(&[(0x1000, 0x1400)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x1000, 0x1400)]);
     let before = fa.stats();
     let mut live = Vec::new();
     for order in [0u8, 3, 1, 5, 0, 2] {
@@ -72,8 +71,7 @@ fn folio_alloc_free_merges_back() {
 
 #[test]
 fn exhaustion_and_bad_input_are_errors() {
-    let (pa, _) = setup(&[(0x10, 0x20)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(0x10, 0x20)]);
     assert_eq!(
         fa.alloc_folio(5, Owner::Buddy).err(),
         Some(FrameError::OutOfMemory { order: 5 })
@@ -117,8 +115,7 @@ fn exhaustion_and_bad_input_are_errors() {
 
 #[test]
 fn alignment_beyond_order() {
-    let (pa, _) = setup(&[(0x1001, 0x1100)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(0x1001, 0x1100)]);
     let f = fa.alloc_folio_aligned(0, 6, Owner::Buddy).unwrap();
     assert_eq!(f.pfn().0 % 64, 0);
     let g = fa.alloc_frozen_aligned(1, 5, FrozenKind::Guard).unwrap();
@@ -130,8 +127,7 @@ fn alignment_beyond_order() {
 
 #[test]
 fn alloc_at_and_reserve() {
-    let (pa, _) = setup(&[(0x0, 0x100)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(0x0, 0x100)]);
     let f = fa.alloc_folio_at(Pfn(0x48), 3, Owner::Pool(3)).unwrap();
     assert_eq!((f.pfn(), f.owner()), (Pfn(0x48), Owner::Pool(3)));
     assert_eq!(
@@ -190,8 +186,7 @@ fn alloc_at_and_reserve() {
 
 #[test]
 fn refcounts_freeze_unfreeze() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x100, 0x110)]);
     let f = fa.alloc_folio(1, Owner::Buddy).unwrap();
     let p = f.pfn();
     let g = f.try_clone().unwrap();
@@ -249,8 +244,7 @@ fn refcounts_freeze_unfreeze() {
 
 #[test]
 fn page_table_valid_counts() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x100, 0x110)]);
     let t = fa.alloc_page_table().unwrap();
     assert_eq!(fa.count(FrameType::PageTable), 1);
     assert_eq!(t.inc_valid(), Ok(1));
@@ -339,8 +333,7 @@ fn out_of_descriptors_is_typed() {
 // tests already run there.
 #[cfg_attr(miri, ignore)]
 fn order_18_blocks() {
-    let (pa, _) = setup(&[(1 << 18, 3 << 18)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(1 << 18, 3 << 18)]);
     assert_eq!(fa.free_blocks(18), 2);
     let a = fa.alloc_frozen(18, FrozenKind::Offline).unwrap();
     let b = fa.alloc_frozen(18, FrozenKind::Offline).unwrap();
@@ -370,8 +363,7 @@ fn consistency_check_catches_a_bad_free_block_tail() {
 /// The same for a block parked in a hot cache.
 #[test]
 fn consistency_check_catches_a_bad_cached_block_tail() {
-    let (pa, _) = setup(&[(0x40000, 0x40400)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x40000, 0x40400)]);
     let pfn = fa.alloc_frozen(3, FrozenKind::Slab).unwrap();
     fa.free_frozen(pfn, 3).unwrap();
     fa.check_consistency().unwrap();
@@ -392,8 +384,7 @@ fn consistency_check_catches_a_bad_cached_block_tail() {
 /// (to u32::MAX, after which a lookup would hand out a frozen folio).
 #[test]
 fn put_on_a_frozen_folio_is_refused() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x100, 0x110)]);
     let f = fa.alloc_folio(0, Owner::Buddy).unwrap();
     let p = f.pfn();
     let raw = f.try_clone().unwrap().into_raw();
@@ -419,8 +410,7 @@ fn put_on_a_frozen_folio_is_refused() {
 /// to zero.
 #[test]
 fn refcount_ceiling_is_refused() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x100, 0x110)]);
     let f = fa.alloc_folio(0, Owner::Balloon).unwrap();
     let p = f.pfn();
     let Ok(Some(Released::ToOwner { folio, .. })) = fa.put(f) else {
@@ -447,8 +437,7 @@ fn refcount_ceiling_is_refused() {
 /// that gets the same frame (and the same, reused, descriptor).
 #[test]
 fn stale_table_handle_cannot_touch_the_next_table() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x100, 0x110)]);
     let t1 = fa.alloc_page_table().unwrap();
     let p = t1.pfn();
     let stale = pa.page_table(p).unwrap();
@@ -542,8 +531,7 @@ fn poisoning_a_free_frame_never_puts_metadata_on_it() {
 /// must still be refused.
 #[test]
 fn retyping_a_poisoned_non_empty_table_is_refused() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(0x100, 0x110)]);
     let t = fa.alloc_page_table().unwrap();
     let p = t.pfn();
     t.inc_valid().unwrap();
@@ -607,8 +595,7 @@ fn pfns_above_the_descriptor_field_are_refused() {
         .map(|_| core::sync::atomic::AtomicU64::new(0))
         .collect();
     assert!(PageArray::<CoreAtomics>::new(&mut s, &bad).is_err());
-    let (pa, _) = setup(&[(top - 4, top)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(top - 4, top)]);
     let f = fa.alloc_folio_at(Pfn(top - 1), 0, Owner::Buddy).unwrap();
     assert_eq!(f.pfn(), Pfn(top - 1));
     let g = pa.get_folio(Pfn(top - 1), |_| ()).unwrap();
@@ -624,8 +611,7 @@ fn pfns_above_the_descriptor_field_are_refused() {
 /// fits 512 contiguous free frames that two given ranges cover.
 #[test]
 fn adjacent_ranges_are_merged() {
-    let (pa, _) = setup(&[(0x300, 0x400), (0x200, 0x300)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x300, 0x400), (0x200, 0x300)]);
     assert_eq!(pa.ranges().count(), 1);
     let f = fa.alloc_folio(9, Owner::Buddy).unwrap();
     assert_eq!(f.pfn(), Pfn(0x200));
@@ -638,8 +624,7 @@ fn adjacent_ranges_are_merged() {
 /// A frame poisoned while free is poisoned, not free, to every operation.
 #[test]
 fn a_frame_poisoned_while_free_reports_hwpoisoned() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x100, 0x110)]);
     let p = Pfn(0x105);
     assert_eq!(fa.poison(p), Ok(Poisoned::WasFree));
     let e = Some(FrameError::HwPoisoned { pfn: p });
@@ -665,8 +650,7 @@ fn a_frame_poisoned_while_free_reports_hwpoisoned() {
 /// The hot cache must not serve a request aligned beyond its order.
 #[test]
 fn hot_cache_does_not_serve_aligned_requests() {
-    let (pa, _) = setup(&[(0x1000, 0x1100)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x1000, 0x1100)]);
     // Put an unaligned order-0 block on top of the hot cache.
     let a = fa.alloc_frozen(0, FrozenKind::Guard).unwrap();
     let b = fa.alloc_frozen(0, FrozenKind::Guard).unwrap();
@@ -686,8 +670,7 @@ fn hot_cache_does_not_serve_aligned_requests() {
 /// An alignment above [`MAX_ORDER`] is an invalid order, like an order is.
 #[test]
 fn alignment_above_max_order_is_refused() {
-    let (pa, _) = setup(&[(0, 0x100)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(0, 0x100)]);
     for align in [MAX_ORDER + 1, 40, 63, 64, 200] {
         let e = Some(FrameError::InvalidOrder { order: align });
         assert_eq!(fa.alloc_folio_aligned(0, align, Owner::Buddy).err(), e);
@@ -705,8 +688,7 @@ fn alignment_above_max_order_is_refused() {
 #[test]
 #[cfg_attr(miri, ignore)] // 2^19 words; the same paths run in smaller tests.
 fn merges_stop_at_max_order() {
-    let (pa, _) = setup(&[(1 << 19, 1 << 20)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(1 << 19, 1 << 20)]);
     assert_eq!(fa.free_blocks(MAX_ORDER), 2);
     let a = fa.alloc_frozen(MAX_ORDER - 1, FrozenKind::Offline).unwrap();
     let b = fa.alloc_frozen(MAX_ORDER - 1, FrozenKind::Offline).unwrap();
@@ -727,8 +709,7 @@ fn merges_stop_at_max_order() {
 /// consistency check says so when two free buddies are left unmerged.
 #[test]
 fn frees_merge_with_both_buddies() {
-    let (pa, _) = setup(&[(0x400, 0x800)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(0x400, 0x800)]);
     // Order 4 is above the hot caches: frees go straight to the buddy.
     let blocks: Vec<Pfn> = (0..4)
         .map(|_| fa.alloc_frozen(4, FrozenKind::Guard).unwrap())
@@ -740,8 +721,7 @@ fn frees_merge_with_both_buddies() {
     }
     assert_eq!(fa.free_blocks(10), 1);
     // An unmerged pair of free buddies is an inconsistency.
-    let (pa, _) = setup(&[(0x400, 0x440)]);
-    let mut fa = alloc(pa, &[]);
+    let (pa, mut fa) = fresh(&[(0x400, 0x440)]);
     let x = fa.alloc_frozen(5, FrozenKind::Guard).unwrap();
     let y = fa.alloc_frozen(5, FrozenKind::Guard).unwrap();
     assert_eq!((x, y), (Pfn(0x400), Pfn(0x420)));
@@ -763,8 +743,7 @@ fn frees_merge_with_both_buddies() {
 /// refuses it with a typed error and never hands it out.
 #[test]
 fn corrupt_free_descriptor_is_not_reused() {
-    let (pa, _) = setup(&[(0x100, 0x110)]);
-    let mut fa = alloc(pa, &[]);
+    let (_, mut fa) = fresh(&[(0x100, 0x110)]);
     let f = fa.alloc_folio(0, Owner::Buddy).unwrap();
     let d = f.desc();
     assert!(fa.put(f).unwrap().is_some());

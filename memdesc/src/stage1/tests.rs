@@ -10,6 +10,7 @@
 use super::fake::{Event, FakeFrame, FakePlatform};
 use super::*;
 use crate::addr::{PhysAddr, VirtAddr};
+use crate::frames::testutil::keep;
 
 const K4: u64 = 4 << 10;
 const K64: u64 = 64 << 10;
@@ -43,6 +44,81 @@ fn bufs(n: usize) -> Bufs {
 fn engine(b: &mut Bufs, f: Features, va: VaSize) -> Stage1<FakePlatform<'_>> {
     let p = FakePlatform::new(&mut b.frames, &mut b.log, f, va.start_level());
     Stage1::new(p, va, f).expect("root")
+}
+
+/// The common fixture: an empty 48-bit tree on 16 table frames (leaked,
+/// so the tree owns them).
+fn tree(f: Features) -> Stage1<FakePlatform<'static>> {
+    engine(keep(Box::new(bufs(16))), f, VaSize::Bits48)
+}
+
+/// [`tree`] holding one 64 KiB DATA run at VA = PA = 1 GiB.
+fn run_at_1g(f: Features) -> Stage1<FakePlatform<'static>> {
+    let mut s = tree(f);
+    s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+    s
+}
+
+/// A bare fake (4 frames, no engine) with one table allocated, for
+/// driving the checker by hand.
+fn bare_fake() -> (FakePlatform<'static>, PhysAddr) {
+    let frames = keep(vec![FakeFrame::new(); 4].into_boxed_slice());
+    let log = keep(vec![Event::Isb; 64].into_boxed_slice());
+    let mut p = FakePlatform::new(frames, log, NO_BBM, 3);
+    let root = p.alloc_table().unwrap();
+    (p, root)
+}
+
+/// A 32 MiB DATA run at 4 GiB + 32 MiB with the 2 MiB block below it, on
+/// 64 frames: the root, level 1 and level 2 tables (frames 0..=2) lie in
+/// that block, the next table frame at the run's first page. Returns the
+/// run's address.
+fn run_over_its_own_tables(b: &mut Bufs, f: Features) -> (Stage1<FakePlatform<'_>>, u64) {
+    let mut s = engine(b, f, VaSize::Bits48);
+    let run = 4 * G1 + M32;
+    s.map(va(run - M2), pa(run - M2), M2, Attributes::DATA)
+        .unwrap();
+    s.map(va(run), pa(run), M32, Attributes::DATA).unwrap();
+    (s, run)
+}
+
+/// The summary counts `units` (unit, count) exactly.
+#[track_caller]
+fn assert_units(s: &Stage1<FakePlatform<'_>>, units: &[(MappingUnit, u64)]) {
+    let sum = s.summary();
+    for &(unit, n) in units {
+        assert_eq!(sum.count(unit), n, "{unit:?}");
+    }
+}
+
+/// Arms the fake: the hardware marks the leaf entry of `v` dirty just
+/// before the engine's next compare-and-swap on it (`at_tlbi`: just before
+/// the next TLBI). Returns the entry as (table, index).
+fn race_dirty(s: &mut Stage1<FakePlatform<'_>>, v: u64, at_tlbi: bool) -> (PhysAddr, usize) {
+    let (t, i, _) = s.leaf_entry(va(v)).unwrap();
+    if at_tlbi {
+        s.platform_mut().race_next_tlbi(t, i, true);
+    } else {
+        s.platform_mut().race_next_swap(t, i, true);
+    }
+    (t, i)
+}
+
+/// [`run_at_1g`] with young cleared, then page 5 made read-only while the
+/// hardware marks entry 12 dirty (see [`race_dirty`]); checked clean.
+fn unfold_with_a_racing_write(f: Features, at_tlbi: bool) -> Stage1<FakePlatform<'static>> {
+    let mut s = run_at_1g(f);
+    assert!(s.test_and_clear_young(va(G1)).unwrap());
+    race_dirty(&mut s, G1 + 12 * K4, at_tlbi);
+    s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
+    check(&mut s);
+    s
+}
+
+/// Maps 2 MiB at VA = PA = `at` page by page (no runs, no block).
+fn map_2m_of_pages(s: &mut Stage1<FakePlatform<'_>>, at: u64) {
+    s.map_limited(va(at), pa(at), M2, Attributes::DATA, MappingUnit::Page4K)
+        .unwrap();
 }
 
 /// Lint clean (no advisory either), checker clean, TLB debt paid.
@@ -118,11 +194,15 @@ fn map_picks_largest_units() {
         s.map(va(6 * G1), pa(0x9000_0000), K4, Attributes::TEXT)
             .unwrap();
         check(&mut s);
-        let sum = s.summary();
-        assert_eq!(sum.count(MappingUnit::Block1G), 1);
-        assert_eq!(sum.count(MappingUnit::Block2M), 1);
-        assert_eq!(sum.count(MappingUnit::Cont64K), 1);
-        assert_eq!(sum.count(MappingUnit::Page4K), 1);
+        assert_units(
+            &s,
+            &[
+                (MappingUnit::Block1G, 1),
+                (MappingUnit::Block2M, 1),
+                (MappingUnit::Cont64K, 1),
+                (MappingUnit::Page4K, 1),
+            ],
+        );
         let t = s.query(va(G1 + 0x1234)).unwrap();
         assert_eq!(t.output, pa(2 * G1 + 0x1234));
         assert_eq!(t.unit, MappingUnit::Block1G);
@@ -145,10 +225,14 @@ fn map_32m_and_16g_runs_and_misaligned_pa() {
     s.map(va(G1), pa(0x4000_1000), K64, Attributes::DATA)
         .unwrap();
     check(&mut s);
-    let sum = s.summary();
-    assert_eq!(sum.count(MappingUnit::Cont32M), 1);
-    assert_eq!(sum.count(MappingUnit::Cont16G), 1);
-    assert_eq!(sum.count(MappingUnit::Page4K), 16);
+    assert_units(
+        &s,
+        &[
+            (MappingUnit::Cont32M, 1),
+            (MappingUnit::Cont16G, 1),
+            (MappingUnit::Page4K, 16),
+        ],
+    );
     assert_eq!(s.query(va(G1 + 0x5000)).unwrap().output, pa(0x4000_6000));
 }
 
@@ -225,9 +309,7 @@ fn bad_input_is_typed_and_changes_nothing() {
 #[test]
 fn partial_change_unfolds_with_break_before_make() {
     for f in [NO_BBM, RANGE] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        let mut s = run_at_1g(f);
         s.platform_mut().reset_counters();
         s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
         check(&mut s);
@@ -266,9 +348,7 @@ fn partial_change_unfolds_with_break_before_make() {
 
 #[test]
 fn bbm_level2_changes_size_in_place() {
-    let mut b = bufs(16);
-    let mut s = engine(&mut b, Features::ALL, VaSize::Bits48);
-    s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+    let mut s = run_at_1g(Features::ALL);
     s.platform_mut().reset_counters();
     s.protect(va(G1), K4, Attributes::RODATA).unwrap();
     check(&mut s);
@@ -296,9 +376,7 @@ fn bbm_level2_changes_size_in_place() {
 #[test]
 fn whole_run_downgrade_is_in_place() {
     for f in [NO_BBM, RANGE] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        let mut s = run_at_1g(f);
         s.platform_mut().reset_counters();
         s.wrprotect(va(G1), K64).unwrap();
         check(&mut s);
@@ -317,9 +395,7 @@ fn whole_run_downgrade_is_in_place() {
 
 #[test]
 fn access_and_dirty_gathered_over_run_and_kept_by_wrprotect() {
-    let mut b = bufs(16);
-    let mut s = engine(&mut b, RANGE, VaSize::Bits48);
-    s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+    let mut s = run_at_1g(RANGE);
     let t = s.query(va(G1)).unwrap();
     assert!(
         t.young && !t.dirty,
@@ -369,16 +445,13 @@ fn unsafe_read(s: &Stage1<FakePlatform<'_>>, t: PhysAddr, i: usize) -> u64 {
 #[test]
 fn split_block_and_free_tables_when_empty() {
     for f in [NO_BBM, Features::ALL] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
+        let mut s = tree(f);
         s.map(va(G1), pa(G1), M2, Attributes::DATA).unwrap();
         let tables = s.platform().tables_in_use();
         s.unmap(va(G1 + 3 * K4), K4).unwrap();
         check(&mut s);
         assert_eq!(s.platform().tables_in_use(), tables + 1);
-        let sum = s.summary();
-        assert_eq!(sum.count(MappingUnit::Cont64K), 31);
-        assert_eq!(sum.count(MappingUnit::Page4K), 15);
+        assert_units(&s, &[(MappingUnit::Cont64K, 31), (MappingUnit::Page4K, 15)]);
         assert!(s.query(va(G1 + 3 * K4)).is_err());
         assert_eq!(s.query(va(G1 + 4 * K4)).unwrap().output, pa(G1 + 4 * K4));
         // Remap the hole: the table collapses back into the block.
@@ -402,11 +475,15 @@ fn split_1g_block_down_to_a_page() {
     s.protect(va(G1 + 7 * M2 + K4), K4, Attributes::RODATA)
         .unwrap();
     check(&mut s);
-    let sum = s.summary();
-    assert_eq!(sum.count(MappingUnit::Cont32M), 31);
-    assert_eq!(sum.count(MappingUnit::Block2M), 15);
-    assert_eq!(sum.count(MappingUnit::Cont64K), 31);
-    assert_eq!(sum.count(MappingUnit::Page4K), 16);
+    assert_units(
+        &s,
+        &[
+            (MappingUnit::Cont32M, 31),
+            (MappingUnit::Block2M, 15),
+            (MappingUnit::Cont64K, 31),
+            (MappingUnit::Page4K, 16),
+        ],
+    );
     s.protect(va(G1 + 7 * M2 + K4), K4, Attributes::DATA)
         .unwrap();
     check(&mut s);
@@ -417,8 +494,7 @@ fn split_1g_block_down_to_a_page() {
 #[test]
 fn page_by_page_map_ends_as_one_block() {
     for f in [NO_BBM, Features::ALL] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
+        let mut s = tree(f);
         for p in 0..512 {
             s.map(va(M2 + p * K4), pa(M2 + p * K4), K4, Attributes::DATA)
                 .unwrap();
@@ -434,10 +510,8 @@ fn page_by_page_map_ends_as_one_block() {
 
 #[test]
 fn limit_then_explicit_refold() {
-    let mut b = bufs(16);
-    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
-    s.map_limited(va(M2), pa(M2), M2, Attributes::DATA, MappingUnit::Page4K)
-        .unwrap();
+    let mut s = tree(NO_BBM);
+    map_2m_of_pages(&mut s, M2);
     assert_eq!(s.summary().count(MappingUnit::Page4K), 512);
     let mut advisory = 0;
     assert_eq!(
@@ -483,9 +557,7 @@ fn out_of_table_memory_rolls_back() {
 #[test]
 fn young_clear_covers_the_run_in_place() {
     for f in [NO_BBM, RANGE] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        let mut s = run_at_1g(f);
         s.platform_mut().reset_counters();
         assert!(s.test_and_clear_young(va(G1 + 3 * K4)).unwrap());
         check(&mut s);
@@ -525,18 +597,13 @@ fn device_and_image_layout() {
     check(&mut s);
     let q = s.query(va(0x0900_0000)).unwrap();
     assert_eq!(q.attributes.kind, MemoryKind::DeviceNgnre);
-    let sum = s.summary();
-    assert_eq!(sum.count(MappingUnit::Cont64K), 8);
-    assert_eq!(sum.count(MappingUnit::Page4K), 1);
+    assert_units(&s, &[(MappingUnit::Cont64K, 8), (MappingUnit::Page4K, 1)]);
 }
 
 /// The checker itself catches the mistakes it exists for.
 #[test]
 fn checker_catches_bbm_mistakes() {
-    let mut frames = vec![FakeFrame::new(); 4];
-    let mut log = vec![Event::Isb; 64];
-    let mut p = FakePlatform::new(&mut frames, &mut log, NO_BBM, 3);
-    let root = p.alloc_table().unwrap();
+    let (mut p, root) = bare_fake();
     let page = |oa: u64| Descriptor(0b11 | Descriptor::AF | oa).bits();
     let scope = TlbiScope {
         last_level_only: true,
@@ -585,8 +652,7 @@ fn checker_catches_bbm_mistakes() {
 fn common_operations_stay_within_budget() {
     for f in [NO_BBM, RANGE] {
         let per_run = if f.tlbi_range { 1 } else { 16 };
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
+        let mut s = tree(f);
         s.map(va(G1 + M2 - K4), pa(G1 + M2 - K4), K4, Attributes::DATA)
             .unwrap();
         // Fresh 64 KiB run into an existing table: 16 stores, no TLBI.
@@ -616,14 +682,7 @@ fn common_operations_stay_within_budget() {
         within("block tables", c.allocs, 0);
         // 2 MiB of plain pages, then refold: the table collapses straight
         // into a block (clear, TLBI, DSB, block), no run folding first.
-        s.map_limited(
-            va(3 * G1),
-            pa(3 * G1),
-            M2,
-            Attributes::DATA,
-            MappingUnit::Page4K,
-        )
-        .unwrap();
+        map_2m_of_pages(&mut s, 3 * G1);
         s.platform_mut().reset_counters();
         s.refold(va(3 * G1), M2).unwrap();
         check(&mut s);
@@ -643,11 +702,8 @@ fn common_operations_stay_within_budget() {
 fn hardware_updates_racing_with_the_engine_are_kept() {
     for f in [RANGE, Features::ALL] {
         // In-place write-protect of a whole run.
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
-        let (t, i, _) = s.leaf_entry(va(G1 + 3 * K4)).unwrap();
-        s.platform_mut().race_next_swap(t, i, true);
+        let mut s = run_at_1g(f);
+        let (t, i) = race_dirty(&mut s, G1 + 3 * K4, false);
         s.wrprotect(va(G1), K64).unwrap();
         check(&mut s);
         let d = Descriptor(unsafe_read(&s, t, i));
@@ -655,22 +711,17 @@ fn hardware_updates_racing_with_the_engine_are_kept() {
         assert!(s.query(va(G1)).unwrap().dirty);
 
         // Break-before-make of a run: the clear itself races.
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
-        let (t, i, _) = s.leaf_entry(va(G1 + 7 * K4)).unwrap();
-        s.platform_mut().race_next_swap(t, i, true);
+        let mut s = run_at_1g(f);
+        let (t, i) = race_dirty(&mut s, G1 + 7 * K4, false);
         s.protect(va(G1 + 2 * K4), K4, Attributes::RODATA).unwrap();
         check(&mut s);
         let d = Descriptor(unsafe_read(&s, t, i));
         assert!(d.is_dirty() && d.is_writable(), "{d:?}");
 
         // Splitting a block: the block's new dirty state reaches every page.
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
+        let mut s = tree(f);
         s.map(va(G1), pa(G1), M2, Attributes::DATA).unwrap();
-        let (t, i, _) = s.leaf_entry(va(G1)).unwrap();
-        s.platform_mut().race_next_swap(t, i, true);
+        race_dirty(&mut s, G1, false);
         s.unmap(va(G1 + 100 * K4), K4).unwrap();
         check(&mut s);
         for p in [0, 1, 99, 101, 511] {
@@ -706,9 +757,7 @@ fn splitting_a_run_keeps_its_access_and_dirty_state() {
     ];
     for f in [RANGE, Features::ALL] {
         for (what, op) in ops {
-            let mut b = bufs(16);
-            let mut s = engine(&mut b, f, VaSize::Bits48);
-            s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+            let mut s = run_at_1g(f);
             // Start from clean and old, so only the hardware's update counts.
             assert!(s.test_and_clear_young(va(G1)).unwrap());
             let (t, i, _) = s.leaf_entry(va(G1 + 9 * K4)).unwrap();
@@ -726,8 +775,7 @@ fn splitting_a_run_keeps_its_access_and_dirty_state() {
 #[test]
 fn splitting_a_block_run_keeps_its_access_and_dirty_state() {
     for f in [RANGE, Features::ALL] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
+        let mut s = tree(f);
         s.map(va(M32), pa(M32), M32, Attributes::DATA).unwrap();
         assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
         assert!(s.test_and_clear_young(va(M32)).unwrap());
@@ -746,14 +794,7 @@ fn splitting_a_block_run_keeps_its_access_and_dirty_state() {
 #[test]
 fn state_set_while_a_run_is_rewritten_reaches_every_entry() {
     for f in [RANGE, Features::ALL] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
-        assert!(s.test_and_clear_young(va(G1)).unwrap());
-        let (t, i, _) = s.leaf_entry(va(G1 + 12 * K4)).unwrap();
-        s.platform_mut().race_next_swap(t, i, true);
-        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
-        check(&mut s);
+        let s = unfold_with_a_racing_write(f, false);
         assert_all_state(&s, G1, 16, K4, &format!("{f:?}"));
     }
 }
@@ -780,8 +821,7 @@ fn collapse_keeps_writes_made_after_the_scan() {
     for f in [RANGE, Features::ALL] {
         for at_tlbi in [false, true] {
             for by_map in [false, true] {
-                let mut b = bufs(16);
-                let mut s = engine(&mut b, f, VaSize::Bits48);
+                let mut s = tree(f);
                 let limit = MappingUnit::Page4K;
                 s.map_limited(va(M2), pa(M2), M2, Attributes::DATA, limit)
                     .unwrap();
@@ -964,18 +1004,10 @@ fn a_split_without_table_memory_fails_and_changes_nothing() {
 fn table_memory_failures_are_reported_and_never_free_a_live_table() {
     for f in [NO_BBM, Features::ALL] {
         let busy = Err(Stage1Error::TableMemory(TableMemoryError::Busy));
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
+        let mut s = tree(f);
         s.map(va(G1), pa(G1), 3 * K4, Attributes::DATA).unwrap();
         s.map(va(2 * G1), pa(2 * G1), M2, Attributes::DATA).unwrap();
-        s.map_limited(
-            va(3 * G1),
-            pa(3 * G1),
-            M2,
-            Attributes::DATA,
-            MappingUnit::Page4K,
-        )
-        .unwrap();
+        map_2m_of_pages(&mut s, 3 * G1);
         let tables = s.platform().tables_in_use();
         let before = dump(&s);
         s.platform_mut().set_busy(true);
@@ -1037,8 +1069,7 @@ fn memory_type_change_inside_a_block_breaks_even_with_bbm2() {
     };
     for (l, size) in [(2, M2), (1, G1)] {
         for to in [nc, Attributes::DEVICE] {
-            let mut b = bufs(16);
-            let mut s = engine(&mut b, Features::ALL, VaSize::Bits48);
+            let mut s = tree(Features::ALL);
             s.map(va(G1), pa(G1), size, Attributes::DATA).unwrap();
             let (t, i) = entry_at(&s, G1, l);
             let block = unsafe_read(&s, t, i);
@@ -1087,8 +1118,7 @@ fn memory_type_change_inside_a_block_breaks_even_with_bbm2() {
 fn racing_access_flag_is_kept() {
     for f in [RANGE, Features::ALL] {
         for len in [K64, M2] {
-            let mut b = bufs(16);
-            let mut s = engine(&mut b, f, VaSize::Bits48);
+            let mut s = tree(f);
             s.map(va(M2), pa(M2), len, Attributes::DATA).unwrap();
             assert!(s.test_and_clear_young(va(M2)).unwrap());
             let (t, i, _) = s.leaf_entry(va(M2 + 3 * K4)).unwrap();
@@ -1107,8 +1137,7 @@ fn racing_access_flag_is_kept() {
 #[test]
 fn mixed_level_changes_invalidate_both_levels() {
     for f in [RANGE, Features::ALL] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
+        let mut s = tree(f);
         s.map(va(M2), pa(M2), M2 + K64, Attributes::DATA).unwrap();
         let sum = s.summary();
         assert_eq!(
@@ -1131,14 +1160,7 @@ fn mixed_level_changes_invalidate_both_levels() {
 #[test]
 fn state_set_before_the_tlbi_of_an_in_place_unfold_reaches_every_entry() {
     for f in [RANGE, Features::ALL] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
-        assert!(s.test_and_clear_young(va(G1)).unwrap());
-        let (t, i, _) = s.leaf_entry(va(G1 + 12 * K4)).unwrap();
-        s.platform_mut().race_next_tlbi(t, i, true);
-        s.protect(va(G1 + 5 * K4), K4, Attributes::RODATA).unwrap();
-        check(&mut s);
+        let s = unfold_with_a_racing_write(f, true);
         if f.bbm_level >= 2 {
             assert_all_state(&s, G1, 16, K4, &format!("{f:?}"));
         }
@@ -1150,10 +1172,7 @@ fn state_set_before_the_tlbi_of_an_in_place_unfold_reaches_every_entry() {
 /// not remove it; TLBIs over all 16 pages do.
 #[test]
 fn checker_wants_the_whole_run_invalidated() {
-    let mut frames = vec![FakeFrame::new(); 4];
-    let mut log = vec![Event::Isb; 64];
-    let mut p = FakePlatform::new(&mut frames, &mut log, NO_BBM, 3);
-    let root = p.alloc_table().unwrap();
+    let (mut p, root) = bare_fake();
     let scope = TlbiScope {
         last_level_only: true,
         level: Some(3),
@@ -1186,12 +1205,9 @@ fn checker_wants_the_whole_run_invalidated() {
 #[test]
 fn state_recorded_in_an_entry_being_unmapped_is_kept() {
     for f in [RANGE, Features::ALL] {
-        let mut b = bufs(16);
-        let mut s = engine(&mut b, f, VaSize::Bits48);
-        s.map(va(G1), pa(G1), K64, Attributes::DATA).unwrap();
+        let mut s = run_at_1g(f);
         assert!(s.test_and_clear_young(va(G1)).unwrap());
-        let (t, i, _) = s.leaf_entry(va(G1 + 3 * K4)).unwrap();
-        s.platform_mut().race_next_swap(t, i, true);
+        race_dirty(&mut s, G1 + 3 * K4, false);
         s.unmap(va(G1 + 3 * K4), 13 * K4).unwrap();
         check(&mut s);
         assert_all_state(&s, G1, 3, K4, &format!("{f:?}"));
@@ -1207,13 +1223,8 @@ fn state_recorded_in_an_entry_being_unmapped_is_kept() {
 #[test]
 fn split_and_collapse_of_a_run_holding_its_own_tables() {
     let mut b = bufs(64);
-    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
-    let run = 4 * G1 + M32;
-    // Frames 0..=2 (root, level 1, level 2) lie in the 2 MiB block below
-    // the run, frame 3 (the split table) at the run's first page.
-    s.map(va(run - M2), pa(run - M2), M2, Attributes::DATA)
-        .unwrap();
-    s.map(va(run), pa(run), M32, Attributes::DATA).unwrap();
+    // Frame 3 (the split table) lies at the run's first page.
+    let (mut s, run) = run_over_its_own_tables(&mut b, NO_BBM);
     assert_eq!(s.summary().count(MappingUnit::Cont32M), 1);
     assert_eq!(s.platform().tables_in_use(), 3);
     s.platform_mut().set_table_window(Some(va(run - 3 * K4)));
@@ -1240,11 +1251,7 @@ fn split_and_collapse_of_a_run_holding_its_own_tables() {
 #[test]
 fn split_of_a_run_holding_its_own_tables_keeps_a_racing_write() {
     let mut b = bufs(64);
-    let mut s = engine(&mut b, RANGE, VaSize::Bits48);
-    let run = 4 * G1 + M32;
-    s.map(va(run - M2), pa(run - M2), M2, Attributes::DATA)
-        .unwrap();
-    s.map(va(run), pa(run), M32, Attributes::DATA).unwrap();
+    let (mut s, run) = run_over_its_own_tables(&mut b, RANGE);
     s.platform_mut().set_table_window(Some(va(run - 3 * K4)));
     let block = run + 5 * M2;
     assert!(!s.query(va(block)).unwrap().dirty);

@@ -2,4 +2,5 @@
 
 pub mod leak;
 pub mod loom_atomics;
+pub mod page_array;
 pub mod seen;
