@@ -7,7 +7,7 @@
 //! hardware latencies.
 
 use super::Record;
-use crate::boot::{boot, BootOptions, Ending};
+use crate::boot::{boot, Boot, BootOptions, Ending};
 use crate::log::{Decoder, LogLine};
 use crate::machine::Machine;
 use std::path::Path;
@@ -24,12 +24,48 @@ pub fn durations_ns(message: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The defmt decoder of the ELF at `elf`.
+pub(super) fn decoder(elf: &Path) -> Result<Decoder, String> {
+    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+    Decoder::new(&bytes)
+}
+
+/// Boots `elf` on `machine` with `append` as bootargs until it logs
+/// `ready` (2 minutes at most); any other ending is an error, `what`
+/// naming the boot in it.
+pub(super) fn boot_to_ready(
+    machine: &Machine,
+    elf: &Path,
+    decoder: &Decoder,
+    append: Option<&str>,
+    what: &str,
+) -> Result<Boot, String> {
+    let ready = |l: &LogLine| l.message == "ready";
+    let opts = BootOptions {
+        semihosting_args: vec![],
+        append,
+        qmp: None,
+        timeout: Duration::from_secs(120),
+        echo: false,
+        stop_when: Some(&ready),
+        on_started: None,
+        paused: false,
+    };
+    let b = boot(machine, elf, decoder, &opts)?;
+    if b.ending != Ending::Stopped {
+        return Err(format!(
+            "boot with {what} ended {:?}:\n{}",
+            b.ending,
+            b.transcript()
+        ));
+    }
+    Ok(b)
+}
+
 /// Boots the firmware with 1 GiB and 4 GiB of RAM and reports the bring-up
 /// spans the firmware logged.
 pub fn run(elf: &Path, board: &'static str) -> Result<Vec<Record>, String> {
-    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
-    let decoder = Decoder::new(&bytes)?;
-    let ready = |l: &LogLine| l.message == "ready";
+    let decoder = decoder(elf)?;
     let mut out = Vec::new();
     let base = Machine::board(board, Machine::entry_els(board)[0]);
     // The raspi models have fixed RAM; the others boot with 1 and 4 GiB.
@@ -44,24 +80,7 @@ pub fn run(elf: &Path, board: &'static str) -> Result<Vec<Record>, String> {
             icount: true,
             ..base.clone()
         };
-        let opts = BootOptions {
-            semihosting_args: vec![],
-            append: None,
-            qmp: None,
-            timeout: Duration::from_secs(120),
-            echo: false,
-            stop_when: Some(&ready),
-            on_started: None,
-            paused: false,
-        };
-        let b = boot(&machine, elf, &decoder, &opts)?;
-        if b.ending != Ending::Stopped {
-            return Err(format!(
-                "boot with -m {mem} ended {:?}:\n{}",
-                b.ending,
-                b.transcript()
-            ));
-        }
+        let b = boot_to_ready(&machine, elf, &decoder, None, &format!("-m {mem}"))?;
         let line = b
             .lines
             .iter()

@@ -21,8 +21,8 @@
 use super::Record;
 use buddy_system_allocator::FrameAllocator as PeerAllocator;
 use memdesc::frames::{
-    words_needed, DescChunk, DescMemory, FolioRef, FrameAllocator, FrameType, FrozenKind, Owner,
-    PageArray, PfnRange,
+    words_needed, AtomicCell, Atomics, DescChunk, DescMemory, FolioRef, FrameAllocator, FrameType,
+    FrozenKind, Owner, PageArray, PfnRange,
 };
 use memdesc::Pfn;
 use std::hint::black_box;
@@ -49,13 +49,23 @@ unsafe impl DescMemory for HostDescMemory {
 
 pub(super) type Ours = FrameAllocator<'static, HostDescMemory>;
 
-pub(super) fn new_ours() -> Ours {
+/// A fresh allocator over 1 GiB at [`BASE_PFN`] on atomics `A`, its page
+/// array and descriptors leaked.
+pub(super) fn new_allocator<A: Atomics>() -> FrameAllocator<'static, HostDescMemory, A> {
     let ranges = [PfnRange::new(Pfn(BASE_PFN), Pfn(BASE_PFN + FRAMES))];
     let n = words_needed(&ranges).expect("1 GiB fits a page array") as usize;
-    let storage: &'static mut [AtomicU64] = Box::leak((0..n).map(|_| AtomicU64::new(0)).collect());
-    let pa: &'static PageArray =
+    let storage: &'static mut [A::U64] = Box::leak(
+        (0..n)
+            .map(|_| <A::U64 as AtomicCell<u64>>::new(0))
+            .collect(),
+    );
+    let pa: &'static PageArray<'static, A> =
         Box::leak(Box::new(PageArray::new(storage, &ranges).expect("layout")));
     FrameAllocator::new(pa, HostDescMemory, &[]).expect("fresh array")
+}
+
+pub(super) fn new_ours() -> Ours {
+    new_allocator()
 }
 
 fn new_peer() -> PeerAllocator<19> {
@@ -138,64 +148,25 @@ pub(super) fn mixed_steps(steps: usize, live: usize) -> Vec<Step> {
     v
 }
 
-fn run_folio(fa: &mut Ours, steps: &[Step], live: &mut Vec<FolioRef>) -> u64 {
+/// Runs `steps` on allocator `a`: `alloc(a, order)` gives a new
+/// allocation and the number it adds to the checksum (`None`: refused),
+/// `free(a, allocation)` false when the free failed. `live` holds what is
+/// allocated. Returns the checksum (refusals and failed frees count too).
+#[inline(always)]
+pub(super) fn run_steps<A, T>(
+    a: &mut A,
+    steps: &[Step],
+    live: &mut Vec<T>,
+    alloc: impl Fn(&mut A, u8) -> Option<(T, u64)>,
+    free: impl Fn(&mut A, T) -> bool,
+) -> u64 {
     let mut sum = 0u64;
     for s in steps {
         match *s {
-            Step::Alloc(o) => match fa.alloc_folio(o, Owner::Buddy) {
-                Ok(f) => {
-                    sum = sum.wrapping_add(f.pfn().0);
-                    live.push(f);
-                }
-                Err(_) => sum = sum.wrapping_add(1 << 40),
-            },
-            Step::Free(i) => {
-                if live.is_empty() {
-                    continue;
-                }
-                let f = live.swap_remove((i as usize).min(live.len() - 1));
-                if fa.put(f).is_err() {
-                    sum = sum.wrapping_add(1 << 41);
-                }
-            }
-        }
-    }
-    sum
-}
-
-fn run_frozen(fa: &mut Ours, steps: &[Step], live: &mut Vec<(Pfn, u8)>) -> u64 {
-    let mut sum = 0u64;
-    for s in steps {
-        match *s {
-            Step::Alloc(o) => match fa.alloc_frozen(o, FrozenKind::Guard) {
-                Ok(p) => {
-                    sum = sum.wrapping_add(p.0);
-                    live.push((p, o));
-                }
-                Err(_) => sum = sum.wrapping_add(1 << 40),
-            },
-            Step::Free(i) => {
-                if live.is_empty() {
-                    continue;
-                }
-                let (p, o) = live.swap_remove((i as usize).min(live.len() - 1));
-                if fa.free_frozen(p, o).is_err() {
-                    sum = sum.wrapping_add(1 << 41);
-                }
-            }
-        }
-    }
-    sum
-}
-
-fn run_peer(p: &mut PeerAllocator<19>, steps: &[Step], live: &mut Vec<(usize, usize)>) -> u64 {
-    let mut sum = 0u64;
-    for s in steps {
-        match *s {
-            Step::Alloc(o) => match p.alloc(1 << o) {
-                Some(f) => {
-                    sum = sum.wrapping_add(f as u64);
-                    live.push((f, 1 << o));
+            Step::Alloc(o) => match alloc(a, o) {
+                Some((x, n)) => {
+                    sum = sum.wrapping_add(n);
+                    live.push(x);
                 }
                 None => sum = sum.wrapping_add(1 << 40),
             },
@@ -203,12 +174,57 @@ fn run_peer(p: &mut PeerAllocator<19>, steps: &[Step], live: &mut Vec<(usize, us
                 if live.is_empty() {
                     continue;
                 }
-                let (f, n) = live.swap_remove((i as usize).min(live.len() - 1));
-                p.dealloc(f, n);
+                let x = live.swap_remove((i as usize).min(live.len() - 1));
+                if !free(a, x) {
+                    sum = sum.wrapping_add(1 << 41);
+                }
             }
         }
     }
     sum
+}
+
+fn run_folio(fa: &mut Ours, steps: &[Step], live: &mut Vec<FolioRef>) -> u64 {
+    run_steps(
+        fa,
+        steps,
+        live,
+        |fa, o| {
+            let f = fa.alloc_folio(o, Owner::Buddy).ok()?;
+            let pfn = f.pfn().0;
+            Some((f, pfn))
+        },
+        |fa, f| fa.put(f).is_ok(),
+    )
+}
+
+fn run_frozen(fa: &mut Ours, steps: &[Step], live: &mut Vec<(Pfn, u8)>) -> u64 {
+    run_steps(
+        fa,
+        steps,
+        live,
+        |fa, o| {
+            let p = fa.alloc_frozen(o, FrozenKind::Guard).ok()?;
+            Some(((p, o), p.0))
+        },
+        |fa, (p, o)| fa.free_frozen(p, o).is_ok(),
+    )
+}
+
+fn run_peer(p: &mut PeerAllocator<19>, steps: &[Step], live: &mut Vec<(usize, usize)>) -> u64 {
+    run_steps(
+        p,
+        steps,
+        live,
+        |p, o| {
+            let f = p.alloc(1 << o)?;
+            Some(((f, 1 << o), f as u64))
+        },
+        |p, (f, n)| {
+            p.dealloc(f, n);
+            true
+        },
+    )
 }
 
 /// Best-of-`REPS` ns per step for each of ours-folio, ours-frozen, peer,

@@ -18,15 +18,13 @@
 //! Each figure is the best of several repetitions, a repetition timed from
 //! the moment all threads are released until the last one finishes.
 
-use super::memdesc::{mixed_steps, order0_steps, HostDescMemory, Step, BASE_PFN, FRAMES};
+use super::memdesc::{
+    mixed_steps, new_allocator, order0_steps, run_steps, HostDescMemory, Step, BASE_PFN, FRAMES,
+};
 use super::Record;
 use buddy_system_allocator::LockedFrameAllocator;
-use memdesc::frames::{
-    words_needed, Atomics, FolioRef, FrameAllocator, FrameType, Owner, PageArray, PfnRange,
-    SmpFrameAllocator,
-};
+use memdesc::frames::{Atomics, FolioRef, FrameType, Owner, SmpFrameAllocator};
 use memdesc::sync::{FixedCpu, LockAtomics};
-use memdesc::Pfn;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Barrier;
@@ -73,12 +71,7 @@ type Ours = SmpFrameAllocator<'static, HostDescMemory, HostAtomics, 8>;
 type Peer = LockedFrameAllocator<19>;
 
 fn new_ours() -> Ours {
-    let ranges = [PfnRange::new(Pfn(BASE_PFN), Pfn(BASE_PFN + FRAMES))];
-    let n = words_needed(&ranges).expect("1 GiB fits a page array") as usize;
-    let storage: &'static mut [AtomicU64] = Box::leak((0..n).map(|_| AtomicU64::new(0)).collect());
-    let pa: &'static PageArray<'static, HostAtomics> =
-        Box::leak(Box::new(PageArray::new(storage, &ranges).expect("layout")));
-    SmpFrameAllocator::new(FrameAllocator::new(pa, HostDescMemory, &[]).expect("fresh array"))
+    SmpFrameAllocator::new(new_allocator())
 }
 
 fn run_ours(
@@ -87,51 +80,33 @@ fn run_ours(
     steps: &[Step],
     live: &mut Vec<FolioRef<HostAtomics>>,
 ) -> u64 {
-    let mut sum = 0u64;
-    for s in steps {
-        match *s {
-            Step::Alloc(o) => match fa.alloc_folio(cpu, o, Owner::Buddy) {
-                Ok(f) => {
-                    sum = sum.wrapping_add(f.pfn().0);
-                    live.push(f);
-                }
-                Err(_) => sum = sum.wrapping_add(1 << 40),
-            },
-            Step::Free(i) => {
-                if live.is_empty() {
-                    continue;
-                }
-                let f = live.swap_remove((i as usize).min(live.len() - 1));
-                if fa.put(cpu, f).is_err() {
-                    sum = sum.wrapping_add(1 << 41);
-                }
-            }
-        }
-    }
-    sum
+    run_steps(
+        &mut (fa, cpu),
+        steps,
+        live,
+        |(fa, cpu), o| {
+            let f = fa.alloc_folio(cpu, o, Owner::Buddy).ok()?;
+            let pfn = f.pfn().0;
+            Some((f, pfn))
+        },
+        |(fa, cpu), f| fa.put(cpu, f).is_ok(),
+    )
 }
 
 fn run_peer(p: &Peer, steps: &[Step], live: &mut Vec<(usize, usize)>) -> u64 {
-    let mut sum = 0u64;
-    for s in steps {
-        match *s {
-            Step::Alloc(o) => match p.lock().alloc(1 << o) {
-                Some(f) => {
-                    sum = sum.wrapping_add(f as u64);
-                    live.push((f, 1 << o));
-                }
-                None => sum = sum.wrapping_add(1 << 40),
-            },
-            Step::Free(i) => {
-                if live.is_empty() {
-                    continue;
-                }
-                let (f, n) = live.swap_remove((i as usize).min(live.len() - 1));
-                p.lock().dealloc(f, n);
-            }
-        }
-    }
-    sum
+    run_steps(
+        &mut &*p,
+        steps,
+        live,
+        |p, o| {
+            let f = p.lock().alloc(1 << o)?;
+            Some(((f, 1 << o), f as u64))
+        },
+        |p, (f, n)| {
+            p.lock().dealloc(f, n);
+            true
+        },
+    )
 }
 
 /// This thread's CPU time.

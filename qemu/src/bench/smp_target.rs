@@ -10,11 +10,8 @@
 //! the host, not by the lock.
 
 use super::Record;
-use crate::boot::{boot, BootOptions, Ending};
-use crate::log::{Decoder, LogLine};
 use crate::machine::Machine;
 use std::path::Path;
-use std::time::Duration;
 
 /// vCPU counts measured.
 pub const VCPUS: [u8; 3] = [1, 2, 4];
@@ -41,9 +38,7 @@ pub fn parse_line(message: &str) -> Option<(u64, u64, u64)> {
 /// and reports alloc+free pairs per second per vCPU, and the scaling of the
 /// total against one vCPU.
 pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
-    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
-    let decoder = Decoder::new(&bytes)?;
-    let ready = |l: &LogLine| l.message == "ready";
+    let decoder = super::boot::decoder(elf)?;
     let mut out = Vec::new();
     let mut one_vcpu_total = None;
     for smp in VCPUS {
@@ -51,24 +46,13 @@ pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
             smp,
             ..Machine::default()
         };
-        let opts = BootOptions {
-            semihosting_args: vec![],
-            append: Some("bench=smp"),
-            qmp: None,
-            timeout: Duration::from_secs(120),
-            echo: false,
-            stop_when: Some(&ready),
-            on_started: None,
-            paused: false,
-        };
-        let b = boot(&machine, elf, &decoder, &opts)?;
-        if b.ending != Ending::Stopped {
-            return Err(format!(
-                "boot with -smp {smp} ended {:?}:\n{}",
-                b.ending,
-                b.transcript()
-            ));
-        }
+        let b = super::boot::boot_to_ready(
+            &machine,
+            elf,
+            &decoder,
+            Some("bench=smp"),
+            &format!("-smp {smp}"),
+        )?;
         let (cores, pairs, ns) = b
             .lines
             .iter()
