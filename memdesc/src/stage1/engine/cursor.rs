@@ -326,8 +326,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     let current = self.read(table, i);
                     self.replace_live(table, i, level, current, Descriptor::INVALID);
                     self.adjust(table, -1);
+                    debt = self.room_for_frees(ctx, 1, debt);
                     debt.add_walk(entry_va);
-                    debt = self.defer_free(ctx, child, None, debt);
+                    let linked_at = cursor.is_live().then_some(entry_va);
+                    debt = self.defer_free(ctx, child, None, linked_at, debt);
                 }
                 return (Err(stopped_at), debt);
             }
@@ -442,12 +444,23 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             if level >= 1 && self.complete_group(&group, in_range, &mut change) {
                 change.fold(level, ctx.limit);
             }
+            let freeing = to_free.iter().flatten().count();
+            debt = self.room_for_frees(ctx, freeing, debt);
             debt = self.write_group(ctx, op, &group, &mut change, debt);
+            let broken = ctx.broken.take();
             for (k, freed) in to_free.into_iter().enumerate() {
                 if let Some(freed) = freed {
                     let parent =
                         (change.collapsed & (1 << k) != 0).then_some((table, first + k, level));
-                    debt = self.defer_free(ctx, freed, parent, debt);
+                    // Linked if the entry pointed at it (not a split table
+                    // collapsed again before it was linked).
+                    // Already discharged if the group's break covered it.
+                    let va = cursor.entry_va(first + k);
+                    let linked_at = (group.live
+                        && change.old[k].is_table(level)
+                        && !broken.as_ref().is_some_and(|p| p.covers_walk(va)))
+                    .then_some(va);
+                    debt = self.defer_free(ctx, freed, parent, linked_at, debt);
                 }
             }
             first += CONT_ENTRIES;
