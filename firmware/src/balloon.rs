@@ -185,15 +185,13 @@ pub fn run(platform: &Platform<'static>) -> ! {
             idle_forever()
         }
     };
-    // Without FEAT_BBM level 2 a block split of the live linear map breaks
-    // the block first, and the engine may then write a table inside it:
-    // move in whole 2 MiB chunks there (unmapping a block never splits).
-    let bbm2 = BOOT_MAP
-        .with(|m| m.features.bbm_level >= 2)
-        .unwrap_or(false);
+    // Chunks down to 4 KiB on every CPU: without FEAT_BBM level 2 a split
+    // of the live linear map breaks the block first, but no table lies in
+    // a block or run that is ever broken (the table pool is pinned to
+    // small units, `hal::memory::IdentityTables`).
     let mut b = Balloon::new(BalloonConfig {
         reserve_pages: RESERVE_PAGES,
-        min_chunk_order: if bbm2 { 0 } else { 9 },
+        min_chunk_order: 0,
         report_free: has("balloon.report"),
         ..BalloonConfig::DEFAULT
     });
@@ -490,7 +488,7 @@ fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> bool {
                 let r = check(b);
                 let c = b.counters();
                 defmt::info!(
-                    "balloon settled: actual {=u32} pages in {=u64} ms; offline {=u64}; frames {=str}; lint {=usize}; TLB entries {=u64} (boot optimum {=u64}); {=u64} batches, {=u64} notifications, {=u64} descriptors, {=u64} interrupts",
+                    "balloon settled: actual {=u32} pages in {=u64} ms; offline {=u64}; frames {=str}; lint {=usize}; TLB entries {=u64} (boot optimum {=u64}); {=u64} batches, {=u64} notifications, {=u64} descriptors, {=u64} interrupts; chunks 2M {=u64} 64K {=u64} 4K {=u64}",
                     s.actual,
                     (now_ns() - t0) / 1_000_000,
                     r.offline,
@@ -501,7 +499,10 @@ fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> bool {
                     c.batches,
                     c.notifications,
                     c.descriptors,
-                    st.irqs
+                    st.irqs,
+                    c.chunks[0],
+                    c.chunks[1],
+                    c.chunks[2]
                 );
                 if st.selftest == SelfTest::DeflateOnOom && s.actual > 0 {
                     st.selftest = SelfTest::None;

@@ -165,6 +165,9 @@ pub struct MapReport {
 /// MMIO window.
 const BOOT_MAP_REGIONS: usize = 2 * memdesc::frames::MAX_RANGES + 5 + hal::dtb::MAX_MMIO_WINDOWS;
 
+/// Size of a table-pool chunk (pinned in the engine).
+const POOL_CHUNK: u64 = 2 << 20;
+
 /// The identity-mapped regions of the boot map.
 struct BootRegions {
     items: [(u64, u64, Attributes); BOOT_MAP_REGIONS],
@@ -194,7 +197,9 @@ impl BootRegions {
     /// The fewest TLB entries that can hold these mappings: adjacent regions
     /// with the same attributes are one mapping to the hardware (and the
     /// engine folds across them), so merge them before the greedy count.
-    fn optimum(&self) -> MappingSummary {
+    /// The `pinned` 2 MiB chunks (the table pool) count at 64 KiB runs at
+    /// most, and nothing folds across them.
+    fn optimum(&self, pinned: &[u64]) -> MappingSummary {
         let mut sorted = self.items;
         let list = &mut sorted[..self.len];
         list.sort_unstable_by_key(|r| r.0);
@@ -207,7 +212,27 @@ impl BootRegions {
                 end = list[i].1;
                 i += 1;
             }
-            out.add_optimum(start, start, end - start, MappingUnit::LARGEST);
+            let mut at = start;
+            while at < end {
+                // The next pinned chunk in [at, end), if any.
+                let chunk = pinned
+                    .iter()
+                    .copied()
+                    .filter(|&c| c + POOL_CHUNK > at && c < end)
+                    .min();
+                let (upto, small) = match chunk {
+                    Some(c) if c <= at => ((c + POOL_CHUNK).min(end), true),
+                    Some(c) => (c, false),
+                    None => (end, false),
+                };
+                let limit = if small {
+                    MappingUnit::Cont64K
+                } else {
+                    MappingUnit::LARGEST
+                };
+                out.add_optimum(at, at, upto - at, limit);
+                at = upto;
+            }
         }
         out
     }
@@ -218,7 +243,18 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     let features = probe.features();
     // Built before TTBR0 and the MMU are set up: plain stores (data
     // accesses may be Device memory now), until `set_live` below.
-    let mut s1 = Stage1::new_detached(IdentityTables::new(probe), VaSize::Bits48, features)?;
+    let mut s1 = Stage1::new_detached(IdentityTables::new(probe)?, VaSize::Bits48, features)?;
+    // Every table frame lives in the pool's chunks: pinned to pages and
+    // 64 KiB runs, no block or run that a split breaks holds a table.
+    let mut pinned = [0u64; hal::memory::TABLE_POOL_CHUNKS];
+    let mut npinned = 0;
+    for c in s1.platform().pool_chunks() {
+        pinned[npinned] = c.0;
+        npinned += 1;
+    }
+    for &c in &pinned[..npinned] {
+        s1.pin_small(VirtAddr(c), POOL_CHUNK)?;
+    }
 
     // Everything the boot map holds, as identity-mapped [start, end) regions.
     let mut regions = BootRegions::new();
@@ -267,7 +303,7 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     for &(start, end, attrs) in regions.as_slice() {
         s1.map(VirtAddr(start), PhysAddr(start), end - start, attrs)?;
     }
-    let optimum = regions.optimum();
+    let optimum = regions.optimum(&pinned[..npinned]);
     // Checks that the tree maps what the code uses, then marks it live.
     hal::memory::enable_mmu(&mut s1, probe)?;
     let summary = s1.summary();

@@ -15,8 +15,8 @@ use crate::global::{Global, GlobalError};
 use crate::mmu::{Probe, Tlb};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use memdesc::frames::{
-    words_needed, FrameAllocator, FrameError, FrameType, LayoutError, LinearMap, PageArray,
-    PfnRange, ReservedKind, ReservedRange, MAX_RANGES,
+    words_needed, FrameAllocator, FrameError, FrameType, FrozenKind, LayoutError, LinearMap,
+    PageArray, PfnRange, ReservedKind, ReservedRange, MAX_RANGES,
 };
 use memdesc::layout::{find_hole, LayoutPlanError};
 use memdesc::stage1::{
@@ -190,19 +190,122 @@ pub fn init_frames(p: &Platform<'_>, dtb_addr: u64) -> Result<FrameReport, Memor
     })
 }
 
-/// Table memory from the frame allocator (page-table frames, valid counts in
-/// their descriptors) and TLB maintenance from [`Tlb`], for the firmware's
-/// own identity-mapped address space.
+/// Most 2 MiB chunks the page-table pool takes (each one pinned in the
+/// engine, see [`Stage1::pin_small`]).
+pub const TABLE_POOL_CHUNKS: usize = memdesc::stage1::engine::MAX_PINNED;
+/// Frames of one pool chunk.
+const CHUNK_FRAMES: usize = 512;
+/// Tables beyond one level-3 table per 2 MiB of RAM the pool is sized
+/// for: the upper levels, device windows, the scratch window.
+const POOL_EXTRA_TABLES: u64 = 64;
+
+/// Table memory and TLB maintenance ([`Tlb`]) for the firmware's own
+/// identity-mapped address space.
+///
+/// Every table frame comes from a pool of aligned 2 MiB chunks taken from
+/// [`FRAMES`] when the tree is created: held as one-frame Guard
+/// allocations while unused, retyped to PageTable (valid count in its
+/// descriptor) while a table. The caller pins the chunks in the engine
+/// ([`IdentityTables::pool_chunks`], [`Stage1::pin_small`]), so they are
+/// mapped by pages and 64 KiB runs only and no block or run that is ever
+/// broken (a split, an unfold) holds a table: without FEAT_BBM level 2
+/// the break of an entry never unmaps the table the make writes. Nothing
+/// else is ever handed a pool frame, so nothing in the chunks changes
+/// mapping either.
 pub struct IdentityTables {
     tlb: Tlb,
+    /// First frames of the pool's chunks.
+    chunks: [Pfn; TABLE_POOL_CHUNKS],
+    nchunks: usize,
+    /// One bit per pool frame, set while it is free.
+    free: [u64; TABLE_POOL_CHUNKS * CHUNK_FRAMES / 64],
+    /// Where the last search for a free frame ended (a word of `free`).
+    hint: usize,
 }
 
 impl IdentityTables {
-    /// Tables from [`FRAMES`], maintenance as the probed CPU allows.
-    pub fn new(probe: &Probe) -> Self {
-        Self {
+    /// Maintenance as the probed CPU allows; a pool of one level-3
+    /// table per 2 MiB of RAM plus [`POOL_EXTRA_TABLES`] (rounded up to
+    /// chunks, at most [`TABLE_POOL_CHUNKS`]) from [`FRAMES`].
+    ///
+    /// # Errors
+    ///
+    /// [`MemoryError::Frames`] when not even one chunk can be had,
+    /// [`MemoryError::Global`] when [`FRAMES`] is not usable.
+    pub fn new(probe: &Probe) -> Result<Self, MemoryError> {
+        let mut t = Self {
             tlb: Tlb::new(probe),
+            chunks: [Pfn(0); TABLE_POOL_CHUNKS],
+            nchunks: 0,
+            free: [0; TABLE_POOL_CHUNKS * CHUNK_FRAMES / 64],
+            hint: 0,
+        };
+        let frames = FRAMES.with(|fa| fa.page_array().len() as u64)?;
+        let want = (frames / CHUNK_FRAMES as u64 + POOL_EXTRA_TABLES)
+            .div_ceil(CHUNK_FRAMES as u64)
+            .min(TABLE_POOL_CHUNKS as u64) as usize;
+        for _ in 0..want {
+            let got = FRAMES.with(|fa| {
+                let pfn = fa.alloc_frozen_aligned(9, 9, FrozenKind::Guard)?;
+                match fa.split_frozen(pfn, 9) {
+                    Ok(()) => Ok(pfn),
+                    Err(e) => {
+                        let _ = fa.free_frozen(pfn, 9);
+                        Err(e)
+                    }
+                }
+            })?;
+            match got {
+                Ok(pfn) => {
+                    let k = t.nchunks;
+                    t.chunks[k] = pfn;
+                    t.free[k * 8..k * 8 + 8].fill(u64::MAX);
+                    t.nchunks += 1;
+                }
+                Err(e) if t.nchunks == 0 => return Err(MemoryError::Frames(e)),
+                Err(_) => break,
+            }
         }
+        Ok(t)
+    }
+
+    /// Physical (= virtual) addresses of the pool's 2 MiB chunks.
+    pub fn pool_chunks(&self) -> impl Iterator<Item = PhysAddr> + '_ {
+        self.chunks[..self.nchunks].iter().map(|p| p.addr())
+    }
+
+    /// Pool frames not holding a table.
+    pub fn pool_free(&self) -> u64 {
+        self.free.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// The bit of `pfn` in `free`, if it is a pool frame.
+    fn slot(&self, pfn: Pfn) -> Option<usize> {
+        self.chunks[..self.nchunks]
+            .iter()
+            .enumerate()
+            .find_map(|(k, c)| {
+                (c.0..c.0 + CHUNK_FRAMES as u64)
+                    .contains(&pfn.0)
+                    .then(|| k * CHUNK_FRAMES + (pfn.0 - c.0) as usize)
+            })
+    }
+
+    /// Takes a free pool frame's bit; returns its frame.
+    fn take_free(&mut self) -> Option<Pfn> {
+        let words = self.nchunks * CHUNK_FRAMES / 64;
+        for n in 0..words {
+            let w = (self.hint + n) % words;
+            if self.free[w] != 0 {
+                let bit = self.free[w].trailing_zeros() as usize;
+                self.free[w] &= !(1 << bit);
+                self.hint = w;
+                let slot = w * 64 + bit;
+                let chunk = self.chunks[slot / CHUNK_FRAMES];
+                return Some(Pfn(chunk.0 + (slot % CHUNK_FRAMES) as u64));
+            }
+        }
+        None
     }
 }
 
@@ -219,41 +322,57 @@ fn frames_unavailable(e: GlobalError) -> TableMemoryError {
     }
 }
 
-// SAFETY: (the trait contract) tables are fresh page-table frames from the
-// buddy allocator, zeroed here, identity mapped (VA == PA) before and after
+// SAFETY: (the trait contract) tables are frames of the pool, retyped to
+// page tables when handed out and zeroed here, identity mapped (VA == PA) before and after
 // the MMU is on; entry accesses are aligned 64-bit volatile or atomic
 // accesses of entry `index < 512` of that frame only; the valid count lives
 // in the frame's page-table descriptor.
 unsafe impl TableMemory for IdentityTables {
     fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError> {
-        let frame = FRAMES
-            .with(|fa| fa.alloc_page_table())
-            .map_err(frames_unavailable)?
-            .map_err(|e| match e {
-                FrameError::OutOfMemory { .. } | FrameError::OutOfDescriptors { .. } => {
-                    TableMemoryError::OutOfMemory
-                }
-                _ => TableMemoryError::Unavailable,
-            })?;
-        let pa = frame.pfn().addr();
+        let pfn = self.take_free().ok_or(TableMemoryError::OutOfMemory)?;
+        let retyped = FRAMES
+            .with(|fa| fa.retype_frozen(pfn, 0, FrozenKind::PageTable))
+            .map_err(frames_unavailable)
+            .and_then(|r| {
+                r.map_err(|e| match e {
+                    FrameError::OutOfMemory { .. } | FrameError::OutOfDescriptors { .. } => {
+                        TableMemoryError::OutOfMemory
+                    }
+                    _ => TableMemoryError::Unavailable,
+                })
+            });
+        if let Err(e) = retyped {
+            if let Some(slot) = self.slot(pfn) {
+                self.free[slot / 64] |= 1 << (slot % 64);
+            }
+            return Err(e);
+        }
+        let pa = pfn.addr();
         for i in 0..512 {
-            // SAFETY: the frame was just allocated to us and is identity mapped.
+            // SAFETY: the frame was just made a table of ours (a pool frame
+            // no one else is handed) and is identity mapped.
             unsafe { core::ptr::write_volatile(entry_ptr(pa, i), 0) };
         }
         Ok(pa)
     }
 
     unsafe fn free_table(&mut self, table: PhysAddr) -> Result<(), TableMemoryError> {
+        let slot = self
+            .slot(table.pfn())
+            .ok_or(TableMemoryError::NotATable { table })?;
         FRAMES
             .with(|fa| {
-                let t = fa
-                    .page_array()
+                fa.page_array()
                     .page_table(table.pfn())
                     .map_err(|_| TableMemoryError::NotATable { table })?;
-                fa.free_page_table(t)
+                // Back to a held Guard frame of the pool (refused while the
+                // table has valid entries).
+                fa.retype_frozen(table.pfn(), 0, FrozenKind::Guard)
                     .map_err(|_| TableMemoryError::FreeRefused { table })
             })
-            .map_err(frames_unavailable)?
+            .map_err(frames_unavailable)??;
+        self.free[slot / 64] |= 1 << (slot % 64);
+        Ok(())
     }
 
     unsafe fn read_entry(&self, table: PhysAddr, index: usize) -> u64 {

@@ -110,6 +110,11 @@ pub enum Scenario {
     /// because the service loop sleeps in WFI; then back to all of RAM.
     /// Both moves are interrupt-driven (the settle lines count them).
     IdleCpu,
+    /// Balloon to 64 KiB short of half and back: the target is reached
+    /// exactly and the settle line shows a 64 KiB chunk was inflated (on
+    /// `cortex-a53`, no FEAT_BBM level 2, the balloon once moved whole
+    /// 2 MiB chunks only); every settle report clean, footprint back.
+    SmallChunks,
     /// RAM written first, free page reporting on: QEMU's resident memory
     /// drops without any inflate (the host discards the reported free
     /// blocks), every frame accounted for; then half and back as usual.
@@ -122,7 +127,7 @@ impl Scenario {
             Scenario::RoundTrip => "balloon.touch",
             Scenario::TouchFaults => "selftest=balloon-touch",
             Scenario::OomDeflates => "selftest=balloon-oom",
-            Scenario::Cycles(..) | Scenario::IdleCpu => "",
+            Scenario::Cycles(..) | Scenario::IdleCpu | Scenario::SmallChunks => "",
             Scenario::Reporting => "balloon.touch balloon.report",
         }
     }
@@ -281,6 +286,7 @@ fn scenario(
     f.rss.push(qemu_rss_kib(qmp_path));
     let targets = match which {
         Scenario::Cycles(n, step) => random_targets(ram, n, step),
+        Scenario::SmallChunks => vec![ram / 2 - (64 << 10), ram],
         _ => vec![ram / 2, ram],
     };
     for (k, target) in targets.into_iter().enumerate() {
@@ -406,12 +412,44 @@ pub fn system_test(
         }
         Scenario::RoundTrip => judge_round_trip(&b.ending, &f, ram, true),
         Scenario::Cycles(..) => judge_round_trip(&b.ending, &f, ram, false),
+        Scenario::SmallChunks => judge_small_chunks(&b.ending, &f, ram),
         Scenario::IdleCpu => judge_idle(&b, &f, ram),
         Scenario::Reporting => judge_reporting(&b, &f, ram),
     });
     verdict
         .map(|()| b.elapsed)
         .map_err(|e| format!("{e}\n{}", b.transcript()))
+}
+
+/// Chunks inflated so far by size (2 MiB, 64 KiB, 4 KiB) from a settle line.
+pub fn parse_chunks(line: &str) -> Option<[u64; 3]> {
+    let s = &line[line.find("chunks 2M ")? + "chunks 2M ".len()..];
+    let mut out = [0; 3];
+    for (k, key) in ["", " 64K ", " 4K "].iter().enumerate() {
+        let s = if key.is_empty() {
+            s
+        } else {
+            &s[s.find(key)? + key.len()..]
+        };
+        let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        out[k] = s[..end].parse().ok()?;
+    }
+    Some(out)
+}
+
+fn judge_small_chunks(ending: &Ending, f: &Findings, ram: u64) -> Result<(), String> {
+    judge_round_trip(ending, f, ram, false)?;
+    let first = f.moves.first().ok_or("no move")?;
+    let chunks = parse_chunks(&first.settled)
+        .ok_or_else(|| format!("no chunk counts in {:?}", first.settled))?;
+    println!(
+        "  chunks inflated: {} of 2 MiB, {} of 64 KiB, {} of 4 KiB",
+        chunks[0], chunks[1], chunks[2]
+    );
+    if chunks[1] == 0 {
+        return Err(format!("no 64 KiB chunk inflated: {}", first.settled));
+    }
+    Ok(())
 }
 
 fn judge_idle(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<(), String> {
@@ -851,6 +889,13 @@ pub fn cmd_balloon(size: u64, qmp_path: Option<PathBuf>) -> Result<std::process:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_counts_parse() {
+        let line = "balloon settled: actual 131088 pages in 9 ms; offline 131088; frames ok; lint 0; TLB entries 40 (boot optimum 40); 2 batches, 4 notifications, 9 descriptors, 3 interrupts; chunks 2M 256 64K 1 4K 0";
+        assert_eq!(parse_chunks(line), Some([256, 1, 0]));
+        assert_eq!(parse_chunks("balloon settled: actual 0 pages"), None);
+    }
 
     #[test]
     fn settle_lines_parse() {

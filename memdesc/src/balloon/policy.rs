@@ -149,6 +149,9 @@ pub struct Counters {
     pub compactions: u64,
     /// Ballooned frames migrated by compaction.
     pub migrated: u64,
+    /// Chunks taken for inflating, by size: 2 MiB, 64 KiB, 4 KiB (the
+    /// order of [`CHUNK_ORDERS`]).
+    pub chunks: [u64; 3],
 }
 
 /// Where the balloon stands.
@@ -240,6 +243,7 @@ impl Balloon {
                 stats_reposts: 0,
                 compactions: 0,
                 migrated: 0,
+                chunks: [0; 3],
             },
             reporter: Reporter::new(),
         }
@@ -674,6 +678,9 @@ impl Balloon {
                 break;
             }
             self.arr.push_run(env, pfn.0 as u32, pages)?;
+            if let Some(k) = CHUNK_ORDERS.iter().position(|&o| o == order) {
+                self.counters.chunks[k] += 1;
+            }
             added += pages;
         }
         if added < n {

@@ -1161,3 +1161,13 @@ mod property {
         }
     }
 }
+
+/// The counters say how many chunks of each size inflating took (what the
+/// on-target system test reads from the settle line).
+#[test]
+fn chunk_counters_count_each_size() {
+    let mut r = rig(8, QEMU);
+    r.target(512 + 2 * 16 + 3);
+    r.settle();
+    assert_eq!(r.b.counters().chunks, [1, 2, 3]);
+}

@@ -67,6 +67,31 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
         Ok(())
     }
 
+    /// Splits the frozen allocation `[pfn, pfn + 2^order)` of a kind without
+    /// a descriptor (Offline, Guard) into `2^order` one-frame allocations of
+    /// that kind, each of which can then be retyped
+    /// ([`FrameAllocator::retype_frozen`]) or freed on its own. For a pool
+    /// carved out of one aligned block (the firmware's page-table pool).
+    /// Poisoned frames stay poisoned.
+    ///
+    /// # Errors
+    ///
+    /// The allocation checks of [`FrameAllocator::free_frozen`];
+    /// [`FrameError::WrongType`] for any other kind. Nothing changes on
+    /// error.
+    pub fn split_frozen(&mut self, pfn: Pfn, order: u8) -> Result<(), FrameError> {
+        let (_, idx, head, _) = self.check_allocation(pfn, order)?;
+        let ty = head.frame_type().ok_or(FrameError::Corrupt { pfn })?;
+        if !matches!(ty, FrameType::Offline | FrameType::Guard) {
+            return Err(FrameError::WrongType { pfn, found: ty });
+        }
+        let single = Word::misc(ty, head.subtype(), 0, 0);
+        for i in 0..1usize << order {
+            self.rewrite(idx + i, 0, single, single);
+        }
+        Ok(())
+    }
+
     /// Turns a frozen folio into Offline frames; its descriptor is freed.
     ///
     /// # Errors
@@ -137,6 +162,40 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
 mod tests {
     use crate::frames::testutil::*;
     use crate::frames::*;
+
+    #[test]
+    fn a_split_guard_block_is_one_frame_allocations() {
+        let (pa, _) = setup(&[(0x100, 0x140)]);
+        let mut fa = alloc(pa, &[]);
+        let p = fa.alloc_frozen(4, FrozenKind::Guard).unwrap();
+        assert_eq!(
+            fa.split_frozen(Pfn(p.0 + 1), 0),
+            Err(FrameError::NotAllocation { pfn: Pfn(p.0 + 1) })
+        );
+        fa.split_frozen(p, 4).unwrap();
+        assert_eq!(fa.count(FrameType::Guard), 16);
+        // Each frame on its own: a table, a freed frame, a guard again.
+        fa.retype_frozen(Pfn(p.0 + 3), 0, FrozenKind::PageTable)
+            .unwrap();
+        assert_eq!(pa.page_table(Pfn(p.0 + 3)).unwrap().valid(), 0);
+        fa.free_frozen(Pfn(p.0 + 5), 0).unwrap();
+        assert_eq!(fa.count(FrameType::Guard), 14);
+        assert_eq!(fa.count(FrameType::PageTable), 1);
+        fa.check_consistency().unwrap();
+        fa.retype_frozen(Pfn(p.0 + 3), 0, FrozenKind::Guard)
+            .unwrap();
+        assert!(fa.free_frozen(p, 4).is_err(), "no longer one allocation");
+        // A table cannot be split (it has a descriptor).
+        let t = fa.alloc_frozen(0, FrozenKind::PageTable).unwrap();
+        assert_eq!(
+            fa.split_frozen(t, 0),
+            Err(FrameError::WrongType {
+                pfn: t,
+                found: FrameType::PageTable
+            })
+        );
+        fa.check_consistency().unwrap();
+    }
 
     #[test]
     fn balloon_round_trip() {

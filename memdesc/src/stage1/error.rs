@@ -64,6 +64,9 @@ pub enum Stage1Error {
     /// table whose count it could not trust, and the provider's counts may
     /// now disagree with the tables (the linter reports where).
     TableMemory(TableMemoryError),
+    /// [`Stage1::pin_small`](super::Stage1::pin_small) has no room for more
+    /// pinned chunks.
+    TooManyPinned,
 }
 
 impl From<TableMemoryError> for Stage1Error {
@@ -92,6 +95,7 @@ impl fmt::Display for Stage1Error {
             Self::ExecutableDevice => write!(f, "executable Device memory refused"),
             Self::OutOfTableMemory => write!(f, "out of translation table memory"),
             Self::TableMemory(e) => write!(f, "translation table memory failed: {e:?}"),
+            Self::TooManyPinned => write!(f, "no room for another pinned chunk"),
         }
     }
 }

@@ -17,7 +17,8 @@ pub const MAX_TLBI_BY_VA: u64 = 512;
 
 /// Invalidates `[lo, hi)` whose changed entries are leaves at levels
 /// `finest..=coarsest` (numerically `coarsest <= finest`); `walk` when a
-/// table descriptor changed (walk caches must go too).
+/// table descriptor changed (walk caches must go too). Returns true when
+/// it invalidated everything instead (`TLBI VMALLE1IS`).
 ///
 /// Without FEAT_TLBIRANGE one `TLBI VA` per finest-level entry is needed: a
 /// contiguous run may be cached entry by entry, so one TLBI per run is not
@@ -30,7 +31,7 @@ pub fn invalidate<H: TranslationHw + ?Sized>(
     finest: u8,
     coarsest: u8,
     walk: bool,
-) {
+) -> bool {
     let scope = TlbiScope {
         last_level_only: !walk,
         level: if !walk && finest == coarsest {
@@ -41,20 +42,21 @@ pub fn invalidate<H: TranslationHw + ?Sized>(
     };
     if features.tlbi_range {
         hw.tlbi_va_range(VirtAddr(lo), hi - lo, scope);
-        return;
+        return false;
     }
     let stride = level_size(finest);
     let lo = lo & !(stride - 1);
     let count = (hi - lo).div_ceil(stride);
     if count >= MAX_TLBI_BY_VA {
         hw.tlbi_all();
-        return;
+        return true;
     }
     let mut va = lo;
     while va < hi {
         hw.tlbi_va(VirtAddr(va), scope);
         va += stride;
     }
+    false
 }
 
 /// Live entries changed but not yet invalidated: one merged VA span.
@@ -134,14 +136,21 @@ impl TlbDebt {
     }
 
     /// Pays the debt: `DSB ISHST`, one TLBI pass, `DSB ISH` (nothing when
-    /// nothing is due). The returned proof is what freeing an unlinked
-    /// table waits for.
+    /// nothing is due). The returned proof says what was invalidated; it
+    /// discharges the free of an unlinked table only if that covered the
+    /// table's range with a walk TLBI, so a proof of no debt
+    /// (`TlbDebt::NONE.settle(..)`) discharges nothing.
     pub fn settle<H: TranslationHw + ?Sized>(self, hw: &mut H, features: Features) -> TlbSettled {
         if !self.any {
-            return TlbSettled(());
+            return TlbSettled {
+                lo: u64::MAX,
+                hi: 0,
+                walk: false,
+                all: false,
+            };
         }
         hw.dsb_ishst();
-        invalidate(
+        let all = invalidate(
             hw,
             features,
             self.lo,
@@ -151,12 +160,72 @@ impl TlbDebt {
             self.walk,
         );
         hw.dsb_ish();
-        TlbSettled(())
+        TlbSettled {
+            lo: self.lo,
+            hi: self.hi,
+            walk: self.walk,
+            all,
+        }
     }
 }
 
 /// Proof that a [`TlbDebt`] was settled: every TLBI for the entries it
 /// recorded was issued and a `DSB ISH` has waited for them on every core of
-/// the Inner Shareable domain. Only [`TlbDebt::settle`] makes one.
+/// the Inner Shareable domain. Only [`TlbDebt::settle`] makes one, and it
+/// carries what was invalidated: [`TlbSettled::covers_walk`] is true only
+/// for addresses whose walk-cache entries that maintenance removed. It is
+/// neither `Clone` nor constructible elsewhere, so a proof cannot outlive
+/// its settle to discharge a table unlinked after it, nor be made up:
+///
+/// ```compile_fail,E0451
+/// use memdesc::stage1::flush::TlbSettled;
+/// // No proof without the maintenance: the fields are private.
+/// let proof = TlbSettled { lo: 0, hi: u64::MAX, walk: true, all: true };
+/// ```
+///
+/// ```compile_fail,E0599
+/// use memdesc::stage1::flush::TlbSettled;
+/// fn keep(p: &TlbSettled) -> TlbSettled {
+///     TlbSettled::clone(p) // a proof kept for later: not Clone
+/// }
+/// ```
+///
+/// And the proof of no debt covers nothing:
+///
+/// ```
+/// use memdesc::stage1::flush::TlbDebt;
+/// use memdesc::stage1::{Features, TlbiScope, TranslationHw};
+/// use memdesc::VirtAddr;
+/// struct NoHw;
+/// impl TranslationHw for NoHw {
+///     fn tlbi_va(&mut self, _: VirtAddr, _: TlbiScope) {}
+///     fn tlbi_va_range(&mut self, _: VirtAddr, _: u64, _: TlbiScope) {}
+///     fn tlbi_all(&mut self) {}
+///     fn dsb_ishst(&mut self) {}
+///     fn dsb_ish(&mut self) {}
+///     fn isb(&mut self) {}
+/// }
+/// let proof = TlbDebt::NONE.settle(&mut NoHw, Features::NONE);
+/// assert!(!proof.covers_walk(0x4000_0000));
+/// let mut debt = TlbDebt::NONE;
+/// debt.add_walk(0x4000_0000);
+/// let proof = debt.settle(&mut NoHw, Features::NONE);
+/// assert!(proof.covers_walk(0x4000_0000));
+/// assert!(!proof.covers_walk(0x8000_0000));
+/// ```
 #[derive(Debug)]
-pub struct TlbSettled(());
+pub struct TlbSettled {
+    lo: u64,
+    hi: u64,
+    walk: bool,
+    all: bool,
+}
+
+impl TlbSettled {
+    /// True when the settled maintenance removed walk-cache entries (a
+    /// TLBI that is not last-level only) for `va`, or everything.
+    #[inline]
+    pub fn covers_walk(&self, va: u64) -> bool {
+        self.all || (self.walk && self.lo <= va && va < self.hi)
+    }
+}

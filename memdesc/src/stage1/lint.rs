@@ -148,7 +148,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     let count = self.valid_count(next);
                     if count as usize == ENTRIES
                         && self
-                            .collapse_candidate(next, level, MappingUnit::LARGEST)
+                            .collapse_candidate(next, level, va, MappingUnit::LARGEST)
                             .is_some()
                     {
                         report(Rule::MissedCollapse);

@@ -1338,3 +1338,87 @@ fn table_frames_are_freed_only_after_a_walk_tlbi_and_dsb() {
         assert_eq!(freed_after_maintenance(s.platform().log()), 1, "{f:?}");
     }
 }
+
+/// Issue 9: a tree that maps its own table frames (the firmware's identity
+/// map of RAM) with the tables inside a block or run that their own
+/// entries map cannot split it without FEAT_BBM level 2: the break unmaps
+/// the table the make must write. With every table frame in a chunk
+/// pinned to small units (`pin_small`; the fake's frames are that chunk),
+/// no block or run that is ever broken holds a table: 64 KiB pieces come
+/// out of every 2 MiB block (the 1 GiB block, the 32 MiB runs, the blocks
+/// beside the pinned chunk) and go back, refolded, with no table access
+/// through an unmapped VA.
+#[test]
+fn tables_in_a_pinned_chunk_survive_splits_without_bbm() {
+    let mut b = bufs(600);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    let ram = G1;
+    let pool = ram + 37 * M2;
+    s.pin_small(va(pool), M2).unwrap();
+    s.map(va(ram), pa(ram), G1, Attributes::DATA).unwrap();
+    // Fake table frame n is reached at pool + n * 4 KiB from now on.
+    s.platform_mut().set_table_window(Some(va(pool)));
+    check(&mut s);
+    assert_eq!(s.query(va(pool)).unwrap().unit, MappingUnit::Cont64K);
+    assert_eq!(
+        s.query(va(pool + M2 - K4)).unwrap().unit,
+        MappingUnit::Cont64K
+    );
+    assert_eq!(s.summary().count(MappingUnit::Block1G), 0);
+    assert_eq!(s.summary().count(MappingUnit::Cont32M), 31);
+    assert_eq!(s.summary().count(MappingUnit::Block2M), 15);
+    // 255 level-3 tables fit the pinned chunk's 512 frames.
+    let blocks = (0..256u64).filter(|&k| ram + k * M2 != pool);
+    for k in blocks.clone() {
+        s.unmap(va(ram + k * M2 + K64), K64).unwrap();
+    }
+    check(&mut s);
+    assert!(s.query(va(ram + 36 * M2 + K64)).is_err());
+    for k in blocks {
+        let at = ram + k * M2 + K64;
+        s.map(va(at), pa(at), K64, Attributes::DATA).unwrap();
+    }
+    s.refold(va(ram), G1).unwrap();
+    check(&mut s);
+    // Back at the optimum the pin allows; the pinned chunk stays small.
+    let sum = s.summary();
+    assert_eq!(sum.count(MappingUnit::Cont32M), 31);
+    assert_eq!(sum.count(MappingUnit::Block2M), 15);
+    assert_eq!(sum.count(MappingUnit::Cont64K), 32);
+    assert_eq!(s.platform().tables_in_use(), 4);
+    assert_eq!(s.query(va(pool)).unwrap().unit, MappingUnit::Cont64K);
+}
+
+/// `pin_small` takes whole unmapped 2 MiB chunks only, and a bounded number.
+#[test]
+fn pin_small_refuses_bad_ranges() {
+    let mut b = bufs(40);
+    let mut s = engine(&mut b, NO_BBM, VaSize::Bits48);
+    assert_eq!(
+        s.pin_small(va(G1 + K64), M2),
+        Err(Stage1Error::UnalignedVa { va: va(G1 + K64) })
+    );
+    assert_eq!(
+        s.pin_small(va(G1), K64),
+        Err(Stage1Error::UnalignedLength { len: K64 })
+    );
+    s.map(va(G1 + M2 + K4), pa(G1), K4, Attributes::DATA)
+        .unwrap();
+    assert_eq!(
+        s.pin_small(va(G1), 2 * M2),
+        Err(Stage1Error::AlreadyMapped {
+            va: va(G1 + M2 + K4)
+        })
+    );
+    s.pin_small(va(2 * G1), engine::MAX_PINNED as u64 * M2)
+        .unwrap();
+    // Pinning a pinned chunk again costs no room; a new one has none.
+    s.pin_small(va(2 * G1), M2).unwrap();
+    assert_eq!(s.pin_small(va(3 * G1), M2), Err(Stage1Error::TooManyPinned));
+    // A map across the pinned chunks writes no block over them.
+    s.map(va(2 * G1), pa(2 * G1), G1, Attributes::DATA).unwrap();
+    check(&mut s);
+    let last = 2 * G1 + engine::MAX_PINNED as u64 * M2;
+    assert_eq!(s.query(va(last - K4)).unwrap().unit, MappingUnit::Cont64K);
+    assert_eq!(s.query(va(last)).unwrap().unit, MappingUnit::Cont32M);
+}

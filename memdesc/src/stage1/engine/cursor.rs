@@ -9,7 +9,7 @@
 
 use super::rewrite::{Group, GroupChange, OpCtx};
 use super::{LeafOp, Stage1};
-use crate::addr::PhysAddr;
+use crate::addr::{PhysAddr, PAGE_SIZE};
 use crate::stage1::attributes::Attributes;
 use crate::stage1::descriptor::{
     leaf_allowed, level_shift, level_size, Descriptor, DescriptorKind, CONT_ENTRIES, ENTRIES,
@@ -246,12 +246,30 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         while i < entries.end {
             let entry_va = cursor.entry_va(i);
             let output = entry_va.wrapping_add(offset);
-            if leaf_ok && cursor.covers(i) && output & (size - 1) == 0 {
+            // A pinned chunk (`Stage1::pin_small`) under a block entry
+            // stops the bulk leaves there: that entry becomes a table.
+            let pinned_stop = |last: usize| match self
+                .pinned_in(entry_va, entry_va.wrapping_add((last - i) as u64 * size))
+            {
+                Some(chunk) => i + (chunk.saturating_sub(entry_va) >> level_shift(level)) as usize,
+                None => last,
+            };
+            let last_leaf = if leaf_ok && cursor.covers(i) && output & (size - 1) == 0 {
+                let last =
+                    (i + ((cursor.end - entry_va) >> level_shift(level)) as usize).min(entries.end);
+                if size > 16 * PAGE_SIZE {
+                    pinned_stop(last)
+                } else {
+                    last
+                }
+            } else {
+                i
+            };
+            if last_leaf > i {
                 // Every following entry up to the last one wholly inside
                 // the range is a leaf too (same alignment): write them in
                 // bulk, whole aligned groups with the Contiguous bit.
-                let last =
-                    (i + ((cursor.end - entry_va) >> level_shift(level)) as usize).min(entries.end);
+                let last = last_leaf;
                 let group_output = output.wrapping_sub((i % CONT_ENTRIES) as u64 * size);
                 let runs_from = if contiguous_ok && group_output & (run_size - 1) == 0 {
                     i.next_multiple_of(CONT_ENTRIES).min(last)
@@ -308,8 +326,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     let current = self.read(table, i);
                     self.replace_live(table, i, level, current, Descriptor::INVALID);
                     self.adjust(table, -1);
+                    debt = self.room_for_frees(ctx, 1, debt);
                     debt.add_walk(entry_va);
-                    debt = self.defer_free(ctx, child, None, debt);
+                    let linked_at = cursor.is_live().then_some(entry_va);
+                    debt = self.defer_free(ctx, child, None, linked_at, debt);
                 }
                 return (Err(stopped_at), debt);
             }
@@ -351,10 +371,14 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                         if matches!(op, LeafOp::Refold)
                             && cursor.covers(index)
                             && self.valid_count(child) as usize == ENTRIES
-                            && self.collapse_candidate(child, level, ctx.limit).is_some() =>
+                            && self
+                                .collapse_candidate(child, level, cursor.entry_va(index), ctx.limit)
+                                .is_some() =>
                     {
                         // Collapsing directly beats folding its runs first.
-                        if let Some(block) = self.collapse_candidate(child, level, ctx.limit) {
+                        if let Some(block) =
+                            self.collapse_candidate(child, level, cursor.entry_va(index), ctx.limit)
+                        {
                             change.new[k] = block;
                             to_free[k] = Some(child);
                         }
@@ -366,7 +390,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                             change.new[k] = Descriptor::INVALID;
                             to_free[k] = Some(child);
                         } else if valid as usize == ENTRIES {
-                            if let Some(block) = self.collapse_candidate(child, level, ctx.limit) {
+                            if let Some(block) = self.collapse_candidate(
+                                child,
+                                level,
+                                cursor.entry_va(index),
+                                ctx.limit,
+                            ) {
                                 change.new[k] = block;
                                 to_free[k] = Some(child);
                             }
@@ -390,9 +419,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                         self.fill_split(split, d, level);
                         let below = cursor.down(index, split).detached();
                         debt = self.modify_level(ctx, op, &below, debt);
-                        if let Some(block) =
-                            self.collapse_candidate(split, level, MappingUnit::LARGEST)
-                        {
+                        if let Some(block) = self.collapse_candidate(
+                            split,
+                            level,
+                            cursor.entry_va(index),
+                            MappingUnit::LARGEST,
+                        ) {
                             change.new[k] = block;
                             to_free[k] = Some(split);
                         } else {
@@ -412,12 +444,23 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             if level >= 1 && self.complete_group(&group, in_range, &mut change) {
                 change.fold(level, ctx.limit);
             }
+            let freeing = to_free.iter().flatten().count();
+            debt = self.room_for_frees(ctx, freeing, debt);
             debt = self.write_group(ctx, op, &group, &mut change, debt);
+            let broken = ctx.broken.take();
             for (k, freed) in to_free.into_iter().enumerate() {
                 if let Some(freed) = freed {
                     let parent =
                         (change.collapsed & (1 << k) != 0).then_some((table, first + k, level));
-                    debt = self.defer_free(ctx, freed, parent, debt);
+                    // Linked if the entry pointed at it (not a split table
+                    // collapsed again before it was linked).
+                    // Already discharged if the group's break covered it.
+                    let va = cursor.entry_va(first + k);
+                    let linked_at = (group.live
+                        && change.old[k].is_table(level)
+                        && !broken.as_ref().is_some_and(|p| p.covers_walk(va)))
+                    .then_some(va);
+                    debt = self.defer_free(ctx, freed, parent, linked_at, debt);
                 }
             }
             first += CONT_ENTRIES;

@@ -160,15 +160,20 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         self.adjust(table, ENTRIES as i32);
     }
 
-    /// The block at `level` equivalent to the full table `child`, if its 512
-    /// leaves are uniform and aligned; access/dirty are ORed into the block.
+    /// The block at `level` (at `va`) equivalent to the full table `child`,
+    /// if its 512 leaves are uniform and aligned and the block would not
+    /// cover a pinned chunk; access/dirty are ORed into the block.
     pub(in crate::stage1) fn collapse_candidate(
         &self,
         child: PhysAddr,
         level: u8,
+        va: u64,
         limit: MappingUnit,
     ) -> Option<Descriptor> {
-        if !leaf_allowed(level) || !limit.allows_leaf(level) {
+        if !leaf_allowed(level)
+            || !limit.allows_leaf(level)
+            || !self.unit_allowed(va, level_size(level))
+        {
             return None;
         }
         let child_level = level + 1;

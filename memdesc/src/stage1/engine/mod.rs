@@ -116,7 +116,17 @@ pub struct Stage1<P: TableMemory + TranslationHw> {
     /// First table-memory failure of the running operation (a count that
     /// could not be read or changed, a free refused); reported at its end.
     fault: Option<TableMemoryError>,
+    /// First VAs of the pinned 2 MiB chunks (see [`Stage1::pin_small`]).
+    pinned: [u64; MAX_PINNED],
+    /// How many of `pinned` are in use.
+    pinned_len: usize,
 }
+
+/// 2 MiB chunks [`Stage1::pin_small`] can keep at most.
+pub const MAX_PINNED: usize = 16;
+
+/// Size of a pinned chunk: one level-3 table's worth.
+const PIN_CHUNK: u64 = 2 << 20;
 
 /// What [`Stage1::valid_count`] returns for a count it could not read:
 /// neither 0 (the table would be freed) nor 512 (it would be collapsed).
@@ -162,7 +172,72 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             features,
             live: false,
             fault: None,
+            pinned: [0; MAX_PINNED],
+            pinned_len: 0,
         })
+    }
+
+    /// Pins `[va, va + len)` (2 MiB aligned, nothing mapped in it yet) to
+    /// small units for the life of the tree: from now on no block and no
+    /// run larger than 64 KiB ever covers any of it (a map over it writes
+    /// a level-3 table of pages and 64 KiB runs, and no refold collapses
+    /// that table). For memory that must never lie inside a unit that
+    /// gets broken: a provider that takes every table frame from pinned
+    /// chunks it never hands out for anything else has no table inside a
+    /// block or run that a split or unfold breaks, so splits work without
+    /// FEAT_BBM level 2 however the tree maps its own tables.
+    ///
+    /// # Errors
+    ///
+    /// [`Stage1Error::UnalignedVa`] / [`Stage1Error::UnalignedLength`] for
+    /// a range not aligned to 2 MiB, [`Stage1Error::EmptyRange`],
+    /// [`Stage1Error::VaOutOfRange`], [`Stage1Error::AlreadyMapped`] when a
+    /// page of it is mapped, [`Stage1Error::TooManyPinned`] past
+    /// [`MAX_PINNED`] chunks. Nothing is pinned on error.
+    pub fn pin_small(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
+        let (start, end) = self.check_va(va, len)?;
+        if start % PIN_CHUNK != 0 {
+            return Err(Stage1Error::UnalignedVa { va });
+        }
+        if len % PIN_CHUNK != 0 {
+            return Err(Stage1Error::UnalignedLength { len });
+        }
+        if let Some(mapped) = self.first_where(&self.cursor(start, end), true) {
+            return Err(Stage1Error::AlreadyMapped {
+                va: VirtAddr(mapped),
+            });
+        }
+        let new = (start..end)
+            .step_by(PIN_CHUNK as usize)
+            .filter(|c| self.pinned_in(*c, *c + PIN_CHUNK).is_none())
+            .count();
+        if self.pinned_len + new > MAX_PINNED {
+            return Err(Stage1Error::TooManyPinned);
+        }
+        for chunk in (start..end).step_by(PIN_CHUNK as usize) {
+            if self.pinned_in(chunk, chunk + PIN_CHUNK).is_none() {
+                self.pinned[self.pinned_len] = chunk;
+                self.pinned_len += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The lowest pinned chunk that meets `[start, end)`, if any.
+    #[inline]
+    pub(in crate::stage1) fn pinned_in(&self, start: u64, end: u64) -> Option<u64> {
+        self.pinned[..self.pinned_len]
+            .iter()
+            .copied()
+            .filter(|&c| c < end && c + PIN_CHUNK > start)
+            .min()
+    }
+
+    /// True when a leaf or run of `size` bytes at `va` may be written:
+    /// 64 KiB and smaller always, larger ones only clear of pinned chunks.
+    #[inline]
+    pub(in crate::stage1) fn unit_allowed(&self, va: u64, size: u64) -> bool {
+        size <= 16 * PAGE_SIZE || self.pinned_len == 0 || self.pinned_in(va, va + size).is_none()
     }
 
     /// Marks the tree live: call it before its root goes into a TTBR of a

@@ -12,7 +12,7 @@ use crate::addr::PhysAddr;
 use crate::stage1::attributes::Attributes;
 use crate::stage1::descriptor::{level_size, Descriptor, CONT_ENTRIES, ENTRIES};
 use crate::stage1::error::Stage1Error;
-use crate::stage1::flush::{invalidate, TlbDebt, TlbSettled};
+use crate::stage1::flush::{TlbDebt, TlbSettled};
 use crate::stage1::hardware::{TableMemory, TranslationHw};
 use crate::stage1::unit::MappingUnit;
 
@@ -21,6 +21,7 @@ use crate::stage1::unit::MappingUnit;
 pub(super) const STASH: usize = 4;
 /// Freed tables waiting for the TLBI that makes freeing them safe.
 const FREE_BATCH: usize = 16;
+const _: () = assert!(FREE_BATCH >= CONT_ENTRIES, "a group's frees fit one batch");
 /// Runs unfolded or re-formed in place, re-read after the TLBI.
 const REGATHER_BATCH: usize = 8;
 
@@ -31,8 +32,10 @@ pub(super) type EntryAt = (PhysAddr, usize, u8);
 /// value): tables to free, pre-allocated split tables, groups to regather.
 pub(super) struct OpCtx {
     /// Each with the entry (table, index, level) of the block that replaced
-    /// it, if any: its state is re-read into the block after the TLBI.
-    frees: [(PhysAddr, Option<EntryAt>); FREE_BATCH],
+    /// it, if any: its state is re-read into the block after the TLBI; and
+    /// the VA of the live entry that linked it, if one did (the settled
+    /// maintenance must cover it with a walk TLBI before the free).
+    frees: [(PhysAddr, Option<EntryAt>, Option<u64>); FREE_BATCH],
     free_count: usize,
     pub(super) stash: [PhysAddr; STASH],
     pub(super) stash_count: usize,
@@ -47,12 +50,15 @@ pub(super) struct OpCtx {
     /// or dirty state through the old run in any of their entries.
     regather: [EntryAt; REGATHER_BATCH],
     regather_count: usize,
+    /// The proof of the last break-before-make window's maintenance (of
+    /// the group just written), for the tables it unlinked.
+    pub(super) broken: Option<TlbSettled>,
 }
 
 impl OpCtx {
     pub(super) const fn new(limit: MappingUnit) -> Self {
         Self {
-            frees: [(PhysAddr(0), None); FREE_BATCH],
+            frees: [(PhysAddr(0), None, None); FREE_BATCH],
             free_count: 0,
             stash: [PhysAddr(0); STASH],
             stash_count: 0,
@@ -61,6 +67,7 @@ impl OpCtx {
             error: None,
             regather: [(PhysAddr(0), 0, 0); REGATHER_BATCH],
             regather_count: 0,
+            broken: None,
         }
     }
 }
@@ -211,13 +218,15 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         }
     }
 
-    /// Frees the tables unlinked so far. `_settled` is the proof that the
+    /// Frees the tables unlinked so far. `settled` is the proof that the
     /// TLB maintenance (`DSB ISHST`, TLBI, `DSB ISH`) after their unlinking
-    /// has completed, so no walker on any core can still use them.
-    fn free_deferred(&mut self, ctx: &mut OpCtx, _settled: &TlbSettled) {
+    /// has completed; a table that a live entry linked is freed only if
+    /// that maintenance covered the entry with a walk TLBI, so no walker on
+    /// any core can still use it.
+    fn free_deferred(&mut self, ctx: &mut OpCtx, settled: &TlbSettled) {
         let mut wrote = false;
         for i in 0..ctx.free_count {
-            let (table, parent) = ctx.frees[i];
+            let (table, parent, _) = ctx.frees[i];
             if let Some((parent_table, index, level)) = parent {
                 // Rule 3: walkers may have written through the old table
                 // until the TLBI that precedes this completed.
@@ -229,7 +238,17 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             self.platform.dsb_ishst();
         }
         for i in 0..ctx.free_count {
-            let (table, _) = ctx.frees[i];
+            let (table, _, linked_at) = ctx.frees[i];
+            if linked_at.is_some_and(|va| !settled.covers_walk(va)) {
+                // The maintenance did not remove the walk-cache entries
+                // through this table's old link (an engine bug): a walker
+                // may still use it, so it is kept (lost, never reused).
+                debug_assert!(
+                    false,
+                    "{table:?} unlinked without a walk TLBI: {linked_at:x?} {settled:x?}"
+                );
+                continue;
+            }
             // A table discarded whole (a full table collapsed into a block)
             // still counts its entries: the frame provider wants 0. A count
             // that cannot be read or zeroed keeps the table out of the
@@ -248,26 +267,44 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
             // SAFETY: the descriptor pointing at this table was cleared or
             // replaced and the TLB debt covering it (non-last-level TLBI) was
-            // settled before we got here (`_settled`), or the table was
-            // never linked (split then collapsed again).
+            // settled before we got here and covered it (`settled`,
+            // checked above), or the table was never linked into a live
+            // tree (split then collapsed again, or no walker yet).
             unsafe { self.release(table) };
         }
         ctx.free_count = 0;
     }
 
-    /// Queues `table` (unlinked from `parent` if a block replaced it) to be
-    /// freed once the TLB debt is paid; a full batch settles it first.
+    /// Makes room for `n` (at most a group's worth) more tables to free:
+    /// settles the debt first when the batch would overflow. Called before
+    /// the unlinks of those tables are recorded in the debt, so the proof
+    /// that later discharges them is the one of the debt that records them.
+    pub(super) fn room_for_frees(&mut self, ctx: &mut OpCtx, n: usize, debt: TlbDebt) -> TlbDebt {
+        if ctx.free_count + n > FREE_BATCH {
+            self.settle_now(ctx, debt)
+        } else {
+            debt
+        }
+    }
+
+    /// Queues `table` (unlinked from `parent` if a block replaced it; from
+    /// the live entry at `linked_at`, if one linked it) to be freed once
+    /// the TLB debt is paid. The caller made room
+    /// ([`Stage1::room_for_frees`]); if it did not, the debt is settled
+    /// here and a linked table is not freed by that proof (kept, lost).
     pub(super) fn defer_free(
         &mut self,
         ctx: &mut OpCtx,
         table: PhysAddr,
         parent: Option<EntryAt>,
+        linked_at: Option<u64>,
         mut debt: TlbDebt,
     ) -> TlbDebt {
         if ctx.free_count == FREE_BATCH {
+            debug_assert!(false, "no room made for a table to free");
             debt = self.settle_now(ctx, debt);
         }
-        ctx.frees[ctx.free_count] = (table, parent);
+        ctx.frees[ctx.free_count] = (table, parent, linked_at);
         ctx.free_count += 1;
         debt
     }
@@ -484,17 +521,11 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             }
             let low = group.va + to_break.trailing_zeros() as u64 * size;
             let high = group.va + (32 - to_break.leading_zeros()) as u64 * size;
-            self.platform.dsb_ishst();
-            invalidate(
-                &mut self.platform,
-                self.features,
-                low,
-                high,
-                finest,
-                level,
-                walk,
-            );
-            self.platform.dsb_ish();
+            // Paid at once (`DSB ISHST`, TLBI, `DSB ISH`); the proof
+            // discharges the tables this break unlinked.
+            let mut broken = TlbDebt::NONE;
+            broken.add(low, high - low, finest, level, walk);
+            ctx.broken = Some(broken.settle(&mut self.platform, self.features));
             ctx.wrote = true;
         }
         // Rule 7: a cached copy of any entry of a run may translate any page
