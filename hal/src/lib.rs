@@ -15,6 +15,7 @@ pub mod dtb;
 pub mod esr;
 pub mod exit;
 pub mod irq;
+pub mod loader_proto;
 pub mod memprobe;
 pub mod midr;
 
