@@ -36,6 +36,8 @@ pub mod global;
 pub mod image;
 #[cfg(hw)]
 pub mod imx_uart;
+#[cfg(all(hw, feature = "loader"))]
+pub mod loader;
 #[cfg(hw)]
 mod logger;
 #[cfg(hw)]

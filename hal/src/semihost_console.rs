@@ -113,6 +113,31 @@ pub fn crc32(data: &[u8]) -> u32 {
     !data.iter().fold(!0u32, |crc, &b| crc32_step(crc, b))
 }
 
+/// [`crc32`] a byte at a time (memory read with volatile loads).
+#[derive(Debug, Clone, Copy)]
+pub struct Crc32(u32);
+
+impl Default for Crc32 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Crc32 {
+    /// Nothing seen yet.
+    pub const fn new() -> Self {
+        Self(!0)
+    }
+    /// One more byte.
+    pub fn push(&mut self, b: u8) {
+        self.0 = crc32_step(self.0, b);
+    }
+    /// The CRC of the bytes pushed.
+    pub const fn finish(self) -> u32 {
+        !self.0
+    }
+}
+
 fn crc32_step(mut crc: u32, b: u8) -> u32 {
     crc ^= u32::from(b);
     for _ in 0..8 {
