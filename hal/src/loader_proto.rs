@@ -722,6 +722,9 @@ pub enum Outcome {
 pub struct Server {
     record: Record,
     current: Option<Current>,
+    /// The segment the last END completed (so a resent END, its ACK lost,
+    /// is acknowledged again).
+    finished: Option<u8>,
     reply: Wr<{ frame::MAX_PAYLOAD }>,
 }
 
@@ -731,6 +734,7 @@ impl Server {
         Self {
             record: Record::from_bytes(&mem.load_record()).unwrap_or_default(),
             current: None,
+            finished: None,
             reply: Wr::default(),
         }
     }
@@ -802,6 +806,7 @@ impl Server {
                     };
                 }
                 self.current = None;
+                self.finished = None;
                 mem.store_record(&self.record.to_bytes());
                 self.ack()
             }
@@ -833,6 +838,7 @@ impl Server {
                     seg,
                     received: 0,
                 });
+                self.finished = None;
                 self.ack()
             }
             Request::Data { offset, bytes } => {
@@ -854,7 +860,13 @@ impl Server {
                 self.ack()
             }
             Request::End => {
-                let cur = self.current.ok_or(LoadError::NoSegment)?;
+                let cur = match (self.current, self.finished) {
+                    (Some(c), _) => c,
+                    (None, Some(i)) if self.record.segs[usize::from(i)].valid => {
+                        return self.ack();
+                    }
+                    _ => return Err(LoadError::NoSegment),
+                };
                 if cur.received != cur.seg.filesz {
                     return Err(LoadError::Short {
                         got: cur.received,
@@ -875,6 +887,7 @@ impl Server {
                 self.record.segs[usize::from(cur.index)].valid = true;
                 mem.store_record(&self.record.to_bytes());
                 self.current = None;
+                self.finished = Some(cur.index);
                 self.ack()
             }
             Request::Run { entry, x0, x } => {
@@ -1479,6 +1492,8 @@ mod tests {
         ));
         assert!(!query(&mut s, &mut m, 7).complete());
         upload(&mut s, &mut m, 0, 0x4000, &data, 2500);
+        // END again (its ACK was lost): acknowledged again.
+        ok(&mut s, &mut m, Request::End);
         assert!(query(&mut s, &mut m, 7).complete());
         // Data past filesz is refused.
         ok(&mut s, &mut m, seg);

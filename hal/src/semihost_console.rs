@@ -52,6 +52,9 @@ pub mod kind {
     pub const EXIT: u8 = 0x03;
     /// Host to firmware: the command line (payload: its bytes, no NUL).
     pub const CMDLINE: u8 = 0x81;
+    /// Host to firmware, after EXIT: reset the board (PSCI SYSTEM_RESET or
+    /// the board's own reset), back into its boot firmware or the loader.
+    pub const RESET: u8 = 0x82;
 }
 
 /// Semihosting operation numbers served (IHI 0096, chapter 6).
@@ -529,12 +532,21 @@ mod hw {
                 // SAFETY: see above: block {reason, subcode} (AArch64).
                 let (reason, subcode) = unsafe { (word(param, 0), word(param, 1)) };
                 let payload = exit_payload(reason, subcode);
-                // Said again every second until the host resets us, in
-                // case line noise ate it.
+                // Said again every second until the host resets us (or
+                // asks us to reset: RESET), in case line noise ate it.
+                let mut rx = Receiver::new();
                 loop {
                     send(kind::EXIT, &payload);
                     crate::uart::CONSOLE.flush();
-                    crate::timer::delay_us(RETRY_US);
+                    let start = Console.now_us();
+                    while Console.now_us().wrapping_sub(start) < RETRY_US {
+                        let Some(b) = Console.recv() else { continue };
+                        if let Some(Ok(m)) = rx.push(b) {
+                            if m.kind == kind::RESET {
+                                crate::power::reset();
+                            }
+                        }
+                    }
                 }
             }
             _ => u64::MAX,

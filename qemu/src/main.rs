@@ -24,6 +24,7 @@ mod elf;
 mod error;
 mod fdt;
 mod image;
+mod loader;
 mod log;
 mod machine;
 mod qmp;
