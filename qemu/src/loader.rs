@@ -518,6 +518,16 @@ impl std::fmt::Debug for ResetHook {
     }
 }
 
+/// The serial runner goes through the loader, with these extras.
+#[derive(Debug, Clone, Default)]
+pub struct LoaderUse {
+    /// Resets the board when the loader does not answer and there is no
+    /// `--power-cycle` (the CI proof: the QEMU model's `system_reset`).
+    pub reset_hook: Option<ResetHook>,
+    /// Test-only damage on the wire.
+    pub faults: Faults,
+}
+
 /// How long the loader may take to say HELLO before the board is reset.
 pub const HELLO_WAIT: Duration = Duration::from_secs(4);
 /// How long after a reset.

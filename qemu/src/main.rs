@@ -25,6 +25,7 @@ mod error;
 mod fdt;
 mod image;
 mod loader;
+mod loader_model;
 mod log;
 mod machine;
 mod qmp;
