@@ -933,7 +933,9 @@ mod tests {
     }
 
     /// Feeds `wire` to a loader receiver: the frames or errors it yields.
-    fn receive(wire: &[u8]) -> Vec<Result<(u8, u8, Vec<u8>), FrameError>> {
+    type Received = Result<(u8, u8, Vec<u8>), FrameError>;
+
+    fn receive(wire: &[u8]) -> Vec<Received> {
         let mut rx = receiver();
         let mut got = Vec::new();
         for &b in wire {
