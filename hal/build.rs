@@ -22,8 +22,14 @@ fn main() {
         [] => panic!("select a board feature (board-virt, board-raspi4b, ...)"),
         many => panic!("select exactly one board feature, not {many:?}"),
     };
-    let memory = fs::read_to_string(format!("link/{board}.ld")).expect("board MEMORY script");
-    let sections = fs::read_to_string("link/sections.ld").expect("sections script");
+    // The resident loader (feature `loader`) has its own layout.
+    let dir = if env::var("CARGO_FEATURE_LOADER").is_ok() {
+        "link/loader"
+    } else {
+        "link"
+    };
+    let memory = fs::read_to_string(format!("{dir}/{board}.ld")).expect("board MEMORY script");
+    let sections = fs::read_to_string(format!("{dir}/sections.ld")).expect("sections script");
     fs::write(out.join("link.x"), format!("{memory}\n{sections}")).expect("write link.x");
     println!("cargo::rustc-link-search={}", out.display());
     println!("cargo::rerun-if-changed=link");

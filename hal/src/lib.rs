@@ -15,6 +15,7 @@ pub mod dtb;
 pub mod esr;
 pub mod exit;
 pub mod irq;
+pub mod loader_proto;
 pub mod memprobe;
 pub mod midr;
 
@@ -35,6 +36,8 @@ pub mod global;
 pub mod image;
 #[cfg(hw)]
 pub mod imx_uart;
+#[cfg(all(hw, feature = "loader"))]
+pub mod loader;
 #[cfg(hw)]
 mod logger;
 #[cfg(hw)]

@@ -52,6 +52,9 @@ pub mod kind {
     pub const EXIT: u8 = 0x03;
     /// Host to firmware: the command line (payload: its bytes, no NUL).
     pub const CMDLINE: u8 = 0x81;
+    /// Host to firmware, after EXIT: reset the board (PSCI SYSTEM_RESET or
+    /// the board's own reset), back into its boot firmware or the loader.
+    pub const RESET: u8 = 0x82;
 }
 
 /// Semihosting operation numbers served (IHI 0096, chapter 6).
@@ -113,6 +116,31 @@ pub fn crc32(data: &[u8]) -> u32 {
     !data.iter().fold(!0u32, |crc, &b| crc32_step(crc, b))
 }
 
+/// [`crc32`] a byte at a time (memory read with volatile loads).
+#[derive(Debug, Clone, Copy)]
+pub struct Crc32(u32);
+
+impl Default for Crc32 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Crc32 {
+    /// Nothing seen yet.
+    pub const fn new() -> Self {
+        Self(!0)
+    }
+    /// One more byte.
+    pub fn push(&mut self, b: u8) {
+        self.0 = crc32_step(self.0, b);
+    }
+    /// The CRC of the bytes pushed.
+    pub const fn finish(self) -> u32 {
+        !self.0
+    }
+}
+
 fn crc32_step(mut crc: u32, b: u8) -> u32 {
     crc ^= u32::from(b);
     for _ in 0..8 {
@@ -156,12 +184,18 @@ impl Cobs {
 
 /// Writes one message (`payload` at most [`MAX_PAYLOAD`] bytes, longer is
 /// cut) to `out`, framing included.
-pub fn encode(kind: u8, seq: u8, payload: &[u8], mut out: impl FnMut(u8)) {
+pub fn encode(kind: u8, seq: u8, payload: &[u8], out: impl FnMut(u8)) {
+    encode_framed(MAGIC, kind, seq, payload, out);
+}
+
+/// [`encode`] with another protocol's magic (the resident loader's,
+/// `loader_proto`), the same framing, limits and CRC.
+pub fn encode_framed(magic: [u8; 2], kind: u8, seq: u8, payload: &[u8], mut out: impl FnMut(u8)) {
     let payload = &payload[..payload.len().min(MAX_PAYLOAD)];
     let len = payload.len() as u16;
     let header = [
-        MAGIC[0],
-        MAGIC[1],
+        magic[0],
+        magic[1],
         kind,
         seq,
         len.to_le_bytes()[0],
@@ -190,6 +224,11 @@ pub fn encode(kind: u8, seq: u8, payload: &[u8], mut out: impl FnMut(u8)) {
 /// Decodes one chunk (the bytes between zeros, without them) in place and
 /// checks it: the message, or why it is not one.
 pub fn decode_in_place(chunk: &mut [u8]) -> Result<Message<'_>, FrameError> {
+    decode_framed(MAGIC, chunk)
+}
+
+/// [`decode_in_place`] for another protocol's magic.
+pub fn decode_framed(magic: [u8; 2], chunk: &mut [u8]) -> Result<Message<'_>, FrameError> {
     if chunk.len() > MAX_ENCODED {
         return Err(FrameError::TooLong);
     }
@@ -215,7 +254,7 @@ pub fn decode_in_place(chunk: &mut [u8]) -> Result<Message<'_>, FrameError> {
     if body.len() < HEADER + 4 {
         return Err(FrameError::TooShort);
     }
-    if body[..2] != MAGIC {
+    if body[..2] != magic {
         return Err(FrameError::BadMagic);
     }
     let len = usize::from(u16::from_le_bytes([body[4], body[5]]));
@@ -237,6 +276,7 @@ pub fn decode_in_place(chunk: &mut [u8]) -> Result<Message<'_>, FrameError> {
 /// (preceded by at least two zeros); everything else is ignored. Fixed
 /// buffer, no allocation: the firmware's receiver.
 pub struct Receiver {
+    magic: [u8; 2],
     buf: [u8; MAX_ENCODED],
     len: usize,
     zeros: usize,
@@ -255,7 +295,13 @@ impl Default for Receiver {
 impl Receiver {
     /// An empty receiver.
     pub const fn new() -> Self {
+        Self::with_magic(MAGIC)
+    }
+
+    /// An empty receiver of another protocol's messages (its `magic`).
+    pub const fn with_magic(magic: [u8; 2]) -> Self {
         Self {
+            magic,
             buf: [0; MAX_ENCODED],
             len: 0,
             zeros: 0,
@@ -291,7 +337,19 @@ impl Receiver {
         if overflow {
             return Some(Err(FrameError::TooLong));
         }
-        Some(decode_in_place(&mut self.buf[..len]))
+        Some(decode_framed(self.magic, &mut self.buf[..len]))
+    }
+
+    /// Forgets a partly received chunk (the sender went quiet mid-frame).
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.framed = false;
+        self.overflow = false;
+    }
+
+    /// True while a chunk is partly received.
+    pub fn in_frame(&self) -> bool {
+        self.len > 0
     }
 }
 
@@ -474,12 +532,21 @@ mod hw {
                 // SAFETY: see above: block {reason, subcode} (AArch64).
                 let (reason, subcode) = unsafe { (word(param, 0), word(param, 1)) };
                 let payload = exit_payload(reason, subcode);
-                // Said again every second until the host resets us, in
-                // case line noise ate it.
+                // Said again every second until the host resets us (or
+                // asks us to reset: RESET), in case line noise ate it.
+                let mut rx = Receiver::new();
                 loop {
                     send(kind::EXIT, &payload);
                     crate::uart::CONSOLE.flush();
-                    crate::timer::delay_us(RETRY_US);
+                    let start = Console.now_us();
+                    while Console.now_us().wrapping_sub(start) < RETRY_US {
+                        let Some(b) = Console.recv() else { continue };
+                        if let Some(Ok(m)) = rx.push(b) {
+                            if m.kind == kind::RESET {
+                                crate::power::reset();
+                            }
+                        }
+                    }
                 }
             }
             _ => u64::MAX,

@@ -465,23 +465,30 @@ impl Target for BoardTarget {
 
 /// Runs `elf` on a real board over its console `port`, with semihosting
 /// over the console. `power_cycle` is a shell command that brings the board
-/// up in the test (it sees `MEMFW_ELF` and `MEMFW_BOARD`); a tty is opened
-/// before it runs, so nothing the board says first is lost, a socket after.
+/// up (it sees `MEMFW_ELF` and `MEMFW_BOARD`); a tty is opened before it
+/// runs, so nothing the board says first is lost, a socket after. Without
+/// `loader` the command must start `elf` itself and runs before every
+/// test; with it the board runs the resident loader, which gets `elf`
+/// ([`crate::loader`]), and the command runs only when the loader does not
+/// answer.
 pub fn boot_board(
     board: &str,
     port: &PortSpec,
     power_cycle: Option<&str>,
+    loader: Option<&crate::loader::LoaderUse>,
     elf: &Path,
     decoder: &Decoder,
     opts: &BootOptions<'_>,
 ) -> Result<Boot, String> {
     let start = Instant::now();
-    let deadline = start + opts.timeout;
-    let open =
-        || crate::serial::open(port, deadline.min(start + PORT_WAIT)).map_err(|e| e.to_string());
-    let tty = matches!(port, PortSpec::Tty { .. });
-    let mut early = if tty { Some(open()?) } else { None };
-    if let Some(cmd) = power_cycle {
+    let open = || {
+        crate::serial::open(port, Instant::now() + PORT_WAIT.min(opts.timeout))
+            .map_err(|e| e.to_string())
+    };
+    let cycle = || -> Result<(), String> {
+        let Some(cmd) = power_cycle else {
+            return Ok(());
+        };
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(cmd)
@@ -493,6 +500,12 @@ pub fn boot_board(
         if !status.success() {
             return Err(format!("--power-cycle {cmd:?} failed ({status})"));
         }
+        Ok(())
+    };
+    let tty = matches!(port, PortSpec::Tty { .. });
+    let mut early = if tty { Some(open()?) } else { None };
+    if loader.is_none() {
+        cycle()?;
     }
     let port = match early.take() {
         Some(p) => p,
@@ -501,17 +514,58 @@ pub fn boot_board(
     let mut target = BoardTarget {
         stop: port.stop.clone(),
     };
+    let mut notes = Vec::new();
+    let (rx, mut tx): (Box<dyn Read + Send>, crate::loader::SharedWriter) = match loader {
+        None => (Box::new(port.rx), crate::loader::SharedWriter::new(port.tx)),
+        Some(l) => {
+            use crate::loader::{ByteStream, Client, Image, HELLO_AFTER_RESET, HELLO_WAIT};
+            let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+            let image = Image::from_elf(&bytes)?;
+            let tx = crate::loader::SharedWriter::new(port.tx);
+            let mut stream = ByteStream::spawn(Box::new(port.rx));
+            let mut client = Client::new(&mut stream, tx.clone(), l.faults);
+            let loaded = client
+                .wait_hello(Instant::now() + HELLO_WAIT)
+                .or_else(|first| {
+                    if power_cycle.is_none() && l.reset_hook.is_none() {
+                        return Err(format!(
+                            "{first} (is the loader on the board? `cargo qemu image` writes it)"
+                        ));
+                    }
+                    notes.push(host_line(format!("{first}: resetting the board")));
+                    cycle()?;
+                    if let Some(h) = &l.reset_hook {
+                        (h.0)()?;
+                    }
+                    client.wait_hello(Instant::now() + HELLO_AFTER_RESET)
+                })
+                .and_then(|_| client.load_and_run(&image));
+            notes.push(host_line(client.stats.summary()));
+            if let Err(e) = loaded {
+                target.end();
+                return Err(format!("loader: {e}"));
+            }
+            (Box::new(stream), tx)
+        }
+    };
+    // The test's own time starts once it runs (an upload does not count).
+    let deadline = Instant::now() + opts.timeout;
     let link = ConsoleLink {
-        rx: Box::new(port.rx),
-        tx: Some(port.tx),
+        rx,
+        tx: Some(Box::new(tx.clone())),
         console_protocol: true,
         stderr: None,
     };
-    let (ending, lines, stderr) = session(link, decoder, opts, deadline, &mut target);
+    let (ending, mut lines, stderr) = session(link, decoder, opts, deadline, &mut target);
+    if loader.is_some() && matches!(ending, Ending::Exited(_)) {
+        // Back to the loader for the next test.
+        crate::loader::Client::send_reset(&mut tx);
+    }
     target.end();
+    notes.append(&mut lines);
     Ok(Boot {
         ending,
-        lines,
+        lines: notes,
         stderr,
         elapsed: start.elapsed(),
     })

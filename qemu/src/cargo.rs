@@ -150,3 +150,28 @@ pub fn build_tests(board: &str) -> Result<Vec<Artifact>, String> {
     let arts = run_json(&refs)?;
     Ok(arts.into_iter().filter(|a| a.test).collect())
 }
+
+/// Builds the resident loader for `board` (its own crate, `loader/`, with
+/// the hal's loader layout) and returns its ELF, kept as `loader-<board>`.
+pub fn build_loader(board: &str) -> Result<PathBuf, String> {
+    let feature = format!("loader/board-{board}");
+    let arts = run_json(&[
+        "build",
+        "-p",
+        "loader",
+        "--bin",
+        "loader",
+        "--release",
+        "--no-default-features",
+        "--features",
+        &feature,
+    ])?;
+    let path = arts
+        .into_iter()
+        .find(|a| a.name == "loader" && !a.test)
+        .map(|a| a.path)
+        .ok_or_else(|| "cargo built no loader ELF".to_string())?;
+    let kept = path.with_file_name(format!("loader-{board}"));
+    std::fs::copy(&path, &kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+    Ok(kept)
+}

@@ -152,6 +152,17 @@ pub struct TestCli {
     /// test (`MEMFW_ELF` and `MEMFW_BOARD` are set for it).
     #[arg(long, requires = "serial")]
     pub power_cycle: Option<String>,
+    /// Without the resident loader: --power-cycle must start the test ELF
+    /// itself.
+    #[arg(long, requires = "serial")]
+    pub no_loader: bool,
+    /// With `--serial qemu`: the EL the board's model enters the loader
+    /// at (a real board's is fixed by its boot firmware).
+    #[arg(long, requires = "serial", value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub el: Option<u8>,
+    /// With `--serial qemu`: the model's RAM (a real board's is fixed).
+    #[arg(long, requires = "serial", value_parser = parse_mem)]
+    pub mem: Option<String>,
 }
 
 impl TestCli {
@@ -165,12 +176,7 @@ impl TestCli {
                     "--serial takes a real board's --board, not virt".into(),
                 ))
             }
-            Some(s) => Some(crate::test::SerialBoard {
-                port: crate::serial::PortSpec::parse(s, self.baud)
-                    .map_err(|e| Error::Usage(format!("--serial {e}")))?,
-                power_cycle: self.power_cycle.clone(),
-                model_pidfile: None,
-            }),
+            Some(s) => Some(self.serial_board(s)?),
         };
         Ok(crate::test::TestArgs {
             filters: self.filters.clone(),
@@ -179,6 +185,65 @@ impl TestCli {
             jobs: self.jobs,
             board: self.board,
             serial,
+        })
+    }
+}
+
+impl TestCli {
+    /// `--serial PORT` (or `qemu`: the board's model running the loader)
+    /// with its options.
+    fn serial_board(&self, s: &str) -> Result<crate::test::SerialBoard> {
+        let board = self.board.unwrap_or("virt");
+        let model = if s == "qemu" {
+            if self.no_loader || self.power_cycle.is_some() {
+                return Err(Error::Usage(
+                    "--serial qemu runs the loader on the board's model; --no-loader and --power-cycle are for a real board".into(),
+                ));
+            }
+            // The model enters the loader where the board's own boot
+            // firmware would: at EL2 (raw on the Pis), or as asked.
+            let el = self.el.unwrap_or(2);
+            let els: &[u8] = if board.starts_with("raspi") {
+                &[2]
+            } else {
+                Machine::entry_els(board)
+            };
+            if !els.contains(&el) {
+                return Err(Error::Usage(format!(
+                    "{board}'s model enters the loader at EL{els:?}, not EL{el}"
+                )));
+            }
+            let mut m = Machine::board(board, el);
+            if let Some(mem) = &self.mem {
+                if board.starts_with("raspi") {
+                    return Err(Error::Usage(format!(
+                        "{board}'s model has a fixed RAM size; --mem cannot change it"
+                    )));
+                }
+                m.mem = leak(mem);
+            }
+            Some(m)
+        } else {
+            if self.el.is_some() || self.mem.is_some() {
+                return Err(Error::Usage(format!(
+                    "--el and --mem describe the QEMU model (--serial qemu); a real board's entry EL and RAM are fixed by its boot firmware and cannot be changed from here (--serial {s})"
+                )));
+            }
+            None
+        };
+        Ok(crate::test::SerialBoard {
+            port: if model.is_some() {
+                crate::serial::PortSpec::Unix(std::path::PathBuf::new())
+            } else {
+                crate::serial::PortSpec::parse(s, self.baud)
+                    .map_err(|e| Error::Usage(format!("--serial {e}")))?
+            },
+            power_cycle: self.power_cycle.clone(),
+            model_pidfile: None,
+            loader: (!self.no_loader).then(crate::loader::LoaderUse::default),
+            name_prefix: String::new(),
+            machine: None,
+            model,
         })
     }
 }

@@ -85,6 +85,11 @@ pub fn pi_readme(board: &str) -> String {
 
 /// The U-Boot script for the EVK or the ZCU102.
 pub fn boot_cmd(board: &str) -> String {
+    boot_cmd_for(board, "memfw.elf")
+}
+
+/// The U-Boot script that loads `file` (an ELF on the SD card) and starts it.
+pub fn boot_cmd_for(board: &str, file: &str) -> String {
     // SD card device and a staging address clear of the image's link
     // address (bootelf copies the segments there).
     let (mmc, staging) = if board == "imx8mp-evk" {
@@ -96,9 +101,47 @@ pub fn boot_cmd(board: &str) -> String {
         "# memfw for {board}: load the ELF from the SD card's first partition\n\
          # and start it at U-Boot's EL (EL2), MMU and caches as U-Boot left them.\n\
          setenv memfw_staging {staging}\n\
-         load mmc {mmc} ${{memfw_staging}} memfw.elf\n\
+         load mmc {mmc} ${{memfw_staging}} {file}\n\
          bootelf ${{memfw_staging}}\n"
     )
+}
+
+/// Writes the resident loader for `board` (its ELF `loader_elf`) into
+/// `out`: on the Pis `kernel8.img` (loaded at 0x80000; it moves itself up)
+/// and a `config.txt` for it, on the EVK and ZCU102 `memfw-loader.elf` and
+/// the U-Boot script (`boot.cmd`, `boot.scr`) that `bootelf`s it.
+pub fn write_loader(board: &str, loader_elf: &Path, out: &Path) -> Result<Written, String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let bytes = std::fs::read(loader_elf).map_err(|e| format!("{}: {e}", loader_elf.display()))?;
+    let mut files = Vec::new();
+    let mut put = |name: &str, data: &[u8]| -> Result<(), String> {
+        let p = out.join(name);
+        std::fs::write(&p, data).map_err(|e| format!("{}: {e}", p.display()))?;
+        files.push(p);
+        Ok(())
+    };
+    match board {
+        "raspi3b" | "raspi4b" => {
+            let (_, raw) = raw_image(&bytes)?;
+            put("kernel8.img", &raw)?;
+            // Its arm64 header's text_offset; the stub then copies the
+            // loader to its link address near the top of RAM.
+            put("config.txt", config_txt(board, 0x8_0000).as_bytes())?;
+        }
+        "imx8mp-evk" | "xlnx-zcu102" => {
+            let cmd = boot_cmd_for(board, "memfw-loader.elf");
+            put("memfw-loader.elf", &bytes)?;
+            put("boot.cmd", cmd.as_bytes())?;
+            let scr = uimage::script(&format!("memfw-loader {board}"), cmd.as_bytes())
+                .map_err(|e| format!("boot.scr: {e:?}"))?;
+            if uimage::parse_script(&scr).ok() != Some(cmd.as_bytes()) {
+                return Err("boot.scr does not read back as boot.cmd".into());
+            }
+            put("boot.scr", &scr)?;
+        }
+        other => return Err(format!("no loader image for board {other}")),
+    }
+    Ok(Written { files })
 }
 
 /// What `image` wrote.
@@ -190,6 +233,26 @@ mod tests {
             assert_eq!(uimage::parse_script(&scr), Ok(&cmd[..]), "{b}");
             assert_eq!(&scr[32..32 + 6], b"memfw ", "{b}: ih_name");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn loader_scripts_bootelf_the_loader() {
+        let dir = std::env::temp_dir().join(format!("memfw-loader-image-{}", std::process::id()));
+        let elf = dir.join("loader.elf");
+        std::fs::create_dir_all(&dir).expect("tmp");
+        std::fs::write(&elf, b"\x7fELF stand-in").expect("write");
+        for b in ["imx8mp-evk", "xlnx-zcu102"] {
+            let out = dir.join(b);
+            write_loader(b, &elf, &out).expect("writes");
+            let cmd = std::fs::read_to_string(out.join("boot.cmd")).expect("boot.cmd");
+            assert!(cmd.contains("} memfw-loader.elf\n"), "{cmd}");
+            assert!(cmd.contains("bootelf ${memfw_staging}"), "{cmd}");
+            let scr = std::fs::read(out.join("boot.scr")).expect("boot.scr");
+            assert_eq!(uimage::parse_script(&scr), Ok(cmd.as_bytes()), "{b}");
+        }
+        // The Pis need the arm64 header, which the stand-in lacks.
+        assert!(write_loader("raspi3b", &elf, &dir.join("pi")).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -24,6 +24,8 @@ mod elf;
 mod error;
 mod fdt;
 mod image;
+mod loader;
+mod loader_model;
 mod log;
 mod machine;
 mod qmp;
@@ -158,7 +160,11 @@ fn boot_interactive(
 
 fn cmd_image(board: &'static str, out: &Path) -> Result<ExitCode> {
     let elf = cargo::build_firmware(board).map_err(Error::Build)?;
-    let written = image::write(board, &elf, out).map_err(Error::Image)?;
+    let mut written = image::write(board, &elf, out).map_err(Error::Image)?;
+    // The resident loader for `cargo qemu test --serial`, in loader/.
+    let loader = cargo::build_loader(board).map_err(Error::Build)?;
+    let more = image::write_loader(board, &loader, &out.join("loader")).map_err(Error::Image)?;
+    written.files.extend(more.files);
     for f in &written.files {
         println!("image: wrote {}", f.display());
     }

@@ -62,6 +62,16 @@ pub struct SerialBoard {
     /// A file where `power_cycle` leaves the pid of a QEMU model it
     /// started, ended after the test (the CI proof of this path).
     pub model_pidfile: Option<PathBuf>,
+    /// Through the resident loader (else `power_cycle` boots the ELF).
+    pub loader: Option<crate::loader::LoaderUse>,
+    /// Put before each test's name (`serial::loader::` in the CI proof).
+    pub name_prefix: String,
+    /// What the tests are told about the board (default: entered at EL2,
+    /// the model's RAM).
+    pub machine: Option<Machine>,
+    /// `--serial qemu`: the board's QEMU model running the loader stands
+    /// in for the board (at this EL, with this RAM).
+    pub model: Option<Machine>,
 }
 
 /// Parses one `test result: ok. 12 passed; 0 failed; 1 ignored; ...` line.
@@ -322,6 +332,7 @@ fn read_cases(path: &std::path::Path) -> Result<Vec<TestCase>> {
 /// `count_ignored`.
 fn for_each_suite_case(
     board: &'static str,
+    prefix: &str,
     args: &TestArgs,
     elfs: &mut Vec<(String, PathBuf)>,
     skipped: &mut Vec<String>,
@@ -333,7 +344,7 @@ fn for_each_suite_case(
         let idx = elfs.len();
         elfs.push((art.name.clone(), art.path.clone()));
         for case in cases {
-            let full = format!("{}::{}", art.name, case.name);
+            let full = format!("{prefix}{}::{}", art.name, case.name);
             if !matches(&args.filters, &full) {
                 continue;
             }
@@ -861,6 +872,7 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
             m.board,
             &board.port,
             board.power_cycle.as_deref(),
+            board.loader.as_ref(),
             elf,
             decoder,
             &opts,
@@ -945,6 +957,7 @@ fn add_serial_jobs(
 ) -> Result<()> {
     for_each_suite_case(
         board,
+        &serial.name_prefix,
         args,
         elfs,
         skipped,
@@ -958,7 +971,7 @@ fn add_serial_jobs(
                 ..Job::new(
                     jobs.len(),
                     full,
-                    real_board(board),
+                    serial.machine.clone().unwrap_or_else(|| real_board(board)),
                     idx,
                     Check::Embedded(case),
                 )
@@ -1055,6 +1068,10 @@ fn power_cycle_proof_jobs(
                 port: crate::serial::PortSpec::Unix(sock),
                 power_cycle: Some(model_power_cycle(&model, &dtb, &pidfile)),
                 model_pidfile: Some(pidfile),
+                loader: None,
+                name_prefix: String::new(),
+                machine: None,
+                model: None,
             }),
             ..Job::new(
                 id,
@@ -1089,6 +1106,7 @@ fn add_board_jobs(
     let count_ignored = board == "virt";
     for_each_suite_case(
         board,
+        "",
         args,
         elfs,
         skipped,
@@ -1306,7 +1324,17 @@ fn run_target(args: &TestArgs) -> Result<Tally> {
             "== building on-target tests for {board} (serial: {:?})",
             serial.port
         );
-        add_serial_jobs(board, serial, args, &mut elfs, &mut jobs, &mut skipped)?;
+        let model = match &serial.model {
+            Some(m) => Some(
+                crate::loader_model::LoaderModel::start(m.clone(), false).map_err(Error::Qemu)?,
+            ),
+            None => None,
+        };
+        let serial = match &model {
+            Some(m) => m.serial_board(""),
+            None => serial.clone(),
+        };
+        add_serial_jobs(board, &serial, args, &mut elfs, &mut jobs, &mut skipped)?;
         return run_jobs(&elfs, jobs, &skipped, Some(1));
     }
     for &board in &boards {
@@ -1316,6 +1344,107 @@ fn run_target(args: &TestArgs) -> Result<Tally> {
 
     let target = run_jobs(&elfs, jobs, &skipped, args.jobs)?;
     tally.add(target);
+    for &(board, unix, suites) in LOADER_PROOF {
+        if boards.contains(&board) {
+            tally.add(loader_proof(board, unix, suites, args)?);
+        }
+    }
+    Ok(tally)
+}
+
+/// Boards whose serial path through the resident loader `cargo qemu test`
+/// proves on one QEMU model kept across the run (console on a pty, or a
+/// Unix socket), and the suites it runs that way (all: every suite).
+const LOADER_PROOF: &[(&str, bool, &[&str])] = &[
+    ("raspi3b", false, &[]),
+    ("xlnx-zcu102", true, &["boot", "platform"]),
+];
+
+/// The serial runner through the loader against `board`'s model (as
+/// `--serial qemu` runs it), then the loader's own proofs on that model:
+/// corrupted frames, a host vanishing mid-transfer, the skip on a rerun.
+fn loader_proof(
+    board: &'static str,
+    unix: bool,
+    suites: &[&str],
+    args: &TestArgs,
+) -> Result<Tally> {
+    let prefix = "serial::loader::";
+    let mut proof_args = args.clone();
+    if proof_args.filters.is_empty() && !suites.is_empty() {
+        proof_args.filters = suites.iter().map(|s| format!("{prefix}{s}::")).collect();
+    }
+    let mut elfs = Vec::new();
+    let mut jobs = Vec::new();
+    let mut skipped = Vec::new();
+    let planned = SerialBoard {
+        port: crate::serial::PortSpec::Unix(PathBuf::new()),
+        power_cycle: None,
+        model_pidfile: None,
+        loader: None,
+        name_prefix: prefix.into(),
+        machine: None,
+        model: None,
+    };
+    add_serial_jobs(
+        board,
+        &planned,
+        &proof_args,
+        &mut elfs,
+        &mut jobs,
+        &mut skipped,
+    )?;
+    let extra = crate::loader_model::PROOFS
+        .iter()
+        .map(|p| format!("{prefix}{}", p.name))
+        .filter(|n| matches(&args.filters, n))
+        .count();
+    if jobs.is_empty() && extra == 0 {
+        return Ok(Tally::default());
+    }
+    println!("== serial path through the resident loader on one {board} model");
+    let started = std::time::Instant::now();
+    let model = crate::loader_model::LoaderModel::start(Machine::board(board, 2), unix)
+        .map_err(Error::Qemu)?;
+    let serial = model.serial_board(prefix);
+    for j in &mut jobs {
+        j.serial = Some(serial.clone());
+        j.machine = serial.machine.clone().unwrap_or_else(|| real_board(board));
+    }
+    let mut tally = run_jobs(&elfs, jobs, &skipped, Some(1))?;
+    let decoders: Vec<Decoder> = elfs
+        .iter()
+        .map(|(_, p)| {
+            let bytes = std::fs::read(p).map_err(Error::io(p))?;
+            Decoder::new(&bytes).map_err(|what| Error::Elf {
+                path: p.clone(),
+                what,
+            })
+        })
+        .collect::<Result<_>>()?;
+    for proof in crate::loader_model::PROOFS {
+        let full = format!("{prefix}{}", proof.name);
+        if !matches(&args.filters, &full) {
+            continue;
+        }
+        let label = model.machine.label();
+        match (proof.run)(&model, &elfs, &decoders) {
+            Ok(t) => {
+                println!("test {full} [{label}] ... ok ({:.1}s)", t.as_secs_f64());
+                tally.passed += 1;
+            }
+            Err(e) => {
+                println!("test {full} [{label}] ... FAILED\n---- {full} ----\n{e}");
+                tally.failed += 1;
+            }
+        }
+    }
+    println!(
+        "serial path through the loader on {board}: {} passed, {} failed in {:.1}s",
+        tally.passed,
+        tally.failed,
+        started.elapsed().as_secs_f64()
+    );
     Ok(tally)
 }
 
