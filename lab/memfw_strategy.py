@@ -27,6 +27,7 @@ It binds a ``PowerProtocol`` (``NetworkPowerDriver``, ``ExternalPowerDriver``,
 
 import enum
 import re
+import time
 
 import attr
 
@@ -67,6 +68,19 @@ class MemfwLoaderStrategy(Strategy):
     #: The line that matched on the last transition to loader-ready.
     banner = attr.ib(default=None)
 
+    def _open_console(self, once):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.target.activate(self.console)
+                return True
+            except Exception:  # refused: not there yet
+                if once:
+                    return False
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     @never_retry
     @step(args=["status"])
     def transition(self, status, *, step):  # pylint: disable=redefined-outer-name
@@ -83,9 +97,13 @@ class MemfwLoaderStrategy(Strategy):
         elif status == Status.loader_ready:
             self.transition(Status.off)
             # Open the console before power comes back, so nothing the
-            # board prints first is lost.
-            self.target.activate(self.console)
+            # board prints first is lost; a network serial port that only
+            # exists while the board is powered (a QEMU model's) is opened
+            # as soon as it answers.
+            opened = self._open_console(once=True)
             self.power.on()
+            if not opened:
+                self._open_console(once=False)
             pattern = re.compile(self.ready.encode())
             _, _, match, _ = self.console.expect(pattern, timeout=self.timeout)
             self.banner = match.group(0).decode(errors="replace")
