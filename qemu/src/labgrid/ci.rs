@@ -284,12 +284,69 @@ pub fn proof(user_filters: &[String]) -> Tally {
     }
     println!("== labgrid: coordinator, exporter and a place for the {BOARD} model on localhost");
     let start = Instant::now();
+    let mut tally = Tally::default();
+    if matches_any(user_filters, BRIDGE_TEST) {
+        tally = sum(tally, bridge_test());
+    }
     let result = run_proof(&filters);
     println!("labgrid: proof took {:.1}s", start.elapsed().as_secs_f64());
     match result {
-        Ok(t) => t,
+        Ok(t) => tally = sum(tally, t),
         Err(e) => {
             println!("labgrid proof: {e}");
+            tally.failed += 1;
+        }
+    }
+    tally
+}
+
+fn sum(a: Tally, b: Tally) -> Tally {
+    Tally {
+        passed: a.passed + b.passed,
+        failed: a.failed + b.failed,
+        skipped: a.skipped + b.skipped,
+    }
+}
+
+const BRIDGE_TEST: &str = "labgrid::rfc2217_bridge_is_transparent";
+
+fn matches_any(filters: &[String], name: &str) -> bool {
+    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+}
+
+/// The agent's RFC 2217 bridge (`lab/check_rfc2217_bridge.py`) passes
+/// every byte value both ways.
+fn bridge_test() -> Tally {
+    let start = Instant::now();
+    let verdict = venv::ensure().and_then(|v| {
+        let out = Command::new(v.bin("python"))
+            .arg(v.lab_dir().join("check_rfc2217_bridge.py"))
+            .output()
+            .map_err(|e| format!("python: {e}"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() && text.trim() == "ok" {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    match verdict {
+        Ok(()) => {
+            println!(
+                "test {BRIDGE_TEST} ... ok ({:.1}s)",
+                start.elapsed().as_secs_f64()
+            );
+            Tally {
+                passed: 1,
+                ..Tally::default()
+            }
+        }
+        Err(e) => {
+            println!("test {BRIDGE_TEST} ... FAILED\n{e}");
             Tally {
                 failed: 1,
                 ..Tally::default()

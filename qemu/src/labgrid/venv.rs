@@ -25,6 +25,10 @@ const LAB_FILES: &[(&str, &str)] = &[
         include_str!("../../../lab/memfw_strategy.py"),
     ),
     ("memfw_lab.py", include_str!("../../../lab/memfw_lab.py")),
+    (
+        "check_rfc2217_bridge.py",
+        include_str!("../../../lab/check_rfc2217_bridge.py"),
+    ),
 ];
 
 /// An installed venv.
@@ -98,8 +102,7 @@ pub fn venv_package_needed(stderr: &str) -> Option<String> {
     let named = stderr
         .split_whitespace()
         .map(|w| w.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-')))
-        .filter(|w| w.starts_with("python3") && w.ends_with("-venv"))
-        .last();
+        .rfind(|w| w.starts_with("python3") && w.ends_with("-venv"));
     if let Some(p) = named {
         return Some(p.to_string());
     }
@@ -260,7 +263,14 @@ mod tests {
     #[test]
     fn the_lab_files_are_the_repos() {
         let names: Vec<&str> = LAB_FILES.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, ["memfw_strategy.py", "memfw_lab.py"]);
+        assert_eq!(
+            names,
+            [
+                "memfw_strategy.py",
+                "memfw_lab.py",
+                "check_rfc2217_bridge.py"
+            ]
+        );
         assert!(LAB_FILES[0]
             .1
             .contains(r#"LOADER_READY = r"memfw-loader \S+ board=\S+ ready""#));
