@@ -163,6 +163,22 @@ pub struct TestCli {
     /// With `--serial qemu`: the model's RAM (a real board's is fixed).
     #[arg(long, requires = "serial", value_parser = parse_mem)]
     pub mem: Option<String>,
+    /// Run the on-target suites on a labgrid place instead: acquire PLACE
+    /// through the coordinator (LG_COORDINATOR), take its serial port and
+    /// power, release it at the end. The board: --board or the place's
+    /// `board` tag.
+    #[arg(long, value_name = "PLACE", conflicts_with_all = ["serial", "host_only"])]
+    pub labgrid: Option<String>,
+    /// With --labgrid: a shell command run before each test's power cycle
+    /// (`MEMFW_ELF`, `MEMFW_BOARD` set) that puts the test image where the
+    /// board boots it from.
+    #[arg(long, requires = "labgrid")]
+    pub stage: Option<String>,
+    /// With --labgrid: the regex of the loader's ready line the strategy
+    /// waits for after power-on (default `memfw-loader \S+ board=\S+
+    /// ready`; empty: do not wait).
+    #[arg(long, value_name = "REGEX", requires = "labgrid")]
+    pub loader_ready: Option<String>,
 }
 
 impl TestCli {
@@ -432,6 +448,58 @@ mod tests {
             .unwrap_err(),
             ErrorKind::ArgumentConflict
         );
+    }
+
+    #[test]
+    fn labgrid_options() {
+        let t = |args: &[&str]| match parse(args).map(|c| c.cmd) {
+            Ok(Cmd::Test(t)) => Ok(t),
+            Ok(_) => panic!("not test"),
+            Err(e) => Err(e.kind()),
+        };
+        let a = t(&["test", "--labgrid", "pi-3", "boot::", "--stage", "cp x y"]).expect("parses");
+        assert_eq!(a.labgrid.as_deref(), Some("pi-3"));
+        assert_eq!(a.stage.as_deref(), Some("cp x y"));
+        assert_eq!(a.filters, ["boot::"]);
+        assert_eq!(a.board, None, "the place's tag may name it");
+        let a = t(&[
+            "test",
+            "--labgrid",
+            "p",
+            "--board",
+            "raspi4b",
+            "--loader-ready",
+            "",
+        ])
+        .expect("parses");
+        assert_eq!(
+            (a.board, a.loader_ready.as_deref()),
+            (Some("raspi4b"), Some(""))
+        );
+        for bad in [
+            &[
+                "test",
+                "--labgrid",
+                "p",
+                "--serial",
+                "/dev/x",
+                "--board",
+                "raspi3b",
+            ][..],
+            &["test", "--labgrid", "p", "--host-only"],
+        ] {
+            assert_eq!(t(bad).unwrap_err(), ErrorKind::ArgumentConflict, "{bad:?}");
+        }
+        for bad in [
+            &["test", "--stage", "x"][..],
+            &["test", "--loader-ready", "x"],
+        ] {
+            assert_eq!(
+                t(bad).unwrap_err(),
+                ErrorKind::MissingRequiredArgument,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub enum Error {
     /// The serial port, its socket or the board's power control failed.
     #[error("serial: {0}")]
     Serial(String),
+    /// A labgrid place could not be set up, acquired or driven.
+    #[error("{0}")]
+    Labgrid(String),
     /// Writing a board image failed.
     #[error("image: {0}")]
     Image(String),

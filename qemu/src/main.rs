@@ -5,7 +5,8 @@
 //!   is installed, boots B's QEMU model and shows the decoded log.
 //! - `cargo qemu test [FILTER…] [--host-only | --no-host] [-j N]` runs every test;
 //!   `--board B --serial PORT [--baud N] [--power-cycle CMD]` runs the
-//!   on-target suites on a real board over its console.
+//!   on-target suites on a real board over its console; `--labgrid PLACE
+//!   [--board B] [--stage CMD]` on a place of a labgrid lab.
 //! - `cargo qemu bench <memdesc|smp|translation|boot|balloon|all>` prints JSON lines.
 //! - `cargo qemu runner ELF` is the cargo target runner.
 //! - `cargo qemu setup` only installs what the others would (the Rust target,
@@ -26,6 +27,7 @@ mod fdt;
 mod image;
 mod loader;
 mod loader_model;
+mod labgrid;
 mod log;
 mod machine;
 mod qmp;
@@ -174,10 +176,12 @@ fn cmd_image(board: &'static str, out: &Path) -> Result<ExitCode> {
 fn cmd_setup() -> Result<ExitCode> {
     setup::ensure_target(cargo::TARGET).map_err(Error::Setup)?;
     setup::ensure_qemu().map_err(Error::Setup)?;
+    labgrid::venv::ensure().map_err(Error::Setup)?;
     println!(
-        "qemu: the Rust target {} and QEMU >= {} are installed",
+        "qemu: the Rust target {}, QEMU >= {} and labgrid {} are installed",
         cargo::TARGET,
-        setup::MIN_MAJOR
+        setup::MIN_MAJOR,
+        labgrid::venv::LABGRID_VERSION
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -213,6 +217,9 @@ fn summary(tally: test::Tally) -> ExitCode {
 }
 
 fn cmd_test(t: TestCli) -> Result<ExitCode> {
+    if t.labgrid.is_some() {
+        return Ok(summary(labgrid::cmd_test(&t)?));
+    }
     Ok(summary(test::run(&t.to_test_args()?)))
 }
 

@@ -32,7 +32,7 @@ fn installed_version() -> Option<(u32, u32)> {
     parse_version(&String::from_utf8_lossy(&out.stdout))
 }
 
-fn os_release() -> (String, String, String) {
+pub(crate) fn os_release() -> (String, String, String) {
     let text = fs::read_to_string("/etc/os-release").unwrap_or_default();
     let get = |key: &str| {
         text.lines()
@@ -43,7 +43,7 @@ fn os_release() -> (String, String, String) {
     (get("ID"), get("ID_LIKE"), get("VERSION_CODENAME"))
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
@@ -68,7 +68,7 @@ pub fn add_backports_suite(deb822: &str) -> Option<String> {
     changed.then(|| out.join("\n") + "\n")
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("+ {cmd:?}");
     let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
     if status.success() {

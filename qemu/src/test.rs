@@ -1349,6 +1349,11 @@ fn run_target(args: &TestArgs) -> Result<Tally> {
             tally.add(loader_proof(board, unix, suites, args)?);
         }
     }
+    // `--labgrid` against a board model through a real coordinator and
+    // exporter on this machine (crate::labgrid::ci).
+    if boards.contains(&crate::labgrid::ci::BOARD) {
+        tally.add(crate::labgrid::ci::proof(&args.filters));
+    }
     Ok(tally)
 }
 
@@ -1446,6 +1451,28 @@ fn loader_proof(
         started.elapsed().as_secs_f64()
     );
     Ok(tally)
+}
+
+/// The serial runner on its own (`--labgrid`'s CI proof): `board`'s
+/// suites over `serial`, the tests `filters` select, each name prefixed
+/// with `prefix`.
+pub fn run_on_serial_board(
+    board: &'static str,
+    serial: &SerialBoard,
+    filters: &[String],
+    prefix: &str,
+) -> Result<Tally> {
+    let args = TestArgs {
+        filters: filters.to_vec(),
+        ..TestArgs::default()
+    };
+    let (mut elfs, mut jobs, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    add_serial_jobs(board, serial, &args, &mut elfs, &mut jobs, &mut skipped)?;
+    for j in &mut jobs {
+        j.full_name.insert_str(0, prefix);
+    }
+    let skipped: Vec<String> = skipped.iter().map(|s| format!("{prefix}{s}")).collect();
+    run_jobs(&elfs, jobs, &skipped, Some(1))
 }
 
 /// Runs `jobs` on `jobs_in_parallel` workers (default: the available
