@@ -177,6 +177,10 @@ pub fn serial_board(info: &PlaceInfo, stage: Option<&str>) -> Result<SerialBoard
         port: PortSpec::parse(&addr, info.serial.speed)?,
         power_cycle: Some(power_cycle_command(&info.power_fifos, stage)?),
         model_pidfile: None,
+        loader: None,
+        name_prefix: String::new(),
+        machine: None,
+        model: None,
     })
 }
 
