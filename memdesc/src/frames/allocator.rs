@@ -556,7 +556,9 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     ///
     /// [`FrameError::RefcountUnderflow`] for a count found at zero; the errors
     /// of [`FrameAllocator::release`] on the last reference.
-    #[inline]
+    // Forced: see `FrameAllocator::alloc_frozen_aligned` (the folio pair
+    // was ~10 % slower without).
+    #[inline(always)]
     pub fn put(&mut self, r: FolioRef<A>) -> Result<Option<Released<A>>, FrameError> {
         match r.put()? {
             None => Ok(None),
