@@ -196,10 +196,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// [`MAX_PINNED`] chunks. Nothing is pinned on error.
     pub fn pin_small(&mut self, va: VirtAddr, len: u64) -> Result<(), Stage1Error> {
         let (start, end) = self.check_va(va, len)?;
-        if start % PIN_CHUNK != 0 {
+        if !start.is_multiple_of(PIN_CHUNK) {
             return Err(Stage1Error::UnalignedVa { va });
         }
-        if len % PIN_CHUNK != 0 {
+        if !len.is_multiple_of(PIN_CHUNK) {
             return Err(Stage1Error::UnalignedLength { len });
         }
         if let Some(mapped) = self.first_where(&self.cursor(start, end), true) {
