@@ -193,6 +193,8 @@ pub struct Held {
     /// What the agent reported.
     pub info: PlaceInfo,
     place: String,
+    /// The agent reported the place held.
+    acquired: bool,
 }
 
 /// The agent's log (its stderr: labgrid's own messages), last lines.
@@ -264,6 +266,7 @@ impl Held {
                 banner: None,
             },
             place: lab.place.clone(),
+            acquired: false,
         };
         // Acquire, power on, the strategy's wait, slack for labgrid.
         let wait = Duration::from_secs_f64(lab.ready_timeout + 60.0);
@@ -274,6 +277,7 @@ impl Held {
                 Ok(line) => match parse_agent_line(&line) {
                     Some(AgentLine::Place(p)) => {
                         held.info = *p;
+                        held.acquired = true;
                         return Ok(held);
                     }
                     Some(AgentLine::Error(e)) => {
@@ -299,13 +303,18 @@ impl Held {
         }
     }
 
-    /// Closes the agent's stdin and waits for its release.
-    fn release(&mut self) -> Result<(), String> {
+    /// Closes the agent's stdin and waits for it to end: `Ok(true)` when
+    /// it released the place, `Ok(false)` when it never held it.
+    fn release(&mut self) -> Result<bool, String> {
         drop(self.stdin.take());
-        let mut result = Err(format!("labgrid: no release of {} reported", self.place));
+        let mut result = if self.acquired {
+            Err(format!("labgrid: no release of {} reported", self.place))
+        } else {
+            Ok(false)
+        };
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(30)) {
             match parse_agent_line(&line) {
-                Some(AgentLine::Released(_)) => result = Ok(()),
+                Some(AgentLine::Released(_)) => result = Ok(true),
                 Some(AgentLine::Error(e)) => result = Err(format!("labgrid: {e}")),
                 _ => {}
             }
@@ -318,7 +327,8 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         match self.release() {
-            Ok(()) => println!("labgrid: released place {}", self.place),
+            Ok(true) => println!("labgrid: released place {}", self.place),
+            Ok(false) => {}
             Err(e) => println!("{e}"),
         }
     }
