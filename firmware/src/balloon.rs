@@ -12,6 +12,7 @@
 use crate::mm::{Frames, BOOT_MAP, FRAMES, STAGE1};
 use core::sync::atomic::{AtomicU64, Ordering};
 use hal::dtb::Platform;
+use hal::global::WithError;
 use hal::virtio::balloon::VirtioBalloon;
 use hal::virtio::linear::{FirmwareMemory, LinearDma, LinearEnv};
 use memdesc::balloon::{Balloon, BalloonConfig, BalloonError, Op, Status};
@@ -238,15 +239,15 @@ pub struct OomOutcome {
 
 fn frames_then_balloon<T>(
     order: u8,
-    direct: impl FnOnce(&mut Frames) -> Result<T, memdesc::frames::FrameError>,
+    direct: impl FnOnce() -> Result<T, WithError<memdesc::frames::FrameError>>,
     via_balloon: impl FnOnce(&mut Service) -> Result<(T, u64), BalloonError>,
 ) -> Result<(T, OomOutcome), BalloonError> {
     use memdesc::frames::FrameError;
-    match FRAMES.with(direct) {
-        Ok(Ok(v)) => return Ok((v, OomOutcome { deflated: 0 })),
-        Ok(Err(FrameError::OutOfMemory { .. })) => {}
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err(BalloonError::FramesBusy),
+    match direct() {
+        Ok(v) => return Ok((v, OomOutcome { deflated: 0 })),
+        Err(WithError::Op(FrameError::OutOfMemory { .. })) => {}
+        Err(WithError::Op(e)) => return Err(e.into()),
+        Err(WithError::Global(_)) => return Err(BalloonError::FramesBusy),
     }
     // Out of memory: the balloon compacts (its chunks out of a block) or,
     // with DEFLATE_ON_OOM, deflates; busy or absent, it is a plain OOM.
@@ -265,7 +266,7 @@ pub fn alloc_folio(
 ) -> Result<(memdesc::frames::FolioRef, OomOutcome), BalloonError> {
     frames_then_balloon(
         order,
-        |fa| fa.alloc_folio(order, owner),
+        || FRAMES.alloc_folio(order, owner),
         |sv| sv.b.alloc_folio(&mut sv.dev, &mut sv.env, order, owner),
     )
 }
@@ -277,7 +278,7 @@ pub fn alloc_frozen(
 ) -> Result<(Pfn, OomOutcome), BalloonError> {
     frames_then_balloon(
         order,
-        |fa| fa.alloc_frozen(order, kind),
+        || FRAMES.alloc_frozen(order, kind),
         |sv| sv.b.alloc_frozen(&mut sv.dev, &mut sv.env, order, kind),
     )
 }
@@ -355,7 +356,7 @@ fn oom_selftest() {
     }
     let after = status().map_or(0, |s| s.actual);
     for f in held.iter_mut().filter_map(Option::take) {
-        let _ = FRAMES.with(|fa| fa.put(f).map(drop));
+        let _ = FRAMES.put(f);
     }
     let (r, events) = SERVICE
         .with(|sv| (check(&sv.b), sv.b.counters().oom_events))
@@ -423,6 +424,8 @@ fn serve(selftest: SelfTest, events: Option<hal::virtio::irq::Events>) -> ! {
             // target) or a used buffer (a batch or the stats buffer back).
             // The handler has acknowledged it already.
             (Some(ev), None) => {
+                // Going idle: the boot core's frame cache back to the buddy.
+                let _ = FRAMES.drain_this_cpu();
                 hal::irq::wait_until(|| ev.pending());
                 ev.take();
             }

@@ -7,8 +7,11 @@
 //! The global state lives in [`hal::global::Global`] cells, shared by every
 //! core under a ticket spinlock; a re-entrant use (an exception handler on a
 //! core that holds or waits for the lock) is a typed error, never a deadlock
-//! or aliasing. Lock order: [`STAGE1`] before [`FRAMES`] (the engine takes
-//! table frames while it holds the tree), never the other way round.
+//! or aliasing. [`FRAMES`] is the shared per-CPU allocator
+//! (`hal::memory::SharedFrames`): small folios come from and go to the
+//! calling core's cache. Lock order: [`STAGE1`] before [`FRAMES`] (the
+//! engine takes table frames while it holds the tree), never the other way
+//! round.
 //!
 //! Every raw memory access (the page array's home, table entries, the MMU
 //! switch-on) is in `hal::memory`; this module decides what goes where.
@@ -24,7 +27,7 @@ use memdesc::stage1::{
 };
 use memdesc::{PhysAddr, VirtAddr, PAGE_SIZE};
 
-pub use hal::memory::{FrameReport, Frames, FRAMES, STAGE1};
+pub use hal::memory::{FrameReport, Frames, SmpFrames, FRAMES, STAGE1};
 
 /// Why memory-manager bring-up or an operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,6 +26,8 @@ pub fn start(platform: &hal::dtb::Platform<'_>) -> SmpReport {
         StartMethod::PsciHvc => "PSCI CPU_ON over HVC",
         StartMethod::PsciSmc => "PSCI CPU_ON over SMC",
         StartMethod::HoldingPen => "released from the holding pen (entered at EL3, no PSCI)",
+        StartMethod::SpinTable => "released from the boot stub's spin table",
+        StartMethod::ResetAddress => "reset-address registers (entered at EL3, no PSCI)",
         StartMethod::None => "none: no PSCI and not entered at EL3, secondaries stay off",
     };
     if r.method == StartMethod::HoldingPen && r.online == 1 {
@@ -50,9 +52,9 @@ static BENCH_PAIRS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CP
 fn bench_job(core: usize) {
     let mut pairs = 0;
     while hal::timer::uptime_us() < BENCH_DEADLINE_US.load(Ordering::Relaxed) {
-        match FRAMES.try_with(|fa| fa.alloc_folio(0, Owner::Buddy)) {
+        match FRAMES.alloc_folio(0, Owner::Buddy) {
             Ok(f) => {
-                if FRAMES.try_with(|fa| fa.put(f).map(drop)).is_err() {
+                if FRAMES.put(f).is_err() {
                     break;
                 }
                 pairs += 1;
@@ -88,7 +90,7 @@ pub fn bench_alloc_free() {
     }
     let ns = hal::timer::ticks_to_ns(hal::timer::ticks() - t0);
     defmt::info!(
-        "smp bench: {=u32} cores, {=u64} order-0 alloc+free pairs in {=u64} ns (FRAMES lock waited {=u64} times)",
+        "smp bench: {=u32} cores, {=u64} order-0 alloc+free pairs in {=u64} ns (buddy lock waited {=u64} times)",
         cores,
         pairs,
         ns,

@@ -72,6 +72,17 @@ pub enum Secondaries {
     /// A spin table: core n (1-based) waits for an entry address at
     /// `release[n - 1]` (Linux `cpu-release-addr`), woken by SEV.
     SpinTable { release: [u64; 3] },
+    /// PSCI CPU_ON below EL3; entered at EL3 (no PSCI) the reset-address
+    /// registers: core n's entry goes into RVBAR low at `rvbar + 8n` and
+    /// high at `+ 4`, then bit n of `apu_reset` (the core's reset) is
+    /// cleared and it starts there at EL3 (ZCU102: APU 0xFD5C_0040, CRF
+    /// RST_FPD_APU 0xFD1A_0104).
+    PsciOrResetAddress {
+        /// RVBARADDR0L; core n's pair is 8n further.
+        rvbar: u64,
+        /// The register whose bit n holds core n in reset.
+        apu_reset: u64,
+    },
 }
 
 /// How the board powers itself off when PSCI is not available.
@@ -293,7 +304,10 @@ pub const XLNX_ZCU102: Board = Board {
     timer_hz: 100_000_000,
     timer_ppis: SBSA_TIMER_PPIS,
     entry_el: 2,
-    secondaries: Secondaries::Psci,
+    secondaries: Secondaries::PsciOrResetAddress {
+        rvbar: 0xfd5c_0040,
+        apu_reset: 0xfd1a_0104,
+    },
     power_off: PowerOff::Psci,
     psci: Some(PsciConduit::Smc),
     memory_source: MemorySource::None,
@@ -304,7 +318,9 @@ pub const XLNX_ZCU102: Board = Board {
     // Physical page 0 is RAM here; keep it out of the allocator so no
     // frame ever has the null address.
     reserved: &[r(0, PAGE)],
-    mmio: &[],
+    // CRF_APB (RST_FPD_APU) and the APU block (RVBARADDRn), for starting
+    // the secondaries when entered at EL3.
+    mmio: &[r(0xfd1a_0000, PAGE), r(0xfd5c_0000, PAGE)],
     // PL (FPGA) windows, PCIe, the low peripheral block, OCM: 2..4 GiB.
     device_windows: &[r(2 * GIB, 2 * GIB)],
 };

@@ -13,24 +13,29 @@ use crate::exception::CaughtFault;
 use crate::global::WithError;
 use crate::global::{Global, GlobalError};
 use crate::mmu::{Probe, Tlb};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::percpu::ThisCpu;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use memdesc::frames::{
-    words_needed, FrameAllocator, FrameError, FrameType, FrozenKind, LayoutError, LinearMap,
-    PageArray, PfnRange, ReservedKind, ReservedRange, MAX_RANGES,
+    words_needed, CoreAtomics, FolioRef, FrameAllocator, FrameError, FrameStats, FrameType,
+    FrozenKind, LastRef, LayoutError, LinearMap, Owner, PageArray, PcpStats, PfnRange, Released,
+    ReservedKind, ReservedRange, SmpError, SmpFrameAllocator, MAX_RANGES,
 };
 use memdesc::layout::{find_hole, LayoutPlanError};
 use memdesc::stage1::{
     Attributes, Stage1, Stage1Error, TableMemory, TableMemoryError, TlbiScope, TranslationHw,
     VaSize,
 };
+use memdesc::sync::{CpuContext, CpuId};
 use memdesc::{Pfn, PhysAddr, VirtAddr, PAGE_SIZE};
 
 /// The frame allocator as the firmware instantiates it: descriptors come
 /// from its own frames through the identity linear map.
 pub type Frames = FrameAllocator<'static, LinearMap>;
 
-/// The frame allocator.
-pub static FRAMES: Global<Frames> = Global::new();
+/// The frame allocator shared by every core ([`SmpFrames`] behind
+/// [`SharedFrames`]): allocation and frees of small folios go through the
+/// calling core's cache.
+pub static FRAMES: SharedFrames = SharedFrames::new();
 /// The stage-1 tables of the firmware's own address space (lock order:
 /// taken before [`FRAMES`], which the engine takes for table frames).
 pub static STAGE1: Global<Stage1<IdentityTables>> = Global::new();
@@ -331,7 +336,7 @@ unsafe impl TableMemory for IdentityTables {
     fn alloc_table(&mut self) -> Result<PhysAddr, TableMemoryError> {
         let pfn = self.take_free().ok_or(TableMemoryError::OutOfMemory)?;
         let retyped = FRAMES
-            .with(|fa| fa.retype_frozen(pfn, 0, FrozenKind::PageTable))
+            .with_buddy(|fa| fa.retype_frozen(pfn, 0, FrozenKind::PageTable))
             .map_err(frames_unavailable)
             .and_then(|r| {
                 r.map_err(|e| match e {
@@ -361,7 +366,7 @@ unsafe impl TableMemory for IdentityTables {
             .slot(table.pfn())
             .ok_or(TableMemoryError::NotATable { table })?;
         FRAMES
-            .with(|fa| {
+            .with_buddy(|fa| {
                 fa.page_array()
                     .page_table(table.pfn())
                     .map_err(|_| TableMemoryError::NotATable { table })?;
@@ -405,10 +410,12 @@ unsafe impl TableMemory for IdentityTables {
         table: PhysAddr,
         delta: i32,
     ) -> Result<u32, TableMemoryError> {
+        // The page array alone (lock-free): the table is the caller's (it
+        // holds the tree), and the count is an atomic in its descriptor.
         FRAMES
-            .with(|fa| {
-                let t = fa
-                    .page_array()
+            .page_array()
+            .map(|pa| {
+                let t = pa
                     .page_table(table.pfn())
                     .map_err(|_| TableMemoryError::NotATable { table })?;
                 let count = match delta {
@@ -597,7 +604,8 @@ pub fn init_interrupts(
         let first = r.base / PAGE_SIZE;
         let last = r.base.saturating_add(r.size.max(1) - 1) / PAGE_SIZE;
         let in_ram = FRAMES
-            .with(|fa| (first..=last).any(|pfn| fa.page_array().contains(Pfn(pfn))))
+            .page_array()
+            .map(|pa| (first..=last).any(|pfn| pa.contains(Pfn(pfn))))
             .map_err(|e| GicInitError::Map(WithError::Global(e)))?;
         if in_ram {
             return Err(GicInitError::WindowInRam { base: r.base });
@@ -729,8 +737,9 @@ fn folio_check(pa: u64) -> Result<(), FolioAccessError> {
         return Err(FolioAccessError::Unaligned { pa });
     }
     let folio = FRAMES
-        .with(|fa| {
-            fa.page_array()
+        .page_array()
+        .map(|array| {
+            array
                 .word(PhysAddr(pa).pfn())
                 .is_ok_and(|w| w.frame_type() == Some(FrameType::Folio))
         })
@@ -759,4 +768,175 @@ pub fn folio_write_u64(pa: u64, value: u64) -> Result<(), FolioAccessError> {
     // SAFETY: as in folio_read_u64.
     unsafe { core::ptr::write_volatile(pa as *mut u64, value) };
     Ok(())
+}
+
+/// The allocator every core shares: [`Frames`] behind per-CPU caches of
+/// orders 0-3 ([`memdesc::frames::SmpFrameAllocator`]), one slot per
+/// [`crate::percpu::MAX_CPUS`], each core named by [`ThisCpu`].
+pub type SmpFrames =
+    SmpFrameAllocator<'static, LinearMap, CoreAtomics, { crate::percpu::MAX_CPUS }>;
+
+/// The home of [`FRAMES`]: set once at boot, then shared by `&` (the
+/// allocator locks inside: each core's cache lock, then the buddy lock).
+pub struct SharedFrames {
+    /// 0 empty, 1 being set, 2 ready.
+    state: AtomicU8,
+    value: core::cell::UnsafeCell<core::mem::MaybeUninit<SmpFrames>>,
+}
+
+// SAFETY: `value` is written once, by the caller that moved `state` from
+// 0 to 1, and only read (as `&SmpFrames`, which is Sync: its own locks
+// serialise every mutation) after the Release store of 2.
+unsafe impl Sync for SharedFrames {}
+
+const EMPTY: u8 = 0;
+const SETTING: u8 = 1;
+const READY: u8 = 2;
+
+fn smp_error(e: SmpError) -> WithError<FrameError> {
+    match e {
+        SmpError::Frame(e) => WithError::Op(e),
+        // A lock this core already holds or waits for (an exception handler
+        // interrupting an allocation), or a core without a cache slot.
+        SmpError::Lock(_) | SmpError::CpuOutOfRange { .. } => WithError::Global(GlobalError::Busy),
+        SmpError::Inconsistent(_) => WithError::Op(FrameError::Corrupt { pfn: Pfn(u64::MAX) }),
+    }
+}
+
+fn global_error(e: SmpError) -> GlobalError {
+    match smp_error(e) {
+        WithError::Global(g) => g,
+        WithError::Op(_) => GlobalError::Busy,
+    }
+}
+
+impl SharedFrames {
+    /// Empty (all zero: lives in BSS like the [`Global`]s).
+    pub const fn new() -> Self {
+        Self {
+            state: AtomicU8::new(EMPTY),
+            value: core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit()),
+        }
+    }
+
+    /// Shares `fa` between every core; fails if already set.
+    pub fn set(&self, fa: Frames) -> Result<(), GlobalError> {
+        if self
+            .state
+            .compare_exchange(EMPTY, SETTING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(GlobalError::AlreadyInitialised);
+        }
+        // SAFETY: only the winner of the swap above gets here, once, and no
+        // reader looks at `value` before `state` is READY.
+        unsafe { (*self.value.get()).write(SmpFrameAllocator::new(fa)) };
+        // Pairs with the Acquire load in `get`.
+        self.state.store(READY, Ordering::Release);
+        Ok(())
+    }
+
+    /// The shared allocator.
+    pub fn get(&self) -> Result<&SmpFrames, GlobalError> {
+        if self.state.load(Ordering::Acquire) != READY {
+            return Err(GlobalError::NotInitialised);
+        }
+        // SAFETY: READY is stored (Release) only after `value` was written,
+        // and it is never written again.
+        Ok(unsafe { (*self.value.get()).assume_init_ref() })
+    }
+
+    /// The page array (lock-free speculative lookups, word reads).
+    pub fn page_array(&self) -> Result<&'static PageArray<'static>, GlobalError> {
+        Ok(self.get()?.page_array())
+    }
+
+    /// Runs `f` on the buddy with every core's cache drained into it and
+    /// every lock held: the exact picture (counts, consistency, poisoning,
+    /// offlining, placement), as the single allocator had.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Frames) -> R) -> Result<R, GlobalError> {
+        self.get()?.with_exact(&ThisCpu, f).map_err(global_error)
+    }
+
+    /// [`SharedFrames::with`] for an operation that can fail: one `Result`.
+    pub fn try_with<R, E>(
+        &self,
+        f: impl FnOnce(&mut Frames) -> Result<R, E>,
+    ) -> Result<R, WithError<E>> {
+        self.with(f)?.map_err(WithError::Op)
+    }
+
+    /// Runs `f` on the buddy under its lock only; the cores' caches keep
+    /// what they hold (for operations that need no particular free frame).
+    pub fn with_buddy<R>(&self, f: impl FnOnce(&mut Frames) -> R) -> Result<R, GlobalError> {
+        self.get()?.with_buddy(&ThisCpu, f).map_err(global_error)
+    }
+
+    /// A folio from this core's cache (orders up to 3) or the buddy.
+    pub fn alloc_folio(&self, order: u8, owner: Owner) -> Result<FolioRef, WithError<FrameError>> {
+        self.get()?
+            .alloc_folio(&ThisCpu, order, owner)
+            .map_err(smp_error)
+    }
+
+    /// Drops a reference; the last one frees the folio into this core's
+    /// cache, whichever core allocated it.
+    pub fn put(&self, f: FolioRef) -> Result<Option<Released>, WithError<FrameError>> {
+        self.get()?.put(&ThisCpu, f).map_err(smp_error)
+    }
+
+    /// The owner hook for a last reference taken elsewhere.
+    pub fn release(&self, last: LastRef) -> Result<Released, WithError<FrameError>> {
+        self.get()?.release(&ThisCpu, last).map_err(smp_error)
+    }
+
+    /// Frozen frames (on the buddy; every cache drained and retried on
+    /// out-of-memory).
+    pub fn alloc_frozen(&self, order: u8, kind: FrozenKind) -> Result<Pfn, WithError<FrameError>> {
+        self.get()?
+            .alloc_frozen(&ThisCpu, order, kind)
+            .map_err(smp_error)
+    }
+
+    /// Frees frozen frames.
+    pub fn free_frozen(&self, pfn: Pfn, order: u8) -> Result<(), WithError<FrameError>> {
+        self.get()?
+            .free_frozen(&ThisCpu, pfn, order)
+            .map_err(smp_error)
+    }
+
+    /// Empties this core's cache into the buddy (the core goes idle or
+    /// offline). Nothing to do before the allocator is set up.
+    pub fn drain_this_cpu(&self) -> Result<(), GlobalError> {
+        match self.get() {
+            Ok(s) => s
+                .drain_cpu(&ThisCpu, ThisCpu.cpu_id())
+                .map_err(global_error),
+            Err(GlobalError::NotInitialised) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Core `cpu`'s cache counters and what it holds now.
+    pub fn cpu_stats(&self, cpu: usize) -> Result<PcpStats, GlobalError> {
+        self.get()?
+            .cpu_stats(&ThisCpu, CpuId(cpu as u32))
+            .map_err(global_error)
+    }
+
+    /// Exact counters over the buddy and every cache.
+    pub fn stats(&self) -> Result<FrameStats, GlobalError> {
+        self.get()?.stats(&ThisCpu).map_err(global_error)
+    }
+
+    /// How many buddy-lock acquisitions had to wait for another core.
+    pub fn contended(&self) -> u64 {
+        self.get().map_or(0, |s| s.buddy_lock_stats().contended)
+    }
+}
+
+impl Default for SharedFrames {
+    fn default() -> Self {
+        Self::new()
+    }
 }

@@ -82,3 +82,21 @@ pub fn index() -> usize {
 pub fn of(index: usize) -> Option<&'static PerCpu> {
     CPUS.get(index)
 }
+
+/// The calling core as the context of a lock or the shared allocator
+/// (`memdesc::sync::CpuContext`): its dense index, and whether it runs an
+/// exception handler, which is when it is on SP_EL1 (every core's main
+/// thread runs on SP_EL0, its exceptions on SP_EL1).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThisCpu;
+
+impl memdesc::sync::CpuContext for ThisCpu {
+    #[inline]
+    fn cpu_id(&self) -> memdesc::sync::CpuId {
+        memdesc::sync::CpuId(index() as u32)
+    }
+    #[inline]
+    fn in_exception(&self) -> bool {
+        SPSel.get() & 1 == 1
+    }
+}

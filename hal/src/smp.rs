@@ -10,15 +10,24 @@
 //!   image entry (virt with `secure=on`, the Pis' ELF boot) waits in the
 //!   holding pen of `boot.rs`, announcing itself in `HAL_PEN`; the boot core
 //!   writes the entry address into the core's release slot and sends SEV.
-//!   A model that holds its secondaries in reset (i.MX 8M Plus and ZCU102 at
-//!   EL3) has nobody in the pen, which is logged.
+//! - The Pis' raw `kernel8.img` boot (EL2, no PSCI): cores 1-3 wait in the
+//!   boot stub's spin table (the board's release slots in the reserved
+//!   first page); the entry address goes into the core's slot, cleaned to
+//!   the point of coherency, then SEV.
+//! - The ZCU102 entered at EL3 holds cores 1-3 in reset: the entry goes
+//!   into the core's reset-address registers (RVBARADDRnL/H), then its
+//!   reset bit in CRF RST_FPD_APU is cleared, and it starts there at EL3.
+//!   The i.MX 8M Plus at EL3 has no way to start them (nobody arrives in
+//!   the pen), which is logged.
 //!
 //! Each core runs at EL1 on its own stacks with guard pages (its slot of
 //! `link/sections.ld`), with its own exception stack (SP_EL1), `TPIDR_EL1`
 //! pointing at its [`crate::percpu::PerCpu`], and MAIR/TCR/TTBR0/SCTLR_EL1
 //! exactly as the boot core programmed them. It then waits for jobs
-//! ([`run_on`]) with WFE, or sleeps in WFI after [`sleep_when_idle`].
+//! ([`run_on`]) with WFE, or sleeps in WFI after [`sleep_when_idle`];
+//! going idle, it first drains its frame cache to the buddy.
 
+use crate::board::Secondaries;
 use crate::dtb::PsciConduit;
 use crate::percpu::MAX_CPUS;
 use aarch64_cpu::registers::*;
@@ -194,6 +203,12 @@ pub enum StartMethod {
     PsciSmc,
     /// Released from the holding pen (entered at EL3, no PSCI).
     HoldingPen,
+    /// Released from the boot stub's spin table (the Pis' raw
+    /// `kernel8.img` boot at EL2).
+    SpinTable,
+    /// Started from reset at an address written to their reset-address
+    /// registers (ZCU102 entered at EL3).
+    ResetAddress,
     /// No way to start them here: they stay off (or parked).
     None,
 }
@@ -259,6 +274,23 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
                 };
             }
         }
+        (_, 3) if reset_address().is_some() => {
+            let (rvbar, apu_reset) = reset_address().unwrap_or_default();
+            report.method = StartMethod::ResetAddress;
+            for (i, slot) in report.cores.iter_mut().enumerate().skip(1).take(3) {
+                *slot = start_from_reset(i, entry, rvbar, apu_reset);
+            }
+        }
+        (None, 2) if spin_table().is_some() => {
+            let release = spin_table().unwrap_or_default();
+            report.method = StartMethod::SpinTable;
+            for (i, slot) in report.cores.iter_mut().enumerate().skip(1) {
+                let Some(&addr) = release.get(i - 1) else {
+                    break;
+                };
+                *slot = release_from_spin_table(i, entry, addr);
+            }
+        }
         (_, 3) => {
             report.method = StartMethod::HoldingPen;
             let pen = pen();
@@ -281,6 +313,71 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
     }
     report.online = ONLINE.load(Ordering::Acquire).count_ones();
     report
+}
+
+/// The board's spin-table slots, if it has one.
+fn spin_table() -> Option<[u64; 3]> {
+    match crate::board::CURRENT.secondaries {
+        Secondaries::SpinTable { release } => Some(release),
+        _ => None,
+    }
+}
+
+/// The board's reset-address registers, if it has them.
+fn reset_address() -> Option<(u64, u64)> {
+    match crate::board::CURRENT.secondaries {
+        Secondaries::PsciOrResetAddress { rvbar, apu_reset } => Some((rvbar, apu_reset)),
+        _ => None,
+    }
+}
+
+/// Releases core `index` waiting in the boot stub's spin table (`wfe`,
+/// then a load of its slot at `addr` with the MMU off, until non-zero):
+/// writes `entry` there, cleans it to the point of coherency and sends SEV.
+fn release_from_spin_table(index: usize, entry: u64, addr: u64) -> CoreStart {
+    // SAFETY: `addr` is the board's spin-table slot of this core, in the
+    // first page of RAM, which the board reserves for the stub and the
+    // table (no Rust object lives there); the probe turns a fault (the
+    // page not mapped) into an error.
+    if unsafe { crate::exception::probe_write_u64(addr, entry) }.is_err() {
+        return CoreStart::Timeout;
+    }
+    clean_to_poc(addr, 8);
+    aarch64_cpu::asm::sev();
+    if wait_online(index) {
+        CoreStart::Online
+    } else {
+        CoreStart::Timeout
+    }
+}
+
+/// Starts core `index` (1..=3) held in reset: its reset address (RVBAR,
+/// low word at `rvbar + 8 * index`, high at `+ 4`) becomes `entry`, then
+/// its bit in `apu_reset` is cleared, and it starts there at EL3.
+fn start_from_reset(index: usize, entry: u64, rvbar: u64, apu_reset: u64) -> CoreStart {
+    let lo = rvbar + 8 * index as u64;
+    let bit = 1u32 << index;
+    // SAFETY: the board's APU and CRF register blocks (mapped Device at
+    // their own addresses from the board's `mmio` list); 32-bit aligned
+    // register accesses with no effect on memory. Only the boot core writes
+    // them, once per core.
+    unsafe {
+        core::ptr::write_volatile(lo as *mut u32, entry as u32);
+        core::ptr::write_volatile((lo + 4) as *mut u32, (entry >> 32) as u32);
+        let r = apu_reset as *mut u32;
+        aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
+        let v = core::ptr::read_volatile(r);
+        if v & bit == 0 {
+            // Out of reset already: it is running something else.
+            return CoreStart::Timeout;
+        }
+        core::ptr::write_volatile(r, v & !bit);
+    }
+    if wait_online(index) {
+        CoreStart::Online
+    } else {
+        CoreStart::Timeout
+    }
 }
 
 /// Cores online (bit per index).
@@ -308,10 +405,16 @@ fn service_loop(index: usize) -> ! {
             // Pairs with the Acquire load in `wait`.
             DONE[index].fetch_add(1, Ordering::Release);
             aarch64_cpu::asm::sev();
-        } else if SLEEP.load(Ordering::Relaxed) {
-            aarch64_cpu::asm::wfi();
         } else {
-            aarch64_cpu::asm::wfe();
+            // Going idle: this core's frame cache goes back to the buddy,
+            // so no free memory sits with a sleeping core. Refused only if
+            // this core holds the allocator's lock, which it cannot here.
+            let _ = crate::memory::FRAMES.drain_this_cpu();
+            if SLEEP.load(Ordering::Relaxed) {
+                aarch64_cpu::asm::wfi();
+            } else {
+                aarch64_cpu::asm::wfe();
+            }
         }
     }
 }

@@ -7,7 +7,9 @@
 //!   exact;
 //! - `try_lock` racing `lock`;
 //! - a holder's own CPU re-entering (as an exception handler would) is
-//!   refused while another CPU waits, and the waiter still gets the lock.
+//!   refused while another CPU waits, and the waiter still gets the lock;
+//! - the same two properties for the lock without a waiter queue
+//!   (`LockAtomics::FIFO` false, the host threads' policy).
 //!
 //! Every model is explored exhaustively (no preemption bound).
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
@@ -17,7 +19,7 @@ use loom::sync::Arc;
 use memdesc::sync::{CpuId, FixedCpu, LockError, SpinLock};
 
 mod common;
-use common::loom_atomics::LoomAtomics;
+use common::loom_atomics::{LoomAtomics, LoomUnqueued};
 use common::seen::Seen;
 
 /// The protected data: a loom cell, so unsynchronised access is a race.
@@ -111,4 +113,39 @@ fn same_cpu_reentry_is_refused_while_another_waits() {
         t.join().unwrap();
         assert_eq!(l.lock(&FixedCpu::new(0)).unwrap().add(0), 11);
     });
+}
+
+type Unqueued = SpinLock<Data, LoomUnqueued>;
+
+static UNQUEUED: Seen<2> = Seen::new();
+
+#[test]
+fn unqueued_lock_excludes_counts_and_refuses_reentry() {
+    loom::model(|| {
+        let l = Arc::new(Unqueued::new(Data(UnsafeCell::new(0))));
+        let l2 = l.clone();
+        let t = loom::thread::spawn(move || l2.lock(&FixedCpu::new(1)).unwrap().add(1));
+        let mine = {
+            let g = l.lock(&FixedCpu::new(0)).unwrap();
+            assert_eq!(
+                l.lock(&FixedCpu::new(0).in_exception()).err(),
+                Some(LockError::Reentrant {
+                    cpu: CpuId(0),
+                    in_exception: true
+                })
+            );
+            g.add(10)
+        };
+        let theirs = t.join().unwrap();
+        assert!(
+            (mine, theirs) == (10, 11) || (mine, theirs) == (11, 1),
+            "{mine} {theirs}"
+        );
+        let st = l.stats();
+        assert_eq!(st.acquisitions, 2);
+        assert_eq!(st.contended == 0, st.spins == 0);
+        UNQUEUED.hit(st.contended.min(1) as usize);
+        assert_eq!(l.queue_len(), 0);
+    });
+    UNQUEUED.assert_all("uncontended, contended");
 }

@@ -532,6 +532,7 @@ const BOARD_SYSTEM_TESTS: &[SystemTest] = &[
             "entered at EL2",
             "memory from the DTB at 0x8000000 (x0)",
             "MMU on",
+            "SMP: 4 core(s) online at EL1 (entered at EL2); start method: released from the boot stub's spin table",
             "ready",
         ],
         on: On::Boards(&["raspi3b", "raspi4b"]),

@@ -106,6 +106,9 @@ pub struct PcpStats {
     pub refills: u64,
     /// Batches drained to the buddy (cache too full, or explicit drains).
     pub drains: u64,
+    /// Frames the cache holds now (set in [`SmpFrameAllocator::cpu_stats`]'s
+    /// snapshot).
+    pub cached_frames: u64,
 }
 
 /// One CPU's cache.
@@ -515,6 +518,11 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
             .get(target.index())
             .ok_or(SmpError::CpuOutOfRange { cpu: target })?;
         let mut pcp = slot.0.lock(cpu)?;
+        // Nothing cached and nothing to fold: the buddy lock is not needed
+        // (an idle core calls this on every wake-up).
+        if pcp.hot.is_empty() && pcp.ndescs == 0 && pcp.delta.iter().all(|&d| d == 0) {
+            return Ok(());
+        }
         self.lock_buddy(cpu)?.pcp_drain_all(&mut pcp);
         Ok(())
     }
@@ -641,8 +649,11 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
             .cpus
             .get(target.index())
             .ok_or(SmpError::CpuOutOfRange { cpu: target })?;
-        let s = slot.0.lock(cpu)?.stats;
-        Ok(s)
+        let g = slot.0.lock(cpu)?;
+        Ok(PcpStats {
+            cached_frames: g.hot.frames(),
+            ..g.stats
+        })
     }
 
     /// The single-CPU allocator back, every CPU cache drained into it.

@@ -3,7 +3,10 @@
 //! holder or waiter) with a typed error instead of deadlocking.
 //!
 //! - [`SpinLock`] ([`spinlock`]): FIFO ticket lock (each waiter spins on the
-//!   "now serving" counter until its ticket comes up), with a guard.
+//!   "now serving" counter until its ticket comes up), with a guard;
+//!   `const` in a `static` through [`SpinLock::new_const`] (the hal's
+//!   globals are built on it); without a queue for host threads
+//!   ([`LockAtomics::FIFO`]).
 //! - [`CpuContext`] ([`cpu`]): who is asking, the current CPU's index and
 //!   whether it runs an exception handler; the hal implements it on target
 //!   (per-CPU data), host code with [`FixedCpu`] per thread.

@@ -31,6 +31,14 @@ pub trait LockAtomics: Send + Sync + 'static {
     type U64: AtomicCell<u64>;
     /// Called once per failed check of a wait loop.
     fn relax();
+    /// How waiters wait. `true` (firmware CPUs, which nothing preempts): a
+    /// FIFO ticket queue, so no waiter starves. `false` (host threads the
+    /// OS can deschedule, more threads than cores): no queue; a waiter
+    /// spins (calling [`LockAtomics::relax`]) until the lock is free and
+    /// then takes it as [`SpinLock::try_lock`] does, so the lock is never
+    /// handed to a waiter that is not running. The same fields, counters
+    /// and re-entry check serve both.
+    const FIFO: bool = true;
 }
 
 impl LockAtomics for CoreAtomics {
@@ -120,6 +128,24 @@ unsafe impl<T: Send, A: LockAtomics> Sync for SpinLock<T, A> {}
 // SAFETY: owning the lock is owning the `T`.
 unsafe impl<T: Send, A: LockAtomics> Send for SpinLock<T, A> {}
 
+impl<T> SpinLock<T, CoreAtomics> {
+    /// An unlocked lock around `data`, in a const context (a `static`):
+    /// the shipping atomics are `core`'s, whose constructors are `const`
+    /// (a generic [`LockAtomics`] cell's are not). All its lock state
+    /// starts at zero, so a static whose `data` is zero too lives in BSS.
+    pub const fn new_const(data: T) -> Self {
+        Self {
+            next: AtomicU32::new(0),
+            serving: AtomicU32::new(0),
+            inside: AtomicU64::new(0),
+            acquisitions: AtomicU64::new(0),
+            contended: AtomicU64::new(0),
+            spins: AtomicU64::new(0),
+            data: UnsafeCell::new(data),
+        }
+    }
+}
+
 impl<T, A: LockAtomics> SpinLock<T, A> {
     /// An unlocked lock around `data`.
     pub fn new(data: T) -> Self {
@@ -187,6 +213,9 @@ impl<T, A: LockAtomics> SpinLock<T, A> {
     /// CPU index not below [`MAX_CPUS`].
     pub fn lock<C: CpuContext + ?Sized>(&self, cpu: &C) -> Result<SpinGuard<'_, T, A>, LockError> {
         let bit = self.enter(cpu)?;
+        if !A::FIFO {
+            return Ok(self.lock_unqueued(bit));
+        }
         // Relaxed: the ticket only orders waiters; the data is ordered by
         // `serving` below.
         let ticket = self.next.fetch_add(1, Ordering::Relaxed);
@@ -205,6 +234,38 @@ impl<T, A: LockAtomics> SpinLock<T, A> {
             bit,
             _not_send: PhantomData,
         })
+    }
+
+    /// The wait of a lock without a queue ([`LockAtomics::FIFO`] false):
+    /// until a free lock is taken with the ticket CAS of `try_lock`.
+    fn lock_unqueued(&self, bit: u64) -> SpinGuard<'_, T, A> {
+        let mut spins = 0u64;
+        loop {
+            // Acquire: pairs with the Release store to `serving` in
+            // `SpinGuard::drop`, as in `try_lock`.
+            let serving = self.serving.load(Ordering::Acquire);
+            if self.next.load(Ordering::Relaxed) == serving
+                && self
+                    .next
+                    .compare_exchange(
+                        serving,
+                        serving.wrapping_add(1),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                self.count(spins);
+                return SpinGuard {
+                    lock: self,
+                    ticket: serving,
+                    bit,
+                    _not_send: PhantomData,
+                };
+            }
+            spins += 1;
+            A::relax();
+        }
     }
 
     /// Takes the lock if nobody holds or waits for it.

@@ -63,3 +63,15 @@ impl Atomics for LoomAtomics {
         loom::sync::atomic::fence(order)
     }
 }
+
+/// [`LoomAtomics`] for a lock without a waiter queue
+/// ([`LockAtomics::FIFO`] false: the host threads' policy).
+pub struct LoomUnqueued;
+impl LockAtomics for LoomUnqueued {
+    type U32 = LoomU32;
+    type U64 = LoomU64;
+    fn relax() {
+        loom::thread::yield_now()
+    }
+    const FIFO: bool = false;
+}
