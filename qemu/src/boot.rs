@@ -541,6 +541,9 @@ pub fn boot_board(
                 })
                 .and_then(|_| client.load_and_run(&image));
             notes.push(host_line(client.stats.summary()));
+            if std::env::var_os("MEMFW_LOADER_DEBUG").is_some() {
+                eprintln!("{}", client.stats.summary());
+            }
             if let Err(e) = loaded {
                 target.end();
                 return Err(format!("loader: {e}"));
