@@ -499,8 +499,13 @@ fn judge_reporting(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<(), 
 
 /// The interrupt count at the end of a settle line.
 pub fn interrupts_of(line: &str) -> Option<u64> {
-    let s = line.strip_suffix(" interrupts")?;
-    s.rsplit(' ').next()?.parse().ok()
+    // `…, N interrupts` at the end of the figures, or before `; chunks …`.
+    let words: Vec<&str> = line
+        .split([' ', ';', ','])
+        .filter(|w| !w.is_empty())
+        .collect();
+    let at = words.iter().rposition(|w| *w == "interrupts")?;
+    words.get(at.checked_sub(1)?)?.parse().ok()
 }
 
 fn judge_round_trip(
@@ -894,6 +899,8 @@ mod tests {
     fn chunk_counts_parse() {
         let line = "balloon settled: actual 131088 pages in 9 ms; offline 131088; frames ok; lint 0; TLB entries 40 (boot optimum 40); 2 batches, 4 notifications, 9 descriptors, 3 interrupts; chunks 2M 256 64K 1 4K 0";
         assert_eq!(parse_chunks(line), Some([256, 1, 0]));
+        // The interrupt count before the chunk counts still reads.
+        assert_eq!(interrupts_of(line), Some(3));
         assert_eq!(parse_chunks("balloon settled: actual 0 pages"), None);
     }
 
