@@ -290,8 +290,10 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     regions.push(stack.start, stack.end, Attributes::DATA)?;
     let stack = hal::image::exception_stack();
     regions.push(stack.start, stack.end, Attributes::DATA)?;
-    // Every secondary core's stacks; their guard pages stay unmapped.
-    for cpu in 1..hal::percpu::MAX_CPUS {
+    // The stacks of every other core the tree lists (of every slot when
+    // it lists none); their guard pages stay unmapped.
+    let cpus = p.cpu_slots(hal::percpu::MAX_CPUS);
+    for cpu in 1..cpus {
         if let Some([main, _, exception, _]) = hal::image::cpu_stacks(cpu) {
             regions.push(main.start, main.end, Attributes::DATA)?;
             regions.push(exception.start, exception.end, Attributes::DATA)?;
@@ -308,7 +310,7 @@ pub fn init_stage1(p: &Platform<'_>, probe: &Probe) -> Result<MapReport, MmError
     }
     let optimum = regions.optimum(&pinned[..npinned]);
     // Checks that the tree maps what the code uses, then marks it live.
-    hal::memory::enable_mmu(&mut s1, probe)?;
+    hal::memory::enable_mmu(&mut s1, probe, cpus)?;
     let summary = s1.summary();
     STAGE1.set(s1)?;
     BOOT_MAP.set(MapReport {

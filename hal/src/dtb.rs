@@ -237,6 +237,20 @@ pub struct Platform<'a> {
     pub psci: Option<PsciConduit>,
     /// Size of the blob in bytes (`totalsize`), to reserve it.
     pub total_size: usize,
+    /// `device_type = "cpu"` nodes under `/cpus` (0: no tree, or none).
+    pub cpus: usize,
+}
+
+impl Platform<'_> {
+    /// Stack slots to map, one per core the firmware may start: the CPUs
+    /// the tree lists, or all `max` slots when it lists none (no tree, a
+    /// board default).
+    pub fn cpu_slots(&self, max: usize) -> usize {
+        match self.cpus {
+            0 => max,
+            n => n.min(max),
+        }
+    }
 }
 
 impl Platform<'static> {
@@ -252,6 +266,7 @@ impl Platform<'static> {
             bootargs: None,
             psci: None,
             total_size: 0,
+            cpus: 0,
         };
         for &m in memory {
             p.memory.push(m)?;
@@ -500,6 +515,7 @@ pub fn parse(blob: &[u8]) -> Result<Platform<'_>, DtbError> {
         bootargs: None,
         psci: None,
         total_size: blob.len(),
+        cpus: 0,
     };
 
     // /memreserve/ entries (already bounds-checked by validate()).
@@ -546,6 +562,12 @@ pub fn parse(blob: &[u8]) -> Result<Platform<'_>, DtbError> {
                     let raw = args.value.split(|&b| b == 0).next().unwrap_or(&[]);
                     p.bootargs = Some(core::str::from_utf8(raw).map_err(|_| DtbError::NotUtf8)?);
                 }
+            }
+            "cpus" => {
+                p.cpus = node
+                    .children()
+                    .filter(|c| c.property("device_type").and_then(|v| v.as_str()) == Some("cpu"))
+                    .count();
             }
             "psci" => {
                 p.psci = match node.property("method").and_then(|m| m.as_str()) {
@@ -927,6 +949,30 @@ mod tests {
 
     fn board_check(blob: &[u8]) -> Result<(), DtbError> {
         parse_for_board(blob, &BOARD).map(drop)
+    }
+
+    /// The stack slots to map follow the CPU nodes of `/cpus` (not its
+    /// other children); a tree without them maps every slot.
+    #[test]
+    fn cpu_slots_follow_the_cpu_nodes() {
+        let p = parse(VIRT_1G).expect("valid");
+        assert_eq!((p.cpus, p.cpu_slots(8)), (1, 1));
+        let mut b = Builder::new().memory(0x4000_0000, GIB);
+        b.begin("cpus");
+        for i in 0..3 {
+            b.begin(&format!("cpu@{i}"));
+            b.prop("device_type", b"cpu\0");
+            b.end();
+        }
+        b.begin("cpu-map");
+        b.end();
+        b.end();
+        let blob = b.build();
+        let p = parse(&blob).expect("valid");
+        assert_eq!((p.cpus, p.cpu_slots(8)), (3, 3));
+        let blob = Builder::new().memory(0x4000_0000, GIB).build();
+        let p = parse(&blob).expect("valid");
+        assert_eq!((p.cpus, p.cpu_slots(8)), (0, 8));
     }
 
     #[test]

@@ -116,6 +116,24 @@ pub const CPU_MAIN_STACK: u64 = 64 << 10;
 /// A secondary core's exception stack (SP_EL1).
 pub const CPU_EXCEPTION_STACK: u64 = 16 << 10;
 
+/// Cores whose stacks the boot map holds (all slots until the MMU is on).
+static STACK_SLOTS: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(crate::percpu::MAX_CPUS);
+
+/// Records how many cores' stacks the boot map holds (at MMU switch-on).
+pub(crate) fn set_stack_slots(n: usize) {
+    STACK_SLOTS.store(
+        n.clamp(1, crate::percpu::MAX_CPUS),
+        core::sync::atomic::Ordering::Release,
+    );
+}
+
+/// Cores whose stacks are mapped: the secondary starter starts no core
+/// with an index at or above it.
+pub fn stack_slots() -> usize {
+    STACK_SLOTS.load(core::sync::atomic::Ordering::Acquire)
+}
+
 /// The stacks of core `index`: `(main, main guard, exception, exception
 /// guard)`. Core 0 has the boot stacks above; cores 1 to
 /// [`crate::percpu::MAX_CPUS`] - 1 have a slot each.

@@ -477,17 +477,23 @@ fn check_span(
 
 /// Turns the MMU on with `s1`'s tree after checking that it maps, at their
 /// own addresses and with the permissions they are used with, the image's
-/// text, rodata and data, every core's stacks, the page array and the
-/// console; then marks the tree live. Must run once, on the boot core,
-/// with the MMU still off.
-pub fn enable_mmu(s1: &mut Stage1<IdentityTables>, probe: &Probe) -> Result<(), MemoryError> {
+/// text, rodata and data, the stacks of the first `cpus` cores, the page
+/// array and the console; then marks the tree live and records `cpus`
+/// ([`crate::image::stack_slots`]: no other core is started). Must run
+/// once, on the boot core, with the MMU still off.
+pub fn enable_mmu(
+    s1: &mut Stage1<IdentityTables>,
+    probe: &Probe,
+    cpus: usize,
+) -> Result<(), MemoryError> {
     if crate::mmu::enabled() {
         return Err(MemoryError::AlreadyInitialised);
     }
     check_span(s1, crate::image::text(), Attributes::TEXT)?;
     check_span(s1, crate::image::rodata(), Attributes::RODATA)?;
     check_span(s1, crate::image::data(), Attributes::DATA)?;
-    for cpu in 0..crate::percpu::MAX_CPUS {
+    let cpus = cpus.min(crate::percpu::MAX_CPUS);
+    for cpu in 0..cpus {
         if let Some([main, _, exception, _]) = crate::image::cpu_stacks(cpu) {
             check_span(s1, main, Attributes::DATA)?;
             check_span(s1, exception, Attributes::DATA)?;
@@ -501,6 +507,7 @@ pub fn enable_mmu(s1: &mut Stage1<IdentityTables>, probe: &Probe) -> Result<(), 
     check_identity(s1, crate::board::CURRENT.uart_base, Attributes::DEVICE)?;
     let root = s1.root();
     let va_size: VaSize = s1.va_size();
+    crate::image::set_stack_slots(cpus);
     s1.set_live();
     // SAFETY: checked above: the tree maps the running text executable,
     // rodata, data, both stacks, the page array and the console at their

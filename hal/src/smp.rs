@@ -259,7 +259,8 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
                 PsciConduit::Hvc => StartMethod::PsciHvc,
                 PsciConduit::Smc => StartMethod::PsciSmc,
             };
-            for (i, slot) in report.cores.iter_mut().enumerate().skip(1) {
+            let slots = crate::image::stack_slots();
+            for (i, slot) in report.cores.iter_mut().enumerate().take(slots).skip(1) {
                 let mpidr = boot_aff | i as u64;
                 let r = match conduit {
                     PsciConduit::Hvc => smccc::psci::cpu_on::<smccc::Hvc>(mpidr, entry, i as u64),
@@ -277,14 +278,16 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
         (_, 3) if reset_address().is_some() => {
             let (rvbar, apu_reset) = reset_address().unwrap_or_default();
             report.method = StartMethod::ResetAddress;
-            for (i, slot) in report.cores.iter_mut().enumerate().skip(1).take(3) {
+            let slots = crate::image::stack_slots().min(4);
+            for (i, slot) in report.cores.iter_mut().enumerate().take(slots).skip(1) {
                 *slot = start_from_reset(i, entry, rvbar, apu_reset);
             }
         }
         (None, 2) if spin_table().is_some() => {
             let release = spin_table().unwrap_or_default();
             report.method = StartMethod::SpinTable;
-            for (i, slot) in report.cores.iter_mut().enumerate().skip(1) {
+            let slots = crate::image::stack_slots();
+            for (i, slot) in report.cores.iter_mut().enumerate().take(slots).skip(1) {
                 let Some(&addr) = release.get(i - 1) else {
                     break;
                 };
@@ -295,7 +298,8 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
             report.method = StartMethod::HoldingPen;
             let pen = pen();
             clean_to_poc(pen.as_ptr() as u64, 16 * 8);
-            for (i, slot) in report.cores.iter_mut().enumerate().skip(1) {
+            let slots = crate::image::stack_slots();
+            for (i, slot) in report.cores.iter_mut().enumerate().take(slots).skip(1) {
                 if pen[i].load(Ordering::Acquire) == 0 {
                     continue;
                 }

@@ -529,8 +529,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// Moves `n` frames from the count of `from` to that of `to`.
     #[inline(always)]
     pub(super) fn recount(&mut self, from: FrameType, to: FrameType, n: u64) {
-        self.by_type[from.index()] -= n;
-        self.by_type[to.index()] += n;
+        // Wrapping, as in `free_folio_desc`: a partial sum under the SMP
+        // allocator's per-CPU deltas.
+        self.by_type[from.index()] = self.by_type[from.index()].wrapping_sub(n);
+        self.by_type[to.index()] = self.by_type[to.index()].wrapping_add(n);
     }
 
     #[inline(always)]
@@ -616,7 +618,13 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
         }
         let poisoned = d.flags() & FOLIO_HWPOISON != 0;
         let freed = self.give_back(&sec, idx, pfn, order, poisoned);
-        self.by_type[FrameType::Folio.index()] -= freed;
+        // Wrapping: under `SmpFrameAllocator` the buddy's Folio count is a
+        // partial sum (the CPU caches hold signed deltas, folded in with
+        // wrapping adds), so it may sit below a folio counted on another
+        // CPU's cache; the exact total is buddy + deltas, which the
+        // consistency check compares.
+        self.by_type[FrameType::Folio.index()] =
+            self.by_type[FrameType::Folio.index()].wrapping_sub(freed);
         self.folios.free(d);
         Ok(())
     }

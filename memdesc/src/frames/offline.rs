@@ -150,9 +150,11 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     }
 
     fn retally(&mut self, from: FrameType, to: Word, healthy: u64) {
-        self.by_type[from.index()] -= healthy;
+        // Wrapping: a partial sum under the SMP allocator's per-CPU deltas
+        // (see `FrameAllocator::free_folio_desc`).
+        self.by_type[from.index()] = self.by_type[from.index()].wrapping_sub(healthy);
         if let Some(t) = to.frame_type() {
-            self.by_type[t.index()] += healthy;
+            self.by_type[t.index()] = self.by_type[t.index()].wrapping_add(healthy);
         }
     }
 }

@@ -708,6 +708,34 @@ mod tests {
         s.stats(&CPU0).unwrap().count(FrameType::Free)
     }
 
+    /// The buddy's per-type counts are partial sums while CPU caches hold
+    /// deltas: a poisoned folio freed on the buddy after another CPU folded
+    /// a negative delta must not trip an underflow, and the exact totals
+    /// (buddy + deltas) stay right.
+    #[test]
+    fn a_buddy_free_below_the_partial_count_keeps_exact_totals() {
+        let s = smp(0x200);
+        let total = free_frames(&s);
+        let p = s.alloc_folio(&CPU0, 3, Owner::Buddy).unwrap();
+        // Poisoning runs on the exact view: every delta folded (Folio 8).
+        s.with_exact(&CPU0, |fa| fa.poison(Pfn(p.pfn().0 + 1)))
+            .unwrap()
+            .unwrap();
+        // A folio of CPU 0's cache freed on CPU 1, whose delta is folded
+        // by its drain: the buddy's Folio count drops to 6, CPU 0's delta
+        // keeps the +2.
+        let q = s.alloc_folio(&CPU0, 1, Owner::Buddy).unwrap();
+        assert!(s.put(&CPU1, q).unwrap().is_some());
+        s.drain_cpu(&CPU1, CpuId(1)).unwrap();
+        // The poisoned folio goes back through the buddy (not a cache).
+        assert!(s.put(&CPU0, p).unwrap().is_some());
+        let st = s.stats(&CPU0).unwrap();
+        assert_eq!(st.count(FrameType::Folio), 0);
+        assert_eq!(st.count(FrameType::HwPoison), 1);
+        assert_eq!(st.count(FrameType::Free), total - 1);
+        s.check_consistency(&CPU0).unwrap();
+    }
+
     #[test]
     fn free_on_another_cpu_lands_in_its_cache_and_counts_stay_exact() {
         let s = smp(0x100);
