@@ -1365,7 +1365,7 @@ fn run_target(args: &TestArgs) -> Result<Tally> {
 /// 2 KiB/s, so each first upload of a suite's image costs 2-3 minutes
 /// (`cargo qemu test --board B --serial qemu` runs every suite).
 const LOADER_PROOF: &[(&str, bool, &[&str])] = &[
-    ("raspi3b", false, &["boot"]),
+    ("raspi3b", true, &["boot"]),
     ("xlnx-zcu102", true, &["boot"]),
 ];
 
