@@ -331,7 +331,7 @@ mod tests {
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
     }
 
-    /// Issue 8, item 1 with the real walker: the dirty state the hardware
+    /// The dirty state the hardware
     /// recorded for one page of a run survives unfolding the run (a
     /// permission change of another page): every page of the old run still
     /// reads dirty.
@@ -352,14 +352,14 @@ mod tests {
         assert_eq!(firmware::mm::lint().expect("stage-1"), 0);
     }
 
-    /// Issue 8, item 19: TCR_EL1.T0SZ comes from the engine's VA size.
+    /// TCR_EL1.T0SZ comes from the engine's VA size.
     #[test]
     fn tcr_input_size_is_the_engines() {
         let bits = STAGE1.with(|s| s.va_size().bits()).expect("stage-1");
         assert_eq!(hal::mmu::input_bits(), bits);
     }
 
-    /// Issue 8, item 17: while the frame allocator is in use, the engine's
+    /// While the frame allocator is in use, the engine's
     /// table memory fails with a typed `Busy`, not "out of memory"; a
     /// table's valid count is read without the allocator (an atomic in its
     /// descriptor), so an unmap then works and never drops a live table.

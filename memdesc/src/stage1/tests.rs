@@ -740,7 +740,7 @@ fn assert_all_state(s: &Stage1<FakePlatform<'_>>, base: u64, pages: u64, step: u
     }
 }
 
-/// Issue 8, item 1: the hardware marks entry 9 of a 64 KiB run dirty (it may
+/// The hardware marks entry 9 of a 64 KiB run dirty (it may
 /// use any entry of a run); a partial change must carry that state into
 /// every entry it writes, on the break-before-make and the BBM level 2 path.
 #[test]
@@ -813,7 +813,7 @@ fn entry_at(s: &Stage1<FakePlatform<'_>>, v: u64, level: u8) -> (PhysAddr, usize
     }
 }
 
-/// Issue 8, item 2: a table collapsing into a block keeps a write the
+/// A table collapsing into a block keeps a write the
 /// hardware makes through one of its leaves after the engine scanned them:
 /// just before the parent entry is swapped, or while the TLBI is running.
 #[test]
@@ -861,7 +861,7 @@ fn collapse_keeps_writes_made_after_the_scan() {
     }
 }
 
-/// Issue 8, item 4: while no walker can use the tree (it is being built
+/// While no walker can use the tree (it is being built
 /// before TTBR0 and the MMU are set up, when data accesses may be Device
 /// memory), every descriptor is written with a plain store.
 #[test]
@@ -926,7 +926,7 @@ fn two_runs(b: &mut Bufs, f: Features) -> Stage1<FakePlatform<'_>> {
     s
 }
 
-/// Issue 8, item 3: an operation that must split partly covered blocks
+/// An operation that must split partly covered blocks
 /// (1 GiB, 2 MiB, at one or both ends, inside contiguous runs of blocks)
 /// either gets every table it needs or fails with OutOfTableMemory and
 /// changes nothing. For each case the tables the operation allocates with
@@ -997,7 +997,7 @@ fn a_split_without_table_memory_fails_and_changes_nothing() {
     assert_eq!(max_need, 4, "both ends split twice");
 }
 
-/// Issue 8, item 17 (engine side): a table-memory provider that fails
+/// A table-memory provider that fails
 /// (here: busy) is a typed error, never "out of memory" and never a made-up
 /// count; a table whose count cannot be read is never freed or collapsed.
 #[test]
@@ -1057,7 +1057,7 @@ fn table_memory_failures_are_reported_and_never_free_a_live_table() {
     }
 }
 
-/// Issue 8, item 5: changing the memory type of part of a block splits it
+/// Changing the memory type of part of a block splits it
 /// with break-before-make even under FEAT_BBM level 2 (only a pure size
 /// change may be done in place), and the checker sees a table whose leaves
 /// translate differently from the block it replaced in place.
@@ -1111,7 +1111,7 @@ fn memory_type_change_inside_a_block_breaks_even_with_bbm2() {
     ));
 }
 
-/// Issue 8, item 5: the access flag the hardware sets between the engine's
+/// The access flag the hardware sets between the engine's
 /// read and its compare-and-swap is kept (not only the dirty state), for
 /// in-place changes of a run and of a block.
 #[test]
@@ -1131,7 +1131,7 @@ fn racing_access_flag_is_kept() {
     }
 }
 
-/// Issue 8, item 5: one operation changing leaves of two levels in place
+/// One operation changing leaves of two levels in place
 /// (a 2 MiB block and a 64 KiB run) must invalidate both: a TTL level hint
 /// of 3 would leave the block's TLB entries in place.
 #[test]
@@ -1266,7 +1266,7 @@ fn split_of_a_run_holding_its_own_tables_keeps_a_racing_write() {
     assert!(s.query(va(run)).unwrap().dirty);
 }
 
-/// Issue 12 groundwork: a table frame goes back to the provider only after
+/// A table frame goes back to the provider only after
 /// the TLB maintenance that stops every walker using it: after the store
 /// that unlinked it, a TLBI that also removes walk-cache entries (not
 /// last-level only) and then a `DSB ISH` (which waits for the TLBI on every
@@ -1339,7 +1339,7 @@ fn table_frames_are_freed_only_after_a_walk_tlbi_and_dsb() {
     }
 }
 
-/// Issue 9: a tree that maps its own table frames (the firmware's identity
+/// A tree that maps its own table frames (the firmware's identity
 /// map of RAM) with the tables inside a block or run that their own
 /// entries map cannot split it without FEAT_BBM level 2: the break unmaps
 /// the table the make must write. With every table frame in a chunk
