@@ -111,37 +111,27 @@ pub fn boot_cmd_for(board: &str, file: &str) -> String {
 /// and a `config.txt` for it, on the EVK and ZCU102 `memfw-loader.elf` and
 /// the U-Boot script (`boot.cmd`, `boot.scr`) that `bootelf`s it.
 pub fn write_loader(board: &str, loader_elf: &Path, out: &Path) -> Result<Written, String> {
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let bytes = std::fs::read(loader_elf).map_err(|e| format!("{}: {e}", loader_elf.display()))?;
-    let mut files = Vec::new();
-    let mut put = |name: &str, data: &[u8]| -> Result<(), String> {
-        let p = out.join(name);
-        std::fs::write(&p, data).map_err(|e| format!("{}: {e}", p.display()))?;
-        files.push(p);
-        Ok(())
-    };
+    let (mut o, bytes) = Output::open(out, loader_elf)?;
     match board {
         "raspi3b" | "raspi4b" => {
             let (_, raw) = raw_image(&bytes)?;
-            put("kernel8.img", &raw)?;
+            o.put("kernel8.img", &raw)?;
             // Its arm64 header's text_offset; the stub then copies the
             // loader to its link address near the top of RAM.
-            put("config.txt", config_txt(board, 0x8_0000).as_bytes())?;
+            o.put("config.txt", config_txt(board, 0x8_0000).as_bytes())?;
         }
         "imx8mp-evk" | "xlnx-zcu102" => {
             let cmd = boot_cmd_for(board, "memfw-loader.elf");
-            put("memfw-loader.elf", &bytes)?;
-            put("boot.cmd", cmd.as_bytes())?;
-            let scr = uimage::script(&format!("memfw-loader {board}"), cmd.as_bytes())
-                .map_err(|e| format!("boot.scr: {e:?}"))?;
-            if uimage::parse_script(&scr).ok() != Some(cmd.as_bytes()) {
-                return Err("boot.scr does not read back as boot.cmd".into());
-            }
-            put("boot.scr", &scr)?;
+            o.uboot(
+                &format!("memfw-loader {board}"),
+                "memfw-loader.elf",
+                &bytes,
+                &cmd,
+            )?;
         }
         other => return Err(format!("no loader image for board {other}")),
     }
-    Ok(Written { files })
+    Ok(Written { files: o.files })
 }
 
 /// What `image` wrote.
@@ -151,39 +141,64 @@ pub struct Written {
     pub files: Vec<PathBuf>,
 }
 
+/// An output directory being filled, and the files written to it.
+struct Output<'a> {
+    dir: &'a Path,
+    files: Vec<PathBuf>,
+}
+
+impl<'a> Output<'a> {
+    /// Creates `dir` and reads the ELF the image is made from.
+    fn open(dir: &'a Path, elf: &Path) -> Result<(Self, Vec<u8>), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+        let files = Vec::new();
+        Ok((Self { dir, files }, bytes))
+    }
+
+    fn put(&mut self, name: &str, data: &[u8]) -> Result<(), String> {
+        let p = self.dir.join(name);
+        std::fs::write(&p, data).map_err(|e| format!("{}: {e}", p.display()))?;
+        self.files.push(p);
+        Ok(())
+    }
+
+    /// The ELF, its U-Boot script `boot.cmd` and that script as the
+    /// legacy uImage `boot.scr`, checked by reading it back the way U-Boot's
+    /// `source` does.
+    fn uboot(&mut self, title: &str, elf_name: &str, elf: &[u8], cmd: &str) -> Result<(), String> {
+        self.put(elf_name, elf)?;
+        self.put("boot.cmd", cmd.as_bytes())?;
+        let scr = uimage::script(title, cmd.as_bytes()).map_err(|e| format!("boot.scr: {e:?}"))?;
+        if uimage::parse_script(&scr).ok() != Some(cmd.as_bytes()) {
+            return Err("boot.scr does not read back as boot.cmd".into());
+        }
+        self.put("boot.scr", &scr)
+    }
+}
+
 /// Writes the image for `board` from its firmware `elf` into `out`.
 pub fn write(board: &str, elf: &Path, out: &Path) -> Result<Written, String> {
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
-    let mut files = Vec::new();
-    let mut put = |name: &str, data: &[u8]| -> Result<(), String> {
-        let p = out.join(name);
-        std::fs::write(&p, data).map_err(|e| format!("{}: {e}", p.display()))?;
-        files.push(p);
-        Ok(())
-    };
+    let (mut o, bytes) = Output::open(out, elf)?;
     match board {
         "raspi3b" | "raspi4b" => {
             let (load, raw) = raw_image(&bytes)?;
-            put("kernel8.img", &raw)?;
-            put("config.txt", config_txt(board, load).as_bytes())?;
-            put("README.txt", pi_readme(board).as_bytes())?;
-            put(&format!("firmware-{board}.elf"), &bytes)?;
+            o.put("kernel8.img", &raw)?;
+            o.put("config.txt", config_txt(board, load).as_bytes())?;
+            o.put("README.txt", pi_readme(board).as_bytes())?;
+            o.put(&format!("firmware-{board}.elf"), &bytes)?;
         }
         "imx8mp-evk" | "xlnx-zcu102" => {
-            put("memfw.elf", &bytes)?;
-            put("boot.cmd", boot_cmd(board).as_bytes())?;
-            let scr = uimage::script(&format!("memfw {board}"), boot_cmd(board).as_bytes())
-                .map_err(|e| format!("boot.scr: {e:?}"))?;
-            // Read back the way U-Boot's `source` checks it.
-            if uimage::parse_script(&scr).ok() != Some(boot_cmd(board).as_bytes()) {
-                return Err("boot.scr does not read back as boot.cmd".into());
-            }
-            put("boot.scr", &scr)?;
+            o.uboot(
+                &format!("memfw {board}"),
+                "memfw.elf",
+                &bytes,
+                &boot_cmd(board),
+            )?;
         }
         other => return Err(format!("no image format for board {other}")),
     }
-    Ok(Written { files })
+    Ok(Written { files: o.files })
 }
 
 #[cfg(test)]
