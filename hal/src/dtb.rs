@@ -150,9 +150,14 @@ impl Regions {
         &self.items[..self.len]
     }
 
-    /// Sum of the sizes.
+    /// Sum of the sizes, saturating at `u64::MAX`: a corrupted tree can list
+    /// overlapping regions whose sizes add up past 2^64 (rejected later by
+    /// [`Platform::check`] as [`DtbError::MemoryOverlap`]), and asking for the
+    /// total must not panic on the way.
     pub fn total(&self) -> u64 {
-        self.as_slice().iter().map(|r| r.size).sum()
+        self.as_slice()
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.size))
     }
 
     /// True when the union of these regions contains all of `r`.
@@ -1027,6 +1032,21 @@ mod tests {
             .memory(0x8000_0000, GIB)
             .build();
         assert_eq!(board_check(&blob), Ok(()));
+    }
+
+    #[test]
+    fn overlapping_ranges_whose_sizes_sum_past_2_pow_64_are_a_typed_error() {
+        // Found by `corrupted_blobs_never_panic`: each range fits in the
+        // address space, but their sizes add up past u64::MAX, and the
+        // "any memory at all" test summed them with a plain `+`.
+        let huge = 0xC000_0000_0000_0000;
+        let blob = Builder::new().memory(0, huge).memory(0x1000, huge).build();
+        let p = parse(&blob).expect("each range is well formed");
+        assert_eq!(p.memory.total(), u64::MAX);
+        assert!(matches!(
+            board_check(&blob),
+            Err(DtbError::MemoryOverlap { .. })
+        ));
     }
 
     #[test]

@@ -96,7 +96,19 @@ pub fn parse_libtest_summary(line: &str) -> Option<Tally> {
 fn host_tests(args: &TestArgs) -> Tally {
     println!("== host tests (cargo test -p memdesc -p hal -p qemu)");
     let mut cmd = crate::cargo::cargo();
-    cmd.args(["test", "-q", "-p", "memdesc", "-p", "hal", "-p", "qemu"]);
+    // `--no-fail-fast`: a failing test in one binary must not hide the
+    // results of the binaries after it (the summary counts every test).
+    cmd.args([
+        "test",
+        "-q",
+        "--no-fail-fast",
+        "-p",
+        "memdesc",
+        "-p",
+        "hal",
+        "-p",
+        "qemu",
+    ]);
     if !args.filters.is_empty() {
         cmd.arg("--").args(&args.filters);
     }
