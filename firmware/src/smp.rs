@@ -3,7 +3,7 @@
 use crate::mm::FRAMES;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hal::percpu::MAX_CPUS;
-use hal::smp::{CoreStart, SmpReport, StartMethod};
+use hal::smp::{CoreStart, SmpError, SmpReport, StartMethod};
 use memdesc::frames::Owner;
 
 /// Starts every secondary core the machine has and logs, per core, whether
@@ -96,4 +96,35 @@ pub fn bench_alloc_free() {
         ns,
         FRAMES.contended()
     );
+}
+
+/// Takes secondary core `index` offline ([`hal::smp::cpu_off`]): it drains
+/// its frame cache to the buddy, then stops (PSCI CPU_OFF, or parked where
+/// the cores were not started by PSCI). Logs the outcome.
+///
+/// # Errors
+///
+/// Those of [`hal::smp::cpu_off`].
+pub fn cpu_off(index: usize) -> Result<(), SmpError> {
+    let r = hal::smp::cpu_off(index);
+    match r {
+        Ok(()) => defmt::info!("core {=usize} offline (frame cache drained)", index),
+        Err(e) => defmt::warn!("core {=usize} not taken offline: {}", index, e),
+    }
+    r
+}
+
+/// Brings back a core [`cpu_off`] took offline ([`hal::smp::cpu_on`]); it
+/// rejoins the service loop. Logs the outcome.
+///
+/// # Errors
+///
+/// Those of [`hal::smp::cpu_on`].
+pub fn cpu_on(index: usize) -> Result<(), SmpError> {
+    let r = hal::smp::cpu_on(index);
+    match r {
+        Ok(()) => defmt::info!("core {=usize} online again", index),
+        Err(e) => defmt::warn!("core {=usize} not brought back: {}", index, e),
+    }
+    r
 }

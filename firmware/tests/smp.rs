@@ -499,6 +499,112 @@ mod tests {
         assert_all_back(before);
     }
 
+    // ---- a core offline and back ------------------------------------------
+
+    /// What the core going offline saw: [frames in its cache when it
+    /// stopped allocating, its allocations served from the cache].
+    static OFF_SAW: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+
+    /// Allocates and frees a few order-0 folios (the frees stay in this
+    /// core's cache), then holds until the offline request arrives, so the
+    /// core goes from this job straight to the offline path with its cache
+    /// full (not through the idle drain).
+    fn fill_cache_then_hold(core: usize) {
+        let mut held: [Option<FolioRef>; 8] = [const { None }; 8];
+        for h in held.iter_mut() {
+            match FRAMES.alloc_folio(0, Owner::Buddy) {
+                Ok(f) => *h = Some(f),
+                Err(_) => error(30),
+            }
+        }
+        for f in held.into_iter().flatten() {
+            put(f);
+        }
+        let s = FRAMES.cpu_stats(core).expect("own stats");
+        OFF_SAW[1].store(s.fast_allocs, Ordering::Relaxed);
+        OFF_SAW[0].store(s.cached_frames, Ordering::Release);
+        let t0 = hal::timer::uptime_us();
+        while !hal::smp::off_requested(core) && hal::timer::uptime_us() - t0 < 10_000_000 {
+            core::hint::spin_loop();
+        }
+    }
+
+    /// One order-0 allocation and free, from this core's cache.
+    fn alloc_once(core: usize) {
+        match FRAMES.alloc_folio(0, Owner::Buddy) {
+            Ok(f) => put(f),
+            Err(_) => error(31),
+        }
+        let s = FRAMES.cpu_stats(core).expect("own stats");
+        OFF_SAW[1].store(s.fast_allocs, Ordering::Release);
+    }
+
+    /// A core holding cached free frames is taken offline (PSCI CPU_OFF,
+    /// or parked where the cores were not started by PSCI): before it
+    /// stops its cache is drained to the buddy, so the frame accounting is
+    /// exact and the consistency check clean with it off; then it comes
+    /// back (PSCI CPU_ON through the boot path, or released) and allocates
+    /// from its cache again.
+    #[test]
+    fn a_core_taken_offline_drains_its_cache_and_comes_back(online: u32) {
+        if online < 2 {
+            // One core only (the model holds the others in reset).
+            assert_eq!(
+                firmware::smp::cpu_off(1),
+                Err(hal::smp::SmpError::NotOnline(1))
+            );
+            return;
+        }
+        assert_eq!(firmware::smp::cpu_off(0), Err(hal::smp::SmpError::BootCore));
+        let target = online as usize - 1;
+        let before = accounting();
+        let t = hal::smp::run_on(target, fill_cache_then_hold).expect("post");
+        let t0 = hal::timer::uptime_us();
+        while OFF_SAW[0].load(Ordering::Acquire) == 0 && hal::timer::uptime_us() - t0 < 5_000_000 {
+            core::hint::spin_loop();
+        }
+        let cached = FRAMES.cpu_stats(target).expect("stats");
+        assert!(
+            cached.cached_frames > 0,
+            "core {} holds no cached frames",
+            target
+        );
+        firmware::smp::cpu_off(target).expect("offline");
+        assert!(hal::smp::wait(target, t, 1_000_000), "job not finished");
+        assert_eq!(hal::smp::online() & (1 << target), 0, "still online");
+        assert_eq!(hal::smp::offline(), 1 << target);
+        assert_eq!(
+            hal::smp::run_on(target, alloc_once),
+            Err(hal::smp::SmpError::NotOnline(target))
+        );
+        let off = FRAMES.cpu_stats(target).expect("stats");
+        assert_eq!(off.cached_frames, 0, "offline core kept its cache");
+        assert!(off.drains > cached.drains, "no drain on the way off");
+        assert_all_back(before);
+        // Back, and allocating from its cache again.
+        firmware::smp::cpu_on(target).expect("online again");
+        assert_ne!(hal::smp::online() & (1 << target), 0);
+        assert_eq!(hal::smp::offline(), 0);
+        assert_eq!(
+            firmware::smp::cpu_on(target),
+            Err(hal::smp::SmpError::NotOffline(target))
+        );
+        let allocs = OFF_SAW[1].load(Ordering::Acquire);
+        let t = hal::smp::run_on(target, alloc_once).expect("post after return");
+        assert!(hal::smp::wait(target, t, 5_000_000), "no job after return");
+        assert_eq!(OFF_SAW[1].load(Ordering::Acquire), allocs + 1);
+        assert_eq!(
+            ERRORS.load(Ordering::Relaxed),
+            0,
+            "first error {}",
+            FIRST_ERROR.load(Ordering::Relaxed)
+        );
+        // And it can go again.
+        firmware::smp::cpu_off(target).expect("offline twice");
+        firmware::smp::cpu_on(target).expect("online twice");
+        assert_all_back(before);
+    }
+
     // ---- mapping while others read -----------------------------------------
 
     /// Pages in the scratch window that the mapper churns.

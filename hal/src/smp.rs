@@ -26,12 +26,17 @@
 //! exactly as the boot core programmed them. It then waits for jobs
 //! ([`run_on`]) with WFE, or sleeps in WFI after [`sleep_when_idle`];
 //! going idle, it first drains its frame cache to the buddy.
+//!
+//! [`cpu_off`] takes a secondary offline: it drains its frame cache, leaves
+//! [`online`], and stops (PSCI CPU_OFF where PSCI started it, else parked
+//! in WFE); [`cpu_on`] brings it back (CPU_ON through the entry above, or
+//! released from the WFE loop) into the service loop.
 
 use crate::board::Secondaries;
 use crate::dtb::PsciConduit;
 use crate::percpu::MAX_CPUS;
 use aarch64_cpu::registers::*;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 core::arch::global_asm!(
     r#"
@@ -149,6 +154,20 @@ static JOBS: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS]
 static DONE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Idle cores sleep in WFI instead of waiting for jobs with WFE.
 static SLEEP: AtomicBool = AtomicBool::new(false);
+/// How the secondaries were started ([`StartMethod`] as `u8`), which is
+/// how they go offline and come back: PSCI CPU_OFF / CPU_ON, else parked.
+static METHOD: AtomicU8 = AtomicU8::new(StartMethod::None as u8);
+/// The boot core's MPIDR affinity above Aff0 (secondaries differ in Aff0).
+static BOOT_AFF: AtomicU64 = AtomicU64::new(0);
+/// Per core: [`cpu_off`] asks it to go offline (it clears the flag).
+static OFF_REQ: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Per core: parked offline (no PSCI), waiting in WFE until [`cpu_on`]
+/// clears it.
+static PARKED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Per core: the error code of a CPU_OFF that returned (0: none).
+static OFF_ERR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Cores [`cpu_off`] took offline (bit per index), for [`cpu_on`].
+static OFFLINE: AtomicU64 = AtomicU64::new(0);
 
 /// Cleans and invalidates the cache lines of `[start, start + len)` to the
 /// point of coherency, for a core that reads them with its MMU off.
@@ -196,6 +215,7 @@ pub struct SmpReport {
 
 /// How secondaries were started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
+#[repr(u8)]
 pub enum StartMethod {
     /// PSCI CPU_ON over HVC.
     PsciHvc,
@@ -315,6 +335,8 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
         }
         _ => {}
     }
+    BOOT_AFF.store(boot_aff, Ordering::Relaxed);
+    METHOD.store(report.method as u8, Ordering::Release);
     report.online = ONLINE.load(Ordering::Acquire).count_ones();
     report
 }
@@ -409,6 +431,8 @@ fn service_loop(index: usize) -> ! {
             // Pairs with the Acquire load in `wait`.
             DONE[index].fetch_add(1, Ordering::Release);
             aarch64_cpu::asm::sev();
+        } else if OFF_REQ[index].load(Ordering::Acquire) {
+            go_offline(index);
         } else {
             // Going idle: this core's frame cache goes back to the buddy,
             // so no free memory sits with a sleeping core. Refused only if
@@ -423,13 +447,204 @@ fn service_loop(index: usize) -> ! {
     }
 }
 
-/// Why a job could not be posted.
+/// Core `index`, asked to go offline by [`cpu_off`]: its frame cache goes
+/// back to the buddy first (no free frame may stay with a core that
+/// stops), then it leaves [`online`] and stops: PSCI CPU_OFF where the
+/// cores were started by PSCI (a later CPU_ON starts it afresh at
+/// [`hal_secondary_entry`]), else a WFE loop until [`cpu_on`] releases it
+/// back into the service loop. A CPU_OFF that returns is recorded for
+/// [`cpu_off`] and the core rejoins.
+fn go_offline(index: usize) {
+    let bit = 1u64 << index;
+    // Claimed, or withdrawn by a requester that gave up waiting.
+    if OFF_REQ[index]
+        .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return;
+    }
+    // Refused only if this core holds an allocator lock, which it cannot
+    // between jobs. Before leaving `online`: whoever sees the core offline
+    // sees its cache empty.
+    let _ = crate::memory::FRAMES.drain_this_cpu();
+    let psci = conduit();
+    if psci.is_none() {
+        PARKED[index].store(true, Ordering::Relaxed);
+    }
+    // Release: the drain and the flags above happen before the requester's
+    // Acquire load sees the core gone.
+    ONLINE.fetch_and(!bit, Ordering::Release);
+    aarch64_cpu::asm::sev();
+    match psci {
+        Some(conduit) => {
+            let r = match conduit {
+                PsciConduit::Hvc => smccc::psci::cpu_off::<smccc::Hvc>(),
+                PsciConduit::Smc => smccc::psci::cpu_off::<smccc::Smc>(),
+            };
+            // Only a failed CPU_OFF returns: say so and rejoin.
+            let code = match r {
+                Err(e) => psci_code(e),
+                Ok(()) => 0,
+            };
+            OFF_ERR[index].store(code as u64 | 1 << 63, Ordering::Relaxed);
+        }
+        None => {
+            // Pairs with the Release store in `cpu_on`.
+            while PARKED[index].load(Ordering::Acquire) {
+                aarch64_cpu::asm::wfe();
+            }
+        }
+    }
+    ONLINE.fetch_or(bit, Ordering::Release);
+    aarch64_cpu::asm::sev();
+}
+
+/// Why a job could not be posted, or a core not taken offline or back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, defmt::Format)]
 pub enum SmpError {
     /// The core is not online (or is the caller).
     NotOnline(usize),
     /// The core still has a job pending.
     Busy(usize),
+    /// The boot core stays online (it runs the firmware's main thread).
+    BootCore,
+    /// [`cpu_on`] of a core [`cpu_off`] did not take offline.
+    NotOffline(usize),
+    /// The core did not go offline or come back within the timeout.
+    Timeout(usize),
+    /// PSCI refused CPU_OFF (on the core) or CPU_ON with this error code.
+    Psci(usize, i64),
+}
+
+/// True while core `index` is asked to go offline and has not yet: a job
+/// may poll it to return promptly.
+pub fn off_requested(index: usize) -> bool {
+    OFF_REQ
+        .get(index)
+        .is_some_and(|r| r.load(Ordering::Acquire))
+}
+
+/// Cores [`cpu_off`] took offline (bit per index).
+pub fn offline() -> u64 {
+    OFFLINE.load(Ordering::Acquire)
+}
+
+fn conduit() -> Option<PsciConduit> {
+    match METHOD.load(Ordering::Acquire) {
+        m if m == StartMethod::PsciHvc as u8 => Some(PsciConduit::Hvc),
+        m if m == StartMethod::PsciSmc as u8 => Some(PsciConduit::Smc),
+        _ => None,
+    }
+}
+
+/// PSCI AFFINITY_INFO says core `index` is OFF.
+fn psci_off(conduit: PsciConduit, index: usize) -> bool {
+    let mpidr = BOOT_AFF.load(Ordering::Relaxed) | index as u64;
+    let lvl = smccc::psci::LowestAffinityLevel::All;
+    let r = match conduit {
+        PsciConduit::Hvc => smccc::psci::affinity_info::<smccc::Hvc>(mpidr, lvl),
+        PsciConduit::Smc => smccc::psci::affinity_info::<smccc::Smc>(mpidr, lvl),
+    };
+    r == Ok(smccc::psci::AffinityState::Off)
+}
+
+/// Takes secondary `index` offline: once it has finished its current job
+/// it drains its frame cache to the buddy and stops (PSCI CPU_OFF, or
+/// parked in WFE where the cores were not started by PSCI). Returns when
+/// it is off. A core idling in WFI ([`sleep_when_idle`]) sees the request
+/// only at its next interrupt.
+///
+/// # Errors
+///
+/// [`SmpError::BootCore`] for core 0; [`SmpError::NotOnline`] for a core
+/// that is not online or is the caller; [`SmpError::Busy`] while a job is
+/// posted to it; [`SmpError::Timeout`] when it did not go within 1 s (the
+/// request is withdrawn if it had not seen it); [`SmpError::Psci`] when
+/// its CPU_OFF failed (it is online again then).
+pub fn cpu_off(index: usize) -> Result<(), SmpError> {
+    if index == 0 {
+        return Err(SmpError::BootCore);
+    }
+    if index >= MAX_CPUS || index == crate::percpu::index() || online() & (1 << index) == 0 {
+        return Err(SmpError::NotOnline(index));
+    }
+    if JOBS[index].load(Ordering::Acquire) != 0 {
+        return Err(SmpError::Busy(index));
+    }
+    let bit = 1u64 << index;
+    OFF_ERR[index].store(0, Ordering::Relaxed);
+    OFF_REQ[index].store(true, Ordering::Release);
+    aarch64_cpu::asm::sev();
+    let t0 = crate::timer::uptime_us();
+    while ONLINE.load(Ordering::Acquire) & bit != 0 {
+        // Past the timeout: withdrawn unless it took the request meanwhile
+        // (then it gets the time to finish).
+        if crate::timer::uptime_us() - t0 > START_TIMEOUT_US
+            && OFF_REQ[index]
+                .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Err(SmpError::Timeout(index));
+        }
+        if crate::timer::uptime_us() - t0 > 2 * START_TIMEOUT_US {
+            return Err(SmpError::Timeout(index));
+        }
+        core::hint::spin_loop();
+    }
+    if let Some(c) = conduit() {
+        // Out of `online` is not yet off: CPU_ON succeeds only once PSCI
+        // has the core down.
+        let t0 = crate::timer::uptime_us();
+        while !psci_off(c, index) {
+            let e = OFF_ERR[index].load(Ordering::Relaxed);
+            if e != 0 {
+                return Err(SmpError::Psci(index, (e & !(1 << 63)) as i64));
+            }
+            if crate::timer::uptime_us() - t0 > START_TIMEOUT_US {
+                return Err(SmpError::Timeout(index));
+            }
+            core::hint::spin_loop();
+        }
+    }
+    OFFLINE.fetch_or(bit, Ordering::AcqRel);
+    Ok(())
+}
+
+/// Brings back a core [`cpu_off`] took offline: PSCI CPU_ON at
+/// [`hal_secondary_entry`] (the same path as at boot: its stacks, per-CPU
+/// data and MMU setup), or released from its WFE loop; it rejoins the
+/// service loop. Returns once it is online.
+///
+/// # Errors
+///
+/// [`SmpError::NotOffline`] for a core `cpu_off` did not take offline;
+/// [`SmpError::Psci`] when CPU_ON failed; [`SmpError::Timeout`] when it
+/// was not online within 1 s.
+pub fn cpu_on(index: usize) -> Result<(), SmpError> {
+    if index >= MAX_CPUS || OFFLINE.load(Ordering::Acquire) & (1 << index) == 0 {
+        return Err(SmpError::NotOffline(index));
+    }
+    match conduit() {
+        Some(c) => {
+            let mpidr = BOOT_AFF.load(Ordering::Relaxed) | index as u64;
+            let entry = hal_secondary_entry as *const () as u64;
+            let r = match c {
+                PsciConduit::Hvc => smccc::psci::cpu_on::<smccc::Hvc>(mpidr, entry, index as u64),
+                PsciConduit::Smc => smccc::psci::cpu_on::<smccc::Smc>(mpidr, entry, index as u64),
+            };
+            r.map_err(|e| SmpError::Psci(index, psci_code(e)))?;
+        }
+        None => {
+            // Pairs with the Acquire load of the parked loop.
+            PARKED[index].store(false, Ordering::Release);
+            aarch64_cpu::asm::sev();
+        }
+    }
+    if !wait_online(index) {
+        return Err(SmpError::Timeout(index));
+    }
+    OFFLINE.fetch_and(!(1 << index), Ordering::AcqRel);
+    Ok(())
 }
 
 /// Posts `job` to secondary `index`: it runs `job(index)` once, from its
