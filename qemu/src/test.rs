@@ -1202,6 +1202,16 @@ fn add_board_jobs(
                 on("max", 1),
             ),
             ("balloon_deflate_on_oom", OomDeflates, on("max", 1)),
+            (
+                "balloon_deflate_on_oom_for_table_memory",
+                TableOom(true),
+                on("max", 1),
+            ),
+            (
+                "balloon_table_memory_oom_without_the_feature",
+                TableOom(false),
+                on("max", 1),
+            ),
             // No FEAT_BBM level 2, and still 64 KiB chunks (table pool).
             (
                 "balloon_moves_64k_chunks_without_bbm2",

@@ -3,9 +3,9 @@
 
 use super::device::feature::*;
 use super::fake::*;
-use crate::frames::desc_cache::tests::LeakMemory;
 use super::reporting::{REPORT_ORDER, REPORT_PAGES};
 use super::*;
+use crate::frames::desc_cache::tests::LeakMemory;
 use crate::frames::testutil::{alloc, setup};
 use crate::frames::{FolioRef, FrameType, Owner};
 use crate::stage1::fake::{Event, FakeFrame, FakePlatform};
@@ -529,10 +529,7 @@ fn oom_shortfalls_count_what_is_missing() {
         ),
         Some(1)
     );
-    assert_eq!(
-        oom_shortfall(&FrameError::Corrupt { pfn: Pfn(1) }, 0),
-        None
-    );
+    assert_eq!(oom_shortfall(&FrameError::Corrupt { pfn: Pfn(1) }, 0), None);
     assert_eq!(table_oom_shortfall(&Stage1Error::OutOfTableMemory), Some(1));
     assert_eq!(table_oom_shortfall(&Stage1Error::EmptyRange), None);
 }
