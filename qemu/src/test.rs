@@ -1219,6 +1219,7 @@ fn add_board_jobs(
                 on("cortex-a53", 1),
             ),
             ("balloon_100_random_cycles", Cycles(100, 1), on("max", 1)),
+            ("balloon_100_random_cycles", Cycles(100, 1), on("max", 2)),
             // No FEAT_BBM level 2, in 1 MiB steps (2 MiB chunks alone
             // would stop 256 pages short of every other target).
             (
