@@ -140,9 +140,12 @@ pub fn check(b: &Balloon) -> SettleReport {
 
 /// Finds the balloon, brings it up and serves it forever. Bootargs:
 /// `balloon.touch` writes all free memory first (see
-/// [`touch_free_memory`]); `selftest=balloon-touch` reads the first
-/// ballooned frame once the balloon has settled with pages in it (the
-/// crash report then says the frame is ballooned).
+/// [`touch_free_memory`]); `balloon.no-deflate-on-oom` declines
+/// DEFLATE_ON_OOM even when offered; `selftest=balloon-touch` reads the
+/// first ballooned frame once the balloon has settled with pages in it (the
+/// crash report then says the frame is ballooned); `selftest=balloon-oom`
+/// and `selftest=balloon-oom-tables` run the deflate-on-OOM self-tests
+/// ([`oom_selftest`], [`table_oom_selftest`]).
 pub fn run(platform: &Platform<'static>) -> ! {
     let mut env = match FirmwareEnv::new() {
         Ok(e) => e,
@@ -168,6 +171,8 @@ pub fn run(platform: &Platform<'static>) -> ! {
         SelfTest::TouchBallooned
     } else if has("selftest=balloon-oom") {
         SelfTest::DeflateOnOom
+    } else if has("selftest=balloon-oom-tables") {
+        SelfTest::TableOom
     } else {
         SelfTest::None
     };
@@ -179,7 +184,12 @@ pub fn run(platform: &Platform<'static>) -> ! {
         }
     };
     let node = transport.window();
-    let mut dev = match VirtioBalloon::<FirmwareDma>::new(transport) {
+    let refused = if has("balloon.no-deflate-on-oom") {
+        memdesc::balloon::feature::DEFLATE_ON_OOM
+    } else {
+        0
+    };
+    let mut dev = match VirtioBalloon::<FirmwareDma>::new_refusing(transport, refused) {
         Ok(d) => d,
         Err(e) => {
             defmt::error!("balloon: bring-up failed: {}", defmt::Debug2Format(&e));
@@ -245,7 +255,9 @@ fn frames_then_balloon<T>(
     use memdesc::frames::FrameError;
     match direct() {
         Ok(v) => return Ok((v, OomOutcome { deflated: 0 })),
-        Err(WithError::Op(FrameError::OutOfMemory { .. })) => {}
+        // No block for it, or no frame for a descriptor cache to grow by.
+        Err(WithError::Op(FrameError::OutOfMemory { .. }))
+        | Err(WithError::Op(FrameError::OutOfDescriptors { .. })) => {}
         Err(WithError::Op(e)) => return Err(e.into()),
         Err(WithError::Global(_)) => return Err(BalloonError::FramesBusy),
     }
@@ -281,6 +293,53 @@ pub fn alloc_frozen(
         || FRAMES.alloc_frozen(order, kind),
         |sv| sv.b.alloc_frozen(&mut sv.dev, &mut sv.env, order, kind),
     )
+}
+
+/// Deflate-on-OOM for the stage-1 engine's table memory, called by the
+/// firmware's map wrappers ([`crate::mm::map`], [`crate::mm::unmap`],
+/// [`crate::mm::map_device`]) after the engine let go of [`STAGE1`]: when
+/// the table pool still has a frame (only a descriptor cache could not
+/// grow) and DEFLATE_ON_OOM was negotiated, deflates `frames` plus the
+/// same margin as the frame path, logs it and counts it in the balloon's
+/// OOM counters. Returns the pages deflated: 0 without a balloon, with a
+/// full pool (more free frames cannot help), or when the balloon is busy
+/// (the wrapper then returns the engine's typed error).
+///
+/// # Errors
+///
+/// [`BalloonError::DeflateOnOomNotNegotiated`] without the feature (no
+/// ballooned page is touched); whatever the deflate ran into.
+pub fn deflate_for_tables(frames: u64) -> Result<u64, BalloonError> {
+    let pool_free = STAGE1
+        .with(|s| s.platform().pool_free())
+        .map_err(|_| BalloonError::FramesBusy)?;
+    if pool_free == 0 {
+        defmt::warn!("balloon: the table pool is full; deflating cannot give the tables memory");
+        return Ok(0);
+    }
+    let Ok(r) = SERVICE.with(|sv| {
+        let r = sv.b.reclaim(&mut sv.dev, &mut sv.env, frames);
+        (r, sv.b.counters().oom_events)
+    }) else {
+        return Ok(0);
+    };
+    match r {
+        (Ok(n), events) => {
+            defmt::info!(
+                "balloon: deflate-on-OOM for table memory: {=u64} pages back ({=u64} OOM events)",
+                n,
+                events
+            );
+            Ok(n)
+        }
+        (Err(e), _) => {
+            defmt::warn!(
+                "balloon: out of table memory, no deflate ({})",
+                defmt::Debug2Format(&e)
+            );
+            Err(e)
+        }
+    }
 }
 
 /// Brings the GIC up and attaches the balloon's interrupt (from the device
@@ -328,6 +387,10 @@ enum SelfTest {
     /// Allocate 2 MiB folios until the allocator runs out, through the
     /// balloon's deflate-on-OOM path, then give them back.
     DeflateOnOom,
+    /// Hold every free frame, then map pages until the engine runs out
+    /// of table memory: through [`crate::mm::map`], the balloon deflates
+    /// (or, without DEFLATE_ON_OOM, the typed error comes back).
+    TableOom,
 }
 
 /// Folios of 2 MiB at most held by the deflate-on-OOM self-test.
@@ -383,6 +446,92 @@ fn oom_selftest() {
     );
 }
 
+/// Free blocks the table-memory self-test holds at most.
+const TABLE_OOM_HELD: usize = 1024;
+/// Where the table-memory self-test maps its pages: 512 GiB, above the RAM
+/// and devices of every board, one page per 2 MiB so that each needs a
+/// level-3 table of its own.
+const TABLE_OOM_VA: u64 = 0x80_0000_0000;
+/// Maps the table-memory self-test tries at most (the page-table
+/// descriptor cache grows by 256 descriptors a frame; the pool has more).
+const TABLE_OOM_MAPS: u64 = 2048;
+
+/// The deflate-on-OOM self-test of table memory: every free frame is held
+/// (so no descriptor cache can grow), then pages are mapped through
+/// [`crate::mm::map`], each needing a new table, until one map needs the
+/// balloon. With DEFLATE_ON_OOM that map succeeds after a deflate; without
+/// it the engine's typed error comes back and the balloon keeps its pages.
+/// Everything is undone, then one line reports it.
+pub fn table_oom_selftest() {
+    use memdesc::frames::FrozenKind;
+    let status = || {
+        SERVICE
+            .with(|sv| (sv.b.status().actual, sv.b.counters()))
+            .ok()
+    };
+    let (before, c0) = status().map_or((0, Default::default()), |s| s);
+    let _ = FRAMES.drain_this_cpu();
+    let mut held = [(Pfn(0), 0u8); TABLE_OOM_HELD];
+    let mut nheld = 0;
+    let mut order = 9u8;
+    while nheld < TABLE_OOM_HELD {
+        match FRAMES.alloc_frozen(order, FrozenKind::Guard) {
+            Ok(p) => {
+                held[nheld] = (p, order);
+                nheld += 1;
+            }
+            Err(_) if order > 0 => order -= 1,
+            Err(_) => break,
+        }
+    }
+    let free_left = FRAMES
+        .with(|fa| fa.count(FrameType::Free))
+        .unwrap_or(u64::MAX);
+    // Any frame will do as the target: the new mappings are never touched.
+    let pa = held[0].0.addr();
+    let mut maps = 0u64;
+    let mut last: Result<crate::mm::MapOutcome, crate::mm::MmError> =
+        Ok(crate::mm::MapOutcome::default());
+    while maps < TABLE_OOM_MAPS && nheld > 0 {
+        let va = VirtAddr(TABLE_OOM_VA + maps * (2 << 20));
+        last = crate::mm::map(va, pa, PAGE_SIZE, Attributes::DATA);
+        match last {
+            Ok(o) => {
+                maps += 1;
+                if o.deflated > 0 {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let mut undone = true;
+    for i in 0..maps {
+        let va = VirtAddr(TABLE_OOM_VA + i * (2 << 20));
+        undone &= crate::mm::unmap(va, PAGE_SIZE).is_ok();
+    }
+    for &(pfn, order) in &held[..nheld] {
+        undone &= FRAMES.free_frozen(pfn, order).is_ok();
+    }
+    let (after, c1) = status().map_or((0, Default::default()), |s| s);
+    let r = SERVICE.with(|sv| check(&sv.b)).ok();
+    let (frames_ok, lint) = r.map_or((false, usize::MAX), |r| (r.frames_ok, r.lint));
+    defmt::info!(
+        "balloon: table-memory OOM: {=usize} free blocks held ({=u64} frames left free), {=u64} maps; last map {}; deflated {=u64} pages; OOM events {=u64}; actual {=u32} -> {=u32}; undone {=bool}; frames {=str}; lint {=usize}",
+        nheld,
+        free_left,
+        maps,
+        defmt::Debug2Format(&last.map(|o: crate::mm::MapOutcome| o.deflated)),
+        last.map_or(0, |o| o.deflated),
+        c1.oom_events - c0.oom_events,
+        before,
+        after,
+        undone,
+        if frames_ok { "ok" } else { "LOST" },
+        lint
+    );
+}
+
 /// The service loop's own state between rounds.
 struct LoopState {
     last: Status,
@@ -413,11 +562,13 @@ fn serve(selftest: SelfTest, events: Option<hal::virtio::irq::Events>) -> ! {
     loop {
         st.irqs = events.as_ref().map_or(0, hal::virtio::irq::Events::count);
         let polling = events.is_none();
-        let run_oom = SERVICE
+        let run = SERVICE
             .with(|sv| round(sv, &mut st, polling))
-            .unwrap_or(false);
-        if run_oom {
-            oom_selftest();
+            .unwrap_or(SelfTest::None);
+        match run {
+            SelfTest::DeflateOnOom => oom_selftest(),
+            SelfTest::TableOom => table_oom_selftest(),
+            _ => {}
         }
         match (&events, st.last_err) {
             // Sleep in WFI until the device interrupts: a config change (new
@@ -441,10 +592,10 @@ fn serve(selftest: SelfTest, events: Option<hal::virtio::irq::Events>) -> ! {
     }
 }
 
-/// One round of service; true when the deflate-on-OOM self-test is due.
-fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> bool {
+/// One round of service; the deflate-on-OOM self-test that is due now, if any.
+fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> SelfTest {
     let Service { b, dev, env } = sv;
-    let mut run_oom = false;
+    let mut run_oom = SelfTest::None;
     {
         if polling {
             let _ = dev.ack_interrupt();
@@ -507,9 +658,11 @@ fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> bool {
                     c.chunks[1],
                     c.chunks[2]
                 );
-                if st.selftest == SelfTest::DeflateOnOom && s.actual > 0 {
+                if matches!(st.selftest, SelfTest::DeflateOnOom | SelfTest::TableOom)
+                    && s.actual > 0
+                {
+                    run_oom = st.selftest;
                     st.selftest = SelfTest::None;
-                    run_oom = true;
                 }
                 if st.selftest == SelfTest::TouchBallooned && s.actual > 0 {
                     if let Ok(pfn) = b.entry(env, 0) {

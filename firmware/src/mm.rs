@@ -362,9 +362,61 @@ pub fn log_map_report(r: &MapReport) {
     );
 }
 
+/// What a change of the live map through [`map`], [`unmap`] or
+/// [`map_device`] cost the balloon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapOutcome {
+    /// Pages the balloon deflated so that the engine had table memory
+    /// (deflate-on-OOM); 0 when the first try worked.
+    pub deflated: u64,
+}
+
+/// Runs `op` on the live tables. When it fails for want of table memory
+/// (a new table's descriptor cache could not grow: the engine's
+/// [`Stage1Error::OutOfTableMemory`]), the balloon is asked to deflate
+/// what is missing plus its OOM margin ([`crate::balloon::deflate_for_tables`],
+/// which does so only when DEFLATE_ON_OOM was negotiated) and `op` is
+/// tried once more. The engine cannot do this itself: it holds [`STAGE1`]
+/// while it takes table memory, and a deflate maps frames back.
+fn with_table_oom(
+    mut op: impl FnMut() -> Result<(), WithError<Stage1Error>>,
+) -> Result<MapOutcome, MmError> {
+    let e = match op() {
+        Ok(()) => return Ok(MapOutcome::default()),
+        Err(WithError::Op(e)) => e,
+        Err(e) => return Err(e.into()),
+    };
+    let Some(short) = memdesc::balloon::table_oom_shortfall(&e) else {
+        return Err(e.into());
+    };
+    match crate::balloon::deflate_for_tables(short) {
+        Ok(deflated) if deflated > 0 => {
+            op()?;
+            Ok(MapOutcome { deflated })
+        }
+        // Nothing deflated (no balloon, not negotiated, a full pool):
+        // the engine's own typed error.
+        _ => Err(e.into()),
+    }
+}
+
+/// Maps `[va, va + len)` to `[pa, pa + len)` with `attrs` in the live
+/// stage-1 tables, deflating the balloon once if the tables need memory
+/// that is not there (see [`with_table_oom`]).
+pub fn map(va: VirtAddr, pa: PhysAddr, len: u64, attrs: Attributes) -> Result<MapOutcome, MmError> {
+    with_table_oom(|| STAGE1.try_with(|s1| s1.map(va, pa, len, attrs)))
+}
+
+/// Unmaps `[va, va + len)` from the live stage-1 tables (a block or run
+/// cut in part needs a new table), as [`map`] does on out-of-memory.
+pub fn unmap(va: VirtAddr, len: u64) -> Result<MapOutcome, MmError> {
+    with_table_oom(|| STAGE1.try_with(|s1| s1.unmap(va, len)))
+}
+
 /// Maps `[base, base + size)`, rounded out to pages, at its physical address
 /// as Device-nGnRE execute-never memory in the live stage-1 tables (for
-/// device windows found after boot, such as the GIC's).
-pub fn map_device(base: u64, size: u64) -> Result<(), MmError> {
-    Ok(hal::memory::map_device(base, size)?)
+/// device windows found after boot, such as the GIC's), as [`map`] does on
+/// out-of-memory.
+pub fn map_device(base: u64, size: u64) -> Result<MapOutcome, MmError> {
+    with_table_oom(|| hal::memory::map_device(base, size))
 }

@@ -101,6 +101,15 @@ pub enum Scenario {
     /// out: deflate-on-OOM gives pages back, the allocation succeeds, every
     /// frame is accounted for and the host sees the guest grow.
     OomDeflates,
+    /// Balloon nearly all RAM, then the firmware holds every free frame and
+    /// maps pages (a new table each) until the engine runs out of table
+    /// memory. With DEFLATE_ON_OOM negotiated (`true`) the map that ran out
+    /// succeeds after the balloon deflated one frame plus its margin, and
+    /// the host sees the guest grow; without it (the firmware declines the
+    /// feature) the map gets the engine's typed error and the balloon keeps
+    /// every page. Either way everything is undone, every frame accounted
+    /// for, the linter clean.
+    TableOom(bool),
     /// This many moves to random sizes (repeatable) in steps of this many
     /// MiB, then back to all of RAM: every settle report clean, 0 frames
     /// lost, footprint back.
@@ -127,6 +136,8 @@ impl Scenario {
             Scenario::RoundTrip => "balloon.touch",
             Scenario::TouchFaults => "selftest=balloon-touch",
             Scenario::OomDeflates => "selftest=balloon-oom",
+            Scenario::TableOom(true) => "selftest=balloon-oom-tables",
+            Scenario::TableOom(false) => "selftest=balloon-oom-tables balloon.no-deflate-on-oom",
             Scenario::Cycles(..) | Scenario::IdleCpu | Scenario::SmallChunks => "",
             Scenario::Reporting => "balloon.touch balloon.report",
         }
@@ -258,15 +269,24 @@ fn scenario(
         )?;
         return Ok(f);
     }
-    if which == Scenario::OomDeflates {
+    if let Scenario::OomDeflates | Scenario::TableOom(_) = which {
         let small = 64 << 20;
         q.balloon(small).map_err(|e| e.to_string())?;
+        let report = if which == Scenario::OomDeflates {
+            "balloon: deflate-on-OOM gave back"
+        } else {
+            "balloon: table-memory OOM:"
+        };
         let (_, line) = wait_line(
             seen,
             from,
-            |l| l.starts_with("balloon: deflate-on-OOM"),
+            |l| l.starts_with(report),
             Duration::from_secs(120),
         )?;
+        if let Some(to) = number_after(&line, " -> ").filter(|_| which != Scenario::OomDeflates) {
+            // The firmware writes `actual` once the host took the deflate.
+            wait_actual(q, ram.saturating_sub(to * PAGE), Duration::from_secs(30))?;
+        }
         let actual = q.query_balloon().map_err(|e| e.to_string())?;
         f.oom = Some((line, actual));
         return Ok(f);
@@ -410,6 +430,11 @@ pub fn system_test(
             }
             Ok(())
         }
+        Scenario::TableOom(deflates) => {
+            let (line, actual) = f.oom.ok_or("no table-memory OOM report")?;
+            println!("  {line}; query-balloon {} MiB", actual >> 20);
+            judge_table_oom(&line, actual, ram, deflates)
+        }
         Scenario::RoundTrip => judge_round_trip(&b.ending, &f, ram, true),
         Scenario::Cycles(..) => judge_round_trip(&b.ending, &f, ram, false),
         Scenario::SmallChunks => judge_small_chunks(&b.ending, &f, ram),
@@ -419,6 +444,62 @@ pub fn system_test(
     verdict
         .map(|()| b.elapsed)
         .map_err(|e| format!("{e}\n{}", b.transcript()))
+}
+
+/// The number after `key` in `line`.
+fn number_after(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(key)? + key.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The firmware's table-memory OOM report (`line`) and `query-balloon`
+/// after it (`actual`, bytes, of a `ram`-byte guest) against what the test
+/// expects: a map that succeeded after deflating one frame plus the
+/// 256-page margin, or (`deflates` false) the typed error and a balloon
+/// that kept its pages. The host must agree with the firmware's count.
+pub fn judge_table_oom(line: &str, actual: u64, ram: u64, deflates: bool) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{why}: {line}"));
+    let (Some(deflated), Some(events), Some(from), Some(to)) = (
+        number_after(line, "; deflated "),
+        number_after(line, "; OOM events "),
+        number_after(line, "; actual "),
+        number_after(line, " -> "),
+    ) else {
+        return bad("table-memory OOM report unreadable");
+    };
+    if !line.contains("(0 frames left free)") {
+        return bad("free frames were left: the tables never ran short");
+    }
+    if !line.contains("undone true") || !line.contains("frames ok") || !line.contains("lint 0") {
+        return bad("table-memory OOM report not clean");
+    }
+    if deflates {
+        if !line.contains("last map Ok(") || deflated < 257 || events != 1 {
+            return bad("the map did not succeed by deflating one frame and the margin");
+        }
+        if from.checked_sub(to) != Some(deflated) {
+            return bad("actual did not drop by what was deflated");
+        }
+    } else {
+        if !line.contains("last map Err(Stage1(OutOfTableMemory))") {
+            return bad("no typed out-of-table-memory error");
+        }
+        if deflated != 0 || events != 0 || from != to {
+            return bad("ballooned pages were touched without DEFLATE_ON_OOM");
+        }
+    }
+    if actual != ram.saturating_sub(to * PAGE) {
+        return Err(format!(
+            "query-balloon says {} MiB, the firmware {} ballooned pages: {line}",
+            actual >> 20,
+            to
+        ));
+    }
+    Ok(())
 }
 
 /// Chunks inflated so far by size (2 MiB, 64 KiB, 4 KiB) from a settle line.
@@ -894,6 +975,25 @@ pub fn cmd_balloon(size: u64, qmp_path: Option<PathBuf>) -> Result<std::process:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_oom_reports_are_judged() {
+        let ram = 1 << 30;
+        let ok = "balloon: table-memory OOM: 9 free blocks held (0 frames left free), 200 maps; last map Ok(257); deflated 257 pages; OOM events 1; actual 245000 -> 244743; undone true; frames ok; lint 0";
+        let host = ram - 244743 * PAGE;
+        assert_eq!(judge_table_oom(ok, host, ram, true), Ok(()));
+        // The host must agree, and the map must have needed the balloon.
+        assert!(judge_table_oom(ok, host + PAGE, ram, true).is_err());
+        assert!(judge_table_oom(ok, host, ram, false).is_err());
+        let typed = "balloon: table-memory OOM: 9 free blocks held (0 frames left free), 200 maps; last map Err(Stage1(OutOfTableMemory)); deflated 0 pages; OOM events 0; actual 245000 -> 245000; undone true; frames ok; lint 0";
+        let host = ram - 245000 * PAGE;
+        assert_eq!(judge_table_oom(typed, host, ram, false), Ok(()));
+        assert!(judge_table_oom(typed, host, ram, true).is_err());
+        let lost = typed.replace("frames ok", "frames LOST");
+        assert!(judge_table_oom(&lost, host, ram, false).is_err());
+        let short = typed.replace("(0 frames", "(3 frames");
+        assert!(judge_table_oom(&short, host, ram, false).is_err());
+    }
 
     #[test]
     fn chunk_counts_parse() {

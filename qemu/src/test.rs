@@ -1202,6 +1202,16 @@ fn add_board_jobs(
                 on("max", 1),
             ),
             ("balloon_deflate_on_oom", OomDeflates, on("max", 1)),
+            (
+                "balloon_deflate_on_oom_for_table_memory",
+                TableOom(true),
+                on("max", 1),
+            ),
+            (
+                "balloon_table_memory_oom_without_the_feature",
+                TableOom(false),
+                on("max", 1),
+            ),
             // No FEAT_BBM level 2, and still 64 KiB chunks (table pool).
             (
                 "balloon_moves_64k_chunks_without_bbm2",
@@ -1209,6 +1219,7 @@ fn add_board_jobs(
                 on("cortex-a53", 1),
             ),
             ("balloon_100_random_cycles", Cycles(100, 1), on("max", 1)),
+            ("balloon_100_random_cycles", Cycles(100, 1), on("max", 2)),
             // No FEAT_BBM level 2, in 1 MiB steps (2 MiB chunks alone
             // would stop 256 pages short of every other target).
             (

@@ -69,6 +69,8 @@ pub struct VirtioBalloon<H: IdentityDma> {
     t: MmioTransport<'static>,
     base: u64,
     offered: u64,
+    /// Features the driver declines even when offered.
+    refused: u64,
     features: u64,
     queues: [Option<Q<H>>; 4],
 }
@@ -91,11 +93,20 @@ fn slot(q: Queue) -> usize {
 impl<H: IdentityDma> VirtioBalloon<H> {
     /// Brings the device behind `c` up to just before DRIVER_OK.
     pub fn new(c: super::Claimed) -> Result<Self, DeviceError> {
+        Self::new_refusing(c, 0)
+    }
+
+    /// As [`VirtioBalloon::new`], declining the features in `refused`
+    /// even when offered (VERSION_1 cannot be declined), across resets too:
+    /// for example DEFLATE_ON_OOM, for a guest whose ballooned pages must
+    /// stay with the host whatever it runs short of.
+    pub fn new_refusing(c: super::Claimed, refused: u64) -> Result<Self, DeviceError> {
         let base = c.window().region.base;
         let mut d = Self {
             t: c.transport,
             base,
             offered: 0,
+            refused: refused & !feature::VERSION_1,
             features: 0,
             queues: [None, None, None, None],
         };
@@ -143,7 +154,7 @@ impl<H: IdentityDma> VirtioBalloon<H> {
             self.t.set_status(DeviceStatus::FAILED);
             return Err(DeviceError::Transport(code::NO_VERSION_1));
         }
-        self.features = negotiate(self.offered);
+        self.features = negotiate(self.offered) & !self.refused;
         self.t.write_driver_features(self.features);
         let ok = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
         self.t.set_status(ok);

@@ -36,6 +36,7 @@ pub use env::BalloonEnv;
 pub use error::BalloonError;
 pub use pfn_array::{PfnArray, PFNS_PER_FRAME};
 pub use policy::{
-    Balloon, BalloonConfig, Counters, Op, Status, MAX_PFNS_PER_DESC, PFNS_PER_CHAIN, TABLE_HEADROOM,
+    oom_shortfall, table_oom_shortfall, Balloon, BalloonConfig, Counters, Op, Status,
+    MAX_PFNS_PER_DESC, PFNS_PER_CHAIN, TABLE_HEADROOM,
 };
 pub use reporting::{ReportCounters, Reporter, REPORT_ORDER, REPORT_PAGES};

@@ -983,7 +983,15 @@ impl Balloon {
         self.alloc_with(dev, env, order, |fa| fa.alloc_frozen(order, kind))
     }
 
-    fn alloc_with<D: BalloonDevice, E: BalloonEnv, T>(
+    /// Runs `alloc` (a request of `2^order` frames) on the allocator; when
+    /// it fails for want of frames, frees them as [`Balloon::alloc_folio`]
+    /// does and runs it once more: compaction by PFN when the frames are
+    /// free but fragmented by the balloon's chunks, then deflate-on-OOM
+    /// (when negotiated) of what [`oom_shortfall`] says is missing plus the
+    /// margin. A descriptor cache that could not grow (no free frame for a
+    /// chunk of descriptors) is short of one frame; compaction cannot help
+    /// it. Returns the result and the pages deflated for it.
+    pub fn alloc_with<D: BalloonDevice, E: BalloonEnv, T>(
         &mut self,
         dev: &mut D,
         env: &mut E,
@@ -994,6 +1002,14 @@ impl Balloon {
     ) -> Result<(T, u64), BalloonError> {
         match env.with_frames(&mut alloc)? {
             Ok(f) => Ok((f, 0)),
+            Err(e @ FrameError::OutOfDescriptors { .. }) => {
+                if !self.has(feature::DEFLATE_ON_OOM) {
+                    return Err(e.into());
+                }
+                let got = self.reclaim(dev, env, oom_shortfall(&e, order).unwrap_or(1))?;
+                let f = env.with_frames(&mut alloc)??;
+                Ok((f, got))
+            }
             Err(e @ FrameError::OutOfMemory { .. }) => {
                 let free = env.with_frames(|fa| fa.count(FrameType::Free))?;
                 if free >= 1u64 << order && self.compact_for(dev, env, order)?.is_some() {
@@ -1004,11 +1020,37 @@ impl Balloon {
                 if !self.has(feature::DEFLATE_ON_OOM) {
                     return Err(e.into());
                 }
-                let got = self.reclaim(dev, env, 1 << order)?;
+                let got = self.reclaim(dev, env, oom_shortfall(&e, order).unwrap_or(1))?;
                 let f = env.with_frames(&mut alloc)??;
                 Ok((f, got))
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// Frames a request of `2^order` frames that failed with `e` lacks, as
+/// deflate-on-OOM counts them (before its margin): the request itself when
+/// the allocator had no block for it, one frame when a descriptor cache
+/// could not grow (a chunk of descriptors is one frame). `None` when more
+/// free frames would not help.
+pub fn oom_shortfall(e: &FrameError, order: u8) -> Option<u64> {
+    match e {
+        FrameError::OutOfMemory { .. } => Some(1u64 << order.min(63)),
+        FrameError::OutOfDescriptors { .. } => Some(1),
+        _ => None,
+    }
+}
+
+/// Frames a stage-1 operation that failed with `e` lacks (before the
+/// margin): the engine's table frames come from a pool of their own, but
+/// each new table needs a page-table descriptor, and when that cache is
+/// empty it grows by one frame from the allocator. So an
+/// [`Stage1Error::OutOfTableMemory`](crate::stage1::Stage1Error::OutOfTableMemory)
+/// is short of one frame; other errors are not for want of memory.
+pub fn table_oom_shortfall(e: &crate::stage1::Stage1Error) -> Option<u64> {
+    match e {
+        crate::stage1::Stage1Error::OutOfTableMemory => Some(1),
+        _ => None,
     }
 }

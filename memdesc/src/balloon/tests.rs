@@ -5,6 +5,7 @@ use super::device::feature::*;
 use super::fake::*;
 use super::reporting::{REPORT_ORDER, REPORT_PAGES};
 use super::*;
+use crate::frames::desc_cache::tests::LeakMemory;
 use crate::frames::testutil::{alloc, setup};
 use crate::frames::{FolioRef, FrameType, Owner};
 use crate::stage1::fake::{Event, FakeFrame, FakePlatform};
@@ -440,6 +441,97 @@ fn without_deflate_on_oom_ballooned_pages_stay() {
         Err(BalloonError::DeflateOnOomNotNegotiated)
     );
     r.check();
+}
+
+/// Holds every free frame as a folio of the "rest of the firmware".
+fn hold_all_free(r: &mut Rig) {
+    while let Ok(f) = r.env.fa.alloc_folio(0, Owner::Buddy) {
+        r.held.push(f);
+    }
+    assert_eq!(r.env.fa.count(FrameType::Free), 0);
+}
+
+/// An allocation that needs a new descriptor first: with no free frame the
+/// descriptor cache cannot grow (on target the cache takes its chunks from
+/// the allocator; the fake's leaked chunks never run out, so this models it).
+fn needs_descriptor(
+    fa: &mut crate::frames::FrameAllocator<'static, LeakMemory>,
+) -> Result<FolioRef, crate::frames::FrameError> {
+    if fa.count(FrameType::Free) == 0 {
+        return Err(crate::frames::FrameError::OutOfDescriptors {
+            ty: FrameType::PageTable,
+        });
+    }
+    fa.alloc_folio(0, Owner::Buddy)
+}
+
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
+#[test]
+fn descriptor_cache_oom_deflates_one_frame_and_the_margin() {
+    let mut r = rig(16, QEMU | DEFLATE_ON_OOM);
+    r.target(3000);
+    r.settle();
+    let before = r.b.status().actual as u64;
+    hold_all_free(&mut r);
+    let (f, got) =
+        r.b.alloc_with(&mut r.dev, &mut r.env, 0, needs_descriptor)
+            .unwrap();
+    r.held.push(f);
+    // One frame for the descriptor chunk, and the same margin as frames.
+    assert_eq!(got, 1 + BalloonConfig::DEFAULT.oom_margin_pages);
+    assert_eq!(r.b.counters().oom_events, 1);
+    assert_eq!(r.b.counters().oom_pages, got);
+    assert_eq!(r.b.status().actual as u64, before - got);
+    r.check();
+}
+
+// Volume test: minutes under Miri; the small tests run the same unsafe code there.
+#[cfg_attr(miri, ignore)]
+#[test]
+fn descriptor_cache_oom_without_the_feature_is_typed_and_keeps_the_balloon() {
+    let mut r = rig(16, QEMU);
+    r.target(3000);
+    r.settle();
+    let before = r.b.status().actual;
+    let offline = r.env.fa.count(FrameType::Offline);
+    hold_all_free(&mut r);
+    let err =
+        r.b.alloc_with(&mut r.dev, &mut r.env, 0, needs_descriptor)
+            .map(|_| ())
+            .unwrap_err();
+    assert_eq!(
+        err,
+        BalloonError::Frames(crate::frames::FrameError::OutOfDescriptors {
+            ty: FrameType::PageTable
+        })
+    );
+    assert_eq!(r.b.status().actual, before);
+    assert_eq!(r.env.fa.count(FrameType::Offline), offline);
+    assert_eq!(r.b.counters().oom_events, 0);
+    r.check();
+}
+
+#[test]
+fn oom_shortfalls_count_what_is_missing() {
+    use crate::frames::FrameError;
+    use crate::stage1::Stage1Error;
+    assert_eq!(
+        oom_shortfall(&FrameError::OutOfMemory { order: 9 }, 9),
+        Some(512)
+    );
+    assert_eq!(
+        oom_shortfall(
+            &FrameError::OutOfDescriptors {
+                ty: FrameType::Folio
+            },
+            9
+        ),
+        Some(1)
+    );
+    assert_eq!(oom_shortfall(&FrameError::Corrupt { pfn: Pfn(1) }, 0), None);
+    assert_eq!(table_oom_shortfall(&Stage1Error::OutOfTableMemory), Some(1));
+    assert_eq!(table_oom_shortfall(&Stage1Error::EmptyRange), None);
 }
 
 // Volume test: minutes under Miri; the small tests run the same unsafe code there.

@@ -24,18 +24,67 @@ struct Run {
     rss_ballooned: u64,
 }
 
-fn timed(q: &mut Qmp<SocketIo>, target: u64) -> Result<Duration, String> {
+/// How one move went, from `query-balloon` polled every 2 ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// From the command to `actual` at the target.
+    pub total: Duration,
+    /// From the command to the first change of `actual`.
+    pub first_move: Duration,
+    /// The longest time `actual` stood still once it had moved.
+    pub longest_stall: Duration,
+}
+
+/// The progress of a move from `(elapsed, actual)` samples, the first
+/// taken when the command was sent and the last at the target.
+pub fn progress(samples: &[(Duration, u64)]) -> Option<Progress> {
+    let &(_, start) = samples.first()?;
+    let &(total, _) = samples.last()?;
+    let first = samples.iter().find(|s| s.1 != start).map_or(total, |s| s.0);
+    let mut longest = Duration::ZERO;
+    let mut since = first;
+    let mut last = None;
+    for &(t, a) in samples.iter().filter(|s| s.0 >= first) {
+        if last != Some(a) {
+            longest = longest.max(t.saturating_sub(since));
+            since = t;
+            last = Some(a);
+        }
+    }
+    Some(Progress {
+        total,
+        first_move: first,
+        longest_stall: longest,
+    })
+}
+
+fn timed(q: &mut Qmp<SocketIo>, target: u64, who: &str) -> Result<Duration, String> {
+    let before = q.query_balloon().map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     q.balloon(target).map_err(|e| e.to_string())?;
+    let mut samples = vec![(Duration::ZERO, before)];
     loop {
-        if q.query_balloon().map_err(|e| e.to_string())? == target {
-            return Ok(t0.elapsed());
+        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        samples.push((t0.elapsed(), actual));
+        if actual == target {
+            break;
         }
         if t0.elapsed() > Duration::from_secs(300) {
             return Err(format!("balloon to {} MiB did not finish", target >> 20));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    let p = progress(&samples).ok_or("no samples")?;
+    // Where the time went: a late start, stalls, or a steady pace.
+    eprintln!(
+        "bench balloon: {who} to {} MiB in {:.3} s: first movement after {:.0} ms, longest stall {:.0} ms, {} samples",
+        target >> 20,
+        p.total.as_secs_f64(),
+        p.first_move.as_secs_f64() * 1e3,
+        p.longest_stall.as_secs_f64() * 1e3,
+        samples.len()
+    );
+    Ok(p.total)
 }
 
 fn drive(q: &mut Qmp<SocketIo>, path: &Path, seen: &Mutex<Vec<String>>) -> Result<Run, String> {
@@ -46,9 +95,9 @@ fn drive(q: &mut Qmp<SocketIo>, path: &Path, seen: &Mutex<Vec<String>>) -> Resul
         Duration::from_secs(300),
     )?;
     let rss_before = qemu_rss_kib(path).ok_or("no QEMU RSS")?;
-    let inflate = timed(q, GIB)?;
+    let inflate = timed(q, GIB, "ours")?;
     let rss_ballooned = qemu_rss_kib(path).ok_or("no QEMU RSS")?;
-    let deflate = timed(q, 2 * GIB)?;
+    let deflate = timed(q, 2 * GIB, "ours")?;
     Ok(Run {
         inflate,
         deflate,
@@ -471,9 +520,9 @@ while true; do /bin/busybox sleep 3600; done
             }
             let mut q = Qmp::connect(&qmp, Duration::from_secs(10)).map_err(|e| e.to_string())?;
             let rss_before = qemu_rss_kib(&qmp).ok_or("no peer QEMU RSS")?;
-            let inflate = timed(&mut q, GIB)?;
+            let inflate = timed(&mut q, GIB, "linux")?;
             let rss_ballooned = qemu_rss_kib(&qmp).ok_or("no peer QEMU RSS")?;
-            let deflate = timed(&mut q, 2 * GIB)?;
+            let deflate = timed(&mut q, 2 * GIB, "linux")?;
             let _ = q.execute("quit", None);
             Ok(Run {
                 inflate,
@@ -495,6 +544,28 @@ while true; do /bin/busybox sleep 3600; done
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn progress_shows_a_late_start_and_stalls() {
+            let ms = Duration::from_millis;
+            let samples = [
+                (ms(0), 0),
+                (ms(2), 0),
+                (ms(400), 0),
+                (ms(402), 256),
+                (ms(404), 512),
+                (ms(604), 512),
+                (ms(606), 768),
+            ];
+            let p = progress(&samples).unwrap();
+            assert_eq!(p.total, ms(606));
+            assert_eq!(p.first_move, ms(402));
+            assert_eq!(p.longest_stall, ms(202));
+            // A move that never started shows all its time before the first movement.
+            let p = progress(&[(ms(0), 5), (ms(9), 5)]).unwrap();
+            assert_eq!((p.first_move, p.longest_stall), (ms(9), ms(0)));
+            assert_eq!(progress(&[]), None);
+        }
 
         #[test]
         fn the_host_archive_comes_from_deb822() {
