@@ -140,7 +140,8 @@ pub fn check(b: &Balloon) -> SettleReport {
 
 /// Finds the balloon, brings it up and serves it forever. Bootargs:
 /// `balloon.touch` writes all free memory first (see
-/// [`touch_free_memory`]); `balloon.no-deflate-on-oom` declines
+/// [`touch_free_memory`]), and `balloon.touch-after-deflate` again each
+/// time a deflate has given everything back; `balloon.no-deflate-on-oom` declines
 /// DEFLATE_ON_OOM even when offered; `selftest=balloon-touch` reads the
 /// first ballooned frame once the balloon has settled with pages in it (the
 /// crash report then says the frame is ballooned); `selftest=balloon-oom`
@@ -226,7 +227,7 @@ pub fn run(platform: &Platform<'static>) -> ! {
         defmt::error!("balloon: started twice");
         idle_forever()
     }
-    serve(selftest, events)
+    serve(selftest, has("balloon.touch-after-deflate"), events)
 }
 
 /// The balloon, its device and its environment, in one place so that the
@@ -540,9 +541,18 @@ struct LoopState {
     last_reported: u64,
     selftest: SelfTest,
     irqs: u64,
+    /// `balloon.touch-after-deflate`: after a full deflate, write the free memory again,
+    /// so the host can see its resident memory come back on use.
+    touch_after_deflate: bool,
+    /// The last settle had pages in the balloon.
+    was_inflated: bool,
 }
 
-fn serve(selftest: SelfTest, events: Option<hal::virtio::irq::Events>) -> ! {
+fn serve(
+    selftest: SelfTest,
+    touch_after_deflate: bool,
+    events: Option<hal::virtio::irq::Events>,
+) -> ! {
     let Ok(last) = SERVICE.with(|sv| sv.b.status()) else {
         idle_forever()
     };
@@ -553,6 +563,8 @@ fn serve(selftest: SelfTest, events: Option<hal::virtio::irq::Events>) -> ! {
         last_reported: 0,
         selftest,
         irqs: 0,
+        touch_after_deflate,
+        was_inflated: false,
     };
     defmt::info!(
         "balloon: up, target {=u32} pages, actual {=u32}",
@@ -664,6 +676,19 @@ fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> SelfTest {
                     run_oom = st.selftest;
                     st.selftest = SelfTest::None;
                 }
+                if st.touch_after_deflate && st.was_inflated && s.actual == 0 {
+                    // Every ballooned frame is back: using them again must
+                    // bring QEMU's resident memory back too.
+                    let t1 = now_ns();
+                    let n = env.touch_free_memory();
+                    defmt::info!(
+                        "balloon: touched {=u64} free frames ({=u64} MiB) after the deflate in {=u64} ms",
+                        n,
+                        (n * PAGE_SIZE) >> 20,
+                        (now_ns() - t1) / 1_000_000
+                    );
+                }
+                st.was_inflated = s.actual > 0;
                 if st.selftest == SelfTest::TouchBallooned && s.actual > 0 {
                     if let Ok(pfn) = b.entry(env, 0) {
                         let addr = pfn as u64 * PAGE_SIZE;

@@ -133,7 +133,7 @@ pub enum Scenario {
 impl Scenario {
     fn append(self) -> &'static str {
         match self {
-            Scenario::RoundTrip => "balloon.touch",
+            Scenario::RoundTrip => "balloon.touch balloon.touch-after-deflate",
             Scenario::TouchFaults => "selftest=balloon-touch",
             Scenario::OomDeflates => "selftest=balloon-oom",
             Scenario::TableOom(true) => "selftest=balloon-oom-tables",
@@ -328,6 +328,17 @@ fn scenario(
             Duration::from_secs(60),
         )?;
         from = i + 1;
+        if target == ram && which == Scenario::RoundTrip {
+            // The firmware writes its free memory again once everything is
+            // back (`balloon.touch`): the pages come back on use.
+            let (i, _) = wait_line(
+                seen,
+                from,
+                |l| l.starts_with("balloon: touched") && l.contains("after the deflate"),
+                Duration::from_secs(60),
+            )?;
+            from = i + 1;
+        }
         f.rss.push(qemu_rss_kib(qmp_path));
         if target < ram && which == Scenario::RoundTrip {
             f.stats = Some(guest_stats(q)?);
@@ -641,6 +652,20 @@ fn judge_round_trip(
         }
     } else {
         return Err("QEMU's resident memory could not be read".into());
+    }
+    // ...and comes back on use: the firmware wrote its free memory after
+    // the deflate, and QEMU had to give it pages again.
+    if let (Some(Some(inflated)), Some(Some(deflated))) = (f.rss.get(1), f.rss.get(2)) {
+        let back = deflated.saturating_sub(*inflated) << 10;
+        if back < (ram / 2) * 3 / 4 {
+            return Err(format!(
+                "QEMU RSS grew by {} MiB only after the deflate and a touch (ballooned {} MiB)",
+                back >> 20,
+                ram >> 21
+            ));
+        }
+    } else {
+        return Err("QEMU's resident memory after the deflate could not be read".into());
     }
     let (free, total) = f.stats.ok_or("no guest stats")?;
     println!(
@@ -993,6 +1018,40 @@ mod tests {
         assert!(judge_table_oom(&lost, host, ram, false).is_err());
         let short = typed.replace("(0 frames", "(3 frames");
         assert!(judge_table_oom(&short, host, ram, false).is_err());
+    }
+
+    #[test]
+    fn a_round_trip_needs_memory_to_leave_and_come_back() {
+        let ram: u64 = 1 << 30;
+        let half = ram / 2 / PAGE;
+        let settle = |pages: u64| {
+            Move {
+            target: ram - pages * PAGE,
+            took: Duration::from_millis(5),
+            settled: format!("balloon settled: actual {pages} pages in 5 ms; offline {pages}; frames ok; lint 0; TLB entries 40 (boot optimum 40); 1 batches, 2 notifications, 3 descriptors, 2 interrupts; chunks 2M 256 64K 0 4K 0"),
+        }
+        };
+        let kib = |mib: u64| Some(mib << 10);
+        let findings = |rss: Vec<Option<u64>>| Findings {
+            moves: vec![settle(half), settle(0)],
+            rss,
+            stats: Some((ram / 4, ram)),
+            ..Findings::default()
+        };
+        let done = Ending::Exited(0);
+        // 1.1 GiB resident, 600 MiB ballooned out, all back after the touch.
+        let good = findings(vec![kib(1100), kib(600), kib(1100)]);
+        assert_eq!(judge_round_trip(&done, &good, ram, true), Ok(()));
+        // The pages never came back on use.
+        let stuck = findings(vec![kib(1100), kib(600), kib(650)]);
+        let e = judge_round_trip(&done, &stuck, ram, true).unwrap_err();
+        assert!(e.contains("grew by 50 MiB"), "{e}");
+        // Nothing was discarded in the first place.
+        let kept = findings(vec![kib(1100), kib(1000), kib(1100)]);
+        assert!(judge_round_trip(&done, &kept, ram, true).is_err());
+        // No reading after the deflate.
+        let blind = findings(vec![kib(1100), kib(600), None]);
+        assert!(judge_round_trip(&done, &blind, ram, true).is_err());
     }
 
     #[test]
