@@ -200,16 +200,7 @@ pub fn boot(
         Stdio::null()
     })
     .stderr(Stdio::piped());
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only affects
-    // the child: if this tool dies (Ctrl-C, kill), the kernel kills QEMU too.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    dies_with_this_tool(&mut cmd);
     let start = Instant::now();
     let deadline = start + opts.timeout;
     let mut child = cmd
@@ -460,6 +451,21 @@ impl Target for BoardTarget {
         // board is gone, not finished.
         self.end();
         Ending::Stopped
+    }
+}
+
+/// Makes `cmd`'s process die with this tool: if it ends (Ctrl-C, a
+/// kill), the kernel sends the child SIGKILL, so no QEMU outlives a run.
+pub fn dies_with_this_tool(cmd: &mut std::process::Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only affects
+    // the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -12,7 +12,6 @@ use crate::loader::{Faults, ResetHook};
 use crate::log::Decoder;
 use crate::machine::{Console, Machine};
 use crate::serial::PortSpec;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
@@ -93,16 +92,7 @@ impl LoaderModel {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
-        // affects the child: QEMU dies with this tool.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::boot::dies_with_this_tool(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", crate::setup::QEMU))?;

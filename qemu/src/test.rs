@@ -1444,16 +1444,7 @@ fn loader_proof(
         j.machine = serial.machine.clone().unwrap_or_else(|| real_board(board));
     }
     let mut tally = run_jobs(&elfs, jobs, &skipped, Some(1))?;
-    let decoders: Vec<Decoder> = elfs
-        .iter()
-        .map(|(_, p)| {
-            let bytes = std::fs::read(p).map_err(Error::io(p))?;
-            Decoder::new(&bytes).map_err(|what| Error::Elf {
-                path: p.clone(),
-                what,
-            })
-        })
-        .collect::<Result<_>>()?;
+    let decoders = decoders(&elfs)?;
     for proof in crate::loader_model::PROOFS {
         let full = format!("{prefix}{}", proof.name);
         if !matches(&args.filters, &full) {
@@ -1502,6 +1493,19 @@ pub fn run_on_serial_board(
     run_jobs(&elfs, jobs, &skipped, Some(1))
 }
 
+/// The defmt decoder of each built ELF.
+fn decoders(elfs: &[(String, PathBuf)]) -> Result<Vec<Decoder>> {
+    elfs.iter()
+        .map(|(_, p)| {
+            let bytes = std::fs::read(p).map_err(Error::io(p))?;
+            Decoder::new(&bytes).map_err(|what| Error::Elf {
+                path: p.clone(),
+                what,
+            })
+        })
+        .collect()
+}
+
 /// Runs `jobs` on `jobs_in_parallel` workers (default: the available
 /// cores), printing one `test NAME [MACHINE] ... ok|FAILED` line per job,
 /// then the decoded log of each failure, then the `on-target:` tally.
@@ -1512,16 +1516,7 @@ fn run_jobs(
     skipped: &[String],
     jobs_in_parallel: Option<usize>,
 ) -> Result<Tally> {
-    let decoders: Vec<Decoder> = elfs
-        .iter()
-        .map(|(_, p)| {
-            let bytes = std::fs::read(p).map_err(Error::io(p))?;
-            Decoder::new(&bytes).map_err(|what| Error::Elf {
-                path: p.clone(),
-                what,
-            })
-        })
-        .collect::<Result<_>>()?;
+    let decoders = decoders(elfs)?;
     let n_jobs = jobs_in_parallel
         .unwrap_or_else(|| {
             std::thread::available_parallelism()

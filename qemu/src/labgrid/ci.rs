@@ -5,14 +5,15 @@
 //! the model's `-chardev socket,host=127.0.0.1,port=N,server=on,wait=on`)
 //! and a `NetworkPowerPort` of labgrid's `rest` model (a relay behind an
 //! HTTP URL: GET reads `0`/`1`, PUT sets it), which this tool serves on
-//! localhost: on starts the model, off kills it. A place matches both
-//! (tagged `board=xlnx-zcu102`); then the same [`super::with_place`] as
-//! `cargo qemu test --labgrid PLACE` acquires it through the coordinator,
-//! brings it to loader ready (the model's first boot is a stand-in that
-//! prints the loader's ready line: the resident loader is not in this tree
-//! yet), and runs the `boot` and `platform` suites through the serial runner,
-//! each test staged (its ELF noted where the "board" boots it from) and
-//! power-cycled through labgrid. Everything is torn down afterwards.
+//! localhost: on starts the model on the resident loader, off kills it. A
+//! place matches both (tagged `board=xlnx-zcu102`); then the same
+//! [`super::with_place`] as `cargo qemu test --labgrid PLACE` acquires it
+//! through the coordinator, brings it to loader ready (the real loader's
+//! ready line), and runs the `boot` and `platform` suites through the
+//! serial runner and the loader: each image uploaded over labgrid's
+//! network serial port (skipped when the loader still holds it), each
+//! test's firmware resetting the model back into the loader after its
+//! EXIT. Everything is torn down afterwards.
 //!
 //! The ZCU102 because its model enters an ELF at EL2 as U-Boot hands over
 //! on the real board, which is what the serial runner tells the tests.
@@ -59,37 +60,6 @@ pub fn proof_filters(user: &[String]) -> Vec<String> {
     out
 }
 
-/// A raw AArch64 program that writes `line` to `board`'s console UART and
-/// waits: the stand-in for the resident loader's ready banner. Position
-/// independent; QEMU starts it wherever `-kernel` puts a raw image.
-pub fn standin_loader(board: &str, line: &str) -> Option<Vec<u8>> {
-    // (UART base, init register offset, init value, TX register offset)
-    let (base, init_off, init_val, tx_off): (u64, u32, u32, u32) = match board {
-        // Cadence UART: CR = TX_EN | RX_EN, then the TX/RX FIFO.
-        "xlnx-zcu102" => (0xFF00_0000, 0x0, 0x14, 0x30),
-        // Mini-UART: IER = 0, then AUX_MU_IO.
-        "raspi3b" => (0x3F21_5040, 0x4, 0x0, 0x0),
-        _ => return None,
-    };
-    let words: [u32; 10] = [
-        0x5800_0141,                                         // ldr  x1, base (pc + 40)
-        0x5280_0000 | (init_val << 5) | 4,                   // movz w4, #init_val
-        0xB900_0000 | ((init_off / 4) << 10) | (1 << 5) | 4, // str w4, [x1, #init_off]
-        0x1000_0122,                                         // adr  x2, line (pc + 36)
-        0x3840_1443,                                         // 1: ldrb w3, [x2], #1
-        0x3400_0063,                                         // cbz  w3, 2f
-        0xB900_0000 | ((tx_off / 4) << 10) | (1 << 5) | 3,   // str w3, [x1, #tx_off]
-        0x17FF_FFFD,                                         // b    1b
-        0xD503_205F,                                         // 2: wfe
-        0x17FF_FFFF,                                         // b    2b
-    ];
-    let mut out: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    out.extend_from_slice(&base.to_le_bytes());
-    out.extend_from_slice(line.as_bytes());
-    out.extend_from_slice(b"\r\n\0");
-    Some(out)
-}
-
 /// One HTTP request: method, path, body.
 pub fn parse_request(buf: &[u8]) -> Option<(String, String, Vec<u8>)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
@@ -105,20 +75,6 @@ pub fn parse_request(buf: &[u8]) -> Option<(String, String, Vec<u8>)> {
         .unwrap_or(Some(0))?;
     let body = buf.get(end + 4..end + 4 + len)?.to_vec();
     Some((method, path, body))
-}
-
-fn kill_on_parent_death(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only affects
-    // the child: if this tool dies, the kernel ends the child too.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// A background process of the proof, ended (SIGTERM, then SIGKILL) when
@@ -146,7 +102,7 @@ fn spawn(cmd: &mut Command, log: &Path) -> Result<Daemon, String> {
     let f = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let f2 = f.try_clone().map_err(|e| e.to_string())?;
     cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
-    kill_on_parent_death(cmd);
+    crate::boot::dies_with_this_tool(cmd);
     cmd.spawn()
         .map(Daemon)
         .map_err(|e| format!("{:?}: {e}", cmd.get_program()))
@@ -159,13 +115,11 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port: {e}"))
 }
 
-/// The board model behind the power relay.
+/// The board model behind the power relay: on boots the resident loader
+/// (as the board's boot firmware would), off kills it.
 struct Model {
-    /// The command for a kernel (the stand-in or a staged test ELF).
-    command: Box<dyn Fn(&Path) -> Command + Send + Sync>,
-    standin: PathBuf,
-    /// Where the stage command notes the test ELF.
-    stage_file: PathBuf,
+    /// QEMU on the loader, the console on the exporter's TCP port.
+    command: Box<dyn Fn() -> Command + Send + Sync>,
     log: PathBuf,
     running: Mutex<Option<Child>>,
 }
@@ -180,19 +134,14 @@ impl Model {
         if !on {
             return Ok(());
         }
-        let staged = std::fs::read_to_string(&self.stage_file).unwrap_or_default();
-        let kernel = match staged.trim() {
-            "" => self.standin.clone(),
-            p => PathBuf::from(p),
-        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .map_err(|e| format!("{}: {e}", self.log.display()))?;
-        let mut cmd = (self.command)(&kernel);
+        let mut cmd = (self.command)();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        kill_on_parent_death(&mut cmd);
+        crate::boot::dies_with_this_tool(&mut cmd);
         *running = Some(cmd.spawn().map_err(|e| format!("qemu: {e}"))?);
         Ok(())
     }
@@ -369,15 +318,13 @@ fn run_proof(filters: &[String]) -> Result<Tally, String> {
         ..Machine::board(BOARD, 2)
     };
     let dtb = crate::fdt::board_dtb(&model_machine, &dir)?;
-    let standin = dir.join("standin-loader.bin");
-    let banner = format!("memfw-loader ci-standin board={BOARD} ready");
-    let code = standin_loader(BOARD, &banner).ok_or("no stand-in for this board")?;
-    std::fs::write(&standin, code).map_err(|e| format!("{}: {e}", standin.display()))?;
+    let loader = crate::cargo::build_loader(BOARD)?;
+    let kernel = crate::loader_model::loader_kernel(BOARD, &loader)?;
     let chardev_unix = "socket,id=con,path=@CONSOLE@,server=on,wait=on";
     let chardev_tcp = format!("socket,id=con,host=127.0.0.1,port={serial_port},server=on,wait=on");
     let model = Arc::new(Model {
-        command: Box::new(move |kernel: &Path| {
-            let c = model_machine.command_with_dtb(kernel, &[], None, None, &dtb);
+        command: Box::new(move || {
+            let c = model_machine.command_with_dtb(&kernel, &[], None, None, &dtb);
             let mut out = Command::new(c.get_program());
             for a in c.get_args() {
                 if a == chardev_unix {
@@ -388,8 +335,6 @@ fn run_proof(filters: &[String]) -> Result<Tally, String> {
             }
             out
         }),
-        standin,
-        stage_file: dir.join("staged-elf"),
         log: dir.join("model.log"),
         running: Mutex::new(None),
     });
@@ -467,17 +412,13 @@ fn run_proof(filters: &[String]) -> Result<Tally, String> {
             .filter(|r| r.contains(&group))
     })?;
 
-    let stage_file = dir.join("staged-elf");
     let lab = Lab {
         place,
         coordinator: Some(coordinator),
         ready: None,
         ready_timeout: 30.0,
         power_delay: 0.1,
-        stage: Some(format!(
-            "printf '%s' \"$MEMFW_ELF\" > {}",
-            super::sh_quote(&stage_file.to_string_lossy())
-        )),
+        stage: None,
     };
     with_place(&lab, Some(BOARD), |board, serial| {
         crate::test::run_on_serial_board(board, &serial, filters, "labgrid::")
@@ -523,27 +464,6 @@ mod tests {
         );
         assert!(proof_filters(&f(&["mmu::", "system::"])).is_empty());
         assert!(proof_filters(&f(&["memdesc"])).is_empty());
-    }
-
-    #[test]
-    fn standin_prints_the_loader_line() {
-        let line = "memfw-loader ci-standin board=xlnx-zcu102 ready";
-        let code = standin_loader("xlnx-zcu102", line).expect("zcu102");
-        // ldr x1, [pc + 40] reads the UART base at offset 40, 8-aligned;
-        // adr x2, pc + 36 at offset 12 points at the line at 48.
-        assert_eq!(&code[40..48], &0xFF00_0000u64.to_le_bytes());
-        assert_eq!(&code[48..48 + line.len()], line.as_bytes());
-        assert_eq!(code.last(), Some(&0));
-        let ready = regex_like(line);
-        assert!(ready, "matches memfw-loader \\S+ board=\\S+ ready");
-        assert!(standin_loader("raspi3b", line).is_some());
-        assert!(standin_loader("virt", line).is_none());
-    }
-
-    /// `memfw-loader \S+ board=\S+ ready` without a regex crate.
-    fn regex_like(line: &str) -> bool {
-        let w: Vec<&str> = line.split(' ').collect();
-        w.len() == 4 && w[0] == "memfw-loader" && w[2].starts_with("board=") && w[3] == "ready"
     }
 
     #[test]

@@ -164,7 +164,13 @@ pub fn power_cycle_command(fifos: &[PathBuf], stage: Option<&str>) -> Result<Str
     })
 }
 
-/// The serial runner's board from the agent's report.
+/// The serial runner's board from the agent's report. Without a stage
+/// command the tests go through the resident loader on the place (each
+/// image uploaded over its network serial port, skipped when the loader
+/// already holds it; labgrid's power driver cycles the place only when
+/// the loader does not answer). With one, the place boots each test image
+/// itself: the stage command puts it in place and every test is
+/// power-cycled into.
 pub fn serial_board(info: &PlaceInfo, stage: Option<&str>) -> Result<SerialBoard, String> {
     if info.serial.protocol != "raw" {
         return Err(format!(
@@ -177,7 +183,7 @@ pub fn serial_board(info: &PlaceInfo, stage: Option<&str>) -> Result<SerialBoard
         port: PortSpec::parse(&addr, info.serial.speed)?,
         power_cycle: Some(power_cycle_command(&info.power_fifos, stage)?),
         model_pidfile: None,
-        loader: None,
+        loader: stage.is_none().then(crate::loader::LoaderUse::default),
         name_prefix: String::new(),
         machine: None,
         model: None,
@@ -491,9 +497,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
-    #[test]
-    fn only_a_raw_port_goes_to_the_serial_runner() {
-        let mut info = PlaceInfo {
+    /// A place on lab1's raw port 4001 with labgrid's power FIFOs.
+    fn place_on_lab1() -> PlaceInfo {
+        PlaceInfo {
             serial: SerialInfo {
                 host: "lab1".into(),
                 port: 4001,
@@ -501,14 +507,37 @@ mod tests {
                 speed: 115_200,
             },
             power: Some("NetworkPowerDriver".into()),
-            power_fifos: vec!["/a".into(), "/b".into()],
+            power_fifos: vec!["/s/in".into(), "/s/out".into()],
             tags: BTreeMap::new(),
             banner: None,
-        };
+        }
+    }
+
+    #[test]
+    fn only_a_raw_port_goes_to_the_serial_runner() {
+        let mut info = place_on_lab1();
         let b = serial_board(&info, None).expect("raw");
         assert_eq!(b.port, PortSpec::Tcp("lab1:4001".into()));
         assert!(b.power_cycle.is_some());
         info.serial.protocol = "rfc2217".into();
         assert!(serial_board(&info, None).is_err());
+    }
+
+    /// By default the place runs each test through its resident loader,
+    /// labgrid's power cycle the reset for a loader that does not answer;
+    /// a stage command means the place boots the image itself, cycled
+    /// into every test with the stage first.
+    #[test]
+    fn the_loader_is_the_default_and_a_stage_boots_the_image() {
+        let info = place_on_lab1();
+        let b = serial_board(&info, None).expect("loader");
+        let l = b.loader.expect("through the loader");
+        assert!(l.reset_hook.is_none());
+        let cycle = b.power_cycle.expect("labgrid's power as the reset");
+        assert!(cycle.starts_with("timeout 60 sh -c"), "{cycle}");
+        let s = serial_board(&info, Some("cp \"$MEMFW_ELF\" /srv/tftp/t.elf")).expect("staged");
+        assert!(s.loader.is_none());
+        let cycle = s.power_cycle.expect("power-cycled into each test");
+        assert!(cycle.starts_with("{ cp \"$MEMFW_ELF\""), "{cycle}");
     }
 }
