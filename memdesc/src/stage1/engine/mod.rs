@@ -23,7 +23,7 @@ mod cursor;
 mod fold;
 mod rewrite;
 
-pub(super) use fold::run_eligible;
+pub(super) use fold::{run_eligible, RunShape};
 
 use self::cursor::{entry_index, Cursor};
 use self::rewrite::{OpCtx, STASH};
