@@ -11,7 +11,9 @@
 use super::rewrite::{Group, GroupChange};
 use super::Stage1;
 use crate::addr::PhysAddr;
-use crate::stage1::descriptor::{leaf_allowed, level_size, Descriptor, CONT_ENTRIES, ENTRIES};
+use crate::stage1::descriptor::{
+    leaf_allowed, level_size, AccessState, Descriptor, CONT_ENTRIES, ENTRIES,
+};
 use crate::stage1::hardware::{TableMemory, TranslationHw};
 use crate::stage1::unit::MappingUnit;
 
@@ -206,21 +208,20 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         if !shape.fits(ENTRIES - 1, last) {
             return None;
         }
-        let (mut young, mut dirty) = (false, false);
+        let mut state = AccessState::NONE;
         for i in 0..ENTRIES {
             let d = self.read(child, i);
             if !shape.fits(i, d) {
                 return None;
             }
-            young |= d.is_young();
-            dirty |= d.is_dirty();
+            state = state.or(AccessState::of(d));
         }
         Some(
             first
                 .with_leaf_level(level)
                 .with(Descriptor::CONT, false)
                 .with_output(PhysAddr(shape.base_output()))
-                .with_state(young, dirty),
+                .with_state(state.young, state.dirty),
         )
     }
 }
