@@ -87,6 +87,10 @@ fn parse_at(addr: u64) -> Result<Platform<'static>, DtbError> {
     }
     let header = read_word(0).ok_or(DtbError::Truncated { have: 0, need: 8 })?;
     let size = dtb::blob_size(&header.to_ne_bytes(), COPY_MAX)?;
+    // COPY_STATE: 0 empty, 1 being copied (by the CAS winner), 2 complete.
+    // The claim needs no ordering of its own (0 is the initial value, no
+    // writer before it); the copy is published by the Release store of 2,
+    // which pairs with the Acquire load below.
     if COPY_STATE
         .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
         .is_ok()
@@ -101,8 +105,11 @@ fn parse_at(addr: u64) -> Result<Platform<'static>, DtbError> {
             unsafe { dst.add(i).write(w) };
         }
         COPY_LEN.store(size, Ordering::Relaxed);
+        // Release: pairs with the Acquire load below (this core's or
+        // another's), so a reader of 2 sees the copy and COPY_LEN.
         COPY_STATE.store(2, Ordering::Release);
     }
+    // Acquire: pairs with the Release store of 2 above.
     if COPY_STATE.load(Ordering::Acquire) != 2 {
         return Err(DtbError::Parser);
     }

@@ -389,11 +389,15 @@ static ANNOTATOR: AtomicU64 = AtomicU64::new(0);
 /// report (the firmware says whether the frame is ballooned). `f` runs in
 /// the exception handler: it must not take locks or fault.
 pub fn set_fault_note(f: FaultNote) {
-    ANNOTATOR.store(f as usize as u64, Ordering::SeqCst);
+    // Release: pairs with the Acquire load in `fault_note` (a function
+    // pointer publishes no data, but the annotator may read statics its
+    // installer set up before installing it).
+    ANNOTATOR.store(f as usize as u64, Ordering::Release);
 }
 
 fn fault_note(far: u64) -> Option<&'static str> {
-    let a = ANNOTATOR.load(Ordering::SeqCst);
+    // Acquire: pairs with the Release store in `set_fault_note`.
+    let a = ANNOTATOR.load(Ordering::Acquire);
     if a == 0 {
         return None;
     }

@@ -122,6 +122,8 @@ static STACK_SLOTS: core::sync::atomic::AtomicUsize =
 
 /// Records how many cores' stacks the boot map holds (at MMU switch-on).
 pub(crate) fn set_stack_slots(n: usize) {
+    // Release: pairs with the Acquire load in `stack_slots`, so the core
+    // that reads the count also sees the boot map it was recorded with.
     STACK_SLOTS.store(
         n.clamp(1, crate::percpu::MAX_CPUS),
         core::sync::atomic::Ordering::Release,
@@ -131,6 +133,7 @@ pub(crate) fn set_stack_slots(n: usize) {
 /// Cores whose stacks are mapped: the secondary starter starts no core
 /// with an index at or above it.
 pub fn stack_slots() -> usize {
+    // Acquire: pairs with the Release store in `set_stack_slots`.
     STACK_SLOTS.load(core::sync::atomic::Ordering::Acquire)
 }
 

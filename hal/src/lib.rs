@@ -1,7 +1,10 @@
 //! Everything that touches hardware, for AArch64 boards: boot and exception
 //! levels, vectors and crash reports, system registers (`aarch64-cpu`), MMIO
-//! (`tock-registers`), the console UART, the generic timer, PSCI and
-//! semihosting, the defmt logger, and board descriptions.
+//! (`tock-registers`), the console UARTs, the GIC and interrupt dispatch, the
+//! generic timer, PSCI and semihosting, the defmt logger, TLB maintenance and
+//! the MMU switch-on, the raw memory `memdesc` works on (the page array's
+//! home, table entries, the frame allocator and stage-1 globals), secondary
+//! cores, virtio-mmio, the resident loader's entry, and board descriptions.
 //!
 //! Modules that touch hardware exist only when building for the bare-metal
 //! target (`cfg(hw)`, set by build.rs); the pure parts (device tree parsing,

@@ -57,6 +57,8 @@ unsafe impl defmt::Logger for Logger {
             DEPTH.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        // Acquire: pairs with the Release store of NOBODY in `release`, so
+        // this core sees the encoder state the previous owner left.
         while OWNER
             .compare_exchange_weak(NOBODY, me, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
@@ -86,6 +88,7 @@ unsafe impl defmt::Logger for Logger {
             *STATE.saved_daif.get()
         };
         DEPTH.store(0, Ordering::Relaxed);
+        // Release: pairs with the Acquire CAS in `acquire`.
         OWNER.store(NOBODY, Ordering::Release);
         DAIF.set(daif);
     }

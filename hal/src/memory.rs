@@ -139,6 +139,8 @@ pub fn init_frames(p: &Platform<'_>, dtb_addr: u64) -> Result<FrameReport, Memor
     let pages = bytes.div_ceil(PAGE_SIZE);
     let at = find_hole(ram, &avoid[..navoid], pages, 1, image.end).map_err(MemoryError::Plan)?;
 
+    // AcqRel: one RMW decides the one initialiser; it pairs with itself (a
+    // second caller's Acquire sees the first's Release).
     if PAGE_ARRAY.1.swap(true, Ordering::AcqRel) {
         return Err(MemoryError::AlreadyInitialised);
     }
@@ -401,6 +403,11 @@ unsafe impl TableMemory for IdentityTables {
         // hardware walker updates AF/AP[2] with atomic accesses too, so an
         // AtomicU64 view of the entry is the right model.
         let atom = unsafe { AtomicU64::from_ptr(entry_ptr(table, index)) };
+        // AcqRel on success, Acquire on failure: pairs with the other
+        // CPUs' RMWs of this entry (their compare_exchange here and the
+        // walker's AF/DBM updates), so a failed exchange returns the entry
+        // as last written and a successful one orders the table writes
+        // before it.
         atom.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
             .map(drop)
     }
@@ -828,6 +835,9 @@ impl SharedFrames {
 
     /// Shares `fa` between every core; fails if already set.
     pub fn set(&self, fa: Frames) -> Result<(), GlobalError> {
+        // The claim (EMPTY -> SETTING) pairs with no earlier writer (EMPTY is
+        // the initial value); the value is published by the Release store
+        // of READY below.
         if self
             .state
             .compare_exchange(EMPTY, SETTING, Ordering::Acquire, Ordering::Relaxed)

@@ -13,12 +13,23 @@ pub enum LayoutPlanError {
         /// Frames asked for.
         pages: u64,
     },
+    /// The alignment asked for is not a power of two (0 included).
+    BadAlign {
+        /// The alignment, in frames.
+        align: u64,
+    },
 }
 
 /// Finds the lowest run of `pages` frames, aligned to `align` frames (a power
 /// of two), inside one of `ram` and overlapping none of `avoid`. Prefers
 /// frames at or above `prefer_from` (so the storage sits right after the
 /// image rather than under it), then falls back to the lowest fit anywhere.
+///
+/// # Errors
+///
+/// [`LayoutPlanError::NoHole`] when no RAM range holds `pages` aligned frames
+/// clear of every avoided range (also when aligning a start would overflow);
+/// [`LayoutPlanError::BadAlign`] when `align` is not a power of two.
 pub fn find_hole(
     ram: &[PfnRange],
     avoid: &[PfnRange],
@@ -26,6 +37,9 @@ pub fn find_hole(
     align: u64,
     prefer_from: Pfn,
 ) -> Result<Pfn, LayoutPlanError> {
+    if !align.is_power_of_two() {
+        return Err(LayoutPlanError::BadAlign { align });
+    }
     let search = |floor: u64| -> Option<Pfn> {
         let mut best: Option<u64> = None;
         for r in ram {
@@ -68,6 +82,18 @@ mod tests {
 
     fn r(a: u64, b: u64) -> PfnRange {
         PfnRange::new(Pfn(a), Pfn(b))
+    }
+
+    #[test]
+    fn an_alignment_that_is_not_a_power_of_two_is_a_typed_error() {
+        let ram = [r(0x40000, 0x80000)];
+        for align in [0, 3, 0x300] {
+            assert_eq!(
+                find_hole(&ram, &[], 16, align, Pfn(0)),
+                Err(LayoutPlanError::BadAlign { align }),
+                "align {align}"
+            );
+        }
     }
 
     #[test]

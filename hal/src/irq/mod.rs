@@ -139,6 +139,8 @@ impl<T> IrqCell<T> {
 
     fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, IrqError> {
         without_irqs(|| {
+            // Acquire: pairs with the Release store that clears `busy`
+            // below, so this holder sees the previous holder's writes.
             if self.busy.swap(true, Ordering::Acquire) {
                 return Err(IrqError::Busy);
             }
@@ -146,6 +148,7 @@ impl<T> IrqCell<T> {
             // masked: nothing else holds a reference into `value` until we
             // clear it below.
             let r = f(unsafe { &mut *self.value.get() });
+            // Release: pairs with the Acquire swap of the next holder.
             self.busy.store(false, Ordering::Release);
             Ok(r)
         })

@@ -255,6 +255,83 @@ impl Descriptor {
     }
 }
 
+/// The access and dirty state of one or more leaves, the one currency of
+/// rule 3 (docs/architecture.md, "Stage-1 translation"): gathered over a
+/// run, taken from what the hardware wrote, added to the entries that
+/// replace a run or block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct AccessState {
+    /// Access flag set.
+    pub young: bool,
+    /// Dirty (see [`Descriptor::is_dirty`]).
+    pub dirty: bool,
+}
+
+impl AccessState {
+    /// Neither accessed nor dirty.
+    pub const NONE: Self = Self {
+        young: false,
+        dirty: false,
+    };
+
+    /// The state `d` records.
+    #[inline]
+    pub const fn of(d: Descriptor) -> Self {
+        Self {
+            young: d.is_young(),
+            dirty: d.is_dirty(),
+        }
+    }
+
+    /// The state ORed over the leaves (at `level`) among `entries`.
+    #[inline]
+    pub fn gather(entries: impl IntoIterator<Item = Descriptor>, level: u8) -> Self {
+        entries
+            .into_iter()
+            .filter(|d| d.is_leaf(level))
+            .fold(Self::NONE, |s, d| s.or(Self::of(d)))
+    }
+
+    /// What the hardware set in `found` that `seen` did not have.
+    #[inline]
+    pub const fn gained(seen: Descriptor, found: Descriptor) -> Self {
+        Self::of(found).beyond(Self::of(seen))
+    }
+
+    /// Both ORed.
+    #[inline]
+    #[must_use]
+    pub const fn or(self, other: Self) -> Self {
+        Self {
+            young: self.young || other.young,
+            dirty: self.dirty || other.dirty,
+        }
+    }
+
+    /// What `self` has that `known` does not.
+    #[inline]
+    #[must_use]
+    pub const fn beyond(self, known: Self) -> Self {
+        Self {
+            young: self.young && !known.young,
+            dirty: self.dirty && !known.dirty,
+        }
+    }
+
+    /// True when neither bit is set.
+    #[inline]
+    pub const fn is_none(self) -> bool {
+        !(self.young || self.dirty)
+    }
+
+    /// The leaf `d` with this state added to its own.
+    #[inline]
+    #[must_use]
+    pub const fn added_to(self, d: Descriptor) -> Descriptor {
+        d.with_state(d.is_young() || self.young, d.is_dirty() || self.dirty)
+    }
+}
+
 impl core::fmt::Debug for Descriptor {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "Descriptor({:#018x})", self.0)

@@ -14,7 +14,7 @@ use super::attributes::MemoryKind;
 use super::descriptor::{
     level_shift, level_size, Descriptor, DescriptorKind, CONT_ENTRIES, ENTRIES,
 };
-use super::engine::{Stage1, COUNT_UNKNOWN};
+use super::engine::{run_eligible, RunShape, Stage1, COUNT_UNKNOWN};
 use super::hardware::{TableMemory, TranslationHw};
 use super::unit::MappingUnit;
 use crate::addr::{PhysAddr, VirtAddr};
@@ -230,7 +230,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             .filter(|d| d.is_leaf(level) && d.is_contiguous())
             .count();
         if cont == 0 {
-            if super::engine::run_eligible(&run, level) {
+            if run_eligible(&run, level) {
                 report(sink, Rule::MissedFold);
             }
             return;
@@ -239,20 +239,17 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             report(sink, Rule::ContRunPartial);
             return;
         }
-        let size = level_size(level);
-        let oa0 = run[0].output(level).0;
-        if oa0 & (size * CONT_ENTRIES as u64 - 1) != 0 {
+        // Every entry is a leaf here, so the shape exists.
+        let Some(shape) = RunShape::around(run[0], 0, level) else {
+            return;
+        };
+        if !shape.is_aligned(CONT_ENTRIES) {
             report(sink, Rule::ContRunMisaligned);
         }
-        if run
-            .iter()
-            .enumerate()
-            .any(|(k, d)| d.output(level).0 != oa0 + k as u64 * size)
-        {
+        if run.iter().enumerate().any(|(k, d)| !shape.follows(k, *d)) {
             report(sink, Rule::ContRunNotConsecutive);
         }
-        let key = run[0].run_key();
-        if run.iter().any(|d| d.run_key() != key) {
+        if run.iter().any(|d| !shape.same_key(*d)) {
             report(sink, Rule::ContRunAttributesDiffer);
         }
     }

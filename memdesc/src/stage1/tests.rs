@@ -1422,3 +1422,67 @@ fn pin_small_refuses_bad_ranges() {
     assert_eq!(s.query(va(last - K4)).unwrap().unit, MappingUnit::Cont64K);
     assert_eq!(s.query(va(last)).unwrap().unit, MappingUnit::Cont32M);
 }
+
+/// The linter names the rule a corrupted 64 KiB run breaks (rules 1 and 2):
+/// an entry without the Contiguous bit, an output address out of sequence,
+/// attributes that differ, a run whose output is not aligned, and an
+/// eligible group left unfolded (advisory).
+#[test]
+fn linter_names_each_broken_run_rule() {
+    type Corrupt = fn(usize, Descriptor) -> Descriptor;
+    let cases: [(&str, Corrupt, &[Rule]); 5] = [
+        (
+            "one entry not contiguous",
+            |k, d| d.with(Descriptor::CONT, k != 5),
+            &[Rule::ContRunPartial],
+        ),
+        (
+            "one output out of sequence",
+            |k, d| {
+                if k == 5 {
+                    d.with_output(PhysAddr(d.output(3).0 + K64))
+                } else {
+                    d
+                }
+            },
+            &[Rule::ContRunNotConsecutive],
+        ),
+        (
+            "one entry read-only",
+            |k, d| d.with(Descriptor::AP_READ_ONLY, k == 5),
+            &[Rule::ContRunAttributesDiffer],
+        ),
+        (
+            "outputs shifted by a page",
+            |_, d| d.with_output(PhysAddr(d.output(3).0 + K4)),
+            &[Rule::ContRunMisaligned],
+        ),
+        (
+            "no entry contiguous",
+            |_, d| d.with(Descriptor::CONT, false),
+            &[Rule::MissedFold],
+        ),
+    ];
+    for (what, corrupt, expected) in cases {
+        let mut s = run_at_1g(NO_BBM);
+        let (table, first, level) = s.leaf_entry(va(G1)).unwrap();
+        assert_eq!((first % 16, level), (0, 3));
+        for k in 0..16 {
+            let old = Descriptor(unsafe_read(&s, table, first + k));
+            assert!(old.is_contiguous(), "{what}: the fixture is a run");
+            // SAFETY: `table` came from `leaf_entry`, `first + k < 512`.
+            unsafe {
+                s.platform_mut()
+                    .write_entry(table, first + k, corrupt(k, old).bits())
+            };
+        }
+        let mut found = Vec::new();
+        s.lint(&mut |v| found.push(v));
+        assert!(
+            found.iter().all(|v| v.va == va(G1) && v.level == 3),
+            "{what}: {found:?}"
+        );
+        let rules: Vec<Rule> = found.iter().map(|v| v.rule).collect();
+        assert_eq!(rules, expected, "{what}");
+    }
+}

@@ -17,7 +17,8 @@
 //!   permission change inside a 64 KiB run, per feature set;
 //! * (d) `flip_*`: one page flipped N times inside a run: ns/flip and
 //!   writes/flip for N = 1k, 10k, 100k (must stay flat);
-//! * (e) `balloon_churn_*`: rule 8 -- a 1 GiB block linear map loses
+//! * (e) `balloon_churn_*`: rule 8 of docs/architecture.md (re-folding
+//!   after churn) -- a 1 GiB block linear map loses
 //!   random pages (balloon inflate, splits down to pages) and gets them
 //!   back (deflate); the TLB footprint must return to one entry, with the
 //!   linter and the break-before-make checker clean throughout.

@@ -11,7 +11,9 @@
 use super::rewrite::{Group, GroupChange};
 use super::Stage1;
 use crate::addr::PhysAddr;
-use crate::stage1::descriptor::{leaf_allowed, level_size, Descriptor, CONT_ENTRIES, ENTRIES};
+use crate::stage1::descriptor::{
+    leaf_allowed, level_size, AccessState, Descriptor, CONT_ENTRIES, ENTRIES,
+};
 use crate::stage1::hardware::{TableMemory, TranslationHw};
 use crate::stage1::unit::MappingUnit;
 
@@ -29,37 +31,60 @@ impl RunShape {
     /// The unit of `count` entries at `level` in which `d` is entry
     /// `position`, if `d` is a leaf and the unit's output address is
     /// aligned to the unit's size.
+    #[inline]
     pub(in crate::stage1) fn of(
         d: Descriptor,
         position: usize,
         level: u8,
         count: usize,
     ) -> Option<Self> {
+        Self::around(d, position, level).filter(|shape| shape.is_aligned(count))
+    }
+
+    /// The unit in which the leaf `d` is entry `position`, aligned or not
+    /// (`None` when `d` is no leaf at `level`). The linter names what is
+    /// wrong with a run through it; everything else takes [`RunShape::of`].
+    #[inline]
+    pub(in crate::stage1) fn around(d: Descriptor, position: usize, level: u8) -> Option<Self> {
         if !d.is_leaf(level) {
             return None;
         }
         let size = level_size(level);
-        let base_output = d.output(level).0.wrapping_sub(position as u64 * size);
-        if base_output & (size * count as u64 - 1) != 0 {
-            return None;
-        }
         Some(Self {
             key: d.run_key(),
-            base_output,
+            base_output: d.output(level).0.wrapping_sub(position as u64 * size),
             level,
         })
+    }
+
+    /// Rule 1: the unit's output address is aligned to `count` entries.
+    #[inline]
+    pub(in crate::stage1) fn is_aligned(&self, count: usize) -> bool {
+        self.base_output & (level_size(self.level) * count as u64 - 1) == 0
+    }
+
+    /// Rule 2, the attributes: `d` shares the bits every entry of the unit
+    /// must share.
+    #[inline]
+    pub(in crate::stage1) fn same_key(&self, d: Descriptor) -> bool {
+        d.run_key() == self.key
+    }
+
+    /// Rule 2, the addresses: `d` has the output address of entry
+    /// `position`.
+    #[inline]
+    pub(in crate::stage1) fn follows(&self, position: usize, d: Descriptor) -> bool {
+        d.output(self.level).0
+            == self
+                .base_output
+                .wrapping_add(position as u64 * level_size(self.level))
     }
 
     /// True when `d` can be entry `position` of this unit: a leaf with the
     /// same attributes and permissions and the consecutive output address.
     #[inline]
     pub(in crate::stage1) fn fits(&self, position: usize, d: Descriptor) -> bool {
-        d.is_leaf(self.level)
-            && d.run_key() == self.key
-            && d.output(self.level).0
-                == self
-                    .base_output
-                    .wrapping_add(position as u64 * level_size(self.level))
+        d.is_leaf(self.level) && self.same_key(d) && self.follows(position, d)
     }
 
     /// Output address of the unit's first entry.
@@ -183,21 +208,20 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         if !shape.fits(ENTRIES - 1, last) {
             return None;
         }
-        let (mut young, mut dirty) = (false, false);
+        let mut state = AccessState::NONE;
         for i in 0..ENTRIES {
             let d = self.read(child, i);
             if !shape.fits(i, d) {
                 return None;
             }
-            young |= d.is_young();
-            dirty |= d.is_dirty();
+            state = state.or(AccessState::of(d));
         }
         Some(
             first
                 .with_leaf_level(level)
                 .with(Descriptor::CONT, false)
                 .with_output(PhysAddr(shape.base_output()))
-                .with_state(young, dirty),
+                .with_state(state.young, state.dirty),
         )
     }
 }

@@ -23,12 +23,14 @@ mod cursor;
 mod fold;
 mod rewrite;
 
-pub(super) use fold::run_eligible;
+pub(super) use fold::{run_eligible, RunShape};
 
 use self::cursor::{entry_index, Cursor};
 use self::rewrite::{OpCtx, STASH};
 use super::attributes::Attributes;
-use super::descriptor::{level_size, Descriptor, DescriptorKind, CONT_ENTRIES, ENTRIES, OA_BITS};
+use super::descriptor::{
+    level_size, AccessState, Descriptor, DescriptorKind, CONT_ENTRIES, ENTRIES, OA_BITS,
+};
 use super::error::Stage1Error;
 use super::flush::TlbDebt;
 use super::hardware::{Features, TableMemory, TableMemoryError, TranslationHw};
@@ -670,22 +672,24 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let (d, level) = (leaf.descriptor, leaf.level);
         let size = level_size(level);
         let contiguous = d.is_contiguous();
-        let (mut young, mut dirty) = (d.is_young(), d.is_dirty());
-        if contiguous {
+        // Rule 3: a run's state is that of all its entries.
+        let state = if contiguous {
             let first = leaf.index & !(CONT_ENTRIES - 1);
-            for k in 0..CONT_ENTRIES {
-                let entry = self.read(leaf.table, first + k);
-                young |= entry.is_young();
-                dirty |= entry.is_dirty();
-            }
-        }
+            AccessState::gather(
+                (0..CONT_ENTRIES).map(|k| self.read(leaf.table, first + k)),
+                level,
+            )
+            .or(AccessState::of(d))
+        } else {
+            AccessState::of(d)
+        };
         let unit = MappingUnit::of_leaf(level, contiguous);
         let attributes = Attributes::from_descriptor(d).ok_or(Stage1Error::NotMapped { va })?;
         Ok(Translation {
             output: PhysAddr(d.output(level).0 + (va.0 & (size - 1))),
             attributes,
-            young,
-            dirty,
+            young: state.young,
+            dirty: state.dirty,
             unit,
             unit_va: VirtAddr(va.0 & !(unit.size() - 1)),
         })

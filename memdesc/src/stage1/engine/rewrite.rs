@@ -10,7 +10,7 @@ use super::fold::is_run;
 use super::{LeafOp, Stage1, COUNT_UNKNOWN};
 use crate::addr::PhysAddr;
 use crate::stage1::attributes::Attributes;
-use crate::stage1::descriptor::{level_size, Descriptor, CONT_ENTRIES, ENTRIES};
+use crate::stage1::descriptor::{level_size, AccessState, Descriptor, CONT_ENTRIES, ENTRIES};
 use crate::stage1::error::Stage1Error;
 use crate::stage1::flush::{TlbDebt, TlbSettled};
 use crate::stage1::hardware::{TableMemory, TranslationHw};
@@ -155,12 +155,11 @@ fn absorb(new: Descriptor, seen: Descriptor, found: Descriptor, level: u8) -> De
     if !new.is_leaf(level) || !found.is_leaf(level) || new.output(level) != found.output(level) {
         return new;
     }
-    let young = found.is_young() && !seen.is_young();
-    let dirty = found.is_dirty() && !seen.is_dirty();
-    if young || dirty {
-        new.with_state(new.is_young() || young, new.is_dirty() || dirty)
-    } else {
+    let gained = AccessState::gained(seen, found);
+    if gained.is_none() {
         new
+    } else {
+        gained.added_to(new)
     }
 }
 
@@ -200,16 +199,12 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         let mut wrote = false;
         for r in 0..ctx.regather_count {
             let (table, first, level) = ctx.regather[r];
-            let (mut young, mut dirty) = (false, false);
+            let run = AccessState::gather(
+                (0..CONT_ENTRIES).map(|k| self.read(table, first + k)),
+                level,
+            );
             for k in 0..CONT_ENTRIES {
-                let d = self.read(table, first + k);
-                if d.is_leaf(level) {
-                    young |= d.is_young();
-                    dirty |= d.is_dirty();
-                }
-            }
-            for k in 0..CONT_ENTRIES {
-                wrote |= self.spread_live(table, first + k, level, young, dirty);
+                wrote |= self.spread_live(table, first + k, level, run);
             }
         }
         ctx.regather_count = 0;
@@ -230,8 +225,8 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
             if let Some((parent_table, index, level)) = parent {
                 // Rule 3: walkers may have written through the old table
                 // until the TLBI that precedes this completed.
-                let (young, dirty) = self.table_state(table, level + 1);
-                wrote |= self.spread_live(parent_table, index, level, young, dirty);
+                let below = self.table_state(table, level + 1);
+                wrote |= self.spread_live(parent_table, index, level, below);
             }
         }
         if wrote {
@@ -346,27 +341,25 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         level: u8,
     ) -> Descriptor {
         if new.is_table(level) && found.is_leaf(level) {
-            let young = found.is_young() && !seen.is_young();
-            let dirty = found.is_dirty() && !seen.is_dirty();
-            return self.spread(new, young, dirty, level);
+            return self.spread(new, AccessState::gained(seen, found), level);
         }
         absorb(new, seen, found, level)
     }
 
-    /// ORs `young`/`dirty` into `d`, a new entry at `level` not yet written:
-    /// into the leaf itself, or into every leaf below a new (unlinked) table.
-    fn spread(&mut self, d: Descriptor, young: bool, dirty: bool, level: u8) -> Descriptor {
-        if !(young || dirty) {
+    /// Adds `state` to `d`, a new entry at `level` not yet written: to the
+    /// leaf itself, or to every leaf below a new (unlinked) table.
+    fn spread(&mut self, d: Descriptor, state: AccessState, level: u8) -> Descriptor {
+        if state.is_none() {
             return d;
         }
         if d.is_leaf(level) {
-            return d.with_state(d.is_young() || young, d.is_dirty() || dirty);
+            return state.added_to(d);
         }
         if d.is_table(level) {
             let table = d.table_address();
             for i in 0..ENTRIES {
                 let child = self.read(table, i);
-                let updated = self.spread(child, young, dirty, level + 1);
+                let updated = self.spread(child, state, level + 1);
                 if updated != child {
                     self.write(table, i, updated);
                 }
@@ -375,33 +368,31 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         d
     }
 
-    /// ORs `young`/`dirty` into the live entry `index` of `table` (a leaf,
-    /// or every leaf below a table) with compare-and-swap: a state upgrade
-    /// only, which needs no TLB maintenance.
+    /// Adds `state` to the live entry `index` of `table` (a leaf, or every
+    /// leaf below a table) with compare-and-swap: a state upgrade only,
+    /// which needs no TLB maintenance.
     /// Returns whether anything was written.
     fn spread_live(
         &mut self,
         table: PhysAddr,
         index: usize,
         level: u8,
-        young: bool,
-        dirty: bool,
+        state: AccessState,
     ) -> bool {
-        if !(young || dirty) {
+        if state.is_none() {
             return false;
         }
         let current = self.read(table, index);
         let mut wrote = false;
         if current.is_leaf(level) {
-            let updated =
-                current.with_state(current.is_young() || young, current.is_dirty() || dirty);
+            let updated = state.added_to(current);
             if updated != current {
                 self.replace_live(table, index, level, current, updated);
                 wrote = true;
             }
         } else if current.is_table(level) {
             for i in 0..ENTRIES {
-                wrote |= self.spread_live(current.table_address(), i, level + 1, young, dirty);
+                wrote |= self.spread_live(current.table_address(), i, level + 1, state);
             }
         }
         wrote
@@ -465,25 +456,22 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         // dirty state of every old entry to every new one (the hardware may
         // have recorded a write to any page of a run in any of its entries).
         let convert = level >= 1 && is_run(old, level) != is_run(new, level);
-        let (mut young, mut dirty) = (false, false);
+        let mut gathered = AccessState::NONE;
         if convert {
-            for d in old.iter().filter(|d| d.is_leaf(level)) {
-                young |= d.is_young();
-                dirty |= d.is_dirty();
-            }
+            gathered = AccessState::gather(old.iter().copied(), level);
             // Before any break: a new table may lie inside the range the
             // break unmaps (the tree maps its own table frames), so every
             // new entry and table is complete before the window opens.
             for d in new.iter_mut() {
-                *d = self.spread(*d, young, dirty, level);
+                *d = self.spread(*d, gathered, level);
             }
         }
         // State the hardware set after the gather above, found by a swap:
         // for the whole group (`late_*`) or for one new table (`carry`).
         // Written into the live entries after the make, as an upgrade that
         // needs no TLB maintenance, never into a table during the window.
-        let (mut late_young, mut late_dirty) = (false, false);
-        let mut carry = [(false, false); CONT_ENTRIES];
+        let mut late = AccessState::NONE;
+        let mut carry = [AccessState::NONE; CONT_ENTRIES];
         let mut collapsed = 0u16;
         if to_break != 0 && !bbm2 {
             let (mut walk, mut finest) = (false, level);
@@ -494,14 +482,10 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                 let found = self.replace_live(table, first + k, level, old[k], Descriptor::INVALID);
                 if convert && found.is_leaf(level) {
                     // Exact: an invalid entry gets no hardware update.
-                    late_young |= found.is_young() && !young;
-                    late_dirty |= found.is_dirty() && !dirty;
+                    late = late.or(AccessState::of(found).beyond(gathered));
                 }
                 if new[k].is_table(level) && found.is_leaf(level) {
-                    carry[k] = (
-                        found.is_young() && !old[k].is_young(),
-                        found.is_dirty() && !old[k].is_dirty(),
-                    );
+                    carry[k] = AccessState::gained(old[k], found);
                 } else {
                     new[k] = absorb(new[k], old[k], found, level);
                 }
@@ -544,8 +528,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
                     // In place (FEAT_BBM level 2): the hardware may have
                     // updated an entry after the gather above, also one
                     // that is now unmapped, so `regather` cannot see it.
-                    late_young |= found.is_young() && !young;
-                    late_dirty |= found.is_dirty() && !dirty;
+                    late = late.or(AccessState::of(found).beyond(gathered));
                 }
                 in_place = true;
                 if current[k].is_table(level) && new[k].is_leaf(level) {
@@ -568,14 +551,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
         }
         for (k, d) in new.iter().enumerate() {
             if d.is_valid() {
-                let (young, dirty) = carry[k];
-                self.spread_live(
-                    table,
-                    first + k,
-                    level,
-                    late_young || young,
-                    late_dirty || dirty,
-                );
+                self.spread_live(table, first + k, level, late.or(carry[k]));
             }
         }
         if in_place && run_group {
@@ -597,19 +573,16 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     }
 
     /// Access and dirty state ORed over every leaf below `table` at `level`.
-    fn table_state(&self, table: PhysAddr, level: u8) -> (bool, bool) {
-        let (mut young, mut dirty) = (false, false);
+    fn table_state(&self, table: PhysAddr, level: u8) -> AccessState {
+        let mut state = AccessState::NONE;
         for i in 0..ENTRIES {
             let d = self.read(table, i);
             if d.is_leaf(level) {
-                young |= d.is_young();
-                dirty |= d.is_dirty();
+                state = state.or(AccessState::of(d));
             } else if d.is_table(level) {
-                let (below_young, below_dirty) = self.table_state(d.table_address(), level + 1);
-                young |= below_young;
-                dirty |= below_dirty;
+                state = state.or(self.table_state(d.table_address(), level + 1));
             }
         }
-        (young, dirty)
+        state
     }
 }

@@ -10,7 +10,8 @@
 //! of one entry of a run may translate any page of the run). It keeps one
 //! [`EntryState`] per entry, and with a table window (see
 //! [`FakePlatform::set_table_window`]) also checks that every descriptor
-//! access goes through a VA the tree translates.
+//! access goes through a VA the tree translates. "Rule N" is rule N of
+//! docs/architecture.md, "Stage-1 translation".
 
 use super::log::Event;
 use super::{FakePlatform, FAKE_TABLE_BASE, NONE};
