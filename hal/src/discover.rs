@@ -96,13 +96,22 @@ fn parse_at(addr: u64) -> Result<Platform<'static>, DtbError> {
         .is_ok()
     {
         let dst = COPY.0.get().cast::<u64>();
-        for i in 0..size.div_ceil(8) {
+        let copied = (0..size.div_ceil(8)).try_for_each(|i| {
             let w = read_word(i as u64 * 8).ok_or(DtbError::Truncated {
                 have: i * 8,
                 need: size,
             })?;
             // SAFETY: i * 8 < size <= COPY_MAX; we hold the copy (state 1).
             unsafe { dst.add(i).write(w) };
+            Ok(())
+        });
+        if let Err(e) = copied {
+            // Give the claim back, so a later call copies afresh instead of
+            // finding state 1 for good. Release: pairs with the Acquire of
+            // the next claimer's compare-exchange (our partial writes are
+            // overwritten before anyone reads them).
+            COPY_STATE.store(0, Ordering::Release);
+            return Err(e);
         }
         COPY_LEN.store(size, Ordering::Relaxed);
         // Release: pairs with the Acquire load below (this core's or
