@@ -237,6 +237,9 @@ const START_TIMEOUT_US: u64 = 1_000_000;
 
 fn wait_online(index: usize) -> bool {
     let t0 = crate::timer::uptime_us();
+    // Acquire: pairs with the Release fetch_or of ONLINE in
+    // `hal_secondary_main` (first start) or at the end of `go_offline`
+    // (released from the WFE loop), so the core's setup is visible.
     while ONLINE.load(Ordering::Acquire) & (1 << index) == 0 {
         if crate::timer::uptime_us() - t0 > START_TIMEOUT_US {
             return false;
@@ -260,6 +263,8 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
         cores: [CoreStart::Absent; MAX_CPUS],
         online: 1,
     };
+    // Acquire (both): pairs with the Release fetch_or of ONLINE in
+    // `hal_secondary_main`; anything but 1 means cores were started already.
     if ONLINE.load(Ordering::Acquire) != 1 || crate::percpu::index() != 0 {
         report.online = ONLINE.load(Ordering::Acquire).count_ones();
         return report;
@@ -320,9 +325,17 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
             clean_to_poc(pen.as_ptr() as u64, 16 * 8);
             let slots = crate::image::stack_slots();
             for (i, slot) in report.cores.iter_mut().enumerate().take(slots).skip(1) {
+                // Acquire pairs with no Rust store: the parked core wrote
+                // its `arrived` slot with a plain store (MMU off, so a
+                // Device access) followed by DSB SY in `hal_holding_pen`;
+                // the clean-and-invalidate above is what makes it visible.
                 if pen[i].load(Ordering::Acquire) == 0 {
                     continue;
                 }
+                // Release: orders the HAL_SMP_MMU stores above before the
+                // entry address; the reader is the plain `ldr` of its
+                // `release` slot in `hal_holding_pen` (MMU off), for which
+                // the clean to PoC below and SEV do the publishing.
                 pen[MAX_CPUS + i].store(entry, Ordering::Release);
                 clean_to_poc(pen.as_ptr() as u64, 16 * 8);
                 aarch64_cpu::asm::sev();
@@ -336,7 +349,10 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
         _ => {}
     }
     BOOT_AFF.store(boot_aff, Ordering::Relaxed);
+    // Release: pairs with the Acquire load of METHOD in `conduit`.
     METHOD.store(report.method as u8, Ordering::Release);
+    // Acquire: pairs with the Release fetch_or of ONLINE in
+    // `hal_secondary_main`.
     report.online = ONLINE.load(Ordering::Acquire).count_ones();
     report
 }
@@ -408,6 +424,9 @@ fn start_from_reset(index: usize, entry: u64, rvbar: u64, apu_reset: u64) -> Cor
 
 /// Cores online (bit per index).
 pub fn online() -> u64 {
+    // Acquire: pairs with the Release fetch_or of ONLINE in
+    // `hal_secondary_main` and the Release fetch_and / fetch_or in
+    // `go_offline`.
     ONLINE.load(Ordering::Acquire)
 }
 
@@ -415,23 +434,28 @@ pub fn online() -> u64 {
 extern "C" fn hal_secondary_main(index: u64) -> ! {
     let index = index as usize % MAX_CPUS;
     crate::percpu::install(index);
-    // Pairs with the Acquire loads in wait_online / online.
+    // Pairs with the Acquire loads of ONLINE in wait_online / online /
+    // start_secondaries.
     ONLINE.fetch_or(1 << index, Ordering::Release);
     service_loop(index)
 }
 
 fn service_loop(index: usize) -> ! {
     loop {
+        // Acquire: pairs with the Release compare_exchange in `run_on`,
+        // so what the poster wrote before posting is visible to the job.
         let job = JOBS[index].swap(0, Ordering::Acquire);
         if job != 0 {
             // SAFETY: JOBS only ever holds 0 or a `fn(usize)` stored by
             // `run_on`; function pointers round-trip through usize.
             let f: fn(usize) = unsafe { core::mem::transmute::<usize, fn(usize)>(job) };
             f(index);
-            // Pairs with the Acquire load in `wait`.
+            // Pairs with the Acquire loads of DONE in `wait` and `run_on`.
             DONE[index].fetch_add(1, Ordering::Release);
             aarch64_cpu::asm::sev();
         } else if OFF_REQ[index].load(Ordering::Acquire) {
+            // The Acquire load above pairs with the Release store of
+            // OFF_REQ in `cpu_off`.
             go_offline(index);
         } else {
             // Going idle: this core's frame cache goes back to the buddy,
@@ -456,7 +480,9 @@ fn service_loop(index: usize) -> ! {
 /// [`cpu_off`] and the core rejoins.
 fn go_offline(index: usize) {
     let bit = 1u64 << index;
-    // Claimed, or withdrawn by a requester that gave up waiting.
+    // Claimed, or withdrawn by a requester that gave up waiting. AcqRel:
+    // pairs with the Release store of OFF_REQ in `cpu_off` and races the
+    // withdrawing compare_exchange there (exactly one of the two wins).
     if OFF_REQ[index]
         .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
@@ -495,6 +521,8 @@ fn go_offline(index: usize) {
             }
         }
     }
+    // Release: pairs with the Acquire load of ONLINE in `wait_online`
+    // (called by `cpu_on`) and in `online`.
     ONLINE.fetch_or(bit, Ordering::Release);
     aarch64_cpu::asm::sev();
 }
@@ -521,15 +549,20 @@ pub enum SmpError {
 pub fn off_requested(index: usize) -> bool {
     OFF_REQ
         .get(index)
+        // Acquire: pairs with the Release store of OFF_REQ in `cpu_off`.
         .is_some_and(|r| r.load(Ordering::Acquire))
 }
 
 /// Cores [`cpu_off`] took offline (bit per index).
 pub fn offline() -> u64 {
+    // Acquire: pairs with the AcqRel fetch_or of OFFLINE in `cpu_off` and
+    // its fetch_and in `cpu_on`.
     OFFLINE.load(Ordering::Acquire)
 }
 
 fn conduit() -> Option<PsciConduit> {
+    // Acquire: pairs with the Release store of METHOD at the end of
+    // `start_secondaries`.
     match METHOD.load(Ordering::Acquire) {
         m if m == StartMethod::PsciHvc as u8 => Some(PsciConduit::Hvc),
         m if m == StartMethod::PsciSmc as u8 => Some(PsciConduit::Smc),
@@ -568,17 +601,25 @@ pub fn cpu_off(index: usize) -> Result<(), SmpError> {
     if index >= MAX_CPUS || index == crate::percpu::index() || online() & (1 << index) == 0 {
         return Err(SmpError::NotOnline(index));
     }
+    // Acquire: pairs with the Release compare_exchange of JOBS in
+    // `run_on` (a non-zero value is a job posted and not yet taken).
     if JOBS[index].load(Ordering::Acquire) != 0 {
         return Err(SmpError::Busy(index));
     }
     let bit = 1u64 << index;
     OFF_ERR[index].store(0, Ordering::Relaxed);
+    // Release: pairs with the Acquire load of OFF_REQ in `service_loop`
+    // and `off_requested` and the AcqRel compare_exchange in `go_offline`
+    // (the OFF_ERR reset above is seen before the request).
     OFF_REQ[index].store(true, Ordering::Release);
     aarch64_cpu::asm::sev();
     let t0 = crate::timer::uptime_us();
+    // Acquire: pairs with the Release fetch_and of ONLINE in `go_offline`,
+    // so the core's drained frame cache and PARKED flag are visible.
     while ONLINE.load(Ordering::Acquire) & bit != 0 {
         // Past the timeout: withdrawn unless it took the request meanwhile
-        // (then it gets the time to finish).
+        // (then it gets the time to finish). AcqRel: races the claiming
+        // compare_exchange of OFF_REQ in `go_offline` (one of the two wins).
         if crate::timer::uptime_us() - t0 > START_TIMEOUT_US
             && OFF_REQ[index]
                 .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
@@ -606,6 +647,8 @@ pub fn cpu_off(index: usize) -> Result<(), SmpError> {
             core::hint::spin_loop();
         }
     }
+    // AcqRel: the Release half pairs with the Acquire loads of OFFLINE
+    // in `cpu_on` and `offline`; the Acquire half with `cpu_on`'s fetch_and.
     OFFLINE.fetch_or(bit, Ordering::AcqRel);
     Ok(())
 }
@@ -621,6 +664,7 @@ pub fn cpu_off(index: usize) -> Result<(), SmpError> {
 /// [`SmpError::Psci`] when CPU_ON failed; [`SmpError::Timeout`] when it
 /// was not online within 1 s.
 pub fn cpu_on(index: usize) -> Result<(), SmpError> {
+    // Acquire: pairs with the AcqRel fetch_or of OFFLINE in `cpu_off`.
     if index >= MAX_CPUS || OFFLINE.load(Ordering::Acquire) & (1 << index) == 0 {
         return Err(SmpError::NotOffline(index));
     }
@@ -635,7 +679,8 @@ pub fn cpu_on(index: usize) -> Result<(), SmpError> {
             r.map_err(|e| SmpError::Psci(index, psci_code(e)))?;
         }
         None => {
-            // Pairs with the Acquire load of the parked loop.
+            // Pairs with the Acquire load of PARKED in `go_offline`'s
+            // parked loop.
             PARKED[index].store(false, Ordering::Release);
             aarch64_cpu::asm::sev();
         }
@@ -643,6 +688,9 @@ pub fn cpu_on(index: usize) -> Result<(), SmpError> {
     if !wait_online(index) {
         return Err(SmpError::Timeout(index));
     }
+    // AcqRel: the Release half pairs with the Acquire loads of OFFLINE
+    // in `offline` and a later `cpu_on`; the Acquire half with `cpu_off`'s
+    // fetch_or.
     OFFLINE.fetch_and(!(1 << index), Ordering::AcqRel);
     Ok(())
 }
@@ -653,7 +701,11 @@ pub fn run_on(index: usize, job: fn(usize)) -> Result<u64, SmpError> {
     if index == crate::percpu::index() || online() & (1u64 << (index % 64)) == 0 {
         return Err(SmpError::NotOnline(index));
     }
+    // Acquire: pairs with the Release fetch_add of DONE in `service_loop`.
     let done = DONE[index].load(Ordering::Acquire);
+    // Release on success: pairs with the Acquire swap of JOBS in
+    // `service_loop` (and the Acquire load in `cpu_off`), so the job sees
+    // what the caller wrote before posting it.
     JOBS[index]
         .compare_exchange(0, job as usize, Ordering::Release, Ordering::Relaxed)
         .map_err(|_| SmpError::Busy(index))?;
@@ -667,6 +719,8 @@ pub fn wait(index: usize, ticket: u64, timeout_us: u64) -> bool {
     let t0 = crate::timer::uptime_us();
     while DONE
         .get(index)
+        // Acquire: pairs with the Release fetch_add of DONE in
+        // `service_loop`, so the job's writes are visible once it counts.
         .is_some_and(|d| d.load(Ordering::Acquire) < ticket)
     {
         if crate::timer::uptime_us() - t0 > timeout_us {

@@ -10,17 +10,14 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
-
 // Every public fallible function says when it fails (`# Errors`) and when
-// it panics (`# Panics`). Checked per module: `balloon` and
-// `frames::atomics` still lack some `# Errors` sections.
-#[warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
+// it panics (`# Panics`).
+#![warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
+
 pub mod addr;
 pub mod balloon;
 pub mod frames;
-#[warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
 pub mod layout;
-#[warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
 pub mod stage1;
 pub mod sync;
 

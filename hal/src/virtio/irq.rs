@@ -60,11 +60,15 @@ impl core::fmt::Debug for Slot {
 impl Events {
     /// Whether an interrupt arrived that was not taken yet.
     pub fn pending(&self) -> bool {
+        // Acquire: pairs with the AcqRel fetch_or of `events` in `on_irq`.
         self.slot.events.load(Ordering::Acquire) != 0
     }
 
     /// The InterruptStatus bits seen since the last call, cleared.
     pub fn take(&self) -> u32 {
+        // AcqRel: the Acquire half pairs with the fetch_or of `events` in
+        // `on_irq`; the Release half with that fetch_or's Acquire half, so
+        // an interrupt after the clear sees what the taker did before it.
         self.slot.events.swap(0, Ordering::AcqRel)
     }
 
@@ -77,10 +81,14 @@ impl Events {
 fn on_irq(intid: Intid) {
     let Some(s) = TABLE
         .iter()
+        // Acquire: pairs with the AcqRel compare_exchange (claim) and the
+        // Release store of FREE (release on failure) of `intid` in `attach`.
         .find(|s| s.intid.load(Ordering::Acquire) == intid.raw())
     else {
         return;
     };
+    // Acquire: pairs with the Release store of `base` in `attach` (made
+    // before the interrupt is attached, so a handler for it sees it).
     let base = s.base.load(Ordering::Acquire);
     // SAFETY: `base` is a transport window `attach` was given by its owner
     // (claimed and mapped Device memory for good, see `super::claim`);
@@ -96,6 +104,9 @@ fn on_irq(intid: Intid) {
         status
     };
     s.count.fetch_add(1, Ordering::Relaxed);
+    // AcqRel: the Release half pairs with the Acquire load in
+    // `Events::pending` and the swap in `Events::take`; the Acquire half
+    // with that swap's Release half.
     s.events.fetch_or(status, Ordering::AcqRel);
 }
 
@@ -104,15 +115,22 @@ fn on_irq(intid: Intid) {
 pub(crate) fn attach(base: u64, irq: &Interrupt) -> Result<Events, VirtioIrqError> {
     let slot = TABLE
         .iter()
+        // AcqRel on success: pairs with the Acquire load of `intid` in
+        // `on_irq`, other `attach` claims and the Release store of FREE
+        // below; Acquire on failure pairs with the same (the slot is taken).
         .find(|s| {
             s.intid
                 .compare_exchange(FREE, irq.intid.raw(), Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         })
         .ok_or(VirtioIrqError::TableFull)?;
+    // Release (both): pair with the Acquire load of `base` in `on_irq` and
+    // the Acquire load / swap of `events` in `Events::pending` / `take`.
     slot.base.store(base, Ordering::Release);
     slot.events.store(0, Ordering::Release);
     if let Err(e) = crate::irq::attach(irq, on_irq) {
+        // Release: pairs with the claiming compare_exchange above (a later
+        // `attach`) and the Acquire load of `intid` in `on_irq`.
         slot.intid.store(FREE, Ordering::Release);
         return Err(VirtioIrqError::Irq(e));
     }

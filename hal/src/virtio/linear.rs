@@ -65,6 +65,8 @@ pub fn dma_frames() -> u64 {
 }
 
 fn page_array() -> Option<&'static PageArray<'static>> {
+    // Acquire: pairs with the Release store of PAGE_ARRAY in
+    // `LinearEnv::new`, so the page array it points at is initialised.
     let p = PAGE_ARRAY.load(Ordering::Acquire);
     // SAFETY: only ever set from a `&'static PageArray<'static>` (in
     // `LinearEnv::new`); the page array's words are atomics, so a shared
@@ -89,6 +91,8 @@ pub fn fault_note(far: u64) -> Option<&'static str> {
 }
 
 fn same_allocator(fa: &Frames) -> bool {
+    // Acquire: pairs with the Release store of PAGE_ARRAY in
+    // `LinearEnv::new` (only the address is compared here).
     core::ptr::eq(fa.page_array(), PAGE_ARRAY.load(Ordering::Acquire))
 }
 
@@ -114,6 +118,8 @@ impl<F: FirmwareMemory> LinearEnv<F> {
         })
         .map_err(|_| LinearError::FramesBusy)?
         .ok_or(LinearError::NotIdentity)?;
+        // Release: pairs with the Acquire loads of PAGE_ARRAY in
+        // `page_array` and `same_allocator`.
         PAGE_ARRAY.store(pa.cast_mut(), Ordering::Release);
         Ok(Self { _f: PhantomData })
     }

@@ -138,6 +138,8 @@ pub fn claim(platform: &Platform<'_>, device_id: u32) -> Result<Claimed, ProbeEr
             });
         }
     }
+    // Acquire: pairs with the AcqRel compare_exchange of CLAIMED below
+    // (in an earlier `claim`).
     let claimed = |base: u64| CLAIMED.iter().any(|c| c.load(Ordering::Acquire) == base);
     // SAFETY: every window is mapped Device memory (checked above); the
     // windows already claimed are skipped below, and `find` only reads
@@ -145,6 +147,8 @@ pub fn claim(platform: &Platform<'_>, device_id: u32) -> Result<Claimed, ProbeEr
     let (t, v) = unsafe { find_unclaimed(platform, device_id, &claimed) }?;
     let slot = CLAIMED
         .iter()
+        // AcqRel on success, Acquire on failure: pairs with the Acquire
+        // loads in `claimed` and the compare_exchange of other `claim`s.
         .find(|c| {
             c.compare_exchange(0, v.region.base, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()

@@ -139,6 +139,14 @@ pub trait BalloonDevice {
     /// Resets the device and brings it up again to just before DRIVER_OK
     /// with the same features; every queue is empty afterwards and ids of
     /// chains added before are void.
+    ///
+    /// # Errors
+    ///
+    /// A [`DeviceError`] when the device cannot be brought up again: an
+    /// implementation returns [`DeviceError::ResetTimeout`] when the reset
+    /// does not complete, [`DeviceError::FeaturesRejected`] when
+    /// FEATURES_OK does not stick, and [`DeviceError::Transport`] for any
+    /// other transport failure (such as queue setup).
     fn reset(&mut self) -> Result<(), DeviceError>;
     /// Sets DRIVER_OK.
     fn driver_ok(&mut self);
@@ -147,6 +155,15 @@ pub trait BalloonDevice {
     /// Free descriptors in `q` right now.
     fn queue_free(&self, q: Queue) -> usize;
     /// Adds one descriptor chain to `q` (not yet notified); returns its head id.
+    ///
+    /// # Errors
+    ///
+    /// [`DeviceError::NoQueue`] when `q` does not exist,
+    /// [`DeviceError::BadChain`] when `chain` is empty, longer than the
+    /// queue allows, or otherwise not a valid chain (an implementation may
+    /// also refuse zero-length buffers or device-writable buffers placed
+    /// before device-readable ones), and [`DeviceError::QueueFull`] when `q`
+    /// has too few free descriptors. Nothing is added on error.
     fn add(&mut self, q: Queue, chain: &[Buffer]) -> Result<u16, DeviceError>;
     /// Tells the device that `q` has new buffers.
     fn notify(&mut self, q: Queue);

@@ -28,19 +28,38 @@ pub unsafe trait BalloonEnv {
     /// The allocator's descriptor memory.
     type Mem: DescMemory;
     /// Runs `f` with exclusive access to the frame allocator.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::FramesBusy`] when the allocator is held by someone
+    /// else (re-entrant use); `f` is then not run.
     fn with_frames<R>(
         &mut self,
         f: impl FnOnce(&mut FrameAllocator<'static, Self::Mem>) -> R,
     ) -> Result<R, BalloonError>;
     /// Removes `[pfn, pfn + pages)` from the firmware's own map, so a stray
-    /// access faults instead of touching memory the host took away. Errors
-    /// are [`BalloonError::Map`] (the engine refused) or
-    /// [`BalloonError::FramesBusy`] (the map is in use).
+    /// access faults instead of touching memory the host took away.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Map`] when the stage-1 engine refuses the change
+    /// (for example it is out of table memory), [`BalloonError::FramesBusy`]
+    /// when the map or the allocator it takes table frames from is in use.
     fn unmap(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// Maps `[pfn, pfn + pages)` again as normal memory.
+    ///
+    /// # Errors
+    ///
+    /// As [`BalloonEnv::unmap`]: [`BalloonError::Map`] when the engine
+    /// refuses, [`BalloonError::FramesBusy`] when the map is in use.
     fn map(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// Re-folds runs and blocks over `[pfn, pfn + pages)` (holes allowed)
     /// after a deflate (docs/architecture.md, stage-1 rule 8).
+    ///
+    /// # Errors
+    ///
+    /// As [`BalloonEnv::unmap`]: [`BalloonError::Map`] when the engine
+    /// refuses, [`BalloonError::FramesBusy`] when the map is in use.
     fn refold(&mut self, pfn: Pfn, pages: u64) -> Result<(), BalloonError>;
     /// The running address of frame `pfn` (see the trait's safety section).
     fn frame(&mut self, pfn: Pfn) -> NonNull<u8>;

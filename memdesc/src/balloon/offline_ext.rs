@@ -11,6 +11,12 @@ use crate::frames::{Atomics, DescMemory, FrameAllocator, FrameError};
 impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
     /// The Offline allocation `(head, order)` that frame `pfn` belongs to
     /// (the word of a poisoned frame is read through its kept original).
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::NotManaged`] when the page array does not describe
+    /// `pfn`, [`FrameError::WrongType`] when the frame is not Offline, and
+    /// [`FrameError::Corrupt`] when its word has no valid type.
     pub fn offline_allocation_of(&self, pfn: Pfn) -> Result<(Pfn, u8), FrameError> {
         let idx = self
             .pa
@@ -29,6 +35,18 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
 
     /// Splits the Offline allocation `[pfn, pfn + 2^order)` (order >= 1)
     /// into two Offline allocations of `order - 1`. Counts do not change.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::InvalidOrder`] when `order` is 0 or above the largest
+    /// order, [`FrameError::Misaligned`] when `pfn` is not aligned to it,
+    /// [`FrameError::NotManaged`] when the page array does not describe
+    /// `pfn`, [`FrameError::NotAllocation`] when `[pfn, pfn + 2^order)` is
+    /// not one allocation of that order, [`FrameError::Free`] or
+    /// [`FrameError::HwPoisoned`] when it is free or poisoned while free,
+    /// [`FrameError::WrongType`] when it is allocated but not Offline, and
+    /// [`FrameError::Corrupt`] when a word or descriptor is invalid.
+    /// Nothing is rewritten on error.
     pub fn split_offline(&mut self, pfn: Pfn, order: u8) -> Result<(), FrameError> {
         if order == 0 {
             return Err(FrameError::InvalidOrder { order });

@@ -97,6 +97,12 @@ impl PfnArray {
     }
 
     /// Entry `i` (must be `< len`).
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Corrupt`] when `i` is not below `len` or the array
+    /// page holding it has no directory frame (a bug in the array's
+    /// bookkeeping).
     pub fn get<E: BalloonEnv>(&self, env: &mut E, i: u64) -> Result<u32, BalloonError> {
         if i >= self.len {
             return Err(BalloonError::Corrupt {
@@ -109,6 +115,12 @@ impl PfnArray {
     }
 
     /// Overwrites entry `i` (must be `< len`).
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Corrupt`] when `i` is not below `len` or the array
+    /// page holding it has no directory frame (a bug in the array's
+    /// bookkeeping). Nothing is written on error.
     pub fn set<E: BalloonEnv>(&mut self, env: &mut E, i: u64, v: u32) -> Result<(), BalloonError> {
         if i >= self.len {
             return Err(BalloonError::Corrupt {
@@ -122,6 +134,11 @@ impl PfnArray {
     }
 
     /// Device address of entry `i` (which must be within capacity).
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Corrupt`] when the array page holding entry `i` has
+    /// no directory frame, which is the case when `i` is beyond capacity.
     pub fn entry_addr<E: BalloonEnv>(&self, env: &mut E, i: u64) -> Result<PhysAddr, BalloonError> {
         let page = self.page_pfn(env, i / PFNS_PER_FRAME)?;
         Ok(PhysAddr(env.dma_addr(page).0 + (i % PFNS_PER_FRAME) * 4))
@@ -129,6 +146,13 @@ impl PfnArray {
 
     /// Appends `n` consecutive PFNs starting at `first`; the capacity must
     /// have been reserved.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::ArrayFull`] when `n` more entries do not fit the
+    /// reserved capacity (nothing is written), [`BalloonError::Corrupt`]
+    /// when an array page has no directory frame. `len` grows only on
+    /// success.
     pub fn push_run<E: BalloonEnv>(
         &mut self,
         env: &mut E,
@@ -155,6 +179,15 @@ impl PfnArray {
     /// Grows the frames so that `extra` more entries fit. On failure the
     /// frames allocated so far stay (they are used by the next growth or
     /// freed by [`PfnArray::shrink`]).
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::ArrayFull`] when `len + extra` exceeds what the
+    /// directory can address; [`BalloonError::Frames`] when the allocator
+    /// has no frame to give (or refuses to take back one it gave);
+    /// [`BalloonError::FramesBusy`] when the allocator is held elsewhere;
+    /// [`BalloonError::PfnTooHigh`] when the allocator hands out a frame a
+    /// 32-bit PFN cannot name (that frame is freed again).
     pub fn reserve<E: BalloonEnv>(&mut self, env: &mut E, extra: u64) -> Result<(), BalloonError> {
         let want = self.len + extra;
         if want > MAX_ENTRIES {
@@ -180,6 +213,10 @@ impl PfnArray {
     }
 
     /// Drops entries from `new_len` on and frees the frames no longer needed.
+    ///
+    /// # Errors
+    ///
+    /// As [`PfnArray::shrink`]; the entries are dropped even then.
     pub fn truncate<E: BalloonEnv>(
         &mut self,
         env: &mut E,
@@ -190,6 +227,13 @@ impl PfnArray {
     }
 
     /// Frees array and directory frames beyond what `len` needs.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Corrupt`] when an array page to free has no
+    /// directory frame; [`BalloonError::Frames`] when the allocator refuses
+    /// to free a frame; [`BalloonError::FramesBusy`] when the allocator is
+    /// held elsewhere. Frames freed before the error stay freed.
     pub fn shrink<E: BalloonEnv>(&mut self, env: &mut E) -> Result<(), BalloonError> {
         let keep = self.len.div_ceil(PFNS_PER_FRAME);
         while self.pages > keep {

@@ -296,6 +296,11 @@ impl Balloon {
     }
 
     /// PFN array entry `i` (for tests and the console).
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Corrupt`] when `i` is not below the number of
+    /// entries (or the arrays' bookkeeping is broken).
     pub fn entry<E: BalloonEnv>(&self, env: &mut E, i: u64) -> Result<u32, BalloonError> {
         self.arr.get(env, i)
     }
@@ -325,6 +330,16 @@ impl Balloon {
     /// Brings the policy up on a device that is ready for DRIVER_OK: posts
     /// the stats buffer, sets DRIVER_OK, writes `actual` (the device may
     /// have kept an old value across a reset) and reads the target.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::FramesBusy`] when the allocator is held elsewhere;
+    /// [`BalloonError::Frames`] when no frame is left for the stats buffer;
+    /// [`BalloonError::Device`] when the stats queue refuses the buffer
+    /// (the policy is then not started and DRIVER_OK is not set);
+    /// [`BalloonError::ConfigUnstable`] or [`BalloonError::TargetBeyondRam`]
+    /// from reading the target, after which the policy is started. A
+    /// flapping target is not an error here.
     pub fn start<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
         dev: &mut D,
@@ -371,6 +386,27 @@ impl Balloon {
     /// any monotonic clock (for flapping detection). Work is done even when
     /// an error is returned; the error says what the device did wrong (and
     /// whether the device was reset, see [`BalloonError::needs_reset`]).
+    ///
+    /// # Errors
+    ///
+    /// The first thing that went wrong this round; later steps still run
+    /// unless a reset fails or the policy could not start:
+    /// - anything [`Balloon::start`] returns, when the policy was not
+    ///   started yet (nothing else is done then);
+    /// - [`BalloonError::ResetFailed`] when the device needed a reset and
+    ///   did not come back (nothing else is done then), or
+    ///   [`BalloonError::DeviceNeedsReset`] when it set DEVICE_NEEDS_RESET
+    ///   and was reset;
+    /// - [`BalloonError::UnknownUsedId`] or [`BalloonError::WrongUsedLength`]
+    ///   when the device returned a bad used element (the device was reset);
+    /// - [`BalloonError::ConfigUnstable`], [`BalloonError::TargetFlapping`]
+    ///   or [`BalloonError::TargetBeyondRam`] from reading the target;
+    /// - from starting a batch or a free-page report: [`BalloonError::Device`]
+    ///   (the queue refused), [`BalloonError::Map`] (the stage-1 map could
+    ///   not change), [`BalloonError::Frames`] or [`BalloonError::FramesBusy`]
+    ///   (the allocator refused or was held), [`BalloonError::PfnTooHigh`],
+    ///   [`BalloonError::ArrayFull`], or [`BalloonError::Corrupt`] when
+    ///   balloon state and page array disagree.
     pub fn service<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
         dev: &mut D,
@@ -917,6 +953,19 @@ impl Balloon {
     /// MUST_TELL_HOST is negotiated. The balloon then stays that much below
     /// the target until the host changes it. Returns the pages deflated.
     /// Without DEFLATE_ON_OOM ballooned pages are never touched.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::DeflateOnOomNotNegotiated`] without DEFLATE_ON_OOM
+    /// (nothing is done); [`BalloonError::Busy`] when an inflate or deflate
+    /// in flight does not complete within the polling budget;
+    /// [`BalloonError::UnknownUsedId`], [`BalloonError::WrongUsedLength`]
+    /// (the device was reset) or [`BalloonError::ResetFailed`] while
+    /// waiting for the used rings; from the deflate itself
+    /// [`BalloonError::Device`], [`BalloonError::Map`],
+    /// [`BalloonError::Frames`], [`BalloonError::FramesBusy`] or
+    /// [`BalloonError::Corrupt`]. Pages deflated before an error stay given
+    /// back but are not counted in the (missing) return value.
     pub fn reclaim<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
         dev: &mut D,
@@ -961,6 +1010,10 @@ impl Balloon {
     /// ([`Balloon::compact_for`]; the balloon keeps its size); otherwise,
     /// when DEFLATE_ON_OOM is negotiated, deflates enough and retries.
     /// Returns the folio and the pages deflated for it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Balloon::alloc_with`].
     pub fn alloc_folio<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
         dev: &mut D,
@@ -973,6 +1026,10 @@ impl Balloon {
 
     /// Frozen frames (`2^order`, of `kind`), as [`Balloon::alloc_folio`]
     /// does it: compaction, then deflate-on-OOM when negotiated.
+    ///
+    /// # Errors
+    ///
+    /// As [`Balloon::alloc_with`].
     pub fn alloc_frozen<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
         dev: &mut D,
@@ -991,6 +1048,16 @@ impl Balloon {
     /// margin. A descriptor cache that could not grow (no free frame for a
     /// chunk of descriptors) is short of one frame; compaction cannot help
     /// it. Returns the result and the pages deflated for it.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Frames`] with the allocator's error when `alloc`
+    /// fails and freeing memory cannot help (any error but running out of
+    /// frames or descriptors), when DEFLATE_ON_OOM is not negotiated and
+    /// compaction did not help, or when `alloc` fails again after the
+    /// deflate; [`BalloonError::FramesBusy`] when the allocator is held
+    /// elsewhere; anything [`Balloon::compact_for`] or [`Balloon::reclaim`]
+    /// returns while freeing frames.
     pub fn alloc_with<D: BalloonDevice, E: BalloonEnv, T>(
         &mut self,
         dev: &mut D,

@@ -123,6 +123,14 @@ impl Reporter {
     ///
     /// Reports never take free memory below `floor` frames: the firmware's
     /// own allocations keep their headroom while the host holds a report.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Device`] when the reporting queue refuses a buffer
+    /// (the blocks sent before stay in flight, that block goes back);
+    /// [`BalloonError::FramesBusy`] when the allocator is held elsewhere;
+    /// [`BalloonError::Frames`] when the allocator refuses to take back a
+    /// block it just gave.
     pub fn report<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
         dev: &mut D,
@@ -199,6 +207,14 @@ impl Reporter {
     }
 
     /// The host acknowledged `u`: its block is free again, and marked.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::UnknownUsedId`] when `u.id` is not a report in
+    /// flight, [`BalloonError::WrongUsedLength`] when the device claims to
+    /// have written more than the block (both leave the report in flight);
+    /// [`BalloonError::FramesBusy`] or [`BalloonError::Frames`] when the
+    /// allocator is held or refuses to take the block back.
     pub fn on_used<E: BalloonEnv>(&mut self, env: &mut E, u: Used) -> Result<(), BalloonError> {
         let i = self.in_flight[..self.n]
             .iter()
@@ -225,6 +241,12 @@ impl Reporter {
 
     /// The device was reset: every report in flight is void, its block
     /// goes back to the allocator unmarked.
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::FramesBusy`] or [`BalloonError::Frames`] when the
+    /// allocator is held or refuses to take a block back; the reports not
+    /// yet voided stay in flight.
     pub fn void<E: BalloonEnv>(&mut self, env: &mut E) -> Result<(), BalloonError> {
         while self.n > 0 {
             let r = self.in_flight[self.n - 1];

@@ -20,6 +20,12 @@ pub trait AtomicCell<T: Copy>: Send + Sync + Sized + 'static {
     /// Atomic store.
     fn store(&self, v: T, order: Ordering);
     /// Strong compare-and-exchange.
+    ///
+    /// # Errors
+    ///
+    /// `Err` holding the value the cell had when it was not `current`; the
+    /// cell is then unchanged (as `core`'s `compare_exchange`, which never
+    /// fails spuriously).
     fn compare_exchange(
         &self,
         current: T,
@@ -116,6 +122,8 @@ mod tests {
     fn core_cells_behave_like_core_atomics() {
         let c = <AtomicU64 as AtomicCell<u64>>::new(5);
         assert_eq!(AtomicCell::fetch_add(&c, 2, Ordering::Relaxed), 5);
+        // No other thread: AcqRel here pairs with nothing; it only checks
+        // that the ordering is passed through to the core atomic.
         assert_eq!(
             AtomicCell::compare_exchange(&c, 7, 0, Ordering::AcqRel, Ordering::Relaxed),
             Ok(7)

@@ -39,6 +39,22 @@ impl Balloon {
     /// ballooned chunks inside it elsewhere. Returns the block's first
     /// PFN, or `None` when no block qualifies (memory is short, not
     /// fragmented by the balloon).
+    ///
+    /// # Errors
+    ///
+    /// [`BalloonError::Busy`] when an inflate or deflate in flight does not
+    /// complete, or a frame of the block is taken by someone else while it
+    /// is being emptied, or not every replacement chunk could be placed
+    /// and sent to the host;
+    /// [`BalloonError::UnknownUsedId`], [`BalloonError::WrongUsedLength`]
+    /// or [`BalloonError::ResetFailed`] from the used rings;
+    /// [`BalloonError::Device`] when a queue refuses a chain;
+    /// [`BalloonError::Map`], [`BalloonError::Frames`],
+    /// [`BalloonError::FramesBusy`], [`BalloonError::PfnTooHigh`],
+    /// [`BalloonError::ArrayFull`] or [`BalloonError::Corrupt`] from the
+    /// stage-1 map, the allocator or the PFN arrays. Free frames already
+    /// taken out of the block go back to the allocator before an error of
+    /// the migration is returned.
     pub fn compact_for<D: BalloonDevice, E: BalloonEnv>(
         &mut self,
         dev: &mut D,
