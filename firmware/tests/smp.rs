@@ -154,6 +154,59 @@ mod tests {
         assert_eq!(hal::percpu::index(), 0);
     }
 
+    // ---- tickets ------------------------------------------------------------
+
+    static HOLD: AtomicBool = AtomicBool::new(false);
+    static HELD_RUNNING: AtomicBool = AtomicBool::new(false);
+    static SECOND_RAN: AtomicU64 = AtomicU64::new(0);
+
+    fn held_job(_core: usize) {
+        HELD_RUNNING.store(true, Ordering::Release);
+        while HOLD.load(Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+    }
+
+    fn second_job(_core: usize) {
+        SECOND_RAN.fetch_add(1, Ordering::Release);
+    }
+
+    /// A job posted while the core still runs the previous one (its slot is
+    /// already free) gets a ticket of its own: waiting for it does not
+    /// return when the previous job ends.
+    #[test]
+    fn a_job_posted_while_the_last_runs_gets_its_own_ticket() {
+        let Some(i) = secondaries().next() else {
+            // One core only (the i.MX 8M Plus at EL3): nothing to post to.
+            assert_eq!(expected_online(), 1);
+            return;
+        };
+        HOLD.store(true, Ordering::Release);
+        HELD_RUNNING.store(false, Ordering::Release);
+        let before = SECOND_RAN.load(Ordering::Acquire);
+        let first = hal::smp::run_on(i, held_job).expect("post the held job");
+        let t0 = hal::timer::uptime_us();
+        while !HELD_RUNNING.load(Ordering::Acquire) {
+            assert!(
+                hal::timer::uptime_us() - t0 < 5_000_000,
+                "held job never started"
+            );
+            core::hint::spin_loop();
+        }
+        let second = hal::smp::run_on(i, second_job).expect("post while the first runs");
+        assert_eq!(second, first + 1, "tickets {} then {}", first, second);
+        HOLD.store(false, Ordering::Release);
+        assert!(
+            hal::smp::wait(i, second, 5_000_000),
+            "second job never counted"
+        );
+        assert_eq!(
+            SECOND_RAN.load(Ordering::Acquire),
+            before + 1,
+            "wait returned before the second job ran"
+        );
+    }
+
     // ---- allocation across cores -----------------------------------------
 
     /// Folios handed from the core that allocated them to whichever core

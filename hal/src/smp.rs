@@ -152,6 +152,12 @@ static ONLINE: AtomicU64 = AtomicU64::new(1);
 static JOBS: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
 /// Per core: jobs finished.
 static DONE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per core: jobs posted; a job's ticket is its position in this count.
+/// Written only while holding `POSTING`, so tickets follow the order in
+/// which jobs entered `JOBS`, which is the order the core runs them.
+static POSTED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per core: a poster is between its claim of `JOBS` and its ticket.
+static POSTING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 /// Idle cores sleep in WFI instead of waiting for jobs with WFE.
 static SLEEP: AtomicBool = AtomicBool::new(false);
 /// How the secondaries were started ([`StartMethod`] as `u8`), which is
@@ -701,16 +707,28 @@ pub fn run_on(index: usize, job: fn(usize)) -> Result<u64, SmpError> {
     if index == crate::percpu::index() || online() & (1u64 << (index % 64)) == 0 {
         return Err(SmpError::NotOnline(index));
     }
-    // Acquire: pairs with the Release fetch_add of DONE in `service_loop`.
-    let done = DONE[index].load(Ordering::Acquire);
+    // The ticket is not DONE + 1: a job posted while the previous one still
+    // runs (its slot already emptied) would get the previous job's ticket.
+    // Posters to one core take turns, so the n-th job into JOBS gets n.
+    // Acquire: pairs with the Release store of `false` below by the
+    // previous poster, so its POSTED increment is seen.
+    if POSTING[index]
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return Err(SmpError::Busy(index));
+    }
     // Release on success: pairs with the Acquire swap of JOBS in
     // `service_loop` (and the Acquire load in `cpu_off`), so the job sees
     // what the caller wrote before posting it.
-    JOBS[index]
+    let posted = JOBS[index]
         .compare_exchange(0, job as usize, Ordering::Release, Ordering::Relaxed)
-        .map_err(|_| SmpError::Busy(index))?;
+        .map(|_| POSTED[index].fetch_add(1, Ordering::Relaxed) + 1);
+    // Pairs with the Acquire compare_exchange above by the next poster.
+    POSTING[index].store(false, Ordering::Release);
+    let ticket = posted.map_err(|_| SmpError::Busy(index))?;
     aarch64_cpu::asm::sev();
-    Ok(done + 1)
+    Ok(ticket)
 }
 
 /// Waits until secondary `index` has finished `ticket` jobs ([`run_on`]'s
