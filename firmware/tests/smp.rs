@@ -207,6 +207,66 @@ mod tests {
         );
     }
 
+    // ---- one owner per device ------------------------------------------------
+
+    /// Per core: 1 claimed, 2 refused as claimed, 3 not found, 4 other error.
+    static CLAIM: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+    static CLAIM_GO: AtomicBool = AtomicBool::new(false);
+
+    fn claim_balloon(core: usize) {
+        while !CLAIM_GO.load(Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        let r = hal::discover::discover()
+            .map_err(|_| 4)
+            .and_then(|d| {
+                hal::virtio::claim(&d.platform, hal::virtio::DEVICE_ID_BALLOON).map_err(|e| match e
+                {
+                    hal::virtio::ProbeError::AlreadyClaimed { .. } => 2,
+                    hal::virtio::ProbeError::NotFound => 3,
+                    _ => 4,
+                })
+            })
+            .map(|_| 1);
+        CLAIM[core].store(r.unwrap_or_else(|e| e), Ordering::Release);
+    }
+
+    /// Every core claims the balloon's transport at once: exactly one gets
+    /// it, the others are refused, and so is a claim after them (boards
+    /// without the device: every core finds none).
+    #[test]
+    fn one_core_wins_a_racing_claim_of_a_device() {
+        CLAIM_GO.store(false, Ordering::Release);
+        let mut tickets = [0u64; MAX_CPUS];
+        for i in secondaries() {
+            tickets[i] = hal::smp::run_on(i, claim_balloon).expect("post claim");
+        }
+        CLAIM_GO.store(true, Ordering::Release);
+        claim_balloon(0);
+        for i in secondaries() {
+            assert!(
+                hal::smp::wait(i, tickets[i], 5_000_000),
+                "core {} did not claim",
+                i
+            );
+        }
+        let cores = || (0..MAX_CPUS).filter(|&i| i == 0 || hal::smp::online() & (1 << i) != 0);
+        let outcome = |i: usize| CLAIM[i].load(Ordering::Acquire);
+        if outcome(0) == 3 {
+            assert!(
+                cores().all(|i| outcome(i) == 3),
+                "some core found a balloon"
+            );
+            return;
+        }
+        let won = cores().filter(|&i| outcome(i) == 1).count();
+        let refused = cores().filter(|&i| outcome(i) == 2).count();
+        assert_eq!(won, 1, "claims won");
+        assert_eq!(won + refused, cores().count(), "every other claim refused");
+        claim_balloon(0);
+        assert_eq!(outcome(0), 2, "a claim after the race");
+    }
+
     // ---- allocation across cores -----------------------------------------
 
     /// Folios handed from the core that allocated them to whichever core

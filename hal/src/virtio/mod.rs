@@ -18,7 +18,7 @@ pub use virtio_drivers;
 
 use crate::dtb::{Platform, VirtioMmio};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion, VirtIOHeader};
 
 /// virtio device ID of the traditional memory balloon (virtio 1.2, 5).
@@ -54,9 +54,12 @@ pub enum ProbeError {
     },
 }
 
-/// Windows handed out by [`claim`] (a transport is used through one
-/// `MmioTransport` only).
-static CLAIMED: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+/// Transports handed out by [`claim`], by their position among the tree's
+/// virtio-mmio nodes (a transport is used through one `MmioTransport`
+/// only). One flag per node, so two claims of one device race on the same
+/// flag and exactly one wins.
+static CLAIMED: [AtomicBool; crate::dtb::MAX_VIRTIO] =
+    [const { AtomicBool::new(false) }; crate::dtb::MAX_VIRTIO];
 
 /// What `AT S1E1R` says about `va` (Arm ARM D8.14, PAR_EL1): `Some(attr)`
 /// (the MAIR-format attribute byte) when it translates to itself, `None`
@@ -138,25 +141,33 @@ pub fn claim(platform: &Platform<'_>, device_id: u32) -> Result<Claimed, ProbeEr
             });
         }
     }
+    let nodes = platform.virtio_mmio();
+    let flag = |base: u64| {
+        nodes
+            .iter()
+            .position(|n| n.region.base == base)
+            .and_then(|k| CLAIMED.get(k))
+    };
     // Acquire: pairs with the AcqRel compare_exchange of CLAIMED below
     // (in an earlier `claim`).
-    let claimed = |base: u64| CLAIMED.iter().any(|c| c.load(Ordering::Acquire) == base);
+    let claimed = |base: u64| flag(base).is_some_and(|c| c.load(Ordering::Acquire));
     // SAFETY: every window is mapped Device memory (checked above); the
     // windows already claimed are skipped below, and `find` only reads
     // the header registers of the others, which no transport owns.
     let (t, v) = unsafe { find_unclaimed(platform, device_id, &claimed) }?;
-    let slot = CLAIMED
-        .iter()
-        // AcqRel on success, Acquire on failure: pairs with the Acquire
-        // loads in `claimed` and the compare_exchange of other `claim`s.
-        .find(|c| {
-            c.compare_exchange(0, v.region.base, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        })
-        .ok_or(ProbeError::AlreadyClaimed {
+    // AcqRel on success, Acquire on failure: pairs with the Acquire loads
+    // in `claimed` and the compare_exchange of a racing `claim` of the same
+    // node (the loser sees the winner's flag and is refused).
+    let won = flag(v.region.base).is_some_and(|c| {
+        c.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    });
+    if !won {
+        return Err(ProbeError::AlreadyClaimed {
             base: v.region.base,
         });
-    slot.map(|_| Claimed {
+    }
+    Ok(Claimed {
         transport: t,
         window: v,
     })
