@@ -138,6 +138,20 @@ pub fn check(b: &Balloon) -> SettleReport {
     }
 }
 
+/// Writes every free frame ([`LinearEnv::touch_free_memory`]) and logs how
+/// many and how long; `when` ends the log line's description.
+fn touch_free(env: &mut FirmwareEnv, when: &str) {
+    let t0 = now_ns();
+    let n = env.touch_free_memory();
+    defmt::info!(
+        "balloon: touched {=u64} free frames ({=u64} MiB){=str} in {=u64} ms",
+        n,
+        (n * PAGE_SIZE) >> 20,
+        when,
+        (now_ns() - t0) / 1_000_000
+    );
+}
+
 /// Finds the balloon, brings it up and serves it forever. Bootargs:
 /// `balloon.touch` writes all free memory first (see
 /// [`touch_free_memory`]), and `balloon.touch-after-deflate` again each
@@ -159,14 +173,7 @@ pub fn run(platform: &Platform<'static>) -> ! {
     let args = platform.bootargs.unwrap_or("");
     let has = |w: &str| args.split_ascii_whitespace().any(|a| a == w);
     if has("balloon.touch") {
-        let t0 = now_ns();
-        let n = env.touch_free_memory();
-        defmt::info!(
-            "balloon: touched {=u64} free frames ({=u64} MiB) in {=u64} ms",
-            n,
-            (n * PAGE_SIZE) >> 20,
-            (now_ns() - t0) / 1_000_000
-        );
+        touch_free(&mut env, "");
     }
     let selftest = if has("selftest=balloon-touch") {
         SelfTest::TouchBallooned
@@ -679,14 +686,7 @@ fn round(sv: &mut Service, st: &mut LoopState, polling: bool) -> SelfTest {
                 if st.touch_after_deflate && st.was_inflated && s.actual == 0 {
                     // Every ballooned frame is back: using them again must
                     // bring QEMU's resident memory back too.
-                    let t1 = now_ns();
-                    let n = env.touch_free_memory();
-                    defmt::info!(
-                        "balloon: touched {=u64} free frames ({=u64} MiB) after the deflate in {=u64} ms",
-                        n,
-                        (n * PAGE_SIZE) >> 20,
-                        (now_ns() - t1) / 1_000_000
-                    );
+                    touch_free(env, " after the deflate");
                 }
                 st.was_inflated = s.actual > 0;
                 if st.selftest == SelfTest::TouchBallooned && s.actual > 0 {
