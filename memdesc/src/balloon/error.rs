@@ -70,8 +70,21 @@ pub enum BalloonError {
         /// Where.
         pfn: Pfn,
         /// What.
-        what: &'static str,
+        what: Inconsistency,
     },
+}
+
+/// What [`BalloonError::Corrupt`] found wrong in the balloon's own records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inconsistency {
+    /// An array page is named that no directory frame holds.
+    NoDirectoryFrame,
+    /// A PFN array index past the arrays' end.
+    IndexOutOfRange,
+    /// A ballooned chunk starts before the first PFN the arrays record.
+    ChunkBeforeArrays,
+    /// A ballooned chunk's frames are not consecutive in the PFN arrays.
+    ChunkNotConsecutive,
 }
 
 impl From<FrameError> for BalloonError {

@@ -33,7 +33,7 @@ pub use device::{
     feature, negotiate, queue_index, BalloonDevice, Buffer, DeviceError, Queue, Used,
 };
 pub use env::BalloonEnv;
-pub use error::BalloonError;
+pub use error::{BalloonError, Inconsistency};
 pub use pfn_array::{PfnArray, PFNS_PER_FRAME};
 pub use policy::{
     oom_shortfall, table_oom_shortfall, Balloon, BalloonConfig, Counters, Op, Status,

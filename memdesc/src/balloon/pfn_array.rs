@@ -14,7 +14,7 @@
 //! a Slab descriptor): the balloon's own memory, which the floor keeps.
 
 use super::env::BalloonEnv;
-use super::error::BalloonError;
+use super::error::{BalloonError, Inconsistency};
 use crate::addr::{Pfn, PhysAddr};
 use crate::frames::FrozenKind;
 
@@ -91,7 +91,7 @@ impl PfnArray {
             .flatten()
             .ok_or(BalloonError::Corrupt {
                 pfn: Pfn(page),
-                what: "array page without a directory frame",
+                what: Inconsistency::NoDirectoryFrame,
             })?;
         Ok(Pfn(read_u32(env, d, page) as u64))
     }
@@ -107,7 +107,7 @@ impl PfnArray {
         if i >= self.len {
             return Err(BalloonError::Corrupt {
                 pfn: Pfn(i),
-                what: "PFN array index out of range",
+                what: Inconsistency::IndexOutOfRange,
             });
         }
         let page = self.page_pfn(env, i / PFNS_PER_FRAME)?;
@@ -125,7 +125,7 @@ impl PfnArray {
         if i >= self.len {
             return Err(BalloonError::Corrupt {
                 pfn: Pfn(i),
-                what: "PFN array index out of range",
+                what: Inconsistency::IndexOutOfRange,
             });
         }
         let page = self.page_pfn(env, i / PFNS_PER_FRAME)?;

@@ -25,7 +25,7 @@
 
 use super::device::{feature, BalloonDevice, Buffer, Queue, Used};
 use super::env::BalloonEnv;
-use super::error::BalloonError;
+use super::error::{BalloonError, Inconsistency};
 use super::pfn_array::PfnArray;
 use super::reporting::Reporter;
 use super::stats;
@@ -872,7 +872,7 @@ impl Balloon {
                 if off > last {
                     return Err(BalloonError::Corrupt {
                         pfn,
-                        what: "ballooned chunk starts before the PFN arrays",
+                        what: Inconsistency::ChunkBeforeArrays,
                     });
                 }
                 let pos = last - off;
@@ -883,7 +883,7 @@ impl Balloon {
                 if self.arr.get(env, pos)? as u64 != head.0 {
                     return Err(BalloonError::Corrupt {
                         pfn: head,
-                        what: "ballooned chunk not consecutive in the PFN arrays",
+                        what: Inconsistency::ChunkNotConsecutive,
                     });
                 }
                 let pages = 1u64 << order;
