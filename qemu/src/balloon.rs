@@ -640,33 +640,27 @@ fn judge_round_trip(
         println!("  {} moves, every settle report clean", f.moves.len());
         return Ok(());
     }
-    // QEMU really discarded the pages: most of the ballooned half is gone.
-    if let (Some(Some(before)), Some(Some(after))) = (f.rss.first(), f.rss.get(1)) {
-        let dropped = before.saturating_sub(*after) << 10;
-        if dropped < (ram / 2) * 3 / 4 {
+    // QEMU really discarded the pages: most of the ballooned half is gone,
+    // and comes back on use (the firmware wrote its free memory after the
+    // deflate, so QEMU had to give it pages again).
+    let rss = |i: usize| f.rss.get(i).copied().flatten();
+    // Sample `high` must be above sample `low` by most of the ballooned half.
+    let above = |high: usize, low: usize, what: &str| -> Result<(), String> {
+        let (Some(h), Some(l)) = (rss(high), rss(low)) else {
+            return Err(format!("QEMU's resident memory {what} could not be read"));
+        };
+        if h.saturating_sub(l) << 10 < (ram / 2) * 3 / 4 {
             return Err(format!(
-                "QEMU RSS dropped by {} MiB only (ballooned {} MiB)",
-                dropped >> 20,
+                "QEMU RSS {} MiB ballooned, {} MiB {what} (ballooned {} MiB)",
+                l >> 10,
+                h >> 10,
                 ram >> 21
             ));
         }
-    } else {
-        return Err("QEMU's resident memory could not be read".into());
-    }
-    // ...and comes back on use: the firmware wrote its free memory after
-    // the deflate, and QEMU had to give it pages again.
-    if let (Some(Some(inflated)), Some(Some(deflated))) = (f.rss.get(1), f.rss.get(2)) {
-        let back = deflated.saturating_sub(*inflated) << 10;
-        if back < (ram / 2) * 3 / 4 {
-            return Err(format!(
-                "QEMU RSS grew by {} MiB only after the deflate and a touch (ballooned {} MiB)",
-                back >> 20,
-                ram >> 21
-            ));
-        }
-    } else {
-        return Err("QEMU's resident memory after the deflate could not be read".into());
-    }
+        Ok(())
+    };
+    above(0, 1, "before the inflate")?;
+    above(2, 1, "after the deflate and a touch")?;
     let (free, total) = f.stats.ok_or("no guest stats")?;
     println!(
         "  guest-stats: free {} MiB, total {} MiB",
@@ -1045,7 +1039,10 @@ mod tests {
         // The pages never came back on use.
         let stuck = findings(vec![kib(1100), kib(600), kib(650)]);
         let e = judge_round_trip(&done, &stuck, ram, true).unwrap_err();
-        assert!(e.contains("grew by 50 MiB"), "{e}");
+        assert!(
+            e.contains("600 MiB ballooned, 650 MiB after the deflate"),
+            "{e}"
+        );
         // Nothing was discarded in the first place.
         let kept = findings(vec![kib(1100), kib(1000), kib(1100)]);
         assert!(judge_round_trip(&done, &kept, ram, true).is_err());
