@@ -50,7 +50,7 @@ pub struct FakeFrame {
     pub(super) state: [EntryState; ENTRIES],
     /// For a stale Contiguous entry: the pages of its run a TLBI has
     /// covered so far (bit p: page p of the 16). A cached copy of one entry
-    /// of a run may translate any page of the run (D8.6.1), so it is gone
+    /// of a run may translate any page of the run (D8.7.1), so it is gone
     /// only when all 16 were invalidated.
     pub(super) cover: [u16; ENTRIES],
     pub(super) meta: FrameMeta,

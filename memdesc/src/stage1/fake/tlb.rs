@@ -1,12 +1,12 @@
 //! The fake's TLB model and break-before-make checker.
 //!
-//! Arm ARM DDI 0487, D8.16 (break-before-make: no valid entry may be
+//! Arm ARM DDI 0487M.a.a, D8.17.1 (break-before-make: no valid entry may be
 //! written where a translation for the same addresses may still be cached,
 //! and no live change of output address, memory type or size without
-//! FEAT_BBM level 2) and D8.13 (a descriptor store is made visible with
+//! FEAT_BBM level 2) and D8.17.8 (a descriptor store is made visible with
 //! `DSB ISHST` before the TLBI that depends on it; a TLBI has completed only
 //! after `DSB ISH`; a TLBI with a level hint only removes leaves of that
-//! level; a last-level TLBI leaves walk caches alone; D8.6.1: a cached copy
+//! level; a last-level TLBI leaves walk caches alone; D8.7.1: a cached copy
 //! of one entry of a run may translate any page of the run). It keeps one
 //! [`EntryState`] per entry, and with a table window (see
 //! [`FakePlatform::set_table_window`]) also checks that every descriptor
@@ -85,7 +85,7 @@ impl EntryState {
     }
 }
 
-/// A rule of D8.13/D8.14 the engine broke, as seen by the checker.
+/// A rule of D8.17 the engine broke, as seen by the checker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BbmViolation {
     /// A valid entry was written while a translation for part of its range
