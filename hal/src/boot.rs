@@ -1,5 +1,5 @@
-//! Reset entry and the drop to EL1 (Arm ARM DDI 0487, D1.2 "Exception levels",
-//! D1.11 "Exception return"; registers SCR_EL3, HCR_EL2, SPSR_ELx, CPTR_ELx,
+//! Reset entry and the drop to EL1 (Arm ARM DDI 0487M.a.a, D1.1 "Exception levels",
+//! D1.4.4 "Exception return"; registers SCR_EL3, HCR_EL2, SPSR_ELx, CPTR_ELx,
 //! CPACR_EL1, CNTHCTL_EL2).
 //!
 //! Whatever EL the loader enters at (EL3 with `secure=on`, EL2 with
@@ -44,7 +44,7 @@ _start_code:
     ubfx    x20, x20, #2, #2
     // Entered with the MMU or caches on (U-Boot's bootelf and go): clean
     // and invalidate the data caches to the PoC by set/way while they are
-    // still on, then turn MMU and caches off (Arm ARM D7.5.9, D8.2.1).
+    // still on, then turn MMU and caches off (Arm ARM D7.5.9, D8.2.12.1).
     // No store happens in between, so nothing can be left dirty behind.
     bl      hal_entry_mmu_caches_off_asm
     // FP/SIMD must be untrapped before any Rust code runs: rustc emits SIMD

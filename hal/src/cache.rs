@@ -1,5 +1,5 @@
-//! Cache maintenance before the MMU and caches go on (Arm ARM DDI 0487,
-//! D7.5 "Cache maintenance"; CLIDR_EL1, CSSELR_EL1, CCSIDR_EL1, DC ISW,
+//! Cache maintenance before the MMU and caches go on (Arm ARM DDI 0487M.a.a,
+//! D7.5.9 "A64 Cache maintenance instructions"; CLIDR_EL1, CSSELR_EL1, CCSIDR_EL1, DC ISW,
 //! IC IALLU).
 //!
 //! Everything before the MMU is on — BSS, the page array, the translation
@@ -22,7 +22,7 @@ core::arch::global_asm!(
 .section .text.hal_dcache_all, "ax"
 // Entered with the MMU or caches on (U-Boot's bootelf and go): clean and
 // invalidate the data caches to the PoC by set/way while they are still
-// on, then turn MMU and caches off (Arm ARM D7.5.9, D8.2.1). No store
+// on, then turn MMU and caches off (Arm ARM D7.5.9, D8.2.12.1). No store
 // happens in between, so nothing can be left dirty behind. In: x20 = the
 // current EL. Out: x21 = SCTLR_ELx as found. Uses x0-x11 and x23, no
 // memory and no stack.

@@ -1,4 +1,4 @@
-//! Decoding of ESR_ELx for crash reports (Arm ARM DDI 0487, D23.2
+//! Decoding of ESR_ELx for crash reports (Arm ARM DDI 0487M.a.a, D24.2.45
 //! "ESR_EL1, Exception Syndrome Register (EL1)", and the ISS encodings for
 //! instruction and data aborts).
 //!

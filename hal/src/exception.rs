@@ -1,5 +1,5 @@
-//! Exception vectors and crash reports (Arm ARM DDI 0487, D1.10 "Exception
-//! entry", D1.10.2 "Exception vectors"; ESR_EL1, FAR_EL1, ELR_EL1, SPSR_EL1).
+//! Exception vectors and crash reports (Arm ARM DDI 0487M.a.a, D1.4.2 "Exception
+//! entry", D1.4.1.6 "Exception vectors"; ESR_EL1, FAR_EL1, ELR_EL1, SPSR_EL1).
 //!
 //! The main thread runs on SP_EL0 and every exception is taken on SP_EL1, a
 //! separate stack with its own guard page, so a main-stack overflow is still

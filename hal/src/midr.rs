@@ -1,5 +1,6 @@
 //! MIDR_EL1 decoding and the break-before-make trust decision (Arm ARM DDI
-//! 0487, D23.2 "MIDR_EL1"; D8.16.2 "Support levels for changing block size").
+//! 0487M.a.a, D24.2.137 "MIDR_EL1"; D8.17.2 "Support levels for changing table
+//! or block size").
 //!
 //! FEAT_BBM level 2 lets software change a translation's size (the
 //! Contiguous bit, block <-> table) without the break, but the architecture

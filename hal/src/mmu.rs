@@ -1,7 +1,8 @@
 //! Stage-1 MMU control at EL1: feature probe, TLB maintenance and barriers for
-//! the table engine, and turning translation and caches on (Arm ARM DDI 0487,
-//! D8.2 "Translation table walk" (TCR_EL1, TTBR0_EL1), D8.5 (MAIR_EL1), D8.13
-//! "TLB maintenance instructions", D8.14 "Break-before-make"; C5.5 for the
+//! the table engine, and turning translation and caches on (Arm ARM DDI 0487M.a.a,
+//! D8.2 "Translation process" (TCR_EL1, TTBR0_EL1), D8.6 "Memory region
+//! attributes" (MAIR_EL1), D8.17.5 "TLB maintenance instructions", D8.17.1
+//! "Using break-before-make when updating translation table entries"; C5.5 for the
 //! TLBI operand encodings, including FEAT_TLBIRANGE's `RVA(L)E1IS`).
 
 use aarch64_cpu::{asm::barrier, registers::*};

@@ -1,4 +1,4 @@
-//! The Arm generic timer's physical counter (Arm ARM DDI 0487, D12 "The
+//! The Arm generic timer's physical counter (Arm ARM DDI 0487M.a.a, D12 "The
 //! Generic Timer in AArch64 state"; CNTPCT_EL0, CNTFRQ_EL0).
 
 use aarch64_cpu::{asm::barrier, registers::*};

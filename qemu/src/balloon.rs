@@ -4,6 +4,7 @@
 //! TLB footprint) is clean each time.
 
 use crate::boot::{boot, BootOptions, Ending};
+use crate::error::{Error, OrMissing, Result};
 use crate::log::{Decoder, LogLine};
 use crate::machine::Machine;
 use crate::qmp::{Qmp, SocketIo};
@@ -53,7 +54,7 @@ pub(crate) fn wait_line(
     from: usize,
     pred: impl Fn(&str) -> bool,
     timeout: Duration,
-) -> Result<(usize, String), String> {
+) -> Result<(usize, String)> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(lines) = seen.lock() {
@@ -62,25 +63,29 @@ pub(crate) fn wait_line(
             }
         }
         if Instant::now() >= deadline {
-            return Err("timed out waiting for the firmware's log".into());
+            return Err(Error::Timeout {
+                what: "the firmware's log".into(),
+                secs: timeout.as_secs(),
+                detail: String::new(),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn wait_actual(q: &mut Qmp<SocketIo>, target: u64, timeout: Duration) -> Result<(), String> {
+fn wait_actual(q: &mut Qmp<SocketIo>, target: u64, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        let actual = q.query_balloon()?;
         if actual == target {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "query-balloon stuck at {} MiB, target {} MiB",
-                actual >> 20,
-                target >> 20
-            ));
+            return Err(Error::Timeout {
+                what: format!("query-balloon to reach {} MiB", target >> 20),
+                secs: timeout.as_secs(),
+                detail: format!("stuck at {} MiB", actual >> 20),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -146,11 +151,9 @@ impl Scenario {
 
 /// The QOM path of the balloon device (QEMU names an anonymous `-device`
 /// `/machine/peripheral-anon/device[N]`).
-fn balloon_qom_path(q: &mut Qmp<SocketIo>) -> Result<String, String> {
+fn balloon_qom_path(q: &mut Qmp<SocketIo>) -> Result<String> {
     let base = "/machine/peripheral-anon";
-    let list = q
-        .execute("qom-list", Some(json!({ "path": base })))
-        .map_err(|e| e.to_string())?;
+    let list = q.execute("qom-list", Some(json!({ "path": base })))?;
     list.as_array()
         .into_iter()
         .flatten()
@@ -161,27 +164,24 @@ fn balloon_qom_path(q: &mut Qmp<SocketIo>) -> Result<String, String> {
         })
         .and_then(|p| p.get("name").and_then(Value::as_str))
         .map(|n| format!("{base}/{n}"))
-        .ok_or_else(|| format!("no balloon under {base}: {list}"))
+        .ok_or_else(|| Error::Missing(format!("no balloon under {base}: {list}")))
 }
 
 /// Turns on stats polling and waits for the first report; returns
 /// (free, total) bytes.
-fn guest_stats(q: &mut Qmp<SocketIo>) -> Result<(u64, u64), String> {
+fn guest_stats(q: &mut Qmp<SocketIo>) -> Result<(u64, u64)> {
     let path = balloon_qom_path(q)?;
     q.execute(
         "qom-set",
         Some(json!({ "path": path, "property": "guest-stats-polling-interval", "value": 1 })),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut first: Option<u64> = None;
     loop {
-        let v = q
-            .execute(
-                "qom-get",
-                Some(json!({ "path": path, "property": "guest-stats" })),
-            )
-            .map_err(|e| e.to_string())?;
+        let v = q.execute(
+            "qom-get",
+            Some(json!({ "path": path, "property": "guest-stats" })),
+        )?;
         let stat = |k: &str| {
             v.get("stats")
                 .and_then(|s| s.get(k))
@@ -197,7 +197,11 @@ fn guest_stats(q: &mut Qmp<SocketIo>) -> Result<(u64, u64), String> {
             return Ok((free, total));
         }
         if Instant::now() >= deadline {
-            return Err(format!("no guest stats after 10 s: {v}"));
+            return Err(Error::Timeout {
+                what: "guest stats".into(),
+                secs: 10,
+                detail: v.to_string(),
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -251,7 +255,7 @@ fn scenario(
     seen: &Mutex<Vec<String>>,
     ram: u64,
     which: Scenario,
-) -> Result<Findings, String> {
+) -> Result<Findings> {
     let (mut from, _) = wait_line(
         seen,
         0,
@@ -260,7 +264,7 @@ fn scenario(
     )?;
     let mut f = Findings::default();
     if which == Scenario::TouchFaults {
-        q.balloon(ram - (64 << 20)).map_err(|e| e.to_string())?;
+        q.balloon(ram - (64 << 20))?;
         wait_line(
             seen,
             from,
@@ -271,7 +275,7 @@ fn scenario(
     }
     if let Scenario::OomDeflates | Scenario::TableOom(_) = which {
         let small = 64 << 20;
-        q.balloon(small).map_err(|e| e.to_string())?;
+        q.balloon(small)?;
         let report = if which == Scenario::OomDeflates {
             "balloon: deflate-on-OOM gave back"
         } else {
@@ -287,7 +291,7 @@ fn scenario(
             // The firmware writes `actual` once the host took the deflate.
             wait_actual(q, ram.saturating_sub(to * PAGE), Duration::from_secs(30))?;
         }
-        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        let actual = q.query_balloon()?;
         f.oom = Some((line, actual));
         return Ok(f);
     }
@@ -316,7 +320,7 @@ fn scenario(
             f.idle_cpu = Some(qemu_cpu_fraction(qmp_path, IDLE_WATCH)?);
         }
         let t0 = Instant::now();
-        q.balloon(target).map_err(|e| e.to_string())?;
+        q.balloon(target)?;
         wait_actual(q, target, Duration::from_secs(120))?;
         let took = t0.elapsed();
         let pages = (ram - target) / PAGE;
@@ -359,7 +363,7 @@ pub fn system_test(
     elf: &Path,
     decoder: &Decoder,
     which: Scenario,
-) -> Result<Duration, String> {
+) -> Result<Duration> {
     let qmp_path = std::env::temp_dir().join(format!(
         "cargo-qemu-balloon-{}-{}-{}.qmp",
         std::process::id(),
@@ -369,7 +373,7 @@ pub fn system_test(
     ));
     let ram = m.mem_bytes();
     let seen = Mutex::new(Vec::<String>::new());
-    let result: Mutex<Option<Result<Findings, String>>> = Mutex::new(None);
+    let result: Mutex<Option<Result<Findings>>> = Mutex::new(None);
     let record = |l: &LogLine| {
         if let Ok(mut s) = seen.lock() {
             s.push(l.message.clone());
@@ -386,7 +390,7 @@ pub fn system_test(
                 }
                 r
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         };
         if let Ok(mut slot) = result.lock() {
             *slot = Some(r);
@@ -409,19 +413,24 @@ pub fn system_test(
         .into_inner()
         .ok()
         .flatten()
-        .unwrap_or_else(|| Err("the QMP driver did not finish".into()));
+        .unwrap_or_else(|| Err(Error::Missing("the QMP driver did not finish".into())));
     let verdict = found.and_then(|f| match which {
         Scenario::TouchFaults => {
             if b.ending != Ending::Exited(hal::exit::CRASH) {
-                return Err(format!("expected the crash exit, got {:?}", b.ending));
+                return Err(Error::Check(format!(
+                    "expected the crash exit, got {:?}",
+                    b.ending
+                )));
             }
             if !b.logged("FAR frame: ballooned") {
-                return Err("the crash report does not say the frame is ballooned".into());
+                return Err(Error::Check(
+                    "the crash report does not say the frame is ballooned".into(),
+                ));
             }
             Ok(())
         }
         Scenario::OomDeflates => {
-            let (line, actual) = f.oom.ok_or("no deflate-on-OOM report")?;
+            let (line, actual) = f.oom.or_missing("no deflate-on-OOM report")?;
             println!("  {line}; query-balloon {} MiB", actual >> 20);
             let gave: u64 = line
                 .strip_prefix("balloon: deflate-on-OOM gave back ")
@@ -434,15 +443,19 @@ pub fn system_test(
                 || !line.contains("lint 0")
                 || !line.contains("Ok(())")
             {
-                return Err(format!("deflate-on-OOM report not clean: {line}"));
+                return Err(Error::Check(format!(
+                    "deflate-on-OOM report not clean: {line}"
+                )));
             }
             if actual <= 64 << 20 {
-                return Err(format!("the host does not see the guest grow: {actual}"));
+                return Err(Error::Check(format!(
+                    "the host does not see the guest grow: {actual}"
+                )));
             }
             Ok(())
         }
         Scenario::TableOom(deflates) => {
-            let (line, actual) = f.oom.ok_or("no table-memory OOM report")?;
+            let (line, actual) = f.oom.or_missing("no table-memory OOM report")?;
             println!("  {line}; query-balloon {} MiB", actual >> 20);
             judge_table_oom(&line, actual, ram, deflates)
         }
@@ -454,7 +467,7 @@ pub fn system_test(
     });
     verdict
         .map(|()| b.elapsed)
-        .map_err(|e| format!("{e}\n{}", b.transcript()))
+        .map_err(|e| e.with_log(b.transcript()))
 }
 
 /// The number after `key` in `line`.
@@ -472,8 +485,8 @@ fn number_after(line: &str, key: &str) -> Option<u64> {
 /// expects: a map that succeeded after deflating one frame plus the
 /// 256-page margin, or (`deflates` false) the typed error and a balloon
 /// that kept its pages. The host must agree with the firmware's count.
-pub fn judge_table_oom(line: &str, actual: u64, ram: u64, deflates: bool) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("{why}: {line}"));
+pub fn judge_table_oom(line: &str, actual: u64, ram: u64, deflates: bool) -> Result<()> {
+    let bad = |why: &str| Err(Error::Check(format!("{why}: {line}")));
     let (Some(deflated), Some(events), Some(from), Some(to)) = (
         number_after(line, "; deflated "),
         number_after(line, "; OOM events "),
@@ -504,11 +517,11 @@ pub fn judge_table_oom(line: &str, actual: u64, ram: u64, deflates: bool) -> Res
         }
     }
     if actual != ram.saturating_sub(to * PAGE) {
-        return Err(format!(
+        return Err(Error::Check(format!(
             "query-balloon says {} MiB, the firmware {} ballooned pages: {line}",
             actual >> 20,
             to
-        ));
+        )));
     }
     Ok(())
 }
@@ -529,24 +542,27 @@ pub fn parse_chunks(line: &str) -> Option<[u64; 3]> {
     Some(out)
 }
 
-fn judge_small_chunks(ending: &Ending, f: &Findings, ram: u64) -> Result<(), String> {
+fn judge_small_chunks(ending: &Ending, f: &Findings, ram: u64) -> Result<()> {
     judge_round_trip(ending, f, ram, false)?;
-    let first = f.moves.first().ok_or("no move")?;
+    let first = f.moves.first().or_missing("no move")?;
     let chunks = parse_chunks(&first.settled)
-        .ok_or_else(|| format!("no chunk counts in {:?}", first.settled))?;
+        .ok_or_else(|| Error::Missing(format!("no chunk counts in {:?}", first.settled)))?;
     println!(
         "  chunks inflated: {} of 2 MiB, {} of 64 KiB, {} of 4 KiB",
         chunks[0], chunks[1], chunks[2]
     );
     if chunks[1] == 0 {
-        return Err(format!("no 64 KiB chunk inflated: {}", first.settled));
+        return Err(Error::Check(format!(
+            "no 64 KiB chunk inflated: {}",
+            first.settled
+        )));
     }
     Ok(())
 }
 
-fn judge_idle(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<(), String> {
+fn judge_idle(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<()> {
     judge_round_trip(&b.ending, f, ram, false)?;
-    let cpu = f.idle_cpu.ok_or("QEMU's CPU time was not measured")?;
+    let cpu = f.idle_cpu.or_missing("QEMU's CPU time was not measured")?;
     println!(
         "  idle ballooned guest: QEMU used {:.1}% of a core over {} s (bound {:.0}%)",
         cpu * 100.0,
@@ -554,37 +570,42 @@ fn judge_idle(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<(), Strin
         IDLE_CPU_BOUND * 100.0
     );
     if cpu > IDLE_CPU_BOUND {
-        return Err(format!(
+        return Err(Error::Check(format!(
             "an idle ballooned guest costs QEMU {:.1}% of a core",
             cpu * 100.0
-        ));
+        )));
     }
     if !b.logged("balloon: interrupt-driven") {
-        return Err("the balloon's interrupt was not attached".into());
+        return Err(Error::Check(
+            "the balloon's interrupt was not attached".into(),
+        ));
     }
     for mv in &f.moves {
         let irqs = interrupts_of(&mv.settled).unwrap_or(0);
         if irqs == 0 {
-            return Err(format!("a move with no interrupt taken: {}", mv.settled));
+            return Err(Error::Check(format!(
+                "a move with no interrupt taken: {}",
+                mv.settled
+            )));
         }
     }
     Ok(())
 }
 
-fn judge_reporting(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<(), String> {
+fn judge_reporting(b: &crate::boot::Boot, f: &Findings, ram: u64) -> Result<()> {
     judge_round_trip(&b.ending, f, ram, false)?;
-    let (line, rss) = f.reported.as_ref().ok_or("no reporting line")?;
-    let rss_mib = rss.ok_or("QEMU's resident memory could not be read")? >> 10;
+    let (line, rss) = f.reported.as_ref().or_missing("no reporting line")?;
+    let rss_mib = rss.or_missing("QEMU's resident memory could not be read")? >> 10;
     println!("  {line}; QEMU RSS then {rss_mib} MiB");
     if !line.ends_with("frames ok") {
-        return Err(format!("frames lost while reporting: {line}"));
+        return Err(Error::Check(format!("frames lost while reporting: {line}")));
     }
     // RAM was written in full (about 1 GiB resident): most of it was free
     // and reported, so the host let go of most of it.
     if rss_mib << 20 > ram / 2 {
-        return Err(format!(
+        return Err(Error::Check(format!(
             "QEMU still holds {rss_mib} MiB after free page reporting"
-        ));
+        )));
     }
     Ok(())
 }
@@ -600,18 +621,15 @@ pub fn interrupts_of(line: &str) -> Option<u64> {
     words.get(at.checked_sub(1)?)?.parse().ok()
 }
 
-fn judge_round_trip(
-    ending: &Ending,
-    f: &Findings,
-    ram: u64,
-    host_checks: bool,
-) -> Result<(), String> {
+fn judge_round_trip(ending: &Ending, f: &Findings, ram: u64, host_checks: bool) -> Result<()> {
     if !matches!(ending, Ending::Exited(0)) {
-        return Err(format!("QEMU ended {ending:?} instead of quitting"));
+        return Err(Error::Check(format!(
+            "QEMU ended {ending:?} instead of quitting"
+        )));
     }
     for (k, mv) in f.moves.iter().enumerate() {
         let (actual, ok, lint, tlb, optimum) = parse_settled(&mv.settled)
-            .ok_or_else(|| format!("unparsable settle line {:?}", mv.settled))?;
+            .ok_or_else(|| Error::Missing(format!("unparsable settle line {:?}", mv.settled)))?;
         let rss = |i: usize| f.rss.get(i).copied().flatten().map(|k| k >> 10);
         if host_checks || k + 1 == f.moves.len() {
             println!(
@@ -624,16 +642,16 @@ fn judge_round_trip(
             );
         }
         if !ok {
-            return Err(format!("frames lost: {}", mv.settled));
+            return Err(Error::Check(format!("frames lost: {}", mv.settled)));
         }
         if lint != 0 {
-            return Err(format!("linter: {}", mv.settled));
+            return Err(Error::Check(format!("linter: {}", mv.settled)));
         }
         if k == f.moves.len() - 1 && tlb != optimum {
-            return Err(format!(
+            return Err(Error::Check(format!(
                 "TLB footprint not back at the optimum: {}",
                 mv.settled
-            ));
+            )));
         }
     }
     if !host_checks {
@@ -645,23 +663,25 @@ fn judge_round_trip(
     // deflate, so QEMU had to give it pages again).
     let rss = |i: usize| f.rss.get(i).copied().flatten();
     // Sample `high` must be above sample `low` by most of the ballooned half.
-    let above = |high: usize, low: usize, what: &str| -> Result<(), String> {
+    let above = |high: usize, low: usize, what: &str| -> Result<()> {
         let (Some(h), Some(l)) = (rss(high), rss(low)) else {
-            return Err(format!("QEMU's resident memory {what} could not be read"));
+            return Err(Error::Check(format!(
+                "QEMU's resident memory {what} could not be read"
+            )));
         };
         if h.saturating_sub(l) << 10 < (ram / 2) * 3 / 4 {
-            return Err(format!(
+            return Err(Error::Check(format!(
                 "QEMU RSS {} MiB ballooned, {} MiB {what} (ballooned {} MiB)",
                 l >> 10,
                 h >> 10,
                 ram >> 21
-            ));
+            )));
         }
         Ok(())
     };
     above(0, 1, "before the inflate")?;
     above(2, 1, "after the deflate and a touch")?;
-    let (free, total) = f.stats.ok_or("no guest stats")?;
+    let (free, total) = f.stats.or_missing("no guest stats")?;
     println!(
         "  guest-stats: free {} MiB, total {} MiB",
         free >> 20,
@@ -669,9 +689,9 @@ fn judge_round_trip(
     );
     // Half of RAM is ballooned: free memory is below half.
     if total > ram || total < ram / 2 || free == 0 || free > ram / 2 {
-        return Err(format!(
+        return Err(Error::Check(format!(
             "implausible guest stats: free {free}, total {total}"
-        ));
+        )));
     }
     Ok(())
 }
@@ -725,14 +745,14 @@ pub fn cpu_ticks_of_stat(stat: &str) -> Option<u64> {
 }
 
 /// QEMU's CPU time over `watch` of wall time (1.0 = one core busy).
-pub fn qemu_cpu_fraction(qmp_path: &Path, watch: Duration) -> Result<f64, String> {
-    let dir = qemu_proc(qmp_path).ok_or("no QEMU process")?;
+pub fn qemu_cpu_fraction(qmp_path: &Path, watch: Duration) -> Result<f64> {
+    let dir = qemu_proc(qmp_path).or_missing("no QEMU process")?;
     let ticks = || {
         std::fs::read_to_string(dir.join("stat"))
             .ok()
             .as_deref()
             .and_then(cpu_ticks_of_stat)
-            .ok_or_else(|| format!("unreadable {}/stat", dir.display()))
+            .ok_or_else(|| Error::Missing(format!("unreadable {}/stat", dir.display())))
     };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -810,7 +830,7 @@ fn move_to(
     size: u64,
     before: u64,
     rss_before: Option<u64>,
-) -> Result<u64, String> {
+) -> Result<u64> {
     println!(
         "balloon: guest at {} MiB, target {} MiB",
         before >> 20,
@@ -818,10 +838,10 @@ fn move_to(
     );
     let log_from = std::fs::metadata(log_path(path)).map_or(0, |m| m.len());
     let t0 = Instant::now();
-    q.balloon(size).map_err(|e| e.to_string())?;
+    q.balloon(size)?;
     let mut last = before;
     let actual = loop {
-        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        let actual = q.query_balloon()?;
         if actual != last {
             let (moved, total) = (before.abs_diff(actual), before.abs_diff(size).max(1));
             println!(
@@ -876,23 +896,20 @@ fn move_to(
 }
 
 /// Turns guest-stats polling on (1 s) and prints the latest figures.
-fn print_stats(q: &mut Qmp<SocketIo>) -> Result<(), String> {
+fn print_stats(q: &mut Qmp<SocketIo>) -> Result<()> {
     let path = balloon_qom_path(q)?;
     q.execute(
         "qom-set",
         Some(json!({ "path": path, "property": "guest-stats-polling-interval", "value": 1 })),
-    )
-    .map_err(|e| e.to_string())?;
-    let v = q
-        .execute(
-            "qom-get",
-            Some(json!({ "path": path, "property": "guest-stats" })),
-        )
-        .map_err(|e| e.to_string())?;
+    )?;
+    let v = q.execute(
+        "qom-get",
+        Some(json!({ "path": path, "property": "guest-stats" })),
+    )?;
     let stats = v
         .get("stats")
         .and_then(Value::as_object)
-        .ok_or("no stats")?;
+        .or_missing("no stats")?;
     for (k, val) in stats {
         match val.as_i64() {
             Some(n) if n >= 0 && k.ends_with("memory") => println!("  {k}: {} MiB", n >> 20),
@@ -948,12 +965,12 @@ pub fn console(q: &mut Qmp<SocketIo>, path: &Path) {
             ["balloon", size] => match crate::machine::parse_size(size).filter(|&b| b > 0) {
                 Some(size) => q
                     .query_balloon()
-                    .map_err(|e| e.to_string())
+                    .map_err(Error::from)
                     .and_then(|before| move_to(q, path, size, before, qemu_rss_kib(path)))
                     .map(drop),
-                None => Err(format!("not a size: {size}")),
+                None => Err(Error::Usage(format!("not a size: {size}"))),
             },
-            ["info", "balloon"] => q.query_balloon().map_err(|e| e.to_string()).map(|a| {
+            ["info", "balloon"] => q.query_balloon().map_err(Error::from).map(|a| {
                 println!(
                     "balloon: guest at {} MiB; QEMU resident {} MiB",
                     a >> 20,
@@ -965,7 +982,10 @@ pub fn console(q: &mut Qmp<SocketIo>, path: &Path) {
                 println!("  balloon SIZE | info balloon | stats | help");
                 Ok(())
             }
-            _ => Err(format!("unknown command {:?} (try help)", line.trim())),
+            _ => Err(Error::Usage(format!(
+                "unknown command {:?} (try help)",
+                line.trim()
+            ))),
         };
         if let Err(e) = r {
             println!("host: {e}");
@@ -975,12 +995,12 @@ pub fn console(q: &mut Qmp<SocketIo>, path: &Path) {
 
 /// `cargo qemu balloon SIZE [--qmp PATH]`: sets the running guest's target
 /// size and shows the balloon moving until `query-balloon` reaches it.
-pub fn cmd_balloon(size: u64, qmp_path: Option<PathBuf>) -> Result<std::process::ExitCode, String> {
+pub fn cmd_balloon(size: u64, qmp_path: Option<PathBuf>) -> Result<std::process::ExitCode> {
     let path = qmp_path
         .or_else(newest_socket)
-        .ok_or("no running `cargo qemu run` found (give --qmp PATH)")?;
-    let mut q = Qmp::connect(&path, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    let before = q.query_balloon().map_err(|e| e.to_string())?;
+        .or_missing("no running `cargo qemu run` found (give --qmp PATH)")?;
+    let mut q = Qmp::connect(&path, Duration::from_secs(5))?;
+    let before = q.query_balloon()?;
     let rss_before = qemu_rss_kib(&path);
     println!("balloon: QMP {}", path.display());
     let actual = move_to(&mut q, &path, size, before, rss_before)?;
@@ -1000,13 +1020,19 @@ mod tests {
         let ram = 1 << 30;
         let ok = "balloon: table-memory OOM: 9 free blocks held (0 frames left free), 200 maps; last map Ok(257); deflated 257 pages; OOM events 1; actual 245000 -> 244743; undone true; frames ok; lint 0";
         let host = ram - 244743 * PAGE;
-        assert_eq!(judge_table_oom(ok, host, ram, true), Ok(()));
+        assert_eq!(
+            judge_table_oom(ok, host, ram, true).map_err(|e| e.to_string()),
+            Ok(())
+        );
         // The host must agree, and the map must have needed the balloon.
         assert!(judge_table_oom(ok, host + PAGE, ram, true).is_err());
         assert!(judge_table_oom(ok, host, ram, false).is_err());
         let typed = "balloon: table-memory OOM: 9 free blocks held (0 frames left free), 200 maps; last map Err(Stage1(OutOfTableMemory)); deflated 0 pages; OOM events 0; actual 245000 -> 245000; undone true; frames ok; lint 0";
         let host = ram - 245000 * PAGE;
-        assert_eq!(judge_table_oom(typed, host, ram, false), Ok(()));
+        assert_eq!(
+            judge_table_oom(typed, host, ram, false).map_err(|e| e.to_string()),
+            Ok(())
+        );
         assert!(judge_table_oom(typed, host, ram, true).is_err());
         let lost = typed.replace("frames ok", "frames LOST");
         assert!(judge_table_oom(&lost, host, ram, false).is_err());
@@ -1035,12 +1061,16 @@ mod tests {
         let done = Ending::Exited(0);
         // 1.1 GiB resident, 600 MiB ballooned out, all back after the touch.
         let good = findings(vec![kib(1100), kib(600), kib(1100)]);
-        assert_eq!(judge_round_trip(&done, &good, ram, true), Ok(()));
+        assert_eq!(
+            judge_round_trip(&done, &good, ram, true).map_err(|e| e.to_string()),
+            Ok(())
+        );
         // The pages never came back on use.
         let stuck = findings(vec![kib(1100), kib(600), kib(650)]);
         let e = judge_round_trip(&done, &stuck, ram, true).unwrap_err();
         assert!(
-            e.contains("600 MiB ballooned, 650 MiB after the deflate"),
+            e.to_string()
+                .contains("600 MiB ballooned, 650 MiB after the deflate"),
             "{e}"
         );
         // Nothing was discarded in the first place.

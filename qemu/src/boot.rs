@@ -3,6 +3,7 @@
 //! leave the emulator running behind us.
 
 use crate::console_proto::{answer, Action, DemuxReader, Piece};
+use crate::error::{Error, OrMissing, Result};
 use crate::log::{Decoder, LogLine};
 use crate::machine::{Console, Machine};
 use crate::serial::PortSpec;
@@ -125,7 +126,7 @@ pub fn boot(
     elf: &Path,
     decoder: &Decoder,
     opts: &BootOptions<'_>,
-) -> Result<Boot, String> {
+) -> Result<Boot> {
     let dtb = match machine.dtb {
         Some(patch) => Some(TempFile(crate::fdt::hostile_dtb(
             machine,
@@ -203,14 +204,12 @@ pub fn boot(
     dies_with_this_tool(&mut cmd);
     let start = Instant::now();
     let deadline = start + opts.timeout;
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", crate::setup::QEMU))?;
-    let stderr_pipe = child.stderr.take().ok_or("no stderr pipe")?;
+    let mut child = cmd.spawn().map_err(Error::spawn(crate::setup::QEMU))?;
+    let stderr_pipe = child.stderr.take().or_missing("no stderr pipe")?;
     let (rx, tx, stop): (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>, _) = match &port_spec
     {
         None => {
-            let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+            let stdout = child.stdout.take().or_missing("no stdout pipe")?;
             let stdin = child.stdin.take();
             (
                 Box::new(stdout),
@@ -223,16 +222,15 @@ pub fn boot(
                 Ok(p) => p,
                 Err(e) => {
                     kill(&mut child);
-                    return Err(e.to_string());
+                    return Err(e);
                 }
             };
             if let Some(path) = &own_qmp_path {
                 let resumed = crate::qmp::Qmp::connect(path, Duration::from_secs(10))
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut q| q.execute("cont", None).map_err(|e| e.to_string()));
+                    .and_then(|mut q| q.execute("cont", None));
                 if let Err(e) = resumed {
                     kill(&mut child);
-                    return Err(format!("QMP cont: {e}"));
+                    return Err(Error::during("QMP cont")(e.into()));
                 }
             }
             (Box::new(port.rx), Some(port.tx), Some(port.stop))
@@ -485,13 +483,10 @@ pub fn boot_board(
     elf: &Path,
     decoder: &Decoder,
     opts: &BootOptions<'_>,
-) -> Result<Boot, String> {
+) -> Result<Boot> {
     let start = Instant::now();
-    let open = || {
-        crate::serial::open(port, Instant::now() + PORT_WAIT.min(opts.timeout))
-            .map_err(|e| e.to_string())
-    };
-    let cycle = || -> Result<(), String> {
+    let open = || crate::serial::open(port, Instant::now() + PORT_WAIT.min(opts.timeout));
+    let cycle = || -> Result<()> {
         let Some(cmd) = power_cycle else {
             return Ok(());
         };
@@ -502,9 +497,13 @@ pub fn boot_board(
             .env("MEMFW_BOARD", board)
             .stdin(Stdio::null())
             .status()
-            .map_err(|e| format!("--power-cycle {cmd:?}: {e}"))?;
+            .map_err(Error::spawn(format!("--power-cycle {cmd:?}")))?;
         if !status.success() {
-            return Err(format!("--power-cycle {cmd:?} failed ({status})"));
+            return Err(Error::Failed {
+                command: format!("--power-cycle {cmd:?}"),
+                status,
+                output: String::new(),
+            });
         }
         Ok(())
     };
@@ -525,7 +524,7 @@ pub fn boot_board(
         None => (Box::new(port.rx), crate::loader::SharedWriter::new(port.tx)),
         Some(l) => {
             use crate::loader::{ByteStream, Client, Image, HELLO_AFTER_RESET, HELLO_WAIT};
-            let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+            let bytes = std::fs::read(elf).map_err(Error::io(elf))?;
             let image = Image::from_elf(&bytes)?;
             let tx = crate::loader::SharedWriter::new(port.tx);
             let mut stream = ByteStream::spawn(Box::new(port.rx));
@@ -534,9 +533,9 @@ pub fn boot_board(
                 .wait_hello(Instant::now() + HELLO_WAIT)
                 .or_else(|first| {
                     if power_cycle.is_none() && l.reset_hook.is_none() {
-                        return Err(format!(
+                        return Err(Error::Missing(format!(
                             "{first} (is the loader on the board? `cargo qemu image` writes it)"
-                        ));
+                        )));
                     }
                     notes.push(host_line(format!("{first}: resetting the board")));
                     cycle()?;
@@ -552,7 +551,7 @@ pub fn boot_board(
             }
             if let Err(e) = loaded {
                 target.end();
-                return Err(format!("loader: {e}"));
+                return Err(e);
             }
             (Box::new(stream), tx)
         }

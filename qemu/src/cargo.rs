@@ -1,6 +1,7 @@
 //! Builds the firmware and its on-target test binaries with the same cargo
 //! that runs us, and finds the produced ELF files in cargo's JSON messages.
 
+use crate::error::{Error, OrMissing, Result};
 use serde::Deserialize;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -52,7 +53,7 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn run_json(args: &[&str]) -> Result<Vec<Artifact>, String> {
+fn run_json(args: &[&str]) -> Result<Vec<Artifact>> {
     crate::setup::ensure_target(TARGET)?;
     let mut cmd = cargo();
     cmd.args(args)
@@ -63,11 +64,11 @@ fn run_json(args: &[&str]) -> Result<Vec<Artifact>, String> {
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let mut child = cmd.spawn().map_err(|e| format!("cargo: {e}"))?;
-    let stdout = child.stdout.take().ok_or("cargo: no stdout")?;
+    let mut child = cmd.spawn().map_err(Error::spawn("cargo"))?;
+    let stdout = child.stdout.take().or_missing("cargo: no stdout")?;
     let mut found = Vec::new();
     for line in BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| format!("cargo output: {e}"))?;
+        let line = line.map_err(Error::io("cargo output"))?;
         let Ok(msg) = serde_json::from_str::<Message>(&line) else {
             continue;
         };
@@ -83,9 +84,13 @@ fn run_json(args: &[&str]) -> Result<Vec<Artifact>, String> {
             });
         }
     }
-    let status = child.wait().map_err(|e| format!("cargo: {e}"))?;
+    let status = child.wait().map_err(Error::spawn("cargo"))?;
     if !status.success() {
-        return Err(format!("cargo {} failed ({status})", args.join(" ")));
+        return Err(Error::Failed {
+            command: format!("cargo {}", args.join(" ")),
+            status,
+            output: String::new(),
+        });
     }
     Ok(found)
 }
@@ -106,7 +111,7 @@ fn board_args(board: &str) -> Vec<String> {
 /// Builds the bootable firmware for `board` and returns its ELF. Cargo
 /// puts every board's binary at the same path, so each board's copy is
 /// kept beside it as `firmware-<board>` (what is returned).
-pub fn build_firmware(board: &str) -> Result<PathBuf, String> {
+pub fn build_firmware(board: &str) -> Result<PathBuf> {
     let mut args: Vec<String> = [
         "build",
         "-p",
@@ -125,16 +130,16 @@ pub fn build_firmware(board: &str) -> Result<PathBuf, String> {
         .into_iter()
         .find(|a| a.name == "firmware" && !a.test)
         .map(|a| a.path)
-        .ok_or_else(|| "cargo built no firmware ELF".to_string())?;
+        .or_missing("cargo built no firmware ELF")?;
     let kept = path.with_file_name(format!("firmware-{board}"));
-    std::fs::copy(&path, &kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+    std::fs::copy(&path, &kept).map_err(Error::io(&kept))?;
     Ok(kept)
 }
 
 /// Builds every on-target test suite for `board` and returns (suite name,
 /// ELF). Test binaries have a per-feature hash in their name, so boards
 /// never overwrite each other's.
-pub fn build_tests(board: &str) -> Result<Vec<Artifact>, String> {
+pub fn build_tests(board: &str) -> Result<Vec<Artifact>> {
     let mut args: Vec<String> = [
         "test",
         "-p",
@@ -153,7 +158,7 @@ pub fn build_tests(board: &str) -> Result<Vec<Artifact>, String> {
 
 /// Builds the resident loader for `board` (its own crate, `loader/`, with
 /// the hal's loader layout) and returns its ELF, kept as `loader-<board>`.
-pub fn build_loader(board: &str) -> Result<PathBuf, String> {
+pub fn build_loader(board: &str) -> Result<PathBuf> {
     let feature = format!("loader/board-{board}");
     let arts = run_json(&[
         "build",
@@ -170,8 +175,8 @@ pub fn build_loader(board: &str) -> Result<PathBuf, String> {
         .into_iter()
         .find(|a| a.name == "loader" && !a.test)
         .map(|a| a.path)
-        .ok_or_else(|| "cargo built no loader ELF".to_string())?;
+        .or_missing("cargo built no loader ELF")?;
     let kept = path.with_file_name(format!("loader-{board}"));
-    std::fs::copy(&path, &kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+    std::fs::copy(&path, &kept).map_err(Error::io(&kept))?;
     Ok(kept)
 }

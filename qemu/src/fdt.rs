@@ -8,6 +8,7 @@
 //! own and rewrites `/chosen/bootargs`, but keeps every other node, so extra
 //! RAM is claimed by nodes named `ram@…` with `device_type = "memory"`.
 
+use crate::error::{Error, Result};
 use crate::machine::Machine;
 use std::path::{Path, PathBuf};
 
@@ -105,23 +106,25 @@ const FDT_PROP: u32 = 3;
 const FDT_NOP: u32 = 4;
 const FDT_END: u32 = 9;
 
-fn be32(b: &[u8], at: usize) -> Result<u32, String> {
+fn be32(b: &[u8], at: usize) -> Result<u32> {
     b.get(at..at + 4)
         .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
-        .ok_or_else(|| format!("DTB truncated at {at:#x}"))
+        .ok_or_else(|| dtb_error(format!("truncated at {at:#x}")))
 }
 
-fn be64(b: &[u8], at: usize) -> Result<u64, String> {
+fn be64(b: &[u8], at: usize) -> Result<u64> {
     Ok((u64::from(be32(b, at)?) << 32) | u64::from(be32(b, at + 4)?))
 }
 
-fn cstr(b: &[u8], at: usize) -> Result<&str, String> {
-    let rest = b.get(at..).ok_or("string offset out of range")?;
+fn cstr(b: &[u8], at: usize) -> Result<&str> {
+    let rest = b
+        .get(at..)
+        .ok_or_else(|| dtb_error(format!("string offset {at:#x} out of range")))?;
     let nul = rest
         .iter()
         .position(|&c| c == 0)
-        .ok_or("unterminated string")?;
-    std::str::from_utf8(&rest[..nul]).map_err(|e| e.to_string())
+        .ok_or_else(|| dtb_error(format!("unterminated string at {at:#x}")))?;
+    std::str::from_utf8(&rest[..nul]).map_err(|e| dtb_error(format!("string at {at:#x}: {e}")))
 }
 
 /// `reg` cells for `#address-cells = <2>` and `#size-cells = <2>`.
@@ -133,14 +136,22 @@ pub fn reg(entries: &[(u64, u64)]) -> Vec<u8> {
         .collect()
 }
 
+/// A [`Error::Parse`] of the DTB.
+fn dtb_error(detail: String) -> Error {
+    Error::Parse {
+        what: "DTB",
+        detail,
+    }
+}
+
 fn cell(v: u32) -> Vec<u8> {
     v.to_be_bytes().to_vec()
 }
 
 impl Tree {
     /// Reads a blob (validated by the firmware's own validator first).
-    pub fn parse(blob: &[u8]) -> Result<Self, String> {
-        let blob = hal::dtb::validate(blob).map_err(|e| format!("invalid DTB: {e:?}"))?;
+    pub fn parse(blob: &[u8]) -> Result<Self> {
+        let blob = hal::dtb::validate(blob).map_err(|e| dtb_error(format!("invalid: {e:?}")))?;
         let off_struct = be32(blob, 8)? as usize;
         let off_strings = be32(blob, 12)? as usize;
         let off_rsv = be32(blob, 16)? as usize;
@@ -168,7 +179,9 @@ impl Tree {
                     stack.push(Node::new(&name));
                 }
                 FDT_END_NODE => {
-                    let node = stack.pop().ok_or("END_NODE without BEGIN_NODE")?;
+                    let node = stack.pop().ok_or_else(|| {
+                        dtb_error(format!("END_NODE without BEGIN_NODE at {:#x}", pos - 4))
+                    })?;
                     match stack.last_mut() {
                         Some(parent) => parent.children.push(node),
                         None => root = Some(node),
@@ -179,24 +192,28 @@ impl Tree {
                     let name = cstr(strings, be32(blob, pos + 4)? as usize)?.to_string();
                     let value = blob
                         .get(pos + 8..pos + 8 + len)
-                        .ok_or("property overruns the blob")?
+                        .ok_or_else(|| {
+                            dtb_error(format!("property at {:#x} overruns the blob", pos - 4))
+                        })?
                         .to_vec();
                     pos = (pos + 8 + len).next_multiple_of(4);
                     stack
                         .last_mut()
-                        .ok_or("property outside a node")?
+                        .ok_or_else(|| {
+                            dtb_error(format!("property at {:#x} outside a node", pos - 4))
+                        })?
                         .props
                         .push((name, value));
                 }
                 FDT_NOP => {}
                 FDT_END => break,
-                other => return Err(format!("bad token {other:#x} at {:#x}", pos - 4)),
+                other => return Err(dtb_error(format!("bad token {other:#x} at {:#x}", pos - 4))),
             }
         }
         Ok(Self {
             reservations,
             boot_cpuid: be32(blob, 28)?,
-            root: root.ok_or("no root node")?,
+            root: root.ok_or_else(|| dtb_error("no root node".into()))?,
         })
     }
 
@@ -282,7 +299,7 @@ impl Tree {
     }
 
     /// Applies `patch` for a machine with `ram_bytes` of RAM at `ram_base`.
-    pub fn apply(&mut self, patch: DtbPatch, ram_base: u64, ram_bytes: u64) -> Result<(), String> {
+    pub fn apply(&mut self, patch: DtbPatch, ram_base: u64, ram_bytes: u64) -> Result<()> {
         let memory = |name: &str, base: u64, size: u64| {
             Node::new(name)
                 .with("device_type", b"memory\0".to_vec())
@@ -319,7 +336,7 @@ impl Tree {
                 let v = self
                     .virtio_nodes()
                     .next()
-                    .ok_or("no virtio-mmio node to move")?;
+                    .ok_or_else(|| Error::Missing("no virtio-mmio node to move".into()))?;
                 v.set("reg", reg(&[(base, 0x200)]));
             }
             DtbPatch::MemoryBeyondBacked => {
@@ -334,7 +351,9 @@ impl Tree {
                     n += 1;
                 }
                 if n < 9 {
-                    return Err(format!("only {n} virtio-mmio nodes to spread"));
+                    return Err(Error::Missing(format!(
+                        "only {n} virtio-mmio nodes to spread"
+                    )));
                 }
             }
         }
@@ -345,12 +364,7 @@ impl Tree {
 /// Makes the hostile DTB for `machine` in `dir`: QEMU dumps the tree it
 /// would pass (same machine options, so the same nodes), then `patch` is
 /// applied. Returns the file's path.
-pub fn hostile_dtb(
-    machine: &Machine,
-    elf: &Path,
-    patch: DtbPatch,
-    dir: &Path,
-) -> Result<PathBuf, String> {
+pub fn hostile_dtb(machine: &Machine, elf: &Path, patch: DtbPatch, dir: &Path) -> Result<PathBuf> {
     let stem = format!(
         "cargo-qemu-{}-{}-{}",
         std::process::id(),
@@ -360,19 +374,17 @@ pub fn hostile_dtb(
     let dumped = dir.join(format!("{stem}.qemu.dtb"));
     let out = dir.join(format!("{stem}.dtb"));
     let mut cmd = machine.dump_dtb_command(elf, &dumped);
-    let run = cmd
-        .output()
-        .map_err(|e| format!("cannot start {}: {e}", crate::setup::QEMU))?;
+    let run = cmd.output().map_err(Error::spawn(crate::setup::QEMU))?;
     let blob = std::fs::read(&dumped).map_err(|e| {
-        format!(
+        Error::Missing(format!(
             "QEMU did not dump its DTB ({e}); stderr: {}",
             String::from_utf8_lossy(&run.stderr)
-        )
+        ))
     })?;
     let _ = std::fs::remove_file(&dumped);
     let mut tree = Tree::parse(&blob)?;
     tree.apply(patch, hal::board::VIRT.ram_base, machine.mem_bytes())?;
-    std::fs::write(&out, tree.to_bytes()).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(&out, tree.to_bytes()).map_err(Error::io(&out))?;
     Ok(out)
 }
 
@@ -381,9 +393,9 @@ pub fn hostile_dtb(
 /// `/chosen` (QEMU writes `bootargs` there) and, where the model has PSCI
 /// at this entry EL, `/psci` with its conduit. Written to `dir`; returns
 /// the file's path.
-pub fn board_dtb(machine: &Machine, dir: &Path) -> Result<PathBuf, String> {
+pub fn board_dtb(machine: &Machine, dir: &Path) -> Result<PathBuf> {
     let board = hal::board::by_name(machine.board)
-        .ok_or_else(|| format!("unknown board {}", machine.board))?;
+        .ok_or_else(|| Error::Usage(format!("unknown board {}", machine.board)))?;
     let mut root = Node::new("")
         .with("#address-cells", cell(2))
         .with("#size-cells", cell(2))
@@ -412,7 +424,7 @@ pub fn board_dtb(machine: &Machine, dir: &Path) -> Result<PathBuf, String> {
         board.name,
         unique()
     ));
-    std::fs::write(&out, tree.to_bytes()).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(&out, tree.to_bytes()).map_err(Error::io(&out))?;
     Ok(out)
 }
 

@@ -13,26 +13,26 @@
 
 pub mod uimage;
 
+use crate::error::{Error, Result};
 use object::{Object, ObjectSegment};
 use std::path::{Path, PathBuf};
 
 /// The raw image of `elf`: its loadable bytes from the lowest load
 /// address, zero-filled between segments (BSS is not included; the arm64
 /// header's `image_size` covers it). Returns (load address, bytes).
-pub fn raw_image(elf: &[u8]) -> Result<(u64, Vec<u8>), String> {
-    let file = object::File::parse(elf).map_err(|e| format!("not an ELF: {e}"))?;
+pub fn raw_image(elf: &[u8]) -> Result<(u64, Vec<u8>)> {
+    let file = object::File::parse(elf).map_err(elf_error)?;
     let mut segs = Vec::new();
     for seg in file.segments() {
-        let data = seg.data().map_err(|e| e.to_string())?;
+        let data = seg.data().map_err(elf_error)?;
         if !data.is_empty() {
             segs.push((seg.address(), data));
         }
     }
-    let base = segs
-        .iter()
-        .map(|s| s.0)
-        .min()
-        .ok_or("no loadable segment")?;
+    let base = segs.iter().map(|s| s.0).min().ok_or_else(|| Error::Parse {
+        what: "ELF",
+        detail: "no loadable segment".into(),
+    })?;
     let end = segs
         .iter()
         .map(|(a, d)| a + d.len() as u64)
@@ -44,7 +44,10 @@ pub fn raw_image(elf: &[u8]) -> Result<(u64, Vec<u8>), String> {
         out[at..at + d.len()].copy_from_slice(d);
     }
     if out.get(0x38..0x3c) != Some(b"ARM\x64".as_slice()) {
-        return Err("the image has no arm64 header at its start".into());
+        return Err(Error::Parse {
+            what: "ELF",
+            detail: "the image has no arm64 header at its start".into(),
+        });
     }
     Ok((base, out))
 }
@@ -106,11 +109,19 @@ pub fn boot_cmd_for(board: &str, file: &str) -> String {
     )
 }
 
+/// An ELF that `object` cannot read.
+fn elf_error(e: object::Error) -> Error {
+    Error::Parse {
+        what: "ELF",
+        detail: e.to_string(),
+    }
+}
+
 /// Writes the resident loader for `board` (its ELF `loader_elf`) into
 /// `out`: on the Pis `kernel8.img` (loaded at 0x80000; it moves itself up)
 /// and a `config.txt` for it, on the EVK and ZCU102 `memfw-loader.elf` and
 /// the U-Boot script (`boot.cmd`, `boot.scr`) that `bootelf`s it.
-pub fn write_loader(board: &str, loader_elf: &Path, out: &Path) -> Result<Written, String> {
+pub fn write_loader(board: &str, loader_elf: &Path, out: &Path) -> Result<Written> {
     let (mut o, bytes) = Output::open(out, loader_elf)?;
     match board {
         "raspi3b" | "raspi4b" => {
@@ -129,7 +140,7 @@ pub fn write_loader(board: &str, loader_elf: &Path, out: &Path) -> Result<Writte
                 &cmd,
             )?;
         }
-        other => return Err(format!("no loader image for board {other}")),
+        other => return Err(Error::Usage(format!("no loader image for board {other}"))),
     }
     Ok(Written { files: o.files })
 }
@@ -149,16 +160,16 @@ struct Output<'a> {
 
 impl<'a> Output<'a> {
     /// Creates `dir` and reads the ELF the image is made from.
-    fn open(dir: &'a Path, elf: &Path) -> Result<(Self, Vec<u8>), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+    fn open(dir: &'a Path, elf: &Path) -> Result<(Self, Vec<u8>)> {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        let bytes = std::fs::read(elf).map_err(Error::io(elf))?;
         let files = Vec::new();
         Ok((Self { dir, files }, bytes))
     }
 
-    fn put(&mut self, name: &str, data: &[u8]) -> Result<(), String> {
+    fn put(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let p = self.dir.join(name);
-        std::fs::write(&p, data).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(&p, data).map_err(Error::io(&p))?;
         self.files.push(p);
         Ok(())
     }
@@ -166,19 +177,24 @@ impl<'a> Output<'a> {
     /// The ELF, its U-Boot script `boot.cmd` and that script as the
     /// legacy uImage `boot.scr`, checked by reading it back the way U-Boot's
     /// `source` does.
-    fn uboot(&mut self, title: &str, elf_name: &str, elf: &[u8], cmd: &str) -> Result<(), String> {
+    fn uboot(&mut self, title: &str, elf_name: &str, elf: &[u8], cmd: &str) -> Result<()> {
         self.put(elf_name, elf)?;
         self.put("boot.cmd", cmd.as_bytes())?;
-        let scr = uimage::script(title, cmd.as_bytes()).map_err(|e| format!("boot.scr: {e:?}"))?;
+        let scr = uimage::script(title, cmd.as_bytes()).map_err(|e| Error::Parse {
+            what: "boot.scr",
+            detail: format!("{e:?}"),
+        })?;
         if uimage::parse_script(&scr).ok() != Some(cmd.as_bytes()) {
-            return Err("boot.scr does not read back as boot.cmd".into());
+            return Err(Error::Check(
+                "boot.scr does not read back as boot.cmd".into(),
+            ));
         }
         self.put("boot.scr", &scr)
     }
 }
 
 /// Writes the image for `board` from its firmware `elf` into `out`.
-pub fn write(board: &str, elf: &Path, out: &Path) -> Result<Written, String> {
+pub fn write(board: &str, elf: &Path, out: &Path) -> Result<Written> {
     let (mut o, bytes) = Output::open(out, elf)?;
     match board {
         "raspi3b" | "raspi4b" => {
@@ -196,7 +212,7 @@ pub fn write(board: &str, elf: &Path, out: &Path) -> Result<Written, String> {
                 &boot_cmd(board),
             )?;
         }
-        other => return Err(format!("no image format for board {other}")),
+        other => return Err(Error::Usage(format!("no image format for board {other}"))),
     }
     Ok(Written { files: o.files })
 }

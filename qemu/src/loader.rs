@@ -4,6 +4,7 @@
 //! (segment by segment, each chunk acknowledged, resent on a NAK or a
 //! timeout), and RUN it; the console then carries the test as before.
 
+use crate::error::{Error, Result};
 use hal::loader_proto::{self as proto, kind, Hello, LoadError, Request};
 use hal::semihost_console as sh;
 use object::{Object, ObjectSegment};
@@ -43,11 +44,15 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
 
 impl Image {
     /// The PT_LOAD segments and entry of an ELF.
-    pub fn from_elf(elf: &[u8]) -> Result<Self, String> {
-        let file = object::File::parse(elf).map_err(|e| format!("not an ELF: {e}"))?;
+    pub fn from_elf(elf: &[u8]) -> Result<Self> {
+        let elf_error = |detail: String| Error::Parse {
+            what: "ELF",
+            detail,
+        };
+        let file = object::File::parse(elf).map_err(|e| elf_error(e.to_string()))?;
         let mut segments = Vec::new();
         for seg in file.segments() {
-            let data = seg.data().map_err(|e| e.to_string())?;
+            let data = seg.data().map_err(|e| elf_error(e.to_string()))?;
             if seg.size() == 0 {
                 continue;
             }
@@ -58,11 +63,11 @@ impl Image {
             });
         }
         if segments.is_empty() || segments.len() > proto::MAX_SEGMENTS {
-            return Err(format!(
+            return Err(elf_error(format!(
                 "{} loadable segments (1 to {} can be loaded)",
                 segments.len(),
                 proto::MAX_SEGMENTS
-            ));
+            )));
         }
         let entry = file.entry();
         let mut hash = 0xcbf2_9ce4_8422_2325u64;
@@ -284,7 +289,7 @@ impl<'a> Client<'a> {
         }
     }
 
-    fn send_frame(&mut self, k: u8, seq: u8, payload: &[u8]) -> Result<(), String> {
+    fn send_frame(&mut self, k: u8, seq: u8, payload: &[u8]) -> Result<()> {
         let mut bytes = Vec::new();
         proto::encode(k, seq, payload, |b| bytes.push(b));
         self.frames_sent += 1;
@@ -304,14 +309,14 @@ impl<'a> Client<'a> {
                 let half = bytes.len() / 2;
                 let _ = self.tx.write_all(&bytes[..half]);
                 let _ = self.tx.flush();
-                return Err("host vanished mid-transfer (test fault)".into());
+                return Err(Error::FaultInjected("host vanished mid-transfer"));
             }
             self.data_sent += 1;
         }
         self.tx
             .write_all(&bytes)
             .and_then(|()| self.tx.flush())
-            .map_err(|e| format!("console write: {e}"))
+            .map_err(Error::io("console write"))
     }
 
     /// Asks a firmware that finished (it repeats its EXIT) to reset.
@@ -323,7 +328,7 @@ impl<'a> Client<'a> {
 
     /// Waits for the loader's HELLO until `deadline`. A firmware that is
     /// still running its last test's EXIT is asked to reset.
-    pub fn wait_hello(&mut self, deadline: Instant) -> Result<Hello, String> {
+    pub fn wait_hello(&mut self, deadline: Instant) -> Result<Hello> {
         while let Some(b) = self.rx.byte(deadline) {
             if let Some(Ok(m)) = self.firmware_rx.push(b) {
                 if m.kind == sh::kind::EXIT {
@@ -332,12 +337,16 @@ impl<'a> Client<'a> {
             }
             if let Some(Ok(m)) = self.loader_rx.push(b) {
                 if m.kind == kind::HELLO {
-                    let h = Hello::decode(m.payload).ok_or("malformed HELLO")?;
+                    let h = Hello::decode(m.payload)
+                        .ok_or_else(|| Error::protocol("loader", "malformed HELLO"))?;
                     if h.version != proto::VERSION {
-                        return Err(format!(
-                            "loader speaks protocol version {}, this tool {}",
-                            h.version,
-                            proto::VERSION
+                        return Err(Error::protocol(
+                            "loader",
+                            format!(
+                                "speaks protocol version {}, this tool {}",
+                                h.version,
+                                proto::VERSION
+                            ),
                         ));
                     }
                     self.stats.board = String::from_utf8_lossy(h.name()).into_owned();
@@ -345,11 +354,11 @@ impl<'a> Client<'a> {
                 }
             }
         }
-        Err("no HELLO from the loader".into())
+        Err(Error::protocol("loader", "no HELLO"))
     }
 
     /// One request, resent until its reply comes (or the attempts run out).
-    fn request(&mut self, req: Request<'_>) -> Result<Reply, String> {
+    fn request(&mut self, req: Request<'_>) -> Result<Reply> {
         self.seq = self.seq.wrapping_add(1);
         if self.seq == proto::SEQ_UNKNOWN {
             self.seq = 0;
@@ -402,18 +411,24 @@ impl<'a> Client<'a> {
                 return Ok(r);
             }
         }
-        Err(format!("no reply to {req:?} after {ATTEMPTS} attempts"))
+        Err(Error::protocol(
+            "loader",
+            format!("no reply to {req:?} after {ATTEMPTS} attempts"),
+        ))
     }
 
-    fn expect_ack(&mut self, req: Request<'_>) -> Result<Result<(), LoadError>, String> {
+    fn expect_ack(&mut self, req: Request<'_>) -> Result<Result<(), LoadError>> {
         match self.request(req)? {
             Reply::Ack => Ok(Ok(())),
             Reply::Nak(e) => Ok(Err(e)),
-            Reply::Have(_) => Err(format!("HAVE in answer to {req:?}")),
+            Reply::Have(_) => Err(Error::protocol(
+                "loader",
+                format!("HAVE in answer to {req:?}"),
+            )),
         }
     }
 
-    fn upload_segment(&mut self, index: u8, s: &Segment) -> Result<(), String> {
+    fn upload_segment(&mut self, index: u8, s: &Segment) -> Result<()> {
         let crc = sh::crc32(&s.data);
         let mut last = None;
         for _ in 0..SEGMENT_ATTEMPTS {
@@ -426,9 +441,9 @@ impl<'a> Client<'a> {
             };
             // A refused place is final: the image does not fit this board.
             if let Err(e) = self.expect_ack(seg)? {
-                return Err(format!(
-                    "the loader refused segment {index} at {:#x}: {e:?}",
-                    s.addr
+                return Err(Error::protocol(
+                    "loader",
+                    format!("refused segment {index} at {:#x}: {e:?}", s.addr),
                 ));
             }
             let mut refused = None;
@@ -460,21 +475,31 @@ impl<'a> Client<'a> {
                     self.stats.resends += 1;
                     last = Some(e);
                 }
-                Err(e) => return Err(format!("the loader refused segment {index}: {e:?}")),
+                Err(e) => {
+                    return Err(Error::protocol(
+                        "loader",
+                        format!("refused segment {index}: {e:?}"),
+                    ))
+                }
             }
         }
-        Err(format!(
-            "segment {index} at {:#x} never loaded: {last:?}",
-            s.addr
+        Err(Error::protocol(
+            "loader",
+            format!("segment {index} at {:#x} never loaded: {last:?}", s.addr),
         ))
     }
 
     /// QUERY, then the missing segments, then RUN.
-    pub fn load_and_run(&mut self, image: &Image) -> Result<(), String> {
+    pub fn load_and_run(&mut self, image: &Image) -> Result<()> {
         let start = Instant::now();
         let have = match self.request(Request::Query { image: image.hash })? {
             Reply::Have(h) => h,
-            other => return Err(format!("QUERY answered with {other:?}")),
+            other => {
+                return Err(Error::protocol(
+                    "loader",
+                    format!("QUERY answered with {other:?}"),
+                ))
+            }
         };
         let count = image.segments.len() as u8;
         let same = have.same_image && have.count == count;
@@ -485,7 +510,7 @@ impl<'a> Client<'a> {
                 image: image.hash,
                 count,
             })? {
-                return Err(format!("BEGIN refused: {e:?}"));
+                return Err(Error::protocol("loader", format!("BEGIN refused: {e:?}")));
             }
             for (i, s) in image.segments.iter().enumerate() {
                 if same && have.intact & (1 << i) != 0 {
@@ -500,7 +525,7 @@ impl<'a> Client<'a> {
             x: [0; 3],
         };
         if let Err(e) = self.expect_ack(run)? {
-            return Err(format!("RUN refused: {e:?}"));
+            return Err(Error::protocol("loader", format!("RUN refused: {e:?}")));
         }
         self.stats.elapsed = start.elapsed();
         Ok(())
@@ -510,7 +535,7 @@ impl<'a> Client<'a> {
 /// What resets a board when its loader does not answer: `--power-cycle`,
 /// or (the CI proof) the QEMU model's own reset.
 #[derive(Clone)]
-pub struct ResetHook(pub Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+pub struct ResetHook(pub Arc<dyn Fn() -> Result<()> + Send + Sync>);
 
 impl std::fmt::Debug for ResetHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -679,7 +704,7 @@ mod tests {
         board: Board,
         faults: Faults,
         corrupt_replies_every: u32,
-    ) -> (Result<(), String>, Stats, Board, Option<u64>) {
+    ) -> (Result<()>, Stats, Board, Option<u64>) {
         let (h2b_tx, h2b_rx) = mpsc::channel();
         let (b2h_tx, b2h_rx) = mpsc::channel();
         let t = simulated(board, h2b_rx, b2h_tx, corrupt_replies_every);
@@ -712,7 +737,7 @@ mod tests {
     #[test]
     fn upload_then_rerun_skips_what_is_there() {
         let (r, s, mut b, entry) = session(fresh(), Faults::default(), 0);
-        assert_eq!(r, Ok(()));
+        assert_eq!(r.map_err(|e| e.to_string()), Ok(()));
         assert_eq!(entry, Some(BASE + 0x1000));
         assert_eq!(s.board, "fake");
         assert!(!s.skipped);
@@ -722,7 +747,7 @@ mod tests {
         assert_eq!(&b.mem[0x1000..0x1000 + 5000], &img.segments[0].data[..]);
         // The same board again: nothing to send.
         let (r, s, _, entry) = session(b, Faults::default(), 0);
-        assert_eq!(r, Ok(()));
+        assert_eq!(r.map_err(|e| e.to_string()), Ok(()));
         assert!(s.skipped, "{s:?}");
         assert_eq!(entry, Some(BASE + 0x1000));
         // The image wrote its data segment while it ran: only that goes.
@@ -730,7 +755,7 @@ mod tests {
         b = b2;
         b.mem[0x4_0002] = 9;
         let (r, s, _, _) = session(b, Faults::default(), 0);
-        assert_eq!(r, Ok(()));
+        assert_eq!(r.map_err(|e| e.to_string()), Ok(()));
         assert_eq!((s.skipped, s.segments_sent, s.bytes_sent), (false, 1, 5));
     }
 
@@ -743,7 +768,7 @@ mod tests {
             ..Faults::default()
         };
         let (r, s, b, entry) = session(fresh(), faults, 4);
-        assert_eq!(r, Ok(()));
+        assert_eq!(r.map_err(|e| e.to_string()), Ok(()));
         assert_eq!(entry, Some(BASE + 0x1000));
         assert!(s.corrupted > 0 && s.corrupt_naks > 0, "{s:?}");
         assert!(s.resends >= s.corrupted, "{s:?}");
@@ -759,10 +784,11 @@ mod tests {
             ..Faults::default()
         };
         let (r, _, b, entry) = session(fresh(), faults, 0);
-        assert!(r.is_err());
+        // The proof on a model tells this fault from a real failure by it.
+        assert!(matches!(r, Err(Error::FaultInjected(_))), "{r:?}");
         assert_eq!(entry, None);
         let (r, s, _, entry) = session(b, Faults::default(), 0);
-        assert_eq!(r, Ok(()));
+        assert_eq!(r.map_err(|e| e.to_string()), Ok(()));
         assert!(!s.skipped);
         assert_eq!(entry, Some(BASE + 0x1000));
     }

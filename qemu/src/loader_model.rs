@@ -8,6 +8,7 @@
 
 use crate::boot::{Boot, BootOptions};
 use crate::elf::TestCase;
+use crate::error::{Error, Result};
 use crate::loader::{Faults, ResetHook};
 use crate::log::Decoder;
 use crate::machine::{Console, Machine};
@@ -32,21 +33,21 @@ pub struct LoaderModel {
 /// The kernel QEMU boots for the loader on `board`: the Pi's raw
 /// `kernel8.img` (entered at EL2 with the DTB in x0, as the Pi firmware
 /// does), the ELF elsewhere (as U-Boot's `bootelf` loads it).
-pub fn loader_kernel(board: &str, elf: &std::path::Path) -> Result<PathBuf, String> {
+pub fn loader_kernel(board: &str, elf: &std::path::Path) -> Result<PathBuf> {
     if !board.starts_with("raspi") {
         return Ok(elf.to_path_buf());
     }
-    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+    let bytes = std::fs::read(elf).map_err(Error::io(elf))?;
     let (_, raw) = crate::image::raw_image(&bytes)?;
     let out = elf.with_file_name(format!("loader-{board}.img"));
-    std::fs::write(&out, raw).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(&out, raw).map_err(Error::io(&out))?;
     Ok(out)
 }
 
 impl LoaderModel {
     /// Builds the loader for `machine.board` and starts the model on it.
     /// `unix`: the console on a Unix socket (else a pty).
-    pub fn start(machine: Machine, unix: bool) -> Result<Self, String> {
+    pub fn start(machine: Machine, unix: bool) -> Result<Self> {
         let elf = crate::cargo::build_loader(machine.board)?;
         let kernel = loader_kernel(machine.board, &elf)?;
         let tmp = |ext: &str| {
@@ -78,7 +79,7 @@ impl LoaderModel {
         let qmp = tmp("qmp");
         let made = crate::fdt::board_dtb(&machine, &std::env::temp_dir())?;
         let dtb = tmp("dtb");
-        std::fs::rename(&made, &dtb).map_err(|e| format!("{}: {e}", dtb.display()))?;
+        std::fs::rename(&made, &dtb).map_err(Error::io(&dtb))?;
         let mut files = vec![qmp.clone()];
         if let PortSpec::Unix(p) | PortSpec::Tty { path: p, .. } = &port {
             files.push(p.clone());
@@ -93,9 +94,7 @@ impl LoaderModel {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         crate::boot::dies_with_this_tool(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", crate::setup::QEMU))?;
+        let child = cmd.spawn().map_err(Error::spawn(crate::setup::QEMU))?;
         // QEMU moves console input into a full UART FIFO only when its
         // main loop runs again, which an idle model does rarely (the
         // mini-UART's 8 bytes then arrive about once a second). A QMP
@@ -142,11 +141,15 @@ impl LoaderModel {
     pub fn reset_hook(&self) -> ResetHook {
         let qmp = self.qmp_conn.clone();
         ResetHook(Arc::new(move || {
-            let mut c = qmp.lock().map_err(|_| "QMP lock poisoned".to_string())?;
-            let q = c.as_mut().ok_or("the model's QMP is not connected")?;
+            let mut c = qmp
+                .lock()
+                .map_err(|_| Error::Missing("the model's QMP lock is poisoned".into()))?;
+            let q = c
+                .as_mut()
+                .ok_or_else(|| Error::Missing("the model's QMP is not connected".into()))?;
             q.execute("system_reset", None)
                 .map(|_| ())
-                .map_err(|e| format!("QMP system_reset: {e}"))
+                .map_err(|e| Error::during("QMP system_reset")(e.into()))
         }))
     }
 }
@@ -189,7 +192,7 @@ impl LoaderModel {
         decoder: &Decoder,
         case: &TestCase,
         faults: Faults,
-    ) -> Result<Boot, String> {
+    ) -> Result<Boot> {
         let m = &self.machine;
         let opts = BootOptions {
             semihosting_args: vec![
@@ -223,7 +226,7 @@ pub struct Proof {
     pub name: &'static str,
     /// Runs it: the wall time, or why it failed.
     #[allow(clippy::type_complexity)]
-    pub run: fn(&LoaderModel, &[(String, PathBuf)], &[Decoder]) -> Result<Duration, String>,
+    pub run: fn(&LoaderModel, &[(String, PathBuf)], &[Decoder]) -> Result<Duration>,
 }
 
 /// The loader's proofs: frames corrupted on the wire, a host that
@@ -249,17 +252,15 @@ fn case<'a>(
     decoders: &'a [Decoder],
     suite: &str,
     name: &str,
-) -> Result<(&'a Path, &'a Decoder, TestCase), String> {
+) -> Result<(&'a Path, &'a Decoder, TestCase)> {
     let i = elfs
         .iter()
         .position(|(n, _)| n == suite)
-        .ok_or_else(|| format!("no {suite} suite built"))?;
-    let bytes = std::fs::read(&elfs[i].1).map_err(|e| e.to_string())?;
-    let c = crate::elf::read_tests(&bytes)
-        .map_err(|e| e.to_string())?
+        .ok_or_else(|| Error::Missing(format!("no {suite} suite built")))?;
+    let c = crate::test::read_cases(&elfs[i].1)?
         .into_iter()
         .find(|c| c.name == name)
-        .ok_or_else(|| format!("no test {suite}::{name}"))?;
+        .ok_or_else(|| Error::Missing(format!("no test {suite}::{name}")))?;
     Ok((&elfs[i].1, &decoders[i], c))
 }
 
@@ -283,9 +284,8 @@ fn figure(note: &str, word: &str) -> Option<u64> {
         .ok()
 }
 
-fn passed(b: &Boot, case: &TestCase) -> Result<(), String> {
-    crate::test::judge_embedded(b.ending, case.should_panic)
-        .map_err(|e| format!("{e}\n{}", b.transcript()))
+fn passed(b: &Boot, case: &TestCase) -> Result<()> {
+    crate::test::judge_embedded(b.ending, case.should_panic).map_err(|e| e.with_log(b.transcript()))
 }
 
 /// A different image each time (so something is uploaded): the suites
@@ -294,7 +294,7 @@ fn corrupted_frames(
     model: &LoaderModel,
     elfs: &[(String, PathBuf)],
     decoders: &[Decoder],
-) -> Result<Duration, String> {
+) -> Result<Duration> {
     let start = std::time::Instant::now();
     let (elf, dec, c) = case(elfs, decoders, "mmu", "linter_clean_after_boot")
         .or_else(|_| case(elfs, decoders, "boot", "runs_at_el1"))?;
@@ -308,10 +308,10 @@ fn corrupted_frames(
     let n = note(&b);
     let refused = figure(&n, "corrupt frames refused").unwrap_or(0);
     if refused == 0 || figure(&n, "bytes").unwrap_or(0) == 0 {
-        return Err(format!(
-            "expected an upload with corrupt frames refused: {n}\n{}",
-            b.transcript()
-        ));
+        return Err(Error::Check(format!(
+            "expected an upload with corrupt frames refused: {n}"
+        ))
+        .with_log(b.transcript()));
     }
     Ok(start.elapsed())
 }
@@ -320,7 +320,7 @@ fn host_vanishes(
     model: &LoaderModel,
     elfs: &[(String, PathBuf)],
     decoders: &[Decoder],
-) -> Result<Duration, String> {
+) -> Result<Duration> {
     let start = std::time::Instant::now();
     let (elf, dec, c) = case(elfs, decoders, "platform", "memory_matches_qemu")?;
     let faults = Faults {
@@ -328,8 +328,12 @@ fn host_vanishes(
         ..Faults::default()
     };
     match model.run_case(elf, dec, &c, faults) {
-        Err(e) if e.contains("vanished") => {}
-        other => return Err(format!("the first host should have vanished: {other:?}")),
+        Err(e) if matches!(e.root(), Error::FaultInjected(_)) => {}
+        other => {
+            return Err(Error::Check(format!(
+                "the first host should have vanished: {other:?}"
+            )))
+        }
     }
     // The next host: the loader dropped the half frame, says HELLO again,
     // and takes the (incomplete) image.
@@ -337,7 +341,9 @@ fn host_vanishes(
     passed(&b, &c)?;
     let n = note(&b);
     if figure(&n, "bytes").unwrap_or(0) == 0 {
-        return Err(format!("expected the rest to be uploaded: {n}"));
+        return Err(Error::Check(format!(
+            "expected the rest to be uploaded: {n}"
+        )));
     }
     Ok(start.elapsed())
 }
@@ -346,32 +352,31 @@ fn rerun_skips(
     model: &LoaderModel,
     elfs: &[(String, PathBuf)],
     decoders: &[Decoder],
-) -> Result<Duration, String> {
+) -> Result<Duration> {
     let start = std::time::Instant::now();
     let (elf, dec, c) = case(elfs, decoders, "boot", "bss_is_zeroed")?;
     let first = model.run_case(elf, dec, &c, Faults::default())?;
     passed(&first, &c)?;
     let second = model.run_case(elf, dec, &c, Faults::default())?;
     passed(&second, &c)?;
-    let image: u64 =
-        crate::loader::Image::from_elf(&std::fs::read(elf).map_err(|e| e.to_string())?)?
-            .segments
-            .iter()
-            .map(|s| s.data.len() as u64)
-            .sum();
+    let image: u64 = crate::loader::Image::from_elf(&std::fs::read(elf).map_err(Error::io(elf))?)?
+        .segments
+        .iter()
+        .map(|s| s.data.len() as u64)
+        .sum();
     let n = note(&second);
     // The test wrote its own data segment while it ran, so that one goes
     // again; the rest (code, read-only data) must be found in place.
     let sent = if n.contains("already here") {
         0
     } else {
-        figure(&n, "bytes").ok_or_else(|| format!("no upload figure in {n:?}"))?
+        figure(&n, "bytes").ok_or_else(|| Error::Check(format!("no upload figure in {n:?}")))?
     };
     if sent * 10 > image {
-        return Err(format!(
+        return Err(Error::Check(format!(
             "the rerun sent {sent} of the image's {image} bytes: {n}\nfirst: {}",
             note(&first)
-        ));
+        )));
     }
     Ok(start.elapsed())
 }

@@ -2,8 +2,10 @@
 //! framing) against the ELF it came from, with levels, timestamps and
 //! file:line locations.
 
+use crate::error::{Error, Result};
 use defmt_decoder::{DecodeError, Frame, Locations, Table};
 use std::io::Read;
+use std::path::Path;
 
 /// One decoded log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,13 +41,31 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Reads the defmt tables (and, when present, DWARF locations) of an ELF.
-    pub fn new(elf: &[u8]) -> Result<Self, String> {
+    /// Reads the defmt tables (and, when present, DWARF locations) of the
+    /// ELF `elf` read from `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Elf`] naming `path` when the ELF has no readable defmt table.
+    pub fn new(elf: &[u8], path: &Path) -> Result<Self> {
+        let elf_error = |what: String| Error::Elf {
+            path: path.to_path_buf(),
+            what,
+        };
         let table = Table::parse(elf)
-            .map_err(|e| format!("defmt table: {e}"))?
-            .ok_or("the ELF has no defmt data")?;
+            .map_err(|e| elf_error(format!("defmt table: {e}")))?
+            .ok_or_else(|| elf_error("the ELF has no defmt data".into()))?;
         let locations = table.get_locations(elf).ok().filter(|l| !l.is_empty());
         Ok(Self { table, locations })
+    }
+
+    /// [`Decoder::new`] for the ELF file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when it cannot be read, else as [`Decoder::new`].
+    pub fn read(path: &Path) -> Result<Self> {
+        Self::new(&std::fs::read(path).map_err(Error::io(path))?, path)
     }
 
     fn line(&self, frame: &Frame<'_>) -> LogLine {

@@ -59,7 +59,9 @@ fn main() -> ExitCode {
         Cmd::Runner { elf, rest: _ } => cmd_runner(&elf),
         Cmd::Test(t) => cmd_test(t),
         Cmd::Bench { which, board, peer } => cmd_bench(which, board, peer),
-        Cmd::Balloon { size, qmp } => balloon::cmd_balloon(size, qmp).map_err(Error::Balloon),
+        Cmd::Balloon { size, qmp } => {
+            balloon::cmd_balloon(size, qmp).map_err(Error::during("balloon"))
+        }
         Cmd::Setup => cmd_setup(),
         Cmd::Image { board, out } => cmd_image(board, &out),
     };
@@ -83,8 +85,8 @@ fn ending_code(ending: Ending) -> ExitCode {
 
 fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let machine = a.machine()?;
-    setup::ensure_qemu().map_err(Error::Setup)?;
-    let elf = cargo::build_firmware(machine.board).map_err(Error::Build)?;
+    setup::ensure_qemu().map_err(Error::during("setup"))?;
+    let elf = cargo::build_firmware(machine.board).map_err(Error::during("build"))?;
     boot_interactive(&machine, &elf, a.append.as_deref(), a.exit_when_ready)
 }
 
@@ -96,11 +98,7 @@ fn boot_interactive(
     append: Option<&str>,
     exit_when_ready: bool,
 ) -> Result<ExitCode> {
-    let bytes = std::fs::read(elf).map_err(Error::io(elf))?;
-    let decoder = log::Decoder::new(&bytes).map_err(|what| Error::Elf {
-        path: elf.to_path_buf(),
-        what,
-    })?;
+    let decoder = log::Decoder::read(elf)?;
     let qmp_path = std::env::temp_dir().join(format!("cargo-qemu-{}.qmp", std::process::id()));
     println!(
         "qemu: booting {} on {} [{}], QMP at {}",
@@ -152,7 +150,7 @@ fn boot_interactive(
     let result = boot::boot(machine, elf, &decoder, &opts);
     let _ = std::fs::remove_file(&qmp_path);
     let _ = std::fs::remove_file(balloon::log_path(&qmp_path));
-    let b = result.map_err(Error::Qemu)?;
+    let b = result.map_err(Error::during("qemu"))?;
     if !b.stderr.trim().is_empty() {
         eprintln!("{}", b.stderr.trim_end());
     }
@@ -161,11 +159,12 @@ fn boot_interactive(
 }
 
 fn cmd_image(board: &'static str, out: &Path) -> Result<ExitCode> {
-    let elf = cargo::build_firmware(board).map_err(Error::Build)?;
-    let mut written = image::write(board, &elf, out).map_err(Error::Image)?;
+    let elf = cargo::build_firmware(board).map_err(Error::during("build"))?;
+    let mut written = image::write(board, &elf, out).map_err(Error::during("image"))?;
     // The resident loader for `cargo qemu test --serial`, in loader/.
-    let loader = cargo::build_loader(board).map_err(Error::Build)?;
-    let more = image::write_loader(board, &loader, &out.join("loader")).map_err(Error::Image)?;
+    let loader = cargo::build_loader(board).map_err(Error::during("build"))?;
+    let more =
+        image::write_loader(board, &loader, &out.join("loader")).map_err(Error::during("image"))?;
     written.files.extend(more.files);
     for f in &written.files {
         println!("image: wrote {}", f.display());
@@ -174,9 +173,9 @@ fn cmd_image(board: &'static str, out: &Path) -> Result<ExitCode> {
 }
 
 fn cmd_setup() -> Result<ExitCode> {
-    setup::ensure_target(cargo::TARGET).map_err(Error::Setup)?;
-    setup::ensure_qemu().map_err(Error::Setup)?;
-    labgrid::venv::ensure().map_err(Error::Setup)?;
+    setup::ensure_target(cargo::TARGET).map_err(Error::during("setup"))?;
+    setup::ensure_qemu().map_err(Error::during("setup"))?;
+    labgrid::venv::ensure().map_err(Error::during("setup"))?;
     println!(
         "qemu: the Rust target {}, QEMU >= {} and labgrid {} are installed",
         cargo::TARGET,
@@ -189,7 +188,7 @@ fn cmd_setup() -> Result<ExitCode> {
 /// The cargo target runner: a test binary's tests go through the same job
 /// runner as `cargo qemu test`; any other ELF boots interactively.
 fn cmd_runner(elf: &Path) -> Result<ExitCode> {
-    setup::ensure_qemu().map_err(Error::Setup)?;
+    setup::ensure_qemu().map_err(Error::during("setup"))?;
     let bytes = std::fs::read(elf).map_err(Error::io(elf))?;
     match elf::read_tests(&bytes) {
         Ok(_) => Ok(summary(test::run_elf(elf, Machine::default())?)),
@@ -224,9 +223,9 @@ fn cmd_test(t: TestCli) -> Result<ExitCode> {
 }
 
 fn boot_bench(board: &'static str) -> Result<Vec<bench::Record>> {
-    setup::ensure_qemu().map_err(Error::Setup)?;
-    let elf = cargo::build_firmware(board).map_err(Error::Build)?;
-    bench::boot::run(&elf, board).map_err(Error::Bench)
+    setup::ensure_qemu().map_err(Error::during("setup"))?;
+    let elf = cargo::build_firmware(board).map_err(Error::during("build"))?;
+    bench::boot::run(&elf, board).map_err(Error::during("bench"))
 }
 
 fn cmd_bench(which: BenchWhich, board: &'static str, peer: Option<Peer>) -> Result<ExitCode> {
@@ -239,17 +238,20 @@ fn cmd_bench(which: BenchWhich, board: &'static str, peer: Option<Peer>) -> Resu
         BenchWhich::Memdesc => bench::memdesc::run(),
         BenchWhich::Smp => {
             let mut r = bench::smp::run();
-            setup::ensure_qemu().map_err(Error::Setup)?;
-            let elf = cargo::build_firmware("virt").map_err(Error::Build)?;
-            r.extend(bench::smp_target::run(&elf).map_err(Error::Bench)?);
+            setup::ensure_qemu().map_err(Error::during("setup"))?;
+            let elf = cargo::build_firmware("virt").map_err(Error::during("build"))?;
+            r.extend(
+                bench::smp_target::run(&elf)
+                    .map_err(|what| Error::during("bench")(Error::Check(what)))?,
+            );
             r
         }
         BenchWhich::Translation => bench::translation::run(),
         BenchWhich::Boot => boot_bench(board)?,
         BenchWhich::Balloon => {
-            setup::ensure_qemu().map_err(Error::Setup)?;
-            let elf = cargo::build_firmware("virt").map_err(Error::Build)?;
-            bench::balloon::run(&elf, peer.is_some()).map_err(Error::Bench)?
+            setup::ensure_qemu().map_err(Error::during("setup"))?;
+            let elf = cargo::build_firmware("virt").map_err(Error::during("build"))?;
+            bench::balloon::run(&elf, peer.is_some()).map_err(Error::during("bench"))?
         }
         BenchWhich::All => {
             let mut r = bench::memdesc::run();

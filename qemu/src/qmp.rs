@@ -47,6 +47,15 @@ impl std::fmt::Display for QmpError {
     }
 }
 
+impl std::error::Error for QmpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl From<std::io::Error> for QmpError {
     fn from(e: std::io::Error) -> Self {
         Self::Io(e)

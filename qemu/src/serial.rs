@@ -32,10 +32,10 @@ pub enum PortSpec {
 
 impl PortSpec {
     /// `unix:PATH`, `tcp:HOST:PORT`, anything else a tty path.
-    pub fn parse(s: &str, baud: u32) -> std::result::Result<Self, String> {
+    pub fn parse(s: &str, baud: u32) -> Result<Self> {
         if let Some(p) = s.strip_prefix("unix:") {
             return match p {
-                "" => Err("unix: needs a socket path".into()),
+                "" => Err(Error::Usage("unix: needs a socket path".into())),
                 p => Ok(Self::Unix(p.into())),
             };
         }
@@ -44,14 +44,18 @@ impl PortSpec {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                     Ok(Self::Tcp(a.to_string()))
                 }
-                _ => Err(format!("tcp: takes HOST:PORT, not {a:?}")),
+                _ => Err(Error::Usage(format!("tcp: takes HOST:PORT, not {a:?}"))),
             };
         }
         if s.is_empty() {
-            return Err("needs a serial device or unix:PATH / tcp:HOST:PORT".into());
+            return Err(Error::Usage(
+                "needs a serial device or unix:PATH / tcp:HOST:PORT".into(),
+            ));
         }
         if speed(baud).is_none() {
-            return Err(format!("baud rate {baud} is not a standard tty speed"));
+            return Err(Error::Usage(format!(
+                "baud rate {baud} is not a standard tty speed"
+            )));
         }
         Ok(Self::Tty {
             path: s.into(),
@@ -151,28 +155,24 @@ fn open_once(spec: &PortSpec, stop: &Arc<AtomicBool>) -> Result<Port> {
                 .write(true)
                 .custom_flags(libc::O_NOCTTY)
                 .open(path)
-                .map_err(|e| Error::Serial(format!("{}: {e}", path.display())))?;
-            make_raw(&f, *baud).map_err(|e| Error::Serial(format!("{}: {e}", path.display())))?;
-            let w = f
-                .try_clone()
-                .map_err(|e| Error::Serial(format!("{}: {e}", path.display())))?;
+                .map_err(Error::io(path))?;
+            make_raw(&f, *baud).map_err(Error::io(path))?;
+            let w = f.try_clone().map_err(Error::io(path))?;
             (Box::new(f), Box::new(w), true)
         }
         PortSpec::Unix(path) => {
-            let s = std::os::unix::net::UnixStream::connect(path)
-                .map_err(|e| Error::Serial(format!("unix:{}: {e}", path.display())))?;
-            s.set_read_timeout(wake)
-                .map_err(|e| Error::Serial(e.to_string()))?;
-            let w = s.try_clone().map_err(|e| Error::Serial(e.to_string()))?;
+            let name = format!("unix:{}", path.display());
+            let s = std::os::unix::net::UnixStream::connect(path).map_err(Error::io(&name))?;
+            s.set_read_timeout(wake).map_err(Error::io(&name))?;
+            let w = s.try_clone().map_err(Error::io(&name))?;
             (Box::new(s), Box::new(w), false)
         }
         PortSpec::Tcp(addr) => {
-            let s = std::net::TcpStream::connect(addr)
-                .map_err(|e| Error::Serial(format!("tcp:{addr}: {e}")))?;
-            s.set_read_timeout(wake)
-                .map_err(|e| Error::Serial(e.to_string()))?;
+            let name = format!("tcp:{addr}");
+            let s = std::net::TcpStream::connect(addr).map_err(Error::io(&name))?;
+            s.set_read_timeout(wake).map_err(Error::io(&name))?;
             let _ = s.set_nodelay(true);
-            let w = s.try_clone().map_err(|e| Error::Serial(e.to_string()))?;
+            let w = s.try_clone().map_err(Error::io(&name))?;
             (Box::new(s), Box::new(w), false)
         }
     };
@@ -227,25 +227,28 @@ mod tests {
     #[test]
     fn port_specs() {
         assert_eq!(
-            PortSpec::parse("/dev/ttyUSB0", 115_200),
-            Ok(PortSpec::Tty {
+            PortSpec::parse("/dev/ttyUSB0", 115_200).ok(),
+            Some(PortSpec::Tty {
                 path: "/dev/ttyUSB0".into(),
                 baud: 115_200
             })
         );
         assert_eq!(
-            PortSpec::parse("unix:/tmp/c.sock", 115_200),
-            Ok(PortSpec::Unix("/tmp/c.sock".into()))
+            PortSpec::parse("unix:/tmp/c.sock", 115_200).ok(),
+            Some(PortSpec::Unix("/tmp/c.sock".into()))
         );
         assert_eq!(
-            PortSpec::parse("tcp:lab1:4001", 115_200),
-            Ok(PortSpec::Tcp("lab1:4001".into()))
+            PortSpec::parse("tcp:lab1:4001", 115_200).ok(),
+            Some(PortSpec::Tcp("lab1:4001".into()))
         );
         assert!(PortSpec::parse("tcp:lab1", 115_200).is_err());
         assert!(PortSpec::parse("tcp::80", 115_200).is_err());
         assert!(PortSpec::parse("unix:", 115_200).is_err());
         assert!(PortSpec::parse("", 115_200).is_err());
-        assert!(PortSpec::parse("/dev/ttyUSB0", 12_345).is_err());
+        assert!(matches!(
+            PortSpec::parse("/dev/ttyUSB0", 12_345),
+            Err(Error::Usage(_))
+        ));
     }
 
     /// A pty pair stands in for a USB-serial adapter: bytes written on one

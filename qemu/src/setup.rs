@@ -8,6 +8,7 @@
 //!   Debian/Ubuntu as root it installs `qemu-system-arm` itself (from
 //!   bookworm-backports on bookworm); otherwise it prints the exact commands.
 
+use crate::error::{Error, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,29 +69,33 @@ pub fn add_backports_suite(deb822: &str) -> Option<String> {
     changed.then(|| out.join("\n") + "\n")
 }
 
-pub(crate) fn run(cmd: &mut Command) -> Result<(), String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let status = cmd.status().map_err(Error::spawn(format!("{cmd:?}")))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd:?} failed with {status}"))
+        Err(Error::Failed {
+            command: format!("{cmd:?}"),
+            status,
+            output: String::new(),
+        })
     }
 }
 
 /// The active toolchain's sysroot, from the `rustc` cargo would run.
-fn sysroot() -> Result<PathBuf, String> {
+fn sysroot() -> Result<PathBuf> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let out = Command::new(&rustc)
         .args(["--print", "sysroot"])
         .output()
-        .map_err(|e| format!("{}: {e}", rustc.to_string_lossy()))?;
+        .map_err(Error::spawn(rustc.to_string_lossy()))?;
     if !out.status.success() {
-        return Err(format!(
-            "{} --print sysroot failed: {}",
-            rustc.to_string_lossy(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(Error::Failed {
+            command: format!("{} --print sysroot", rustc.to_string_lossy()),
+            status: out.status,
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
@@ -123,39 +128,39 @@ fn have_rustup() -> bool {
 
 /// Ensures the active toolchain can build for `target`, adding it with rustup
 /// when it is missing. Never relies on rustup's auto-install.
-pub fn ensure_target(target: &str) -> Result<(), String> {
+pub fn ensure_target(target: &str) -> Result<()> {
     let root = sysroot()?;
     if target_installed(&root, target) {
         return Ok(());
     }
     let add = target_add_command(target);
     if !have_rustup() {
-        return Err(format!(
+        return Err(Error::Install(format!(
             "the Rust target {target} is not installed in {} and rustup is not on PATH.\n\
              Install rustup (https://rustup.rs) and run:\n  {add}\n\
              or install your distribution's standard library for {target}.",
             root.display()
-        ));
+        )));
     }
     eprintln!(
         "qemu: the Rust target {target} is missing from {}; installing it: {add}",
         root.display()
     );
     run(Command::new("rustup").args(["target", "add", target]))
-        .map_err(|e| format!("{e}\nrun `{add}` yourself and try again"))?;
+        .map_err(|e| Error::Install(format!("{e}\nrun `{add}` yourself and try again")))?;
     if target_installed(&root, target) {
         Ok(())
     } else {
-        Err(format!(
+        Err(Error::Install(format!(
             "`{add}` succeeded but {} still has no {target} standard library; \
              is another toolchain active here (rust-toolchain.toml, RUSTUP_TOOLCHAIN)?",
             root.display()
-        ))
+        )))
     }
 }
 
 /// Ensures QEMU >= 10 is on PATH, installing it where we can.
-pub fn ensure_qemu() -> Result<(), String> {
+pub fn ensure_qemu() -> Result<()> {
     if let Some(v) = installed_version() {
         if v.0 >= MIN_MAJOR {
             return Ok(());
@@ -175,17 +180,17 @@ pub fn ensure_qemu() -> Result<(), String> {
         "apt-get update && apt-get install -y qemu-system-arm".to_string()
     };
     if !debian_like || !is_root() {
-        return Err(format!(
+        return Err(Error::Install(format!(
             "QEMU >= {MIN_MAJOR} ({QEMU}) is needed. On Debian/Ubuntu, as root:\n  {commands}\n\
              Elsewhere install QEMU {MIN_MAJOR} or newer with your package manager."
-        ));
+        )));
     }
     eprintln!("qemu: installing qemu-system-arm (QEMU >= {MIN_MAJOR}) with apt-get");
     if bookworm {
         let path = Path::new(DEB822);
-        let text = fs::read_to_string(path).map_err(|e| format!("{DEB822}: {e}"))?;
+        let text = fs::read_to_string(path).map_err(Error::io(path))?;
         if let Some(new) = add_backports_suite(&text) {
-            fs::write(path, new).map_err(|e| format!("{DEB822}: {e}"))?;
+            fs::write(path, new).map_err(Error::io(path))?;
         }
     }
     run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -202,11 +207,13 @@ pub fn ensure_qemu() -> Result<(), String> {
     run(install.arg("qemu-system-arm"))?;
     match installed_version() {
         Some(v) if v.0 >= MIN_MAJOR => Ok(()),
-        Some(v) => Err(format!(
+        Some(v) => Err(Error::Install(format!(
             "installed QEMU {}.{} is older than {MIN_MAJOR}",
             v.0, v.1
-        )),
-        None => Err(format!("{QEMU} still not found after installing")),
+        ))),
+        None => Err(Error::Install(format!(
+            "{QEMU} still not found after installing"
+        ))),
     }
 }
 

@@ -5,7 +5,7 @@
 
 use crate::boot::{boot, BootOptions, Ending};
 use crate::elf::{read_tests, TestCase};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Want};
 use crate::fdt::DtbPatch;
 use crate::log::Decoder;
 use crate::machine::{Console, Machine};
@@ -330,7 +330,7 @@ impl Job {
 }
 
 /// The embedded-test cases in the ELF at `path`.
-fn read_cases(path: &std::path::Path) -> Result<Vec<TestCase>> {
+pub(crate) fn read_cases(path: &std::path::Path) -> Result<Vec<TestCase>> {
     let bytes = std::fs::read(path).map_err(Error::io(path))?;
     read_tests(&bytes).map_err(|e| Error::Elf {
         path: path.to_path_buf(),
@@ -351,7 +351,7 @@ fn for_each_suite_case(
     count_ignored: bool,
     mut each: impl FnMut(usize, &str, String, TestCase),
 ) -> Result<()> {
-    for art in crate::cargo::build_tests(board).map_err(Error::Build)? {
+    for art in crate::cargo::build_tests(board).map_err(Error::during("build"))? {
         let cases = read_cases(&art.path)?;
         let idx = elfs.len();
         elfs.push((art.name.clone(), art.path.clone()));
@@ -753,28 +753,18 @@ const SYSTEM_TESTS: &[SystemTest] = &[
     },
 ];
 
-/// Judges an embedded-test boot: `Ok` or the reason it failed.
-pub fn judge_embedded(ending: Ending, should_panic: bool) -> Result<(), String> {
-    match (ending, should_panic) {
-        (Ending::Exited(0), false) => Ok(()),
-        (Ending::Exited(0), true) => Err("passed but should have panicked".into()),
-        (Ending::Exited(c), true) if c == hal::exit::PANIC => Ok(()),
-        (Ending::Exited(c), false) if c == hal::exit::PANIC => {
-            Err("panicked (or returned Err)".into())
-        }
-        (Ending::Exited(c), _) if c == hal::exit::CRASH => {
-            Err("crashed: unexpected exception".into())
-        }
-        (Ending::Exited(c), _) if c == hal::exit::BAD_DTB => {
-            Err("device tree rejected at boot".into())
-        }
-        (Ending::Exited(c), _) if c == hal::exit::POWEROFF_FAILED => {
-            Err("PSCI SYSTEM_OFF returned".into())
-        }
-        (Ending::Exited(c), _) => Err(format!("QEMU exited with status {c}")),
-        (Ending::Signalled(s), _) => Err(format!("QEMU killed by signal {s}")),
-        (Ending::TimedOut, _) => Err("timed out".into()),
-        (Ending::Stopped, _) => Err("stopped early".into()),
+/// Judges an embedded-test boot: `Ok`, or [`Error::Ending`] with how it
+/// ended against what the test wanted.
+pub fn judge_embedded(ending: Ending, should_panic: bool) -> Result<()> {
+    let want = if should_panic {
+        Want::Panic
+    } else {
+        Want::Pass
+    };
+    match (ending, want) {
+        (Ending::Exited(0), Want::Pass) => Ok(()),
+        (Ending::Exited(c), Want::Panic) if c == hal::exit::PANIC => Ok(()),
+        (got, want) => Err(Error::Ending { got, want }),
     }
 }
 
@@ -808,7 +798,7 @@ pub fn guest_reset(events: &[(String, serde_json::Value)]) -> bool {
 
 /// Boots one job and judges it: `Ok(wall time)` or the reason it failed
 /// followed by its decoded log.
-fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Duration, String> {
+fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Duration> {
     let m = &job.machine;
     let mut semihosting_args = vec![
         format!("entry_el={}", m.el),
@@ -902,15 +892,21 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
         Check::System(st) => match (st.exit, b.ending) {
             _ if st.hang_timeout.is_some() => match b.ending {
                 Ending::TimedOut => Ok(()),
-                other => Err(format!("expected a hang ended by the timeout, got {other:?}")),
+                got => Err(Error::Ending {
+                    got,
+                    want: Want::Hang,
+                }),
             },
             (None, Ending::Stopped) => Ok(()),
             (Some(want), Ending::Exited(got)) if want == got => Ok(()),
-            (want, got) => Err(format!("expected {want:?} (None = ready), got {got:?}")),
+            (want, got) => Err(Error::Ending {
+                got,
+                want: Want::Exit(want),
+            }),
         }
         .and_then(|()| match st.must_log.iter().find(|t| !b.logged(t)) {
             None => Ok(()),
-            Some(t) => Err(format!("log lacks {t:?}")),
+            Some(t) => Err(Error::Check(format!("log lacks {t:?}"))),
         })
         .and_then(|()| {
             let events = events.lock().map(|e| e.clone()).unwrap_or_default();
@@ -918,22 +914,22 @@ fn run_job(job: &Job, elf: &std::path::Path, decoder: &Decoder) -> Result<Durati
                 if guest_reset(&events) {
                     Ok(())
                 } else {
-                    Err(format!(
+                    Err(Error::Check(format!(
                         "QEMU saw no guest reset (QMP SHUTDOWN, reason guest-reset); events: {events:?}"
-                    ))
+                    )))
                 }
             } else if !st.guest_shutdown || guest_powered_off(&events) {
                 Ok(())
             } else {
-                Err(format!(
+                Err(Error::Check(format!(
                     "QEMU saw no guest power-off (QMP SHUTDOWN, reason guest-shutdown); events: {events:?}"
-                ))
+                )))
             }
         }),
     };
     verdict
         .map(|()| b.elapsed)
-        .map_err(|e| format!("{e}\n{}", b.transcript()))
+        .map_err(|e| e.with_log(b.transcript()))
 }
 
 /// Runs everything; returns the tally (the caller prints the final line).
@@ -1072,7 +1068,7 @@ fn power_cycle_proof_jobs(
             console: Console::UnixSocket(sock.clone()),
             ..Machine::board(board, Machine::entry_els(board)[0])
         };
-        let made = crate::fdt::board_dtb(&model, &std::env::temp_dir()).map_err(Error::Qemu)?;
+        let made = crate::fdt::board_dtb(&model, &std::env::temp_dir())?;
         let dtb = tmp("dtb");
         std::fs::rename(&made, &dtb).map_err(Error::io(&dtb))?;
         let pidfile = tmp("pid");
@@ -1139,14 +1135,15 @@ fn add_board_jobs(
     if board == "raspi3b" {
         power_cycle_proof_jobs(board, elfs, jobs, args)?;
     }
-    let firmware = crate::cargo::build_firmware(board).map_err(Error::Build)?;
+    let firmware = crate::cargo::build_firmware(board).map_err(Error::during("build"))?;
     let fw_idx = elfs.len();
     // The board's image, written where `cargo qemu image` would put it.
     let image_kernel = if board == "virt" {
         None
     } else {
         let dir = firmware.with_file_name(format!("image-{board}"));
-        let written = crate::image::write(board, &firmware, &dir).map_err(Error::Image)?;
+        let written =
+            crate::image::write(board, &firmware, &dir).map_err(Error::during("image"))?;
         let name = if board.starts_with("raspi") {
             "kernel8.img"
         } else {
@@ -1158,15 +1155,14 @@ fn add_board_jobs(
     for st in system_tests_for(board) {
         let full = format!("system::{}", st.test.name);
         if matches(&args.filters, &full) {
-            let kernel = if st.test.image {
-                Some(
-                    image_kernel
-                        .clone()
-                        .ok_or_else(|| Error::Image("no board image was written".into()))?,
-                )
-            } else {
-                None
-            };
+            let kernel =
+                if st.test.image {
+                    Some(image_kernel.clone().ok_or_else(|| {
+                        Error::Missing("image: no board image was written".into())
+                    })?)
+                } else {
+                    None
+                };
             jobs.push(Job {
                 kernel,
                 ..Job::new(jobs.len(), full, st.machine, fw_idx, Check::System(st.test))
@@ -1333,7 +1329,7 @@ fn system_tests_for(board: &'static str) -> Vec<PlannedSystemTest> {
 /// The on-target and system tests.
 fn run_target(args: &TestArgs) -> Result<Tally> {
     let mut tally = Tally::default();
-    crate::setup::ensure_qemu().map_err(Error::Setup)?;
+    crate::setup::ensure_qemu().map_err(Error::during("setup"))?;
     let boards: Vec<&'static str> = match args.board {
         Some(b) => vec![b],
         None => std::iter::once("virt")
@@ -1350,7 +1346,8 @@ fn run_target(args: &TestArgs) -> Result<Tally> {
         );
         let model = match &serial.model {
             Some(m) => Some(
-                crate::loader_model::LoaderModel::start(m.clone(), false).map_err(Error::Qemu)?,
+                crate::loader_model::LoaderModel::start(m.clone(), false)
+                    .map_err(Error::during("qemu"))?,
             ),
             None => None,
         };
@@ -1437,7 +1434,7 @@ fn loader_proof(
     println!("== serial path through the resident loader on one {board} model");
     let started = std::time::Instant::now();
     let model = crate::loader_model::LoaderModel::start(Machine::board(board, 2), unix)
-        .map_err(Error::Qemu)?;
+        .map_err(Error::during("qemu"))?;
     let serial = model.serial_board(prefix);
     for j in &mut jobs {
         j.serial = Some(serial.clone());
@@ -1495,15 +1492,7 @@ pub fn run_on_serial_board(
 
 /// The defmt decoder of each built ELF.
 fn decoders(elfs: &[(String, PathBuf)]) -> Result<Vec<Decoder>> {
-    elfs.iter()
-        .map(|(_, p)| {
-            let bytes = std::fs::read(p).map_err(Error::io(p))?;
-            Decoder::new(&bytes).map_err(|what| Error::Elf {
-                path: p.clone(),
-                what,
-            })
-        })
-        .collect()
+    elfs.iter().map(|(_, p)| Decoder::read(p)).collect()
 }
 
 /// Runs `jobs` on `jobs_in_parallel` workers (default: the available
@@ -1579,7 +1568,7 @@ fn run_jobs(
     });
     let (target, failures) = results
         .into_inner()
-        .map_err(|_| Error::Qemu("a test worker panicked".into()))?;
+        .map_err(|_| Error::Missing("qemu: a test worker panicked".into()))?;
     if !failures.is_empty() {
         println!("\nfailures:\n");
         for f in &failures {
@@ -1657,21 +1646,53 @@ mod tests {
 
     #[test]
     fn exit_code_mapping() {
-        assert_eq!(judge_embedded(Ending::Exited(0), false), Ok(()));
+        assert!(judge_embedded(Ending::Exited(0), false).is_ok());
         assert!(judge_embedded(Ending::Exited(0), true).is_err());
-        assert_eq!(
-            judge_embedded(Ending::Exited(hal::exit::PANIC), true),
-            Ok(())
-        );
+        assert!(judge_embedded(Ending::Exited(hal::exit::PANIC), true).is_ok());
         assert!(judge_embedded(Ending::Exited(hal::exit::PANIC), false).is_err());
         // A crash is never a pass, not even for should_panic.
-        assert!(judge_embedded(Ending::Exited(hal::exit::CRASH), true)
-            .unwrap_err()
-            .contains("crashed"));
-        assert!(judge_embedded(Ending::TimedOut, false)
-            .unwrap_err()
-            .contains("timed out"));
+        let crash = judge_embedded(Ending::Exited(hal::exit::CRASH), true).unwrap_err();
+        assert!(matches!(
+            crash,
+            Error::Ending { got: Ending::Exited(c), want: Want::Panic } if c == hal::exit::CRASH
+        ));
+        assert!(crash.to_string().contains("crashed"));
         assert!(judge_embedded(Ending::Signalled(9), false).is_err());
+    }
+
+    #[test]
+    fn a_timeout_and_a_qemu_exit_are_told_apart_by_the_variant() {
+        let timeout = judge_embedded(Ending::TimedOut, false).unwrap_err();
+        assert!(matches!(
+            timeout,
+            Error::Ending {
+                got: Ending::TimedOut,
+                want: Want::Pass
+            }
+        ));
+        assert_eq!(timeout.to_string(), "timed out");
+        let exit = judge_embedded(Ending::Exited(3), false).unwrap_err();
+        assert!(matches!(
+            exit,
+            Error::Ending {
+                got: Ending::Exited(3),
+                ..
+            }
+        ));
+        assert_eq!(exit.to_string(), "QEMU exited with status 3");
+        // With the log attached the verdict is still there to match on.
+        let logged = exit.with_log("   0.000001 INFO  ready".into());
+        assert!(matches!(
+            logged.root(),
+            Error::Ending {
+                got: Ending::Exited(3),
+                ..
+            }
+        ));
+        assert_eq!(
+            logged.to_string(),
+            "QEMU exited with status 3\n   0.000001 INFO  ready"
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub enum ProbeError {
 static CLAIMED: [AtomicBool; crate::dtb::MAX_VIRTIO] =
     [const { AtomicBool::new(false) }; crate::dtb::MAX_VIRTIO];
 
-/// What `AT S1E1R` says about `va` (Arm ARM D8.14, PAR_EL1): `Some(attr)`
+/// What `AT S1E1R` says about `va` (Arm ARM D8.2.13 "Address translation instructions", PAR_EL1): `Some(attr)`
 /// (the MAIR-format attribute byte) when it translates to itself, `None`
 /// when it faults or goes elsewhere.
 fn identity_attr(va: u64) -> Option<u8> {

@@ -1,7 +1,7 @@
 //! Memory attributes and permissions of a stage-1 mapping.
 //!
-//! Arm ARM DDI 0487, D8.4 (access permissions, execute-never) and D8.5
-//! (memory attributes: AttrIndx into MAIR_ELx, shareability). The caller asks
+//! Arm ARM DDI 0487M.a.a, D8.4.1 (stage 1 permissions, execute-never) and
+//! D8.6 (memory region attributes: AttrIndx into MAIR_ELx, shareability). The caller asks
 //! for a memory kind and permissions; the engine chooses the descriptor bits,
 //! including how the dirty state is kept (see [`Attributes::leaf_bits`]).
 
@@ -57,7 +57,7 @@ impl MemoryKind {
     }
 }
 
-/// Shareability domain (SH\[1:0\], D8.5.3). Ignored by hardware for Device memory.
+/// Shareability domain (SH\[1:0\], D8.6.2). Ignored by hardware for Device memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Shareability {
     /// SH = 0b00.
@@ -158,7 +158,7 @@ impl Attributes {
 
     /// Same memory type, shareability and global-ness: a change between two
     /// such attribute sets is a pure permission change, which needs no
-    /// break-before-make (D8.14.1).
+    /// break-before-make (D8.17.1).
     #[inline]
     pub const fn same_type(&self, other: &Self) -> bool {
         self.kind.mair_index() == other.kind.mair_index()
@@ -169,7 +169,7 @@ impl Attributes {
     /// Leaf descriptor bits for these attributes, without valid/type bits,
     /// output address, access flag or Contiguous bit.
     ///
-    /// Dirty state (the Linux convention, D8.4.6): with FEAT_HAFDBS
+    /// Dirty state (the Linux convention, D8.5.2): with FEAT_HAFDBS
     /// (`hafdbs`) a writable entry has DBM = 1 and starts writable-clean
     /// (AP\[2\] = 1); the hardware clears AP\[2\] on the first write, so
     /// "DBM && !AP\[2\]" means dirty. Without FEAT_HAFDBS nothing records a

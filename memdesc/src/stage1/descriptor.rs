@@ -1,6 +1,6 @@
 //! VMSAv8-64 stage-1 translation table descriptors for the 4 KiB granule.
 //!
-//! Implements the descriptor formats of Arm ARM DDI 0487, D8.3 ("Translation
+//! Implements the descriptor formats of Arm ARM DDI 0487M.a.a, D8.3 ("Translation
 //! table descriptor formats") and the level geometry of D8.2 ("Translation
 //! table walk"), 48-bit output addresses (no FEAT_LPA/LPA2). A descriptor is a
 //! plain `u64` newtype with one named constant per field, so the engine, the
@@ -10,7 +10,7 @@ use crate::addr::PhysAddr;
 
 /// Entries per translation table (4 KiB granule, 8-byte descriptors).
 pub const ENTRIES: usize = 512;
-/// Entries in a contiguous run (D8.6.1: 16 entries for the 4 KiB granule at every level).
+/// Entries in a contiguous run (D8.7.1: 16 entries for the 4 KiB granule at every level).
 pub const CONT_ENTRIES: usize = 16;
 /// Output address size in bits handled by this engine (48-bit OA, no FEAT_LPA).
 pub const OA_BITS: u32 = 48;
@@ -29,7 +29,7 @@ pub const fn level_size(level: u8) -> u64 {
 
 /// True when a leaf (block or page) entry is architecturally allowed at
 /// `level` for the 4 KiB granule without FEAT_LPA2: 1 GiB and 2 MiB blocks
-/// and 4 KiB pages (D8.3.1).
+/// and 4 KiB pages (D8.3.1.2).
 #[inline]
 pub const fn leaf_allowed(level: u8) -> bool {
     level >= 1 && level <= 3
@@ -61,21 +61,21 @@ impl Descriptor {
     pub const VALID: u64 = 1 << 0;
     /// bit\[1\]: table (levels 0-2) or page (level 3); clear for a block.
     pub const TABLE_OR_PAGE: u64 = 1 << 1;
-    /// bits\[4:2\]: AttrIndx, index into MAIR_ELx (D8.5.2).
+    /// bits\[4:2\]: AttrIndx, index into MAIR_ELx (D8.6.1).
     pub const ATTR_INDX_SHIFT: u32 = 2;
     /// Mask of AttrIndx.
     pub const ATTR_INDX_MASK: u64 = 0b111 << 2;
     /// bit\[5\]: NS (only meaningful in Secure state; this engine leaves it 0).
     pub const NS: u64 = 1 << 5;
-    /// bit\[6\]: AP\[1\], EL0 access (D8.4.1); this engine never grants EL0 access.
+    /// bit\[6\]: AP\[1\], EL0 access (D8.4.1.2); this engine never grants EL0 access.
     pub const AP_EL0: u64 = 1 << 6;
-    /// bit\[7\]: AP\[2\], read-only (D8.4.1). With DBM set this is the hardware dirty state.
+    /// bit\[7\]: AP\[2\], read-only (D8.4.1.2). With DBM set this is the hardware dirty state.
     pub const AP_READ_ONLY: u64 = 1 << 7;
-    /// bits\[9:8\]: shareability (D8.5.3).
+    /// bits\[9:8\]: shareability (D8.6.2).
     pub const SH_SHIFT: u32 = 8;
     /// Mask of SH.
     pub const SH_MASK: u64 = 0b11 << 8;
-    /// bit\[10\]: access flag (D8.4.3, FEAT_HAFDBS sets it in hardware).
+    /// bit\[10\]: access flag (D8.5.1, FEAT_HAFDBS sets it in hardware).
     pub const AF: u64 = 1 << 10;
     /// bit\[11\]: not global (ASID-tagged).
     pub const NG: u64 = 1 << 11;
@@ -85,9 +85,9 @@ impl Descriptor {
     pub const OA_MASK: u64 = ((1u64 << OA_BITS) - 1) & !0xfff;
     /// bits\[50:48\]: RES0 here (OA\[51:48\] with FEAT_LPA, GP with FEAT_BTI: unused).
     pub const HIGH_RES0: u64 = 0b111 << 48;
-    /// bit\[51\]: dirty bit modifier (D8.4.6, FEAT_HAFDBS).
+    /// bit\[51\]: dirty bit modifier (D8.5.2, FEAT_HAFDBS).
     pub const DBM: u64 = 1 << 51;
-    /// bit\[52\]: Contiguous (D8.6.1).
+    /// bit\[52\]: Contiguous (D8.7.1).
     pub const CONT: u64 = 1 << 52;
     /// bit\[53\]: PXN, privileged execute-never.
     pub const PXN: u64 = 1 << 53;

@@ -1,8 +1,8 @@
 //! [`Stage1Error`]: why a stage-1 operation was refused (bad caller input,
 //! exhausted or failing table memory).
 //!
-//! Arm ARM DDI 0487, D8.2 (input and output address sizes, 4 KiB
-//! alignment) and D8.4 (permissions: W^X, no executable Device memory).
+//! Arm ARM DDI 0487M.a.a, D8.1 (input and output address sizes), D8.2.8
+//! (4 KiB alignment) and D8.4.1 (permissions: W^X, no executable Device memory).
 //! Every operation validates before it writes a descriptor (or rolls back),
 //! so an `Err` other than [`Stage1Error::TableMemory`] means the tables are
 //! unchanged.

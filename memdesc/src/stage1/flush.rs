@@ -1,8 +1,8 @@
 //! TLB maintenance batching: the "TLB debt" an operation accumulates and
 //! how it is paid.
 //!
-//! Arm ARM DDI 0487, D8.13 (TLB maintenance) and D8.13.5 (range TLBI,
-//! FEAT_TLBIRANGE). An operation records every live entry it changed in
+//! Arm ARM DDI 0487M.a.a, D8.17 (TLB maintenance) and D8.17.5.2 (range
+//! TLBI, FEAT_TLBIRANGE). An operation records every live entry it changed in
 //! place or cleared; at the end it pays with one TLBI pass bracketed by
 //! `DSB ISHST` (stores visible to walks first) and `DSB ISH` (TLBIs done).
 //! Break-before-make pays its own debt immediately, before the "make".
@@ -22,7 +22,7 @@ pub const MAX_TLBI_BY_VA: u64 = 512;
 ///
 /// Without FEAT_TLBIRANGE one `TLBI VA` per finest-level entry is needed: a
 /// contiguous run may be cached entry by entry, so one TLBI per run is not
-/// enough (D8.6.1).
+/// enough (D8.7.1).
 pub fn invalidate<H: TranslationHw + ?Sized>(
     hw: &mut H,
     features: Features,

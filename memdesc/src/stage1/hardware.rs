@@ -1,9 +1,9 @@
 //! The hardware seen by the stage-1 engine: TLB maintenance and barriers
 //! ([`TranslationHw`]) and translation table memory ([`TableMemory`]).
 //!
-//! Arm ARM DDI 0487, D8.13 (TLB maintenance: TLBI by VA, last-level, TTL
-//! level hint, range TLBI with FEAT_TLBIRANGE) and D8.14 (break-before-make,
-//! FEAT_BBM). The `hal` crate implements both traits on target; the fakes in
+//! Arm ARM DDI 0487M.a.a, D8.17.5 (TLB maintenance instructions: TLBI by VA,
+//! last-level, TTL level hint, range TLBI with FEAT_TLBIRANGE) and D8.17.1,
+//! D8.17.2 (break-before-make, FEAT_BBM). The `hal` crate implements both traits on target; the fakes in
 //! `stage1::fake` (feature `testing`) implement them on the host and record what happened.
 
 use crate::addr::{PhysAddr, VirtAddr};

@@ -1,9 +1,9 @@
 //! The table linter: walks a whole tree and reports every breach of the
 //! stage-1 rules of docs/architecture.md as data.
 //!
-//! Arm ARM DDI 0487: D8.3 (descriptor formats, RES0 fields, block output
-//! address alignment), D8.4 (permissions: W^X, no executable Device memory)
-//! and D8.6.1 (Contiguous bit: 16 entries, aligned output, consecutive
+//! Arm ARM DDI 0487M.a.a: D8.3 (descriptor formats, RES0 fields, block output
+//! address alignment), D8.4.1 (permissions: W^X, no executable Device memory)
+//! and D8.7.1 (Contiguous bit: 16 entries, aligned output, consecutive
 //! addresses, identical attributes, all or none of the group). Rules 4-7
 //! are about ordering over time and are checked by the fake's break-before-make checker
 //! (`stage1::fake`, feature `testing`) instead.

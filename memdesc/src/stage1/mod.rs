@@ -2,8 +2,8 @@
 //! table engine with contiguous-bit batching, its hardware traits, a linter
 //! and host fakes.
 //!
-//! Arm ARM DDI 0487, chapter D8 ("The AArch64 Virtual Memory System
-//! Architecture"): 4 KiB granule, 48-bit (start level 0) or 39-bit (start
+//! Arm ARM DDI 0487M.a.a (the revision every section number in this crate
+//! is from), chapter D8 ("The AArch64 Virtual Memory System Architecture"): 4 KiB granule, 48-bit (start level 0) or 39-bit (start
 //! level 1) input range, 48-bit output. The rules 1-8 of docs/architecture.md are
 //! what the engine ([`Stage1`]) does, what the linter ([`Stage1::lint`])
 //! checks on a tree, and what the fake (`fake::FakePlatform`, feature `testing`) checks on
@@ -19,7 +19,7 @@
 //! the data cache off must be cleaned to the point of coherency (or TCR's
 //! IRGN0/ORGN0 set to non-cacheable) before the MMU walks them.
 //!
-//! Access and dirty state (D8.4.3, D8.4.6: AF, DBM and AP\[2\], software
+//! Access and dirty state (D8.5.1, D8.5.2: AF, DBM and AP\[2\], software
 //! dirty in bit 55) and the valid-entry counts kept by [`TableMemory`] are
 //! described in docs/architecture.md, "Access and dirty state" and
 //! "Valid-entry counts".

@@ -1,7 +1,7 @@
 //! Unit tests of the stage-1 engine against the recording fake: one test
 //! per operation with budgets (upper bounds) for descriptor writes, TLBIs
-//! and barriers, and the break-before-make order (Arm ARM DDI 0487, D8.6.1,
-//! D8.14). Correctness (TLBI coverage, barriers, ordering) is checked by the
+//! and barriers, and the break-before-make order (Arm ARM DDI 0487M.a.a, D8.7.1,
+//! D8.17.1). Correctness (TLBI coverage, barriers, ordering) is checked by the
 //! fake's checker on every store, so the counts only bound the cost.
 
 // A panic is how a test reports failure.

@@ -1,8 +1,8 @@
 //! Operand encodings of the stage-1 TLBI instructions, for the hal's
 //! [`super::TranslationHw`] implementation (pure arithmetic, no hardware).
 //!
-//! Arm ARM DDI 0487, C5.5 (TLB maintenance instructions: `TLBI VA(L)E1IS`
-//! with FEAT_TTL, `TLBI RVA(L)E1IS` with FEAT_TLBIRANGE) and D8.13.5 (the
+//! Arm ARM DDI 0487M.a.a, C5.5 (TLB maintenance instructions: `TLBI VA(L)E1IS`
+//! with FEAT_TTL, `TLBI RVA(L)E1IS` with FEAT_TLBIRANGE) and D8.17.5.2 (the
 //! range: (NUM + 1) * 2^(5 * SCALE + 1) granules from BaseADDR). 4 KiB
 //! granule only.
 

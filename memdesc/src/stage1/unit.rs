@@ -1,7 +1,7 @@
 //! Translation units (what one TLB entry can cover) and mapping summaries.
 //!
-//! Arm ARM DDI 0487, D8.2 (block and page sizes of the 4 KiB granule) and
-//! D8.6.1 (the Contiguous bit: 16 adjacent entries, one TLB entry). A
+//! Arm ARM DDI 0487M.a.a, D8.2.8 (block and page sizes of the 4 KiB granule) and
+//! D8.7.1 (the Contiguous bit: 16 adjacent entries, one TLB entry). A
 //! [`MappingSummary`] counts the units of a table tree; [`MappingSummary::optimum`]
 //! computes the fewest units any table could use for a region, so the
 //! firmware can log both side by side.

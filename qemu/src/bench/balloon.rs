@@ -7,6 +7,7 @@
 use super::Record;
 use crate::balloon::{qemu_rss_kib, wait_line};
 use crate::boot::{boot, BootOptions};
+use crate::error::{Error, OrMissing, Result};
 use crate::log::{Decoder, LogLine};
 use crate::machine::Machine;
 use crate::qmp::{Qmp, SocketIo};
@@ -58,23 +59,27 @@ pub fn progress(samples: &[(Duration, u64)]) -> Option<Progress> {
     })
 }
 
-fn timed(q: &mut Qmp<SocketIo>, target: u64, who: &str) -> Result<Duration, String> {
-    let before = q.query_balloon().map_err(|e| e.to_string())?;
+fn timed(q: &mut Qmp<SocketIo>, target: u64, who: &str) -> Result<Duration> {
+    let before = q.query_balloon()?;
     let t0 = Instant::now();
-    q.balloon(target).map_err(|e| e.to_string())?;
+    q.balloon(target)?;
     let mut samples = vec![(Duration::ZERO, before)];
     loop {
-        let actual = q.query_balloon().map_err(|e| e.to_string())?;
+        let actual = q.query_balloon()?;
         samples.push((t0.elapsed(), actual));
         if actual == target {
             break;
         }
         if t0.elapsed() > Duration::from_secs(300) {
-            return Err(format!("balloon to {} MiB did not finish", target >> 20));
+            return Err(Error::Timeout {
+                what: format!("balloon to {} MiB to finish", target >> 20),
+                secs: 300,
+                detail: String::new(),
+            });
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let p = progress(&samples).ok_or("no samples")?;
+    let p = progress(&samples).or_missing("no samples")?;
     // Where the time went: a late start, stalls, or a steady pace.
     eprintln!(
         "bench balloon: {who} to {} MiB in {:.3} s: first movement after {:.0} ms, longest stall {:.0} ms, {} samples",
@@ -87,16 +92,16 @@ fn timed(q: &mut Qmp<SocketIo>, target: u64, who: &str) -> Result<Duration, Stri
     Ok(p.total)
 }
 
-fn drive(q: &mut Qmp<SocketIo>, path: &Path, seen: &Mutex<Vec<String>>) -> Result<Run, String> {
+fn drive(q: &mut Qmp<SocketIo>, path: &Path, seen: &Mutex<Vec<String>>) -> Result<Run> {
     wait_line(
         seen,
         0,
         |l| l.starts_with("balloon: up"),
         Duration::from_secs(300),
     )?;
-    let rss_before = qemu_rss_kib(path).ok_or("no QEMU RSS")?;
+    let rss_before = qemu_rss_kib(path).or_missing("no QEMU RSS")?;
     let inflate = timed(q, GIB, "ours")?;
-    let rss_ballooned = qemu_rss_kib(path).ok_or("no QEMU RSS")?;
+    let rss_ballooned = qemu_rss_kib(path).or_missing("no QEMU RSS")?;
     let deflate = timed(q, 2 * GIB, "ours")?;
     Ok(Run {
         inflate,
@@ -106,7 +111,7 @@ fn drive(q: &mut Qmp<SocketIo>, path: &Path, seen: &Mutex<Vec<String>>) -> Resul
     })
 }
 
-fn one(cpu: &'static str, elf: &Path, decoder: &Decoder) -> Result<Run, String> {
+fn one(cpu: &'static str, elf: &Path, decoder: &Decoder) -> Result<Run> {
     let m = Machine {
         cpu,
         mem: "2G",
@@ -131,7 +136,7 @@ fn one(cpu: &'static str, elf: &Path, decoder: &Decoder) -> Result<Run, String> 
                 let _ = q.execute("quit", None);
                 r
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         };
         if let Ok(mut slot) = result.lock() {
             *slot = Some(r);
@@ -154,23 +159,22 @@ fn one(cpu: &'static str, elf: &Path, decoder: &Decoder) -> Result<Run, String> 
         .into_inner()
         .ok()
         .flatten()
-        .unwrap_or_else(|| Err("the QMP driver did not finish".into()))
-        .map_err(|e| format!("{e}\n{}", b.transcript()))
+        .unwrap_or_else(|| Err(Error::Missing("the QMP driver did not finish".into())))
+        .map_err(|e| e.with_log(b.transcript()))
 }
 
 /// Runs the benchmark on both CPUs; with `--peer linux` in `args`, Linux's
 /// driver runs the same steps on the same CPUs right after ours.
-pub fn run(elf: &Path, peer: bool) -> Result<Vec<Record>, String> {
-    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
-    let decoder = Decoder::new(&bytes)?;
+pub fn run(elf: &Path, peer: bool) -> Result<Vec<Record>> {
+    let decoder = Decoder::read(elf)?;
     // target/aarch64-unknown-none/<profile>/firmware-virt -> target/
     let target = elf
         .ancestors()
         .nth(3)
-        .ok_or("no target directory")?
+        .or_missing("no target directory")?
         .join("linux-peer");
     let linux = if peer {
-        std::fs::create_dir_all(&target).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&target).map_err(Error::io(&target))?;
         Some(linux::prepare(&target)?)
     } else {
         None
@@ -293,16 +297,16 @@ pub mod linux {
         None
     }
 
-    fn run(cmd: &mut Command) -> Result<String, String> {
+    fn run(cmd: &mut Command) -> Result<String> {
         let out = cmd
             .output()
-            .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+            .map_err(Error::spawn(format!("{:?}", cmd.get_program())))?;
         if !out.status.success() {
-            return Err(format!(
-                "{:?} failed: {}",
-                cmd.get_program(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(Error::Failed {
+                command: format!("{:?}", cmd.get_program()),
+                status: out.status,
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -361,7 +365,7 @@ while true; do /bin/busybox sleep 3600; done
 ";
 
     /// Fetches (once) and prepares the peer under `dir`.
-    pub fn prepare(dir: &Path) -> Result<Peer, String> {
+    pub fn prepare(dir: &Path) -> Result<Peer> {
         let kernel = dir.join("vmlinuz");
         let initrd = dir.join("initrd.cpio");
         let version_file = dir.join("version");
@@ -380,7 +384,7 @@ while true; do /bin/busybox sleep 3600; done
             "debs",
             "root",
         ] {
-            std::fs::create_dir_all(apt.join(d)).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(apt.join(d)).map_err(Error::io(apt.join(d)))?;
         }
         let mut sources = String::new();
         if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
@@ -392,14 +396,14 @@ while true; do /bin/busybox sleep 3600; done
             }
         }
         let (uri, suite, key) =
-            host_archive(&sources).ok_or("no Debian archive in /etc/apt/sources.list.d")?;
+            host_archive(&sources).or_missing("no Debian archive in /etc/apt/sources.list.d")?;
         let signed = key.map(|k| format!(" signed-by={k}")).unwrap_or_default();
         let list = apt.join("sources.list");
         std::fs::write(
             &list,
             format!("deb [arch=arm64{signed}] {uri} {suite} main\n"),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(Error::io(&list))?;
         let opts: Vec<String> = vec![
             format!("Dir::State={}", apt.join("state").display()),
             format!("Dir::Cache={}", apt.join("cache").display()),
@@ -424,7 +428,9 @@ while true; do /bin/busybox sleep 3600; done
             .lines()
             .find_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
             .map(|v| format!("linux-image-{v}"))
-            .ok_or_else(|| format!("linux-image-arm64 depends on no kernel: {deps}"))?;
+            .ok_or_else(|| {
+                Error::Missing(format!("linux-image-arm64 depends on no kernel: {deps}"))
+            })?;
         run(apt_cmd("apt-get").current_dir(apt.join("debs")).args([
             "-q",
             "download",
@@ -433,23 +439,24 @@ while true; do /bin/busybox sleep 3600; done
         ]))?;
         let root = apt.join("root");
         for e in std::fs::read_dir(apt.join("debs"))
-            .map_err(|e| e.to_string())?
+            .map_err(Error::io(apt.join("debs")))?
             .filter_map(Result::ok)
         {
             run(Command::new("dpkg-deb").arg("-x").arg(e.path()).arg(&root))?;
         }
         let version = image.trim_start_matches("linux-image-").to_string();
         let boot = root.join("boot").join(format!("vmlinuz-{version}"));
-        std::fs::copy(&boot, &kernel).map_err(|e| format!("{}: {e}", boot.display()))?;
+        std::fs::copy(&boot, &kernel).map_err(Error::io(boot))?;
         let module = |m: &str| {
             let p = root
                 .join("lib/modules")
                 .join(&version)
                 .join("kernel/drivers/virtio")
                 .join(format!("{m}.ko"));
-            std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))
+            std::fs::read(&p).map_err(Error::io(&p))
         };
-        let busybox = std::fs::read(root.join("bin/busybox")).map_err(|e| e.to_string())?;
+        let busybox_path = root.join("bin/busybox");
+        let busybox = std::fs::read(&busybox_path).map_err(Error::io(&busybox_path))?;
         let archive = cpio(&[
             ("bin", 0o040755, Vec::new()),
             ("bin/busybox", 0o100755, busybox),
@@ -457,8 +464,8 @@ while true; do /bin/busybox sleep 3600; done
             ("virtio_mmio.ko", 0o100644, module("virtio_mmio")?),
             ("virtio_balloon.ko", 0o100644, module("virtio_balloon")?),
         ]);
-        std::fs::write(&initrd, archive).map_err(|e| e.to_string())?;
-        std::fs::write(&version_file, &version).map_err(|e| e.to_string())?;
+        std::fs::write(&initrd, archive).map_err(Error::io(&initrd))?;
+        std::fs::write(&version_file, &version).map_err(Error::io(&version_file))?;
         Ok(Peer {
             kernel,
             initrd,
@@ -467,7 +474,7 @@ while true; do /bin/busybox sleep 3600; done
     }
 
     /// Boots the peer on `cpu` with a 2 GiB guest and runs the same steps.
-    pub(super) fn run_on(peer: &Peer, cpu: &str, dir: &Path) -> Result<Run, String> {
+    pub(super) fn run_on(peer: &Peer, cpu: &str, dir: &Path) -> Result<Run> {
         let qmp = std::env::temp_dir().join(format!(
             "cargo-qemu-balloon-peer-{}-{cpu}.qmp",
             std::process::id()
@@ -502,7 +509,7 @@ while true; do /bin/busybox sleep 3600; done
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("{}: {e}", crate::setup::QEMU))?;
+            .map_err(Error::spawn(crate::setup::QEMU))?;
         let result = (|| {
             let deadline = Instant::now() + Duration::from_secs(300);
             loop {
@@ -511,17 +518,25 @@ while true; do /bin/busybox sleep 3600; done
                     break;
                 }
                 if let Ok(Some(st)) = child.try_wait() {
-                    return Err(format!("the peer's QEMU exited ({st}): {text}"));
+                    return Err(Error::Failed {
+                        command: "the peer's QEMU".into(),
+                        status: st,
+                        output: text,
+                    });
                 }
                 if Instant::now() >= deadline {
-                    return Err(format!("the peer did not come up in 300 s: {text}"));
+                    return Err(Error::Timeout {
+                        what: "the peer to come up".into(),
+                        secs: 300,
+                        detail: text,
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            let mut q = Qmp::connect(&qmp, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-            let rss_before = qemu_rss_kib(&qmp).ok_or("no peer QEMU RSS")?;
+            let mut q = Qmp::connect(&qmp, Duration::from_secs(10))?;
+            let rss_before = qemu_rss_kib(&qmp).or_missing("no peer QEMU RSS")?;
             let inflate = timed(&mut q, GIB, "linux")?;
-            let rss_ballooned = qemu_rss_kib(&qmp).ok_or("no peer QEMU RSS")?;
+            let rss_ballooned = qemu_rss_kib(&qmp).or_missing("no peer QEMU RSS")?;
             let deflate = timed(&mut q, 2 * GIB, "linux")?;
             let _ = q.execute("quit", None);
             Ok(Run {
@@ -538,7 +553,7 @@ while true; do /bin/busybox sleep 3600; done
         }
         let _ = child.wait();
         let _ = std::fs::remove_file(&qmp);
-        result.map_err(|e| format!("{e}\n{err}"))
+        result.map_err(|e| e.with_log(err))
     }
 
     #[cfg(test)]

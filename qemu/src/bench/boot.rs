@@ -8,6 +8,7 @@
 
 use super::Record;
 use crate::boot::{boot, Boot, BootOptions, Ending};
+use crate::error::{Error, Result, Want};
 use crate::log::{Decoder, LogLine};
 use crate::machine::Machine;
 use std::path::Path;
@@ -25,9 +26,8 @@ pub fn durations_ns(message: &str) -> Vec<u64> {
 }
 
 /// The defmt decoder of the ELF at `elf`.
-pub(super) fn decoder(elf: &Path) -> Result<Decoder, String> {
-    let bytes = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
-    Decoder::new(&bytes)
+pub(super) fn decoder(elf: &Path) -> Result<Decoder> {
+    Decoder::read(elf)
 }
 
 /// Boots `elf` on `machine` with `append` as bootargs until it logs
@@ -39,7 +39,7 @@ pub(super) fn boot_to_ready(
     decoder: &Decoder,
     append: Option<&str>,
     what: &str,
-) -> Result<Boot, String> {
+) -> Result<Boot> {
     let ready = |l: &LogLine| l.message == "ready";
     let opts = BootOptions {
         semihosting_args: vec![],
@@ -53,18 +53,18 @@ pub(super) fn boot_to_ready(
     };
     let b = boot(machine, elf, decoder, &opts)?;
     if b.ending != Ending::Stopped {
-        return Err(format!(
-            "boot with {what} ended {:?}:\n{}",
-            b.ending,
-            b.transcript()
-        ));
+        let ended = Error::Ending {
+            got: b.ending,
+            want: Want::Exit(None),
+        };
+        return Err(Error::during(format!("boot with {what}"))(ended).with_log(b.transcript()));
     }
     Ok(b)
 }
 
 /// Boots the firmware with 1 GiB and 4 GiB of RAM and reports the bring-up
 /// spans the firmware logged.
-pub fn run(elf: &Path, board: &'static str) -> Result<Vec<Record>, String> {
+pub fn run(elf: &Path, board: &'static str) -> Result<Vec<Record>> {
     let decoder = decoder(elf)?;
     let mut out = Vec::new();
     let base = Machine::board(board, Machine::entry_els(board)[0]);
@@ -85,9 +85,12 @@ pub fn run(elf: &Path, board: &'static str) -> Result<Vec<Record>, String> {
             .lines
             .iter()
             .find(|l| l.message.starts_with("bring-up time:"))
-            .ok_or_else(|| format!("no bring-up time line with -m {mem}"))?;
+            .ok_or_else(|| Error::Missing(format!("no bring-up time line with -m {mem}")))?;
         let [frames_ns, stage1_ns] = durations_ns(&line.message)[..] else {
-            return Err(format!("unexpected bring-up line: {}", line.message));
+            return Err(Error::Parse {
+                what: "bring-up line",
+                detail: line.message.clone(),
+            });
         };
         let note = format!(
             "QEMU {board} -cpu {} -m {mem} -icount shift=0 (1 ns per guest instruction); timed by the firmware with CNTPCT",

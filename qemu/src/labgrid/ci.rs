@@ -19,6 +19,7 @@
 //! on the real board, which is what the serial runner tells the tests.
 
 use super::{venv, with_place, Lab};
+use crate::error::{Error, Result};
 use crate::machine::{Console, Machine};
 use crate::test::Tally;
 use std::io::{Read, Write};
@@ -98,21 +99,21 @@ impl Drop for Daemon {
     }
 }
 
-fn spawn(cmd: &mut Command, log: &Path) -> Result<Daemon, String> {
-    let f = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+fn spawn(cmd: &mut Command, log: &Path) -> Result<Daemon> {
+    let f = std::fs::File::create(log).map_err(Error::io(&log))?;
+    let f2 = f.try_clone().map_err(Error::io(&log))?;
     cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
     crate::boot::dies_with_this_tool(cmd);
     cmd.spawn()
         .map(Daemon)
-        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))
+        .map_err(Error::spawn(format!("{:?}", cmd.get_program())))
 }
 
-fn free_port() -> Result<u16, String> {
+fn free_port() -> Result<u16> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+        .map_err(Error::io("a free port on 127.0.0.1"))
 }
 
 /// The board model behind the power relay: on boots the resident loader
@@ -125,8 +126,11 @@ struct Model {
 }
 
 impl Model {
-    fn set(&self, on: bool) -> Result<(), String> {
-        let mut running = self.running.lock().map_err(|_| "model lock poisoned")?;
+    fn set(&self, on: bool) -> Result<()> {
+        let mut running = self
+            .running
+            .lock()
+            .map_err(|_| Error::Missing("model lock poisoned".into()))?;
         if let Some(mut c) = running.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -138,11 +142,11 @@ impl Model {
             .create(true)
             .append(true)
             .open(&self.log)
-            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+            .map_err(Error::io(&self.log))?;
         let mut cmd = (self.command)();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         crate::boot::dies_with_this_tool(&mut cmd);
-        *running = Some(cmd.spawn().map_err(|e| format!("qemu: {e}"))?);
+        *running = Some(cmd.spawn().map_err(Error::spawn(crate::setup::QEMU))?);
         Ok(())
     }
 
@@ -181,7 +185,7 @@ fn serve_power(listener: TcpListener, model: Arc<Model>, stop: Arc<AtomicBool>) 
             Some((m, p, b)) if m == "PUT" && p == "/power/0" => {
                 match model.set(b.trim_ascii() == b"1") {
                     Ok(()) => ("200 OK", String::new()),
-                    Err(e) => ("500 Internal Server Error", e),
+                    Err(e) => ("500 Internal Server Error", e.to_string()),
                 }
             }
             Some(_) => ("404 Not Found", String::new()),
@@ -195,31 +199,35 @@ fn serve_power(listener: TcpListener, model: Arc<Model>, stop: Arc<AtomicBool>) 
     }
 }
 
-fn client(venv: &venv::Venv, coordinator: &str, args: &[&str]) -> Result<String, String> {
+fn client(venv: &venv::Venv, coordinator: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(venv.bin("labgrid-client"))
         .args(["-x", coordinator])
         .args(args)
         .output()
-        .map_err(|e| format!("labgrid-client: {e}"))?;
+        .map_err(Error::spawn("labgrid-client"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!(
-            "labgrid-client {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(Error::Failed {
+            command: format!("labgrid-client {}", args.join(" ")),
+            status: out.status,
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
-fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T, String> {
+fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let until = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(t) = f() {
             return Ok(t);
         }
         if Instant::now() > until {
-            return Err(format!("{what} not up after {secs} s"));
+            return Err(Error::Timeout {
+                what: format!("{what} to come up"),
+                secs,
+                detail: String::new(),
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -271,7 +279,7 @@ fn bridge_test() -> Tally {
         let out = Command::new(v.bin("python"))
             .arg(v.lab_dir().join("check_rfc2217_bridge.py"))
             .output()
-            .map_err(|e| format!("python: {e}"))?;
+            .map_err(Error::spawn("python"))?;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -280,7 +288,7 @@ fn bridge_test() -> Tally {
         if out.status.success() && text.trim() == "ok" {
             Ok(())
         } else {
-            Err(text)
+            Err(Error::Check(text))
         }
     });
     match verdict {
@@ -304,11 +312,11 @@ fn bridge_test() -> Tally {
     }
 }
 
-fn run_proof(filters: &[String]) -> Result<Tally, String> {
+fn run_proof(filters: &[String]) -> Result<Tally> {
     let venv = venv::ensure()?;
     let dir = venv::target_dir().join("labgrid-ci");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
 
     // The model and its power relay.
     let serial_port = free_port()?;
@@ -338,8 +346,11 @@ fn run_proof(filters: &[String]) -> Result<Tally, String> {
         log: dir.join("model.log"),
         running: Mutex::new(None),
     });
-    let power = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("power relay: {e}"))?;
-    let power_port = power.local_addr().map_err(|e| e.to_string())?.port();
+    let power = TcpListener::bind("127.0.0.1:0").map_err(Error::io("the power relay's port"))?;
+    let power_port = power
+        .local_addr()
+        .map_err(Error::io("the power relay's port"))?
+        .port();
     let stop = Arc::new(AtomicBool::new(false));
     let relay = {
         let (model, stop) = (model.clone(), stop.clone());
@@ -378,7 +389,7 @@ fn run_proof(filters: &[String]) -> Result<Tally, String> {
              host: 'http://127.0.0.1:{power_port}/power/{{index}}'\n    index: 0\n"
         ),
     )
-    .map_err(|e| format!("{}: {e}", exporter_yaml.display()))?;
+    .map_err(Error::io(&exporter_yaml))?;
     let exporter = format!("memfw-ci-{}", std::process::id());
     let _exp = spawn(
         Command::new(venv.bin("labgrid-exporter"))
@@ -423,7 +434,6 @@ fn run_proof(filters: &[String]) -> Result<Tally, String> {
     with_place(&lab, Some(BOARD), |board, serial| {
         crate::test::run_on_serial_board(board, &serial, filters, "labgrid::")
     })?
-    .map_err(|e| e.to_string())
 }
 
 /// Runs a closure when dropped.

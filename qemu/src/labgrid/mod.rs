@@ -13,6 +13,7 @@
 pub mod ci;
 pub mod venv;
 
+use crate::error::{Error, OrMissing, Result};
 use crate::serial::PortSpec;
 use crate::test::SerialBoard;
 use serde::Deserialize;
@@ -121,21 +122,27 @@ pub fn board_for(
     tags: &BTreeMap<String, String>,
     cli: Option<&'static str>,
     place: &str,
-) -> Result<&'static str, String> {
+) -> Result<&'static str> {
     let tag = tags.get("board").map(String::as_str);
     match (cli, tag) {
-        (Some(b), Some(t)) if b != t => Err(format!(
+        (Some(b), Some(t)) if b != t => Err(Error::Usage(format!(
             "--board {b}, but place {place} is tagged board={t}"
+        ))),
+        (Some("virt"), _) => Err(Error::Usage(
+            "--labgrid takes a real board, not virt".into(),
         )),
-        (Some("virt"), _) => Err("--labgrid takes a real board, not virt".into()),
         (Some(b), _) => Ok(b),
         (None, Some(t)) => crate::cli::parse_board(t)
             .ok()
             .filter(|b| *b != "virt")
-            .ok_or_else(|| format!("place {place} is tagged board={t}, not a memfw board")),
-        (None, None) => Err(format!(
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "place {place} is tagged board={t}, not a memfw board"
+                ))
+            }),
+        (None, None) => Err(Error::Usage(format!(
             "place {place} has no board tag: pass --board or `labgrid-client -p {place} set-tags board=NAME`"
-        )),
+        ))),
     }
 }
 
@@ -147,9 +154,12 @@ fn sh_quote(s: &str) -> String {
 /// The per-test power cycle the serial runner runs with `sh -c`: the
 /// stage command if any, then `cycle` through the agent's FIFOs (at most
 /// 60 s, so a dead agent fails the test instead of hanging it).
-pub fn power_cycle_command(fifos: &[PathBuf], stage: Option<&str>) -> Result<String, String> {
+pub fn power_cycle_command(fifos: &[PathBuf], stage: Option<&str>) -> Result<String> {
     let [fin, fout] = fifos else {
-        return Err(format!("the agent gave {} power FIFOs, not 2", fifos.len()));
+        return Err(Error::protocol(
+            "labgrid",
+            format!("the agent gave {} power FIFOs, not 2", fifos.len()),
+        ));
     };
     let q = |p: &Path| sh_quote(&p.to_string_lossy());
     let cycle = format!(
@@ -171,12 +181,12 @@ pub fn power_cycle_command(fifos: &[PathBuf], stage: Option<&str>) -> Result<Str
 /// the loader does not answer). With one, the place boots each test image
 /// itself: the stage command puts it in place and every test is
 /// power-cycled into.
-pub fn serial_board(info: &PlaceInfo, stage: Option<&str>) -> Result<SerialBoard, String> {
+pub fn serial_board(info: &PlaceInfo, stage: Option<&str>) -> Result<SerialBoard> {
     if info.serial.protocol != "raw" {
-        return Err(format!(
+        return Err(Error::Usage(format!(
             "the place's serial port speaks {}, the serial runner raw TCP",
             info.serial.protocol
-        ));
+        )));
     }
     let addr = format!("tcp:{}:{}", info.serial.host, info.serial.port);
     Ok(SerialBoard {
@@ -214,12 +224,11 @@ fn log_tail(log: &Path) -> String {
 impl Held {
     /// Starts the agent and waits until the place is held and loader
     /// ready (or the agent fails).
-    pub fn acquire(venv: &venv::Venv, lab: &Lab) -> Result<Self, String> {
+    pub fn acquire(venv: &venv::Venv, lab: &Lab) -> Result<Self> {
         let state = venv::target_dir().join("labgrid-state");
-        std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        std::fs::create_dir_all(&state).map_err(Error::io(&state))?;
         let log = state.join(format!("agent-{}.log", lab.place));
-        let log_file =
-            std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let log_file = std::fs::File::create(&log).map_err(Error::io(&log))?;
         let mut cmd = Command::new(venv.bin("python"));
         cmd.arg(venv.lab_dir().join("memfw_lab.py"))
             .args(["hold", &lab.place, "--state"])
@@ -243,9 +252,9 @@ impl Held {
             .stderr(log_file);
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("{}: {e}", venv.bin("python").display()))?;
+            .map_err(Error::spawn(venv.bin("python").display().to_string()))?;
         let stdin = child.stdin.take();
-        let stdout = child.stdout.take().ok_or("agent: no stdout")?;
+        let stdout = child.stdout.take().or_missing("labgrid agent: no stdout")?;
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -287,23 +296,23 @@ impl Held {
                         return Ok(held);
                     }
                     Some(AgentLine::Error(e)) => {
-                        return Err(format!("labgrid: {e}\n{}", log_tail(&held.log)))
+                        return Err(Error::protocol("labgrid", e).with_log(log_tail(&held.log)))
                     }
                     Some(AgentLine::Released(_)) | None => {}
                 },
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "labgrid: place {} not loader ready after {:.0} s\n{}",
-                        lab.place,
-                        wait.as_secs_f64(),
-                        log_tail(&held.log)
-                    ))
+                    return Err(Error::Timeout {
+                        what: format!("labgrid place {} to be loader ready", lab.place),
+                        secs: wait.as_secs(),
+                        detail: String::new(),
+                    }
+                    .with_log(log_tail(&held.log)))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(format!(
-                        "labgrid: the agent ended without a report\n{}",
-                        log_tail(&held.log)
-                    ))
+                    return Err(
+                        Error::protocol("labgrid", "the agent ended without a report")
+                            .with_log(log_tail(&held.log)),
+                    )
                 }
             }
         }
@@ -311,17 +320,20 @@ impl Held {
 
     /// Closes the agent's stdin and waits for it to end: `Ok(true)` when
     /// it released the place, `Ok(false)` when it never held it.
-    fn release(&mut self) -> Result<bool, String> {
+    fn release(&mut self) -> Result<bool> {
         drop(self.stdin.take());
         let mut result = if self.acquired {
-            Err(format!("labgrid: no release of {} reported", self.place))
+            Err(Error::protocol(
+                "labgrid",
+                format!("no release of {} reported", self.place),
+            ))
         } else {
             Ok(false)
         };
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(30)) {
             match parse_agent_line(&line) {
                 Some(AgentLine::Released(_)) => result = Ok(true),
-                Some(AgentLine::Error(e)) => result = Err(format!("labgrid: {e}")),
+                Some(AgentLine::Error(e)) => result = Err(Error::protocol("labgrid", e)),
                 _ => {}
             }
         }
@@ -347,7 +359,7 @@ pub fn with_place<T>(
     lab: &Lab,
     board: Option<&'static str>,
     f: impl FnOnce(&'static str, SerialBoard) -> T,
-) -> Result<T, String> {
+) -> Result<T> {
     let venv = venv::ensure()?;
     println!(
         "labgrid: acquiring place {} (labgrid {})",
@@ -375,8 +387,7 @@ pub fn with_place<T>(
 }
 
 /// `cargo qemu test --labgrid PLACE [--board NAME] [FILTER…]`.
-pub fn cmd_test(t: &crate::cli::TestCli) -> crate::error::Result<crate::test::Tally> {
-    use crate::error::Error;
+pub fn cmd_test(t: &crate::cli::TestCli) -> Result<crate::test::Tally> {
     let place = t.labgrid.clone().unwrap_or_default();
     let mut lab = Lab::new(&place);
     lab.stage = t.stage.clone();
@@ -389,7 +400,6 @@ pub fn cmd_test(t: &crate::cli::TestCli) -> crate::error::Result<crate::test::Ta
             ..base
         })
     })
-    .map_err(Error::Labgrid)
 }
 
 #[cfg(test)]
@@ -430,25 +440,31 @@ mod tests {
 
     #[test]
     fn the_board_comes_from_the_option_or_the_tag() {
+        let usage = |r: Result<&str>| matches!(r, Err(Error::Usage(_)));
         assert_eq!(
-            board_for(&tags(&[("board", "raspi3b")]), None, "p"),
-            Ok("raspi3b")
+            board_for(&tags(&[("board", "raspi3b")]), None, "p").ok(),
+            Some("raspi3b")
         );
         assert_eq!(
-            board_for(&tags(&[]), Some("xlnx-zcu102"), "p"),
-            Ok("xlnx-zcu102")
+            board_for(&tags(&[]), Some("xlnx-zcu102"), "p").ok(),
+            Some("xlnx-zcu102")
         );
         assert_eq!(
-            board_for(&tags(&[("board", "raspi4b")]), Some("raspi4b"), "p"),
-            Ok("raspi4b")
+            board_for(&tags(&[("board", "raspi4b")]), Some("raspi4b"), "p").ok(),
+            Some("raspi4b")
         );
-        assert!(board_for(&tags(&[("board", "raspi4b")]), Some("raspi3b"), "p").is_err());
+        assert!(usage(board_for(
+            &tags(&[("board", "raspi4b")]),
+            Some("raspi3b"),
+            "p"
+        )));
         assert!(board_for(&tags(&[]), None, "p")
             .unwrap_err()
+            .to_string()
             .contains("set-tags"));
-        assert!(board_for(&tags(&[("board", "pdp11")]), None, "p").is_err());
-        assert!(board_for(&tags(&[("board", "virt")]), None, "p").is_err());
-        assert!(board_for(&tags(&[]), Some("virt"), "p").is_err());
+        assert!(usage(board_for(&tags(&[("board", "pdp11")]), None, "p")));
+        assert!(usage(board_for(&tags(&[("board", "virt")]), None, "p")));
+        assert!(usage(board_for(&tags(&[]), Some("virt"), "p")));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! one), otherwise an error naming that command; then `DIR/bin/python -m
 //! pip install labgrid==VERSION`; a stamp file records the version.
 
+use crate::error::{Error, Result};
 use crate::setup::{is_root, os_release, run};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,7 +118,7 @@ fn debian_like() -> bool {
     id == "debian" || id == "ubuntu" || like.split_whitespace().any(|w| w == "debian")
 }
 
-fn make_venv(dir: &Path) -> Result<(), String> {
+fn make_venv(dir: &Path) -> Result<()> {
     let out = Command::new("python3")
         .args(["-m", "venv"])
         .arg(dir)
@@ -130,25 +131,25 @@ fn make_venv(dir: &Path) -> Result<(), String> {
             String::from_utf8_lossy(&o.stderr)
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no python3: ensurepip".into(),
-        Err(e) => return Err(format!("python3 -m venv: {e}")),
+        Err(e) => return Err(Error::spawn("python3 -m venv")(e)),
     };
     let _ = std::fs::remove_dir_all(dir);
     let Some(pkg) = venv_package_needed(&stderr) else {
-        return Err(format!(
+        return Err(Error::Install(format!(
             "python3 -m venv {} failed:\n{stderr}",
             dir.display()
-        ));
+        )));
     };
     let mut pkgs = vec!["python3".to_string(), "python3-venv".to_string()];
     if !pkgs.contains(&pkg) {
         pkgs.push(pkg);
     }
     if !debian_like() || !is_root() {
-        return Err(format!(
+        return Err(Error::Install(format!(
             "python3 -m venv needs {}; on Debian/Ubuntu, as root:\n  apt-get install -y {}",
             pkgs.join(" "),
             pkgs.join(" ")
-        ));
+        )));
     }
     eprintln!(
         "labgrid: python3 -m venv needs {}; installing with apt-get",
@@ -164,21 +165,20 @@ fn make_venv(dir: &Path) -> Result<(), String> {
 
 /// Makes sure `target/labgrid-venv` holds labgrid `LABGRID_VERSION`
 /// (installing it the first time) and the repo's lab files.
-pub fn ensure() -> Result<Venv, String> {
+pub fn ensure() -> Result<Venv> {
     let dir = target_dir().join("labgrid-venv");
     match state(&dir) {
         State::Ready => {}
         s => {
             if s == State::Stale {
-                std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                std::fs::remove_dir_all(&dir).map_err(Error::io(&dir))?;
             }
             eprintln!(
                 "labgrid: installing labgrid {LABGRID_VERSION} from PyPI into {}",
                 dir.display()
             );
             if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("{}: {e}", parent.display()))?;
+                std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
             }
             make_venv(&dir)?;
             run(Command::new(dir.join("bin/python")).args([
@@ -189,17 +189,16 @@ pub fn ensure() -> Result<Venv, String> {
                 "--disable-pip-version-check",
                 &format!("labgrid=={LABGRID_VERSION}"),
             ]))?;
-            std::fs::write(dir.join(STAMP), LABGRID_VERSION)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::write(dir.join(STAMP), LABGRID_VERSION).map_err(Error::io(dir.join(STAMP)))?;
         }
     }
     let v = Venv { dir };
     let lab = v.lab_dir();
-    std::fs::create_dir_all(&lab).map_err(|e| format!("{}: {e}", lab.display()))?;
+    std::fs::create_dir_all(&lab).map_err(Error::io(&lab))?;
     for (name, text) in LAB_FILES {
         let p = lab.join(name);
         if std::fs::read_to_string(&p).ok().as_deref() != Some(*text) {
-            std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+            std::fs::write(&p, text).map_err(Error::io(p))?;
         }
     }
     Ok(v)

@@ -2,8 +2,8 @@
 //! walks built on it (leaf lookup, range scans, the summary, the two phases
 //! of `map` and the group-by-group rewrite of every other operation).
 //!
-//! Arm ARM DDI 0487, D8.2 (translation table walk, 4 KiB granule: 512
-//! entries per table, levels 0-3) and D8.6.1 (16-entry Contiguous groups).
+//! Arm ARM DDI 0487M.a.a, D8.2.8 (translation using the 4 KiB granule: 512
+//! entries per table, levels 0-3) and D8.7.1 (16-entry Contiguous groups).
 //! The walks recurse at most four levels; each level's state is one
 //! cursor value, a small copy on the stack.
 

@@ -1,9 +1,9 @@
 //! Folding and collapse: when 16 entries may form a Contiguous run, when a
 //! full table may become one block, and the split of a block into a table.
 //!
-//! Arm ARM DDI 0487, D8.6.1 (the Contiguous bit: 16 adjacent entries whose
+//! Arm ARM DDI 0487M.a.a, D8.7.1 (the Contiguous bit: 16 adjacent entries whose
 //! VA and output address are aligned to the run, with identical attributes;
-//! rules 1 and 2 of docs/architecture.md) and D8.3.1 (block descriptors:
+//! rules 1 and 2 of docs/architecture.md) and D8.3.1.2 (block descriptors:
 //! output address aligned to the block size). [`RunShape`] is the one
 //! implementation of "these entries translate as one unit"; runs, block
 //! collapses, the linter and the fold decisions all use it.

@@ -3,8 +3,8 @@
 //! over a VMSAv8-64 table tree, and the descriptor access all of it goes
 //! through.
 //!
-//! Arm ARM DDI 0487, chapter D8 (D8.2 walks, D8.3 descriptors, D8.4
-//! permissions and access/dirty state, D8.6.1 the Contiguous bit, D8.16
+//! Arm ARM DDI 0487M.a.a, chapter D8 (D8.2 walks, D8.3 descriptors, D8.4
+//! permissions, D8.5 access/dirty state, D8.7.1 the Contiguous bit, D8.17.1
 //! break-before-make); rules 1-8 of docs/architecture.md. The parts:
 //!
 //! * `cursor`: where a walk stands and the walks (lookup, scans, the two
@@ -154,7 +154,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
     /// TTBR, or translation is off. Until [`Stage1::set_live`], every
     /// descriptor is written with a plain store: with the MMU off, data
     /// accesses are Device-nGnRnE, and exclusives or atomics on Device
-    /// memory are IMPLEMENTATION DEFINED (Arm ARM B2.9, "Exclusive access
+    /// memory are IMPLEMENTATION DEFINED (Arm ARM B2.12.2, "Exclusive access
     /// instructions and Shareable memory locations"). TLB maintenance is
     /// issued as usual, so the tree is correct whenever it goes live.
     ///
@@ -840,7 +840,7 @@ impl<P: TableMemory + TranslationHw> Stage1<P> {
 }
 
 /// The one way a leaf is built: valid, the block or page encoding of
-/// `level` (D8.3.1), and the attribute bits of `attrs` with the dirty state
+/// `level` (D8.3.1.2), and the attribute bits of `attrs` with the dirty state
 /// `dirty` encoded where this entry keeps it.
 #[inline]
 fn leaf(attrs: &Attributes, level: u8, dirty: bool, hafdbs: bool) -> Descriptor {

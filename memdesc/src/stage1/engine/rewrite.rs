@@ -2,9 +2,9 @@
 //! values while walkers may use it, how access/dirty state survives that,
 //! and what waits for the TLB maintenance (regathering, freeing tables).
 //!
-//! Arm ARM DDI 0487: D8.16 (break-before-make, FEAT_BBM level 2), D8.4.3
-//! and D8.4.6 (hardware updates of the access flag and dirty state), D8.13
-//! (TLB maintenance). Rules 3-7 of docs/architecture.md.
+//! Arm ARM DDI 0487M.a.a: D8.17.1 and D8.17.2 (break-before-make, FEAT_BBM
+//! level 2), D8.5.1 and D8.5.2 (hardware updates of the access flag and
+//! dirty state), D8.17 (TLB maintenance). Rules 3-7 of docs/architecture.md.
 
 use super::fold::is_run;
 use super::{LeafOp, Stage1, COUNT_UNKNOWN};
@@ -105,7 +105,7 @@ impl GroupChange {
     }
 }
 
-/// What replacing a live valid entry by another valid one takes (D8.16).
+/// What replacing a live valid entry by another valid one takes (D8.17.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Rewrite {
     /// Permissions, access/dirty: a store, then TLB maintenance.

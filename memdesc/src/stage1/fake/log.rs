@@ -1,7 +1,7 @@
 //! The fake's record of what the engine did: an event log in a lent buffer
 //! and operation counters.
 //!
-//! One [`Event`] per descriptor store, TLBI (Arm ARM DDI 0487, C5.5), DSB
+//! One [`Event`] per descriptor store, TLBI (Arm ARM DDI 0487M.a.a, C5.5), DSB
 //! or ISB (B2.3), and table allocation or free, in program order.
 
 use crate::addr::{PhysAddr, VirtAddr};

@@ -5,7 +5,7 @@
 //! memory; every store is logged and shown to the checker in [`super::tlb`].
 
 use super::log::Event;
-use super::tlb::{BbmViolation, EntryState};
+use super::tlb::{BbmViolation, PackedState};
 use super::{FakePlatform, FAKE_TABLE_BASE, NONE};
 use crate::addr::PhysAddr;
 use crate::stage1::descriptor::ENTRIES;
@@ -47,10 +47,11 @@ impl FrameMeta {
 #[derive(Clone, Debug)]
 pub struct FakeFrame {
     pub(super) entries: [u64; ENTRIES],
-    pub(super) state: [EntryState; ENTRIES],
+    /// The checker's [`super::tlb::EntryState`] of each entry.
+    pub(super) state: [PackedState; ENTRIES],
     /// For a stale Contiguous entry: the pages of its run a TLBI has
     /// covered so far (bit p: page p of the 16). A cached copy of one entry
-    /// of a run may translate any page of the run (D8.6.1), so it is gone
+    /// of a run may translate any page of the run (D8.7.1), so it is gone
     /// only when all 16 were invalidated.
     pub(super) cover: [u16; ENTRIES],
     pub(super) meta: FrameMeta,
@@ -61,7 +62,7 @@ impl FakeFrame {
     pub const fn new() -> Self {
         Self {
             entries: [0; ENTRIES],
-            state: [EntryState::Clean; ENTRIES],
+            state: [PackedState::CLEAN; ENTRIES],
             cover: [0; ENTRIES],
             meta: FrameMeta::EMPTY,
         }
@@ -120,7 +121,7 @@ unsafe impl TableMemory for FakePlatform<'_> {
         };
         let fr = &mut self.frames[f];
         fr.entries = [0; ENTRIES];
-        fr.state = [EntryState::Clean; ENTRIES];
+        fr.state = [PackedState::CLEAN; ENTRIES];
         fr.meta = FrameMeta {
             in_use: true,
             ..FrameMeta::EMPTY
@@ -148,12 +149,14 @@ unsafe impl TableMemory for FakePlatform<'_> {
         if self.recording {
             let m = self.frames[f].meta;
             let parent_dirty = m.parent != NONE
-                && !self.frames[m.parent as usize].state[m.parent_index as usize].is_clean();
+                && !self.frames[m.parent as usize].state[m.parent_index as usize]
+                    .get()
+                    .is_clean();
             if m.unclean != 0 || parent_dirty {
                 self.violation(BbmViolation::FreedWhileCached { table });
             }
             if m.unclean != 0 {
-                self.frames[f].state = [EntryState::Clean; ENTRIES];
+                self.frames[f].state = [PackedState::CLEAN; ENTRIES];
             }
             if m.valid != 0 {
                 self.violation(BbmViolation::FreedWithValidCount {

@@ -4,8 +4,8 @@
 //! a break-before-make checker (`tlb`), and an operation log with
 //! counters (`log`).
 //!
-//! The checker enforces Arm ARM DDI 0487, D8.16 (break-before-make) and
-//! D8.13 (TLB maintenance ordering and coverage); see `tlb`. No heap:
+//! The checker enforces Arm ARM DDI 0487M.a.a, D8.17.1 (break-before-make)
+//! and D8.17.8 (TLB maintenance ordering and coverage); see `tlb`. No heap:
 //! the caller lends the frames and the log buffer, and tests or benchmarks
 //! allocate them with `vec!`. [`FakePlatform::counting`] is the fast
 //! variant for benchmarks: counters only, no log, no checker.

@@ -1,12 +1,12 @@
 //! The fake's TLB model and break-before-make checker.
 //!
-//! Arm ARM DDI 0487, D8.16 (break-before-make: no valid entry may be
+//! Arm ARM DDI 0487M.a.a, D8.17.1 (break-before-make: no valid entry may be
 //! written where a translation for the same addresses may still be cached,
 //! and no live change of output address, memory type or size without
-//! FEAT_BBM level 2) and D8.13 (a descriptor store is made visible with
+//! FEAT_BBM level 2) and D8.17.8 (a descriptor store is made visible with
 //! `DSB ISHST` before the TLBI that depends on it; a TLBI has completed only
 //! after `DSB ISH`; a TLBI with a level hint only removes leaves of that
-//! level; a last-level TLBI leaves walk caches alone; D8.6.1: a cached copy
+//! level; a last-level TLBI leaves walk caches alone; D8.7.1: a cached copy
 //! of one entry of a run may translate any page of the run). It keeps one
 //! [`EntryState`] per entry, and with a table window (see
 //! [`FakePlatform::set_table_window`]) also checks that every descriptor
@@ -85,7 +85,51 @@ impl EntryState {
     }
 }
 
-/// A rule of D8.13/D8.14 the engine broke, as seen by the checker.
+/// One [`EntryState`] in a byte, as a frame stores it: 0 is
+/// [`EntryState::Clean`], so resetting a frame's 512 states on every table
+/// allocation is a plain zero fill (the enum itself takes three bytes, and
+/// a fill of it one store per entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct PackedState(u8);
+
+impl PackedState {
+    /// [`EntryState::Clean`].
+    pub(super) const CLEAN: Self = Self(0);
+    const STALE: u8 = 1;
+    const INVALIDATED: u8 = 2;
+    const WALK: u8 = 4;
+    const RUN: u8 = 8;
+
+    /// The byte of `state`.
+    #[inline]
+    pub(super) const fn pack(state: EntryState) -> Self {
+        Self(match state {
+            EntryState::Clean => 0,
+            EntryState::Stale { walk, run } => {
+                Self::STALE | (walk as u8 * Self::WALK) | (run as u8 * Self::RUN)
+            }
+            EntryState::Invalidated { run } => Self::INVALIDATED | (run as u8 * Self::RUN),
+        })
+    }
+
+    /// The state this byte holds.
+    #[inline]
+    pub(super) const fn get(self) -> EntryState {
+        let run = self.0 & Self::RUN != 0;
+        if self.0 & Self::STALE != 0 {
+            EntryState::Stale {
+                walk: self.0 & Self::WALK != 0,
+                run,
+            }
+        } else if self.0 & Self::INVALIDATED != 0 {
+            EntryState::Invalidated { run }
+        } else {
+            EntryState::Clean
+        }
+    }
+}
+
+/// A rule of D8.17 the engine broke, as seen by the checker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BbmViolation {
     /// A valid entry was written while a translation for part of its range
@@ -193,7 +237,7 @@ impl FakePlatform<'_> {
 
     fn set_state(&mut self, f: usize, i: usize, next: EntryState) {
         let frame = &mut self.frames[f];
-        let was = frame.state[i];
+        let was = frame.state[i].get();
         if matches!(next, EntryState::Stale { .. }) {
             // A new stale copy: earlier TLBIs did not remove it.
             frame.cover[i] = 0;
@@ -203,7 +247,7 @@ impl FakePlatform<'_> {
         } else if !was.is_clean() && next.is_clean() {
             frame.meta.unclean -= 1;
         }
-        frame.state[i] = was.then(next);
+        frame.state[i] = PackedState::pack(was.then(next));
     }
 
     /// A table descriptor pointing at `table` was removed: its entries may
@@ -259,7 +303,7 @@ impl FakePlatform<'_> {
             let i0 = (wlo.max(base) - base) >> sh;
             let i1 = ((whi.min(end) - 1 - base) >> sh) + 1;
             (i0..i1).any(|i| {
-                let state = fr.state[i as usize];
+                let state = fr.state[i as usize].get();
                 let entry_va = base + (i << sh);
                 !state.is_clean() && (state.run() || (entry_va < hi && entry_va + (1 << sh) > lo))
             })
@@ -414,7 +458,7 @@ impl FakePlatform<'_> {
                 i1.next_multiple_of(CONT_ENTRIES).min(ENTRIES),
             );
             for i in w0..w1 {
-                let state = self.frames[f].state[i];
+                let state = self.frames[f].state[i].get();
                 let hit = match (state, scope) {
                     (EntryState::Stale { .. }, None) => true,
                     (EntryState::Stale { walk: false, .. }, Some(s)) => {
@@ -504,7 +548,10 @@ impl TranslationHw for FakePlatform<'_> {
                 continue;
             }
             for i in 0..ENTRIES {
-                if matches!(self.frames[f].state[i], EntryState::Invalidated { .. }) {
+                if matches!(
+                    self.frames[f].state[i].get(),
+                    EntryState::Invalidated { .. }
+                ) {
                     self.set_state(f, i, EntryState::Clean);
                 }
             }
@@ -515,5 +562,34 @@ impl TranslationHw for FakePlatform<'_> {
     fn isb(&mut self) {
         self.counters.isb += 1;
         self.record(Event::Isb);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every state survives its byte, and the byte of `Clean` is 0 (what a
+    /// frame's zero fill relies on).
+    #[test]
+    fn every_entry_state_round_trips_through_its_byte() {
+        assert_eq!(PackedState::pack(EntryState::Clean), PackedState::CLEAN);
+        assert_eq!(PackedState::default(), PackedState::CLEAN);
+        let mut states = vec![EntryState::Clean];
+        for walk in [false, true] {
+            for run in [false, true] {
+                states.push(EntryState::Stale { walk, run });
+            }
+        }
+        states.extend([false, true].map(|run| EntryState::Invalidated { run }));
+        for s in &states {
+            assert_eq!(PackedState::pack(*s).get(), *s, "{s:?}");
+        }
+        let bytes: std::collections::BTreeSet<_> = states
+            .iter()
+            .map(|s| PackedState::pack(*s))
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(bytes.len(), states.len(), "two states share a byte");
     }
 }
