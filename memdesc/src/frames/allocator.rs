@@ -12,7 +12,7 @@ use super::buddy::{FreeLists, MAX_ORDER, ORDERS};
 use super::desc::{Desc, FolioDesc, HwPoisonDesc, PageTableDesc, SlabDesc, FOLIO_HWPOISON};
 use super::desc_cache::{desc_of, desc_word, DescCache, DescMemory};
 use super::error::FrameError;
-use super::hot_cache::{HotCache, HOT_MAX_ORDER};
+use super::hot_cache::{HotCache, CACHE_MAX_ORDER, HOT_MAX_ORDER};
 use super::owner::Owner;
 use super::page_array::{PageArray, Section};
 use super::placement::ReservedRange;
@@ -222,7 +222,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
     /// (merging them). Done automatically before an allocation would fail
     /// and before operations on specific free frames.
     pub fn drain_cache(&mut self) {
-        for order in 0..=HOT_MAX_ORDER {
+        for order in 0..=CACHE_MAX_ORDER {
             while let Some(idx) = self.hot.pop(order) {
                 let Some(pfn) = self.pa.pfn_of(idx) else {
                     continue;
@@ -358,7 +358,7 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             for c in &self.pa.cells(idx, n)[1..] {
                 c.store(Word::FREE_TAIL.raw(), Ordering::Relaxed);
             }
-            if self.hot.push(order, idx) {
+            if order <= HOT_MAX_ORDER && self.hot.push(order, idx) {
                 self.pa.store_relaxed(idx, Word::free_cached(order));
                 self.by_type[FrameType::Free.index()] += n as u64;
                 return n as u64;

@@ -7,7 +7,7 @@ use super::atomics::Atomics;
 use super::buddy::MAX_ORDER;
 use super::desc::FolioDesc;
 use super::desc_cache::{desc_of, DescMemory};
-use super::hot_cache::{HotCache, HOT_MAX_ORDER};
+use super::hot_cache::{HotCache, CACHE_MAX_ORDER};
 use super::word::{FrameType, NO_LINK};
 use crate::addr::Pfn;
 
@@ -117,12 +117,12 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             }
         };
         let mut counts = [0u64; FrameType::COUNT];
-        let mut cached = [0usize; HOT_MAX_ORDER as usize + 1];
+        let mut cached = [0usize; CACHE_MAX_ORDER as usize + 1];
         for i in 0..pa.len() {
             let w = pa.load(i);
             if w.is_free_cached() {
                 let o = w.free_cached_order();
-                if o > HOT_MAX_ORDER {
+                if o > CACHE_MAX_ORDER {
                     return Err(err(i, Inconsistency::CachedOrderTooHigh));
                 }
                 cached[o as usize] += 1;
@@ -137,7 +137,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             }
         }
         let caches = || core::iter::once(&self.hot).chain(extra.iter().copied());
-        for o in 0..=HOT_MAX_ORDER {
+        for o in 0..=CACHE_MAX_ORDER {
             if cached[o as usize] != caches().map(|c| c.len(o)).sum::<usize>() {
                 return Err(err(0, Inconsistency::HotCacheMismatch));
             }

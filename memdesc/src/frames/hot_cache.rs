@@ -1,7 +1,9 @@
-//! The hot caches: small LIFOs of recently freed blocks of orders
-//! `0..=`[`HOT_MAX_ORDER`] kept out of the buddy lists (the idea of Linux's
-//! per-CPU page lists, which also stop at order 3; here one set per
-//! allocator).
+//! The hot caches: small LIFOs of recently freed blocks kept out of the
+//! buddy lists (the idea of Linux's per-CPU page lists). The single-CPU
+//! allocator keeps one set for orders `0..=`[`HOT_MAX_ORDER`] (where
+//! Linux's lists also stop); the shared allocator's per-CPU caches use
+//! every order up to [`CACHE_MAX_ORDER`] (Linux's lists also keep the 2 MiB
+//! order 9), with fewer blocks the larger the order ([`capacity`]).
 //!
 //! Small allocations and frees are most of the traffic; through a cache they
 //! cost a push/pop on a small array plus the block's own words, instead of a
@@ -15,23 +17,56 @@
 
 use super::word::NO_LINK;
 
-/// Highest order with a hot cache.
+/// Highest order the single-CPU allocator's hot cache keeps.
 pub const HOT_MAX_ORDER: u8 = 3;
-/// Blocks each hot cache holds at most.
+/// Highest order a cache can hold (the shared allocator's per-CPU caches).
+pub const CACHE_MAX_ORDER: u8 = 9;
+/// Blocks a cache holds at most of each order up to [`HOT_MAX_ORDER`].
 pub const HOT_CACHE_BLOCKS: usize = 128;
+/// Above [`HOT_MAX_ORDER`], a cache holds at most this many frames (2 MiB)
+/// of one order, and at least 2 blocks.
+const LARGE_FRAMES: usize = 512;
 
-const N: usize = HOT_MAX_ORDER as usize + 1;
+const N: usize = CACHE_MAX_ORDER as usize + 1;
 
-/// Bounded LIFOs of page-array indexes of cached free blocks, one per order.
+/// Blocks a cache holds at most at `order` (0 above [`CACHE_MAX_ORDER`]).
+pub const fn capacity(order: u8) -> usize {
+    if order <= HOT_MAX_ORDER {
+        HOT_CACHE_BLOCKS
+    } else if order <= CACHE_MAX_ORDER {
+        let n = LARGE_FRAMES >> order;
+        if n < 2 {
+            2
+        } else {
+            n
+        }
+    } else {
+        0
+    }
+}
+
+/// Where each order's entries start in [`HotCache`]'s one array.
+const START: [usize; N + 1] = {
+    let mut s = [0; N + 1];
+    let mut o = 0;
+    while o < N {
+        s[o + 1] = s[o] + capacity(o as u8);
+        o += 1;
+    }
+    s
+};
+
+/// Bounded LIFOs of page-array indexes of cached free blocks, one per order,
+/// packed in one array (order `o` at `START[o]..START[o + 1]`).
 pub(crate) struct HotCache {
-    idx: [[u32; HOT_CACHE_BLOCKS]; N],
+    idx: [u32; START[N]],
     len: [usize; N],
 }
 
 impl HotCache {
     pub const fn new() -> Self {
         Self {
-            idx: [[NO_LINK; HOT_CACHE_BLOCKS]; N],
+            idx: [NO_LINK; START[N]],
             len: [0; N],
         }
     }
@@ -58,14 +93,14 @@ impl HotCache {
     }
 
     /// Caches the block at `idx` of `order`; false when full or `order` is
-    /// above [`HOT_MAX_ORDER`].
+    /// above [`CACHE_MAX_ORDER`].
     #[inline(always)]
     pub fn push(&mut self, order: u8, idx: usize) -> bool {
         let o = order as usize;
-        if o >= N || self.len[o] == HOT_CACHE_BLOCKS {
+        if o >= N || self.len[o] == capacity(order) {
             return false;
         }
-        self.idx[o][self.len[o]] = idx as u32;
+        self.idx[START[o] + self.len[o]] = idx as u32;
         self.len[o] += 1;
         true
     }
@@ -78,13 +113,14 @@ impl HotCache {
             return None;
         }
         self.len[o] -= 1;
-        Some(self.idx[o][self.len[o]] as usize)
+        Some(self.idx[START[o] + self.len[o]] as usize)
     }
 
     /// The cached indexes of `order`.
     pub fn entries(&self, order: u8) -> &[u32] {
-        match self.idx.get(order as usize) {
-            Some(v) => &v[..self.len[order as usize]],
+        let o = order as usize;
+        match self.len.get(o) {
+            Some(&n) => &self.idx[START[o]..START[o] + n],
             None => &[],
         }
     }
@@ -99,7 +135,7 @@ mod tests {
     fn lifo_and_bounded() {
         let mut c = HotCache::new();
         assert!(c.pop(0).is_none());
-        assert!(!c.push(HOT_MAX_ORDER + 1, 0));
+        assert!(!c.push(CACHE_MAX_ORDER + 1, 0));
         for i in 0..HOT_CACHE_BLOCKS {
             assert!(c.push(1, i));
         }
@@ -112,5 +148,29 @@ mod tests {
         assert_eq!(c.pop(0), Some(7));
         while c.pop(1).is_some() {}
         assert!(c.is_empty());
+    }
+
+    /// Large orders hold fewer blocks, each order its own slots: filling
+    /// every order to capacity keeps each order's entries its own.
+    #[test]
+    fn large_orders_hold_fewer_blocks_in_their_own_slots() {
+        assert_eq!(capacity(4), 32);
+        assert_eq!(capacity(9), 2);
+        assert_eq!(capacity(CACHE_MAX_ORDER + 1), 0);
+        let mut c = HotCache::new();
+        for o in 0..=CACHE_MAX_ORDER {
+            for i in 0..capacity(o) {
+                assert!(c.push(o, 1000 * o as usize + i), "order {o} block {i}");
+            }
+            assert!(!c.push(o, 0), "order {o} over capacity");
+        }
+        for o in 0..=CACHE_MAX_ORDER {
+            let want: Vec<u32> = (0..capacity(o) as u32)
+                .map(|i| 1000 * o as u32 + i)
+                .collect();
+            assert_eq!(c.entries(o), &want[..], "order {o}");
+        }
+        assert_eq!(c.pop(9), Some(9001));
+        assert_eq!(c.pop(4), Some(4031));
     }
 }

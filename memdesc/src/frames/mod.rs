@@ -12,7 +12,8 @@
 //! - Descriptors come from type-stable caches fed by a [`DescMemory`]
 //!   ([`desc_cache`]); the speculative
 //!   [`PageArray::get_folio`] relies on that.
-//! - Small blocks (orders `0..=`[`HOT_MAX_ORDER`]) are recycled through
+//! - Small blocks (orders `0..=`[`HOT_MAX_ORDER`]; in the shared allocator
+//!   [`SmpFrameAllocator`], per CPU, `0..=`[`PCP_MAX_ORDER`]) are recycled through
 //!   bounded hot caches ([`hot_cache`]) before touching the
 //!   buddy lists; cached frames stay typed Free.
 //! - [`FrameAllocator::poison`] and the Offline API for the balloon
@@ -93,13 +94,16 @@ pub use desc::{
 pub use desc_cache::{ChunkPool, DescChunk, DescMemory, LinearMap, CHUNK_SIZE};
 pub use error::{FrameError, LayoutError};
 pub use frozen::FrozenKind;
-pub use hot_cache::{HOT_CACHE_BLOCKS, HOT_MAX_ORDER};
+pub use hot_cache::{CACHE_MAX_ORDER, HOT_CACHE_BLOCKS, HOT_MAX_ORDER};
 pub use hwpoison::Poisoned;
 pub use owner::Owner;
 pub use page_array::{bytes_needed, words_needed, PageArray, PfnRange, MAX_RANGES};
 pub use placement::ReservedRange;
 pub use refcount::{FolioRef, FreezeError, FrozenFolio, LastRef, PageTableFrame, UnfreezeError};
-pub use smp::{PcpStats, SmpError, SmpFrameAllocator, PCP_BATCH, PCP_DESCS, PCP_HIGH};
+pub use smp::{
+    pcp_batch, pcp_high, PcpStats, SmpError, SmpFrameAllocator, PCP_BATCH, PCP_DESCS, PCP_HIGH,
+    PCP_MAX_ORDER,
+};
 pub use word::{FrameType, ReservedKind, Word, MAX_FRAMES, NO_LINK};
 
 pub use crate::addr::Pfn;

@@ -1,15 +1,17 @@
-//! The frame allocator shared by several CPUs: per-CPU caches of small
+//! The frame allocator shared by several CPUs: per-CPU caches of free
 //! blocks and folio descriptors in front of the buddy, which sits behind a
 //! [`SpinLock`] (docs/architecture.md, "Concurrency").
 //!
 //! - Each CPU has a cache of free blocks of orders
-//!   `0..=`[`HOT_MAX_ORDER`] and a stash of free folio descriptors, behind
+//!   `0..=`[`PCP_MAX_ORDER`] and a stash of free folio descriptors, behind
 //!   its own lock, which only that CPU takes on the fast path (so it is
 //!   uncontended and its cache line stays local). Allocation pops from it;
-//!   an empty cache is refilled with [`PCP_BATCH`] blocks under the buddy
-//!   lock. A free pushes onto the freeing CPU's cache, whichever CPU
-//!   allocated: the block is just a free block again. A cache that reaches
-//!   [`PCP_HIGH`] blocks drains [`PCP_BATCH`] of them to the buddy first.
+//!   an empty cache is refilled with [`pcp_batch`] blocks (64 up to order
+//!   3, fewer for larger orders) under the buddy lock. A free pushes onto
+//!   the freeing CPU's cache, whichever CPU allocated: the block is just a
+//!   free block again. A cache that reaches [`pcp_high`] blocks of an order
+//!   (128 up to order 3, then 2 MiB worth) drains a batch to the buddy
+//!   first.
 //! - [`SmpFrameAllocator::drain_cpu`] empties one CPU's cache (going idle or
 //!   offline; may be called from another CPU). An allocation that finds the
 //!   buddy empty drains every CPU's cache and retries before it fails.
@@ -26,7 +28,7 @@
 //! Lock order: a CPU's cache lock, then the buddy lock; never two cache
 //! locks at once, except [`SmpFrameAllocator::with_exact`], which takes them
 //! all in CPU order before the buddy. Everything not on the fast path
-//! (orders above [`HOT_MAX_ORDER`], aligned and placed allocations, frozen
+//! (orders above [`PCP_MAX_ORDER`], aligned and placed allocations, frozen
 //! allocations, poisoned folios) runs on the buddy under its lock.
 
 use super::allocator::{publish_folio_words, FrameAllocator, FrameStats, Released};
@@ -36,7 +38,7 @@ use super::desc::{FolioDesc, FOLIO_HWPOISON};
 use super::desc_cache::{desc_word, DescMemory};
 use super::error::FrameError;
 use super::frozen::FrozenKind;
-use super::hot_cache::{HotCache, HOT_CACHE_BLOCKS, HOT_MAX_ORDER};
+use super::hot_cache::{capacity, HotCache, CACHE_MAX_ORDER, HOT_CACHE_BLOCKS};
 use super::owner::Owner;
 use super::page_array::PageArray;
 use super::refcount::{FolioRef, LastRef};
@@ -46,11 +48,35 @@ use crate::sync::{CpuContext, CpuId, LockAtomics, LockError, LockStats, SpinGuar
 use core::fmt;
 use core::sync::atomic::Ordering;
 
-/// Blocks (and descriptors) moved between a CPU cache and the buddy at once
-/// (one buddy lock acquisition per this many fast-path calls at most).
+/// Highest order with a per-CPU cache: as Linux's per-CPU lists, the
+/// small orders and the 2 MiB order 9.
+pub const PCP_MAX_ORDER: u8 = CACHE_MAX_ORDER;
+/// Blocks of orders up to 3 (and descriptors) moved between a CPU cache
+/// and the buddy at once (one buddy lock acquisition per this many
+/// fast-path calls at most); larger orders move [`pcp_batch`] blocks.
 pub const PCP_BATCH: usize = 64;
-/// Blocks of one order a CPU cache holds before a free drains a batch.
+/// Blocks of one order up to 3 a CPU cache holds before a free drains a
+/// batch; larger orders hold [`pcp_high`] blocks.
 pub const PCP_HIGH: usize = HOT_CACHE_BLOCKS;
+
+/// Blocks of `order` a CPU cache holds before a free drains a batch: 128
+/// up to order 3, then 2 MiB worth (at least 2 blocks) up to
+/// [`PCP_MAX_ORDER`]; 0 above.
+pub const fn pcp_high(order: u8) -> usize {
+    capacity(order)
+}
+
+/// Blocks of `order` one refill or drain moves: half of [`pcp_high`] (so a
+/// cache refilled or drained has room both ways), [`PCP_BATCH`] up to
+/// order 3.
+pub const fn pcp_batch(order: u8) -> usize {
+    let n = pcp_high(order) / 2;
+    if n > PCP_BATCH {
+        PCP_BATCH
+    } else {
+        n
+    }
+}
 /// Free folio descriptors a CPU keeps at most (a full stash gives back a
 /// batch, keeping the other half).
 pub const PCP_DESCS: usize = 2 * PCP_BATCH;
@@ -157,11 +183,12 @@ impl<A: Atomics> PerCpu<A> {
 /// The buddy-side half of the per-CPU protocol: everything here runs with
 /// the buddy lock held (and the CPU's cache lock).
 impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
-    /// Moves up to [`PCP_BATCH`] blocks of `order` into `pcp`; returns how
+    /// Moves up to [`pcp_batch`] blocks of `order` into `pcp`; returns how
     /// many.
     fn pcp_refill(&mut self, pcp: &mut PerCpu<A>, order: u8) -> usize {
+        let (batch, high) = (pcp_batch(order), pcp_high(order));
         let mut n = 0;
-        while n < PCP_BATCH && pcp.hot.len(order) < PCP_HIGH {
+        while n < batch && pcp.hot.len(order) < high {
             let Ok((idx, _)) = self.take_block(order, order) else {
                 break;
             };
@@ -169,7 +196,7 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
             // word is the allocator's own bookkeeping; the cache lock orders
             // it for the next CPU that pops it.
             self.pa.store_relaxed(idx, Word::free_cached(order));
-            // Cannot fail: the loop stops at PCP_HIGH = the cache's capacity.
+            // Cannot fail: the loop stops at pcp_high = the cache's capacity.
             let _ = pcp.hot.push(order, idx);
             n += 1;
         }
@@ -215,9 +242,9 @@ impl<M: DescMemory, A: Atomics> FrameAllocator<'_, M, A> {
 
     /// Empties `pcp` entirely: blocks, descriptors, count deltas.
     fn pcp_drain_all(&mut self, pcp: &mut PerCpu<A>) {
-        for order in 0..=HOT_MAX_ORDER {
+        for order in 0..=PCP_MAX_ORDER {
             if pcp.hot.len(order) > 0 {
-                self.pcp_drain(pcp, order, PCP_HIGH);
+                self.pcp_drain(pcp, order, pcp_high(order));
             }
         }
         while let Some(d) = pcp.pop_desc() {
@@ -295,7 +322,7 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
     }
 
     /// A folio of `2^order` frames, refcount 1, owned by `owner`. Orders up
-    /// to [`HOT_MAX_ORDER`] come from this CPU's cache.
+    /// to [`PCP_MAX_ORDER`] come from this CPU's cache.
     ///
     /// # Errors
     ///
@@ -310,7 +337,7 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
         order: u8,
         owner: Owner,
     ) -> Result<FolioRef<A>, SmpError> {
-        if order <= HOT_MAX_ORDER {
+        if order <= PCP_MAX_ORDER {
             match self.slot(cpu)?.lock(cpu) {
                 Ok(mut pcp) => match self.alloc_cached(cpu, &mut pcp, order, owner)? {
                     Some(f) => return Ok(f),
@@ -329,7 +356,7 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
         }
         let r = self.lock_buddy(cpu)?.alloc_folio(order, owner);
         match r {
-            Err(FrameError::OutOfMemory { .. }) if order > HOT_MAX_ORDER => {
+            Err(FrameError::OutOfMemory { .. }) if order > PCP_MAX_ORDER => {
                 self.drain_all(cpu)?;
                 Ok(self.lock_buddy(cpu)?.alloc_folio(order, owner)?)
             }
@@ -404,7 +431,7 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
     ) -> Result<Released<A>, SmpError> {
         let d = last.desc;
         let (head, order) = (d.head(), d.order());
-        if d.owner() == Owner::Buddy && order <= HOT_MAX_ORDER {
+        if d.owner() == Owner::Buddy && order <= PCP_MAX_ORDER {
             if let Some(idx) = self.pa.index_of(head) {
                 match self.slot(cpu)?.lock(cpu) {
                     Ok(mut pcp) => {
@@ -441,10 +468,11 @@ impl<'a, M: DescMemory + Send, A: Atomics + LockAtomics, const CPUS: usize>
         order: u8,
     ) -> Result<(), SmpError> {
         let stash_full = pcp.ndescs == PCP_DESCS;
-        if pcp.hot.len(order) >= PCP_HIGH || stash_full {
+        let full = pcp.hot.len(order) >= pcp_high(order);
+        if full || stash_full {
             let mut fa = self.lock_buddy(cpu)?;
-            if pcp.hot.len(order) >= PCP_HIGH {
-                fa.pcp_drain(pcp, order, PCP_BATCH);
+            if full {
+                fa.pcp_drain(pcp, order, pcp_batch(order));
             }
             if stash_full {
                 for _ in 0..PCP_BATCH {
@@ -853,20 +881,26 @@ mod tests {
         s.check_consistency(&CPU0).unwrap();
     }
 
-    /// Orders above the hot caches go through the buddy (one lock
+    /// Orders above the per-CPU caches go through the buddy (one lock
     /// acquisition each): counts and the consistency check stay exact with
     /// them live, freed on another CPU, and merged back into the buddy.
     #[test]
     fn large_folios_through_the_buddy_keep_exact_counts() {
-        let s = smp(0x400);
+        // PFNs 0x100..0x1100: one order-10 and one order-11 block.
+        let s = smp(0x1000);
         let total = free_frames(&s);
         let acq = s.buddy_lock_stats().acquisitions;
-        let a = s.alloc_folio(&CPU0, 5, Owner::Buddy).unwrap();
-        let b = s.alloc_folio(&CPU1, 9, Owner::Buddy).unwrap();
+        let a = s
+            .alloc_folio(&CPU0, PCP_MAX_ORDER + 1, Owner::Buddy)
+            .unwrap();
+        let b = s
+            .alloc_folio(&CPU1, PCP_MAX_ORDER + 2, Owner::Buddy)
+            .unwrap();
         assert_eq!(s.buddy_lock_stats().acquisitions - acq, 2);
         let st = s.stats(&CPU0).unwrap();
-        assert_eq!(st.count(FrameType::Folio), 32 + 512);
-        assert_eq!(st.count(FrameType::Free), total - 32 - 512);
+        assert_eq!(st.cached_frames, 0);
+        assert_eq!(st.count(FrameType::Folio), 1024 + 2048);
+        assert_eq!(st.count(FrameType::Free), total - 1024 - 2048);
         s.check_consistency(&CPU0).unwrap();
         // Every frame of a published folio carries its descriptor word.
         for f in [&a, &b] {
@@ -879,7 +913,7 @@ mod tests {
         }
         assert!(matches!(
             s.put(&CPU1, a).unwrap(),
-            Some(Released::Freed { order: 5, .. })
+            Some(Released::Freed { order: 10, .. })
         ));
         assert!(s.put(&CPU0, b).unwrap().is_some());
         let st = s.stats(&CPU1).unwrap();
@@ -888,7 +922,66 @@ mod tests {
         s.check_consistency(&CPU1).unwrap();
         // Merged back: the whole range is one block again.
         let fa = s.into_inner();
-        assert_eq!(fa.count(FrameType::Free), 0x400);
+        assert_eq!(fa.count(FrameType::Free), 0x1000);
+        fa.check_consistency().unwrap();
+    }
+
+    /// Orders 4..=9 have per-CPU caches too, with smaller batches: an
+    /// order-5 allocation refills a batch of [`pcp_batch`]`(5)` blocks in one
+    /// lock acquisition, the next ones come from the cache without the
+    /// lock, frees on another CPU go into that CPU's cache until it holds
+    /// [`pcp_high`]`(5)` blocks and then drain a batch; an order-9 block
+    /// freed on a CPU is reused there. Counts and the consistency check stay
+    /// exact throughout, and everything merges back at the end.
+    #[test]
+    fn large_orders_are_cached_per_cpu_with_their_own_batches() {
+        let s = smp(0x2000);
+        let total = free_frames(&s);
+        let (batch, high) = (pcp_batch(5), pcp_high(5));
+        assert!(batch >= 2 && high >= 2 * batch, "{batch} {high}");
+        let acq = s.buddy_lock_stats().acquisitions;
+        let mut v = vec![s.alloc_folio(&CPU0, 5, Owner::Buddy).unwrap()];
+        assert_eq!(s.buddy_lock_stats().acquisitions - acq, 1);
+        let st = s.stats(&CPU0).unwrap();
+        assert_eq!(st.cached_frames, 32 * (batch as u64 - 1));
+        assert_eq!(st.count(FrameType::Folio), 32);
+        s.check_consistency(&CPU0).unwrap();
+        let acq = s.buddy_lock_stats().acquisitions;
+        for _ in 1..batch {
+            v.push(s.alloc_folio(&CPU0, 5, Owner::Buddy).unwrap());
+        }
+        assert_eq!(
+            s.buddy_lock_stats().acquisitions,
+            acq,
+            "served from the cache"
+        );
+        // More than the cache holds, all freed on CPU 1.
+        while v.len() < high + batch {
+            v.push(s.alloc_folio(&CPU0, 5, Owner::Buddy).unwrap());
+        }
+        for f in v {
+            assert!(matches!(
+                s.put(&CPU1, f).unwrap(),
+                Some(Released::Freed { order: 5, .. })
+            ));
+        }
+        let c1 = s.cpu_stats(&CPU0, CpuId(1)).unwrap();
+        assert!(c1.drains >= 1, "{c1:?}");
+        assert!(c1.cached_frames <= 32 * high as u64, "{c1:?}");
+        assert_eq!(free_frames(&s), total);
+        s.check_consistency(&CPU0).unwrap();
+        // Order 9: freed on CPU 1, reused by CPU 1 without the buddy.
+        let big = s.alloc_folio(&CPU0, 9, Owner::Buddy).unwrap();
+        let pfn = big.pfn();
+        s.put(&CPU1, big).unwrap();
+        let acq = s.buddy_lock_stats().acquisitions;
+        let again = s.alloc_folio(&CPU1, 9, Owner::Buddy).unwrap();
+        assert_eq!(again.pfn(), pfn);
+        assert_eq!(s.buddy_lock_stats().acquisitions, acq);
+        s.check_consistency(&CPU1).unwrap();
+        s.put(&CPU0, again).unwrap();
+        let fa = s.into_inner();
+        assert_eq!(fa.count(FrameType::Free), 0x2000);
         fa.check_consistency().unwrap();
     }
 
@@ -896,8 +989,11 @@ mod tests {
     /// inside the buddy) leaves the folio's words as they were.
     #[test]
     fn a_refused_large_free_leaves_the_words() {
-        let s = smp(0x400);
-        let f = s.alloc_folio(&CPU0, 6, Owner::Buddy).unwrap();
+        // PFNs 0x100..0x900 hold one aligned order-10 block.
+        let s = smp(0x800);
+        let f = s
+            .alloc_folio(&CPU0, PCP_MAX_ORDER + 1, Owner::Buddy)
+            .unwrap();
         let idx = s.pa.index_of(f.pfn()).unwrap();
         let w = s.pa.load_relaxed(idx);
         let r = s.with_buddy(&CPU0, |_| s.put(&CPU0.in_exception(), f).map(|_| ()));
@@ -905,11 +1001,11 @@ mod tests {
             r,
             Ok(Err(SmpError::Lock(LockError::Reentrant { .. })))
         ));
-        for i in 0..64 {
+        for i in 0..1024 {
             assert_eq!(s.pa.load_relaxed(idx + i), w, "frame {i}");
         }
         // Not taken back: the frames still count as the folio's.
-        assert_eq!(s.stats(&CPU0).unwrap().count(FrameType::Folio), 64);
+        assert_eq!(s.stats(&CPU0).unwrap().count(FrameType::Folio), 1024);
     }
 
     #[test]
