@@ -225,14 +225,6 @@ impl<T> OrMissing<T> for Option<T> {
     }
 }
 
-/// For `bench::smp_target`, the one module still reporting a `String`
-/// (`?` on the shared boot helpers turns their [`Error`] into its text).
-impl From<Error> for String {
-    fn from(e: Error) -> Self {
-        e.to_string()
-    }
-}
-
 /// The tool's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

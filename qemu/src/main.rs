@@ -240,10 +240,7 @@ fn cmd_bench(which: BenchWhich, board: &'static str, peer: Option<Peer>) -> Resu
             let mut r = bench::smp::run();
             setup::ensure_qemu().map_err(Error::during("setup"))?;
             let elf = cargo::build_firmware("virt").map_err(Error::during("build"))?;
-            r.extend(
-                bench::smp_target::run(&elf)
-                    .map_err(|what| Error::during("bench")(Error::Check(what)))?,
-            );
+            r.extend(bench::smp_target::run(&elf).map_err(Error::during("bench"))?);
             r
         }
         BenchWhich::Translation => bench::translation::run(),

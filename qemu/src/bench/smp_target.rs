@@ -10,6 +10,7 @@
 //! the host, not by the lock.
 
 use super::Record;
+use crate::error::{Error, Result};
 use crate::machine::Machine;
 use std::path::Path;
 
@@ -37,7 +38,7 @@ pub fn parse_line(message: &str) -> Option<(u64, u64, u64)> {
 /// Boots the firmware binary `elf` (built for `virt`) with 1, 2 and 4 vCPUs
 /// and reports alloc+free pairs per second per vCPU, and the scaling of the
 /// total against one vCPU.
-pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
+pub fn run(elf: &Path) -> Result<Vec<Record>> {
     let decoder = super::boot::decoder(elf)?;
     let mut out = Vec::new();
     let mut one_vcpu_total = None;
@@ -57,9 +58,16 @@ pub fn run(elf: &Path) -> Result<Vec<Record>, String> {
             .lines
             .iter()
             .find_map(|l| parse_line(&l.message))
-            .ok_or_else(|| format!("no smp bench line with -smp {smp}:\n{}", b.transcript()))?;
+            .ok_or_else(|| {
+                Error::Missing(format!(
+                    "no smp bench line with -smp {smp}:\n{}",
+                    b.transcript()
+                ))
+            })?;
         if cores != u64::from(smp) {
-            return Err(format!("-smp {smp}: only {cores} cores ran the bench"));
+            return Err(Error::Check(format!(
+                "-smp {smp}: only {cores} cores ran the bench"
+            )));
         }
         let total = pairs as f64 * 1e9 / ns as f64;
         let note = format!(
