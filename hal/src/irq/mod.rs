@@ -42,6 +42,7 @@
 mod bcm2836;
 pub mod devicetree;
 pub mod intid;
+pub mod published;
 pub mod source;
 
 #[cfg(hw)]
