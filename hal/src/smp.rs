@@ -861,6 +861,43 @@ pub fn wait(index: usize, ticket: u64, timeout_us: u64) -> bool {
     true
 }
 
+/// Cores running [`halt_job`] (bit per index).
+static HALTED: AtomicU64 = AtomicU64::new(0);
+
+/// Stops the calling secondary for good: no wake interrupt reaches it any
+/// more, and it sleeps in a WFI loop that touches no memory.
+fn halt_job(index: usize) {
+    wake::acknowledge(index);
+    wake::forget(index);
+    // Release: pairs with the Acquire load in `halt_secondaries`.
+    HALTED.fetch_or(1 << index, Ordering::Release);
+    loop {
+        aarch64_cpu::asm::wfi();
+    }
+}
+
+/// Stops every online secondary for good in a WFI loop that reads and
+/// writes no memory, for the firmware to re-enter its own image (whose
+/// code stays where it is while its data, stacks and tables are built
+/// again): a core still serving requests would run on the old state.
+/// Returns the cores that stopped within 1 s (bit per index).
+pub fn halt_secondaries() -> u64 {
+    let mut posted = 0u64;
+    for i in 1..MAX_CPUS {
+        if online() & (1 << i) != 0 && run_on(i, halt_job).is_ok() {
+            posted |= 1 << i;
+        }
+    }
+    let t0 = crate::timer::uptime_us();
+    // Acquire: pairs with the Release fetch_or in `halt_job`.
+    while HALTED.load(Ordering::Acquire) & posted != posted
+        && crate::timer::uptime_us() - t0 < START_TIMEOUT_US
+    {
+        core::hint::spin_loop();
+    }
+    HALTED.load(Ordering::Acquire) & posted
+}
+
 /// How many times core `index` went to sleep in WFI in its service loop
 /// (0 for a core that never did, or no such core).
 pub fn wfi_sleeps(index: usize) -> u64 {
