@@ -66,6 +66,13 @@ pub const REENTRY_MARK: u64 = 0x5245_454e_5452_5921;
 /// Enters the firmware again at its entry point the way U-Boot's `go` and
 /// `bootelf` do: at this EL, with the MMU and caches on and x0 = the DTB.
 fn reenter() -> ! {
+    // The secondaries would otherwise keep serving (in WFE until the
+    // interrupt controller is up) on the data the second entry rebuilds.
+    let halted = hal::smp::halt_secondaries();
+    defmt::info!(
+        "selftest: secondaries halted before the second entry: {=u64:#x}",
+        halted
+    );
     defmt::info!(
         "selftest: entering the image at {=u64:#x} again with the MMU and caches on",
         hal::image::whole().start

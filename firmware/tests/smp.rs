@@ -718,6 +718,219 @@ mod tests {
         assert_all_back(before);
     }
 
+    // ---- waking a core asleep in WFI ----------------------------------------
+
+    /// How long taking a WFI-idle core offline, bringing it back or running
+    /// a job on it may take (the request's own timeout is 1 s).
+    const WAKE_BOUND_US: u64 = 500_000;
+
+    /// Waits until `core` has gone to sleep in WFI and stays asleep for
+    /// 20 ms (a WFI that returned at once, on an interrupt nobody
+    /// acknowledged, would count again).
+    fn wait_until_asleep(core: usize, after: u64) {
+        let t0 = hal::timer::uptime_us();
+        while hal::smp::wfi_sleeps(core) <= after {
+            assert!(
+                hal::timer::uptime_us() - t0 < 5_000_000,
+                "core {} never slept in WFI",
+                core
+            );
+            core::hint::spin_loop();
+        }
+        let n = hal::smp::wfi_sleeps(core);
+        let t1 = hal::timer::uptime_us();
+        while hal::timer::uptime_us() - t1 < 20_000 {
+            core::hint::spin_loop();
+        }
+        assert_eq!(
+            hal::smp::wfi_sleeps(core),
+            n,
+            "core {} does not stay asleep in WFI",
+            core
+        );
+    }
+
+    /// The interrupt controller up (so a sleeping core can be woken), then
+    /// every idle secondary sleeps in WFI, as in the shipped firmware.
+    fn sleep_in_wfi() {
+        firmware::interrupts::init().expect("interrupt bring-up");
+        hal::smp::sleep_when_idle();
+        for i in secondaries() {
+            wait_until_asleep(i, 0);
+        }
+    }
+
+    /// A core asleep in WFI is taken offline and brought back within the
+    /// bound (the request wakes it with an interrupt: an SGI on a GIC, a
+    /// mailbox on the Pi 3's local controller), twice, and sleeps in WFI
+    /// again in between; no frame is lost.
+    #[test]
+    fn a_core_asleep_in_wfi_is_woken_to_go_offline_and_back(online: u32) {
+        if online < 2 {
+            assert_eq!(expected_online(), 1);
+            return;
+        }
+        let target = online as usize - 1;
+        sleep_in_wfi();
+        // After the interrupt bring-up, which maps the GIC (page tables).
+        let before = accounting();
+        for round in 0..2 {
+            let t0 = hal::timer::ticks();
+            firmware::smp::cpu_off(target).expect("offline from WFI");
+            let t1 = hal::timer::ticks();
+            // Offline: its count stands still until it sleeps again.
+            let slept = hal::smp::wfi_sleeps(target);
+            firmware::smp::cpu_on(target).expect("online again");
+            let t2 = hal::timer::ticks();
+            let (off, on) = (
+                hal::timer::ticks_to_ns(t1 - t0),
+                hal::timer::ticks_to_ns(t2 - t1),
+            );
+            defmt::info!(
+                "round {=u32}: cpu_off of WFI-idle core {=usize} took {=u64} us, cpu_on {=u64} us",
+                round,
+                target,
+                off / 1000,
+                on / 1000
+            );
+            assert!(off < WAKE_BOUND_US * 1000, "cpu_off took {} ns", off);
+            assert!(on < WAKE_BOUND_US * 1000, "cpu_on took {} ns", on);
+            assert_eq!(hal::smp::offline(), 0);
+            wait_until_asleep(target, slept);
+        }
+        assert_all_back(before);
+    }
+
+    static WOKEN_JOBS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+    fn count_woken(core: usize) {
+        WOKEN_JOBS[core].fetch_add(1, Ordering::Release);
+    }
+
+    /// A job posted to a core asleep in WFI runs within the bound, on
+    /// every secondary, twice.
+    #[test]
+    fn a_core_asleep_in_wfi_is_woken_for_a_job() {
+        sleep_in_wfi();
+        for round in 1..=2 {
+            for i in secondaries() {
+                let slept = hal::smp::wfi_sleeps(i);
+                let t0 = hal::timer::uptime_us();
+                let t = hal::smp::run_on(i, count_woken).expect("post");
+                assert!(
+                    hal::smp::wait(i, t, WAKE_BOUND_US),
+                    "core {} asleep in WFI did not run its job",
+                    i
+                );
+                let us = hal::timer::uptime_us() - t0;
+                defmt::info!("job on WFI-idle core {=usize}: done in {=u64} us", i, us);
+                assert_eq!(WOKEN_JOBS[i].load(Ordering::Acquire), round);
+                wait_until_asleep(i, slept);
+            }
+        }
+    }
+
+    /// Without an interrupt controller to wake them, idle cores do not
+    /// sleep in WFI even when asked to: they wait with WFE, where a
+    /// request's SEV reaches them, so going offline and jobs still work.
+    #[test]
+    fn without_a_wake_interrupt_idle_cores_wait_in_wfe() {
+        let Some(target) = secondaries().last() else {
+            assert_eq!(expected_online(), 1);
+            return;
+        };
+        hal::smp::sleep_when_idle();
+        let t0 = hal::timer::uptime_us();
+        while hal::timer::uptime_us() - t0 < 50_000 {
+            core::hint::spin_loop();
+        }
+        for i in secondaries() {
+            assert_eq!(hal::smp::wfi_sleeps(i), 0, "core {} sleeps in WFI", i);
+        }
+        let t = hal::smp::run_on(target, count_woken).expect("post");
+        assert!(hal::smp::wait(target, t, WAKE_BOUND_US), "job not run");
+        firmware::smp::cpu_off(target).expect("offline");
+        firmware::smp::cpu_on(target).expect("online again");
+        assert_eq!(hal::smp::wfi_sleeps(target), 0);
+    }
+
+    // ---- a device interrupt with every core up ------------------------------
+
+    /// QEMU virt's PL031 real-time clock: a device whose SPI we can raise.
+    const PL031: u64 = 0x0901_0000;
+    /// PL031 data, match, interrupt mask and interrupt clear registers.
+    const RTCDR: u64 = 0x00;
+    const RTCMR: u64 = 0x04;
+    const RTCIMSC: u64 = 0x10;
+    const RTCICR: u64 = 0x1c;
+    static RTC_RUNS: AtomicU64 = AtomicU64::new(0);
+    static TIMER_RUNS: AtomicU64 = AtomicU64::new(0);
+
+    #[allow(unsafe_code)] // a test-only device poke; the GIC driver is hal's
+    fn rtc_write(reg: u64, value: u32) {
+        // SAFETY: a PL031 register inside the page the test mapped as
+        // device memory; writes to it only affect the RTC.
+        unsafe { core::ptr::write_volatile((PL031 + reg) as *mut u32, value) }
+    }
+
+    #[allow(unsafe_code)] // as rtc_write
+    fn rtc_read(reg: u64) -> u32 {
+        // SAFETY: as in rtc_write; reads have no side effect.
+        unsafe { core::ptr::read_volatile((PL031 + reg) as *const u32) }
+    }
+
+    fn on_rtc(_: hal::irq::Intid) {
+        // The line is level: clear and mask it in the device first.
+        rtc_write(RTCICR, 1);
+        rtc_write(RTCIMSC, 0);
+        RTC_RUNS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_timer(_: hal::irq::Intid) {
+        hal::timer::stop_physical_timer();
+        TIMER_RUNS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// With every core up, the GIC has a CPU interface per core, and a
+    /// device's SPI still reaches the boot core that enabled it (on a
+    /// GICv2 its GICD_ITARGETSR must name this core: with more than one
+    /// CPU interface it resets to none). The PL031 is virt's only.
+    #[test]
+    fn a_device_spi_reaches_the_boot_core_with_every_core_up(online: u32) {
+        if hal::board::CURRENT.name != "virt" {
+            return;
+        }
+        let irqs = firmware::interrupts::init().expect("interrupt bring-up");
+        let irq = irqs
+            .device_interrupt("arm,pl031", PL031)
+            .expect("RTC interrupt");
+        firmware::mm::map_device(PL031, 0x1000).expect("map the RTC");
+        hal::irq::attach(&irq, on_rtc).expect("attach the RTC");
+        hal::irq::attach(&irqs.timer.physical, on_timer).expect("attach timer");
+        hal::irq::unmask_irqs();
+        rtc_write(RTCIMSC, 1);
+        // A match equal to the count raises the alarm at once; if the
+        // second ticked over between the read and the write, try again.
+        for round in 1..=3 {
+            rtc_write(RTCMR, rtc_read(RTCDR));
+            hal::timer::arm_physical_timer(1500 * (hal::timer::frequency() / 1000));
+            hal::irq::wait_until(|| {
+                RTC_RUNS.load(Ordering::Relaxed) > 0 || TIMER_RUNS.load(Ordering::Relaxed) >= round
+            });
+            hal::timer::stop_physical_timer();
+            if RTC_RUNS.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+        }
+        hal::irq::mask_irqs();
+        assert_eq!(
+            RTC_RUNS.load(Ordering::Relaxed),
+            1,
+            "the RTC's SPI did not arrive with {} cores up",
+            online
+        );
+    }
+
     // ---- mapping while others read -----------------------------------------
 
     /// Pages in the scratch window that the mapper churns.

@@ -24,8 +24,12 @@
 //! `link/sections.ld`), with its own exception stack (SP_EL1), `TPIDR_EL1`
 //! pointing at its [`crate::percpu::PerCpu`], and MAIR/TCR/TTBR0/SCTLR_EL1
 //! exactly as the boot core programmed them. It then waits for jobs
-//! ([`run_on`]) with WFE, or sleeps in WFI after [`sleep_when_idle`];
-//! going idle, it first drains its frame cache to the buddy.
+//! ([`run_on`]) with WFE, or, after [`sleep_when_idle`], sleeps in WFI
+//! once it can be woken by an interrupt ([`crate::irq::wake`]: an SGI, or
+//! a mailbox bit on the Pi 3; set up by the core itself once the boot core
+//! has brought the interrupt controller up). Every request ([`run_on`],
+//! [`cpu_off`]) sends SEV and that interrupt, so neither sleep misses one.
+//! Going idle, it first drains its frame cache to the buddy.
 //!
 //! [`cpu_off`] takes a secondary offline: it drains its frame cache, leaves
 //! [`online`], and stops (PSCI CPU_OFF where PSCI started it, else parked
@@ -34,6 +38,7 @@
 
 use crate::board::Secondaries;
 use crate::dtb::PsciConduit;
+use crate::irq::wake;
 use crate::percpu::MAX_CPUS;
 use aarch64_cpu::registers::*;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -53,7 +58,29 @@ hal_secondary_entry:
     cmp     x20, #3
     b.ne    1f
     msr     cptr_el3, xzr
-    b       2f
+    // The GICv3 system registers open to the lower ELs (ICC_SRE_EL3: SRE,
+    // DFB, DIB, Enable), as on the boot core, when the PE has them.
+    mrs     x1, id_aa64pfr0_el1
+    ubfx    x1, x1, #24, #4
+    cbz     x1, 8f
+    mov     x1, #0xf
+    msr     S3_6_C12_C12_5, x1
+    isb
+8:  // A GICv2 with Security Extensions that the boot core handed over:
+    // this core's banked GICD_IGROUPR0 (its SGIs and PPIs) to Group 1 as
+    // well, so its wake-up SGI can reach Non-secure EL1.
+    // Its banked GICC_PMR too: a Non-secure write cannot open a mask that
+    // resets to 0 (IHI 0048B, 4.4.2), so it is opened here, Secure.
+    adrp    x2, HAL_SMP_GIC_SECURE
+    add     x2, x2, :lo12:HAL_SMP_GIC_SECURE
+    ldp     x3, x4, [x2]
+    cbz     x3, 9f
+    mov     w1, #-1
+    str     w1, [x3, #0x80]         // GICD_IGROUPR0: all Group 1
+    mov     w1, #0xff
+    str     w1, [x4, #0x04]         // GICC_PMR
+    dsb     sy
+9:  b       2f
 1:  cmp     x20, #2
     b.ne    2f
     mov     x1, #0x33ff
@@ -75,6 +102,13 @@ hal_secondary_entry:
     mov     x1, #3                  // CNTHCTL_EL2.EL1PCTEN | EL1PCEN
     msr     cnthctl_el2, x1
     msr     cntvoff_el2, xzr
+    // ICC_SRE_EL2 likewise, so EL1 may use the GICv3 system registers.
+    mrs     x1, id_aa64pfr0_el1
+    ubfx    x1, x1, #24, #4
+    cbz     x1, 4f
+    mov     x1, #0xf
+    msr     S3_4_C12_C9_5, x1
+    isb
 4:  movz    x1, #0x0800
     movk    x1, #0x30d0, lsl #16    // SCTLR_EL1 reset value, MMU off
     msr     sctlr_el1, x1
@@ -145,6 +179,19 @@ extern "C" {
 #[no_mangle]
 static HAL_SMP_MMU: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
+/// Distributor and CPU interface of a GICv2 with Security Extensions that
+/// the boot core handed to the Non-secure world at EL3 (0: none), for
+/// secondaries entered at EL3 to hand over their banked GICD_IGROUPR0 and
+/// open their GICC_PMR.
+#[no_mangle]
+static HAL_SMP_GIC_SECURE: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+
+/// Records the GICv2 handed over at EL3 (`irq::secure`).
+pub(crate) fn note_secure_gicv2(distributor: u64, cpu_interface: u64) {
+    HAL_SMP_GIC_SECURE[0].store(distributor, Ordering::Relaxed);
+    HAL_SMP_GIC_SECURE[1].store(cpu_interface, Ordering::Relaxed);
+}
+
 /// Cores that reached Rust code at EL1 (bit per index; the boot core's bit
 /// is set from the start).
 static ONLINE: AtomicU64 = AtomicU64::new(1);
@@ -174,6 +221,8 @@ static PARKED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_C
 static OFF_ERR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Cores [`cpu_off`] took offline (bit per index), for [`cpu_on`].
 static OFFLINE: AtomicU64 = AtomicU64::new(0);
+/// Per core: times it went to sleep in WFI.
+static WFI_SLEEPS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 /// Cleans and invalidates the cache lines of `[start, start + len)` to the
 /// point of coherency, for a core that reads them with its MMU off.
@@ -281,6 +330,7 @@ pub fn start_secondaries(psci: Option<PsciConduit>) -> SmpReport {
     HAL_SMP_MMU[2].store(TTBR0_EL1.get(), Ordering::Relaxed);
     HAL_SMP_MMU[3].store(SCTLR_EL1.get(), Ordering::Relaxed);
     clean_to_poc(HAL_SMP_MMU.as_ptr() as u64, 32);
+    clean_to_poc(HAL_SMP_GIC_SECURE.as_ptr() as u64, 16);
     let entry = hal_secondary_entry as *const () as u64;
     let boot_aff = MPIDR_EL1.get() & 0xff_00ff_ff00;
     let entry_el = crate::boot::entry_el();
@@ -447,6 +497,8 @@ extern "C" fn hal_secondary_main(index: u64) -> ! {
 }
 
 fn service_loop(index: usize) -> ! {
+    // Why this core cannot be woken from WFI, once `wake::prepare` said so.
+    let mut cannot_wake = None;
     loop {
         // Acquire: pairs with the Release compare_exchange in `run_on`,
         // so what the poster wrote before posting is visible to the job.
@@ -468,13 +520,70 @@ fn service_loop(index: usize) -> ! {
             // so no free memory sits with a sleeping core. Refused only if
             // this core holds the allocator's lock, which it cannot here.
             let _ = crate::memory::FRAMES.drain_this_cpu();
-            if SLEEP.load(Ordering::Relaxed) {
-                aarch64_cpu::asm::wfi();
-            } else {
-                aarch64_cpu::asm::wfe();
+            match idle_wait(index, &mut cannot_wake) {
+                Idle::Wfi => {
+                    WFI_SLEEPS[index].fetch_add(1, Ordering::Relaxed);
+                    aarch64_cpu::asm::wfi();
+                    wake::acknowledge(index);
+                }
+                Idle::Recheck => {}
+                Idle::Wfe => aarch64_cpu::asm::wfe(),
             }
         }
     }
+}
+
+/// How an idle core waits.
+enum Idle {
+    /// In WFI: it can be woken by an interrupt ([`wake::prepare`] done).
+    Wfi,
+    /// It just became wakeable: look at the requests once more before the
+    /// first WFI (a request made before could have sent only SEV).
+    Recheck,
+    /// In WFE, where every request's SEV reaches it: before
+    /// [`sleep_when_idle`], or while it cannot be woken from WFI (no
+    /// interrupt controller yet, or `cannot_wake` says why not).
+    Wfe,
+}
+
+fn idle_wait(index: usize, cannot_wake: &mut Option<wake::WakeError>) -> Idle {
+    if !SLEEP.load(Ordering::Relaxed) || cannot_wake.is_some() {
+        return Idle::Wfe;
+    }
+    if wake::prepared(index) {
+        return Idle::Wfi;
+    }
+    match wake::prepare(index) {
+        Ok(()) => {
+            // SeqCst: pairs with the SeqCst fence in `kick` (store buffer:
+            // either the requester sees this core prepared and raises the
+            // interrupt, or this core's next look sees the request).
+            core::sync::atomic::fence(Ordering::SeqCst);
+            Idle::Recheck
+        }
+        // No controller yet: it may come (`irq::init` sends SEV).
+        Err(wake::WakeError::NoController) => Idle::Wfe,
+        Err(e) => {
+            defmt::warn!(
+                "core {=usize} cannot be woken from WFI ({}): it waits in WFE",
+                index,
+                e
+            );
+            *cannot_wake = Some(e);
+            Idle::Wfe
+        }
+    }
+}
+
+/// Tells core `index` a request is posted: SEV for a core in WFE, the wake
+/// interrupt for one that may sleep in WFI.
+fn kick(index: usize) {
+    aarch64_cpu::asm::sev();
+    // SeqCst: pairs with the SeqCst fence in `idle_wait` (the request
+    // stored before this is seen, or the core's prepared state is).
+    core::sync::atomic::fence(Ordering::SeqCst);
+    // Not prepared: it waits in WFE and has the SEV.
+    let _ = wake::wake(index);
 }
 
 /// Core `index`, asked to go offline by [`cpu_off`]: its frame cache goes
@@ -503,6 +612,9 @@ fn go_offline(index: usize) {
     if psci.is_none() {
         PARKED[index].store(true, Ordering::Relaxed);
     }
+    // No more wake interrupts for it; it prepares again when it is back.
+    wake::acknowledge(index);
+    wake::forget(index);
     // Release: the drain and the flags above happen before the requester's
     // Acquire load sees the core gone.
     ONLINE.fetch_and(!bit, Ordering::Release);
@@ -590,8 +702,8 @@ fn psci_off(conduit: PsciConduit, index: usize) -> bool {
 /// Takes secondary `index` offline: once it has finished its current job
 /// it drains its frame cache to the buddy and stops (PSCI CPU_OFF, or
 /// parked in WFE where the cores were not started by PSCI). Returns when
-/// it is off. A core idling in WFI ([`sleep_when_idle`]) sees the request
-/// only at its next interrupt.
+/// it is off. A core asleep in WFI ([`sleep_when_idle`]) is woken by the
+/// wake interrupt ([`crate::irq::wake`]).
 ///
 /// # Errors
 ///
@@ -618,7 +730,7 @@ pub fn cpu_off(index: usize) -> Result<(), SmpError> {
     // and `off_requested` and the AcqRel compare_exchange in `go_offline`
     // (the OFF_ERR reset above is seen before the request).
     OFF_REQ[index].store(true, Ordering::Release);
-    aarch64_cpu::asm::sev();
+    kick(index);
     let t0 = crate::timer::uptime_us();
     // Acquire: pairs with the Release fetch_and of ONLINE in `go_offline`,
     // so the core's drained frame cache and PARKED flag are visible.
@@ -727,7 +839,7 @@ pub fn run_on(index: usize, job: fn(usize)) -> Result<u64, SmpError> {
     // Pairs with the Acquire compare_exchange above by the next poster.
     POSTING[index].store(false, Ordering::Release);
     let ticket = posted.map_err(|_| SmpError::Busy(index))?;
-    aarch64_cpu::asm::sev();
+    kick(index);
     Ok(ticket)
 }
 
@@ -749,8 +861,55 @@ pub fn wait(index: usize, ticket: u64, timeout_us: u64) -> bool {
     true
 }
 
-/// From now on idle secondaries sleep in WFI (they no longer take jobs
-/// without an interrupt to wake them).
+/// Cores running [`halt_job`] (bit per index).
+static HALTED: AtomicU64 = AtomicU64::new(0);
+
+/// Stops the calling secondary for good: no wake interrupt reaches it any
+/// more, and it sleeps in a WFI loop that touches no memory.
+fn halt_job(index: usize) {
+    wake::acknowledge(index);
+    wake::forget(index);
+    // Release: pairs with the Acquire load in `halt_secondaries`.
+    HALTED.fetch_or(1 << index, Ordering::Release);
+    loop {
+        aarch64_cpu::asm::wfi();
+    }
+}
+
+/// Stops every online secondary for good in a WFI loop that reads and
+/// writes no memory, for the firmware to re-enter its own image (whose
+/// code stays where it is while its data, stacks and tables are built
+/// again): a core still serving requests would run on the old state.
+/// Returns the cores that stopped within 1 s (bit per index).
+pub fn halt_secondaries() -> u64 {
+    let mut posted = 0u64;
+    for i in 1..MAX_CPUS {
+        if online() & (1 << i) != 0 && run_on(i, halt_job).is_ok() {
+            posted |= 1 << i;
+        }
+    }
+    let t0 = crate::timer::uptime_us();
+    // Acquire: pairs with the Release fetch_or in `halt_job`.
+    while HALTED.load(Ordering::Acquire) & posted != posted
+        && crate::timer::uptime_us() - t0 < START_TIMEOUT_US
+    {
+        core::hint::spin_loop();
+    }
+    HALTED.load(Ordering::Acquire) & posted
+}
+
+/// How many times core `index` went to sleep in WFI in its service loop
+/// (0 for a core that never did, or no such core).
+pub fn wfi_sleeps(index: usize) -> u64 {
+    WFI_SLEEPS
+        .get(index)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
+/// From now on idle secondaries sleep in WFI once they can be woken by an
+/// interrupt ([`crate::irq::wake`], after the interrupt controller is up);
+/// until then, or where they cannot be, they keep waiting in WFE. Jobs and
+/// offline requests reach them either way.
 pub fn sleep_when_idle() {
     SLEEP.store(true, Ordering::Relaxed);
     aarch64_cpu::asm::sev();

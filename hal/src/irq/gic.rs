@@ -1,5 +1,6 @@
 //! The GIC itself, through the `arm-gic` crate: GICv2 (IHI 0048B, chapter 4
-//! "Programmers' Model") and GICv3/v4 (IHI 0069, chapter 12), one core,
+//! "Programmers' Model") and GICv3/v4 (IHI 0069, chapter 12), driven by
+//! the boot core (secondaries only set up their wake-up SGI, `wake.rs`),
 //! Non-secure EL1, every interrupt in the Non-secure group signalled as IRQ.
 //!
 //! What the crate leaves to us, and we do here: refusing a GIC whose
@@ -7,7 +8,7 @@
 //! Non-secure EL1 can neither take nor regroup) unless we handed it over
 //! ourselves at EL3 (`secure.rs`), checking the register
 //! windows are large enough and the redistributor is ours, routing SPIs to
-//! this PE (GICv3), and the priority mask (GICv3 resets ICC_PMR_EL1 to 0,
+//! this PE (GICv3 GICD_IROUTER, GICv2 GICD_ITARGETSR), and the priority mask (GICv3 resets ICC_PMR_EL1 to 0,
 //! which masks everything).
 
 use super::bcm2836::{LocalError, LocalIntc};
@@ -73,7 +74,9 @@ impl From<LocalError> for GicError {
 /// of either version, or the Pi 3's BCM2836 local controller (no GIC; see
 /// `bcm2836.rs` for how its sources map onto INTIDs).
 pub(super) enum Gic {
-    V2(GicV2<'static>),
+    /// With the distributor's base, for GICD_ITARGETSR, which the crate
+    /// does not drive.
+    V2(GicV2<'static>, u64),
     V3(GicV3<'static>),
     Local(LocalIntc),
 }
@@ -129,7 +132,7 @@ impl Gic {
                 // signalled as IRQ (GICC_CTLR.FIQEn = 0), mask 0xff.
                 gic.setup();
                 gic.set_priority_mask(PRIORITY_MASK);
-                Ok(Self::V2(gic))
+                Ok(Self::V2(gic, distributor.base))
             }
             GicRegisters::V3 {
                 distributor,
@@ -210,8 +213,10 @@ impl Gic {
         }
     }
 
-    /// Sets the trigger (when given), the priority and, for a GICv3 SPI, the
-    /// route to this PE; then enables the interrupt.
+    /// Sets the trigger (when given), the priority and, for an SPI, the
+    /// route to this PE (GICv3 GICD_IROUTER; GICv2 GICD_ITARGETSR, which
+    /// resets to no CPU when the GIC has more than one interface: IHI 0048B,
+    /// 4.3.12); then enables the interrupt.
     pub(super) fn enable(
         &mut self,
         intid: Intid,
@@ -223,7 +228,20 @@ impl Gic {
             Trigger::Level => arm_gic::Trigger::Level,
         });
         match self {
-            Self::V2(gic) => {
+            Self::V2(gic, gicd) => {
+                if let IntidClass::Spi(_) = intid.class() {
+                    // SAFETY: GICD_ITARGETSR0 (banked, read-only: this
+                    // core's own CPU interface bit) and the SPI's byte of
+                    // GICD_ITARGETSR, both byte-accessible registers of the
+                    // distributor `new`'s caller gave us; the crate never
+                    // touches GICD_ITARGETSR, so this write aliases none of
+                    // its accesses. With one CPU interface they are RAZ/WI.
+                    unsafe {
+                        let me = core::ptr::read_volatile((*gicd + 0x800) as *const u8);
+                        let target = (*gicd + 0x800 + u64::from(intid.raw())) as *mut u8;
+                        core::ptr::write_volatile(target, me);
+                    }
+                }
                 // SGIs have a fixed trigger (GICD_ICFGR0 is read-only).
                 if let (Some(t), false) = (trigger, matches!(intid.class(), IntidClass::Sgi(_))) {
                     gic.set_trigger(id, t);
@@ -260,7 +278,7 @@ impl Gic {
     pub(super) fn disable(&mut self, intid: Intid) -> Result<(), GicError> {
         let id = self.check(intid)?;
         match self {
-            Self::V2(gic) => gic
+            Self::V2(gic, _) => gic
                 .enable_interrupt(id, false)
                 .map_err(|_| GicError::CannotEnable(intid)),
             Self::V3(gic) => gic
@@ -277,7 +295,7 @@ impl Gic {
         }
         let id = crate_intid(intid)?;
         match self {
-            Self::V2(gic) => {
+            Self::V2(gic, _) => {
                 gic.send_sgi(
                     id,
                     arm_gic::gicv2::SgiTarget::List {
@@ -321,7 +339,7 @@ impl Gic {
     /// pending, or it was withdrawn before the read).
     pub(super) fn acknowledge(&mut self) -> Option<Acknowledged> {
         let (raw, mask) = match self {
-            Self::V2(g) => (
+            Self::V2(g, _) => (
                 g.get_and_acknowledge_interrupt(InterruptGroup::Group0)?,
                 0x3ff,
             ),
@@ -349,7 +367,7 @@ impl Gic {
     /// (GICC_EOIR or ICC_EOIR1_EL1, EOImode 0).
     pub(super) fn end(&mut self, ack: Acknowledged) {
         match (self, ack.raw) {
-            (Self::V2(g), Some(raw)) => g.end_interrupt(raw, InterruptGroup::Group0),
+            (Self::V2(g, _), Some(raw)) => g.end_interrupt(raw, InterruptGroup::Group0),
             (Self::V3(_), Some(raw)) => GicCpuInterface::end_interrupt(raw, InterruptGroup::Group1),
             // The local controller's timer sources are level (the handler
             // quieted the timer) and its mailbox bit was cleared on

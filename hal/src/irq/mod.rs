@@ -12,9 +12,11 @@
 //! handler registered for its INTID, and ends it. An INTID with no handler is
 //! counted, disabled (so a level interrupt cannot storm) and ended; an
 //! acknowledge that finds nothing is counted as spurious. Handlers run with
-//! IRQs masked, on the exception stack, and may call everything here. One
-//! core: secondary cores are parked, so masking IRQs is the only exclusion
-//! needed.
+//! IRQs masked, on the exception stack, and may call everything here. The
+//! boot core takes the interrupts: the state here is held with IRQs masked
+//! and a busy flag that refuses a second holder. Secondary cores keep IRQs
+//! masked; their one interrupt is the wake-up of [`wake`], which they set
+//! up and acknowledge on their own registers.
 //!
 //! A service loop (the balloon's, for example) does, after
 //! `firmware::interrupts::init()` returned `irqs`:
@@ -40,6 +42,7 @@
 mod bcm2836;
 pub mod devicetree;
 pub mod intid;
+pub mod published;
 pub mod source;
 
 #[cfg(hw)]
@@ -50,6 +53,8 @@ mod entry;
 mod gic;
 #[cfg(hw)]
 pub mod secure;
+#[cfg(hw)]
+pub mod wake;
 
 #[cfg(hw)]
 pub use cpu::{mask_irqs, restore_irqs, unmask_irqs, wait_for_interrupt, wait_until, without_irqs};
@@ -193,6 +198,7 @@ pub unsafe fn init(desc: &GicDescription) -> Result<GicVersion, IrqError> {
         Ok(())
     })??;
     VERSION.with(|v| *v = Some(desc.version()))?;
+    wake::publish(desc);
     Ok(desc.version())
 }
 

@@ -97,6 +97,9 @@ pub unsafe fn hand_over_at_el3() -> Result<(), HandoverError> {
                 // Non-secure), GICD_CTLR.EnableGrp1 set, the Secure
                 // priority mask open.
                 gic.setup();
+                // GICD_IGROUPR0 and GICC_PMR are banked: secondaries entered
+                // at EL3 hand over their own (`smp.rs`).
+                crate::smp::note_secure_gicv2(distributor.base, cpu_interface.base);
             }
         }
         GicRegisters::V3 {

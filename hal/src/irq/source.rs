@@ -17,9 +17,11 @@ const GICV2_GICD_SIZE: u64 = 0x1000;
 const GICV2_GICC_SIZE: u64 = 0x2000;
 /// GICv3 distributor (IHI 0069, 12.8: 64 KiB).
 const GICV3_GICD_SIZE: u64 = 0x1_0000;
-/// One PE's GICv3 redistributor: RD_base and SGI_base frames (2 x 64 KiB).
-/// The firmware runs on one core, the first redistributor's.
-const GICV3_GICR_SIZE: u64 = 0x2_0000;
+/// The GICv3 redistributors of a board's cores: RD_base and SGI_base
+/// frames (2 x 64 KiB) for each of up to four cores (the boards have at
+/// most four). The boot core drives the first; each secondary finds its
+/// own by affinity to be woken from WFI (`wake.rs`).
+const GICV3_GICR_SIZE: u64 = 4 * 0x2_0000;
 /// The BCM2836 ARM-local block (QA7 rev 3.4: registers 0x00..0xFF).
 const BCM2836_LOCAL_SIZE: u64 = 0x100;
 
@@ -178,7 +180,7 @@ mod tests {
             evk.gic.regions(),
             [
                 Some(r(0x3880_0000, 0x1_0000)),
-                Some(r(0x3888_0000, 0x2_0000))
+                Some(r(0x3888_0000, 0x8_0000))
             ]
         );
     }

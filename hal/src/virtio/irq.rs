@@ -9,6 +9,7 @@
 //! and records them for the service loop in an [`Events`] handle, which
 //! the loop sleeps on with `hal::irq::wait_until(|| events.pending())`.
 
+use crate::irq::published::Table;
 use crate::irq::{Interrupt, Intid, IrqError};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -17,20 +18,20 @@ pub const USED_BUFFER: u32 = 1 << 0;
 /// InterruptStatus bit: the configuration changed.
 pub const CONFIG_CHANGE: u32 = 1 << 1;
 
-const FREE: u32 = u32::MAX;
 const SLOTS: usize = 4;
 
+/// Which transport each INTID belongs to (its window's base), published
+/// for the handler only once complete (`crate::irq::published`).
+static TABLE: Table<SLOTS> = Table::new();
+
+/// What the handler recorded, per entry of [`TABLE`].
 struct Slot {
-    intid: AtomicU32,
-    base: AtomicU64,
     events: AtomicU32,
     count: AtomicU64,
 }
 
-static TABLE: [Slot; SLOTS] = [const {
+static SLOTS_STATE: [Slot; SLOTS] = [const {
     Slot {
-        intid: AtomicU32::new(FREE),
-        base: AtomicU64::new(0),
         events: AtomicU32::new(0),
         count: AtomicU64::new(0),
     }
@@ -43,6 +44,8 @@ pub enum VirtioIrqError {
     TableFull,
     /// The GIC refused.
     Irq(IrqError),
+    /// The INTID (an LPI) or the window's address does not fit the table.
+    Unrepresentable(crate::irq::published::PublishError),
 }
 
 /// What a transport's interrupts said since the last [`Events::take`].
@@ -79,17 +82,12 @@ impl Events {
 }
 
 fn on_irq(intid: Intid) {
-    let Some(s) = TABLE
-        .iter()
-        // Acquire: pairs with the AcqRel compare_exchange (claim) and the
-        // Release store of FREE (release on failure) of `intid` in `attach`.
-        .find(|s| s.intid.load(Ordering::Acquire) == intid.raw())
-    else {
+    // Found only once published: the base comes with the INTID (the
+    // table's Acquire load pairs with the Release store in `publish`).
+    let Some((i, base)) = TABLE.find(intid.raw()) else {
         return;
     };
-    // Acquire: pairs with the Release store of `base` in `attach` (made
-    // before the interrupt is attached, so a handler for it sees it).
-    let base = s.base.load(Ordering::Acquire);
+    let s = &SLOTS_STATE[i];
     // SAFETY: `base` is a transport window `attach` was given by its owner
     // (claimed and mapped Device memory for good, see `super::claim`);
     // InterruptStatus (0x60) and InterruptACK (0x64) are 32-bit registers
@@ -111,27 +109,29 @@ fn on_irq(intid: Intid) {
 }
 
 /// Attaches `irq` (the transport's interrupt from the device tree) for the
-/// transport whose window starts at `base` and enables it.
+/// transport whose window starts at `base` and enables it. The handler is
+/// registered first (a second transport on the same INTID is refused
+/// there), then the entry is published complete, then the interrupt is
+/// enabled, so the handler never finds a half-filled entry.
 pub(crate) fn attach(base: u64, irq: &Interrupt) -> Result<Events, VirtioIrqError> {
-    let slot = TABLE
-        .iter()
-        // AcqRel on success: pairs with the Acquire load of `intid` in
-        // `on_irq`, other `attach` claims and the Release store of FREE
-        // below; Acquire on failure pairs with the same (the slot is taken).
-        .find(|s| {
-            s.intid
-                .compare_exchange(FREE, irq.intid.raw(), Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        })
-        .ok_or(VirtioIrqError::TableFull)?;
-    // Release (both): pair with the Acquire load of `base` in `on_irq` and
-    // the Acquire load / swap of `events` in `Events::pending` / `take`.
-    slot.base.store(base, Ordering::Release);
+    let claim = TABLE.claim().ok_or(VirtioIrqError::TableFull)?;
+    let slot = &SLOTS_STATE[claim.index()];
+    // Release: pairs with the Acquire load / swap of `events` in
+    // `Events::pending` / `take` (a stale event of the entry's last
+    // holder is gone before the new holder's handle exists).
     slot.events.store(0, Ordering::Release);
-    if let Err(e) = crate::irq::attach(irq, on_irq) {
-        // Release: pairs with the claiming compare_exchange above (a later
-        // `attach`) and the Acquire load of `intid` in `on_irq`.
-        slot.intid.store(FREE, Ordering::Release);
+    // Dropping the unpublished claim frees the entry.
+    crate::irq::register(irq.intid, on_irq).map_err(VirtioIrqError::Irq)?;
+    let index = match claim.publish(irq.intid.raw(), base) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = crate::irq::unregister(irq.intid);
+            return Err(VirtioIrqError::Unrepresentable(e));
+        }
+    };
+    if let Err(e) = crate::irq::enable(irq) {
+        let _ = crate::irq::unregister(irq.intid);
+        TABLE.release(index);
         return Err(VirtioIrqError::Irq(e));
     }
     Ok(Events { slot })
