@@ -1,4 +1,4 @@
-//! Per-core data, reached through `TPIDR_EL1` (Arm ARM DDI 0487, D19.2
+//! Per-core data, reached through `TPIDR_EL1` (Arm ARM DDI 0487, D24.2.205
 //! "TPIDR_EL1, EL1 Software Thread ID Register"): each core's register holds
 //! the address of its own [`PerCpu`] slot, set once when the core comes up
 //! at EL1 (the firmware always runs at EL1, whatever the entry EL).

@@ -1,6 +1,6 @@
 //! The PE's side of interrupts: masking IRQs (PSTATE.I through DAIFSet /
-//! DAIFClr) and sleeping until one is pending (Arm ARM DDI 0487, C5.2.2
-//! "DAIF"; D1.3.6 "Wait for Interrupt": a pending physical IRQ is a WFI
+//! DAIFClr) and sleeping until one is pending (Arm ARM DDI 0487, C5.2.3
+//! "DAIF"; D1.7.2.1 "WFI wakeup events": a pending physical IRQ is a WFI
 //! wake-up event even while PSTATE.I masks it).
 
 use core::arch::asm;

@@ -1,4 +1,4 @@
-//! The IRQ exception entry (Arm ARM DDI 0487, D1.10 "Exception entry";
+//! The IRQ exception entry (Arm ARM DDI 0487, D1.4.2 "Exception entry";
 //! AAPCS64 6.1.1 for which registers a call may clobber).
 //!
 //! The vector table's two "current EL" IRQ slots (from the main thread on

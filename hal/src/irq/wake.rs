@@ -16,7 +16,7 @@
 //!
 //! The sleeping core never takes the interrupt as an exception: its IRQs
 //! stay masked (PSTATE.I), and a pending IRQ ends a WFI all the same (Arm
-//! ARM DDI 0487, D1.16.2 "Wait for Interrupt"). Back from WFI it
+//! ARM DDI 0487, D1.7.2.1 "WFI wakeup events"). Back from WFI it
 //! acknowledges and ends whatever is pending ([`acknowledge`]) before it
 //! looks at its request flags, so a request whose interrupt arrived after
 //! that look stays pending and ends the next WFI at once: no wake-up is
