@@ -153,16 +153,54 @@ struct Span {
     cpu: Duration,
 }
 
+/// The CPUs this process may run on, in order (empty if unknown).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `cpu_set_t` is plain data, valid all zeroes.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed; pid 0
+    // is this thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `set` is initialised and `c` is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Pins this thread to `cpu` (best effort: an error leaves it unpinned).
+fn pin_to(cpu: usize) {
+    // SAFETY: `cpu_set_t` is plain data, valid all zeroes.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is initialised and `cpu` comes from `allowed_cpus`,
+    // below CPU_SETSIZE; pid 0 is this thread.
+    unsafe {
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Runs `work(thread)` once on each of `threads` threads from a common
-/// start. Each thread reads the clocks itself, so a preempted coordinator
-/// cannot shorten the wall time.
+/// start, thread `t` pinned to the `t % n`-th of the process's `n` allowed
+/// CPUs. Without the pinning, Linux often woke both threads of a 2-thread
+/// run from the barrier on one core (a run of 3-12 ms ends before the load
+/// balancer moves one), so they took turns instead of racing: half the
+/// "2-thread" runs measured no concurrency at all, and best-of-3 picked
+/// whichever was fastest (serial for the peer's one lock, concurrent or
+/// serial for ours). Each thread reads the clocks itself, so a preempted
+/// coordinator cannot shorten the wall time.
 fn timed(threads: usize, work: impl Fn(usize) -> u64 + Sync) -> Span {
+    let cpus = allowed_cpus();
     let start = Barrier::new(threads);
     let spans: Vec<(Instant, Instant, Duration)> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (start, work) = (&start, &work);
+                let (start, work, cpus) = (&start, &work, &cpus);
                 sc.spawn(move || {
+                    if !cpus.is_empty() {
+                        pin_to(cpus[t % cpus.len()]);
+                    }
                     start.wait();
                     let (t0, c0) = (Instant::now(), thread_cpu_time());
                     black_box(work(t));
