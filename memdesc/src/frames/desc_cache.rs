@@ -134,35 +134,91 @@ unsafe impl DescMemory for ChunkPool {
 // SAFETY: the pool only holds a pointer into a 'static slice it exclusively owns.
 unsafe impl Send for ChunkPool {}
 
+/// A LIFO list of free descriptors of type `D`, threaded through their
+/// [`Desc::link`] words: the global caches' free lists and the per-CPU
+/// descriptor stashes of [`SmpFrameAllocator`](super::SmpFrameAllocator).
+/// Costs two words however long it is.
+pub(crate) struct DescList<D, A> {
+    head: Option<NonNull<D>>,
+    len: usize,
+    _a: PhantomData<A>,
+}
+
+// SAFETY: the list only holds pointers to free descriptors in 'static,
+// type-stable memory whose fields are all atomics (`Sync`); moving the list
+// between threads moves the right to hand them out, nothing else.
+unsafe impl<D, A> Send for DescList<D, A> {}
+
+impl<A: Atomics, D: Desc<A>> DescList<D, A> {
+    pub const fn new() -> Self {
+        Self {
+            head: None,
+            len: 0,
+            _a: PhantomData,
+        }
+    }
+
+    /// Descriptors on the list.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+
+    /// Puts `d`, a free descriptor nobody else holds a list entry for, on
+    /// top.
+    #[inline]
+    pub fn push(&mut self, d: &'static D) {
+        let next = self.head.map_or(0, |p| p.as_ptr().expose_provenance());
+        // Relaxed: the link is only read by whoever owns this list next,
+        // which takes it over under a lock (or `&mut`), and that orders it.
+        d.link().store(next as u64, Ordering::Relaxed);
+        self.head = Some(NonNull::from(d));
+        self.len += 1;
+    }
+
+    /// The descriptor on top, off the list.
+    #[inline]
+    pub fn pop(&mut self) -> Option<&'static D> {
+        let d = self.head?;
+        // SAFETY: list entries are initialised descriptors in 'static,
+        // type-stable cache memory (pushed as `&'static D`), only read
+        // through shared references and atomics.
+        let r: &'static D = unsafe { d.as_ref() };
+        // Relaxed: as in `push`.
+        let next = r.link().load(Ordering::Relaxed) as usize;
+        self.head = NonNull::new(core::ptr::with_exposed_provenance_mut(next));
+        self.len -= 1;
+        Some(r)
+    }
+}
+
 /// A type-stable cache of descriptors of type `D`.
 pub(crate) struct DescCache<D, A> {
-    free: Option<NonNull<D>>,
+    free: DescList<D, A>,
     /// Descriptors handed out and not yet returned.
     pub live: u64,
     /// Descriptors ever created (live + free).
     pub total: u64,
-    _a: PhantomData<A>,
 }
-
-// SAFETY: the cache only holds pointers to descriptors in 'static, type-stable
-// memory whose fields are all atomics (`Sync`); moving the cache between
-// threads moves the right to hand them out, nothing else.
-unsafe impl<D, A> Send for DescCache<D, A> {}
 
 impl<A: Atomics, D: Desc<A>> DescCache<D, A> {
     pub const fn new() -> Self {
         Self {
-            free: None,
+            free: DescList::new(),
             live: 0,
             total: 0,
-            _a: PhantomData,
         }
     }
 
     /// True when [`DescCache::alloc`] would need a new chunk.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.free.is_none()
+        self.free.is_empty()
     }
 
     /// Carves `chunk` into descriptors and puts them on the free list.
@@ -184,38 +240,26 @@ impl<A: Atomics, D: Desc<A>> DescCache<D, A> {
             // SAFETY: the slot is valid for writes and ours (contract above);
             // it holds no live D yet, so nothing is overwritten without drop.
             unsafe { slot.write(D::new_free()) };
-            self.push(slot);
+            // SAFETY: just initialised, in 'static memory that is ours for
+            // good (contract above).
+            self.free.push(unsafe { slot.as_ref() });
             self.total += 1;
         }
-    }
-
-    fn push(&mut self, d: NonNull<D>) {
-        let next = self.free.map_or(0, |p| p.as_ptr().expose_provenance());
-        // SAFETY: `d` points to an initialised D in 'static cache memory.
-        let r = unsafe { d.as_ref() };
-        r.link().store(next as u64, Ordering::Relaxed);
-        self.free = Some(d);
     }
 
     /// A free descriptor, `None` when the cache needs a chunk.
     #[inline]
     pub fn alloc(&mut self) -> Option<&'static D> {
-        let d = self.free?;
-        // SAFETY: free-list entries are initialised descriptors in 'static,
-        // type-stable cache memory (add_chunk's contract), only read through
-        // shared references and atomics.
-        let r: &'static D = unsafe { d.as_ref() };
-        let next = r.link().load(Ordering::Relaxed) as usize;
-        self.free = NonNull::new(core::ptr::with_exposed_provenance_mut(next));
+        let d = self.free.pop()?;
         self.live += 1;
-        Some(r)
+        Some(d)
     }
 
     /// Returns a descriptor taken from this cache.
     #[inline]
     pub fn free(&mut self, d: &'static D) {
         self.live -= 1;
-        self.push(NonNull::from(d));
+        self.free.push(d);
     }
 }
 

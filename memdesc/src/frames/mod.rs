@@ -101,8 +101,8 @@ pub use page_array::{bytes_needed, words_needed, PageArray, PfnRange, MAX_RANGES
 pub use placement::ReservedRange;
 pub use refcount::{FolioRef, FreezeError, FrozenFolio, LastRef, PageTableFrame, UnfreezeError};
 pub use smp::{
-    pcp_batch, pcp_high, PcpStats, SmpError, SmpFrameAllocator, PCP_BATCH, PCP_DESCS, PCP_HIGH,
-    PCP_MAX_ORDER,
+    pcp_batch, pcp_high, PcpStats, SmpError, SmpFrameAllocator, PCP_BATCH, PCP_DESCS,
+    PCP_DESCS_DRAIN, PCP_HIGH, PCP_LINE_ORDER, PCP_MAX_ORDER,
 };
 pub use word::{FrameType, ReservedKind, Word, MAX_FRAMES, NO_LINK};
 
