@@ -209,10 +209,10 @@ impl<'a, M: DescMemory, A: Atomics> FrameAllocator<'a, M, A> {
             free_blocks: self.lists.blocks,
             cached_frames: self.hot.frames(),
             live_descs: [
-                self.folios.live,
-                self.slabs.live,
-                self.tables.live,
-                self.poison.live,
+                self.folios.live(),
+                self.slabs.live(),
+                self.tables.live(),
+                self.poison.live(),
             ],
             desc_bytes: self.chunks * super::desc_cache::CHUNK_SIZE as u64,
         }

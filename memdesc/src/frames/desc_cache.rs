@@ -171,7 +171,7 @@ impl<A: Atomics, D: Desc<A>> DescList<D, A> {
 
     /// Puts `d`, a free descriptor nobody else holds a list entry for, on
     /// top.
-    #[inline]
+    #[inline(always)]
     pub fn push(&mut self, d: &'static D) {
         let next = self.head.map_or(0, |p| p.as_ptr().expose_provenance());
         // Relaxed: the link is only read by whoever owns this list next,
@@ -182,7 +182,7 @@ impl<A: Atomics, D: Desc<A>> DescList<D, A> {
     }
 
     /// The descriptor on top, off the list.
-    #[inline]
+    #[inline(always)]
     pub fn pop(&mut self) -> Option<&'static D> {
         let d = self.head?;
         // SAFETY: list entries are initialised descriptors in 'static,
@@ -200,8 +200,6 @@ impl<A: Atomics, D: Desc<A>> DescList<D, A> {
 /// A type-stable cache of descriptors of type `D`.
 pub(crate) struct DescCache<D, A> {
     free: DescList<D, A>,
-    /// Descriptors handed out and not yet returned.
-    pub live: u64,
     /// Descriptors ever created (live + free).
     pub total: u64,
 }
@@ -210,9 +208,14 @@ impl<A: Atomics, D: Desc<A>> DescCache<D, A> {
     pub const fn new() -> Self {
         Self {
             free: DescList::new(),
-            live: 0,
             total: 0,
         }
+    }
+
+    /// Descriptors handed out and not yet returned.
+    #[inline]
+    pub fn live(&self) -> u64 {
+        self.total - self.free.len() as u64
     }
 
     /// True when [`DescCache::alloc`] would need a new chunk.
@@ -248,17 +251,14 @@ impl<A: Atomics, D: Desc<A>> DescCache<D, A> {
     }
 
     /// A free descriptor, `None` when the cache needs a chunk.
-    #[inline]
+    #[inline(always)]
     pub fn alloc(&mut self) -> Option<&'static D> {
-        let d = self.free.pop()?;
-        self.live += 1;
-        Some(d)
+        self.free.pop()
     }
 
     /// Returns a descriptor taken from this cache.
-    #[inline]
+    #[inline(always)]
     pub fn free(&mut self, d: &'static D) {
-        self.live -= 1;
         self.free.push(d);
     }
 }
@@ -337,7 +337,7 @@ pub(crate) mod tests {
         c.free(a);
         let again = c.alloc().unwrap();
         assert!(core::ptr::eq(a, again));
-        assert_eq!(c.live, 2);
+        assert_eq!(c.live(), 2);
         // SAFETY: the address came from this folio cache.
         let back: &FolioDesc<CoreAtomics> = unsafe { desc_at(desc_addr(b)) };
         assert!(core::ptr::eq(back, b));
