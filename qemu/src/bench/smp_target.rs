@@ -7,7 +7,7 @@
 //! lines into records. Wall-clock guest time (CNTPCT follows the host under
 //! TCG, and `-icount` would force one thread), so the figures are noisy,
 //! and on a machine with fewer host cores than vCPUs they are bounded by
-//! the host, not by the lock.
+//! the host, not by the allocator.
 
 use super::Record;
 use crate::error::{Error, Result};
@@ -71,7 +71,7 @@ pub fn run(elf: &Path) -> Result<Vec<Record>> {
         }
         let total = pairs as f64 * 1e9 / ns as f64;
         let note = format!(
-            "QEMU virt -cpu max -smp {smp} -accel tcg,thread=multi, order-0 folio alloc + free on every vCPU for {} ms of guest wall time, one FRAMES lock",
+            "QEMU virt -cpu max -smp {smp} -accel tcg,thread=multi, order-0 folio alloc + free on every vCPU for {} ms of guest wall time, through FRAMES (the SmpFrameAllocator: per-CPU caches in front of the buddy lock)",
             ns / 1_000_000
         );
         out.push(
