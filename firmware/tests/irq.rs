@@ -13,8 +13,13 @@
 #![deny(unsafe_code)]
 
 #[cfg(test)]
+#[path = "support/pl031.rs"]
+mod pl031;
+
+#[cfg(test)]
 #[embedded_test::tests(default_timeout = 30)]
 mod tests {
+    use super::pl031;
     use core::sync::atomic::{AtomicU32, Ordering};
     use firmware::interrupts::{Interrupts, InterruptsError};
     use hal::irq::{self, GicVersion, Interrupt, Intid, IrqError};
@@ -236,73 +241,17 @@ mod tests {
         );
     }
 
-    /// QEMU virt's PL031 real-time clock (hw/arm/virt.c, VIRT_RTC): a device
-    /// whose interrupt is a shared peripheral interrupt we can raise.
-    const PL031: u64 = 0x0901_0000;
-    /// PL031 registers (PrimeCell RTC TRM DDI 0224, 3.2): data, match,
-    /// interrupt mask set/clear, interrupt clear.
-    const RTCDR: u64 = 0x00;
-    const RTCMR: u64 = 0x04;
-    const RTCIMSC: u64 = 0x10;
-    const RTCICR: u64 = 0x1c;
-    static RTC_RUNS: AtomicU32 = AtomicU32::new(0);
-    static RTC_INTID: AtomicU32 = AtomicU32::new(u32::MAX);
-
-    #[allow(unsafe_code)] // a test-only device poke; the GIC driver is hal's
-    fn rtc_write(reg: u64, value: u32) {
-        // SAFETY: a PL031 register inside the page the test mapped as
-        // device memory; writes to it only affect the RTC.
-        unsafe { core::ptr::write_volatile((PL031 + reg) as *mut u32, value) }
-    }
-
-    #[allow(unsafe_code)] // as rtc_write
-    fn rtc_read(reg: u64) -> u32 {
-        // SAFETY: as in rtc_write; reads have no side effect.
-        unsafe { core::ptr::read_volatile((PL031 + reg) as *const u32) }
-    }
-
-    fn on_rtc(intid: Intid) {
-        // The line is level: clear and mask it in the device first.
-        rtc_write(RTCICR, 1);
-        rtc_write(RTCIMSC, 0);
-        RTC_INTID.store(intid.raw(), Ordering::Relaxed);
-        RTC_RUNS.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// A device's shared peripheral interrupt (the RTC's alarm, SPI 2 in
     /// the tree) is configured, routed to this PE, taken, dispatched once
     /// with its INTID and ended: the path a virtio-mmio transport's SPI takes.
     #[test]
     fn device_spi_is_routed_and_dispatched(setup: Setup) {
         let i = up(setup);
-        let irq = i
-            .device_interrupt("arm,pl031", PL031)
-            .expect("RTC interrupt");
+        let irq = pl031::attach(&i);
         assert_eq!(irq.intid.class(), irq::IntidClass::Spi(2));
         assert_eq!(irq.trigger, Some(irq::Trigger::Level));
-        firmware::mm::map_device(PL031, 0x1000).expect("map the RTC");
-        irq::attach(&irq, on_rtc).expect("attach the RTC");
-        // The timer bounds each wait, so a lost alarm fails the asserts
-        // below instead of sleeping forever.
-        irq::attach(&i.timer.physical, on_timer).expect("attach timer");
-        irq::unmask_irqs();
-        rtc_write(RTCIMSC, 1);
-        // A match equal to the count raises the alarm at once; if the
-        // second ticked over between the read and the write, try again.
-        for round in 1..=3 {
-            rtc_write(RTCMR, rtc_read(RTCDR));
-            hal::timer::arm_physical_timer(1500 * ticks_per_ms());
-            irq::wait_until(|| {
-                RTC_RUNS.load(Ordering::Relaxed) > 0 || TIMER_RUNS.load(Ordering::Relaxed) >= round
-            });
-            hal::timer::stop_physical_timer();
-            if RTC_RUNS.load(Ordering::Relaxed) > 0 {
-                break;
-            }
-        }
-        hal::timer::delay_us(2000);
-        assert_eq!(RTC_RUNS.load(Ordering::Relaxed), 1);
-        assert_eq!(RTC_INTID.load(Ordering::Relaxed), irq.intid.raw());
+        assert_eq!(pl031::raise_and_wait(), 1);
+        assert_eq!(pl031::dispatched_intid(), irq.intid.raw());
         assert_eq!(irq.intid.raw(), 34);
     }
 

@@ -13,8 +13,13 @@
 #![deny(unsafe_code)]
 
 #[cfg(test)]
+#[path = "support/pl031.rs"]
+mod pl031;
+
+#[cfg(test)]
 #[embedded_test::tests(default_timeout = 60)]
 mod tests {
+    use super::pl031;
     use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use firmware::mm::{FRAMES, STAGE1};
     use hal::global::Global;
@@ -856,41 +861,6 @@ mod tests {
 
     // ---- a device interrupt with every core up ------------------------------
 
-    /// QEMU virt's PL031 real-time clock: a device whose SPI we can raise.
-    const PL031: u64 = 0x0901_0000;
-    /// PL031 data, match, interrupt mask and interrupt clear registers.
-    const RTCDR: u64 = 0x00;
-    const RTCMR: u64 = 0x04;
-    const RTCIMSC: u64 = 0x10;
-    const RTCICR: u64 = 0x1c;
-    static RTC_RUNS: AtomicU64 = AtomicU64::new(0);
-    static TIMER_RUNS: AtomicU64 = AtomicU64::new(0);
-
-    #[allow(unsafe_code)] // a test-only device poke; the GIC driver is hal's
-    fn rtc_write(reg: u64, value: u32) {
-        // SAFETY: a PL031 register inside the page the test mapped as
-        // device memory; writes to it only affect the RTC.
-        unsafe { core::ptr::write_volatile((PL031 + reg) as *mut u32, value) }
-    }
-
-    #[allow(unsafe_code)] // as rtc_write
-    fn rtc_read(reg: u64) -> u32 {
-        // SAFETY: as in rtc_write; reads have no side effect.
-        unsafe { core::ptr::read_volatile((PL031 + reg) as *const u32) }
-    }
-
-    fn on_rtc(_: hal::irq::Intid) {
-        // The line is level: clear and mask it in the device first.
-        rtc_write(RTCICR, 1);
-        rtc_write(RTCIMSC, 0);
-        RTC_RUNS.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn on_timer(_: hal::irq::Intid) {
-        hal::timer::stop_physical_timer();
-        TIMER_RUNS.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// With every core up, the GIC has a CPU interface per core, and a
     /// device's SPI still reaches the boot core that enabled it (on a
     /// GICv2 its GICD_ITARGETSR must name this core: with more than one
@@ -901,34 +871,15 @@ mod tests {
             return;
         }
         let irqs = firmware::interrupts::init().expect("interrupt bring-up");
-        let irq = irqs
-            .device_interrupt("arm,pl031", PL031)
-            .expect("RTC interrupt");
-        firmware::mm::map_device(PL031, 0x1000).expect("map the RTC");
-        hal::irq::attach(&irq, on_rtc).expect("attach the RTC");
-        hal::irq::attach(&irqs.timer.physical, on_timer).expect("attach timer");
-        hal::irq::unmask_irqs();
-        rtc_write(RTCIMSC, 1);
-        // A match equal to the count raises the alarm at once; if the
-        // second ticked over between the read and the write, try again.
-        for round in 1..=3 {
-            rtc_write(RTCMR, rtc_read(RTCDR));
-            hal::timer::arm_physical_timer(1500 * (hal::timer::frequency() / 1000));
-            hal::irq::wait_until(|| {
-                RTC_RUNS.load(Ordering::Relaxed) > 0 || TIMER_RUNS.load(Ordering::Relaxed) >= round
-            });
-            hal::timer::stop_physical_timer();
-            if RTC_RUNS.load(Ordering::Relaxed) > 0 {
-                break;
-            }
-        }
+        let irq = pl031::attach(&irqs);
+        let runs = pl031::raise_and_wait();
         hal::irq::mask_irqs();
         assert_eq!(
-            RTC_RUNS.load(Ordering::Relaxed),
-            1,
+            runs, 1,
             "the RTC's SPI did not arrive with {} cores up",
             online
         );
+        assert_eq!(pl031::dispatched_intid(), irq.intid.raw());
     }
 
     // ---- mapping while others read -----------------------------------------
